@@ -1,0 +1,1 @@
+"""Organizations (tenants), operator accounts, roles and API tokens."""

@@ -1,0 +1,227 @@
+"""Organizations, operator accounts and API tokens.
+
+Every service call that reads tenant data takes the caller's `Principal`; the org_id it
+carries is applied in the query itself, so tenancy does not depend on the router.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.models import ApiToken, Organization, User
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.signing import Signer
+
+ROLES: dict[str, frozenset[str]] = {
+    "owner": frozenset(
+        {"vouchers:read", "vouchers:write", "vouchers:redeem", "audit:read", "tokens:write"}
+    ),
+    "host": frozenset({"vouchers:read", "vouchers:write", "vouchers:redeem", "audit:read"}),
+    "volunteer": frozenset({"checkin"}),
+    "partner": frozenset({"reports:read"}),
+}
+SCOPES: frozenset[str] = frozenset().union(*ROLES.values())
+TOKEN_PREFIX = "pd_"  # noqa: S105 (a public marker, not a secret)
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+_hasher = PasswordHasher()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an operator (via session) or an API token."""
+
+    org_id: int
+    actor: str
+    role: str
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PopdropError("forbidden", f"this needs the {scope!r} permission")
+
+
+def principal_for_user(user: User) -> Principal:
+    return Principal(user.org_id, f"user:{user.email}", user.role, ROLES[user.role])
+
+
+async def create_organization(
+    session: AsyncSession, *, slug: str, name: str, now: datetime
+) -> Organization:
+    if not _SLUG.match(slug):
+        raise PopdropError("invalid_request", "slug: lowercase letters, digits and dashes")
+    org = Organization(slug=slug, name=name, created_at=now)
+    session.add(org)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise PopdropError("conflict", f"organization {slug!r} exists") from exc
+    return org
+
+
+async def get_organization_by_slug(session: AsyncSession, slug: str) -> Organization:
+    org = await session.scalar(select(Organization).where(Organization.slug == slug))
+    if org is None:
+        raise not_found(f"organization {slug!r}")
+    return org
+
+
+async def create_user(
+    session: AsyncSession, *, org_id: int, email: str, password: str, role: str, now: datetime
+) -> User:
+    if role not in ROLES:
+        raise PopdropError("invalid_request", f"role must be one of {', '.join(ROLES)}")
+    if len(password) < 10:
+        raise PopdropError("invalid_request", "password: at least 10 characters")
+    user = User(
+        org_id=org_id,
+        email=email.strip().lower(),
+        password_hash=_hasher.hash(password),
+        role=role,
+        created_at=now,
+    )
+    session.add(user)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise PopdropError("conflict", f"user {email!r} exists") from exc
+    return user
+
+
+# Verifying against a real hash when the user is unknown keeps timing the same.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+async def authenticate(session: AsyncSession, email: str, password: str) -> User:
+    user = await session.scalar(select(User).where(User.email == email.strip().lower()))
+    try:
+        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+    except (VerificationError, InvalidHashError) as exc:
+        raise PopdropError("unauthorized", "wrong email or password") from exc
+    if user is None or user.disabled_at is not None:
+        raise PopdropError("unauthorized", "wrong email or password")
+    return user
+
+
+async def get_user(session: AsyncSession, user_id: int) -> User | None:
+    user = await session.get(User, user_id)
+    if user is None or user.disabled_at is not None:
+        return None
+    return user
+
+
+def parse_scopes(scopes: list[str] | str) -> frozenset[str]:
+    items = scopes.split() if isinstance(scopes, str) else scopes
+    chosen = frozenset(s.strip() for s in items if s.strip())
+    unknown = chosen - SCOPES
+    if unknown:
+        raise PopdropError(
+            "invalid_request",
+            f"unknown scope(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(SCOPES))}",
+        )
+    if not chosen:
+        raise PopdropError("invalid_request", "a token needs at least one scope")
+    return chosen
+
+
+async def create_token(
+    session: AsyncSession,
+    signer: Signer,
+    *,
+    org_id: int,
+    name: str,
+    scopes: frozenset[str],
+    created_by: str,
+    now: datetime,
+) -> tuple[ApiToken, str]:
+    """Return the row and the plaintext token; the plaintext is never stored or shown again."""
+    plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(
+        org_id=org_id,
+        name=name,
+        token_hash=signer.keyed_hash(plaintext),
+        prefix=plaintext[:11],
+        scopes=" ".join(sorted(scopes)),
+        created_at=now,
+        created_by=created_by,
+    )
+    session.add(token)
+    await session.flush()
+    return token, plaintext
+
+
+async def revoke_token(session: AsyncSession, *, org_id: int, token_id: int, now: datetime) -> None:
+    result = await session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == token_id, ApiToken.org_id == org_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(ApiToken.id)
+    )
+    if result.first() is None:
+        raise not_found("token")
+    TOKEN_CACHE.clear()
+
+
+class TokenCache:
+    """Resolved tokens for a couple of seconds, so a burst does not re-read the table.
+
+    Revocation in this process clears it at once; other processes notice within the TTL.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[float, Principal]] = {}
+
+    def get(self, key: bytes) -> Principal | None:
+        hit = self._entries.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, key: bytes, principal: Principal, ttl: float) -> None:
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + ttl, principal)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+TOKEN_CACHE = TokenCache()
+
+
+async def resolve_token(
+    session: AsyncSession, signer: Signer, plaintext: str, *, cache_ttl: float
+) -> Principal:
+    if not plaintext.startswith(TOKEN_PREFIX) or len(plaintext) > 200:
+        raise PopdropError("unauthorized", "not a popdrop API token")
+    key = signer.keyed_hash(plaintext)
+    cached = TOKEN_CACHE.get(key)
+    if cached is not None:
+        return cached
+    token = await session.scalar(
+        select(ApiToken).where(ApiToken.token_hash == key, ApiToken.revoked_at.is_(None))
+    )
+    if token is None:
+        raise PopdropError("unauthorized", "unknown or revoked API token")
+    principal = Principal(
+        token.org_id, f"token:{token.id}:{token.name}", "token", frozenset(token.scopes.split())
+    )
+    if cache_ttl > 0:
+        TOKEN_CACHE.put(key, principal, cache_ttl)
+    return principal
+
+
+async def list_tokens(session: AsyncSession, org_id: int) -> list[ApiToken]:
+    rows = await session.scalars(
+        select(ApiToken).where(ApiToken.org_id == org_id).order_by(ApiToken.id.desc())
+    )
+    return list(rows)

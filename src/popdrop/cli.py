@@ -1,0 +1,469 @@
+"""The `popdrop` command (Typer + Rich)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import getpass
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from popdrop.accounts import service as accounts
+from popdrop.accounts.service import ROLES, Principal
+from popdrop.core import audit
+from popdrop.core.clock import SystemClock
+from popdrop.core.config import Settings
+from popdrop.core.db import Database
+from popdrop.core.errors import PopdropError
+from popdrop.core.migrate import current_revision, upgrade
+from popdrop.core.signing import Signer
+
+app = typer.Typer(
+    help="popdrop: micro-events with chat as the control plane.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+user_app = typer.Typer(help="Operator accounts.", no_args_is_help=True)
+org_app = typer.Typer(help="Organizations (tenants).", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+vouchers_app = typer.Typer(help="The voucher vault.", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(org_app, name="org")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+app.add_typer(vouchers_app, name="vouchers")
+app.add_typer(audit_app, name="audit")
+
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+OrgOption = Annotated[str, typer.Option("--org", help="Organization slug.")]
+
+
+def _run(make: Callable[[Settings, Database, Signer], Awaitable[T]]) -> T:
+    """Run one async command with a database; show refusals as `reason: message`."""
+    settings = Settings()
+
+    async def main() -> T:
+        db = Database(settings.resolved_database_url, pool_size=2, max_overflow=2)
+        try:
+            return await make(settings, db, Signer(settings.resolved_secret_key))
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(main())
+    except PopdropError as error:
+        err.print(f"[red]{error.reason}[/red]: {error.message}")
+        raise typer.Exit(2) from error
+
+
+def _cli_principal(org_id: int) -> Principal:
+    return Principal(org_id, f"cli:{getpass.getuser()}", "owner", ROLES["owner"])
+
+
+def _now() -> datetime:
+    return SystemClock().now()
+
+
+# ---------------------------------------------------------------- serve / demo / db
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    access_log: Annotated[bool, typer.Option(help="Log every request (JSON).")] = True,
+) -> None:
+    """Migrate the database, then serve the API and pages (uvicorn)."""
+    import os
+
+    import uvicorn
+
+    settings = Settings()
+    asyncio.run(upgrade(settings.resolved_database_url))
+    settings.resolved_secret_key  # noqa: B018 (create the key before workers race for it)
+    os.environ["POPDROP_LOG_REQUESTS"] = "1" if access_log else "0"
+    console.print(f"popdrop serving on http://{host}:{port}  (database: {_db_label(settings)})")
+    uvicorn.run(
+        "popdrop.web.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def _db_label(settings: Settings) -> str:
+    url = settings.resolved_database_url
+    return url.split("@")[-1] if "@" in url else url
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Apply schema migrations (serve and demo do this on start)."""
+    settings = Settings()
+    asyncio.run(upgrade(settings.resolved_database_url, revision))
+    rev = asyncio.run(current_revision(settings.resolved_database_url))
+    console.print(f"database at revision [bold]{rev}[/bold] ({_db_label(settings)})")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database."""
+    settings = Settings()
+    rev = asyncio.run(current_revision(settings.resolved_database_url))
+    console.print(rev or "empty database (run `popdrop db upgrade`)")
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve after seeding.")
+    ] = True,
+) -> None:
+    """Seed a demo organization, owner and vouchers for a weekend pop-up, then serve."""
+    from popdrop.demo import seed
+
+    settings = Settings()
+    asyncio.run(upgrade(settings.resolved_database_url))
+    info = _run(lambda s, db, signer: seed(s, db, signer))
+    console.rule("popdrop demo")
+    console.print(f"Open     http://127.0.0.1:{port}/login")
+    console.print(
+        f"Login    [bold]{info['email']}[/bold]  password [bold]{info['password']}[/bold]"
+    )
+    console.print(f"API      Authorization: Bearer {info['token']}")
+    console.print(f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})")
+    console.print(f"Claim    {info['sample_link']}")
+    console.rule()
+    if serve_after:
+        serve(port=port)
+
+
+# ---------------------------------------------------------------- org / user / token
+
+
+@org_app.command("create")
+def org_create(
+    slug: Annotated[str, typer.Argument(help="Short id: lowercase letters, digits, dashes.")],
+    name: Annotated[str, typer.Argument(help="Display name.")],
+) -> None:
+    """Create an organization (tenant)."""
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.transaction() as session:
+            org = await accounts.create_organization(session, slug=slug, name=name, now=_now())
+        console.print(f"organization {org.slug} (id {org.id}) created")
+
+    _run(go)
+
+
+@user_app.command("create")
+def user_create(
+    org: OrgOption,
+    email: Annotated[str, typer.Option(help="Login email.")],
+    role: Annotated[str, typer.Option(help=f"One of: {', '.join(ROLES)}.")] = "host",
+    password: Annotated[
+        str | None, typer.Option(help="Password (asked for when omitted; min. 10 characters).")
+    ] = None,
+) -> None:
+    """Create an operator account."""
+    if password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.transaction() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            user = await accounts.create_user(
+                session,
+                org_id=organization.id,
+                email=email,
+                password=password or "",
+                role=role,
+                now=_now(),
+            )
+        console.print(f"user {user.email} ({user.role}) created in {org}")
+
+    _run(go)
+
+
+@token_app.command("create")
+def token_create(
+    org: OrgOption,
+    name: Annotated[str, typer.Option(help="What the token is for, e.g. 'pos-terminal-1'.")],
+    scope: Annotated[
+        list[str],
+        typer.Option(help=f"Repeat for each scope: {', '.join(sorted(accounts.SCOPES))}."),
+    ],
+) -> None:
+    """Create an API token; it is printed once and stored only as a keyed hash."""
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.transaction() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            token, plaintext = await accounts.create_token(
+                session,
+                signer,
+                org_id=organization.id,
+                name=name,
+                scopes=accounts.parse_scopes(scope),
+                created_by=f"cli:{getpass.getuser()}",
+                now=_now(),
+            )
+        err.print(f"token {token.id} ({token.scopes}) — shown once, store it now:")
+        print(plaintext)
+
+    _run(go)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    org: OrgOption, token_id: Annotated[int, typer.Argument(help="Token id.")]
+) -> None:
+    """Revoke an API token."""
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.transaction() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            await accounts.revoke_token(
+                session, org_id=organization.id, token_id=token_id, now=_now()
+            )
+        console.print(f"token {token_id} revoked")
+
+    _run(go)
+
+
+# ---------------------------------------------------------------- vouchers
+
+
+def _parse_when(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{name}: ISO 8601, e.g. 2026-12-01T18:00+01:00") from exc
+    if parsed.tzinfo is None:
+        raise typer.BadParameter(f"{name}: add a time zone offset (e.g. +01:00 or Z)")
+    return parsed.astimezone(UTC)
+
+
+@vouchers_app.command("issue")
+def vouchers_issue(
+    org: OrgOption,
+    name: Annotated[str, typer.Option(help="Batch name, e.g. 'Saturday drop 10% off'.")],
+    quantity: Annotated[int, typer.Option(help="How many codes.")],
+    out: Annotated[Path, typer.Option(help="CSV file for the plaintext codes (shown once).")],
+    max_uses: Annotated[int, typer.Option(help="Uses per code.")] = 1,
+    prefix: Annotated[str | None, typer.Option(help="Code prefix (Crockford letters).")] = None,
+    tag: Annotated[str | None, typer.Option(help="Tag, for revoking by tag.")] = None,
+    valid_from: Annotated[str | None, typer.Option(help="ISO 8601 with offset.")] = None,
+    valid_until: Annotated[str | None, typer.Option(help="ISO 8601 with offset.")] = None,
+    ttl_hours: Annotated[float | None, typer.Option(help="Hours a code lives from issue.")] = None,
+    per_contact_limit: Annotated[int | None, typer.Option(help="Uses per contact.")] = None,
+    currency: Annotated[str, typer.Option(help="ISO 4217 currency.")] = "EUR",
+    budget_minor: Annotated[int | None, typer.Option(help="Budget in minor units.")] = None,
+    cost_per_use_minor: Annotated[int, typer.Option(help="Cost of one use (minor).")] = 0,
+    discount_kind: Annotated[str, typer.Option(help="percent, fixed or free_item.")] = "percent",
+    discount_value: Annotated[int, typer.Option(help="Percent, or minor units.")] = 10,
+    description: Annotated[str, typer.Option(help="What the customer gets.")] = "",
+    links: Annotated[bool, typer.Option(help="Add a signed claim link column.")] = False,
+) -> None:
+    """Issue a batch of codes with a progress bar; the plaintext goes only to --out."""
+    from pydantic import ValidationError
+
+    from popdrop.vouchers import service
+    from popdrop.vouchers.schemas import BatchCreate
+
+    if out.exists():
+        raise typer.BadParameter(f"{out} exists; codes are written once, to a new file")
+    try:
+        spec = BatchCreate(
+            name=name,
+            quantity=quantity,
+            max_uses=max_uses,
+            prefix=prefix,
+            tag=tag,
+            valid_from=_parse_when(valid_from, "--valid-from"),
+            valid_until=_parse_when(valid_until, "--valid-until"),
+            ttl_seconds=int(ttl_hours * 3600) if ttl_hours else None,
+            per_contact_limit=per_contact_limit,
+            currency=currency,
+            budget_minor=budget_minor,
+            cost_per_use_minor=cost_per_use_minor,
+            discount_kind=discount_kind,  # type: ignore[arg-type]
+            discount_value=discount_value,
+            discount_description=description,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise typer.BadParameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        now = _now()
+        with _progress() as progress:
+            task = progress.add_task("issuing", total=quantity)
+            async with db.transaction() as session:
+                organization = await accounts.get_organization_by_slug(session, org)
+                batch, codes = await service.issue_batch(
+                    session,
+                    signer,
+                    _cli_principal(organization.id),
+                    spec,
+                    now=now,
+                    audit_chains=settings.audit_chains,
+                    progress=lambda done, total: progress.update(task, completed=done),
+                )
+        expiry = batch.valid_until or now + timedelta(hours=ttl_hours or 8)
+        with out.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["code", "link"] if links else ["code"])
+            for code in codes:
+                row = [code]
+                if links:
+                    row.append(
+                        service.make_link(signer, settings.base_url, code, expires_at=expiry)[0]
+                    )
+                writer.writerow(row)
+        out.chmod(0o600)
+        console.print(f"batch {batch.id}: {len(codes)} codes written to {out}")
+
+    _run(go)
+
+
+def _progress() -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+@vouchers_app.command("revoke")
+def vouchers_revoke(
+    org: OrgOption,
+    code: Annotated[str | None, typer.Option(help="One code.")] = None,
+    batch: Annotated[int | None, typer.Option(help="A whole batch by id.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Every batch with this tag.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit ledger).")] = "revoked",
+) -> None:
+    """Revoke one code, a batch, or a tag; links stop working at once."""
+    from popdrop.vouchers import service
+
+    if sum(x is not None for x in (code, batch, tag)) != 1:
+        raise typer.BadParameter("give exactly one of --code, --batch, --tag")
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.transaction() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            principal = _cli_principal(organization.id)
+            common: dict[str, Any] = {
+                "reason": reason,
+                "now": _now(),
+                "audit_chains": settings.audit_chains,
+            }
+            if code is not None:
+                count = await service.revoke_code(session, signer, principal, code=code, **common)
+            elif batch is not None:
+                count = await service.revoke_batch(session, principal, batch_id=batch, **common)
+            else:
+                count = await service.revoke_tag(session, principal, tag=tag or "", **common)
+        console.print(f"revoked {count} code(s)")
+
+    _run(go)
+
+
+@vouchers_app.command("export")
+def vouchers_export(
+    org: OrgOption,
+    batch: Annotated[int, typer.Option(help="Batch id.")],
+    out: Annotated[Path | None, typer.Option(help="CSV file (default: stdout).")] = None,
+) -> None:
+    """Export every code's state in a batch as CSV (codes themselves are never stored)."""
+    from popdrop.vouchers import service
+    from popdrop.vouchers.api import to_csv
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.reader() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            rows = await service.export_vouchers(
+                session, _cli_principal(organization.id), batch, _now()
+            )
+        text = to_csv(rows)
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.write_text(text)
+            err.print(f"{len(rows)} rows written to {out}")
+
+    _run(go)
+
+
+@vouchers_app.command("list")
+def vouchers_list(org: OrgOption) -> None:
+    """List the batches of an organization."""
+    from popdrop.vouchers import service
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.reader() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            batches = await service.list_batches(session, _cli_principal(organization.id))
+        table = Table("id", "name", "tag", "codes", "max uses", "valid until", "revoked")
+        for b in batches:
+            table.add_row(
+                str(b.id),
+                b.name,
+                b.tag or "",
+                str(b.quantity),
+                str(b.max_uses),
+                b.valid_until.isoformat() if b.valid_until else "",
+                "yes" if b.revoked_at else "",
+            )
+        console.print(table)
+
+    _run(go)
+
+
+# ---------------------------------------------------------------- audit
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute every hash chain; print `OK <n> entries` or the first broken entry (exit 1)."""
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> audit.VerifyResult:
+        async with db.reader() as session:
+            return await audit.verify(session)
+
+    result = _run(go)
+    if result.ok:
+        console.print(result.describe())
+        return
+    err.print(result.describe())
+    raise typer.Exit(1)
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(12)

@@ -1,0 +1,1 @@
+"""Shared foundations: settings, database, clock, money, signing, errors, audit ledger."""

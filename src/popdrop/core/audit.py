@@ -1,0 +1,253 @@
+"""The append-only, hash-chained audit ledger.
+
+Each organization's ledger is `audit_chains` parallel hash chains, so concurrent writers
+queue per chain instead of on one global lock. An entry lands on the chain picked by its
+subject (one subject's history stays in order on one chain). Each entry stores
+`hash = sha256(prev_hash || entry_digest)`, where the entry digest covers every field,
+including the digest of its payload. `verify` recomputes every chain and checks that
+each chain's head matches its last entry, so an edited, inserted or dropped entry shows.
+On PostgreSQL a trigger (see the migration) refuses UPDATE, DELETE and TRUNCATE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from popdrop.core.db import Base, BigId, UTCDateTime, dialect_insert
+
+GENESIS = "0" * 64
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_entries"
+    __table_args__ = (UniqueConstraint("org_id", "chain", "seq"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    chain: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(200), index=True)
+    payload: Mapped[str] = mapped_column(Text)
+    payload_digest: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    __tablename__ = "audit_heads"
+
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
+    chain: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def payload_digest(payload_text: str) -> str:
+    return hashlib.sha256(payload_text.encode()).hexdigest()
+
+
+def entry_digest(
+    *,
+    org_id: int,
+    chain: int,
+    seq: int,
+    at: datetime,
+    actor: str,
+    action: str,
+    subject: str,
+    digest: str,
+) -> str:
+    fields = {
+        "org": org_id,
+        "chain": chain,
+        "seq": seq,
+        "at": at.isoformat(),
+        "actor": actor,
+        "action": action,
+        "subject": subject,
+        "payload": digest,
+    }
+    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+
+
+def chain_hash(prev_hash: str, digest: str) -> str:
+    return hashlib.sha256(bytes.fromhex(prev_hash) + bytes.fromhex(digest)).hexdigest()
+
+
+def chain_for(subject: str, chains: int) -> int:
+    return zlib.crc32(subject.encode()) % chains
+
+
+async def append(
+    session: AsyncSession,
+    *,
+    org_id: int,
+    actor: str,
+    action: str,
+    subject: str,
+    payload: dict[str, Any],
+    at: datetime,
+    chains: int,
+) -> AuditEntry:
+    """Append one entry inside the caller's transaction (the chain head is row-locked)."""
+    chain = chain_for(subject, chains)
+    head = await _lock_head(session, org_id, chain)
+    seq, prev = (head[0] + 1, head[1])
+    text = canonical_json(payload)
+    digest = payload_digest(text)
+    own = chain_hash(
+        prev,
+        entry_digest(
+            org_id=org_id,
+            chain=chain,
+            seq=seq,
+            at=at,
+            actor=actor,
+            action=action,
+            subject=subject,
+            digest=digest,
+        ),
+    )
+    await session.execute(
+        update(AuditHead)
+        .where(AuditHead.org_id == org_id, AuditHead.chain == chain)
+        .values(seq=seq, hash=own)
+    )
+    entry = AuditEntry(
+        org_id=org_id,
+        chain=chain,
+        seq=seq,
+        at=at,
+        actor=actor,
+        action=action,
+        subject=subject,
+        payload=text,
+        payload_digest=digest,
+        prev_hash=prev,
+        hash=own,
+    )
+    session.add(entry)
+    await session.flush()
+    return entry
+
+
+async def _lock_head(session: AsyncSession, org_id: int, chain: int) -> tuple[int, str]:
+    query = (
+        select(AuditHead.seq, AuditHead.hash)
+        .where(AuditHead.org_id == org_id, AuditHead.chain == chain)
+        .with_for_update()
+    )
+    row = (await session.execute(query)).first()
+    if row is None:
+        dialect = session.get_bind().dialect.name
+        await session.execute(
+            dialect_insert(dialect, AuditHead)
+            .values(org_id=org_id, chain=chain, seq=0, hash=GENESIS)
+            .on_conflict_do_nothing()
+        )
+        row = (await session.execute(query)).first()
+        assert row is not None
+    return int(row[0]), str(row[1])
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    entries: int
+    broken_entry_id: int | None = None
+    org_id: int | None = None
+    chain: int | None = None
+    seq: int | None = None
+    problem: str | None = None
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"OK {self.entries} entries"
+        return (
+            f"BROKEN at entry id={self.broken_entry_id} org={self.org_id} chain={self.chain} "
+            f"seq={self.seq}: {self.problem}"
+        )
+
+
+async def _entries(session: AsyncSession) -> AsyncIterator[AuditEntry]:
+    query = select(AuditEntry).order_by(AuditEntry.org_id, AuditEntry.chain, AuditEntry.seq)
+    result = await session.stream_scalars(query.execution_options(yield_per=2000))
+    async for entry in result:
+        yield entry
+
+
+async def verify(session: AsyncSession) -> VerifyResult:
+    """Walk every chain; report the first entry whose content or link does not hold."""
+    heads = {
+        (h.org_id, h.chain): (h.seq, h.hash) for h in (await session.scalars(select(AuditHead)))
+    }
+    count = 0
+    current: tuple[int, int] | None = None
+    prev = GENESIS
+    expected_seq = 1
+    seen: set[tuple[int, int]] = set()
+
+    def broken(entry: AuditEntry, problem: str) -> VerifyResult:
+        return VerifyResult(False, count, entry.id, entry.org_id, entry.chain, entry.seq, problem)
+
+    async for entry in _entries(session):
+        key = (entry.org_id, entry.chain)
+        if key != current:
+            if current is not None and heads.get(current) != (expected_seq - 1, prev):
+                return _head_mismatch(current, count)
+            current, prev, expected_seq = key, GENESIS, 1
+            seen.add(key)
+        if entry.seq != expected_seq:
+            return broken(entry, f"sequence gap: expected seq {expected_seq}")
+        if entry.prev_hash != prev:
+            return broken(entry, "previous-hash link does not match the entry before it")
+        if payload_digest(entry.payload) != entry.payload_digest:
+            return broken(entry, "payload does not match its digest")
+        digest = entry_digest(
+            org_id=entry.org_id,
+            chain=entry.chain,
+            seq=entry.seq,
+            at=entry.at,
+            actor=entry.actor,
+            action=entry.action,
+            subject=entry.subject,
+            digest=entry.payload_digest,
+        )
+        if chain_hash(prev, digest) != entry.hash:
+            return broken(entry, "entry hash does not match its content")
+        prev = entry.hash
+        expected_seq += 1
+        count += 1
+    if current is not None and heads.get(current) != (expected_seq - 1, prev):
+        return _head_mismatch(current, count)
+    for key, (seq, _hash) in heads.items():
+        if key not in seen and seq != 0:
+            return _head_mismatch(key, count)
+    return VerifyResult(True, count)
+
+
+def _head_mismatch(key: tuple[int, int], count: int) -> VerifyResult:
+    return VerifyResult(
+        False,
+        count,
+        org_id=key[0],
+        chain=key[1],
+        problem="chain head does not match its last entry (entries dropped or added)",
+    )

@@ -1,0 +1,61 @@
+"""The one error type: a machine-readable `reason`, a human message, an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Status for each reason the API can give; one table so routers never choose codes.
+REASON_STATUS: dict[str, int] = {
+    "invalid_request": 422,
+    "malformed": 422,
+    "payload_too_large": 413,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "csrf_failed": 403,
+    "not_found": 404,
+    "unknown": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "not_yet_valid": 409,
+    "exhausted": 409,
+    "contact_limit": 409,
+    "budget_exhausted": 409,
+    "already_rolled_back": 409,
+    "idempotency_in_progress": 409,
+    "idempotency_key_reused": 422,
+    "expired": 410,
+    "revoked": 410,
+    "link_invalid": 400,
+    "link_expired": 410,
+    "rate_limited": 429,
+    "unavailable": 503,
+}
+
+
+class PopdropError(Exception):
+    """Raised by services for every refusal a user can act on."""
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.status = status or REASON_STATUS.get(reason, 400)
+        self.headers = headers or {}
+        self.detail = detail or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"reason": self.reason, "message": self.message}
+        body.update(self.detail)
+        return body
+
+
+def not_found(what: str) -> PopdropError:
+    return PopdropError("not_found", f"{what} not found")

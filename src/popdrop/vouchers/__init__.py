@@ -1,0 +1,1 @@
+"""The voucher vault: batches, single-use codes, links, redemption, revocation."""

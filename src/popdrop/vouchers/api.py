@@ -1,0 +1,441 @@
+"""Voucher vault REST API (thin: parse, call the service, shape the answer)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import Counter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.core.errors import PopdropError
+from popdrop.core.idempotency import fingerprint, run_once
+from popdrop.core.ratelimit import GUESSING_REASONS
+from popdrop.core.schemas import error_responses
+from popdrop.vouchers import service
+from popdrop.vouchers.schemas import (
+    BatchCreate,
+    BatchDetail,
+    BatchOut,
+    IssuedBatch,
+    LinkOut,
+    LinkRequest,
+    RedeemRequest,
+    RedeemResult,
+    RedemptionOut,
+    RevokeCodeRequest,
+    RevokeRequest,
+    RevokeResult,
+    RevokeTagRequest,
+    RollbackRequest,
+    ValidateRequest,
+    VoucherOut,
+)
+from popdrop.web.auth import ApiPrincipal
+from popdrop.web.context import AppContext, client_address, get_ctx
+
+router = APIRouter(prefix="/api/v1", tags=["vouchers"])
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", max_length=200, description="Retry-safe: same key, same answer"
+    ),
+]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Before = Annotated[int | None, Query(ge=1, le=2**62)]
+ItemId = Annotated[int, Path(ge=1, le=2**62)]
+
+REDEMPTIONS = Counter("popdrop_voucher_redemptions_total", "Redemption attempts", ["result"])
+REDEEM_REFUSALS = (400, 401, 403, 404, 409, 410, 422, 429)
+
+
+async def _guarded(ctx: AppContext, request: Request, principal: Principal, call: Any) -> Any:
+    """Refuse clients that guessed too much; count their unknown/malformed codes."""
+    address = client_address(request)
+    await ctx.guard.check(principal.org_id, address)
+    try:
+        return await call()
+    except PopdropError as error:
+        if error.reason in GUESSING_REASONS:
+            await ctx.guard.failed(principal.org_id, address)
+        raise
+
+
+# ---------------------------------------------------------------- batches
+
+
+@router.post(
+    "/voucher-batches",
+    status_code=201,
+    response_model=IssuedBatch,
+    responses=error_responses(401, 403, 409, 422),
+    summary="Issue a batch of codes (plaintext returned this once)",
+)
+async def issue_batch(
+    body: BatchCreate,
+    request: Request,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    idempotency_key: IdempotencyKey = None,
+    links: Annotated[bool, Query(description="Also return a signed claim link per code")] = False,
+) -> Response:
+    now = ctx.clock.now()
+    shown: dict[str, Any] = {}
+
+    async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
+        batch, codes = await service.issue_batch(
+            session,
+            ctx.signer,
+            principal,
+            body,
+            now=now,
+            audit_chains=ctx.settings.audit_chains,
+        )
+        shown["codes"] = codes
+        if links:
+            expiry = batch.valid_until or now + timedelta(seconds=batch.ttl_seconds or 8 * 3600)
+            if batch.ttl_seconds:
+                expiry = min(expiry, now + timedelta(seconds=batch.ttl_seconds))
+            shown["links"] = [
+                service.make_link(ctx.signer, ctx.settings.base_url, c, expires_at=expiry)[0]
+                for c in codes
+            ]
+        # The stored answer (for retries) never holds plaintext codes.
+        return 201, {"batch": service.batch_out(batch).model_dump(mode="json"), "codes": []}
+
+    status, payload = await run_once(
+        ctx.db,
+        ctx.clock,
+        org_id=principal.org_id,
+        key=idempotency_key,
+        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump(mode="json")),
+        operation=operation,
+    )
+    if shown:
+        payload = {**payload, "codes": shown["codes"], "links": shown.get("links")}
+    else:
+        payload = {**payload, "replayed": True}
+    return JSONResponse(payload, status_code=status)
+
+
+@router.get("/voucher-batches", response_model=list[BatchOut], responses=error_responses(401, 403))
+async def list_batches(
+    principal: ApiPrincipal, ctx: Ctx, limit: Limit = 100, before: Before = None
+) -> list[BatchOut]:
+    async with ctx.db.reader() as session:
+        rows = await service.list_batches(session, principal, limit=limit, before_id=before)
+    return [service.batch_out(b) for b in rows]
+
+
+@router.get(
+    "/voucher-batches/{batch_id}",
+    response_model=BatchDetail,
+    responses=error_responses(401, 403, 404),
+)
+async def get_batch(batch_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> BatchDetail:
+    async with ctx.db.reader() as session:
+        batch = await service.get_batch(session, principal, batch_id)
+        stats = await service.batch_stats(session, principal, batch.id)
+    return BatchDetail(**service.batch_out(batch).model_dump(), stats=stats)
+
+
+@router.post(
+    "/voucher-batches/{batch_id}/revoke",
+    response_model=RevokeResult,
+    responses=error_responses(401, 403, 404, 422),
+)
+async def revoke_batch(
+    batch_id: ItemId, body: RevokeRequest, principal: ApiPrincipal, ctx: Ctx
+) -> RevokeResult:
+    async with ctx.db.transaction() as session:
+        count = await service.revoke_batch(
+            session,
+            principal,
+            batch_id=batch_id,
+            reason=body.reason,
+            now=ctx.clock.now(),
+            audit_chains=ctx.settings.audit_chains,
+        )
+    return RevokeResult(revoked=count)
+
+
+@router.get(
+    "/voucher-batches/{batch_id}/export",
+    responses={200: {"content": {"text/csv": {}}}, **error_responses(401, 403, 404)},
+    response_class=Response,
+    summary="CSV of every code's state (codes themselves are never stored)",
+)
+async def export_batch(batch_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> Response:
+    async with ctx.db.reader() as session:
+        rows = await service.export_vouchers(session, principal, batch_id, ctx.clock.now())
+    return Response(
+        to_csv(rows),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.csv"'},
+    )
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- codes
+
+
+@router.post(
+    "/vouchers/redeem",
+    response_model=RedeemResult,
+    responses=error_responses(*REDEEM_REFUSALS),
+    summary="Redeem a code once; safe to retry with Idempotency-Key",
+)
+async def redeem(
+    body: RedeemRequest,
+    request: Request,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    now = ctx.clock.now()
+
+    async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
+        result = await service.redeem(
+            session,
+            ctx.signer,
+            principal,
+            code=body.code,
+            contact_ref=body.contact_ref,
+            order_ref=body.order_ref,
+            now=now,
+            audit_chains=ctx.settings.audit_chains,
+        )
+        return 200, result.model_dump(mode="json")
+
+    async def call() -> tuple[int, dict[str, Any]]:
+        return await run_once(
+            ctx.db,
+            ctx.clock,
+            org_id=principal.org_id,
+            key=idempotency_key,
+            request_fingerprint=fingerprint("POST", "redeem", body.model_dump()),
+            operation=operation,
+        )
+
+    try:
+        status, payload = await _guarded(ctx, request, principal, call)
+    except PopdropError as error:
+        REDEMPTIONS.labels(error.reason).inc()
+        raise
+    REDEMPTIONS.labels("ok" if status == 200 else str(payload.get("reason"))).inc()
+    return JSONResponse(payload, status_code=status)
+
+
+@router.post(
+    "/vouchers/validate",
+    response_model=VoucherOut,
+    responses=error_responses(*REDEEM_REFUSALS),
+    summary="Dry run of redeem: same checks and reasons, nothing consumed",
+)
+async def validate(
+    body: ValidateRequest, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> VoucherOut:
+    async def call() -> VoucherOut:
+        async with ctx.db.reader() as session:
+            return await service.validate(
+                session,
+                ctx.signer,
+                principal,
+                code=body.code,
+                contact_ref=body.contact_ref,
+                now=ctx.clock.now(),
+            )
+
+    result: VoucherOut = await _guarded(ctx, request, principal, call)
+    return result
+
+
+@router.post(
+    "/vouchers/lookup",
+    response_model=VoucherOut,
+    responses=error_responses(401, 403, 404, 422, 429),
+    summary="Find a code's voucher and state (operator search)",
+)
+async def lookup(
+    body: ValidateRequest, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> VoucherOut:
+    async def call() -> VoucherOut:
+        async with ctx.db.reader() as session:
+            return await service.lookup_code(
+                session, ctx.signer, principal, body.code, ctx.clock.now()
+            )
+
+    result: VoucherOut = await _guarded(ctx, request, principal, call)
+    return result
+
+
+@router.get(
+    "/vouchers/{voucher_id}", response_model=VoucherOut, responses=error_responses(401, 403, 404)
+)
+async def get_voucher(voucher_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> VoucherOut:
+    async with ctx.db.reader() as session:
+        return await service.get_voucher(session, principal, voucher_id, ctx.clock.now())
+
+
+@router.post(
+    "/vouchers/{voucher_id}/revoke",
+    response_model=RevokeResult,
+    responses=error_responses(401, 403, 404, 422),
+)
+async def revoke_voucher(
+    voucher_id: ItemId, body: RevokeRequest, principal: ApiPrincipal, ctx: Ctx
+) -> RevokeResult:
+    async with ctx.db.transaction() as session:
+        count = await service.revoke_voucher(
+            session,
+            principal,
+            voucher_id=voucher_id,
+            reason=body.reason,
+            now=ctx.clock.now(),
+            audit_chains=ctx.settings.audit_chains,
+        )
+    return RevokeResult(revoked=count)
+
+
+@router.post(
+    "/vouchers/revoke",
+    response_model=RevokeResult,
+    responses=error_responses(401, 403, 404, 422, 429),
+    summary="Revoke one code by its text",
+)
+async def revoke_code(
+    body: RevokeCodeRequest, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> RevokeResult:
+    async def call() -> int:
+        async with ctx.db.transaction() as session:
+            return await service.revoke_code(
+                session,
+                ctx.signer,
+                principal,
+                code=body.code,
+                reason=body.reason,
+                now=ctx.clock.now(),
+                audit_chains=ctx.settings.audit_chains,
+            )
+
+    return RevokeResult(revoked=await _guarded(ctx, request, principal, call))
+
+
+@router.post(
+    "/vouchers/revoke-tag",
+    response_model=RevokeResult,
+    responses=error_responses(401, 403, 422),
+    summary="Revoke every code of every batch with this tag",
+)
+async def revoke_tag(body: RevokeTagRequest, principal: ApiPrincipal, ctx: Ctx) -> RevokeResult:
+    async with ctx.db.transaction() as session:
+        count = await service.revoke_tag(
+            session,
+            principal,
+            tag=body.tag,
+            reason=body.reason,
+            now=ctx.clock.now(),
+            audit_chains=ctx.settings.audit_chains,
+        )
+    return RevokeResult(revoked=count)
+
+
+@router.post(
+    "/vouchers/links",
+    response_model=LinkOut,
+    responses=error_responses(401, 403, 404, 410, 422, 429),
+    summary="A signed, expiring claim link /v/{token} for a code",
+)
+async def make_link(
+    body: LinkRequest, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> LinkOut:
+    now = ctx.clock.now()
+
+    async def call() -> VoucherOut:
+        async with ctx.db.reader() as session:
+            return await service.lookup_code(session, ctx.signer, principal, body.code, now)
+
+    voucher: VoucherOut = await _guarded(ctx, request, principal, call)
+    expires_at = now + timedelta(seconds=body.ttl_seconds)
+    if voucher.valid_until is not None:
+        expires_at = min(expires_at, voucher.valid_until)
+    url, expires_at = service.make_link(
+        ctx.signer, ctx.settings.base_url, body.code, expires_at=expires_at
+    )
+    return LinkOut(url=url, expires_at=expires_at)
+
+
+# ---------------------------------------------------------------- redemptions
+
+
+@router.get("/redemptions", response_model=list[RedemptionOut], responses=error_responses(401, 403))
+async def list_redemptions(
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    batch_id: Before = None,
+    voucher_id: Before = None,
+    limit: Limit = 100,
+    before: Before = None,
+) -> list[RedemptionOut]:
+    async with ctx.db.reader() as session:
+        rows = await service.list_redemptions(
+            session,
+            principal,
+            batch_id=batch_id,
+            voucher_id=voucher_id,
+            limit=limit,
+            before_id=before,
+        )
+    return [service.redemption_out(r) for r in rows]
+
+
+@router.post(
+    "/redemptions/{redemption_id}/rollback",
+    response_model=RedemptionOut,
+    responses=error_responses(401, 403, 404, 409, 422),
+    summary="Give a use back (a return), with a reason",
+)
+async def rollback(
+    redemption_id: ItemId,
+    body: RollbackRequest,
+    request: Request,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    now = ctx.clock.now()
+
+    async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
+        result = await service.rollback(
+            session,
+            principal,
+            redemption_id=redemption_id,
+            reason=body.reason,
+            now=now,
+            audit_chains=ctx.settings.audit_chains,
+        )
+        return 200, result.model_dump(mode="json")
+
+    status, payload = await run_once(
+        ctx.db,
+        ctx.clock,
+        org_id=principal.org_id,
+        key=idempotency_key,
+        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump()),
+        operation=operation,
+    )
+    return JSONResponse(payload, status_code=status)

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DiscountKind = Literal["percent", "fixed", "free_item"]
+Ref = Field(default=None, min_length=1, max_length=200)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    quantity: int = Field(ge=1, le=1_000_000)
+    max_uses: int = Field(default=1, ge=1, le=1_000_000_000)
+    prefix: str | None = Field(default=None, max_length=6)
+    tag: str | None = Field(default=None, min_length=1, max_length=64)
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 86400)
+    per_contact_limit: int | None = Field(default=None, ge=1, le=1_000_000)
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    budget_minor: int | None = Field(default=None, ge=0, le=10**15)
+    cost_per_use_minor: int = Field(default=0, ge=0, le=10**12)
+    discount_kind: DiscountKind = "fixed"
+    discount_value: int = Field(default=0, ge=0, le=10**12)
+    discount_description: str = Field(default="", max_length=500)
+    event_ref: str | None = Ref
+    offer_ref: str | None = Ref
+
+    @model_validator(mode="after")
+    def _coherent(self) -> BatchCreate:
+        if self.valid_from and self.valid_until and self.valid_until <= self.valid_from:
+            raise ValueError("valid_until must be after valid_from")
+        for name in ("valid_from", "valid_until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} needs a time zone offset (e.g. Z)")
+        if self.discount_kind == "percent" and not 1 <= self.discount_value <= 100:
+            raise ValueError("a percent discount is 1 to 100")
+        free_uses = self.cost_per_use_minor == 0 and (
+            self.discount_kind != "fixed" or self.discount_value == 0
+        )
+        if self.budget_minor is not None and free_uses:
+            raise ValueError("a budget needs cost_per_use_minor (what one use costs)")
+        return self
+
+    @property
+    def effective_cost_minor(self) -> int:
+        if self.cost_per_use_minor:
+            return self.cost_per_use_minor
+        return self.discount_value if self.discount_kind == "fixed" else 0
+
+
+class Discount(BaseModel):
+    kind: DiscountKind
+    value: int
+    currency: str
+    description: str
+
+
+class BatchOut(BaseModel):
+    id: int
+    name: str
+    tag: str | None
+    prefix: str
+    quantity: int
+    max_uses: int
+    valid_from: datetime | None
+    valid_until: datetime | None
+    ttl_seconds: int | None
+    per_contact_limit: int | None
+    currency: str
+    budget_minor: int | None
+    budget_spent_minor: int
+    cost_per_use_minor: int
+    discount: Discount
+    event_ref: str | None
+    offer_ref: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class BatchStats(BaseModel):
+    issued: int
+    uses: int
+    fully_used: int
+    revoked: int
+    redemptions: int
+    rolled_back: int
+
+
+class BatchDetail(BatchOut):
+    stats: BatchStats
+
+
+class IssuedBatch(BaseModel):
+    batch: BatchOut
+    codes: list[str] = Field(description="Plaintext codes: shown this once, never stored.")
+    links: list[str] | None = None
+
+
+class RedeemRequest(Strict):
+    code: str = Field(min_length=1, max_length=64)
+    contact_ref: str | None = Ref
+    order_ref: str | None = Ref
+
+
+class ValidateRequest(Strict):
+    code: str = Field(min_length=1, max_length=64)
+    contact_ref: str | None = Ref
+
+
+class RedemptionOut(BaseModel):
+    id: int
+    voucher_id: int
+    batch_id: int
+    contact_ref: str | None
+    order_ref: str | None
+    cost_minor: int
+    redeemed_at: datetime
+    rolled_back_at: datetime | None = None
+    rollback_reason: str | None = None
+
+
+class RedeemResult(BaseModel):
+    redemption: RedemptionOut
+    uses: int
+    max_uses: int
+    remaining_uses: int
+    discount: Discount
+
+
+class VoucherOut(BaseModel):
+    id: int
+    batch_id: int
+    batch_name: str
+    status: Literal["valid", "not_yet_valid", "expired", "revoked", "exhausted"]
+    uses: int
+    max_uses: int
+    valid_from: datetime | None
+    valid_until: datetime | None
+    issued_at: datetime
+    revoked_at: datetime | None
+    revoke_reason: str | None
+    discount: Discount
+
+
+class RollbackRequest(Strict):
+    reason: str = Field(min_length=1, max_length=200)
+
+
+class RevokeRequest(Strict):
+    reason: str = Field(default="revoked by operator", min_length=1, max_length=200)
+
+
+class RevokeCodeRequest(RevokeRequest):
+    code: str = Field(min_length=1, max_length=64)
+
+
+class RevokeTagRequest(RevokeRequest):
+    tag: str = Field(min_length=1, max_length=64)
+
+
+class RevokeResult(BaseModel):
+    revoked: int
+
+
+class LinkRequest(Strict):
+    code: str = Field(min_length=1, max_length=64)
+    ttl_seconds: int = Field(default=8 * 3600, ge=60, le=90 * 86400)
+
+
+class LinkOut(BaseModel):
+    url: str
+    expires_at: datetime

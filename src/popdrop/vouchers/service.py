@@ -1,0 +1,790 @@
+"""Voucher vault operations. Every function takes the caller's session and `now`.
+
+Consuming a use is one conditional `UPDATE vouchers SET uses = uses + 1 WHERE … AND
+uses < max_uses … RETURNING`: the database serialises concurrent redemptions on the row,
+so a code can never be spent more often than `max_uses`. Per-contact limits and budgets
+are further conditional updates in the same transaction; any refusal rolls back all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.core import audit
+from popdrop.core.db import dialect_insert
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.signing import Signer
+from popdrop.vouchers import codes
+from popdrop.vouchers.models import Redemption, Voucher, VoucherBatch, VoucherContactUse
+from popdrop.vouchers.schemas import (
+    BatchCreate,
+    BatchOut,
+    BatchStats,
+    Discount,
+    RedeemResult,
+    RedemptionOut,
+    VoucherOut,
+)
+
+LINK_PURPOSE = "voucher-link"
+INSERT_CHUNK = 5_000
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The parts of a batch that never change after issue, so they can be cached."""
+
+    org_id: int
+    name: str
+    per_contact_limit: int | None
+    budget_minor: int | None
+    cost_per_use_minor: int
+    discount: Discount
+
+
+_POLICIES: dict[int, BatchPolicy] = {}
+
+
+def discount_of(batch: VoucherBatch) -> Discount:
+    return Discount(
+        kind=batch.discount_kind,  # type: ignore[arg-type]
+        value=batch.discount_value,
+        currency=batch.currency,
+        description=batch.discount_description or describe_discount(batch),
+    )
+
+
+def describe_discount(batch: VoucherBatch) -> str:
+    if batch.discount_kind == "percent":
+        return f"{batch.discount_value}% off"
+    if batch.discount_kind == "fixed":
+        from popdrop.core.money import Money
+
+        return f"{Money(batch.discount_value, batch.currency)} off"
+    return "a free item"
+
+
+def batch_out(batch: VoucherBatch) -> BatchOut:
+    return BatchOut(
+        id=batch.id,
+        name=batch.name,
+        tag=batch.tag,
+        prefix=batch.prefix,
+        quantity=batch.quantity,
+        max_uses=batch.max_uses,
+        valid_from=batch.valid_from,
+        valid_until=batch.valid_until,
+        ttl_seconds=batch.ttl_seconds,
+        per_contact_limit=batch.per_contact_limit,
+        currency=batch.currency,
+        budget_minor=batch.budget_minor,
+        budget_spent_minor=batch.budget_spent_minor,
+        cost_per_use_minor=batch.cost_per_use_minor,
+        discount=discount_of(batch),
+        event_ref=batch.event_ref,
+        offer_ref=batch.offer_ref,
+        created_at=batch.created_at,
+        revoked_at=batch.revoked_at,
+    )
+
+
+async def _policy(session: AsyncSession, batch_id: int) -> BatchPolicy:
+    policy = _POLICIES.get(batch_id)
+    if policy is None:
+        batch = await session.get(VoucherBatch, batch_id)
+        if batch is None:
+            raise not_found("batch")
+        policy = BatchPolicy(
+            org_id=batch.org_id,
+            name=batch.name,
+            per_contact_limit=batch.per_contact_limit,
+            budget_minor=batch.budget_minor,
+            cost_per_use_minor=batch.cost_per_use_minor,
+            discount=discount_of(batch),
+        )
+        _POLICIES[batch_id] = policy
+    return policy
+
+
+# ---------------------------------------------------------------- issue
+
+
+async def issue_batch(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    spec: BatchCreate,
+    *,
+    now: datetime,
+    audit_chains: int,
+    progress: Progress | None = None,
+) -> tuple[VoucherBatch, list[str]]:
+    """Create a batch and its codes; return the plaintext codes (the only time they exist)."""
+    principal.require("vouchers:write")
+    prefix = codes.validate_prefix(spec.prefix)
+    valid_until = spec.valid_until
+    if valid_until is not None and valid_until <= now:
+        raise PopdropError("invalid_request", "valid_until is already in the past")
+    batch = VoucherBatch(
+        org_id=principal.org_id,
+        name=spec.name,
+        tag=spec.tag,
+        prefix=prefix,
+        quantity=spec.quantity,
+        max_uses=spec.max_uses,
+        valid_from=spec.valid_from,
+        valid_until=valid_until,
+        ttl_seconds=spec.ttl_seconds,
+        per_contact_limit=spec.per_contact_limit,
+        currency=spec.currency,
+        budget_minor=spec.budget_minor,
+        budget_spent_minor=0,
+        cost_per_use_minor=spec.effective_cost_minor,
+        discount_kind=spec.discount_kind,
+        discount_value=spec.discount_value,
+        discount_description=spec.discount_description,
+        event_ref=spec.event_ref,
+        offer_ref=spec.offer_ref,
+        created_at=now,
+        created_by=principal.actor,
+    )
+    session.add(batch)
+    await session.flush()
+
+    voucher_until = _voucher_until(spec.valid_until, spec.ttl_seconds, now)
+    plaintext: list[str] = []
+    seen: set[bytes] = set()
+    digest = hashlib.sha256()
+    table = Voucher.__table__
+    while len(plaintext) < spec.quantity:
+        rows: list[dict[str, Any]] = []
+        while len(rows) < INSERT_CHUNK and len(plaintext) < spec.quantity:
+            code = codes.new_code(prefix)
+            code_hash = signer.keyed_hash(code)
+            if code_hash in seen:  # 2^-60 per pair; cheap to rule out within a batch
+                continue
+            seen.add(code_hash)
+            digest.update(code_hash)
+            plaintext.append(code)
+            rows.append(
+                {
+                    "org_id": principal.org_id,
+                    "batch_id": batch.id,
+                    "code_hash": code_hash,
+                    "uses": 0,
+                    "max_uses": spec.max_uses,
+                    "valid_from": spec.valid_from,
+                    "valid_until": voucher_until,
+                    "issued_at": now,
+                }
+            )
+        await session.execute(table.insert(), rows)
+        if progress:
+            progress(len(plaintext), spec.quantity)
+    await audit.append(
+        session,
+        org_id=principal.org_id,
+        actor=principal.actor,
+        action="voucher.issue",
+        subject=f"batch:{batch.id}",
+        payload={
+            "batch": batch.id,
+            "name": spec.name,
+            "quantity": spec.quantity,
+            "max_uses": spec.max_uses,
+            "code_hashes_sha256": digest.hexdigest(),
+        },
+        at=now,
+        chains=audit_chains,
+    )
+    return batch, [codes.format_code(c) for c in plaintext]
+
+
+def _voucher_until(
+    valid_until: datetime | None, ttl_seconds: int | None, issued_at: datetime
+) -> datetime | None:
+    """A code expires at the batch end or `ttl` after its issue, whichever comes first."""
+    candidates = [t for t in (valid_until,) if t is not None]
+    if ttl_seconds:
+        candidates.append(issued_at + timedelta(seconds=ttl_seconds))
+    return min(candidates) if candidates else None
+
+
+# ---------------------------------------------------------------- redeem
+
+
+def _usable(now: datetime) -> list[Any]:
+    return [
+        Voucher.revoked_at.is_(None),
+        Voucher.uses < Voucher.max_uses,
+        or_(Voucher.valid_from.is_(None), Voucher.valid_from <= now),
+        or_(Voucher.valid_until.is_(None), Voucher.valid_until > now),
+    ]
+
+
+def _status(voucher: Voucher, now: datetime) -> str:
+    if voucher.revoked_at is not None:
+        return "revoked"
+    if voucher.valid_from is not None and voucher.valid_from > now:
+        return "not_yet_valid"
+    if voucher.valid_until is not None and voucher.valid_until <= now:
+        return "expired"
+    if voucher.uses >= voucher.max_uses:
+        return "exhausted"
+    return "valid"
+
+
+_REFUSAL_TEXT = {
+    "revoked": "this code was revoked",
+    "not_yet_valid": "this code is not valid yet",
+    "expired": "this code has expired",
+    "exhausted": "this code has been used up",
+}
+
+
+def _refuse(voucher: Voucher, now: datetime) -> PopdropError:
+    status = _status(voucher, now)
+    detail: dict[str, Any] = {}
+    if status == "not_yet_valid" and voucher.valid_from:
+        detail["valid_from"] = voucher.valid_from.isoformat()
+    if status == "expired" and voucher.valid_until:
+        detail["valid_until"] = voucher.valid_until.isoformat()
+    return PopdropError(status, _REFUSAL_TEXT.get(status, "not usable"), detail=detail)
+
+
+async def _find(session: AsyncSession, org_id: int, code_hash: bytes) -> Voucher:
+    voucher = await session.scalar(
+        select(Voucher).where(Voucher.code_hash == code_hash, Voucher.org_id == org_id)
+    )
+    if voucher is None:
+        raise PopdropError("unknown", "no such voucher code")
+    return voucher
+
+
+async def redeem(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    *,
+    code: str,
+    contact_ref: str | None,
+    order_ref: str | None,
+    now: datetime,
+    audit_chains: int,
+) -> RedeemResult:
+    principal.require("vouchers:redeem")
+    code_hash = signer.keyed_hash(codes.normalize(code))
+    taken = (
+        await session.execute(
+            update(Voucher)
+            .where(Voucher.code_hash == code_hash, Voucher.org_id == principal.org_id)
+            .where(*_usable(now))
+            .values(uses=Voucher.uses + 1)
+            .returning(Voucher.id, Voucher.batch_id, Voucher.uses, Voucher.max_uses)
+        )
+    ).first()
+    if taken is None:
+        raise _refuse(await _find(session, principal.org_id, code_hash), now)
+    voucher_id, batch_id, uses, max_uses = taken
+    policy = await _policy(session, batch_id)
+    if policy.per_contact_limit is not None and contact_ref is not None:
+        await _take_contact_use(session, batch_id, contact_ref, policy.per_contact_limit)
+    cost = policy.cost_per_use_minor
+    if policy.budget_minor is not None and cost:
+        spent = await session.execute(
+            update(VoucherBatch)
+            .where(
+                VoucherBatch.id == batch_id,
+                VoucherBatch.budget_spent_minor + cost <= VoucherBatch.budget_minor,
+            )
+            .values(budget_spent_minor=VoucherBatch.budget_spent_minor + cost)
+            .returning(VoucherBatch.id)
+        )
+        if spent.first() is None:
+            raise PopdropError("budget_exhausted", "the budget of this offer is spent")
+    redemption_id = (
+        await session.execute(
+            Redemption.__table__.insert()
+            .values(
+                org_id=principal.org_id,
+                voucher_id=voucher_id,
+                batch_id=batch_id,
+                contact_ref=contact_ref,
+                order_ref=order_ref,
+                cost_minor=cost,
+                redeemed_at=now,
+                actor=principal.actor,
+            )
+            .returning(Redemption.id)
+        )
+    ).scalar_one()
+    await audit.append(
+        session,
+        org_id=principal.org_id,
+        actor=principal.actor,
+        action="voucher.redeem",
+        subject=f"voucher:{voucher_id}",
+        payload={
+            "redemption": redemption_id,
+            "use": uses,
+            "contact_ref": contact_ref,
+            "order_ref": order_ref,
+            "cost_minor": cost,
+        },
+        at=now,
+        chains=audit_chains,
+    )
+    return RedeemResult(
+        redemption=RedemptionOut(
+            id=redemption_id,
+            voucher_id=voucher_id,
+            batch_id=batch_id,
+            contact_ref=contact_ref,
+            order_ref=order_ref,
+            cost_minor=cost,
+            redeemed_at=now,
+        ),
+        uses=uses,
+        max_uses=max_uses,
+        remaining_uses=max_uses - uses,
+        discount=policy.discount,
+    )
+
+
+async def _take_contact_use(
+    session: AsyncSession, batch_id: int, contact_ref: str, limit: int
+) -> None:
+    table = VoucherContactUse.__table__
+    stmt = dialect_insert(session.get_bind().dialect.name, table).values(
+        batch_id=batch_id, contact_ref=contact_ref, uses=1
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.batch_id, table.c.contact_ref],
+        set_={"uses": table.c.uses + 1},
+        where=table.c.uses < limit,
+    ).returning(table.c.uses)
+    if (await session.execute(stmt)).first() is None:
+        raise PopdropError("contact_limit", f"this contact already used this offer {limit} time(s)")
+
+
+async def validate(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    *,
+    code: str,
+    contact_ref: str | None,
+    now: datetime,
+) -> VoucherOut:
+    """Dry run of `redeem`: the same checks and reasons, nothing consumed."""
+    principal.require("vouchers:redeem")
+    voucher = await _find(session, principal.org_id, signer.keyed_hash(codes.normalize(code)))
+    if _status(voucher, now) != "valid":
+        raise _refuse(voucher, now)
+    policy = await _policy(session, voucher.batch_id)
+    if policy.per_contact_limit is not None and contact_ref is not None:
+        used = await session.scalar(
+            select(VoucherContactUse.uses).where(
+                VoucherContactUse.batch_id == voucher.batch_id,
+                VoucherContactUse.contact_ref == contact_ref,
+            )
+        )
+        if (used or 0) >= policy.per_contact_limit:
+            raise PopdropError("contact_limit", "this contact has used this offer up")
+    if policy.budget_minor is not None and policy.cost_per_use_minor:
+        batch = await session.get(VoucherBatch, voucher.batch_id)
+        assert batch is not None
+        if batch.budget_spent_minor + policy.cost_per_use_minor > policy.budget_minor:
+            raise PopdropError("budget_exhausted", "the budget of this offer is spent")
+    return voucher_out(voucher, policy, now)
+
+
+def voucher_out(voucher: Voucher, policy: BatchPolicy, now: datetime) -> VoucherOut:
+    return VoucherOut(
+        id=voucher.id,
+        batch_id=voucher.batch_id,
+        batch_name=policy.name,
+        status=_status(voucher, now),  # type: ignore[arg-type]
+        uses=voucher.uses,
+        max_uses=voucher.max_uses,
+        valid_from=voucher.valid_from,
+        valid_until=voucher.valid_until,
+        issued_at=voucher.issued_at,
+        revoked_at=voucher.revoked_at,
+        revoke_reason=voucher.revoke_reason,
+        discount=policy.discount,
+    )
+
+
+async def rollback(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    redemption_id: int,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> RedemptionOut:
+    """Give a use back (a return): the redemption stays on record, marked rolled back."""
+    principal.require("vouchers:write")
+    row = (
+        await session.execute(
+            update(Redemption)
+            .where(
+                Redemption.id == redemption_id,
+                Redemption.org_id == principal.org_id,
+                Redemption.rolled_back_at.is_(None),
+            )
+            .values(rolled_back_at=now, rollback_reason=reason)
+            .returning(Redemption)
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        existing = await session.scalar(
+            select(Redemption).where(
+                Redemption.id == redemption_id, Redemption.org_id == principal.org_id
+            )
+        )
+        if existing is None:
+            raise not_found("redemption")
+        raise PopdropError("already_rolled_back", "this redemption was already rolled back")
+    await session.execute(
+        update(Voucher).where(Voucher.id == row.voucher_id).values(uses=Voucher.uses - 1)
+    )
+    if row.contact_ref is not None:
+        await session.execute(
+            update(VoucherContactUse)
+            .where(
+                VoucherContactUse.batch_id == row.batch_id,
+                VoucherContactUse.contact_ref == row.contact_ref,
+            )
+            .values(uses=VoucherContactUse.uses - 1)
+        )
+    if row.cost_minor:
+        await session.execute(
+            update(VoucherBatch)
+            .where(VoucherBatch.id == row.batch_id, VoucherBatch.budget_minor.is_not(None))
+            .values(budget_spent_minor=VoucherBatch.budget_spent_minor - row.cost_minor)
+        )
+    await audit.append(
+        session,
+        org_id=principal.org_id,
+        actor=principal.actor,
+        action="voucher.rollback",
+        subject=f"voucher:{row.voucher_id}",
+        payload={"redemption": row.id, "reason": reason},
+        at=now,
+        chains=audit_chains,
+    )
+    return redemption_out(row)
+
+
+def redemption_out(row: Redemption) -> RedemptionOut:
+    return RedemptionOut(
+        id=row.id,
+        voucher_id=row.voucher_id,
+        batch_id=row.batch_id,
+        contact_ref=row.contact_ref,
+        order_ref=row.order_ref,
+        cost_minor=row.cost_minor,
+        redeemed_at=row.redeemed_at,
+        rolled_back_at=row.rolled_back_at,
+        rollback_reason=row.rollback_reason,
+    )
+
+
+# ---------------------------------------------------------------- revoke
+
+
+async def _revoke_where(
+    session: AsyncSession,
+    principal: Principal,
+    conditions: Sequence[Any],
+    *,
+    subject: str,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> int:
+    result = await session.execute(
+        update(Voucher)
+        .where(Voucher.org_id == principal.org_id, Voucher.revoked_at.is_(None), *conditions)
+        .values(revoked_at=now, revoke_reason=reason)
+        .returning(Voucher.id)
+    )
+    count = len(result.all())
+    await audit.append(
+        session,
+        org_id=principal.org_id,
+        actor=principal.actor,
+        action="voucher.revoke",
+        subject=subject,
+        payload={"revoked": count, "reason": reason},
+        at=now,
+        chains=audit_chains,
+    )
+    return count
+
+
+async def revoke_code(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    *,
+    code: str,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> int:
+    principal.require("vouchers:write")
+    voucher = await _find(session, principal.org_id, signer.keyed_hash(codes.normalize(code)))
+    return await revoke_voucher(
+        session, principal, voucher_id=voucher.id, reason=reason, now=now, audit_chains=audit_chains
+    )
+
+
+async def revoke_voucher(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    voucher_id: int,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> int:
+    principal.require("vouchers:write")
+    exists = await session.scalar(
+        select(Voucher.id).where(Voucher.id == voucher_id, Voucher.org_id == principal.org_id)
+    )
+    if exists is None:
+        raise not_found("voucher")
+    return await _revoke_where(
+        session,
+        principal,
+        [Voucher.id == voucher_id],
+        subject=f"voucher:{voucher_id}",
+        reason=reason,
+        now=now,
+        audit_chains=audit_chains,
+    )
+
+
+async def revoke_batch(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    batch_id: int,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> int:
+    principal.require("vouchers:write")
+    batch = await get_batch(session, principal, batch_id)
+    if batch.revoked_at is None:
+        batch.revoked_at = now
+    return await _revoke_where(
+        session,
+        principal,
+        [Voucher.batch_id == batch_id],
+        subject=f"batch:{batch_id}",
+        reason=reason,
+        now=now,
+        audit_chains=audit_chains,
+    )
+
+
+async def revoke_tag(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    tag: str,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> int:
+    principal.require("vouchers:write")
+    batch_ids = select(VoucherBatch.id).where(
+        VoucherBatch.org_id == principal.org_id, VoucherBatch.tag == tag
+    )
+    await session.execute(
+        update(VoucherBatch)
+        .where(VoucherBatch.id.in_(batch_ids), VoucherBatch.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return await _revoke_where(
+        session,
+        principal,
+        [Voucher.batch_id.in_(batch_ids)],
+        subject=f"tag:{tag}",
+        reason=reason,
+        now=now,
+        audit_chains=audit_chains,
+    )
+
+
+# ---------------------------------------------------------------- read
+
+
+async def get_batch(session: AsyncSession, principal: Principal, batch_id: int) -> VoucherBatch:
+    principal.require("vouchers:read")
+    batch = await session.scalar(
+        select(VoucherBatch).where(
+            VoucherBatch.id == batch_id, VoucherBatch.org_id == principal.org_id
+        )
+    )
+    if batch is None:
+        raise not_found("batch")
+    return batch
+
+
+async def list_batches(
+    session: AsyncSession, principal: Principal, *, limit: int = 100, before_id: int | None = None
+) -> list[VoucherBatch]:
+    principal.require("vouchers:read")
+    query = select(VoucherBatch).where(VoucherBatch.org_id == principal.org_id)
+    if before_id is not None:
+        query = query.where(VoucherBatch.id < before_id)
+    rows = await session.scalars(query.order_by(VoucherBatch.id.desc()).limit(limit))
+    return list(rows)
+
+
+async def batch_stats(session: AsyncSession, principal: Principal, batch_id: int) -> BatchStats:
+    await get_batch(session, principal, batch_id)
+    issued, uses, fully_used, revoked = (
+        await session.execute(
+            select(
+                func.count(Voucher.id),
+                func.coalesce(func.sum(Voucher.uses), 0),
+                func.count(Voucher.id).filter(Voucher.uses >= Voucher.max_uses),
+                func.count(Voucher.revoked_at),
+            ).where(Voucher.batch_id == batch_id, Voucher.org_id == principal.org_id)
+        )
+    ).one()
+    redemptions, rolled_back = (
+        await session.execute(
+            select(func.count(Redemption.id), func.count(Redemption.rolled_back_at)).where(
+                Redemption.batch_id == batch_id, Redemption.org_id == principal.org_id
+            )
+        )
+    ).one()
+    return BatchStats(
+        issued=issued,
+        uses=uses,
+        fully_used=fully_used,
+        revoked=revoked,
+        redemptions=redemptions,
+        rolled_back=rolled_back,
+    )
+
+
+async def lookup_code(
+    session: AsyncSession, signer: Signer, principal: Principal, code: str, now: datetime
+) -> VoucherOut:
+    principal.require("vouchers:read")
+    voucher = await _find(session, principal.org_id, signer.keyed_hash(codes.normalize(code)))
+    return voucher_out(voucher, await _policy(session, voucher.batch_id), now)
+
+
+async def get_voucher(
+    session: AsyncSession, principal: Principal, voucher_id: int, now: datetime
+) -> VoucherOut:
+    principal.require("vouchers:read")
+    voucher = await session.scalar(
+        select(Voucher).where(Voucher.id == voucher_id, Voucher.org_id == principal.org_id)
+    )
+    if voucher is None:
+        raise not_found("voucher")
+    return voucher_out(voucher, await _policy(session, voucher.batch_id), now)
+
+
+async def list_redemptions(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    batch_id: int | None = None,
+    voucher_id: int | None = None,
+    limit: int = 100,
+    before_id: int | None = None,
+) -> list[Redemption]:
+    principal.require("vouchers:read")
+    query = select(Redemption).where(Redemption.org_id == principal.org_id)
+    if batch_id is not None:
+        query = query.where(Redemption.batch_id == batch_id)
+    if voucher_id is not None:
+        query = query.where(Redemption.voucher_id == voucher_id)
+    if before_id is not None:
+        query = query.where(Redemption.id < before_id)
+    rows = await session.scalars(query.order_by(Redemption.id.desc()).limit(limit))
+    return list(rows)
+
+
+async def export_vouchers(
+    session: AsyncSession, principal: Principal, batch_id: int, now: datetime
+) -> list[dict[str, Any]]:
+    """Every code of a batch with its state (no plaintext: it is never stored)."""
+    await get_batch(session, principal, batch_id)
+    rows = await session.scalars(
+        select(Voucher)
+        .where(Voucher.batch_id == batch_id, Voucher.org_id == principal.org_id)
+        .order_by(Voucher.id)
+    )
+    return [
+        {
+            "voucher_id": v.id,
+            "status": _status(v, now),
+            "uses": v.uses,
+            "max_uses": v.max_uses,
+            "valid_from": v.valid_from.isoformat() if v.valid_from else "",
+            "valid_until": v.valid_until.isoformat() if v.valid_until else "",
+            "issued_at": v.issued_at.isoformat(),
+            "revoked_at": v.revoked_at.isoformat() if v.revoked_at else "",
+        }
+        for v in rows
+    ]
+
+
+# ---------------------------------------------------------------- links
+
+
+def make_link(
+    signer: Signer, base_url: str, code: str, *, expires_at: datetime
+) -> tuple[str, datetime]:
+    normalized = codes.normalize(code)
+    token = signer.sign(LINK_PURPOSE, {"c": normalized, "e": int(expires_at.timestamp())})
+    return f"{base_url.rstrip('/')}/v/{token}", expires_at
+
+
+@dataclass
+class ClaimView:
+    code: str
+    voucher: VoucherOut
+    link_expires_at: datetime
+
+
+async def open_link(session: AsyncSession, signer: Signer, token: str, now: datetime) -> ClaimView:
+    """Check a `/v/{token}` link: signature, link expiry, then the voucher's live state."""
+    payload = signer.unsign(LINK_PURPOSE, token)
+    if not isinstance(payload, dict) or not isinstance(payload.get("c"), str):
+        raise PopdropError("link_invalid", "this link is not valid")
+    expires_at = datetime.fromtimestamp(int(payload.get("e", 0)), UTC)
+    if expires_at <= now:
+        raise PopdropError("link_expired", "this link has expired")
+    normalized = codes.normalize(payload["c"])
+    voucher = await session.scalar(
+        select(Voucher).where(Voucher.code_hash == signer.keyed_hash(normalized))
+    )
+    if voucher is None:
+        raise PopdropError("unknown", "this voucher no longer exists")
+    if _status(voucher, now) != "valid":
+        raise _refuse(voucher, now)
+    policy = await _policy(session, voucher.batch_id)
+    return ClaimView(codes.format_code(normalized), voucher_out(voucher, policy, now), expires_at)

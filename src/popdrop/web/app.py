@@ -1,0 +1,187 @@
+"""The app factory: API, pages, health, metrics, consistent JSON errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from popdrop import __version__
+from popdrop.core.clock import Clock, SystemClock
+from popdrop.core.config import Settings
+from popdrop.core.db import Database
+from popdrop.core.errors import PopdropError
+from popdrop.core.logging import configure_logging, log
+from popdrop.core.ratelimit import GuessGuard, MemoryCounter, RedisCounter
+from popdrop.core.signing import Signer
+from popdrop.web.auth import LoginRequired
+from popdrop.web.context import AppContext
+from popdrop.web.edge import EdgeMiddleware
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_STATUS_REASON = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "invalid_request",
+    422: "invalid_request",
+    429: "rate_limited",
+}
+
+
+def build_context(settings: Settings, clock: Clock | None = None) -> AppContext:
+    counter = RedisCounter(settings.redis_url) if settings.redis_url else MemoryCounter()
+    return AppContext(
+        settings=settings,
+        db=Database(
+            settings.resolved_database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        ),
+        signer=Signer(settings.resolved_secret_key),
+        clock=clock or SystemClock(),
+        guard=GuessGuard(
+            counter,
+            per_address=settings.guess_limit_per_address,
+            per_org=settings.guess_limit_per_org,
+            window=settings.guess_window_seconds,
+        ),
+    )
+
+
+def create_app(settings: Settings | None = None, *, ctx: AppContext | None = None) -> FastAPI:
+    settings = settings or (ctx.settings if ctx else Settings())
+    configure_logging(settings.log_level)
+    context = ctx or build_context(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await context.guard.counter.close()
+        await context.db.dispose()
+
+    app = FastAPI(
+        title="popdrop",
+        version=__version__,
+        description="Micro-events with chat as the control plane. Errors are "
+        '`{"reason": "...", "message": "..."}` with a machine-readable reason.',
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.ctx = context
+    _install_error_handlers(app)
+    _install_health(app)
+
+    from popdrop.accounts.api import router as accounts_api
+    from popdrop.vouchers.api import router as vouchers_api
+    from popdrop.web.pages import router as web_pages
+
+    app.include_router(accounts_api)
+    app.include_router(vouchers_api)
+    app.include_router(web_pages)
+    try:
+        from popdrop.vouchers.pages import router as voucher_pages
+
+        app.include_router(voucher_pages)
+    except ImportError:  # pages land separately from the API
+        pass
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    app.add_middleware(
+        EdgeMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        log_requests=settings.log_requests,
+    )
+    return app
+
+
+def _wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get(
+        "accept", ""
+    )
+
+
+def error_response(request: Request, error: PopdropError) -> Response:
+    if _wants_html(request):
+        from popdrop.web.templating import render
+
+        response: Response = render(request, "error.html", {"error": error}, status=error.status)
+    else:
+        response = JSONResponse(error.to_dict(), status_code=error.status)
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PopdropError)
+    async def on_popdrop_error(request: Request, exc: PopdropError) -> Response:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        problems: list[dict[str, Any]] = [
+            {"loc": [str(p) for p in e.get("loc", ())], "message": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+        first = problems[0] if problems else {"loc": [], "message": "invalid request"}
+        message = f"{'.'.join(first['loc'][1:]) or 'body'}: {first['message']}"
+        error = PopdropError("invalid_request", message, detail={"errors": problems})
+        return error_response(request, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        reason = _STATUS_REASON.get(exc.status_code, "invalid_request")
+        error = PopdropError(
+            reason, str(exc.detail), status=exc.status_code, headers=dict(exc.headers or {})
+        )
+        return error_response(request, error)
+
+    @app.exception_handler(LoginRequired)
+    async def on_login(request: Request, _exc: LoginRequired) -> Response:
+        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        log.error("unhandled", path=request.url.path, error=repr(exc), exc_info=exc)
+        return JSONResponse(
+            {"reason": "internal", "message": "something broke on our side; it is logged"},
+            status_code=500,
+        )
+
+
+def _install_health(app: FastAPI) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> Response:
+        ctx: AppContext = request.app.state.ctx
+        try:
+            async with ctx.db.reader() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception as exc:  # readiness reports, it does not raise
+            return JSONResponse(
+                {"reason": "unavailable", "message": f"database: {type(exc).__name__}"},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready", "database": ctx.db.dialect})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
