@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Vendor the front-end libraries the pages use, pinned, from the npm registry.
+# No build step: we copy the published dist file and its licence next to each other, and
+# commit them, so `make demo` works offline. Re-run after changing a version below.
+set -euo pipefail
+
+HTMX_VERSION="2.0.4"
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+vendor="$root/src/popdrop/web/static/vendor"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+fetch() {  # fetch <package> <version>: unpack the registry tarball into $work/<package>
+    local package="$1" version="$2"
+    mkdir -p "$work/$package"
+    (cd "$work/$package" && npm pack --silent "$package@$version" >/dev/null)
+    tar -xzf "$work/$package"/*.tgz -C "$work/$package"
+}
+
+fetch htmx.org "$HTMX_VERSION"
+mkdir -p "$vendor/htmx"
+cp "$work/htmx.org/package/dist/htmx.min.js" "$vendor/htmx/htmx.min.js"
+cp "$work/htmx.org/package/LICENSE" "$vendor/htmx/LICENSE"
+echo "htmx.org@$HTMX_VERSION" > "$vendor/htmx/VERSION"
+
+echo "vendored htmx.org@$HTMX_VERSION into ${vendor#"$root"/}/htmx"
