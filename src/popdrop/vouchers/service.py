@@ -51,7 +51,8 @@ class BatchPolicy:
     discount: Discount
 
 
-_POLICIES: dict[int, BatchPolicy] = {}
+# Keyed by (database, batch id): a process may talk to more than one database (tests).
+_POLICIES: dict[tuple[str, int], BatchPolicy] = {}
 
 
 def discount_of(batch: VoucherBatch) -> Discount:
@@ -98,7 +99,8 @@ def batch_out(batch: VoucherBatch) -> BatchOut:
 
 
 async def _policy(session: AsyncSession, batch_id: int) -> BatchPolicy:
-    policy = _POLICIES.get(batch_id)
+    key = (str(session.get_bind().engine.url), batch_id)
+    policy = _POLICIES.get(key)
     if policy is None:
         batch = await session.get(VoucherBatch, batch_id)
         if batch is None:
@@ -111,7 +113,7 @@ async def _policy(session: AsyncSession, batch_id: int) -> BatchPolicy:
             cost_per_use_minor=batch.cost_per_use_minor,
             discount=discount_of(batch),
         )
-        _POLICIES[batch_id] = policy
+        _POLICIES[key] = policy
     return policy
 
 

@@ -1,0 +1,152 @@
+"""Shared fixtures. Every database test runs on SQLite, and again on PostgreSQL when
+POPDROP_TEST_DATABASE_URL is set (otherwise those runs are skipped with the reason).
+
+Tests isolate by tenancy: each test gets fresh organizations, so one schema serves all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from popdrop.accounts import service as accounts
+from popdrop.accounts.service import ROLES
+from popdrop.core.clock import FrozenClock
+from popdrop.core.config import Settings
+from popdrop.core.migrate import upgrade
+from popdrop.web.app import build_context, create_app
+from popdrop.web.context import AppContext
+
+SECRET = "test-secret-key-" + "k" * 40
+_slugs = itertools.count(1)
+
+
+def postgres_url() -> str | None:
+    raw = os.environ.get("POPDROP_TEST_DATABASE_URL")
+    if not raw:
+        return None
+    for plain in ("postgresql://", "postgres://"):
+        if raw.startswith(plain):
+            return "postgresql+asyncpg://" + raw[len(plain) :]
+    return raw
+
+
+def redis_url() -> str | None:
+    return os.environ.get("POPDROP_TEST_REDIS_URL") or None
+
+
+async def reset_postgres(url: str) -> None:
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        await conn.execute(text("CREATE SCHEMA public"))
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'popdrop.db'}"
+    else:
+        pg = postgres_url()
+        if pg is None:
+            pytest.skip("PostgreSQL run: set POPDROP_TEST_DATABASE_URL (CI does)")
+        url = pg
+        await reset_postgres(url)
+    await upgrade(url)
+    return url
+
+
+@pytest.fixture
+def backend(database_url: str) -> str:
+    return "sqlite" if database_url.startswith("sqlite") else "postgresql"
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        secret_key=SECRET,
+        log_requests=False,
+        log_level="WARNING",
+        redis_url=None,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock()
+
+
+@pytest.fixture
+async def ctx(settings: Settings, clock: FrozenClock) -> AsyncIterator[AppContext]:
+    context = build_context(settings, clock=clock)
+    yield context
+    await context.guard.counter.close()
+    await context.db.dispose()
+
+
+@pytest.fixture
+async def app_client(ctx: AppContext) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(ctx=ctx)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@dataclass
+class Tenant:
+    org_id: int
+    slug: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def make_tenant(ctx: AppContext, scopes: frozenset[str] | None = None) -> Tenant:
+    slug = f"org-{next(_slugs)}-{secrets.token_hex(3)}"
+    now = ctx.clock.now()
+    async with ctx.db.transaction() as session:
+        org = await accounts.create_organization(session, slug=slug, name=slug, now=now)
+        _, token = await accounts.create_token(
+            session,
+            ctx.signer,
+            org_id=org.id,
+            name="test",
+            scopes=scopes or ROLES["owner"],
+            created_by="test",
+            now=now,
+        )
+    return Tenant(org.id, slug, token)
+
+
+@pytest.fixture
+async def tenant(ctx: AppContext) -> Tenant:
+    return await make_tenant(ctx)
+
+
+async def issue(
+    client: httpx.AsyncClient, tenant: Tenant, **spec: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """Issue a batch through the API; return (batch, plaintext codes)."""
+    body = {"name": "test batch", "quantity": 1, **spec}
+    response = await client.post("/api/v1/voucher-batches", json=body, headers=tenant.headers)
+    assert response.status_code == 201, response.text
+    data = response.json()
+    return data["batch"], data["codes"]
