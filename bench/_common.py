@@ -1,0 +1,94 @@
+"""Shared helpers for the benchmarks: database set-up, seeding and result output.
+
+Files starting with `_` are helpers, not benchmarks (`run_all.py` skips them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncSession
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from popdrop.accounts import service as accounts  # noqa: E402
+from popdrop.accounts.service import ROLES, Principal  # noqa: E402
+from popdrop.core.signing import Signer  # noqa: E402
+
+DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/popdrop_bench"
+SECRET_KEY = "popdrop-bench-secret-key-not-for-production-0123456789"
+SIGNER = Signer(SECRET_KEY.encode())
+
+
+def pg_url(override: str | None) -> str:
+    return override or os.environ.get("POPDROP_BENCH_DATABASE_URL") or DEFAULT_PG_URL
+
+
+def libpq_url(url: str) -> URL:
+    """The same database as a plain `postgresql://` URL (asyncpg, pgbench)."""
+    return make_url(url).set(drivername="postgresql")
+
+
+async def pg_connect(url: str, database: str | None = None) -> asyncpg.Connection:
+    parts = libpq_url(url)
+    if database is not None:
+        parts = parts.set(database=database)
+    return await asyncpg.connect(parts.render_as_string(hide_password=False))
+
+
+async def reset_postgres(url: str) -> None:
+    """Create the bench database if missing, then drop and recreate its schema."""
+    name = libpq_url(url).database
+    if not name or not name.replace("_", "").isalnum():
+        raise SystemExit(f"refusing odd database name {name!r}")
+    admin = await pg_connect(url, "postgres")
+    try:
+        found = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not found:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await pg_connect(url)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+
+
+async def pg_reachable(url: str) -> bool:
+    try:
+        conn = await pg_connect(url, "postgres")
+    except (OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def seed_org(session: AsyncSession, slug: str = "bench") -> Principal:
+    """An organization and an owner principal acting on it."""
+    org = await accounts.create_organization(session, slug=slug, name="Benchmark", now=now())
+    return Principal(org.id, "bench:seed", "owner", ROLES["owner"])
+
+
+async def seed_token(session: AsyncSession, org_id: int, scopes: frozenset[str]) -> str:
+    _, plaintext = await accounts.create_token(
+        session, SIGNER, org_id=org_id, name="bench", scopes=scopes, created_by="bench", now=now()
+    )
+    return plaintext
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The benchmark's last line: one JSON object."""
+    print(json.dumps(result, separators=(", ", ": ")), flush=True)
