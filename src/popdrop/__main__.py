@@ -1,0 +1,3 @@
+from popdrop.cli import app
+
+app(prog_name="popdrop")
