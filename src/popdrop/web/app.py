@@ -94,12 +94,9 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     app.include_router(accounts_api)
     app.include_router(vouchers_api)
     app.include_router(web_pages)
-    try:
-        from popdrop.vouchers.pages import router as voucher_pages
+    from popdrop.vouchers.pages import router as voucher_pages
 
-        app.include_router(voucher_pages)
-    except ImportError:  # pages land separately from the API
-        pass
+    app.include_router(voucher_pages)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.add_middleware(
         EdgeMiddleware,
@@ -145,6 +142,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, PopdropError):  # e.g. the body cap, hit while parsing
+            return error_response(request, exc.__cause__)
         reason = _STATUS_REASON.get(exc.status_code, "invalid_request")
         error = PopdropError(
             reason, str(exc.detail), status=exc.status_code, headers=dict(exc.headers or {})
