@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,11 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.accounts import service as accounts
+from popdrop.accounts.service import ROLES, Principal
+from popdrop.core.signing import Signer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-
-from popdrop.accounts import service as accounts  # noqa: E402
-from popdrop.accounts.service import ROLES, Principal  # noqa: E402
-from popdrop.core.signing import Signer  # noqa: E402
-
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/popdrop_bench"
 SECRET_KEY = "popdrop-bench-secret-key-not-for-production-0123456789"
 SIGNER = Signer(SECRET_KEY.encode())
