@@ -113,9 +113,10 @@ def intcomma(number: int) -> str:
     return f"{number:,}"
 
 
-def qr_svg(code: str, scale: int = 6) -> Markup:
+def qr_svg(code: str) -> Markup:
+    # No fixed size (a viewBox instead) so CSS scales it to the phone's width.
     # segno renders from our own formatted code: the markup is trusted.
-    svg = segno.make(code, error="m").svg_inline(scale=scale, dark="#111", light="#fff")
+    svg = segno.make(code, error="m").svg_inline(omitsize=True, dark="#111", light="#fff")
     return Markup(svg)  # noqa: S704
 
 

@@ -1,0 +1,186 @@
+"""End to end in a real browser: a `popdrop serve` process seeded with the CLI, driven by
+Playwright on Debian's chromium (never a downloaded browser).
+
+Screenshots land in $POPDROP_SCREENSHOTS when set (to look at them), else in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+POPDROP = [str(Path(sys.executable).with_name("popdrop"))]
+EMAIL = "host@browser.test"
+PASSWORD = "browser test password"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium"),
+]
+
+
+@dataclass
+class Served:
+    base_url: str
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cli(env: dict[str, str], *args: str) -> None:
+    done = subprocess.run(
+        [*POPDROP, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, f"popdrop {' '.join(args)}: {done.stdout}{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    data_dir = tmp_path_factory.mktemp("browser")
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "POPDROP_DATA_DIR": str(data_dir),
+        "POPDROP_DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'popdrop.db'}",
+        "POPDROP_SECRET_KEY": "browser-test-secret-" + "b" * 32,
+        "POPDROP_BASE_URL": base_url,
+        "POPDROP_LOG_LEVEL": "WARNING",
+    }
+    _cli(env, "db", "upgrade")
+    _cli(env, "org", "create", "shop", "Corner Shop")
+    _cli(env, "user", "create", "--org", "shop", "--email", EMAIL, "--role", "host",
+         "--password", PASSWORD)  # fmt: skip
+    process = subprocess.Popen(
+        [*POPDROP, "serve", "--port", str(port), "--no-access-log"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _ready(base_url):
+            if process.poll() is not None:
+                stderr = process.stderr.read().decode() if process.stderr else ""
+                raise RuntimeError(f"popdrop serve exited: {stderr[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("popdrop serve did not become ready in 60 s")
+            time.sleep(0.2)
+        yield Served(base_url, env)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _ready(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    target = Path(os.environ.get("POPDROP_SCREENSHOTS") or tmp_path)
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def test_issue_codes_and_claim_in_a_browser(served: Served, shots: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{served.base_url}/vouchers")
+            expect(page).to_have_url(re.compile(r"/login\?next=/vouchers$"))
+            page.screenshot(path=shots / "01-login.png")
+            page.get_by_label("Email").fill(EMAIL)
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            expect(page).to_have_url(re.compile(r"/vouchers$"))
+            expect(page.get_by_role("heading", name="Voucher vault")).to_be_visible()
+
+            # Issue five codes, each with a claim link.
+            page.get_by_role("link", name="Issue a batch").click()
+            page.locator("input[name=name]").fill("Saturday drop: 15% off")
+            page.locator("input[name=quantity]").fill("5")
+            page.locator("input[name=prefix]").fill("SAT")
+            page.locator("input[name=tag]").fill("weekend")
+            page.locator("select[name=discount_kind]").select_option("percent")
+            page.locator("input[name=discount_value]").fill("15")
+            page.locator("input[name=discount_description]").fill("15% off anything today")
+            page.locator("input[name=links]").check()
+            page.screenshot(path=shots / "02-issue-form.png", full_page=True)
+            page.get_by_role("button", name="Issue codes").click()
+            expect(page.get_by_role("heading", name="5 codes issued")).to_be_visible()
+            codes = page.locator("td.code")
+            expect(codes).to_have_count(5)
+            first_code = codes.first.inner_text().strip()
+            assert re.fullmatch(r"SAT(-[0-9A-Z]{4}){3}-[0-9A-Z]", first_code)
+            download = page.get_by_role("link", name=re.compile("Download CSV"))
+            expect(download).to_have_attribute("href", re.compile(r"^data:text/csv;base64,"))
+            page.screenshot(path=shots / "03-issued.png", full_page=True)
+            claim_url = page.locator("a.claim-link").first.get_attribute("href")
+            assert claim_url and claim_url.startswith(f"{served.base_url}/v/")
+
+            # The batch page no longer shows any code.
+            page.get_by_role("link", name="Batch details").click()
+            expect(page.get_by_role("heading", name=re.compile("Saturday drop"))).to_be_visible()
+            assert first_code not in page.content()
+            page.screenshot(path=shots / "04-batch.png", full_page=True)
+
+            # htmx search on the list page swaps in the code's state.
+            page.get_by_role("link", name="Vouchers", exact=True).click()
+            page.get_by_label("Voucher code").fill(first_code)
+            page.get_by_role("button", name="Search").click()
+            expect(page.locator("#search-result .badge")).to_have_text("valid")
+            page.screenshot(path=shots / "05-list-search.png", full_page=True)
+
+            # htmx audit verification.
+            page.get_by_role("link", name="Audit").click()
+            page.get_by_role("button", name="Verify the hash chains").click()
+            expect(page.locator("#verify-result .alert.good")).to_contain_text("OK")
+            page.screenshot(path=shots / "06-audit.png", full_page=True)
+
+            # The customer's claim page, on a phone-sized screen.
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+            phone.goto(claim_url)
+            expect(phone.locator(".qr svg")).to_be_visible()
+            expect(phone.locator(".claim-code")).to_have_text(first_code)
+            expect(phone.get_by_role("heading", name="15% off anything today")).to_be_visible()
+            phone.screenshot(path=shots / "07-claim-phone.png", full_page=True)
+            tampered = phone.goto(claim_url[:-2] + ("xx" if not claim_url.endswith("xx") else "yy"))
+            assert tampered is not None and tampered.status == 400
+            trouble = phone.get_by_role("heading", name="This link doesn't look right")
+            expect(trouble).to_be_visible()
+            phone.screenshot(path=shots / "08-claim-tampered.png", full_page=True)
+        finally:
+            browser.close()
