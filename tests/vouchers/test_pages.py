@@ -169,6 +169,14 @@ async def test_pages_need_a_session(site: Site) -> None:
     assert response.headers["location"] == "/login?next=/vouchers"
 
 
+async def test_htmx_request_without_session_navigates_to_login(site: Site) -> None:
+    async with client_for(site) as client:
+        headers = {**HTMX, "hx-current-url": "http://test/vouchers"}
+        response = await client.get("/vouchers/search", params={"code": "x"}, headers=headers)
+    assert response.headers["hx-redirect"] == "/login?next=/vouchers"
+    assert response.text == ""
+
+
 async def test_owner_sees_batches_after_login(site: Site) -> None:
     async with client_for(site) as client:
         response = await login(client, OWNER)
@@ -291,8 +299,11 @@ def test_issue_form_reads_local_time_and_major_units() -> None:
     assert form.spec.ttl_seconds == 5400
     assert form.spec.discount_value == 550
     assert form.spec.budget_minor == 10_000
-    bad = parse_issue_form({"name": "x", "quantity": "1", "tz": "Mars/Olympus", "budget": "1.234"})
-    assert set(bad.errors) >= {"tz", "budget"}
+    bad = parse_issue_form(
+        {"name": "x", "quantity": "1", "tz": "Mars/Olympus", "budget": "1.234", "ttl_hours": "inf"}
+    )
+    assert set(bad.errors) >= {"tz", "budget", "ttl_hours"}
+    assert not bad.ok
 
 
 # ---------------------------------------------------------------- search, revoke, claim
@@ -407,7 +418,9 @@ async def test_tampered_claim_link_is_a_400_page(site: Site) -> None:
 async def test_rollback_and_revoke_batch_from_the_detail_page(
     site: Site, owner: httpx.AsyncClient
 ) -> None:
-    issued = await issue_via_form(owner, name="Returns", quantity="1", max_uses="2")
+    issued = await issue_via_form(
+        owner, name="Returns", quantity="1", max_uses="2", cost_per_use="2.50", budget="10"
+    )
     code = CODE_RE.findall(issued.text)[0]
     batch_id = batch_id_of(issued.text)
     async with site.ctx.db.transaction() as session:
@@ -424,6 +437,8 @@ async def test_rollback_and_revoke_batch_from_the_detail_page(
     detail = await owner.get(f"/vouchers/batches/{batch_id}")
     assert "order-77" in detail.text
     assert "1 <span" in detail.text and "of 2 uses" in detail.text
+    assert "Budget: 2.50 EUR of 10.00 EUR" in detail.text
+    assert 'aria-valuenow="25"' in detail.text  # budget bar: 2.50 of 10.00
     rollback_action = f"/vouchers/redemptions/{redeemed.redemption.id}/rollback"
     assert rollback_action in detail.text
 

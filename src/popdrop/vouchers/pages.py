@@ -15,11 +15,13 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import re
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import segno
@@ -39,7 +41,7 @@ from popdrop.vouchers import codes, service
 from popdrop.vouchers.api import _guarded, to_csv
 from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import BatchCreate
-from popdrop.web.auth import PagePrincipal, check_csrf
+from popdrop.web.auth import LoginRequired, PagePrincipal, check_csrf
 from popdrop.web.context import AppContext, get_ctx
 from popdrop.web.templating import render, templates
 
@@ -65,6 +67,13 @@ class PageRoute(APIRoute):
         async def page_handler(request: Request) -> Response:
             try:
                 return await handler(request)
+            except LoginRequired:
+                if not is_htmx(request):
+                    raise  # the app answers with a redirect to /login
+                # A fragment request must not swap the login page into a fragment:
+                # htmx navigates the whole page instead.
+                back = urlsplit(request.headers.get("hx-current-url", "")).path or "/"
+                return Response(headers={"HX-Redirect": f"/login?next={back}"})
             except PopdropError as error:
                 return error_page(request, error)
             except RequestValidationError:  # e.g. /vouchers/batches/abc
@@ -181,13 +190,13 @@ def parse_issue_form(form: Mapping[str, Any]) -> IssueForm:
         raw = get(name, "").replace(",", ".")
         if not raw:
             return None
+        exponent = Money(0, currency).exponent
         try:
-            exponent = Money(0, currency).exponent
             minor = Decimal(raw).scaleb(exponent)
             if not minor.is_finite() or minor != minor.to_integral_value():
                 raise InvalidOperation
             return int(minor)
-        except (InvalidOperation, PopdropError):
+        except InvalidOperation:
             errors[name] = f"an amount like 4.50 (at most {exponent} decimals)"
             return None
 
@@ -227,9 +236,9 @@ def parse_issue_form(form: Mapping[str, Any]) -> IssueForm:
     if ttl_hours:
         try:
             data["ttl_seconds"] = round(float(ttl_hours) * 3600)
-        except ValueError:
+        except (ValueError, OverflowError):  # "soon", "nan", "inf"
             errors["ttl_hours"] = "a number of hours"
-    if currency.isalpha() and len(currency) == 3:
+    if re.fullmatch("[A-Z]{3}", currency):  # else pydantic names the currency error
         data["budget_minor"] = amount("budget", currency)
         data["cost_per_use_minor"] = amount("cost_per_use", currency)
         if data["discount_kind"] == "fixed":
@@ -333,7 +342,7 @@ async def search(request: Request, principal: Operator, ctx: Ctx, code: str = ""
                     session, ctx.signer, principal, code, ctx.clock.now()
                 )
 
-        try:
+        try:  # the API's guessing guard: pages and API count failed lookups alike
             voucher = await _guarded(ctx, request, principal, call)
         except PopdropError as refusal:  # shown in the result, with its status
             error = refusal
