@@ -31,7 +31,12 @@ class Server:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*POPDROP, *args], env=self.env, capture_output=True, text=True, timeout=120, check=False
+            [*POPDROP, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
 
 

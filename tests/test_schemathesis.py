@@ -4,6 +4,7 @@ the API answers with a 4xx carrying a `reason`, never a 500."""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,15 +14,30 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from tests.conftest import postgres_url
 from tests.server import Server, running_server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("schemathesis")) as srv:
-        assert srv.cli("org", "create", "fuzz", "Fuzz").returncode == 0
-        scopes = ["vouchers:read", "vouchers:write", "vouchers:redeem", "tokens:write", "audit:read"]
-        args = ["token", "create", "--org", "fuzz", "--name", "fuzz"]
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    database_url = None
+    if request.param == "postgres":
+        database_url = postgres_url()
+        if database_url is None:
+            pytest.skip("PostgreSQL run: set POPDROP_TEST_DATABASE_URL (CI does)")
+    with running_server(tmp_path_factory.mktemp("schemathesis"), database_url) as srv:
+        slug = f"fuzz-{secrets.token_hex(3)}"
+        assert srv.cli("org", "create", slug, "Fuzz").returncode == 0
+        scopes = [
+            "vouchers:read",
+            "vouchers:write",
+            "vouchers:redeem",
+            "tokens:write",
+            "audit:read",
+        ]
+        args = ["token", "create", "--org", slug, "--name", "fuzz"]
         for scope in scopes:
             args += ["--scope", scope]
         created = srv.cli(*args)
@@ -58,6 +74,7 @@ def test_api_never_answers_500(server: Server) -> None:
                 base_url=server.base_url,
                 headers=headers,
                 checks=[not_a_server_error, refusals_carry_a_reason],
+                timeout=60,
             )
 
         run()

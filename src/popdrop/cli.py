@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import getpass
+import os
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -89,8 +90,6 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request (JSON).")] = True,
 ) -> None:
     """Migrate the database, then serve the API and pages (uvicorn)."""
-    import os
-
     import uvicorn
 
     settings = Settings()
@@ -144,10 +143,14 @@ def demo(
     from popdrop.demo import seed
 
     settings = Settings()
+    if "POPDROP_BASE_URL" not in os.environ:
+        # Links printed and signed by the demo must point at the port it serves on.
+        settings.base_url = f"http://127.0.0.1:{port}"
+        os.environ["POPDROP_BASE_URL"] = settings.base_url
     asyncio.run(upgrade(settings.resolved_database_url))
     info = _run(lambda s, db, signer: seed(s, db, signer))
     console.rule("popdrop demo")
-    console.print(f"Open     http://127.0.0.1:{port}/login")
+    console.print(f"Open     {settings.base_url.rstrip('/')}/login")
     console.print(
         f"Login    [bold]{info['email']}[/bold]  password [bold]{info['password']}[/bold]"
     )
@@ -310,7 +313,7 @@ def vouchers_issue(
             currency=currency,
             budget_minor=budget_minor,
             cost_per_use_minor=cost_per_use_minor,
-            discount_kind=discount_kind,  # type: ignore[arg-type]
+            discount_kind=discount_kind,
             discount_value=discount_value,
             discount_description=description,
         )
@@ -335,7 +338,7 @@ def vouchers_issue(
                 )
         expiry = batch.valid_until or now + timedelta(hours=ttl_hours or 8)
         with out.open("w", newline="") as handle:
-            writer = csv.writer(handle)
+            writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["code", "link"] if links else ["code"])
             for code in codes:
                 row = [code]

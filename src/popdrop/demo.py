@@ -98,7 +98,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
             )
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             with codes_file.open("w", newline="") as handle:
-                writer = csv.writer(handle)
+                writer = csv.writer(handle, lineterminator="\n")
                 writer.writerow(["code"])
                 writer.writerows([c] for c in codes)
             codes_file.chmod(0o600)

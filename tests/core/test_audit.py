@@ -24,7 +24,7 @@ POPDROP = [sys.executable, "-m", "popdrop"]
 async def test_every_vault_change_is_chained_and_verifies(
     app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
 ) -> None:
-    batch, [code, other] = await issue(app_client, tenant, quantity=2)
+    _batch, [code, other] = await issue(app_client, tenant, quantity=2)
     redeemed = await app_client.post(
         "/api/v1/vouchers/redeem", json={"code": code}, headers=tenant.headers
     )
@@ -33,15 +33,11 @@ async def test_every_vault_change_is_chained_and_verifies(
         json={"reason": "return"},
         headers=tenant.headers,
     )
-    await app_client.post(
-        "/api/v1/vouchers/revoke", json={"code": other}, headers=tenant.headers
-    )
+    await app_client.post("/api/v1/vouchers/revoke", json={"code": other}, headers=tenant.headers)
     async with ctx.db.reader() as session:
         entries = list(
             await session.scalars(
-                select(AuditEntry)
-                .where(AuditEntry.org_id == tenant.org_id)
-                .order_by(AuditEntry.id)
+                select(AuditEntry).where(AuditEntry.org_id == tenant.org_id).order_by(AuditEntry.id)
             )
         )
         result = await audit.verify(session)
@@ -96,8 +92,19 @@ def _seed(env: dict[str, str], tmp_path: Path) -> Path:
     assert _cli(env, "org", "create", "shop", "Shop").returncode == 0
     for n in range(3):
         out = tmp_path / f"codes{n}.csv"
-        done = _cli(env, "vouchers", "issue", "--org", "shop", "--name", f"b{n}",
-                    "--quantity", "5", "--out", str(out))
+        done = _cli(
+            env,
+            "vouchers",
+            "issue",
+            "--org",
+            "shop",
+            "--name",
+            f"b{n}",
+            "--quantity",
+            "5",
+            "--out",
+            str(out),
+        )
         assert done.returncode == 0, done.stderr
     ok = _cli(env, "audit", "verify")
     assert ok.returncode == 0 and "OK 3 entries" in ok.stdout
@@ -107,10 +114,12 @@ def _seed(env: dict[str, str], tmp_path: Path) -> Path:
 def test_cli_verify_names_an_edited_row(cli_env: dict[str, str], tmp_path: Path) -> None:
     db = _seed(cli_env, tmp_path)
     with sqlite3.connect(db) as conn:
-        victim = conn.execute("SELECT id FROM audit_entries ORDER BY id LIMIT 1 OFFSET 1").fetchone()[0]
+        victim = conn.execute(
+            "SELECT id FROM audit_entries ORDER BY id LIMIT 1 OFFSET 1"
+        ).fetchone()[0]
         conn.execute(
-            "UPDATE audit_entries SET payload = replace(payload, '\"quantity\":5', '\"quantity\":500')"
-            " WHERE id = ?",
+            "UPDATE audit_entries SET payload = "
+            "replace(payload, '\"quantity\":5', '\"quantity\":500') WHERE id = ?",
             (victim,),
         )
     broken = _cli(cli_env, "audit", "verify")

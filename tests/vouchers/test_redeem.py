@@ -24,7 +24,7 @@ async def redeem(client: httpx.AsyncClient, tenant: Tenant, code: str, **extra: 
 async def test_a_code_redeems_once_then_is_exhausted(
     app_client: httpx.AsyncClient, tenant: Tenant
 ) -> None:
-    batch, [code] = await issue(
+    _batch, [code] = await issue(
         app_client, tenant, discount_kind="percent", discount_value=15, prefix="WKND"
     )
     assert code.startswith("WKND-")
@@ -51,9 +51,7 @@ async def test_refusal_reasons(
     response = await redeem(app_client, tenant, unknown)
     assert (response.status_code, response.json()["reason"]) == (404, "unknown")
 
-    _, [later] = await issue(
-        app_client, tenant, valid_from=(now + timedelta(hours=1)).isoformat()
-    )
+    _, [later] = await issue(app_client, tenant, valid_from=(now + timedelta(hours=1)).isoformat())
     response = await redeem(app_client, tenant, later)
     assert (response.status_code, response.json()["reason"]) == (409, "not_yet_valid")
     clock.advance(timedelta(hours=1))
@@ -68,7 +66,9 @@ async def test_refusal_reasons(
 
     _, [revoked] = await issue(app_client, tenant)
     response = await app_client.post(
-        "/api/v1/vouchers/revoke", json={"code": revoked, "reason": "leaked"}, headers=tenant.headers
+        "/api/v1/vouchers/revoke",
+        json={"code": revoked, "reason": "leaked"},
+        headers=tenant.headers,
     )
     assert response.json() == {"revoked": 1}
     response = await redeem(app_client, tenant, revoked)
@@ -88,9 +88,7 @@ async def test_ttl_counts_from_issue(
     assert (await redeem(app_client, tenant, code)).json()["reason"] == "expired"
 
 
-async def test_per_contact_limit_and_budget(
-    app_client: httpx.AsyncClient, tenant: Tenant
-) -> None:
+async def test_per_contact_limit_and_budget(app_client: httpx.AsyncClient, tenant: Tenant) -> None:
     _, batch_codes = await issue(app_client, tenant, quantity=4, per_contact_limit=2)
     assert (await redeem(app_client, tenant, batch_codes[0], contact_ref="c1")).status_code == 200
     assert (await redeem(app_client, tenant, batch_codes[1], contact_ref="c1")).status_code == 200
@@ -100,15 +98,22 @@ async def test_per_contact_limit_and_budget(
     assert (await redeem(app_client, tenant, batch_codes[2], contact_ref="c2")).status_code == 200
 
     batch, money_codes = await issue(
-        app_client, tenant, quantity=3, budget_minor=1000, discount_kind="fixed",
-        discount_value=500, currency="EUR",
+        app_client,
+        tenant,
+        quantity=3,
+        budget_minor=1000,
+        discount_kind="fixed",
+        discount_value=500,
+        currency="EUR",
     )
     assert batch["cost_per_use_minor"] == 500
     assert (await redeem(app_client, tenant, money_codes[0])).status_code == 200
     assert (await redeem(app_client, tenant, money_codes[1])).status_code == 200
     over = await redeem(app_client, tenant, money_codes[2])
     assert (over.status_code, over.json()["reason"]) == (409, "budget_exhausted")
-    detail = (await app_client.get(f"/api/v1/voucher-batches/{batch['id']}", headers=tenant.headers)).json()
+    detail = (
+        await app_client.get(f"/api/v1/voucher-batches/{batch['id']}", headers=tenant.headers)
+    ).json()
     assert detail["budget_spent_minor"] == 1000
     assert detail["stats"]["uses"] == 2
 
@@ -173,7 +178,7 @@ async def test_revoking_a_batch_or_a_tag_stops_every_code(
     )
     assert response.json() == {"revoked": 3}
     assert (await redeem(app_client, tenant, batch_codes[0])).json()["reason"] == "revoked"
-    _, tagged_a = await issue(app_client, tenant, quantity=2, tag="sat")
+    _, _tagged_a = await issue(app_client, tenant, quantity=2, tag="sat")
     _, tagged_b = await issue(app_client, tenant, quantity=2, tag="sat")
     _, untagged = await issue(app_client, tenant, quantity=1, tag="sun")
     response = await app_client.post(

@@ -24,7 +24,10 @@ async def test_every_voucher_route_answers_404_across_tenants(
     batch_id = batch["id"]
 
     attempts = {
-        ("GET", "/api/v1/voucher-batches/{batch_id}"): (f"/api/v1/voucher-batches/{batch_id}", None),
+        ("GET", "/api/v1/voucher-batches/{batch_id}"): (
+            f"/api/v1/voucher-batches/{batch_id}",
+            None,
+        ),
         ("POST", "/api/v1/voucher-batches/{batch_id}/revoke"): (
             f"/api/v1/voucher-batches/{batch_id}/revoke",
             {},
@@ -54,7 +57,11 @@ async def test_every_voucher_route_answers_404_across_tenants(
         assert response.json()["reason"] in {"not_found", "unknown"}
 
     # Listing routes answer 200 but show nothing of the other organization.
-    for url in ("/api/v1/voucher-batches", "/api/v1/redemptions", f"/api/v1/redemptions?batch_id={batch_id}"):
+    for url in (
+        "/api/v1/voucher-batches",
+        "/api/v1/redemptions",
+        f"/api/v1/redemptions?batch_id={batch_id}",
+    ):
         response = await app_client.get(url, headers=intruder.headers)
         assert response.status_code == 200 and response.json() == [], url
     tag = await app_client.post(
@@ -84,7 +91,7 @@ async def test_every_voucher_route_answers_404_across_tenants(
 async def test_scopes_limit_what_a_token_can_do(
     app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
 ) -> None:
-    _, [code] = await issue(app_client, tenant)
+    _, [_code] = await issue(app_client, tenant)
     pos = await make_tenant(ctx, scopes=frozenset({"vouchers:redeem"}))
     response = await app_client.post(
         "/api/v1/voucher-batches", json={"name": "x", "quantity": 1}, headers=pos.headers
@@ -98,9 +105,7 @@ async def test_scopes_limit_what_a_token_can_do(
     assert forged.status_code == 401
 
 
-async def test_a_revoked_token_stops_working(
-    app_client: httpx.AsyncClient, tenant: Tenant
-) -> None:
+async def test_a_revoked_token_stops_working(app_client: httpx.AsyncClient, tenant: Tenant) -> None:
     created = await app_client.post(
         "/api/v1/tokens", json={"name": "pos", "scopes": ["vouchers:read"]}, headers=tenant.headers
     )

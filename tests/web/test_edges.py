@@ -111,7 +111,9 @@ async def test_a_crowd_on_a_used_up_code_is_not_guessing(
     ctx.guard.per_address = 5
     _, [code] = await issue(app_client, tenant)
     for _ in range(20):
-        await app_client.post("/api/v1/vouchers/redeem", json={"code": code}, headers=tenant.headers)
+        await app_client.post(
+            "/api/v1/vouchers/redeem", json={"code": code}, headers=tenant.headers
+        )
     last = await app_client.post(
         "/api/v1/vouchers/redeem", json={"code": code}, headers=tenant.headers
     )
@@ -145,3 +147,21 @@ async def test_guess_guard_counts_per_address_and_per_org(store: str) -> None:
         await guard.check(2, "10.0.0.9")  # other organizations are not affected
     finally:
         await counter.close()
+
+
+async def test_text_no_database_can_store_is_refused_not_crashed(
+    app_client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    # Found by schemathesis: NUL inside JSON strings made PostgreSQL fail with a 500.
+    for body in ({"tag": "a\u0000b"}, {"tag": "ok", "reason": "x\u0000"}):
+        response = await app_client.post(
+            "/api/v1/vouchers/revoke-tag", json=body, headers=tenant.headers
+        )
+        assert (response.status_code, response.json()["reason"]) == (422, "invalid_request")
+    lone = b'{"name": "\\udaf6", "quantity": 1}'
+    response = await app_client.post(
+        "/api/v1/voucher-batches",
+        content=lone,
+        headers={**tenant.headers, "content-type": "application/json"},
+    )
+    assert response.status_code == 422

@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from popdrop.accounts import service
 from popdrop.core.errors import PopdropError
-from popdrop.core.schemas import error_responses
+from popdrop.core.schemas import StrictInput, error_responses
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext, get_ctx
 
@@ -24,8 +24,7 @@ class Me(BaseModel):
     scopes: list[str]
 
 
-class TokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenCreate(StrictInput):
     name: str = Field(min_length=1, max_length=200)
     scopes: list[str] = Field(min_length=1, max_length=20)
 

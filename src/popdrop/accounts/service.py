@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import ApiToken, Organization, User
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.schemas import is_clean_text
 from popdrop.core.signing import Signer
 
 ROLES: dict[str, frozenset[str]] = {
@@ -102,6 +103,8 @@ _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 
 async def authenticate(session: AsyncSession, email: str, password: str) -> User:
+    if not is_clean_text(email) or not is_clean_text(password) or len(email) > 254:
+        raise PopdropError("unauthorized", "wrong email or password")
     user = await session.scalar(select(User).where(User.email == email.strip().lower()))
     try:
         _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)

@@ -186,18 +186,22 @@ class VerifyResult:
         )
 
 
-async def _entries(session: AsyncSession) -> AsyncIterator[AuditEntry]:
+async def _entries(session: AsyncSession, org_id: int | None) -> AsyncIterator[AuditEntry]:
     query = select(AuditEntry).order_by(AuditEntry.org_id, AuditEntry.chain, AuditEntry.seq)
+    if org_id is not None:
+        query = query.where(AuditEntry.org_id == org_id)
     result = await session.stream_scalars(query.execution_options(yield_per=2000))
     async for entry in result:
         yield entry
 
 
-async def verify(session: AsyncSession) -> VerifyResult:
-    """Walk every chain; report the first entry whose content or link does not hold."""
-    heads = {
-        (h.org_id, h.chain): (h.seq, h.hash) for h in (await session.scalars(select(AuditHead)))
-    }
+async def verify(session: AsyncSession, org_id: int | None = None) -> VerifyResult:
+    """Walk every chain (or one organization's, for a tenant's own page); report the first
+    entry whose content or link does not hold."""
+    head_query = select(AuditHead)
+    if org_id is not None:
+        head_query = head_query.where(AuditHead.org_id == org_id)
+    heads = {(h.org_id, h.chain): (h.seq, h.hash) for h in (await session.scalars(head_query))}
     count = 0
     current: tuple[int, int] | None = None
     prev = GENESIS
@@ -207,7 +211,7 @@ async def verify(session: AsyncSession) -> VerifyResult:
     def broken(entry: AuditEntry, problem: str) -> VerifyResult:
         return VerifyResult(False, count, entry.id, entry.org_id, entry.chain, entry.seq, problem)
 
-    async for entry in _entries(session):
+    async for entry in _entries(session, org_id):
         key = (entry.org_id, entry.chain)
         if key != current:
             if current is not None and heads.get(current) != (expected_seq - 1, prev):
@@ -251,62 +255,3 @@ def _head_mismatch(key: tuple[int, int], count: int) -> VerifyResult:
         chain=key[1],
         problem="chain head does not match its last entry (entries dropped or added)",
     )
-
-
-async def verify_org(session: AsyncSession, org_id: int) -> VerifyResult:
-    """`verify` restricted to one organization's chains.
-
-    An operator page may only learn about its own tenant: the global `verify` would count
-    (and on a break, name) entries of other organizations. Same checks, same result shape.
-    """
-    heads = {
-        h.chain: (h.seq, h.hash)
-        for h in await session.scalars(select(AuditHead).where(AuditHead.org_id == org_id))
-    }
-    query = (
-        select(AuditEntry)
-        .where(AuditEntry.org_id == org_id)
-        .order_by(AuditEntry.chain, AuditEntry.seq)
-        .execution_options(yield_per=2000)
-    )
-    count = 0
-    chain: int | None = None
-    prev, expected_seq = GENESIS, 1
-    seen: set[int] = set()
-
-    def broken(entry: AuditEntry, problem: str) -> VerifyResult:
-        return VerifyResult(False, count, entry.id, org_id, entry.chain, entry.seq, problem)
-
-    async for entry in await session.stream_scalars(query):
-        if entry.chain != chain:
-            if chain is not None and heads.get(chain) != (expected_seq - 1, prev):
-                return _head_mismatch((org_id, chain), count)
-            chain, prev, expected_seq = entry.chain, GENESIS, 1
-            seen.add(chain)
-        if entry.seq != expected_seq:
-            return broken(entry, f"sequence gap: expected seq {expected_seq}")
-        if entry.prev_hash != prev:
-            return broken(entry, "previous-hash link does not match the entry before it")
-        if payload_digest(entry.payload) != entry.payload_digest:
-            return broken(entry, "payload does not match its digest")
-        digest = entry_digest(
-            org_id=entry.org_id,
-            chain=entry.chain,
-            seq=entry.seq,
-            at=entry.at,
-            actor=entry.actor,
-            action=entry.action,
-            subject=entry.subject,
-            digest=entry.payload_digest,
-        )
-        if chain_hash(prev, digest) != entry.hash:
-            return broken(entry, "entry hash does not match its content")
-        prev = entry.hash
-        expected_seq += 1
-        count += 1
-    if chain is not None and heads.get(chain) != (expected_seq - 1, prev):
-        return _head_mismatch((org_id, chain), count)
-    for key, (seq, _hash) in heads.items():
-        if key not in seen and seq != 0:
-            return _head_mismatch((org_id, key), count)
-    return VerifyResult(True, count)

@@ -30,7 +30,7 @@ class Signer:
     def sign(self, purpose: str, payload: Any) -> str:
         return str(self._serializer(purpose).dumps(payload))
 
-    def unsign(self, purpose: str, token: str, max_age: float | None = None) -> Any:
+    def unsign(self, purpose: str, token: str, max_age: int | None = None) -> Any:
         """Return the payload, or raise `link_invalid` / `link_expired`."""
         try:
             return self._serializer(purpose).loads(token, max_age=max_age)

@@ -55,7 +55,7 @@ REDEMPTIONS = Counter("popdrop_voucher_redemptions_total", "Redemption attempts"
 REDEEM_REFUSALS = (400, 401, 403, 404, 409, 410, 422, 429)
 
 
-async def _guarded(ctx: AppContext, request: Request, principal: Principal, call: Any) -> Any:
+async def guarded(ctx: AppContext, request: Request, principal: Principal, call: Any) -> Any:
     """Refuse clients that guessed too much; count their unknown/malformed codes."""
     address = client_address(request)
     await ctx.guard.check(principal.org_id, address)
@@ -232,7 +232,7 @@ async def redeem(
         )
 
     try:
-        status, payload = await _guarded(ctx, request, principal, call)
+        status, payload = await guarded(ctx, request, principal, call)
     except PopdropError as error:
         REDEMPTIONS.labels(error.reason).inc()
         raise
@@ -260,7 +260,7 @@ async def validate(
                 now=ctx.clock.now(),
             )
 
-    result: VoucherOut = await _guarded(ctx, request, principal, call)
+    result: VoucherOut = await guarded(ctx, request, principal, call)
     return result
 
 
@@ -279,7 +279,7 @@ async def lookup(
                 session, ctx.signer, principal, body.code, ctx.clock.now()
             )
 
-    result: VoucherOut = await _guarded(ctx, request, principal, call)
+    result: VoucherOut = await guarded(ctx, request, principal, call)
     return result
 
 
@@ -332,7 +332,7 @@ async def revoke_code(
                 audit_chains=ctx.settings.audit_chains,
             )
 
-    return RevokeResult(revoked=await _guarded(ctx, request, principal, call))
+    return RevokeResult(revoked=await guarded(ctx, request, principal, call))
 
 
 @router.post(
@@ -369,7 +369,7 @@ async def make_link(
         async with ctx.db.reader() as session:
             return await service.lookup_code(session, ctx.signer, principal, body.code, now)
 
-    voucher: VoucherOut = await _guarded(ctx, request, principal, call)
+    voucher: VoucherOut = await guarded(ctx, request, principal, call)
     expires_at = now + timedelta(seconds=body.ttl_seconds)
     if voucher.valid_until is not None:
         expires_at = min(expires_at, voucher.valid_until)

@@ -37,8 +37,9 @@ from popdrop.accounts.service import Principal
 from popdrop.core import audit
 from popdrop.core.errors import PopdropError
 from popdrop.core.money import Money
+from popdrop.core.schemas import require_clean_text
 from popdrop.vouchers import codes, service
-from popdrop.vouchers.api import _guarded, to_csv
+from popdrop.vouchers.api import ItemId, guarded, to_csv
 from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import BatchCreate
 from popdrop.web.auth import LoginRequired, PagePrincipal, check_csrf
@@ -343,7 +344,7 @@ async def search(request: Request, principal: Operator, ctx: Ctx, code: str = ""
                 )
 
         try:  # the API's guessing guard: pages and API count failed lookups alike
-            voucher = await _guarded(ctx, request, principal, call)
+            voucher = await guarded(ctx, request, principal, call)
         except PopdropError as refusal:  # shown in the result, with its status
             error = refusal
     context = {
@@ -428,7 +429,9 @@ def _issued_page(
 
 
 @router.get("/vouchers/batches/{batch_id}")
-async def batch_detail(request: Request, batch_id: int, principal: Operator, ctx: Ctx) -> Response:
+async def batch_detail(
+    request: Request, batch_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
     principal.require("vouchers:read")
     async with ctx.db.reader() as session:
         batch = await service.get_batch(session, principal, batch_id)
@@ -450,7 +453,7 @@ async def batch_detail(request: Request, batch_id: int, principal: Operator, ctx
 
 
 @router.get("/vouchers/batches/{batch_id}/export.csv")
-async def batch_export(batch_id: int, principal: Operator, ctx: Ctx) -> Response:
+async def batch_export(batch_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
     async with ctx.db.reader() as session:
         rows = await service.export_vouchers(session, principal, batch_id, ctx.clock.now())
     return Response(
@@ -461,12 +464,14 @@ async def batch_export(batch_id: int, principal: Operator, ctx: Ctx) -> Response
 
 
 def _reason(form: Mapping[str, Any], default: str) -> str:
-    reason = str(form.get("reason", "")).strip()[:200]
+    reason = require_clean_text(str(form.get("reason", "")).strip()[:200], "reason")
     return reason or default
 
 
 @router.post("/vouchers/batches/{batch_id}/revoke")
-async def batch_revoke(request: Request, batch_id: int, principal: Operator, ctx: Ctx) -> Response:
+async def batch_revoke(
+    request: Request, batch_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
     form = await request.form()
     check_csrf(request, ctx, form)
     async with ctx.db.transaction() as session:
@@ -483,7 +488,7 @@ async def batch_revoke(request: Request, batch_id: int, principal: Operator, ctx
 
 @router.post("/vouchers/redemptions/{redemption_id}/rollback")
 async def redemption_rollback(
-    request: Request, redemption_id: int, principal: Operator, ctx: Ctx
+    request: Request, redemption_id: ItemId, principal: Operator, ctx: Ctx
 ) -> Response:
     form = await request.form()
     check_csrf(request, ctx, form)
@@ -519,7 +524,7 @@ async def code_revoke(request: Request, principal: Operator, ctx: Ctx) -> Respon
             )
 
     try:
-        await _guarded(ctx, request, principal, call)
+        await guarded(ctx, request, principal, call)
     except PopdropError as error:
         if error.reason in ("forbidden", "csrf_failed"):
             raise
@@ -555,7 +560,7 @@ async def audit_verify(request: Request, principal: Operator, ctx: Ctx) -> Respo
     check_csrf(request, ctx, await request.form())
     principal.require("audit:read")
     async with ctx.db.reader() as session:
-        result = await audit.verify_org(session, principal.org_id)
+        result = await audit.verify(session, principal.org_id)
     if is_htmx(request):
         return render(request, "vouchers/_verify_result.html", {"result": result})
     entries = await _latest_entries(ctx, principal.org_id)

@@ -3,14 +3,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from popdrop.core.schemas import StrictInput
 
 DiscountKind = Literal["percent", "fixed", "free_item"]
 Ref = Field(default=None, min_length=1, max_length=200)
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(StrictInput):
+    pass
 
 
 class BatchCreate(Strict):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -57,7 +57,7 @@ _POLICIES: dict[tuple[str, int], BatchPolicy] = {}
 
 def discount_of(batch: VoucherBatch) -> Discount:
     return Discount(
-        kind=batch.discount_kind,  # type: ignore[arg-type]
+        kind=batch.discount_kind,
         value=batch.discount_value,
         currency=batch.currency,
         description=batch.discount_description or describe_discount(batch),
@@ -167,6 +167,7 @@ async def issue_batch(
     seen: set[bytes] = set()
     digest = hashlib.sha256()
     table = Voucher.__table__
+    assert isinstance(table, Table)
     while len(plaintext) < spec.quantity:
         rows: list[dict[str, Any]] = []
         while len(rows) < INSERT_CHUNK and len(plaintext) < spec.quantity:
@@ -315,7 +316,7 @@ async def redeem(
             raise PopdropError("budget_exhausted", "the budget of this offer is spent")
     redemption_id = (
         await session.execute(
-            Redemption.__table__.insert()
+            insert(Redemption)
             .values(
                 org_id=principal.org_id,
                 voucher_id=voucher_id,
@@ -415,7 +416,7 @@ def voucher_out(voucher: Voucher, policy: BatchPolicy, now: datetime) -> Voucher
         id=voucher.id,
         batch_id=voucher.batch_id,
         batch_name=policy.name,
-        status=_status(voucher, now),  # type: ignore[arg-type]
+        status=_status(voucher, now),
         uses=voucher.uses,
         max_uses=voucher.max_uses,
         valid_from=voucher.valid_from,
