@@ -96,7 +96,10 @@ def serve(
     asyncio.run(upgrade(settings.resolved_database_url))
     settings.resolved_secret_key  # noqa: B018 (create the key before workers race for it)
     os.environ["POPDROP_LOG_REQUESTS"] = "1" if access_log else "0"
-    console.print(f"popdrop serving on http://{host}:{port}  (database: {_db_label(settings)})")
+    console.print(
+        f"popdrop serving on http://{host}:{port}  (database: {_db_label(settings)})",
+        soft_wrap=True,
+    )
     uvicorn.run(
         "popdrop.web.app:create_app",
         factory=True,
@@ -150,13 +153,15 @@ def demo(
     asyncio.run(upgrade(settings.resolved_database_url))
     info = _run(lambda s, db, signer: seed(s, db, signer))
     console.rule("popdrop demo")
-    console.print(f"Open     {settings.base_url.rstrip('/')}/login")
-    console.print(
-        f"Login    [bold]{info['email']}[/bold]  password [bold]{info['password']}[/bold]"
-    )
-    console.print(f"API      Authorization: Bearer {info['token']}")
-    console.print(f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})")
-    console.print(f"Claim    {info['sample_link']}")
+    # soft_wrap: long links and tokens must stay on one line to be copied whole.
+    for line in (
+        f"Open     {settings.base_url.rstrip('/')}/login",
+        f"Login    [bold]{info['email']}[/bold]  password [bold]{info['password']}[/bold]",
+        f"API      Authorization: Bearer {info['token']}",
+        f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})",
+        f"Claim    {info['sample_link']}",
+    ):
+        console.print(line, soft_wrap=True)
     console.rule()
     if serve_after:
         serve(port=port)

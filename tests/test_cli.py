@@ -1,0 +1,134 @@
+"""The `popdrop` command, run as a real process against a fresh SQLite database."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server import running_server
+
+COMMANDS = [
+    [],
+    ["serve"],
+    ["demo"],
+    ["db", "upgrade"],
+    ["db", "current"],
+    ["org", "create"],
+    ["user", "create"],
+    ["token", "create"],
+    ["token", "revoke"],
+    ["vouchers", "issue"],
+    ["vouchers", "revoke"],
+    ["vouchers", "export"],
+    ["vouchers", "list"],
+    ["audit", "verify"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "popdrop")
+def test_every_command_explains_itself(command: list[str], tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.server import POPDROP, server_env
+
+    done = subprocess.run(
+        [*POPDROP, *command, "--help"],
+        env=server_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout
+
+
+def test_a_host_runs_the_vault_from_the_command_line(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        assert server.cli("org", "create", "shop", "Corner Shop").returncode == 0
+        dup = server.cli("org", "create", "shop", "Again")
+        assert dup.returncode == 2 and "conflict" in dup.stderr
+        user = server.cli(
+            "user",
+            "create",
+            "--org",
+            "shop",
+            "--email",
+            "Host@Shop.test",
+            "--role",
+            "host",
+            "--password",
+            "correct horse battery",
+        )
+        assert user.returncode == 0, user.stderr
+        short = server.cli(
+            "user", "create", "--org", "shop", "--email", "x@shop.test", "--password", "short"
+        )
+        assert short.returncode == 2 and "invalid_request" in short.stderr
+
+        token = server.cli(
+            "token", "create", "--org", "shop", "--name", "till", "--scope", "vouchers:redeem"
+        )
+        assert token.returncode == 0, token.stderr
+        bearer = {"Authorization": f"Bearer {token.stdout.strip()}"}
+
+        out = tmp_path / "codes.csv"
+        issued = server.cli(
+            "vouchers",
+            "issue",
+            "--org",
+            "shop",
+            "--name",
+            "Sat",
+            "--quantity",
+            "30",
+            "--tag",
+            "sat",
+            "--out",
+            str(out),
+            "--links",
+        )
+        assert issued.returncode == 0, issued.stderr
+        rows = list(csv.DictReader(out.open()))
+        assert len(rows) == 30 and all(r["link"].startswith(server.base_url + "/v/") for r in rows)
+        again = server.cli(
+            "vouchers",
+            "issue",
+            "--org",
+            "shop",
+            "--name",
+            "Sat",
+            "--quantity",
+            "1",
+            "--out",
+            str(out),
+        )
+        assert again.returncode != 0  # never overwrite a codes file
+
+        redeemed = httpx.post(
+            f"{server.base_url}/api/v1/vouchers/redeem",
+            json={"code": rows[0]["code"]},
+            headers=bearer,
+        )
+        assert redeemed.status_code == 200
+        claim = httpx.get(rows[1]["link"])
+        assert claim.status_code == 200 and rows[1]["code"] in claim.text
+
+        revoked = server.cli("vouchers", "revoke", "--org", "shop", "--tag", "sat")
+        assert revoked.returncode == 0 and "revoked 30 code(s)" in revoked.stdout
+        assert httpx.get(rows[1]["link"]).status_code == 410
+
+        exported = server.cli("vouchers", "export", "--org", "shop", "--batch", "1")
+        lines = exported.stdout.strip().splitlines()
+        assert len(lines) == 31
+        assert {line.split(",")[1] for line in lines[1:]} == {"revoked"}
+        assert sorted(line.split(",")[2] for line in lines[1:]).count("1") == 1  # the used one
+        assert rows[2]["code"] not in exported.stdout
+
+        listed = server.cli("vouchers", "list", "--org", "shop")
+        assert "Sat" in listed.stdout
+        verify = server.cli("audit", "verify")
+        assert verify.returncode == 0 and verify.stdout.startswith("OK ")
