@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.server import Server, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -28,7 +25,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-POPDROP = [str(Path(sys.executable).with_name("popdrop"))]
 EMAIL = "host@browser.test"
 PASSWORD = "browser test password"
 
@@ -38,64 +34,17 @@ pytestmark = [
 ]
 
 
-@dataclass
-class Served:
-    base_url: str
-    env: dict[str, str]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cli(env: dict[str, str], *args: str) -> None:
-    done = subprocess.run(
-        [*POPDROP, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, f"popdrop {' '.join(args)}: {done.stdout}{done.stderr}"
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    data_dir = tmp_path_factory.mktemp("browser")
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "POPDROP_DATA_DIR": str(data_dir),
-        "POPDROP_DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'popdrop.db'}",
-        "POPDROP_SECRET_KEY": "browser-test-secret-" + "b" * 32,
-        "POPDROP_BASE_URL": base_url,
-        "POPDROP_LOG_LEVEL": "WARNING",
-    }
-    _cli(env, "db", "upgrade")
-    _cli(env, "org", "create", "shop", "Corner Shop")
-    _cli(env, "user", "create", "--org", "shop", "--email", EMAIL, "--role", "host",
-         "--password", PASSWORD)  # fmt: skip
-    process = subprocess.Popen(
-        [*POPDROP, "serve", "--port", str(port), "--no-access-log"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _ready(base_url):
-            if process.poll() is not None:
-                stderr = process.stderr.read().decode() if process.stderr else ""
-                raise RuntimeError(f"popdrop serve exited: {stderr[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("popdrop serve did not become ready in 60 s")
-            time.sleep(0.2)
-        yield Served(base_url, env)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("browser")) as server:
+        for args in (
+            ("org", "create", "shop", "Corner Shop"),
+            ("user", "create", "--org", "shop", "--email", EMAIL, "--role", "host",
+             "--password", PASSWORD),
+        ):  # fmt: skip
+            done = server.cli(*args)
+            assert done.returncode == 0, f"popdrop {' '.join(args)}: {done.stderr}"
+        yield server
 
 
 def _ready(base_url: str) -> bool:
@@ -112,7 +61,7 @@ def shots(tmp_path: Path) -> Path:
     return target
 
 
-def test_issue_codes_and_claim_in_a_browser(served: Served, shots: Path) -> None:
+def test_issue_codes_and_claim_in_a_browser(served: Server, shots: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:

@@ -63,28 +63,23 @@ def payload_digest(payload_text: str) -> str:
     return hashlib.sha256(payload_text.encode()).hexdigest()
 
 
-def entry_digest(
-    *,
-    org_id: int,
-    chain: int,
-    seq: int,
-    at: datetime,
-    actor: str,
-    action: str,
-    subject: str,
-    digest: str,
-) -> str:
+def entry_digest(entry: AuditEntry) -> str:
+    """Digest of every field of an entry but its own links."""
     fields = {
-        "org": org_id,
-        "chain": chain,
-        "seq": seq,
-        "at": at.isoformat(),
-        "actor": actor,
-        "action": action,
-        "subject": subject,
-        "payload": digest,
+        "org": entry.org_id,
+        "chain": entry.chain,
+        "seq": entry.seq,
+        "at": entry.at.isoformat(),
+        "actor": entry.actor,
+        "action": entry.action,
+        "subject": entry.subject,
+        "payload": entry.payload_digest,
     }
     return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+
+
+def expected_hash(prev_hash: str, entry: AuditEntry) -> str:
+    return chain_hash(prev_hash, entry_digest(entry))
 
 
 def chain_hash(prev_hash: str, digest: str) -> str:
@@ -108,40 +103,25 @@ async def append(
 ) -> AuditEntry:
     """Append one entry inside the caller's transaction (the chain head is row-locked)."""
     chain = chain_for(subject, chains)
-    head = await _lock_head(session, org_id, chain)
-    seq, prev = (head[0] + 1, head[1])
+    seq, prev = await _lock_head(session, org_id, chain)
     text = canonical_json(payload)
-    digest = payload_digest(text)
-    own = chain_hash(
-        prev,
-        entry_digest(
-            org_id=org_id,
-            chain=chain,
-            seq=seq,
-            at=at,
-            actor=actor,
-            action=action,
-            subject=subject,
-            digest=digest,
-        ),
-    )
-    await session.execute(
-        update(AuditHead)
-        .where(AuditHead.org_id == org_id, AuditHead.chain == chain)
-        .values(seq=seq, hash=own)
-    )
     entry = AuditEntry(
         org_id=org_id,
         chain=chain,
-        seq=seq,
+        seq=seq + 1,
         at=at,
         actor=actor,
         action=action,
         subject=subject,
         payload=text,
-        payload_digest=digest,
+        payload_digest=payload_digest(text),
         prev_hash=prev,
-        hash=own,
+    )
+    entry.hash = expected_hash(prev, entry)
+    await session.execute(
+        update(AuditHead)
+        .where(AuditHead.org_id == org_id, AuditHead.chain == chain)
+        .values(seq=entry.seq, hash=entry.hash)
     )
     session.add(entry)
     await session.flush()
@@ -224,17 +204,7 @@ async def verify(session: AsyncSession, org_id: int | None = None) -> VerifyResu
             return broken(entry, "previous-hash link does not match the entry before it")
         if payload_digest(entry.payload) != entry.payload_digest:
             return broken(entry, "payload does not match its digest")
-        digest = entry_digest(
-            org_id=entry.org_id,
-            chain=entry.chain,
-            seq=entry.seq,
-            at=entry.at,
-            actor=entry.actor,
-            action=entry.action,
-            subject=entry.subject,
-            digest=entry.payload_digest,
-        )
-        if chain_hash(prev, digest) != entry.hash:
+        if expected_hash(prev, entry) != entry.hash:
             return broken(entry, "entry hash does not match its content")
         prev = entry.hash
         expected_seq += 1
