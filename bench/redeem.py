@@ -249,7 +249,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a run of under a minute")
     parser.add_argument("--database-url", help=f"default: {common.DEFAULT_PG_URL}")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--workers", type=int, default=2, help="server processes (2 beat 1)")
     parser.add_argument("--duration", type=float, help="measured seconds (20; quick 8)")
     parser.add_argument("--codes", type=int, help="codes to redeem (60000; quick 25000)")
     args = parser.parse_args()
@@ -262,6 +262,8 @@ def main() -> int:
     seeded = asyncio.run(seed(url, codes))
     print(f"seeded {codes} codes + {LIMIT_CODES} limit codes in {time.monotonic() - started:.1f}s")
 
+    load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average before measuring: {load_avg} (other work on the machine skews figures)")
     asyncio.run(checkpoint(url))
     with server(url, args.workers) as port:
         load = http_phase(port, seeded, args.clients, warmup, duration)
