@@ -44,40 +44,48 @@ AUDIT_CHAINS = 8  # Settings.audit_chains default
 LIMIT_CODES = 10_000
 PGBENCH = "/usr/bin/pgbench"
 
-# What redeem() + audit.append() send for a successful redemption once the batch policy
-# is cached and the chain head exists: BEGIN; UPDATE vouchers … RETURNING; INSERT INTO
-# redemptions … RETURNING; SELECT … FROM audit_heads … FOR UPDATE; UPDATE audit_heads;
-# INSERT INTO audit_entries … RETURNING; COMMIT. pgbench cannot pick a random bytea, so
-# the code row is picked by a random id and its code_hash read by a scalar subquery (one
-# extra primary-key lookup inside the same statement, no extra round trip). Hashes are
-# constants: the app computes them in Python, not in the database. Text holding a colon
-# comes in as a -D variable, since pgbench reads `:name` inside literals as a variable.
+# What `vouchers.service.redeem` sends on PostgreSQL for a successful redemption once the
+# batch policy is cached and the chain head exists (print the compiled statements with
+# `_REDEEM_FUSED.compile(dialect=postgresql.dialect())` and `audit._SET_HEAD_AND_INSERT`):
+# BEGIN; one fused statement (take the use, record the redemption, bump and lock the audit
+# chain head, returning the previous hash); one fused statement (new head hash + audit
+# entry); COMMIT. pgbench cannot pick a random bytea, so the code row is picked by a
+# random id and its code_hash read by a scalar subquery (one extra primary-key lookup
+# inside the same statement, no extra round trip). Hashes are constants: the app computes
+# them in Python, not in the database. Text holding a colon comes in as a -D variable,
+# since pgbench reads `:name` inside literals as a variable.
 PGBENCH_SCRIPT = """\
 \\set id random(:lo, :hi)
-\\set chain random(0, :last_chain)
 BEGIN;
-UPDATE vouchers SET uses=(vouchers.uses + 1) WHERE vouchers.code_hash = \
+WITH taken AS (UPDATE vouchers SET uses=(vouchers.uses + 1) WHERE vouchers.code_hash = \
 (SELECT v.code_hash FROM vouchers v WHERE v.id = :id) AND vouchers.org_id = :org \
 AND vouchers.revoked_at IS NULL AND vouchers.uses < vouchers.max_uses \
 AND (vouchers.valid_from IS NULL OR vouchers.valid_from <= now()) \
 AND (vouchers.valid_until IS NULL OR vouchers.valid_until > now()) \
-RETURNING vouchers.id AS voucher_id, vouchers.batch_id, vouchers.uses, vouchers.max_uses \\gset
-INSERT INTO redemptions (org_id, voucher_id, batch_id, contact_ref, order_ref, cost_minor, \
-redeemed_at, actor) VALUES (:org, :voucher_id, :batch_id, NULL, NULL, 0, now(), :actor) \
-RETURNING redemptions.id AS redemption_id \\gset
-SELECT audit_heads.seq + 1 AS seq, audit_heads.hash AS prev FROM audit_heads \
-WHERE audit_heads.org_id = :org AND audit_heads.chain = :chain FOR UPDATE \\gset
-UPDATE audit_heads SET seq=:seq, hash=:hash \
-WHERE audit_heads.org_id = :org AND audit_heads.chain = :chain;
+RETURNING vouchers.id, vouchers.batch_id, vouchers.uses, vouchers.max_uses), \
+recorded AS (INSERT INTO redemptions (org_id, voucher_id, batch_id, contact_ref, order_ref, \
+cost_minor, redeemed_at, actor) SELECT :org, taken.id, taken.batch_id, NULL, NULL, \
+voucher_batches.cost_per_use_minor, now(), :actor FROM taken \
+JOIN voucher_batches ON voucher_batches.id = taken.batch_id \
+RETURNING redemptions.id, redemptions.cost_minor), \
+head AS (UPDATE audit_heads SET seq=(audit_heads.seq + 1) WHERE audit_heads.org_id = :org \
+AND audit_heads.chain = (SELECT taken.id % :chains FROM taken) \
+RETURNING audit_heads.seq, audit_heads.hash) \
+SELECT taken.id AS voucher_id, taken.batch_id, taken.uses, taken.max_uses, \
+recorded.id AS redemption_id, recorded.cost_minor, head.seq AS seq, head.hash AS prev \
+FROM taken JOIN recorded ON true LEFT OUTER JOIN head ON true \\gset
+\\set chain :voucher_id % :chains
+WITH set_head AS (UPDATE audit_heads SET hash=:hash WHERE audit_heads.org_id = :org \
+AND audit_heads.chain = :chain) \
 INSERT INTO audit_entries (org_id, chain, seq, at, actor, action, subject, payload, \
 payload_digest, prev_hash, hash) VALUES (:org, :chain, :seq, now(), :actor, \
 'voucher.redeem', :subject::text || :voucher_id, \
 :payload_head::text || :redemption_id || :payload_use::text || :uses || '}', \
-:hash, :prev, :hash) RETURNING audit_entries.id;
+:hash, :prev, :hash);
 COMMIT;
 """
 PGBENCH_VARIABLES = {
-    "last_chain": str(AUDIT_CHAINS - 1),
+    "chains": str(AUDIT_CHAINS),
     "actor": "token:1:bench",
     "subject": "voucher:",
     "payload_head": '{"contact_ref":null,"cost_minor":0,"order_ref":null,"redemption":',

@@ -99,3 +99,36 @@ async def test_concurrent_budget_is_never_overspent(
     assert Counter(r.status_code for r in responses) == {200: 20, 409: 40}
     detail = await app_client.get(f"/api/v1/voucher-batches/{batch['id']}", headers=tenant.headers)
     assert detail.json()["budget_spent_minor"] == 2_000
+
+
+async def test_redeems_rollbacks_and_revokes_racing_stay_consistent(
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+) -> None:
+    # A fresh organization (no audit chain heads yet), one multi-use code with a budget:
+    # redemptions, rollbacks and a revocation of a sibling batch all at once. Locks are
+    # taken in one order everywhere, so nothing deadlocks and the books still balance.
+    batch, [code] = await issue(
+        app_client, tenant, max_uses=1_000, budget_minor=1_000_000, cost_per_use_minor=100
+    )
+    sibling, _ = await issue(app_client, tenant, quantity=50, tag="side")
+    first = await _storm(app_client, tenant, code, 40)
+    ids = [r.json()["redemption"]["id"] for r in first]
+    racers = [
+        *(app_client.post(REDEEM, json={"code": code}, headers=tenant.headers) for _ in range(60)),
+        *(
+            app_client.post(
+                f"/api/v1/redemptions/{rid}/rollback", json={"reason": "r"}, headers=tenant.headers
+            )
+            for rid in ids[:20]
+        ),
+        app_client.post(
+            f"/api/v1/voucher-batches/{sibling['id']}/revoke", json={}, headers=tenant.headers
+        ),
+    ]
+    responses = await asyncio.gather(*racers)
+    assert {r.status_code for r in responses} == {200}
+    detail = await app_client.get(f"/api/v1/voucher-batches/{batch['id']}", headers=tenant.headers)
+    stats = detail.json()["stats"]
+    assert stats["redemptions"] == 100 and stats["rolled_back"] == 20
+    assert stats["uses"] == 80
+    assert detail.json()["budget_spent_minor"] == 80 * 100

@@ -201,6 +201,11 @@ class TokenCache:
 TOKEN_CACHE = TokenCache()
 
 
+def cached_token(signer: Signer, plaintext: str) -> Principal | None:
+    """The principal of a token resolved moments ago, without touching the database."""
+    return TOKEN_CACHE.get(signer.keyed_hash(plaintext))
+
+
 async def resolve_token(
     session: AsyncSession, signer: Signer, plaintext: str, *, cache_ttl: float
 ) -> Principal:

@@ -19,11 +19,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import (
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.elements import ColumnElement
 
-from popdrop.core.db import Base, BigId, UTCDateTime, dialect_insert
+from popdrop.core.db import Base, BigId, UTCDateTime, dialect_insert, table_of
 
 GENESIS = "0" * 64
 
@@ -87,7 +99,53 @@ def chain_hash(prev_hash: str, digest: str) -> str:
 
 
 def chain_for(subject: str, chains: int) -> int:
+    """`kind:<number>` subjects go to chain number % chains (the database can compute that
+    too, see vouchers.service); any other subject by a checksum."""
+    _kind, _, ident = subject.partition(":")
+    if ident.isdigit():
+        return int(ident) % chains
     return zlib.crc32(subject.encode()) % chains
+
+
+_heads = table_of(AuditHead)
+_entries_table = table_of(AuditEntry)
+# Built once: the append runs on every redemption, so it must not rebuild statements.
+# Bumping `seq` locks the head row until commit and returns the *previous* hash (the
+# UPDATE leaves `hash` alone); the new hash is written once computed.
+_BUMP_HEAD = (
+    update(_heads)
+    .where(_heads.c.org_id == bindparam("h_org"), _heads.c.chain == bindparam("h_chain"))
+    .values(seq=_heads.c.seq + 1)
+    .returning(_heads.c.seq, _heads.c.hash)
+)
+
+
+def bump_head_statement(chain: ColumnElement[int]) -> Update:
+    """`_BUMP_HEAD` for a chain computed in SQL (for statements fused with the caller's)."""
+    return (
+        update(_heads)
+        .where(_heads.c.org_id == bindparam("h_org"), _heads.c.chain == chain)
+        .values(seq=_heads.c.seq + 1)
+        .returning(_heads.c.seq, _heads.c.hash)
+    )
+
+
+_SET_HEAD = (
+    update(_heads)
+    .where(_heads.c.org_id == bindparam("h_org"), _heads.c.chain == bindparam("h_chain"))
+    .values(hash=bindparam("h_hash"))
+)
+_ENTRY_COLUMNS = (
+    "org_id", "chain", "seq", "at", "actor", "action", "subject", "payload",
+    "payload_digest", "prev_hash", "hash",
+)  # fmt: skip
+# Own parameter names: in the fused statement below, names equal to audit_heads columns
+# would otherwise be taken as SET values of the head update.
+_INSERT_ENTRY = insert(_entries_table).values(
+    {name: bindparam(f"e_{name}", type_=_entries_table.c[name].type) for name in _ENTRY_COLUMNS}
+)
+# PostgreSQL: the head's new hash and the entry in one round trip.
+_SET_HEAD_AND_INSERT = _INSERT_ENTRY.add_cte(_SET_HEAD.cte("set_head"))
 
 
 async def append(
@@ -100,15 +158,63 @@ async def append(
     payload: dict[str, Any],
     at: datetime,
     chains: int,
-) -> AuditEntry:
-    """Append one entry inside the caller's transaction (the chain head is row-locked)."""
+) -> str:
+    """Append one entry inside the caller's transaction; return its hash.
+
+    The chain head stays row-locked until the caller commits, so entries of one chain
+    are appended one at a time and in order.
+    """
+    conn = await session.connection()
     chain = chain_for(subject, chains)
-    seq, prev = await _lock_head(session, org_id, chain)
+    seq, prev = await bump_head(conn, org_id, chain)
+    return await write_entry(
+        conn,
+        org_id=org_id,
+        chain=chain,
+        seq=seq,
+        prev=prev,
+        actor=actor,
+        action=action,
+        subject=subject,
+        payload=payload,
+        at=at,
+    )
+
+
+async def bump_head(conn: AsyncConnection, org_id: int, chain: int) -> tuple[int, str]:
+    """Lock a chain head and take its next sequence number; return (seq, previous hash)."""
+    head = {"h_org": org_id, "h_chain": chain}
+    bumped = (await conn.execute(_BUMP_HEAD, head)).first()
+    if bumped is None:  # the chain's first entry: create its head, then take it
+        await conn.execute(
+            dialect_insert(conn.dialect.name, _heads)
+            .values(org_id=org_id, chain=chain, seq=0, hash=GENESIS)
+            .on_conflict_do_nothing()
+        )
+        bumped = (await conn.execute(_BUMP_HEAD, head)).first()
+        assert bumped is not None
+    return int(bumped[0]), str(bumped[1])
+
+
+async def write_entry(
+    conn: AsyncConnection,
+    *,
+    org_id: int,
+    chain: int,
+    seq: int,
+    prev: str,
+    actor: str,
+    action: str,
+    subject: str,
+    payload: dict[str, Any],
+    at: datetime,
+) -> str:
+    """Write the entry for a head already bumped by this transaction, and the new head."""
     text = canonical_json(payload)
     entry = AuditEntry(
         org_id=org_id,
         chain=chain,
-        seq=seq + 1,
+        seq=seq,
         at=at,
         actor=actor,
         action=action,
@@ -117,34 +223,27 @@ async def append(
         payload_digest=payload_digest(text),
         prev_hash=prev,
     )
-    entry.hash = expected_hash(prev, entry)
-    await session.execute(
-        update(AuditHead)
-        .where(AuditHead.org_id == org_id, AuditHead.chain == chain)
-        .values(seq=entry.seq, hash=entry.hash)
-    )
-    session.add(entry)
-    await session.flush()
-    return entry
-
-
-async def _lock_head(session: AsyncSession, org_id: int, chain: int) -> tuple[int, str]:
-    query = (
-        select(AuditHead.seq, AuditHead.hash)
-        .where(AuditHead.org_id == org_id, AuditHead.chain == chain)
-        .with_for_update()
-    )
-    row = (await session.execute(query)).first()
-    if row is None:
-        dialect = session.get_bind().dialect.name
-        await session.execute(
-            dialect_insert(dialect, AuditHead)
-            .values(org_id=org_id, chain=chain, seq=0, hash=GENESIS)
-            .on_conflict_do_nothing()
-        )
-        row = (await session.execute(query)).first()
-        assert row is not None
-    return int(row[0]), str(row[1])
+    own = expected_hash(prev, entry)
+    row = {
+        "e_org_id": org_id,
+        "e_chain": chain,
+        "e_seq": seq,
+        "e_at": at,
+        "e_actor": actor,
+        "e_action": action,
+        "e_subject": subject,
+        "e_payload": text,
+        "e_payload_digest": entry.payload_digest,
+        "e_prev_hash": prev,
+        "e_hash": own,
+    }
+    head = {"h_org": org_id, "h_chain": chain, "h_hash": own}
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_SET_HEAD_AND_INSERT, {**row, **head})
+    else:
+        await conn.execute(_SET_HEAD, head)
+        await conn.execute(_INSERT_ENTRY, row)
+    return own
 
 
 @dataclass

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Integer, String, bindparam, func, insert, or_, select, true, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.core import audit
-from popdrop.core.db import dialect_insert
+from popdrop.core.db import UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.signing import Signer
 from popdrop.vouchers import codes
@@ -166,8 +166,7 @@ async def issue_batch(
     plaintext: list[str] = []
     seen: set[bytes] = set()
     digest = hashlib.sha256()
-    table = Voucher.__table__
-    assert isinstance(table, Table)
+    table = _vouchers
     while len(plaintext) < spec.quantity:
         rows: list[dict[str, Any]] = []
         while len(rows) < INSERT_CHUNK and len(plaintext) < spec.quantity:
@@ -273,6 +272,146 @@ async def _find(session: AsyncSession, org_id: int, code_hash: bytes) -> Voucher
     return voucher
 
 
+_vouchers = table_of(Voucher)
+_batches = table_of(VoucherBatch)
+_now = bindparam("now", type_=UTCDateTime())
+# Built once at import: redemption is the hot path and must not rebuild statements.
+_TAKE_USE = (
+    update(_vouchers)
+    .where(
+        _vouchers.c.code_hash == bindparam("v_code_hash"),
+        _vouchers.c.org_id == bindparam("v_org_id"),
+        _vouchers.c.revoked_at.is_(None),
+        _vouchers.c.uses < _vouchers.c.max_uses,
+        or_(_vouchers.c.valid_from.is_(None), _vouchers.c.valid_from <= _now),
+        or_(_vouchers.c.valid_until.is_(None), _vouchers.c.valid_until > _now),
+    )
+    .values(uses=_vouchers.c.uses + 1)
+    .returning(_vouchers.c.id, _vouchers.c.batch_id, _vouchers.c.uses, _vouchers.c.max_uses)
+)
+_SPEND_BUDGET = (
+    update(_batches)
+    .where(
+        _batches.c.id == bindparam("b_id"),
+        _batches.c.budget_spent_minor + bindparam("cost") <= _batches.c.budget_minor,
+    )
+    .values(budget_spent_minor=_batches.c.budget_spent_minor + bindparam("cost"))
+    .returning(_batches.c.id)
+)
+_redemptions = table_of(Redemption)
+_INSERT_REDEMPTION = insert(_redemptions).returning(_redemptions.c.id)
+
+# PostgreSQL: take the use, record the redemption and lock the audit chain head in one
+# round trip. The chain is voucher id % chains, as `audit.chain_for("voucher:<id>")`.
+_taken = _TAKE_USE.cte("taken")
+_RECORDED_COLUMNS = [
+    "org_id", "voucher_id", "batch_id", "contact_ref", "order_ref", "cost_minor",
+    "redeemed_at", "actor",
+]  # fmt: skip
+_recorded = (
+    insert(_redemptions)
+    .from_select(
+        _RECORDED_COLUMNS,
+        select(
+            bindparam("v_org_id"),
+            _taken.c.id,
+            _taken.c.batch_id,
+            bindparam("r_contact", type_=String()),
+            bindparam("r_order", type_=String()),
+            _batches.c.cost_per_use_minor,
+            _now,
+            bindparam("r_actor", type_=String()),
+        ).select_from(_taken.join(_batches, _batches.c.id == _taken.c.batch_id)),
+    )
+    .returning(_redemptions.c.id, _redemptions.c.cost_minor)
+    .cte("recorded")
+)
+_head = audit.bump_head_statement(
+    select(_taken.c.id % bindparam("n_chains", type_=Integer())).scalar_subquery()
+).cte("head")
+_REDEEM_FUSED = select(
+    _taken.c.id,
+    _taken.c.batch_id,
+    _taken.c.uses,
+    _taken.c.max_uses,
+    _recorded.c.id,
+    _recorded.c.cost_minor,
+    _head.c.seq,
+    _head.c.hash,
+).select_from(_taken.join(_recorded, true()).outerjoin(_head, true()))
+
+
+@dataclass(frozen=True)
+class _Taken:
+    voucher_id: int
+    batch_id: int
+    uses: int
+    max_uses: int
+    redemption_id: int
+    cost: int
+    head: tuple[int, str] | None  # (seq, previous hash) when the chain head is locked
+
+
+async def _take_use(
+    conn: AsyncConnection,
+    session: AsyncSession,
+    principal: Principal,
+    code_hash: bytes,
+    *,
+    contact_ref: str | None,
+    order_ref: str | None,
+    now: datetime,
+    audit_chains: int,
+) -> _Taken | None:
+    if conn.dialect.name == "postgresql":
+        row = (
+            await conn.execute(
+                _REDEEM_FUSED,
+                {
+                    "v_code_hash": code_hash,
+                    "v_org_id": principal.org_id,
+                    "now": now,
+                    "r_contact": contact_ref,
+                    "r_order": order_ref,
+                    "r_actor": principal.actor,
+                    "n_chains": audit_chains,
+                    "h_org": principal.org_id,
+                },
+            )
+        ).first()
+        if row is None:
+            return None
+        head = (int(row[6]), str(row[7])) if row[6] is not None else None
+        return _Taken(row[0], row[1], row[2], row[3], row[4], row[5], head)
+    taken = (
+        await conn.execute(
+            _TAKE_USE, {"v_code_hash": code_hash, "v_org_id": principal.org_id, "now": now}
+        )
+    ).first()
+    if taken is None:
+        return None
+    voucher_id, batch_id, uses, max_uses = taken
+    cost = (await _policy(session, batch_id)).cost_per_use_minor
+    redemption_id = (
+        await conn.execute(
+            _INSERT_REDEMPTION,
+            {
+                "org_id": principal.org_id,
+                "voucher_id": voucher_id,
+                "batch_id": batch_id,
+                "contact_ref": contact_ref,
+                "order_ref": order_ref,
+                "cost_minor": cost,
+                "redeemed_at": now,
+                "actor": principal.actor,
+                "rolled_back_at": None,
+                "rollback_reason": None,
+            },
+        )
+    ).scalar_one()
+    return _Taken(voucher_id, batch_id, uses, max_uses, redemption_id, cost, None)
+
+
 async def redeem(
     session: AsyncSession,
     signer: Signer,
@@ -286,79 +425,61 @@ async def redeem(
 ) -> RedeemResult:
     principal.require("vouchers:redeem")
     code_hash = signer.keyed_hash(codes.normalize(code))
-    taken = (
-        await session.execute(
-            update(Voucher)
-            .where(Voucher.code_hash == code_hash, Voucher.org_id == principal.org_id)
-            .where(*_usable(now))
-            .values(uses=Voucher.uses + 1)
-            .returning(Voucher.id, Voucher.batch_id, Voucher.uses, Voucher.max_uses)
-        )
-    ).first()
+    conn = await session.connection()
+    taken = await _take_use(
+        conn,
+        session,
+        principal,
+        code_hash,
+        contact_ref=contact_ref,
+        order_ref=order_ref,
+        now=now,
+        audit_chains=audit_chains,
+    )
     if taken is None:
         raise _refuse(await _find(session, principal.org_id, code_hash), now)
-    voucher_id, batch_id, uses, max_uses = taken
-    policy = await _policy(session, batch_id)
+    # Lock order, everywhere: voucher row -> audit chain head -> contact counter -> batch.
+    subject = f"voucher:{taken.voucher_id}"
+    chain = audit.chain_for(subject, audit_chains)
+    seq, prev = taken.head or await audit.bump_head(conn, principal.org_id, chain)
+    policy = await _policy(session, taken.batch_id)
     if policy.per_contact_limit is not None and contact_ref is not None:
-        await _take_contact_use(session, batch_id, contact_ref, policy.per_contact_limit)
-    cost = policy.cost_per_use_minor
-    if policy.budget_minor is not None and cost:
-        spent = await session.execute(
-            update(VoucherBatch)
-            .where(
-                VoucherBatch.id == batch_id,
-                VoucherBatch.budget_spent_minor + cost <= VoucherBatch.budget_minor,
-            )
-            .values(budget_spent_minor=VoucherBatch.budget_spent_minor + cost)
-            .returning(VoucherBatch.id)
-        )
+        await _take_contact_use(session, taken.batch_id, contact_ref, policy.per_contact_limit)
+    if policy.budget_minor is not None and taken.cost:
+        spent = await conn.execute(_SPEND_BUDGET, {"b_id": taken.batch_id, "cost": taken.cost})
         if spent.first() is None:
             raise PopdropError("budget_exhausted", "the budget of this offer is spent")
-    redemption_id = (
-        await session.execute(
-            insert(Redemption)
-            .values(
-                org_id=principal.org_id,
-                voucher_id=voucher_id,
-                batch_id=batch_id,
-                contact_ref=contact_ref,
-                order_ref=order_ref,
-                cost_minor=cost,
-                redeemed_at=now,
-                actor=principal.actor,
-            )
-            .returning(Redemption.id)
-        )
-    ).scalar_one()
-    await audit.append(
-        session,
+    await audit.write_entry(
+        conn,
         org_id=principal.org_id,
+        chain=chain,
+        seq=seq,
+        prev=prev,
         actor=principal.actor,
         action="voucher.redeem",
-        subject=f"voucher:{voucher_id}",
+        subject=subject,
         payload={
-            "redemption": redemption_id,
-            "use": uses,
+            "redemption": taken.redemption_id,
+            "use": taken.uses,
             "contact_ref": contact_ref,
             "order_ref": order_ref,
-            "cost_minor": cost,
+            "cost_minor": taken.cost,
         },
         at=now,
-        chains=audit_chains,
     )
     return RedeemResult(
         redemption=RedemptionOut(
-            id=redemption_id,
-            voucher_id=voucher_id,
-            batch_id=batch_id,
+            id=taken.redemption_id,
+            voucher_id=taken.voucher_id,
+            batch_id=taken.batch_id,
             contact_ref=contact_ref,
             order_ref=order_ref,
-            cost_minor=cost,
+            cost_minor=taken.cost,
             redeemed_at=now,
         ),
-        uses=uses,
-        max_uses=max_uses,
-        remaining_uses=max_uses - uses,
+        uses=taken.uses,
+        max_uses=taken.max_uses,
+        remaining_uses=taken.max_uses - taken.uses,
         discount=policy.discount,
     )
 
@@ -460,11 +581,15 @@ async def rollback(
         if existing is None:
             raise not_found("redemption")
         raise PopdropError("already_rolled_back", "this redemption was already rolled back")
-    await session.execute(
-        update(Voucher).where(Voucher.id == row.voucher_id).values(uses=Voucher.uses - 1)
+    conn = await session.connection()
+    await conn.execute(
+        update(_vouchers).where(_vouchers.c.id == row.voucher_id).values(uses=_vouchers.c.uses - 1)
     )
+    subject = f"voucher:{row.voucher_id}"
+    chain = audit.chain_for(subject, audit_chains)
+    seq, prev = await audit.bump_head(conn, principal.org_id, chain)
     if row.contact_ref is not None:
-        await session.execute(
+        await conn.execute(
             update(VoucherContactUse)
             .where(
                 VoucherContactUse.batch_id == row.batch_id,
@@ -473,20 +598,22 @@ async def rollback(
             .values(uses=VoucherContactUse.uses - 1)
         )
     if row.cost_minor:
-        await session.execute(
-            update(VoucherBatch)
-            .where(VoucherBatch.id == row.batch_id, VoucherBatch.budget_minor.is_not(None))
-            .values(budget_spent_minor=VoucherBatch.budget_spent_minor - row.cost_minor)
+        await conn.execute(
+            update(_batches)
+            .where(_batches.c.id == row.batch_id, _batches.c.budget_minor.is_not(None))
+            .values(budget_spent_minor=_batches.c.budget_spent_minor - row.cost_minor)
         )
-    await audit.append(
-        session,
+    await audit.write_entry(
+        conn,
         org_id=principal.org_id,
+        chain=chain,
+        seq=seq,
+        prev=prev,
         actor=principal.actor,
         action="voucher.rollback",
-        subject=f"voucher:{row.voucher_id}",
+        subject=subject,
         payload={"redemption": row.id, "reason": reason},
         at=now,
-        chains=audit_chains,
     )
     return redemption_out(row)
 
@@ -591,10 +718,8 @@ async def revoke_batch(
     audit_chains: int,
 ) -> int:
     principal.require("vouchers:write")
-    batch = await get_batch(session, principal, batch_id)
-    if batch.revoked_at is None:
-        batch.revoked_at = now
-    return await _revoke_where(
+    await get_batch(session, principal, batch_id)
+    count = await _revoke_where(
         session,
         principal,
         [Voucher.batch_id == batch_id],
@@ -602,6 +727,17 @@ async def revoke_batch(
         reason=reason,
         now=now,
         audit_chains=audit_chains,
+    )
+    await _mark_batches_revoked(session, [_batches.c.id == batch_id], now)
+    return count
+
+
+async def _mark_batches_revoked(
+    session: AsyncSession, conditions: Sequence[Any], now: datetime
+) -> None:
+    # Batch rows last: the lock order is voucher rows -> audit head -> batch.
+    await session.execute(
+        update(_batches).where(*conditions, _batches.c.revoked_at.is_(None)).values(revoked_at=now)
     )
 
 
@@ -618,12 +754,7 @@ async def revoke_tag(
     batch_ids = select(VoucherBatch.id).where(
         VoucherBatch.org_id == principal.org_id, VoucherBatch.tag == tag
     )
-    await session.execute(
-        update(VoucherBatch)
-        .where(VoucherBatch.id.in_(batch_ids), VoucherBatch.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
-    return await _revoke_where(
+    count = await _revoke_where(
         session,
         principal,
         [Voucher.batch_id.in_(batch_ids)],
@@ -632,6 +763,8 @@ async def revoke_tag(
         now=now,
         audit_chains=audit_chains,
     )
+    await _mark_batches_revoked(session, [_batches.c.id.in_(batch_ids)], now)
+    return count
 
 
 # ---------------------------------------------------------------- read

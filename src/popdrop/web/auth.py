@@ -38,9 +38,13 @@ async def api_principal(
             "send an API token: Authorization: Bearer pd_…",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    token = token.strip()
+    cached = accounts.cached_token(ctx.signer, token)
+    if cached is not None:  # the burst path: no pool checkout for a known token
+        return cached
     async with ctx.db.reader() as session:
         return await accounts.resolve_token(
-            session, ctx.signer, token.strip(), cache_ttl=ctx.settings.token_cache_seconds
+            session, ctx.signer, token, cache_ttl=ctx.settings.token_cache_seconds
         )
 
 
