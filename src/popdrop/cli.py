@@ -118,7 +118,7 @@ def _db_label(settings: Settings) -> str:
 
 @db_app.command("upgrade")
 def db_upgrade(
-    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "heads",
 ) -> None:
     """Apply schema migrations (serve and demo do this on start)."""
     settings = Settings()

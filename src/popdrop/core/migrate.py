@@ -21,6 +21,8 @@ def target_metadata() -> MetaData:
     import popdrop.accounts.models
     import popdrop.core.audit
     import popdrop.core.idempotency
+    import popdrop.events.models
+    import popdrop.inventory.models
     import popdrop.vouchers.models  # noqa: F401
 
     return Base.metadata
@@ -43,10 +45,11 @@ def _upgrade(connection: Connection, revision: str) -> None:
 def _current(connection: Connection) -> Any:
     from alembic.runtime.migration import MigrationContext
 
-    return MigrationContext.configure(connection).get_current_revision()
+    heads = MigrationContext.configure(connection).get_current_heads()
+    return ", ".join(sorted(heads)) or None
 
 
-async def upgrade(url: str, revision: str = "head") -> None:
+async def upgrade(url: str, revision: str = "heads") -> None:
     engine = create_engine(url, pool_size=1, max_overflow=0)
     try:
         async with engine.begin() as conn:

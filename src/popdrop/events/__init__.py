@@ -1,0 +1,1 @@
+"""Events: venue, activation window, time slots, pickup lanes and windows, partners, staff."""

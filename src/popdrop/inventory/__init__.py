@@ -1,0 +1,1 @@
+"""Inventory: product cards, variants, stock per lane, holds with TTL, never oversold."""
