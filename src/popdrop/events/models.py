@@ -5,7 +5,7 @@ from datetime import datetime
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from popdrop.core.db import BigId, Base, UTCDateTime
+from popdrop.core.db import Base, BigId, UTCDateTime
 
 EVENT_STATUSES = ("draft", "published", "live", "closed")
 

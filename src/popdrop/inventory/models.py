@@ -5,7 +5,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from popdrop.core.db import BigId, Base, UTCDateTime
+from popdrop.core.db import Base, BigId, UTCDateTime
 
 
 class Product(Base):
