@@ -28,6 +28,9 @@ REASON_STATUS: dict[str, int] = {
     "link_invalid": 400,
     "link_expired": 410,
     "rate_limited": 429,
+    "slot_full": 409,
+    "event_closed": 409,
+    "already_cancelled": 409,
     "unavailable": 503,
 }
 

@@ -93,6 +93,9 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
 
     app.include_router(accounts_api)
     app.include_router(vouchers_api)
+    from popdrop.rsvp.api import router as rsvp_api
+
+    app.include_router(rsvp_api)
     app.include_router(web_pages)
     from popdrop.vouchers.pages import router as voucher_pages
 

@@ -1,0 +1,228 @@
+"""RSVP and waiting-list REST API (thin: parse, call the service, shape the answer).
+
+Public routes (no token; guarded against guessing like voucher redemption):
+  POST /api/v1/public/events/{event_id}/rsvps     RSVP or join the waiting list
+  POST /api/v1/public/rsvps/cancel                cancel with the signed cancel token
+  POST /api/v1/public/waitlist/claim              claim an offer with its voucher code
+Operator routes (token; scopes vouchers:read / vouchers:write):
+  GET  /api/v1/events/{event_id}/rsvps, GET /api/v1/events/{event_id}/waitlist,
+  GET  /api/v1/rsvps/{rsvp_id}, POST /api/v1/rsvps/{rsvp_id}/cancel
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.core.errors import PopdropError
+from popdrop.core.idempotency import fingerprint, run_once
+from popdrop.core.ratelimit import GUESSING_REASONS
+from popdrop.core.schemas import error_responses
+from popdrop.rsvp import service
+from popdrop.rsvp.schemas import (
+    CancelByToken,
+    CancelRequest,
+    ClaimRequest,
+    RsvpCreate,
+    RsvpCreated,
+    RsvpOut,
+    RsvpStatus,
+    WaitlistOut,
+)
+from popdrop.web.auth import ApiPrincipal
+from popdrop.web.context import AppContext, client_address, get_ctx
+
+router = APIRouter(prefix="/api/v1", tags=["rsvps"])
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+ItemId = Annotated[int, Path(ge=1, le=2**62)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Before = Annotated[int | None, Query(ge=1, le=2**62)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", max_length=200, description="Retry-safe: same key, same answer"
+    ),
+]
+# Failures that look like guessing (codes, tokens) count against the client.
+_GUESSES = GUESSING_REASONS | {"link_invalid"}
+T = TypeVar("T")
+
+
+async def public_guarded(
+    ctx: AppContext, request: Request, org_id: int, call: Callable[[], Awaitable[T]]
+) -> T:
+    address = client_address(request)
+    await ctx.guard.check(org_id, address)
+    try:
+        return await call()
+    except PopdropError as error:
+        if error.reason in _GUESSES:
+            await ctx.guard.failed(org_id, address)
+        raise
+
+
+async def _event_org(ctx: AppContext, event_id: int) -> int:
+    async with ctx.db.reader() as session:
+        return await service.event_org(session, event_id)
+
+
+# ---------------------------------------------------------------- public
+
+
+@router.post(
+    "/public/events/{event_id}/rsvps",
+    status_code=201,
+    response_model=RsvpCreated,
+    responses=error_responses(404, 409, 422, 429),
+    summary="RSVP to a slot (no token); full slot: `slot_full`, or join with waitlist=true",
+)
+async def create_rsvp(
+    event_id: ItemId, body: RsvpCreate, request: Request, ctx: Ctx
+) -> RsvpCreated:
+    org_id = await _event_org(ctx, event_id)
+
+    async def call() -> service.RsvpResult:
+        async with ctx.db.transaction() as session:
+            return await service.create_rsvp(
+                session,
+                ctx.signer,
+                event_id=event_id,
+                spec=body,
+                now=ctx.clock.now(),
+                audit_chains=ctx.settings.audit_chains,
+            )
+
+    result = await public_guarded(ctx, request, org_id, call)
+    return RsvpCreated(rsvp=service.rsvp_out(result.rsvp), cancel_token=result.cancel_token)
+
+
+@router.post(
+    "/public/rsvps/cancel",
+    response_model=RsvpOut,
+    responses=error_responses(400, 404, 409, 410, 422, 429),
+    summary="Cancel an RSVP (or leave the waiting list) with its signed cancel token",
+)
+async def cancel_by_token(body: CancelByToken, request: Request, ctx: Ctx) -> RsvpOut:
+    _rsvp_id, org_id = service.read_cancel_token(ctx.signer, body.token)
+
+    async def call() -> service.CancelResult:
+        async with ctx.db.transaction() as session:
+            return await service.cancel_by_token(
+                session,
+                ctx.signer,
+                token=body.token,
+                now=ctx.clock.now(),
+                audit_chains=ctx.settings.audit_chains,
+            )
+
+    result = await public_guarded(ctx, request, org_id, call)
+    return service.rsvp_out(result.rsvp)
+
+
+@router.post(
+    "/public/waitlist/claim",
+    response_model=RsvpCreated,
+    responses=error_responses(404, 409, 410, 422, 429),
+    summary="Claim a waiting-list offer with its voucher code: the RSVP is confirmed",
+)
+async def claim(body: ClaimRequest, request: Request, ctx: Ctx) -> RsvpCreated:
+    org_id = await _event_org(ctx, body.event_id)
+
+    async def call() -> service.RsvpResult:
+        async with ctx.db.transaction() as session:
+            return await service.claim_offer(
+                session,
+                ctx.signer,
+                event_id=body.event_id,
+                code=body.code,
+                now=ctx.clock.now(),
+                audit_chains=ctx.settings.audit_chains,
+            )
+
+    result = await public_guarded(ctx, request, org_id, call)
+    return RsvpCreated(rsvp=service.rsvp_out(result.rsvp), cancel_token=result.cancel_token)
+
+
+# ---------------------------------------------------------------- operator
+
+
+@router.get(
+    "/events/{event_id}/rsvps",
+    response_model=list[RsvpOut],
+    responses=error_responses(401, 403, 404, 422),
+)
+async def list_rsvps(
+    event_id: ItemId,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    status: RsvpStatus | None = None,
+    limit: Limit = 100,
+    before: Before = None,
+) -> list[RsvpOut]:
+    async with ctx.db.reader() as session:
+        rows = await service.list_rsvps(
+            session, principal, event_id, status=status, limit=limit, before_id=before
+        )
+    return [service.rsvp_out(r) for r in rows]
+
+
+@router.get(
+    "/events/{event_id}/waitlist",
+    response_model=WaitlistOut,
+    responses=error_responses(401, 403, 404, 422),
+    summary="The waiting list in order, with each offer's state (never its code)",
+)
+async def get_waitlist(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> WaitlistOut:
+    async with ctx.db.reader() as session:
+        return await service.waitlist(session, principal, event_id)
+
+
+@router.get(
+    "/rsvps/{rsvp_id}", response_model=RsvpOut, responses=error_responses(401, 403, 404, 422)
+)
+async def get_rsvp(rsvp_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> RsvpOut:
+    async with ctx.db.reader() as session:
+        return service.rsvp_out(await service.get_rsvp(session, principal, rsvp_id))
+
+
+@router.post(
+    "/rsvps/{rsvp_id}/cancel",
+    response_model=RsvpOut,
+    responses=error_responses(401, 403, 404, 409, 422),
+    summary="Cancel an RSVP: its places go to the waiting list",
+)
+async def cancel_rsvp(
+    rsvp_id: ItemId,
+    body: CancelRequest,
+    request: Request,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    now = ctx.clock.now()
+
+    async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
+        result = await service.cancel_rsvp(
+            session,
+            ctx.signer,
+            principal,
+            rsvp_id=rsvp_id,
+            reason=body.reason,
+            now=now,
+            audit_chains=ctx.settings.audit_chains,
+        )
+        return 200, service.rsvp_out(result.rsvp).model_dump(mode="json")
+
+    status, payload = await run_once(
+        ctx.db,
+        ctx.clock,
+        org_id=principal.org_id,
+        key=idempotency_key,
+        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump()),
+        operation=operation,
+    )
+    return JSONResponse(payload, status_code=status)

@@ -1,0 +1,63 @@
+"""RSVPs to time slots and the offers made to the waiting list.
+
+One `rsvps` row per request: `confirmed` places count in the slot's `taken`; a
+`waitlisted` row waits (FIFO by `created_at`, then id); an `offered` row has an open
+`waitlist_offers` row whose places are held in `taken` until claimed or expired.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from popdrop.core.db import Base, BigId, UTCDateTime
+
+RSVP_STATUSES = ("confirmed", "waitlisted", "offered", "cancelled", "lapsed")
+OFFER_STATUSES = ("open", "claimed", "expired", "cancelled")
+
+
+class Rsvp(Base):
+    __tablename__ = "rsvps"
+    __table_args__ = (
+        Index("ix_rsvps_event_status", "event_id", "status"),
+        Index("ix_rsvps_waiting", "slot_id", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id"))
+    slot_id: Mapped[int] = mapped_column(ForeignKey("time_slots.id"))
+    email: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    phone: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    places: Mapped[int] = mapped_column(Integer)
+    consent_text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    cancel_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class WaitlistOffer(Base):
+    """A place held for a waiting RSVP, claimable with a single-use voucher until expiry.
+
+    The voucher's plaintext code is never stored: only the service call that makes the
+    offer returns it (for the messaging that sends it).
+    """
+
+    __tablename__ = "waitlist_offers"
+    __table_args__ = (Index("ix_waitlist_offers_due", "status", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id"), index=True)
+    slot_id: Mapped[int] = mapped_column(ForeignKey("time_slots.id"))
+    rsvp_id: Mapped[int] = mapped_column(ForeignKey("rsvps.id"), index=True)
+    voucher_id: Mapped[int] = mapped_column(ForeignKey("vouchers.id"), unique=True)
+    places: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    offered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

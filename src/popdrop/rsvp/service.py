@@ -1,0 +1,821 @@
+"""RSVPs and the waiting list. Every function takes the caller's session and `now`.
+
+Rules:
+- A slot's `taken` counts confirmed places plus places held by open offers. Taking
+  places is one conditional `UPDATE time_slots SET taken = taken + n WHERE id = :slot AND
+  taken + n <= capacity RETURNING`, in the same transaction as the RSVP insert, so a slot
+  is never oversold.
+- Full slot: the request is refused with `slot_full` (and the answer says the waiting
+  list is open), or, when it asked to, it joins the waiting list (status `waitlisted`).
+- Freed places (a cancel, an expired offer) go to the waiting list at once, in the same
+  transaction: entries in order of arrival (created_at, then id); an entry whose party
+  does not fit the free places is skipped and keeps its position for the next offer, and
+  a later entry that fits gets the offer. Places no waiting entry fits stay free.
+- An offer holds its places and carries a single-use voucher valid for the offer's TTL
+  (default 2 h). Claiming redeems the voucher and confirms the RSVP; an offer that runs
+  out is swept by `expire_offers` (lazily at the start of every RSVP/cancel/claim of the
+  event, and by the periodic task): its voucher is revoked, its RSVP `lapsed`, and its
+  places pass to the next waiting entry that fits.
+- Plaintext voucher codes are never stored: the operation that makes an offer returns it
+  (`OfferMade.code`) for the messaging that delivers it.
+- Lock order, everywhere: offer row -> RSVP row -> slot row -> waiting RSVP rows ->
+  voucher rows and their audit chains -> the event's audit chain (always last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.core import audit
+from popdrop.core.db import table_of
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.signing import Signer
+from popdrop.events.models import Event, TimeSlot
+from popdrop.rsvp.models import Rsvp, WaitlistOffer
+from popdrop.rsvp.schemas import (
+    OfferOut,
+    RsvpCreate,
+    RsvpOut,
+    WaitlistEntryOut,
+    WaitlistOut,
+)
+from popdrop.vouchers import codes
+from popdrop.vouchers import service as vouchers
+from popdrop.vouchers.models import Voucher
+from popdrop.vouchers.schemas import BatchCreate
+
+OFFER_TTL_SECONDS = 2 * 3600
+CANCEL_PURPOSE = "rsvp-cancel"
+OPEN_EVENT_STATUSES = frozenset({"published", "live"})
+PUBLIC_ACTOR = "public:rsvp"
+SYSTEM_ACTOR = "system:waitlist"
+SWEEP_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class OfferMade:
+    """An offer just made: the only place its plaintext voucher code exists."""
+
+    offer_id: int
+    rsvp_id: int
+    org_id: int
+    event_id: int
+    slot_id: int
+    places: int
+    code: str
+    expires_at: datetime
+    email: str | None
+    phone: str | None
+
+
+@dataclass
+class RsvpResult:
+    rsvp: Rsvp
+    cancel_token: str
+    offers: list[OfferMade] = field(default_factory=list)
+
+
+@dataclass
+class CancelResult:
+    rsvp: Rsvp
+    offers: list[OfferMade] = field(default_factory=list)
+
+
+def system_principal(org_id: int) -> Principal:
+    """Who issues, revokes and redeems waiting-list vouchers on the organization's behalf."""
+    return Principal(
+        org_id, SYSTEM_ACTOR, "system", frozenset({"vouchers:write", "vouchers:redeem"})
+    )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def normalize_contact(email: str | None, phone: str | None) -> tuple[str | None, str | None]:
+    """A valid email (normalized) and/or a valid phone number (E.164); at least one."""
+    if not email and not phone:
+        raise PopdropError("invalid_request", "contact: give an email or a phone number")
+    clean_email: str | None = None
+    clean_phone: str | None = None
+    if email:
+        try:
+            clean_email = validate_email(email, check_deliverability=False).normalized
+        except EmailNotValidError as exc:
+            raise PopdropError("invalid_request", f"email: {exc}") from exc
+    if phone:
+        try:
+            parsed = phonenumbers.parse(phone, None)
+        except phonenumbers.NumberParseException as exc:
+            raise PopdropError(
+                "invalid_request", "phone: use the international format, e.g. +33612345678"
+            ) from exc
+        if not phonenumbers.is_valid_number(parsed):
+            raise PopdropError("invalid_request", "phone: not a valid phone number")
+        clean_phone = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    return clean_email, clean_phone
+
+
+def cancel_token(signer: Signer, rsvp: Rsvp) -> str:
+    return signer.sign(CANCEL_PURPOSE, {"r": rsvp.id, "o": rsvp.org_id})
+
+
+def read_cancel_token(signer: Signer, token: str) -> tuple[int, int]:
+    """(rsvp id, org id) of a cancel token, or `link_invalid`. Needs no database."""
+    payload: Any = signer.unsign(CANCEL_PURPOSE, token)
+    if not isinstance(payload, dict):
+        raise PopdropError("link_invalid", "this link is not valid")
+    rsvp_id, org_id = payload.get("r"), payload.get("o")
+    if not isinstance(rsvp_id, int) or not isinstance(org_id, int):
+        raise PopdropError("link_invalid", "this link is not valid")
+    return rsvp_id, org_id
+
+
+_slots = table_of(TimeSlot)
+# Built once: the RSVP storm runs these on every request.
+_TAKE_PLACES = (
+    update(_slots)
+    .where(
+        _slots.c.id == bindparam("s_id"),
+        _slots.c.taken + bindparam("n") <= _slots.c.capacity,
+    )
+    .values(taken=_slots.c.taken + bindparam("n"))
+    .returning(_slots.c.taken)
+)
+_RELEASE_PLACES = (
+    update(_slots)
+    .where(_slots.c.id == bindparam("s_id"))
+    .values(taken=_slots.c.taken - bindparam("n"))
+)
+
+
+async def _take_places(session: AsyncSession, slot_id: int, places: int) -> bool:
+    conn = await session.connection()
+    return (await conn.execute(_TAKE_PLACES, {"s_id": slot_id, "n": places})).first() is not None
+
+
+async def _release_places(session: AsyncSession, slot_id: int, places: int) -> None:
+    conn = await session.connection()
+    await conn.execute(_RELEASE_PLACES, {"s_id": slot_id, "n": places})
+
+
+async def _free_places(session: AsyncSession, slot_id: int) -> int:
+    row = (
+        await session.execute(
+            select(_slots.c.capacity - _slots.c.taken).where(_slots.c.id == slot_id)
+        )
+    ).first()
+    return max(int(row[0]), 0) if row else 0
+
+
+async def _audit(
+    session: AsyncSession,
+    *,
+    org_id: int,
+    event_id: int,
+    actor: str,
+    action: str,
+    payload: dict[str, Any],
+    now: datetime,
+    audit_chains: int,
+) -> None:
+    # One subject per event: its RSVP history stays in order on one chain.
+    await audit.append(
+        session,
+        org_id=org_id,
+        actor=actor,
+        action=action,
+        subject=f"event:{event_id}",
+        payload=payload,
+        at=now,
+        chains=audit_chains,
+    )
+
+
+async def _load_rsvp(session: AsyncSession, rsvp_id: int, org_id: int) -> Rsvp:
+    rsvp = await session.scalar(
+        select(Rsvp)
+        .where(Rsvp.id == rsvp_id, Rsvp.org_id == org_id)
+        .execution_options(populate_existing=True)
+    )
+    if rsvp is None:
+        raise not_found("RSVP")
+    return rsvp
+
+
+async def event_org(session: AsyncSession, event_id: int) -> int:
+    """The organization of a public event (for rate limits before any work)."""
+    org_id = await session.scalar(select(Event.org_id).where(Event.id == event_id))
+    if org_id is None:
+        raise not_found("event")
+    return int(org_id)
+
+
+def _require_open(event: Event, slot: TimeSlot | None, now: datetime) -> None:
+    if event.status not in OPEN_EVENT_STATUSES:
+        raise PopdropError(
+            "event_closed", "this event does not take RSVPs", detail={"status": event.status}
+        )
+    if slot is not None and slot.ends_at <= now:
+        raise PopdropError("event_closed", "this time slot is over")
+
+
+# ---------------------------------------------------------------- RSVP
+
+
+async def create_rsvp(
+    session: AsyncSession,
+    signer: Signer,
+    *,
+    event_id: int,
+    spec: RsvpCreate,
+    now: datetime,
+    audit_chains: int,
+    actor: str = PUBLIC_ACTOR,
+) -> RsvpResult:
+    """RSVP to a slot: confirmed if its places fit, else `slot_full` or the waiting list."""
+    if not spec.consent:
+        raise PopdropError("invalid_request", "consent: the consent box must be ticked")
+    email, phone = normalize_contact(spec.email, spec.phone)
+    row = (
+        await session.execute(
+            select(Event, TimeSlot)
+            .join(TimeSlot, (TimeSlot.event_id == Event.id) & (TimeSlot.org_id == Event.org_id))
+            .where(Event.id == event_id, TimeSlot.id == spec.slot_id)
+        )
+    ).first()
+    if row is None:
+        raise not_found("time slot of this event")
+    event, slot = row
+    _require_open(event, slot, now)
+    if spec.places > slot.capacity:
+        raise PopdropError(
+            "invalid_request", f"places: this slot has {slot.capacity} places in all"
+        )
+    offers = await expire_offers(
+        session, signer, now=now, audit_chains=audit_chains, event_id=event.id
+    )
+    if await _take_places(session, slot.id, spec.places):
+        status = "confirmed"
+    elif spec.waitlist:
+        status = "waitlisted"
+    else:
+        raise PopdropError(
+            "slot_full",
+            "this slot is full; you can join its waiting list (send waitlist: true)",
+            detail={"waitlist": True, "free_places": await _free_places(session, slot.id)},
+        )
+    rsvp = Rsvp(
+        org_id=event.org_id,
+        event_id=event.id,
+        slot_id=slot.id,
+        email=email,
+        phone=phone,
+        places=spec.places,
+        consent_text=spec.consent_text,
+        status=status,
+        created_at=now,
+        confirmed_at=now if status == "confirmed" else None,
+    )
+    session.add(rsvp)
+    await session.flush()
+    await _audit(
+        session,
+        org_id=event.org_id,
+        event_id=event.id,
+        actor=actor,
+        action="rsvp.create" if status == "confirmed" else "waitlist.join",
+        payload={"rsvp": rsvp.id, "slot": slot.id, "places": spec.places, "status": status},
+        now=now,
+        audit_chains=audit_chains,
+    )
+    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers)
+
+
+async def cancel_rsvp(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    *,
+    rsvp_id: int,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> CancelResult:
+    """Operator cancel: frees the places (or leaves the waiting list)."""
+    principal.require("vouchers:write")
+    rsvp = await _load_rsvp(session, rsvp_id, principal.org_id)
+    return await _cancel(
+        session,
+        signer,
+        rsvp,
+        actor=principal.actor,
+        reason=reason,
+        now=now,
+        audit_chains=audit_chains,
+    )
+
+
+async def cancel_by_token(
+    session: AsyncSession, signer: Signer, *, token: str, now: datetime, audit_chains: int
+) -> CancelResult:
+    """Guest cancel with the signed token handed out at RSVP time."""
+    rsvp_id, org_id = read_cancel_token(signer, token)
+    rsvp = await _load_rsvp(session, rsvp_id, org_id)
+    return await _cancel(
+        session,
+        signer,
+        rsvp,
+        actor=PUBLIC_ACTOR,
+        reason="cancelled by the guest",
+        now=now,
+        audit_chains=audit_chains,
+    )
+
+
+async def _cancel(
+    session: AsyncSession,
+    signer: Signer,
+    rsvp: Rsvp,
+    *,
+    actor: str,
+    reason: str,
+    now: datetime,
+    audit_chains: int,
+) -> CancelResult:
+    offers = await expire_offers(
+        session, signer, now=now, audit_chains=audit_chains, event_id=rsvp.event_id
+    )
+    rsvp = await _load_rsvp(session, rsvp.id, rsvp.org_id)  # the sweep may have lapsed it
+    old = rsvp.status
+    if old in ("cancelled", "lapsed"):
+        raise PopdropError("already_cancelled", f"this RSVP is already {old}")
+    offer: WaitlistOffer | None = None
+    if old == "offered":
+        offer = (
+            await session.execute(
+                update(WaitlistOffer)
+                .where(WaitlistOffer.rsvp_id == rsvp.id, WaitlistOffer.status == "open")
+                .values(status="cancelled", closed_at=now)
+                .returning(WaitlistOffer)
+            )
+        ).scalar_one_or_none()
+    done = (
+        await session.execute(
+            update(Rsvp)
+            .where(Rsvp.id == rsvp.id, Rsvp.status == old)
+            .values(status="cancelled", cancelled_at=now, cancel_reason=reason)
+            .returning(Rsvp.id)
+        )
+    ).first()
+    if done is None:
+        raise PopdropError("conflict", "this RSVP changed meanwhile; try again")
+    freed = rsvp.places if old == "confirmed" else (offer.places if offer else 0)
+    if freed:
+        await _release_places(session, rsvp.slot_id, freed)
+    if offer is not None:
+        await vouchers.revoke_voucher(
+            session,
+            system_principal(rsvp.org_id),
+            voucher_id=offer.voucher_id,
+            reason="waiting-list RSVP cancelled",
+            now=now,
+            audit_chains=audit_chains,
+        )
+    if freed:
+        offers += await _offer_free_places(
+            session,
+            signer,
+            org_id=rsvp.org_id,
+            event_id=rsvp.event_id,
+            slot_id=rsvp.slot_id,
+            now=now,
+            audit_chains=audit_chains,
+        )
+    await _audit(
+        session,
+        org_id=rsvp.org_id,
+        event_id=rsvp.event_id,
+        actor=actor,
+        action="rsvp.cancel",
+        payload={"rsvp": rsvp.id, "was": old, "freed": freed, "reason": reason},
+        now=now,
+        audit_chains=audit_chains,
+    )
+    await _audit_offers(session, offers, now=now, audit_chains=audit_chains)
+    return CancelResult(await _load_rsvp(session, rsvp.id, rsvp.org_id), offers)
+
+
+# ---------------------------------------------------------------- waiting list
+
+
+async def _offer_free_places(
+    session: AsyncSession,
+    signer: Signer,
+    *,
+    org_id: int,
+    event_id: int,
+    slot_id: int,
+    now: datetime,
+    audit_chains: int,
+    ttl_seconds: int = OFFER_TTL_SECONDS,
+) -> list[OfferMade]:
+    """Offer a slot's free places to its waiting list (skip entries that do not fit)."""
+    made: list[OfferMade] = []
+    free = await _free_places(session, slot_id)
+    while free > 0:
+        waiting = (
+            await session.execute(
+                select(Rsvp.id, Rsvp.places, Rsvp.email, Rsvp.phone)
+                .where(
+                    Rsvp.slot_id == slot_id,
+                    Rsvp.status == "waitlisted",
+                    Rsvp.places <= free,
+                )
+                .order_by(Rsvp.created_at, Rsvp.id)
+                .limit(1)
+            )
+        ).first()
+        if waiting is None:
+            break
+        rsvp_id, places, email, phone = waiting
+        # Slot row before the waiting RSVP row (the lock order).
+        if not await _take_places(session, slot_id, places):
+            break
+        marked = (
+            await session.execute(
+                update(Rsvp)
+                .where(Rsvp.id == rsvp_id, Rsvp.status == "waitlisted")
+                .values(status="offered")
+                .returning(Rsvp.id)
+            )
+        ).first()
+        if marked is None:  # left the list meanwhile: give the places back, look again
+            await _release_places(session, slot_id, places)
+            free = await _free_places(session, slot_id)
+            continue
+        batch, [code] = await vouchers.issue_batch(
+            session,
+            signer,
+            system_principal(org_id),
+            BatchCreate(
+                name=f"Waiting-list offer for RSVP {rsvp_id}",
+                quantity=1,
+                max_uses=1,
+                ttl_seconds=ttl_seconds,
+                tag=f"waitlist:{event_id}",
+                event_ref=str(event_id),
+                offer_ref=f"rsvp:{rsvp_id}",
+                discount_kind="free_item",
+                discount_description=f"{places} place(s) from the waiting list",
+            ),
+            now=now,
+            audit_chains=audit_chains,
+        )
+        voucher_id = await session.scalar(select(Voucher.id).where(Voucher.batch_id == batch.id))
+        assert voucher_id is not None
+        expires_at = now + timedelta(seconds=ttl_seconds)
+        offer = WaitlistOffer(
+            org_id=org_id,
+            event_id=event_id,
+            slot_id=slot_id,
+            rsvp_id=rsvp_id,
+            voucher_id=voucher_id,
+            places=places,
+            status="open",
+            offered_at=now,
+            expires_at=expires_at,
+        )
+        session.add(offer)
+        await session.flush()
+        made.append(
+            OfferMade(
+                offer.id, rsvp_id, org_id, event_id, slot_id, places, code, expires_at, email, phone
+            )
+        )
+        free -= places
+    return made
+
+
+async def _audit_offers(
+    session: AsyncSession, offers: list[OfferMade], *, now: datetime, audit_chains: int
+) -> None:
+    for made in offers:
+        await _audit(
+            session,
+            org_id=made.org_id,
+            event_id=made.event_id,
+            actor=SYSTEM_ACTOR,
+            action="waitlist.offer",
+            payload={
+                "offer": made.offer_id,
+                "rsvp": made.rsvp_id,
+                "slot": made.slot_id,
+                "places": made.places,
+                "expires_at": made.expires_at.isoformat(),
+            },
+            now=now,
+            audit_chains=audit_chains,
+        )
+
+
+async def expire_offers(
+    session: AsyncSession,
+    signer: Signer,
+    *,
+    now: datetime,
+    audit_chains: int,
+    event_id: int | None = None,
+    limit: int = SWEEP_LIMIT,
+) -> list[OfferMade]:
+    """Sweep offers past their expiry (of one event, or all): revoke their vouchers, lapse
+    their RSVPs and pass their places on. With an event, also offer any free places a
+    waiting entry fits (e.g. after capacity grew). Returns the offers made."""
+    due = select(WaitlistOffer.id).where(
+        WaitlistOffer.status == "open", WaitlistOffer.expires_at <= now
+    )
+    if event_id is not None:
+        due = due.where(WaitlistOffer.event_id == event_id)
+    offer_ids = list(await session.scalars(due.order_by(WaitlistOffer.expires_at).limit(limit)))
+    slots: dict[int, tuple[int, int]] = {}  # slot -> (org, event)
+    expired: list[WaitlistOffer] = []
+    for offer_id in offer_ids:
+        offer = (
+            await session.execute(
+                update(WaitlistOffer)
+                .where(
+                    WaitlistOffer.id == offer_id,
+                    WaitlistOffer.status == "open",
+                    WaitlistOffer.expires_at <= now,
+                )
+                .values(status="expired", closed_at=now)
+                .returning(WaitlistOffer)
+            )
+        ).scalar_one_or_none()
+        if offer is None:  # claimed or swept meanwhile
+            continue
+        await session.execute(
+            update(Rsvp)
+            .where(Rsvp.id == offer.rsvp_id, Rsvp.status == "offered")
+            .values(status="lapsed")
+        )
+        await _release_places(session, offer.slot_id, offer.places)
+        await vouchers.revoke_voucher(
+            session,
+            system_principal(offer.org_id),
+            voucher_id=offer.voucher_id,
+            reason="waiting-list offer expired",
+            now=now,
+            audit_chains=audit_chains,
+        )
+        slots[offer.slot_id] = (offer.org_id, offer.event_id)
+        expired.append(offer)
+    if event_id is not None:
+        fitting = exists(
+            select(Rsvp.id).where(
+                Rsvp.slot_id == TimeSlot.id,
+                Rsvp.status == "waitlisted",
+                Rsvp.places <= TimeSlot.capacity - TimeSlot.taken,
+            )
+        )
+        rows = await session.execute(
+            select(TimeSlot.id, TimeSlot.org_id).where(TimeSlot.event_id == event_id, fitting)
+        )
+        for slot_id, org_id in rows:
+            slots.setdefault(slot_id, (org_id, event_id))
+    made: list[OfferMade] = []
+    for slot_id, (org_id, slot_event) in sorted(slots.items()):
+        made += await _offer_free_places(
+            session,
+            signer,
+            org_id=org_id,
+            event_id=slot_event,
+            slot_id=slot_id,
+            now=now,
+            audit_chains=audit_chains,
+        )
+    for offer in expired:
+        await _audit(
+            session,
+            org_id=offer.org_id,
+            event_id=offer.event_id,
+            actor=SYSTEM_ACTOR,
+            action="waitlist.offer_expired",
+            payload={"offer": offer.id, "rsvp": offer.rsvp_id, "places": offer.places},
+            now=now,
+            audit_chains=audit_chains,
+        )
+    await _audit_offers(session, made, now=now, audit_chains=audit_chains)
+    return made
+
+
+_CLOSED_OFFER = {
+    "claimed": ("exhausted", "this offer was already claimed"),
+    "expired": ("expired", "this offer has expired"),
+    "cancelled": ("revoked", "this offer was withdrawn"),
+    "open": ("expired", "this offer has expired"),
+}
+
+
+async def claim_offer(
+    session: AsyncSession,
+    signer: Signer,
+    *,
+    event_id: int,
+    code: str,
+    now: datetime,
+    audit_chains: int,
+) -> RsvpResult:
+    """Claim a waiting-list offer with its voucher code: the held places become a
+    confirmed RSVP, and the voucher is redeemed in the same transaction."""
+    event = await session.scalar(select(Event).where(Event.id == event_id))
+    if event is None:
+        raise not_found("event")
+    code_hash = signer.keyed_hash(codes.normalize(code))
+    offers = await expire_offers(
+        session, signer, now=now, audit_chains=audit_chains, event_id=event.id
+    )
+    offer = await session.scalar(
+        select(WaitlistOffer)
+        .join(Voucher, Voucher.id == WaitlistOffer.voucher_id)
+        .where(
+            Voucher.code_hash == code_hash,
+            Voucher.org_id == event.org_id,
+            WaitlistOffer.event_id == event.id,
+        )
+        .execution_options(populate_existing=True)
+    )
+    if offer is None:
+        raise PopdropError("unknown", "no waiting-list offer of this event has this code")
+    _require_open(event, None, now)
+    claimed = (
+        await session.execute(
+            update(WaitlistOffer)
+            .where(
+                WaitlistOffer.id == offer.id,
+                WaitlistOffer.status == "open",
+                WaitlistOffer.expires_at > now,
+            )
+            .values(status="claimed", closed_at=now)
+            .returning(WaitlistOffer.id)
+        )
+    ).first()
+    if claimed is None:
+        reason, message = _CLOSED_OFFER.get(offer.status, ("expired", "this offer has expired"))
+        raise PopdropError(reason, message)
+    await vouchers.redeem(
+        session,
+        signer,
+        system_principal(event.org_id),
+        code=code,
+        contact_ref=f"rsvp:{offer.rsvp_id}",
+        order_ref=f"waitlist-offer:{offer.id}",
+        now=now,
+        audit_chains=audit_chains,
+    )
+    confirmed = (
+        await session.execute(
+            update(Rsvp)
+            .where(Rsvp.id == offer.rsvp_id, Rsvp.status == "offered")
+            .values(status="confirmed", confirmed_at=now)
+            .returning(Rsvp.id)
+        )
+    ).first()
+    if confirmed is None:
+        raise PopdropError("conflict", "this RSVP changed meanwhile; try again")
+    await _audit(
+        session,
+        org_id=event.org_id,
+        event_id=event.id,
+        actor=PUBLIC_ACTOR,
+        action="waitlist.claim",
+        payload={"offer": offer.id, "rsvp": offer.rsvp_id, "places": offer.places},
+        now=now,
+        audit_chains=audit_chains,
+    )
+    rsvp = await _load_rsvp(session, offer.rsvp_id, event.org_id)
+    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers)
+
+
+# ---------------------------------------------------------------- read
+
+
+async def _event_of(session: AsyncSession, principal: Principal, event_id: int) -> Event:
+    event = await session.scalar(
+        select(Event).where(Event.id == event_id, Event.org_id == principal.org_id)
+    )
+    if event is None:
+        raise not_found("event")
+    return event
+
+
+async def get_rsvp(session: AsyncSession, principal: Principal, rsvp_id: int) -> Rsvp:
+    principal.require("vouchers:read")
+    return await _load_rsvp(session, rsvp_id, principal.org_id)
+
+
+async def list_rsvps(
+    session: AsyncSession,
+    principal: Principal,
+    event_id: int,
+    *,
+    status: str | None = None,
+    limit: int = 100,
+    before_id: int | None = None,
+) -> list[Rsvp]:
+    principal.require("vouchers:read")
+    await _event_of(session, principal, event_id)
+    query = select(Rsvp).where(Rsvp.event_id == event_id, Rsvp.org_id == principal.org_id)
+    if status is not None:
+        query = query.where(Rsvp.status == status)
+    if before_id is not None:
+        query = query.where(Rsvp.id < before_id)
+    return list(await session.scalars(query.order_by(Rsvp.id.desc()).limit(limit)))
+
+
+async def waitlist(
+    session: AsyncSession, principal: Principal, event_id: int, *, limit: int = 500
+) -> WaitlistOut:
+    """Waiting and offered entries in order, with each offer's state (never its code)."""
+    principal.require("vouchers:read")
+    await _event_of(session, principal, event_id)
+    rows = list(
+        await session.scalars(
+            select(Rsvp)
+            .where(
+                Rsvp.event_id == event_id,
+                Rsvp.org_id == principal.org_id,
+                Rsvp.status.in_(("waitlisted", "offered")),
+            )
+            .order_by(Rsvp.slot_id, Rsvp.created_at, Rsvp.id)
+            .limit(limit)
+        )
+    )
+    offers = {
+        o.rsvp_id: o
+        for o in await session.scalars(
+            select(WaitlistOffer).where(
+                WaitlistOffer.event_id == event_id,
+                WaitlistOffer.org_id == principal.org_id,
+                WaitlistOffer.status == "open",
+            )
+        )
+    }
+    positions: dict[int, int] = {}
+    entries: list[WaitlistEntryOut] = []
+    for rsvp in rows:
+        position = None
+        if rsvp.status == "waitlisted":
+            position = positions[rsvp.slot_id] = positions.get(rsvp.slot_id, 0) + 1
+        offer = offers.get(rsvp.id)
+        entries.append(
+            WaitlistEntryOut(
+                rsvp_id=rsvp.id,
+                slot_id=rsvp.slot_id,
+                places=rsvp.places,
+                status=rsvp_status(rsvp),
+                created_at=rsvp.created_at,
+                position=position,
+                offer=offer_out(offer) if offer else None,
+            )
+        )
+    return WaitlistOut(event_id=event_id, entries=entries)
+
+
+def rsvp_status(rsvp: Rsvp) -> Any:
+    return rsvp.status
+
+
+def offer_out(offer: WaitlistOffer) -> OfferOut:
+    return OfferOut(
+        id=offer.id,
+        places=offer.places,
+        status=offer.status,
+        offered_at=offer.offered_at,
+        expires_at=offer.expires_at,
+        closed_at=offer.closed_at,
+    )
+
+
+def rsvp_out(rsvp: Rsvp) -> RsvpOut:
+    return RsvpOut(
+        id=rsvp.id,
+        event_id=rsvp.event_id,
+        slot_id=rsvp.slot_id,
+        status=rsvp_status(rsvp),
+        places=rsvp.places,
+        email=rsvp.email,
+        phone=rsvp.phone,
+        consent_text=rsvp.consent_text,
+        created_at=rsvp.created_at,
+        confirmed_at=rsvp.confirmed_at,
+        cancelled_at=rsvp.cancelled_at,
+        cancel_reason=rsvp.cancel_reason,
+    )

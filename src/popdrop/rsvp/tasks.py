@@ -1,0 +1,20 @@
+"""Periodic work of the waiting list (to be scheduled by the worker; no broker needed)."""
+
+from __future__ import annotations
+
+from popdrop.core.clock import Clock
+from popdrop.core.db import Database
+from popdrop.core.signing import Signer
+from popdrop.rsvp import service
+from popdrop.rsvp.service import OfferMade
+
+
+async def sweep_expired_offers(
+    db: Database, signer: Signer, clock: Clock, *, audit_chains: int
+) -> list[OfferMade]:
+    """Expire every offer past its time and pass its places on; return the new offers
+    (with their plaintext codes, for the messaging that sends them)."""
+    async with db.transaction() as session:
+        return await service.expire_offers(
+            session, signer, now=clock.now(), audit_chains=audit_chains
+        )
