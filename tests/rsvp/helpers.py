@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +24,7 @@ async def make_slot(
     async with ctx.db.transaction() as session:
         event = Event(
             org_id=tenant.org_id,
-            slug=f"ev-{now.timestamp():.0f}-{id(session)}",
+            slug=f"ev-{secrets.token_hex(6)}",
             title="Pop-up",
             description="",
             venue_name="",
