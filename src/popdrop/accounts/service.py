@@ -26,8 +26,12 @@ from popdrop.core.signing import Signer
 ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset(
         {"vouchers:read", "vouchers:write", "vouchers:redeem", "audit:read", "tokens:write"}
+        | {"checkin", "tickets:write"}
     ),
-    "host": frozenset({"vouchers:read", "vouchers:write", "vouchers:redeem", "audit:read"}),
+    "host": frozenset(
+        {"vouchers:read", "vouchers:write", "vouchers:redeem", "audit:read"}
+        | {"checkin", "tickets:write"}
+    ),
     "volunteer": frozenset({"checkin"}),
     "partner": frozenset({"reports:read"}),
 }

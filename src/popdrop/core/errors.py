@@ -31,6 +31,11 @@ REASON_STATUS: dict[str, int] = {
     "slot_full": 409,
     "event_closed": 409,
     "already_cancelled": 409,
+    "invalid": 422,
+    "wrong_event": 409,
+    "already_checked_in": 409,
+    "outside_window": 409,
+    "cancelled": 410,
     "unavailable": 503,
 }
 

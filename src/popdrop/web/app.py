@@ -100,6 +100,11 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.vouchers.pages import router as voucher_pages
 
     app.include_router(voucher_pages)
+    from popdrop.checkin.api import router as checkin_api
+    from popdrop.checkin.pages import router as checkin_pages
+
+    app.include_router(checkin_api)
+    app.include_router(checkin_pages)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.add_middleware(
         EdgeMiddleware,

@@ -1,0 +1,1 @@
+"""QR tickets, offline-verifiable secrets, scans and visits."""

@@ -1,0 +1,192 @@
+"""Check-in REST API (thin: parse, call the service, shape the answer)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import Counter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.checkin import service
+from popdrop.checkin.models import Ticket
+from popdrop.checkin.schemas import (
+    BatchAnswer,
+    CheckinKey,
+    Counts,
+    IssuedTicket,
+    ScanAnswer,
+    ScanBatch,
+    ScanRequest,
+    TicketCreate,
+)
+from popdrop.core.idempotency import fingerprint, run_once
+from popdrop.core.schemas import error_responses
+from popdrop.web.auth import ApiPrincipal
+from popdrop.web.context import AppContext, get_ctx
+
+router = APIRouter(prefix="/api/v1", tags=["checkin"])
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", max_length=200, description="Retry-safe: same key, same answer"
+    ),
+]
+ItemId = Annotated[int, Path(ge=1, le=2**62)]
+
+SCANS = Counter("popdrop_checkin_scans_total", "Check-in scans", ["result"])
+SCAN_REFUSALS = (401, 403, 409, 410, 422)
+
+
+def ticket_url(ctx: AppContext, secret: str) -> str:
+    return f"{ctx.settings.base_url.rstrip('/')}/t/{secret}"
+
+
+def issued(ctx: AppContext, ticket: Ticket, secret: str, created: bool) -> IssuedTicket:
+    return IssuedTicket(
+        ticket=service.ticket_out(ticket),
+        secret=secret,
+        url=ticket_url(ctx, secret),
+        created=created,
+    )
+
+
+# ---------------------------------------------------------------- tickets
+
+
+@router.post(
+    "/tickets",
+    status_code=201,
+    response_model=IssuedTicket,
+    responses=error_responses(401, 403, 404, 422),
+    summary="Issue a ticket for a subject (201), or return its valid one (200)",
+)
+async def issue_ticket(
+    body: TicketCreate,
+    request: Request,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    now = ctx.clock.now()
+
+    async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
+        ticket, secret, created = await service.issue_ticket(
+            session, principal, body, now=now, audit_chains=ctx.settings.audit_chains
+        )
+        answer = issued(ctx, ticket, secret, created)
+        return (201 if created else 200), answer.model_dump(mode="json")
+
+    status, payload = await run_once(
+        ctx.db,
+        ctx.clock,
+        org_id=principal.org_id,
+        key=idempotency_key,
+        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump(mode="json")),
+        operation=operation,
+    )
+    return JSONResponse(payload, status_code=status)
+
+
+@router.get(
+    "/tickets/{ticket_id}", response_model=IssuedTicket, responses=error_responses(401, 403, 404)
+)
+async def get_ticket(ticket_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> IssuedTicket:
+    principal.require(service.ISSUE_SCOPE)
+    async with ctx.db.transaction() as session:  # may make the event's key on first use
+        ticket = await service.get_ticket(session, principal, ticket_id)
+        secret = await service.ticket_secret(session, ticket, ctx.clock.now())
+    return issued(ctx, ticket, secret, False)
+
+
+async def _change(ctx: AppContext, principal: Principal, ticket_id: int, action: str) -> Any:
+    async with ctx.db.transaction() as session:
+        ticket, secret = await service.change_ticket(
+            session,
+            principal,
+            ticket_id,
+            action,
+            now=ctx.clock.now(),
+            audit_chains=ctx.settings.audit_chains,
+        )
+    return issued(ctx, ticket, secret, False)
+
+
+_CHANGE_ERRORS = error_responses(401, 403, 404, 409)
+
+
+@router.post("/tickets/{ticket_id}/cancel", response_model=IssuedTicket, responses=_CHANGE_ERRORS)
+async def cancel_ticket(ticket_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> IssuedTicket:
+    result: IssuedTicket = await _change(ctx, principal, ticket_id, "cancel")
+    return result
+
+
+@router.post("/tickets/{ticket_id}/revoke", response_model=IssuedTicket, responses=_CHANGE_ERRORS)
+async def revoke_ticket(ticket_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> IssuedTicket:
+    result: IssuedTicket = await _change(ctx, principal, ticket_id, "revoke")
+    return result
+
+
+@router.post(
+    "/tickets/{ticket_id}/reissue",
+    response_model=IssuedTicket,
+    responses=_CHANGE_ERRORS,
+    summary="A new secret for the ticket; the previous one stops working",
+)
+async def reissue_ticket(ticket_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> IssuedTicket:
+    result: IssuedTicket = await _change(ctx, principal, ticket_id, "reissue")
+    return result
+
+
+# ---------------------------------------------------------------- scanners
+
+
+@router.get(
+    "/events/{event_id}/checkin-key",
+    response_model=CheckinKey,
+    responses=error_responses(401, 403, 404),
+    summary="The event's public key and revocation list, for offline scanners",
+)
+async def checkin_key(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> CheckinKey:
+    async with ctx.db.transaction() as session:  # may make the key on first use
+        return await service.checkin_key(session, principal, event_id, ctx.clock.now())
+
+
+@router.get(
+    "/events/{event_id}/checkin-counts",
+    response_model=Counts,
+    responses=error_responses(401, 403, 404),
+)
+async def checkin_counts(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> Counts:
+    async with ctx.db.reader() as session:
+        return await service.counts(session, principal, event_id)
+
+
+@router.post(
+    "/checkins",
+    response_model=ScanAnswer,
+    responses=error_responses(*SCAN_REFUSALS),
+    summary="Check a ticket in; the same nonce always gets the same answer",
+)
+async def checkin(body: ScanRequest, principal: ApiPrincipal, ctx: Ctx) -> Response:
+    status, payload = await service.checkin(ctx.db, principal, body, now=ctx.clock.now())
+    SCANS.labels(payload.get("result", "error")).inc()
+    return JSONResponse(payload, status_code=status)
+
+
+@router.post(
+    "/checkins/batch",
+    response_model=BatchAnswer,
+    responses=error_responses(401, 403, 422),
+    summary="Upload offline scans; each keeps its scanned_at and gets its own answer",
+)
+async def checkin_batch(body: ScanBatch, principal: ApiPrincipal, ctx: Ctx) -> BatchAnswer:
+    answers = await service.checkin_batch(ctx.db, principal, body.scans, now=ctx.clock.now())
+    for _, payload in answers:
+        SCANS.labels(payload.get("result", "error")).inc()
+    return BatchAnswer.model_validate(
+        {"results": [{"status": status, "body": payload} for status, payload in answers]}
+    )

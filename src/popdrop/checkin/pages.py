@@ -1,0 +1,246 @@
+"""Check-in pages: the public ticket page `/t/{secret}` (QR + .ics) and the scanner page
+`/scan/{event_id}` for the volunteer role.
+
+The scanner posts each scan to `/scan/{event_id}/check` with the page session and the
+CSRF token in the `X-CSRF-Token` header (or a `csrf` form field); the REST API keeps
+token auth. The answer is the same JSON as `POST /api/v1/checkins`, plus the counts.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import segno
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.templating import Jinja2Templates
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
+from pydantic import ValidationError
+
+from popdrop.accounts.service import Principal
+from popdrop.checkin import service
+from popdrop.checkin.api import ItemId
+from popdrop.checkin.schemas import ScanRequest
+from popdrop.core.errors import PopdropError
+from popdrop.events.models import Event
+from popdrop.web.auth import PagePrincipal, attach_csrf_cookie, check_csrf, csrf_token
+from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.templating import templates as shared_templates
+
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+MAX_SCAN_BODY = 4096
+
+# Our templates first, then the shared layout (and its filters).
+_env = Environment(
+    loader=ChoiceLoader(
+        [
+            FileSystemLoader(str(Path(__file__).resolve().parent / "templates")),
+            shared_templates.env.loader,  # type: ignore[list-item]
+        ]
+    ),
+    autoescape=select_autoescape(["html", "xml"]),
+)
+_env.filters.update(shared_templates.env.filters)
+_templates = Jinja2Templates(env=_env)
+
+router = APIRouter(include_in_schema=False)
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+def render(
+    request: Request, name: str, context: dict[str, Any] | None = None, status: int = 200
+) -> HTMLResponse:
+    ctx = get_ctx(request)
+    data = {"csrf": csrf_token(request, ctx), "app_name": "popdrop"}
+    data.update(context or {})
+    response = _templates.TemplateResponse(request, name, data, status_code=status)
+    attach_csrf_cookie(request, response)
+    return response
+
+
+def local_time(value: datetime, timezone: str) -> str:
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = ZoneInfo("UTC")
+    return value.astimezone(zone).strftime("%a %d %b %Y, %H:%M %Z")
+
+
+def qr_svg(secret: str) -> Markup:
+    svg = segno.make(secret, error="m").svg_inline(omitsize=True, dark="#111", light="#fff")
+    return Markup(svg)  # noqa: S704 (segno markup of our own secret)
+
+
+# ---------------------------------------------------------------- public ticket page
+
+
+def _trouble(request: Request, error: PopdropError) -> Response:
+    response = render(request, "checkin/ticket_trouble.html", {"error": error}, error.status)
+    response.headers.update(NO_STORE)
+    return response
+
+
+@router.get("/t/{secret}")
+async def ticket_page(request: Request, secret: str, ctx: Ctx) -> Response:
+    try:
+        async with ctx.db.reader() as session:
+            view = await service.open_ticket(session, secret)
+    except PopdropError as error:
+        return _trouble(request, error)
+    event = view.event
+    context = {
+        "view": view,
+        "ticket": view.ticket,
+        "event": event,
+        "secret": secret,
+        "qr": qr_svg(secret) if view.current and view.ticket.status == "valid" else None,
+        "starts": local_time(event.starts_at, event.timezone),
+        "ends": local_time(event.ends_at, event.timezone),
+    }
+    response = render(request, "checkin/ticket.html", context)
+    response.headers.update(NO_STORE)
+    return response
+
+
+@router.get("/t/{secret}/event.ics")
+async def ticket_calendar(request: Request, secret: str, ctx: Ctx) -> Response:
+    try:
+        async with ctx.db.reader() as session:
+            view = await service.open_ticket(session, secret)
+    except PopdropError as error:
+        return _trouble(request, error)
+    url = f"{ctx.settings.base_url.rstrip('/')}/t/{secret}"
+    body = ics_event(view.event, uid=f"ticket-{view.ticket.id}", url=url, now=ctx.clock.now())
+    return Response(
+        body,
+        media_type="text/calendar; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="event.ics"', **NO_STORE},
+    )
+
+
+def ics_escape(text: str) -> str:
+    """RFC 5545 TEXT: backslash, semicolon, comma escaped; newlines as \\n."""
+    text = text.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+    return text.replace("\r\n", "\\n").replace("\r", "\\n").replace("\n", "\\n")
+
+
+def ics_fold(line: str) -> str:
+    """Fold a content line at 75 octets (continuations start with one space)."""
+    out: list[str] = []
+    current, size = "", 0
+    for char in line:
+        width = len(char.encode())
+        if size + width > 75:
+            out.append(current)
+            current, size = " ", 1
+        current += char
+        size += width
+    out.append(current)
+    return "\r\n".join(out)
+
+
+def _ics_time(value: datetime) -> str:
+    return value.astimezone(ZoneInfo("UTC")).strftime("%Y%m%dT%H%M%SZ")
+
+
+def ics_event(event: Event, *, uid: str, url: str, now: datetime) -> str:
+    location = ", ".join(p for p in (event.venue_name, event.venue_address) if p)
+    lines = [
+        "BEGIN:VCALENDAR",
+        "VERSION:2.0",
+        "PRODID:-//popdrop//tickets//EN",
+        "CALSCALE:GREGORIAN",
+        "METHOD:PUBLISH",
+        "BEGIN:VEVENT",
+        f"UID:{uid}@popdrop",
+        f"DTSTAMP:{_ics_time(now)}",
+        f"DTSTART:{_ics_time(event.starts_at)}",
+        f"DTEND:{_ics_time(event.ends_at)}",
+        f"SUMMARY:{ics_escape(event.title)}",
+    ]
+    if location:
+        lines.append(f"LOCATION:{ics_escape(location)}")
+    if event.latitude is not None and event.longitude is not None:
+        lines.append(f"GEO:{event.latitude:.6f};{event.longitude:.6f}")
+    if event.description:
+        lines.append(f"DESCRIPTION:{ics_escape(event.description)}")
+    lines += [f"URL:{url}", "END:VEVENT", "END:VCALENDAR"]
+    return "".join(ics_fold(line) + "\r\n" for line in lines)
+
+
+# ---------------------------------------------------------------- scanner
+
+
+def _scanner(principal: Principal) -> Principal:
+    principal.require(service.SCAN_SCOPE)
+    return principal
+
+
+@router.get("/scan/{event_id}")
+async def scanner(
+    request: Request, event_id: ItemId, principal: PagePrincipal, ctx: Ctx
+) -> Response:
+    try:
+        _scanner(principal)
+        async with ctx.db.reader() as session:
+            event = await service.get_event(session, principal, event_id)
+            counts = await service.counts(session, principal, event_id)
+    except PopdropError as error:
+        response = render(
+            request, "error.html", {"error": error, "principal": principal}, error.status
+        )
+        return response
+    context = {"principal": principal, "event": event, "counts": counts}
+    response = render(request, "checkin/scan.html", context)
+    response.headers.update(NO_STORE)
+    return response
+
+
+async def _scan_fields(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_SCAN_BODY:
+        raise PopdropError("payload_too_large", "a scan is a few hundred bytes")
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = json.loads(raw or b"{}")
+        except ValueError as exc:
+            raise PopdropError("invalid_request", "body: not JSON") from exc
+        if not isinstance(data, dict):
+            raise PopdropError("invalid_request", "body: a JSON object")
+        return data
+    form = await request.form()
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+@router.post("/scan/{event_id}/check")
+async def scanner_check(
+    request: Request, event_id: ItemId, principal: PagePrincipal, ctx: Ctx
+) -> Response:
+    try:
+        fields = await _scan_fields(request)
+        csrf = request.headers.get("x-csrf-token") or str(fields.pop("csrf", ""))
+        fields.pop("csrf", None)
+        check_csrf(request, ctx, {"csrf": csrf})
+        _scanner(principal)
+        async with ctx.db.reader() as session:
+            await service.get_event(session, principal, event_id)
+        try:
+            scan = ScanRequest.model_validate({**fields, "event_id": event_id})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise PopdropError("invalid_request", f"{where}: {first.get('msg')}") from exc
+        status, payload = await service.checkin(
+            ctx.db, principal, scan, now=ctx.clock.now(), bound_event_id=event_id
+        )
+        async with ctx.db.reader() as session:
+            counts = await service.counts(session, principal, event_id)
+    except PopdropError as error:
+        return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
+    body = {**payload, "counts": counts.model_dump()}
+    return JSONResponse(body, status_code=status, headers=NO_STORE)

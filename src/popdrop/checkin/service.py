@@ -1,0 +1,613 @@
+"""Tickets, scans and visits. Every function takes the caller's session (or the database,
+for the scan entry point that owns its transaction), the principal and `now`.
+
+Rules:
+- A ticket is checked in at most once: one conditional `UPDATE tickets … WHERE
+  checked_in_at IS NULL AND status = 'valid' AND generation = :gen AND <window>` decides;
+  the database serialises concurrent scans on the row, and `visits.ticket_id` is unique.
+- Every scan is stored, refusals too, under a unique (org, nonce): the same nonce always
+  gets the stored answer back; a new nonce on a used ticket gets `already_checked_in`.
+- Tenancy: the org of the principal is part of every query; a secret signed for another
+  org's event is simply `invalid` (never a hint that it exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.checkin import tickets
+from popdrop.checkin.models import EventKey, Scan, Ticket, Visit
+from popdrop.checkin.schemas import (
+    CheckinKey,
+    Counts,
+    ScanAnswer,
+    ScanRequest,
+    TicketCreate,
+    TicketOut,
+)
+from popdrop.core import audit
+from popdrop.core.db import Database, dialect_insert, table_of
+from popdrop.core.errors import REASON_STATUS, PopdropError, not_found
+from popdrop.events.models import Event
+
+ISSUE_SCOPE = "tickets:write"
+SCAN_SCOPE = "checkin"
+# Doors open a while before the event starts and stay open a little after it ends.
+OPENS_BEFORE = timedelta(hours=2)
+CLOSES_AFTER = timedelta(hours=1)
+# A scan may say when it happened (offline scanners); never noticeably in the future.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+_tickets = table_of(Ticket)
+_scans = table_of(Scan)
+_visits = table_of(Visit)
+_events = table_of(Event)
+_keys = table_of(EventKey)
+
+
+@dataclass(frozen=True)
+class EventSigner:
+    org_id: int
+    public: Ed25519PublicKey
+    public_raw: bytes
+    private: Ed25519PrivateKey
+
+
+# Keys never change once made, so they are cached per (database, event).
+_SIGNERS: dict[tuple[str, int], EventSigner] = {}
+
+
+def _db_key(session: AsyncSession) -> str:
+    return str(session.get_bind().engine.url)
+
+
+async def _load_signer(session: AsyncSession, event_id: int) -> EventSigner | None:
+    cache_key = (_db_key(session), event_id)
+    signer = _SIGNERS.get(cache_key)
+    if signer is None:
+        row = (
+            await session.execute(
+                select(_keys.c.org_id, _keys.c.public_key, _keys.c.private_key).where(
+                    _keys.c.event_id == event_id
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        signer = EventSigner(
+            org_id=row.org_id,
+            public=tickets.public_key_of(row.public_key),
+            public_raw=row.public_key,
+            private=Ed25519PrivateKey.from_private_bytes(row.private_key),
+        )
+        _SIGNERS[cache_key] = signer
+    return signer
+
+
+async def event_signer(session: AsyncSession, event: Event, now: datetime) -> EventSigner:
+    """The event's keypair, made on first use (concurrent first uses agree on one)."""
+    signer = await _load_signer(session, event.id)
+    if signer is None:
+        private, public = tickets.new_keypair()
+        await session.execute(
+            dialect_insert(session.get_bind().dialect.name, _keys)
+            .values(
+                event_id=event.id,
+                org_id=event.org_id,
+                public_key=public,
+                private_key=private,
+                created_at=now,
+            )
+            .on_conflict_do_nothing()
+        )
+        signer = await _load_signer(session, event.id)
+        assert signer is not None
+    return signer
+
+
+# ---------------------------------------------------------------- tickets
+
+
+async def get_event(session: AsyncSession, principal: Principal, event_id: int) -> Event:
+    event = await session.scalar(
+        select(Event).where(Event.id == event_id, Event.org_id == principal.org_id)
+    )
+    if event is None:
+        raise not_found("event")
+    return event
+
+
+def ticket_out(ticket: Ticket) -> TicketOut:
+    return TicketOut(
+        id=ticket.id,
+        event_id=ticket.event_id,
+        subject_kind=ticket.subject_kind,
+        subject_id=ticket.subject_id,
+        holder_ref=ticket.holder_ref,
+        status=ticket.status,
+        reissues=ticket.generation,
+        created_at=ticket.created_at,
+        changed_at=ticket.changed_at,
+        checked_in_at=ticket.checked_in_at,
+        checked_in_gate=ticket.checked_in_gate,
+    )
+
+
+def secret_of(signer: EventSigner, ticket: Ticket) -> str:
+    return tickets.sign(
+        signer.private,
+        event_id=ticket.event_id,
+        ticket_id=ticket.id,
+        generation=ticket.generation,
+        issued_epoch=ticket.issued_epoch,
+    )
+
+
+async def issue_ticket(
+    session: AsyncSession,
+    principal: Principal,
+    spec: TicketCreate,
+    *,
+    now: datetime,
+    audit_chains: int,
+) -> tuple[Ticket, str, bool]:
+    """A ticket for a subject; the subject's valid ticket if it has one (created=False)."""
+    principal.require(ISSUE_SCOPE)
+    event = await get_event(session, principal, spec.event_id)
+    signer = await event_signer(session, event, now)
+    existing = await session.scalar(
+        select(Ticket).where(
+            Ticket.org_id == principal.org_id,
+            Ticket.event_id == event.id,
+            Ticket.subject_kind == spec.subject_kind,
+            Ticket.subject_id == spec.subject_id,
+            Ticket.status == "valid",
+        )
+    )
+    if existing is not None:
+        return existing, secret_of(signer, existing), False
+    ticket = Ticket(
+        org_id=principal.org_id,
+        event_id=event.id,
+        subject_kind=spec.subject_kind,
+        subject_id=spec.subject_id,
+        holder_ref=spec.holder_ref,
+        status="valid",
+        generation=0,
+        issued_epoch=int(now.timestamp()),
+        created_at=now,
+        changed_at=now,
+    )
+    session.add(ticket)
+    await session.flush()
+    await _audit(session, principal, "ticket.issue", ticket, now, audit_chains)
+    return ticket, secret_of(signer, ticket), True
+
+
+async def get_ticket(session: AsyncSession, principal: Principal, ticket_id: int) -> Ticket:
+    ticket = await session.scalar(
+        select(Ticket).where(Ticket.id == ticket_id, Ticket.org_id == principal.org_id)
+    )
+    if ticket is None:
+        raise not_found("ticket")
+    return ticket
+
+
+async def ticket_secret(session: AsyncSession, ticket: Ticket, now: datetime) -> str:
+    event = await session.get(Event, ticket.event_id)
+    assert event is not None
+    return secret_of(await event_signer(session, event, now), ticket)
+
+
+async def change_ticket(
+    session: AsyncSession,
+    principal: Principal,
+    ticket_id: int,
+    action: str,
+    *,
+    now: datetime,
+    audit_chains: int,
+) -> tuple[Ticket, str]:
+    """`cancel`, `revoke` or `reissue` a ticket; each makes the current secret stop working.
+
+    Cancel (the holder's choice) and revoke (the operator's) are final. Re-issue (the
+    subject changed) keeps the ticket valid under a new secret.
+    """
+    principal.require(ISSUE_SCOPE)
+    ticket = await session.scalar(
+        select(Ticket)
+        .where(Ticket.id == ticket_id, Ticket.org_id == principal.org_id)
+        .with_for_update()
+    )
+    if ticket is None:
+        raise not_found("ticket")
+    if ticket.status != "valid":
+        raise PopdropError(
+            "conflict",
+            f"this ticket is already {ticket.status}",
+            detail={"status": ticket.status},
+        )
+    if action == "cancel":
+        ticket.status = "cancelled"
+    elif action == "revoke":
+        ticket.status = "revoked"
+    else:
+        ticket.generation += 1
+        ticket.issued_epoch = int(now.timestamp())
+    ticket.changed_at = now
+    await session.flush()
+    await _audit(session, principal, f"ticket.{action}", ticket, now, audit_chains)
+    return ticket, await ticket_secret(session, ticket, now)
+
+
+async def _audit(
+    session: AsyncSession,
+    principal: Principal,
+    action: str,
+    ticket: Ticket,
+    now: datetime,
+    chains: int,
+) -> None:
+    await audit.append(
+        session,
+        org_id=principal.org_id,
+        actor=principal.actor,
+        action=action,
+        subject=f"ticket:{ticket.id}",
+        payload={
+            "event": ticket.event_id,
+            "subject": f"{ticket.subject_kind}:{ticket.subject_id}",
+            "generation": ticket.generation,
+            "status": ticket.status,
+        },
+        at=now,
+        chains=chains,
+    )
+
+
+async def checkin_key(
+    session: AsyncSession, principal: Principal, event_id: int, now: datetime
+) -> CheckinKey:
+    """The public key and the revocation list an offline scanner syncs."""
+    principal.require(SCAN_SCOPE)
+    event = await get_event(session, principal, event_id)
+    signer = await event_signer(session, event, now)
+    rows = await session.execute(
+        select(_tickets.c.id, _tickets.c.status, _tickets.c.generation).where(
+            _tickets.c.org_id == principal.org_id,
+            _tickets.c.event_id == event.id,
+            (_tickets.c.status != "valid") | (_tickets.c.generation > 0),
+        )
+    )
+    revoked: list[int] = []
+    generations: dict[str, int] = {}
+    for ticket_id, status, generation in rows:
+        if status != "valid":
+            revoked.append(ticket_id)
+        elif generation:
+            generations[str(ticket_id)] = generation
+    return CheckinKey(
+        event_id=event.id,
+        public_key=tickets.b64encode(signer.public_raw),
+        revoked=sorted(revoked),
+        generations=generations,
+        as_of=now,
+    )
+
+
+async def counts(session: AsyncSession, principal: Principal, event_id: int) -> Counts:
+    principal.require(SCAN_SCOPE)
+    event = await get_event(session, principal, event_id)
+    where = (_tickets.c.org_id == principal.org_id, _tickets.c.event_id == event.id)
+    row = (
+        await session.execute(
+            select(
+                func.count().filter(_tickets.c.status == "valid"),
+                func.count(_tickets.c.checked_in_at),
+            ).where(*where)
+        )
+    ).one()
+    return Counts(event_id=event.id, expected=int(row[0]), checked_in=int(row[1]))
+
+
+# ---------------------------------------------------------------- public ticket page
+
+
+@dataclass(frozen=True)
+class TicketView:
+    ticket: Ticket
+    event: Event
+    current: bool  # False: an older secret of a re-issued ticket
+
+
+async def open_ticket(session: AsyncSession, secret: str) -> TicketView:
+    """The ticket behind a secret (public page); `not_found` for anything not genuine."""
+    claim = tickets.parse(secret)
+    if claim is None:
+        raise not_found("ticket")
+    signer = await _load_signer(session, claim.event_id)
+    if signer is None or not tickets.signature_ok(signer.public, claim):
+        raise not_found("ticket")
+    ticket = await session.scalar(
+        select(Ticket).where(
+            Ticket.id == claim.ticket_id,
+            Ticket.event_id == claim.event_id,
+            Ticket.org_id == signer.org_id,
+        )
+    )
+    event = await session.get(Event, claim.event_id)
+    if ticket is None or event is None:
+        raise not_found("ticket")
+    return TicketView(ticket, event, current=ticket.generation == claim.generation)
+
+
+# ---------------------------------------------------------------- scans
+
+
+class NonceTaken(Exception):
+    """Another transaction stored this nonce first: roll back and replay its answer."""
+
+
+_TEXT = {
+    "ok": "checked in",
+    "invalid": "this is not a valid ticket",
+    "revoked": "this ticket was revoked",
+    "reissued": "this ticket was replaced by a newer one; show the latest",
+    "cancelled": "this ticket was cancelled",
+    "already_checked_in": "this ticket was already checked in",
+    "wrong_event": "this ticket is for another event",
+    "outside_window": "check-in for this event is not open at this time",
+}
+
+
+def status_of(result: str) -> int:
+    return 200 if result == "ok" else REASON_STATUS[result]
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()[:16]
+
+
+def _window(at: datetime) -> Any:
+    """True when the ticket's event accepts check-ins at `at` (a correlated EXISTS)."""
+    return exists().where(
+        _events.c.id == _tickets.c.event_id,
+        _events.c.starts_at <= at + OPENS_BEFORE,
+        _events.c.ends_at >= at - CLOSES_AFTER,
+    )
+
+
+async def record_scan(
+    session: AsyncSession,
+    principal: Principal,
+    request: ScanRequest,
+    *,
+    now: datetime,
+    bound_event_id: int | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Decide one scan and store it with its answer; (HTTP status, answer body).
+
+    Raises `NonceTaken` when a concurrent scan with the same nonce committed first.
+    """
+    principal.require(SCAN_SCOPE)
+    digest = _digest(request.secret)
+    stored = (
+        await session.execute(
+            select(_scans.c.id, _scans.c.secret_digest, _scans.c.status_code, _scans.c.answer)
+            .where(_scans.c.org_id == principal.org_id, _scans.c.nonce == request.nonce)
+            .limit(1)
+        )
+    ).first()
+    if stored is not None:
+        return _replay(stored.id, stored.secret_digest, stored.status_code, stored.answer, digest)
+    at = request.scanned_at or now
+    if at > now + MAX_CLOCK_SKEW:
+        raise PopdropError("invalid_request", "scanned_at is in the future")
+    answer = await _decide(session, principal, request, at, bound_event_id)
+    status = status_of(answer.result)
+    body = answer.model_dump(mode="json", exclude_none=True)
+    inserted = await session.execute(
+        dialect_insert(session.get_bind().dialect.name, _scans)
+        .values(
+            org_id=principal.org_id,
+            nonce=request.nonce,
+            secret_digest=digest,
+            event_id=answer.event_id,
+            ticket_id=answer.ticket_id,
+            result=answer.result,
+            status_code=status,
+            answer=json.dumps(body),
+            gate=request.gate,
+            offline=request.offline,
+            scanned_at=at,
+            received_at=now,
+            actor=principal.actor,
+        )
+        .on_conflict_do_nothing()
+        .returning(_scans.c.id)
+    )
+    scan_id = inserted.scalar()
+    if scan_id is None:
+        raise NonceTaken
+    return status, {**body, "scan_id": scan_id}
+
+
+def _replay(
+    scan_id: int, stored_digest: bytes, status: int, answer: str, digest: bytes
+) -> tuple[int, dict[str, Any]]:
+    if stored_digest != digest:
+        raise PopdropError("invalid_request", "this nonce was already used for another ticket")
+    return status, {**json.loads(answer), "scan_id": scan_id}
+
+
+def _answer(
+    nonce: str, at: datetime, result: str, *, text_key: str | None = None, **fields: Any
+) -> ScanAnswer:
+    return ScanAnswer(
+        result=result,
+        reason=None if result == "ok" else result,
+        message=_TEXT[text_key or result],
+        nonce=nonce,
+        scanned_at=at,
+        **fields,
+    )
+
+
+async def _decide(
+    session: AsyncSession,
+    principal: Principal,
+    request: ScanRequest,
+    at: datetime,
+    bound_event_id: int | None,
+) -> ScanAnswer:
+    def answer(result: str, *, text_key: str | None = None, **fields: Any) -> ScanAnswer:
+        return _answer(request.nonce, at, result, text_key=text_key, **fields)
+
+    claim = tickets.parse(request.secret)
+    if claim is None:
+        return answer("invalid")
+    signer = await _load_signer(session, claim.event_id)
+    if (
+        signer is None
+        or signer.org_id != principal.org_id
+        or not tickets.signature_ok(signer.public, claim)
+    ):
+        return answer("invalid")
+    ids: dict[str, Any] = {"ticket_id": claim.ticket_id, "event_id": claim.event_id}
+    expected_event = request.event_id or bound_event_id
+    if expected_event is not None and expected_event != claim.event_id:
+        return answer("wrong_event", **ids)
+    taken = (
+        await session.execute(
+            update(_tickets)
+            .where(
+                _tickets.c.id == claim.ticket_id,
+                _tickets.c.org_id == principal.org_id,
+                _tickets.c.event_id == claim.event_id,
+                _tickets.c.generation == claim.generation,
+                _tickets.c.status == "valid",
+                _tickets.c.checked_in_at.is_(None),
+                _window(at),
+            )
+            .values(checked_in_at=at, checked_in_gate=request.gate)
+            .returning(_tickets.c.subject_kind, _tickets.c.subject_id, _tickets.c.holder_ref)
+        )
+    ).first()
+    if taken is not None:
+        await session.execute(
+            insert(_visits).values(
+                org_id=principal.org_id,
+                event_id=claim.event_id,
+                ticket_id=claim.ticket_id,
+                subject_kind=taken.subject_kind,
+                subject_id=taken.subject_id,
+                at=at,
+                gate=request.gate,
+            )
+        )
+        return answer(
+            "ok",
+            subject_kind=taken.subject_kind,
+            subject_id=taken.subject_id,
+            holder_ref=taken.holder_ref,
+            checked_in_at=at,
+            gate=request.gate,
+            **ids,
+        )
+    return await _refusal(session, principal, claim, at, request.nonce, ids)
+
+
+async def _refusal(
+    session: AsyncSession,
+    principal: Principal,
+    claim: tickets.TicketClaim,
+    at: datetime,
+    nonce: str,
+    ids: dict[str, Any],
+) -> ScanAnswer:
+    def answer(result: str, *, text_key: str | None = None, **fields: Any) -> ScanAnswer:
+        return _answer(nonce, at, result, text_key=text_key, **fields)
+
+    """Why the conditional update took nothing (read after it, so it sees the winner)."""
+    row = (
+        await session.execute(
+            select(
+                _tickets.c.status,
+                _tickets.c.generation,
+                _tickets.c.checked_in_at,
+                _tickets.c.checked_in_gate,
+                _tickets.c.holder_ref,
+                _window(at).label("in_window"),
+            ).where(
+                _tickets.c.id == claim.ticket_id,
+                _tickets.c.org_id == principal.org_id,
+                _tickets.c.event_id == claim.event_id,
+            )
+        )
+    ).first()
+    if row is None:
+        return answer("invalid")
+    if row.status in ("cancelled", "revoked"):
+        return answer(row.status, **ids)
+    if row.generation != claim.generation:
+        return answer("revoked", text_key="reissued", **ids)
+    if row.checked_in_at is not None:
+        first_gate = f" at gate {row.checked_in_gate}" if row.checked_in_gate else ""
+        result = answer(
+            "already_checked_in",
+            first_checked_in_at=row.checked_in_at,
+            first_gate=row.checked_in_gate,
+            holder_ref=row.holder_ref,
+            **ids,
+        )
+        when = row.checked_in_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+        return result.model_copy(update={"message": f"already checked in {when}{first_gate}"})
+    if not row.in_window:
+        return answer("outside_window", **ids)
+    return answer("invalid")  # unreachable in practice
+
+
+async def checkin(
+    db: Database,
+    principal: Principal,
+    request: ScanRequest,
+    *,
+    now: datetime,
+    bound_event_id: int | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One scan in its own transaction; a nonce that lost a race replays the winner."""
+    for _ in range(3):
+        try:
+            async with db.transaction() as session:
+                return await record_scan(
+                    session, principal, request, now=now, bound_event_id=bound_event_id
+                )
+        except NonceTaken:
+            continue  # rolled back; the next round finds the stored answer
+    raise PopdropError("conflict", "this nonce is being used by another scan; retry")
+
+
+async def checkin_batch(
+    db: Database, principal: Principal, scans: Sequence[ScanRequest], *, now: datetime
+) -> list[tuple[int, dict[str, Any]]]:
+    """Offline scans uploaded later: decided in the order they happened, answered in the
+    order they came, each with its own transaction and stored with its original time."""
+    principal.require(SCAN_SCOPE)
+    order = sorted(range(len(scans)), key=lambda i: (scans[i].scanned_at or now, i))
+    answers: dict[int, tuple[int, dict[str, Any]]] = {}
+    for index in order:
+        try:
+            answers[index] = await checkin(db, principal, scans[index], now=now)
+        except PopdropError as error:
+            answers[index] = (error.status, error.to_dict())
+    return [answers[i] for i in range(len(scans))]
