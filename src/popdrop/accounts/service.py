@@ -23,15 +23,19 @@ from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.schemas import is_clean_text
 from popdrop.core.signing import Signer
 
+_HOST = {
+    "vouchers:read",
+    "vouchers:write",
+    "vouchers:redeem",
+    "audit:read",
+    "inventory:write",
+    "holds:write",
+    "checkin",
+    "tickets:write",
+}
 ROLES: dict[str, frozenset[str]] = {
-    "owner": frozenset(
-        {"vouchers:read", "vouchers:write", "vouchers:redeem", "audit:read", "tokens:write"}
-        | {"checkin", "tickets:write"}
-    ),
-    "host": frozenset(
-        {"vouchers:read", "vouchers:write", "vouchers:redeem", "audit:read"}
-        | {"checkin", "tickets:write"}
-    ),
+    "owner": frozenset({*_HOST, "tokens:write"}),
+    "host": frozenset(_HOST),
     "volunteer": frozenset({"checkin"}),
     "partner": frozenset({"reports:read"}),
 }

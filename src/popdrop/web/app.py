@@ -88,23 +88,31 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     _install_health(app)
 
     from popdrop.accounts.api import router as accounts_api
-    from popdrop.vouchers.api import router as vouchers_api
-    from popdrop.web.pages import router as web_pages
-
-    app.include_router(accounts_api)
-    app.include_router(vouchers_api)
-    from popdrop.rsvp.api import router as rsvp_api
-
-    app.include_router(rsvp_api)
-    app.include_router(web_pages)
-    from popdrop.vouchers.pages import router as voucher_pages
-
-    app.include_router(voucher_pages)
     from popdrop.checkin.api import router as checkin_api
     from popdrop.checkin.pages import router as checkin_pages
+    from popdrop.events.api import public_router as events_public
+    from popdrop.events.api import router as events_api
+    from popdrop.inventory.api import public_router as inventory_public
+    from popdrop.inventory.api import router as inventory_api
+    from popdrop.rsvp.api import router as rsvp_api
+    from popdrop.vouchers.api import router as vouchers_api
+    from popdrop.vouchers.pages import router as voucher_pages
+    from popdrop.web.pages import router as web_pages
 
-    app.include_router(checkin_api)
-    app.include_router(checkin_pages)
+    for router in (
+        accounts_api,
+        vouchers_api,
+        events_api,
+        events_public,
+        inventory_api,
+        inventory_public,
+        rsvp_api,
+        web_pages,
+        voucher_pages,
+        checkin_api,
+        checkin_pages,
+    ):
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     app.add_middleware(
         EdgeMiddleware,

@@ -1,0 +1,237 @@
+"""Event operations. Tenancy: every query carries the caller's org_id."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.models import User
+from popdrop.accounts.service import Principal
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.events.models import (
+    Event,
+    Lane,
+    Partner,
+    PickupWindow,
+    StaffAssignment,
+    TimeSlot,
+)
+from popdrop.events.schemas import (
+    EventCreate,
+    LaneCreate,
+    PartnerCreate,
+    PickupWindowCreate,
+    SlotCreate,
+    StaffCreate,
+)
+
+T = TypeVar("T")
+# Allowed moves of an event's life: forward, and back from published to draft.
+TRANSITIONS: dict[str, set[str]] = {
+    "draft": {"published"},
+    "published": {"draft", "live", "closed"},
+    "live": {"closed"},
+    "closed": set(),
+}
+
+
+async def _owned(session: AsyncSession, model: type[T], principal: Principal, item_id: int) -> T:
+    """The row of this organization with that id, or 404 (also for other tenants' rows)."""
+    columns: Any = model
+    row = await session.scalar(
+        select(columns).where(columns.id == item_id, columns.org_id == principal.org_id)
+    )
+    if row is None:
+        raise not_found(model.__name__.lower())
+    found: T = row
+    return found
+
+
+async def create_event(
+    session: AsyncSession, principal: Principal, spec: EventCreate, *, now: datetime
+) -> Event:
+    principal.require("vouchers:write")
+    event = Event(org_id=principal.org_id, created_at=now, status="draft", **spec.model_dump())
+    session.add(event)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise PopdropError("conflict", f"an event with slug {spec.slug!r} exists") from exc
+    return event
+
+
+async def get_event(session: AsyncSession, principal: Principal, event_id: int) -> Event:
+    principal.require("vouchers:read")
+    return await _owned(session, Event, principal, event_id)
+
+
+async def list_events(session: AsyncSession, principal: Principal) -> list[Event]:
+    principal.require("vouchers:read")
+    rows = await session.scalars(
+        select(Event).where(Event.org_id == principal.org_id).order_by(Event.starts_at)
+    )
+    return list(rows)
+
+
+async def set_status(
+    session: AsyncSession, principal: Principal, event_id: int, status: str
+) -> Event:
+    principal.require("vouchers:write")
+    event = await _owned(session, Event, principal, event_id)
+    if status != event.status and status not in TRANSITIONS[event.status]:
+        raise PopdropError("conflict", f"an event cannot go from {event.status} to {status}")
+    event.status = status
+    return event
+
+
+async def add_slot(
+    session: AsyncSession, principal: Principal, event_id: int, spec: SlotCreate
+) -> TimeSlot:
+    principal.require("vouchers:write")
+    event = await _owned(session, Event, principal, event_id)
+    slot = TimeSlot(org_id=principal.org_id, event_id=event.id, taken=0, **spec.model_dump())
+    session.add(slot)
+    await session.flush()
+    return slot
+
+
+async def list_slots(session: AsyncSession, principal: Principal, event_id: int) -> list[TimeSlot]:
+    await get_event(session, principal, event_id)
+    rows = await session.scalars(
+        select(TimeSlot)
+        .where(TimeSlot.event_id == event_id, TimeSlot.org_id == principal.org_id)
+        .order_by(TimeSlot.starts_at)
+    )
+    return list(rows)
+
+
+async def add_lane(
+    session: AsyncSession, principal: Principal, event_id: int, spec: LaneCreate
+) -> Lane:
+    principal.require("vouchers:write")
+    event = await _owned(session, Event, principal, event_id)
+    lane = Lane(org_id=principal.org_id, event_id=event.id, **spec.model_dump())
+    session.add(lane)
+    await session.flush()
+    return lane
+
+
+async def list_lanes(session: AsyncSession, principal: Principal, event_id: int) -> list[Lane]:
+    await get_event(session, principal, event_id)
+    rows = await session.scalars(
+        select(Lane)
+        .where(Lane.event_id == event_id, Lane.org_id == principal.org_id)
+        .order_by(Lane.id)
+    )
+    return list(rows)
+
+
+async def add_pickup_window(
+    session: AsyncSession, principal: Principal, lane_id: int, spec: PickupWindowCreate
+) -> PickupWindow:
+    principal.require("vouchers:write")
+    lane = await _owned(session, Lane, principal, lane_id)
+    slot = await _owned(session, TimeSlot, principal, spec.slot_id)
+    if slot.event_id != lane.event_id:
+        raise PopdropError("invalid_request", "the slot belongs to another event")
+    window = PickupWindow(
+        org_id=principal.org_id, lane_id=lane.id, slot_id=slot.id, capacity=spec.capacity, taken=0
+    )
+    session.add(window)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise PopdropError("conflict", "this lane already has a window for that slot") from exc
+    return window
+
+
+async def add_partner(
+    session: AsyncSession, principal: Principal, event_id: int, spec: PartnerCreate
+) -> Partner:
+    principal.require("vouchers:write")
+    event = await _owned(session, Event, principal, event_id)
+    partner = Partner(org_id=principal.org_id, event_id=event.id, **spec.model_dump())
+    session.add(partner)
+    await session.flush()
+    return partner
+
+
+async def assign_staff(
+    session: AsyncSession, principal: Principal, event_id: int, spec: StaffCreate
+) -> StaffAssignment:
+    principal.require("vouchers:write")
+    event = await _owned(session, Event, principal, event_id)
+    await _owned(session, User, principal, spec.user_id)
+    staff = StaffAssignment(
+        org_id=principal.org_id, event_id=event.id, user_id=spec.user_id, gate=spec.gate
+    )
+    session.add(staff)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise PopdropError("conflict", "this person is already on the event's staff") from exc
+    return staff
+
+
+# ---------------------------------------------------------------- iCal
+
+
+def _ics_text(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
+
+
+def _ics_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _fold(line: str) -> list[str]:
+    """RFC 5545 3.1: lines longer than 75 octets continue on lines starting with a space."""
+    data = line.encode()
+    parts: list[str] = []
+    while len(data) > 75:
+        cut = 75 if not parts else 74
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # never split a UTF-8 character
+            cut -= 1
+        parts.append(data[:cut].decode())
+        data = data[cut:]
+    parts.append(data.decode())
+    return [parts[0]] + [" " + p for p in parts[1:]]
+
+
+def ical_feed(events: list[Event], *, name: str, base_url: str, now: datetime) -> str:
+    lines = [
+        "BEGIN:VCALENDAR",
+        "VERSION:2.0",
+        "PRODID:-//popdrop//events//EN",
+        "CALSCALE:GREGORIAN",
+        f"X-WR-CALNAME:{_ics_text(name)}",
+    ]
+    for event in events:
+        if event.status == "draft":
+            continue
+        fields: list[tuple[str, Any]] = [
+            ("UID", f"event-{event.id}@popdrop"),
+            ("DTSTAMP", _ics_time(now)),
+            ("DTSTART", _ics_time(event.starts_at)),
+            ("DTEND", _ics_time(event.ends_at)),
+            ("SUMMARY", _ics_text(event.title)),
+            ("DESCRIPTION", _ics_text(event.description)),
+            (
+                "LOCATION",
+                _ics_text(", ".join(p for p in (event.venue_name, event.venue_address) if p)),
+            ),
+            ("STATUS", "CONFIRMED"),
+            ("URL", f"{base_url.rstrip('/')}/e/{event.org_id}/{event.slug}"),
+        ]
+        if event.latitude is not None and event.longitude is not None:
+            fields.append(("GEO", f"{event.latitude};{event.longitude}"))
+        lines.append("BEGIN:VEVENT")
+        for key, value in fields:
+            lines.extend(_fold(f"{key}:{value}"))
+        lines.append("END:VEVENT")
+    lines.append("END:VCALENDAR")
+    return "\r\n".join(lines) + "\r\n"

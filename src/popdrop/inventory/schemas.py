@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from popdrop.core.schemas import StrictInput
+
+Id = Field(ge=1, le=2**62)
+
+
+class ProductCreate(StrictInput):
+    title: str = Field(min_length=1, max_length=200)
+    highlights: str = Field(default="", max_length=2000)
+    image_url: str = Field(default="", max_length=500)
+    price_minor: int = Field(ge=0, le=10**12)
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    limit_per_contact: int | None = Field(default=None, ge=1, le=10_000)
+    variants: list[str] = Field(default_factory=lambda: ["one size"], min_length=1, max_length=50)
+
+
+class VariantOut(BaseModel):
+    id: int
+    name: str
+    sku: str
+
+
+class ProductOut(BaseModel):
+    id: int
+    event_id: int
+    title: str
+    highlights: str
+    image_url: str
+    price_minor: int
+    currency: str
+    limit_per_contact: int | None
+    variants: list[VariantOut]
+
+
+class StockSet(StrictInput):
+    variant_id: int = Id
+    lane_id: int = Id
+    total: int = Field(ge=0, le=10_000_000)
+
+
+class StockOut(BaseModel):
+    id: int
+    variant_id: int
+    lane_id: int
+    total: int
+    sold: int
+    available: int
+
+
+class HoldCreate(StrictInput):
+    variant_id: int = Id
+    lane_id: int = Id
+    qty: int = Field(default=1, ge=1, le=1000)
+    slot_id: int | None = Field(default=None, ge=1, le=2**62)
+    contact_ref: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class HoldOut(BaseModel):
+    id: int
+    event_id: int
+    variant_id: int
+    lane_id: int
+    slot_id: int | None
+    qty: int
+    contact_ref: str | None
+    status: Literal["active", "released", "converted", "expired"]
+    created_at: datetime
+    expires_at: datetime
+    renewals: int
+
+
+class Availability(BaseModel):
+    variant_id: int
+    lane_id: int
+    total: int
+    held: int
+    sold: int
+    available: int

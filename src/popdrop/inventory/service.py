@@ -1,0 +1,464 @@
+"""Stock and holds. Never oversold, and an expired hold is free the moment it expires.
+
+Taking stock is one conditional `UPDATE stock SET held = held + :qty WHERE … AND
+total - held - sold >= :qty`: the stock row serialises concurrent holds of a variant at a
+lane. `held` counts holds marked active; holds past `expires_at` are marked expired and
+given back by the next hold on the same stock (in the same transaction, before the
+check), and availability reads count only unexpired holds, so no sweeper is needed for
+correctness. Lock order everywhere: hold rows -> stock row -> pickup window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.core.db import UTCDateTime, table_of
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
+from popdrop.inventory.models import Hold, Product, Stock, Variant
+from popdrop.inventory.schemas import (
+    Availability,
+    HoldCreate,
+    HoldOut,
+    ProductCreate,
+    ProductOut,
+    StockOut,
+    StockSet,
+    VariantOut,
+)
+
+OPEN_STATUSES = ("published", "live")
+_stock = table_of(Stock)
+_holds = table_of(Hold)
+_windows = table_of(PickupWindow)
+_now = bindparam("now", type_=UTCDateTime())
+
+_EXPIRE = (
+    update(_holds)
+    .where(
+        _holds.c.stock_id == bindparam("h_stock"),
+        _holds.c.status == "active",
+        _holds.c.expires_at <= _now,
+    )
+    .values(status="expired", ended_at=_now)
+    .returning(_holds.c.qty, _holds.c.slot_id, _holds.c.lane_id)
+)
+_GIVE_BACK = (
+    update(_stock)
+    .where(_stock.c.id == bindparam("s_id"))
+    .values(held=_stock.c.held - bindparam("s_qty"))
+)
+_TAKE = (
+    update(_stock)
+    .where(
+        _stock.c.id == bindparam("s_id"),
+        _stock.c.total - _stock.c.held - _stock.c.sold >= bindparam("s_qty"),
+    )
+    .values(held=_stock.c.held + bindparam("s_qty"))
+    .returning(_stock.c.total - _stock.c.held - _stock.c.sold)
+)
+_WINDOW_TAKE = (
+    update(_windows)
+    .where(
+        _windows.c.lane_id == bindparam("w_lane"),
+        _windows.c.slot_id == bindparam("w_slot"),
+        _windows.c.taken + bindparam("w_qty") <= _windows.c.capacity,
+    )
+    .values(taken=_windows.c.taken + bindparam("w_qty"))
+    .returning(_windows.c.id)
+)
+_WINDOW_GIVE_BACK = (
+    update(_windows)
+    .where(_windows.c.lane_id == bindparam("w_lane"), _windows.c.slot_id == bindparam("w_slot"))
+    .values(taken=_windows.c.taken - bindparam("w_qty"))
+)
+_INSERT_HOLD = insert(_holds).returning(_holds.c.id)
+_HOLD_COLUMNS = (
+    "org_id", "event_id", "stock_id", "variant_id", "lane_id", "slot_id", "qty",
+    "contact_ref", "status", "created_at", "expires_at", "renewals", "ended_at",
+)  # fmt: skip
+_taken = _TAKE.cte("taken")
+_TAKE_AND_INSERT = (
+    insert(_holds)
+    .from_select(
+        list(_HOLD_COLUMNS),
+        select(
+            *(bindparam(f"n_{name}", type_=_holds.c[name].type) for name in _HOLD_COLUMNS)
+        ).where(select(_taken.c[0]).exists()),
+    )
+    .returning(_holds.c.id)
+)
+_AVAILABLE = select(_stock.c.total - _stock.c.held - _stock.c.sold).where(
+    _stock.c.id == bindparam("s_id")
+)
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+async def _event_of_org(session: AsyncSession, principal: Principal, event_id: int) -> Event:
+    event = await session.scalar(
+        select(Event).where(Event.id == event_id, Event.org_id == principal.org_id)
+    )
+    if event is None:
+        raise not_found("event")
+    return event
+
+
+async def create_product(
+    session: AsyncSession, principal: Principal, event_id: int, spec: ProductCreate
+) -> ProductOut:
+    principal.require("inventory:write")
+    event = await _event_of_org(session, principal, event_id)
+    fields = spec.model_dump(exclude={"variants"})
+    product = Product(org_id=principal.org_id, event_id=event.id, **fields)
+    session.add(product)
+    await session.flush()
+    variants = [
+        Variant(org_id=principal.org_id, product_id=product.id, name=n) for n in spec.variants
+    ]
+    session.add_all(variants)
+    await session.flush()
+    return product_out(product, variants)
+
+
+def product_out(product: Product, variants: list[Variant]) -> ProductOut:
+    return ProductOut(
+        id=product.id,
+        event_id=product.event_id,
+        title=product.title,
+        highlights=product.highlights,
+        image_url=product.image_url,
+        price_minor=product.price_minor,
+        currency=product.currency,
+        limit_per_contact=product.limit_per_contact,
+        variants=[VariantOut(id=v.id, name=v.name, sku=v.sku) for v in variants],
+    )
+
+
+async def list_products(
+    session: AsyncSession, principal: Principal, event_id: int
+) -> list[ProductOut]:
+    await _event_of_org(session, principal, event_id)
+    products = list(
+        await session.scalars(
+            select(Product)
+            .where(Product.event_id == event_id, Product.org_id == principal.org_id)
+            .order_by(Product.id)
+        )
+    )
+    variants = list(
+        await session.scalars(
+            select(Variant)
+            .where(Variant.product_id.in_([p.id for p in products]))
+            .order_by(Variant.id)
+        )
+    )
+    return [product_out(p, [v for v in variants if v.product_id == p.id]) for p in products]
+
+
+async def set_stock(
+    session: AsyncSession, principal: Principal, spec: StockSet, *, now: datetime
+) -> StockOut:
+    """Set the units of a variant at a lane. Never below what is held or sold."""
+    principal.require("inventory:write")
+    variant = await session.scalar(
+        select(Variant).where(Variant.id == spec.variant_id, Variant.org_id == principal.org_id)
+    )
+    lane = await session.scalar(
+        select(Lane).where(Lane.id == spec.lane_id, Lane.org_id == principal.org_id)
+    )
+    if variant is None or lane is None:
+        raise not_found("variant or lane")
+    product = await session.get(Product, variant.product_id)
+    if product is None or product.event_id != lane.event_id:
+        raise PopdropError("invalid_request", "the lane belongs to another event")
+    stock = await session.scalar(
+        select(Stock)
+        .where(Stock.variant_id == variant.id, Stock.lane_id == lane.id)
+        .with_for_update()
+    )
+    if stock is None:
+        stock = Stock(
+            org_id=principal.org_id, variant_id=variant.id, lane_id=lane.id, total=0, held=0, sold=0
+        )
+        session.add(stock)
+        await session.flush()
+    committed = stock.sold + await _active_held(session, stock.id, now)
+    if spec.total < committed:
+        raise PopdropError(
+            "conflict", f"{committed} units are held or sold; total cannot go below that"
+        )
+    stock.total = spec.total
+    await session.flush()
+    return StockOut(
+        id=stock.id,
+        variant_id=stock.variant_id,
+        lane_id=stock.lane_id,
+        total=stock.total,
+        sold=stock.sold,
+        available=stock.total - committed,
+    )
+
+
+async def _active_held(session: AsyncSession, stock_id: int, now: datetime) -> int:
+    held = await session.scalar(
+        select(func.coalesce(func.sum(Hold.qty), 0)).where(
+            Hold.stock_id == stock_id, Hold.status == "active", Hold.expires_at > now
+        )
+    )
+    return int(held or 0)
+
+
+async def availability(
+    session: AsyncSession, event_id: int, now: datetime, *, org_id: int | None = None
+) -> list[Availability]:
+    """Live stock of an event: total - sold - unexpired active holds, per variant and lane."""
+    active = (
+        select(Hold.stock_id, func.sum(Hold.qty).label("held"))
+        .where(Hold.event_id == event_id, Hold.status == "active", Hold.expires_at > now)
+        .group_by(Hold.stock_id)
+        .subquery()
+    )
+    query = (
+        select(Stock, func.coalesce(active.c.held, 0))
+        .join(Lane, Lane.id == Stock.lane_id)
+        .outerjoin(active, active.c.stock_id == Stock.id)
+        .where(Lane.event_id == event_id)
+        .order_by(Stock.variant_id, Stock.lane_id)
+    )
+    if org_id is not None:
+        query = query.where(Stock.org_id == org_id)
+    rows = (await session.execute(query)).all()
+    return [
+        Availability(
+            variant_id=stock.variant_id,
+            lane_id=stock.lane_id,
+            total=stock.total,
+            held=int(held),
+            sold=stock.sold,
+            available=max(stock.total - stock.sold - int(held), 0),
+        )
+        for stock, held in rows
+    ]
+
+
+# ---------------------------------------------------------------- holds
+
+
+@dataclass(frozen=True)
+class _Target:
+    stock_id: int
+    event_id: int
+    product_id: int
+    limit_per_contact: int | None
+
+
+# (database, org, variant, lane) -> target: the mapping never changes once stock exists.
+_TARGETS: dict[tuple[str, int, int, int], _Target] = {}
+_EVENT_STATE = select(Event.status, Event.hold_ttl_seconds).where(Event.id == bindparam("e_id"))
+
+
+async def _target(session: AsyncSession, principal: Principal, spec: HoldCreate) -> _Target:
+    key = (str(session.get_bind().engine.url), principal.org_id, spec.variant_id, spec.lane_id)
+    cached = _TARGETS.get(key)
+    if cached is not None:
+        return cached
+    row = (
+        await session.execute(
+            select(Stock.id, Product.event_id, Product.id, Product.limit_per_contact)
+            .join(Variant, Variant.id == Stock.variant_id)
+            .join(Product, Product.id == Variant.product_id)
+            .where(
+                Stock.variant_id == spec.variant_id,
+                Stock.lane_id == spec.lane_id,
+                Stock.org_id == principal.org_id,
+            )
+        )
+    ).first()
+    if row is None:
+        raise not_found("stock for that variant at that lane")
+    target = _Target(*row)
+    _TARGETS[key] = target
+    return target
+
+
+async def _reclaim_expired(conn: AsyncConnection, stock_id: int, now: datetime) -> None:
+    expired = (await conn.execute(_EXPIRE, {"h_stock": stock_id, "now": now})).all()
+    if not expired:
+        return
+    await conn.execute(_GIVE_BACK, {"s_id": stock_id, "s_qty": sum(r.qty for r in expired)})
+    for row in expired:
+        if row.slot_id is not None:
+            await conn.execute(
+                _WINDOW_GIVE_BACK, {"w_lane": row.lane_id, "w_slot": row.slot_id, "w_qty": row.qty}
+            )
+
+
+async def create_hold(
+    session: AsyncSession, principal: Principal, spec: HoldCreate, *, now: datetime
+) -> HoldOut:
+    principal.require("holds:write")
+    target = await _target(session, principal, spec)
+    conn = await session.connection()
+    status, ttl_seconds = (await conn.execute(_EVENT_STATE, {"e_id": target.event_id})).one()
+    if status not in OPEN_STATUSES:
+        raise PopdropError("event_closed", "this event is not taking holds")
+    if spec.slot_id is not None:
+        slot = await session.scalar(
+            select(TimeSlot.id).where(
+                TimeSlot.id == spec.slot_id, TimeSlot.event_id == target.event_id
+            )
+        )
+        if slot is None:
+            raise not_found("slot of this event")
+    await _reclaim_expired(conn, target.stock_id, now)
+    expires_at = now + timedelta(seconds=ttl_seconds)
+    values: dict[str, Any] = {
+        "org_id": principal.org_id,
+        "event_id": target.event_id,
+        "stock_id": target.stock_id,
+        "variant_id": spec.variant_id,
+        "lane_id": spec.lane_id,
+        "slot_id": spec.slot_id,
+        "qty": spec.qty,
+        "contact_ref": spec.contact_ref,
+        "status": "active",
+        "created_at": now,
+        "expires_at": expires_at,
+        "renewals": 0,
+        "ended_at": None,
+    }
+    hold_id = await _take_and_record(conn, target.stock_id, spec.qty, values)
+    if hold_id is None:
+        raise await _refusal(conn, target.stock_id, spec.qty)
+    # Whatever follows runs under the stock row lock: keep it short. A refusal below rolls
+    # the whole transaction back, the units taken above included.
+    if target.limit_per_contact is not None and spec.contact_ref is not None:
+        mine = await session.scalar(
+            select(func.coalesce(func.sum(Hold.qty), 0))
+            .join(Variant, Variant.id == Hold.variant_id)
+            .where(
+                Variant.product_id == target.product_id,
+                Hold.contact_ref == spec.contact_ref,
+                or_(
+                    Hold.status == "converted",
+                    and_(Hold.status == "active", Hold.expires_at > now),
+                ),
+            )
+        )
+        if int(mine or 0) > target.limit_per_contact:  # this hold is already counted
+            raise PopdropError(
+                "limit_per_contact",
+                f"at most {target.limit_per_contact} per person for this product",
+            )
+    if spec.slot_id is not None:
+        window = await conn.execute(
+            _WINDOW_TAKE, {"w_lane": spec.lane_id, "w_slot": spec.slot_id, "w_qty": spec.qty}
+        )
+        if window.first() is None:
+            raise PopdropError("slot_full", "this pickup window is full; pick another slot")
+    return HoldOut(id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields})
+
+
+async def _take_and_record(
+    conn: AsyncConnection, stock_id: int, qty: int, values: dict[str, Any]
+) -> int | None:
+    """Take `qty` units and insert the hold; None when the units are not there."""
+    if conn.dialect.name == "postgresql":
+        # One statement: the stock row is locked for the shortest time (until COMMIT).
+        row = await conn.execute(
+            _TAKE_AND_INSERT, {"s_id": stock_id, "s_qty": qty, **_hold_params(values)}
+        )
+        hold_id = row.scalar_one_or_none()
+        return int(hold_id) if hold_id is not None else None
+    if (await conn.execute(_TAKE, {"s_id": stock_id, "s_qty": qty})).first() is None:
+        return None
+    return int((await conn.execute(_INSERT_HOLD, values)).scalar_one())
+
+
+def _hold_params(values: dict[str, Any]) -> dict[str, Any]:
+    return {f"n_{name}": value for name, value in values.items()}
+
+
+async def _refusal(conn: AsyncConnection, stock_id: int, qty: int) -> PopdropError:
+    # Exact: expired holds were given back in this transaction just before the check.
+    available = (await conn.execute(_AVAILABLE, {"s_id": stock_id})).scalar_one()
+    if available <= 0:
+        return PopdropError("sold_out", "sold out", detail={"available": 0})
+    return PopdropError(
+        "insufficient_stock",
+        f"only {available} left",
+        detail={"available": available, "requested": qty},
+    )
+
+
+async def _active_hold(
+    session: AsyncSession, principal: Principal, hold_id: int, now: datetime
+) -> Hold:
+    hold = await session.scalar(
+        select(Hold).where(Hold.id == hold_id, Hold.org_id == principal.org_id).with_for_update()
+    )
+    if hold is None:
+        raise not_found("hold")
+    if hold.status == "active" and hold.expires_at <= now:
+        raise PopdropError("hold_expired", "this hold has expired")
+    if hold.status != "active":
+        raise PopdropError("conflict", f"this hold is {hold.status}")
+    return hold
+
+
+def hold_out(hold: Hold) -> HoldOut:
+    return HoldOut.model_validate(hold, from_attributes=True)
+
+
+async def extend_hold(
+    session: AsyncSession, principal: Principal, hold_id: int, *, now: datetime
+) -> HoldOut:
+    principal.require("holds:write")
+    hold = await _active_hold(session, principal, hold_id, now)
+    event = await session.get(Event, hold.event_id)
+    assert event is not None
+    if hold.renewals >= event.max_hold_renewals:
+        raise PopdropError("renewals_exhausted", "this hold cannot be extended again")
+    hold.renewals += 1
+    hold.expires_at = now + timedelta(seconds=event.hold_ttl_seconds)
+    await session.flush()
+    return hold_out(hold)
+
+
+async def end_hold(
+    session: AsyncSession, principal: Principal, hold_id: int, *, convert: bool, now: datetime
+) -> HoldOut:
+    """Release a hold (units go back) or convert it (units count as sold)."""
+    principal.require("holds:write")
+    hold = await _active_hold(session, principal, hold_id, now)
+    conn = await session.connection()
+    stock_change: dict[str, Any] = {"held": _stock.c.held - hold.qty}
+    if convert:
+        stock_change["sold"] = _stock.c.sold + hold.qty
+    await conn.execute(update(_stock).where(_stock.c.id == hold.stock_id).values(stock_change))
+    if hold.slot_id is not None and not convert:
+        await conn.execute(
+            _WINDOW_GIVE_BACK, {"w_lane": hold.lane_id, "w_slot": hold.slot_id, "w_qty": hold.qty}
+        )
+    hold.status = "converted" if convert else "released"
+    hold.ended_at = now
+    await session.flush()
+    return hold_out(hold)
+
+
+async def get_hold(session: AsyncSession, principal: Principal, hold_id: int) -> HoldOut:
+    principal.require("holds:write")
+    hold = await session.scalar(
+        select(Hold).where(Hold.id == hold_id, Hold.org_id == principal.org_id)
+    )
+    if hold is None:
+        raise not_found("hold")
+    return hold_out(hold)

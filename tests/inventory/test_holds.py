@@ -1,0 +1,195 @@
+"""Holds: never oversold, expired holds free stock at once, every refusal has a reason."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+
+import httpx
+from sqlalchemy import func, select
+
+from popdrop.core.clock import FrozenClock
+from popdrop.inventory.models import Hold
+from popdrop.web.context import AppContext
+from tests.conftest import Tenant, make_tenant
+from tests.events.helpers import Shop, make_shop
+
+
+def hold_body(shop: Shop, **extra: object) -> dict[str, object]:
+    return {"variant_id": shop.variant_id, "lane_id": shop.lane_id, **extra}
+
+
+async def availability(client: httpx.AsyncClient, tenant: Tenant, shop: Shop) -> int:
+    response = await client.get(
+        f"/api/v1/events/{shop.event_id}/availability", headers=tenant.headers
+    )
+    assert response.status_code == 200, response.text
+    [row] = response.json()
+    return int(row["available"])
+
+
+async def test_hold_lifecycle_and_reasons(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=3)
+    first = await app_client.post(
+        "/api/v1/holds", json=hold_body(shop, qty=2), headers=tenant.headers
+    )
+    assert first.status_code == 201, first.text
+    hold = first.json()
+    assert hold["status"] == "active"
+    assert await availability(app_client, tenant, shop) == 1
+    short = await app_client.post(
+        "/api/v1/holds", json=hold_body(shop, qty=2), headers=tenant.headers
+    )
+    assert (short.status_code, short.json()["reason"]) == (409, "insufficient_stock")
+    assert short.json()["available"] == 1
+    last = await app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+    assert last.status_code == 201
+    gone = await app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+    assert (gone.status_code, gone.json()["reason"]) == (409, "sold_out")
+
+    released = await app_client.post(f"/api/v1/holds/{hold['id']}/release", headers=tenant.headers)
+    assert released.json()["status"] == "released"
+    assert await availability(app_client, tenant, shop) == 2
+    again = await app_client.post(f"/api/v1/holds/{hold['id']}/release", headers=tenant.headers)
+    assert again.status_code == 409
+
+    converted = await app_client.post(
+        f"/api/v1/holds/{last.json()['id']}/convert", headers=tenant.headers
+    )
+    assert converted.json()["status"] == "converted"
+    assert await availability(app_client, tenant, shop) == 2  # sold stays out of stock
+
+
+async def test_an_expired_hold_frees_stock_at_once(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=1)
+    hold = (
+        await app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+    ).json()
+    assert await availability(app_client, tenant, shop) == 0
+    clock.advance(timedelta(seconds=600))  # the event's hold TTL
+    # No sweeper ran: availability already counts it free, and a new hold gets the unit.
+    assert await availability(app_client, tenant, shop) == 1
+    taken = await app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+    assert taken.status_code == 201, taken.text
+    stale = await app_client.post(f"/api/v1/holds/{hold['id']}/convert", headers=tenant.headers)
+    assert stale.status_code in (409, 410)  # the old hold can no longer be converted
+    assert stale.json()["reason"] in ("hold_expired", "conflict")
+
+
+async def test_extend_is_capped(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    hold = (
+        await app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+    ).json()
+    for _ in range(2):  # max_hold_renewals default
+        clock.advance(timedelta(seconds=500))
+        extended = await app_client.post(
+            f"/api/v1/holds/{hold['id']}/extend", headers=tenant.headers
+        )
+        assert extended.status_code == 200, extended.text
+    third = await app_client.post(f"/api/v1/holds/{hold['id']}/extend", headers=tenant.headers)
+    assert (third.status_code, third.json()["reason"]) == (409, "renewals_exhausted")
+
+
+async def test_closed_events_slots_and_per_contact_limits(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+) -> None:
+    draft = await make_shop(app_client, tenant, clock.now(), status="draft", slug="draft-one")
+    refused = await app_client.post("/api/v1/holds", json=hold_body(draft), headers=tenant.headers)
+    assert (refused.status_code, refused.json()["reason"]) == (409, "event_closed")
+
+    shop = await make_shop(
+        app_client, tenant, clock.now(), window=2, limit_per_contact=3, slug="with-window"
+    )
+    body = hold_body(shop, slot_id=shop.slot_id, contact_ref="ann")
+    assert (
+        await app_client.post("/api/v1/holds", json=body, headers=tenant.headers)
+    ).status_code == 201
+    assert (
+        await app_client.post("/api/v1/holds", json=body, headers=tenant.headers)
+    ).status_code == 201
+    full = await app_client.post("/api/v1/holds", json=body, headers=tenant.headers)
+    assert (full.status_code, full.json()["reason"]) == (409, "slot_full")
+    no_slot = hold_body(shop, contact_ref="ann", qty=2)
+    over = await app_client.post("/api/v1/holds", json=no_slot, headers=tenant.headers)
+    assert (over.status_code, over.json()["reason"]) == (409, "limit_per_contact")
+    other = await app_client.post(
+        "/api/v1/holds", json=hold_body(shop, contact_ref="bob", qty=2), headers=tenant.headers
+    )
+    assert other.status_code == 201
+
+
+async def test_5000_contenders_for_1000_units_get_exactly_1000_holds(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=1000)
+    sem = asyncio.Semaphore(200)
+
+    async def contend() -> httpx.Response:
+        async with sem:
+            return await app_client.post(
+                "/api/v1/holds", json=hold_body(shop), headers=tenant.headers
+            )
+
+    responses = await asyncio.gather(*(contend() for _ in range(5000)))
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {201: 1000, 409: 4000}
+    assert {r.json()["reason"] for r in responses if r.status_code == 409} == {"sold_out"}
+    async with ctx.db.reader() as session:
+        held = await session.scalar(
+            select(func.sum(Hold.qty)).where(Hold.org_id == tenant.org_id, Hold.status == "active")
+        )
+    assert held == 1000
+    assert await availability(app_client, tenant, shop) == 0
+
+
+async def test_holds_and_stock_are_tenant_private(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    hold = (
+        await app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+    ).json()
+    intruder = await make_tenant(ctx)
+    for method, url, body in (
+        ("POST", "/api/v1/holds", hold_body(shop)),
+        ("GET", f"/api/v1/holds/{hold['id']}", None),
+        ("POST", f"/api/v1/holds/{hold['id']}/release", None),
+        ("POST", f"/api/v1/holds/{hold['id']}/convert", None),
+        ("POST", f"/api/v1/holds/{hold['id']}/extend", None),
+        ("GET", f"/api/v1/events/{shop.event_id}/availability", None),
+        ("GET", f"/api/v1/events/{shop.event_id}/products", None),
+        (
+            "PUT",
+            "/api/v1/stock",
+            {"variant_id": shop.variant_id, "lane_id": shop.lane_id, "total": 1},
+        ),
+    ):
+        response = await app_client.request(method, url, json=body, headers=intruder.headers)
+        assert response.status_code == 404, (method, url, response.text)
+
+
+async def test_stock_cannot_drop_below_what_is_held(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    await app_client.post("/api/v1/holds", json=hold_body(shop, qty=3), headers=tenant.headers)
+    lower = await app_client.put(
+        "/api/v1/stock",
+        json={"variant_id": shop.variant_id, "lane_id": shop.lane_id, "total": 2},
+        headers=tenant.headers,
+    )
+    assert (lower.status_code, lower.json()["reason"]) == (409, "conflict")
+    ok = await app_client.put(
+        "/api/v1/stock",
+        json={"variant_id": shop.variant_id, "lane_id": shop.lane_id, "total": 3},
+        headers=tenant.headers,
+    )
+    assert ok.json()["available"] == 0
