@@ -164,12 +164,13 @@ async def test_tenancy_operator_routes_answer_404_across_orgs(
     intruder = await make_tenant(ctx)
     event_id, slot_id = await make_slot(ctx, tenant, capacity=2)
     rsvp_id = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
-    for method, path, body in [
+    attempts: list[tuple[str, str, dict[str, object] | None]] = [
         ("GET", f"/api/v1/events/{event_id}/rsvps", None),
         ("GET", f"/api/v1/events/{event_id}/waitlist", None),
         ("GET", f"/api/v1/rsvps/{rsvp_id}", None),
         ("POST", f"/api/v1/rsvps/{rsvp_id}/cancel", {}),
-    ]:
+    ]
+    for method, path, body in attempts:
         response = await app_client.request(method, path, json=body, headers=intruder.headers)
         assert response.status_code == 404, (path, response.text)
         assert response.json()["reason"] == "not_found"

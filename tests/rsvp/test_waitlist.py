@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from popdrop.core.clock import FrozenClock
 from popdrop.rsvp import service, tasks
 from popdrop.rsvp.service import OfferMade
 from popdrop.vouchers import codes
@@ -57,12 +58,12 @@ async def _status(client: httpx.AsyncClient, tenant: Tenant, rsvp_id: int) -> st
 
 
 async def test_cancel_offers_the_place_expiry_passes_it_on_and_a_claim_confirms(
-    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext, clock: FrozenClock
 ) -> None:
     event_id, slot_id = await make_slot(ctx, tenant, capacity=1)
     holder = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
     first = await rsvp(app_client, event_id, slot_id, email="first@example.com", waitlist=True)
-    ctx.clock.advance(timedelta(seconds=1))
+    clock.advance(timedelta(seconds=1))
     second = await rsvp(app_client, event_id, slot_id, email="second@example.com", waitlist=True)
     first_id, second_id = first.json()["rsvp"]["id"], second.json()["rsvp"]["id"]
     assert first.json()["rsvp"]["status"] == second.json()["rsvp"]["status"] == "waitlisted"
@@ -85,7 +86,7 @@ async def test_cancel_offers_the_place_expiry_passes_it_on_and_a_claim_confirms(
     assert late.json()["reason"] == "slot_full"
 
     # Unclaimed past its TTL: the sweep revokes it and the next contact gets one.
-    ctx.clock.advance(timedelta(hours=2, seconds=1))
+    clock.advance(timedelta(hours=2, seconds=1))
     [next_offer] = await _sweep(ctx)
     assert next_offer.rsvp_id == second_id
     assert await _status(app_client, tenant, first_id) == "lapsed"
@@ -115,13 +116,13 @@ async def test_cancel_offers_the_place_expiry_passes_it_on_and_a_claim_confirms(
 
 
 async def test_a_party_that_does_not_fit_is_skipped_and_keeps_its_place(
-    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext, clock: FrozenClock
 ) -> None:
     event_id, slot_id = await make_slot(ctx, tenant, capacity=2)
     a = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
     b = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
     pair = (await rsvp(app_client, event_id, slot_id, places=2, waitlist=True)).json()["rsvp"]
-    ctx.clock.advance(timedelta(seconds=1))
+    clock.advance(timedelta(seconds=1))
     solo = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()["rsvp"]
 
     [offer] = await _cancel(ctx, tenant, a)  # one place free: the pair does not fit
@@ -143,7 +144,7 @@ async def test_a_party_that_does_not_fit_is_skipped_and_keeps_its_place(
 
 
 async def test_capacity_freed_without_a_cancel_is_offered_lazily(
-    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext, clock: FrozenClock
 ) -> None:
     """An offer that expires with nobody waiting releases its places to everyone."""
     event_id, slot_id = await make_slot(ctx, tenant, capacity=1)
@@ -151,7 +152,7 @@ async def test_capacity_freed_without_a_cancel_is_offered_lazily(
     waiting = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()["rsvp"]["id"]
     [offer] = await _cancel(ctx, tenant, holder)
     assert offer.rsvp_id == waiting
-    ctx.clock.advance(timedelta(hours=3))
+    clock.advance(timedelta(hours=3))
     # No sweep ran: the next RSVP of the event sweeps lazily and gets the place.
     walk_in = await rsvp(app_client, event_id, slot_id, email="walkin@example.com")
     assert walk_in.status_code == 201, walk_in.text
@@ -161,12 +162,12 @@ async def test_capacity_freed_without_a_cancel_is_offered_lazily(
 
 
 async def test_guest_cancelling_an_open_offer_passes_it_on(
-    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext, clock: FrozenClock
 ) -> None:
     event_id, slot_id = await make_slot(ctx, tenant, capacity=1)
     holder = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
     first = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()
-    ctx.clock.advance(timedelta(seconds=1))
+    clock.advance(timedelta(seconds=1))
     second = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()
     [offer] = await _cancel(ctx, tenant, holder)
     assert offer.rsvp_id == first["rsvp"]["id"]
