@@ -21,7 +21,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -36,7 +51,7 @@ from popdrop.checkin.schemas import (
     TicketOut,
 )
 from popdrop.core import audit
-from popdrop.core.db import Database, dialect_insert, table_of
+from popdrop.core.db import Database, UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import REASON_STATUS, PopdropError, not_found
 from popdrop.events.models import Event
 
@@ -387,6 +402,247 @@ def _window(at: datetime) -> Any:
     )
 
 
+# ---- the hot path: statements built once at import.
+# Take the check-in: the ticket is valid, current, unused, its event is open at `at`, and
+# this nonce has no stored answer yet (a retry of a successful scan must replay "ok").
+_p = {
+    name: bindparam(name, type_=kind)
+    for name, kind in (
+        ("org", BigInteger()),
+        ("tid", BigInteger()),
+        ("eid", BigInteger()),
+        ("gen", Integer()),
+        ("nonce", String()),
+        ("gate", String()),
+        ("at", UTCDateTime()),
+        ("opens_by", UTCDateTime()),
+        ("closes_from", UTCDateTime()),
+        ("received_at", UTCDateTime()),
+        ("digest", LargeBinary()),
+        ("answer", Text()),
+        ("offline", Boolean()),
+        ("actor", String()),
+    )
+}
+_TAKE = (
+    update(_tickets)
+    .where(
+        _tickets.c.id == _p["tid"],
+        _tickets.c.org_id == _p["org"],
+        _tickets.c.event_id == _p["eid"],
+        _tickets.c.generation == _p["gen"],
+        _tickets.c.status == "valid",
+        _tickets.c.checked_in_at.is_(None),
+        exists().where(
+            _events.c.id == _tickets.c.event_id,
+            _events.c.starts_at <= _p["opens_by"],
+            _events.c.ends_at >= _p["closes_from"],
+        ),
+        ~exists().where(_scans.c.org_id == _p["org"], _scans.c.nonce == _p["nonce"]),
+    )
+    .values(checked_in_at=_p["at"], checked_in_gate=_p["gate"])
+    .returning(
+        _tickets.c.id,
+        _tickets.c.event_id,
+        _tickets.c.subject_kind,
+        _tickets.c.subject_id,
+        _tickets.c.holder_ref,
+    )
+)
+_VISIT_COLUMNS = ["org_id", "event_id", "ticket_id", "subject_kind", "subject_id", "at", "gate"]
+_SCAN_COLUMNS = [
+    "org_id", "nonce", "secret_digest", "event_id", "ticket_id", "result", "status_code",
+    "answer", "gate", "offline", "scanned_at", "received_at", "actor",
+]  # fmt: skip
+
+
+def _scan_values(taken: Any) -> list[Any]:
+    return [
+        _p["org"], _p["nonce"], _p["digest"], taken.c.event_id, taken.c.id, literal("ok"),
+        literal(200), _p["answer"], _p["gate"], _p["offline"], _p["at"], _p["received_at"],
+        _p["actor"],
+    ]  # fmt: skip
+
+
+def _fused_take() -> Any:
+    """PostgreSQL: take the check-in, record the visit and the scan in one statement."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    taken = _TAKE.cte("taken")
+    visited = (
+        insert(_visits)
+        .from_select(
+            _VISIT_COLUMNS,
+            select(
+                _p["org"],
+                taken.c.event_id,
+                taken.c.id,
+                taken.c.subject_kind,
+                taken.c.subject_id,
+                _p["at"],
+                _p["gate"],
+            ),
+        )
+        .returning(_visits.c.id)
+        .cte("visited")
+    )
+    scanned = (
+        pg_insert(_scans)
+        .from_select(_SCAN_COLUMNS, select(*_scan_values(taken)))
+        .on_conflict_do_nothing()
+        .returning(_scans.c.id)
+        .cte("scanned")
+    )
+    return (
+        select(
+            taken.c.subject_kind,
+            taken.c.subject_id,
+            taken.c.holder_ref,
+            scanned.c.id.label("scan_id"),
+            visited.c.id.label("visit_id"),
+        )
+        .select_from(taken)
+        .outerjoin(scanned, true())
+        .outerjoin(visited, true())
+    )
+
+
+_FUSED_TAKE = _fused_take()
+_STORED = select(
+    _scans.c.id, _scans.c.secret_digest, _scans.c.status_code, _scans.c.result, _scans.c.answer,
+    _scans.c.ticket_id,
+).where(_scans.c.org_id == _p["org"], _scans.c.nonce == _p["nonce"])  # fmt: skip
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+async def _genuine(
+    session: AsyncSession, principal: Principal, secret: str
+) -> tickets.TicketClaim | None:
+    """The claim of a secret signed by an event key of the principal's org, else None."""
+    claim = tickets.parse(secret)
+    if claim is None:
+        return None
+    signer = await _load_signer(session, claim.event_id)
+    if (
+        signer is None
+        or signer.org_id != principal.org_id
+        or not tickets.signature_ok(signer.public, claim)
+    ):
+        return None
+    return claim
+
+
+def _subject(kind: str, subject_id: int, holder_ref: str | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"subject_kind": kind, "subject_id": subject_id}
+    if holder_ref is not None:
+        fields["holder_ref"] = holder_ref
+    return fields
+
+
+async def _take(
+    session: AsyncSession,
+    principal: Principal,
+    request: ScanRequest,
+    claim: tickets.TicketClaim,
+    *,
+    at: datetime,
+    now: datetime,
+    digest: bytes,
+) -> tuple[int, dict[str, Any]] | None:
+    """The successful scan, taken and stored; None when the conditional update took nothing.
+
+    The stored answer leaves out the subject (read back from the ticket on a replay), so
+    PostgreSQL can write it in the same statement that takes the check-in.
+    """
+    body = _answer(
+        request.nonce,
+        at,
+        "ok",
+        ticket_id=claim.ticket_id,
+        event_id=claim.event_id,
+        checked_in_at=at,
+        gate=request.gate,
+    ).model_dump(mode="json", exclude_none=True)
+    params = {
+        "org": principal.org_id,
+        "tid": claim.ticket_id,
+        "eid": claim.event_id,
+        "gen": claim.generation,
+        "nonce": request.nonce,
+        "gate": request.gate,
+        "at": at,
+        "opens_by": at + OPENS_BEFORE,
+        "closes_from": at - CLOSES_AFTER,
+        "received_at": now,
+        "digest": digest,
+        "answer": json.dumps(body),
+        "offline": request.offline,
+        "actor": principal.actor,
+    }
+    if _dialect(session) == "postgresql":
+        row = (await session.execute(_FUSED_TAKE, params)).first()
+        if row is None:
+            return None
+        if row.scan_id is None:  # a concurrent scan stored this nonce first
+            raise NonceTaken
+        subject = _subject(row.subject_kind, row.subject_id, row.holder_ref)
+        return 200, {**body, **subject, "scan_id": row.scan_id}
+    taken = (await session.execute(_TAKE, params)).first()
+    if taken is None:
+        return None
+    await session.execute(
+        insert(_visits).values(
+            org_id=principal.org_id,
+            event_id=taken.event_id,
+            ticket_id=taken.id,
+            subject_kind=taken.subject_kind,
+            subject_id=taken.subject_id,
+            at=at,
+            gate=request.gate,
+        )
+    )
+    scan_id = await _insert_scan(session, params, claim.event_id, claim.ticket_id, "ok", 200)
+    subject = _subject(taken.subject_kind, taken.subject_id, taken.holder_ref)
+    return 200, {**body, **subject, "scan_id": scan_id}
+
+
+async def _insert_scan(
+    session: AsyncSession,
+    params: dict[str, Any],
+    event_id: int | None,
+    ticket_id: int | None,
+    result: str,
+    status: int,
+) -> int:
+    inserted = await session.execute(
+        dialect_insert(_dialect(session), _scans)
+        .values(
+            org_id=params["org"],
+            nonce=params["nonce"],
+            secret_digest=params["digest"],
+            event_id=event_id,
+            ticket_id=ticket_id,
+            result=result,
+            status_code=status,
+            answer=params["answer"],
+            gate=params["gate"],
+            offline=params["offline"],
+            scanned_at=params["at"],
+            received_at=params["received_at"],
+            actor=params["actor"],
+        )
+        .on_conflict_do_nothing()
+        .returning(_scans.c.id)
+    )
+    scan_id = inserted.scalar()
+    if scan_id is None:
+        raise NonceTaken
+    return int(scan_id)
+
+
 async def record_scan(
     session: AsyncSession,
     principal: Principal,
@@ -397,57 +653,70 @@ async def record_scan(
 ) -> tuple[int, dict[str, Any]]:
     """Decide one scan and store it with its answer; (HTTP status, answer body).
 
+    The common case (a good ticket, a new nonce) is one conditional update that also
+    checks the nonce is new; everything else first looks for a stored answer to replay.
     Raises `NonceTaken` when a concurrent scan with the same nonce committed first.
     """
     principal.require(SCAN_SCOPE)
-    digest = _digest(request.secret)
-    stored = (
-        await session.execute(
-            select(_scans.c.id, _scans.c.secret_digest, _scans.c.status_code, _scans.c.answer)
-            .where(_scans.c.org_id == principal.org_id, _scans.c.nonce == request.nonce)
-            .limit(1)
-        )
-    ).first()
-    if stored is not None:
-        return _replay(stored.id, stored.secret_digest, stored.status_code, stored.answer, digest)
     at = request.scanned_at or now
     if at > now + MAX_CLOCK_SKEW:
         raise PopdropError("invalid_request", "scanned_at is in the future")
-    answer = await _decide(session, principal, request, at, bound_event_id)
+    digest = _digest(request.secret)
+    claim = await _genuine(session, principal, request.secret)
+    expected_event = request.event_id or bound_event_id
+    if claim is not None and expected_event in (None, claim.event_id):
+        done = await _take(session, principal, request, claim, at=at, now=now, digest=digest)
+        if done is not None:
+            return done
+    stored = (
+        await session.execute(_STORED, {"org": principal.org_id, "nonce": request.nonce})
+    ).first()
+    if stored is not None:
+        if stored.secret_digest != digest:
+            raise PopdropError("invalid_request", "this nonce was already used for another ticket")
+        body = {**json.loads(stored.answer), "scan_id": stored.id}
+        if stored.result == "ok":
+            body.update(await _subject_of(session, principal, stored.ticket_id))
+        return stored.status_code, body
+    if claim is None:
+        answer = _answer(request.nonce, at, "invalid")
+    elif expected_event not in (None, claim.event_id):
+        answer = _answer(
+            request.nonce, at, "wrong_event", ticket_id=claim.ticket_id, event_id=claim.event_id
+        )
+    else:
+        ids = {"ticket_id": claim.ticket_id, "event_id": claim.event_id}
+        answer = await _refusal(session, principal, claim, at, request.nonce, ids)
     status = status_of(answer.result)
     body = answer.model_dump(mode="json", exclude_none=True)
-    inserted = await session.execute(
-        dialect_insert(session.get_bind().dialect.name, _scans)
-        .values(
-            org_id=principal.org_id,
-            nonce=request.nonce,
-            secret_digest=digest,
-            event_id=answer.event_id,
-            ticket_id=answer.ticket_id,
-            result=answer.result,
-            status_code=status,
-            answer=json.dumps(body),
-            gate=request.gate,
-            offline=request.offline,
-            scanned_at=at,
-            received_at=now,
-            actor=principal.actor,
-        )
-        .on_conflict_do_nothing()
-        .returning(_scans.c.id)
+    params = {
+        "org": principal.org_id,
+        "nonce": request.nonce,
+        "digest": digest,
+        "answer": json.dumps(body),
+        "gate": request.gate,
+        "offline": request.offline,
+        "at": at,
+        "received_at": now,
+        "actor": principal.actor,
+    }
+    scan_id = await _insert_scan(
+        session, params, answer.event_id, answer.ticket_id, answer.result, status
     )
-    scan_id = inserted.scalar()
-    if scan_id is None:
-        raise NonceTaken
     return status, {**body, "scan_id": scan_id}
 
 
-def _replay(
-    scan_id: int, stored_digest: bytes, status: int, answer: str, digest: bytes
-) -> tuple[int, dict[str, Any]]:
-    if stored_digest != digest:
-        raise PopdropError("invalid_request", "this nonce was already used for another ticket")
-    return status, {**json.loads(answer), "scan_id": scan_id}
+async def _subject_of(
+    session: AsyncSession, principal: Principal, ticket_id: int | None
+) -> dict[str, Any]:
+    row = (
+        await session.execute(
+            select(_tickets.c.subject_kind, _tickets.c.subject_id, _tickets.c.holder_ref).where(
+                _tickets.c.id == ticket_id, _tickets.c.org_id == principal.org_id
+            )
+        )
+    ).first()
+    return {} if row is None else _subject(row.subject_kind, row.subject_id, row.holder_ref)
 
 
 def _answer(
@@ -461,70 +730,6 @@ def _answer(
         scanned_at=at,
         **fields,
     )
-
-
-async def _decide(
-    session: AsyncSession,
-    principal: Principal,
-    request: ScanRequest,
-    at: datetime,
-    bound_event_id: int | None,
-) -> ScanAnswer:
-    def answer(result: str, *, text_key: str | None = None, **fields: Any) -> ScanAnswer:
-        return _answer(request.nonce, at, result, text_key=text_key, **fields)
-
-    claim = tickets.parse(request.secret)
-    if claim is None:
-        return answer("invalid")
-    signer = await _load_signer(session, claim.event_id)
-    if (
-        signer is None
-        or signer.org_id != principal.org_id
-        or not tickets.signature_ok(signer.public, claim)
-    ):
-        return answer("invalid")
-    ids: dict[str, Any] = {"ticket_id": claim.ticket_id, "event_id": claim.event_id}
-    expected_event = request.event_id or bound_event_id
-    if expected_event is not None and expected_event != claim.event_id:
-        return answer("wrong_event", **ids)
-    taken = (
-        await session.execute(
-            update(_tickets)
-            .where(
-                _tickets.c.id == claim.ticket_id,
-                _tickets.c.org_id == principal.org_id,
-                _tickets.c.event_id == claim.event_id,
-                _tickets.c.generation == claim.generation,
-                _tickets.c.status == "valid",
-                _tickets.c.checked_in_at.is_(None),
-                _window(at),
-            )
-            .values(checked_in_at=at, checked_in_gate=request.gate)
-            .returning(_tickets.c.subject_kind, _tickets.c.subject_id, _tickets.c.holder_ref)
-        )
-    ).first()
-    if taken is not None:
-        await session.execute(
-            insert(_visits).values(
-                org_id=principal.org_id,
-                event_id=claim.event_id,
-                ticket_id=claim.ticket_id,
-                subject_kind=taken.subject_kind,
-                subject_id=taken.subject_id,
-                at=at,
-                gate=request.gate,
-            )
-        )
-        return answer(
-            "ok",
-            subject_kind=taken.subject_kind,
-            subject_id=taken.subject_id,
-            holder_ref=taken.holder_ref,
-            checked_in_at=at,
-            gate=request.gate,
-            **ids,
-        )
-    return await _refusal(session, principal, claim, at, request.nonce, ids)
 
 
 async def _refusal(
