@@ -362,6 +362,8 @@ async def test_scopes(app_client: Client, tenant: Tenant, ctx: AppContext) -> No
         {"secret": "abc", "nonce": "nonce-123", "event_id": 2**63},
         {"secret": "abc", "nonce": "nonce-123", "scanned_at": "2026-01-01T10:00:00"},
         {"secret": "abc", "nonce": "nonce-123", "scanned_at": "yesterday"},
+        {"secret": "abc", "nonce": "nonce-123", "scanned_at": "0001-01-01T00:00:00Z"},
+        {"secret": "abc", "nonce": "nonce-123", "scanned_at": "9999-12-31T23:59:59Z"},
         {"secret": "abc", "nonce": "nonce-123", "gate": ""},
         {"secret": "abc", "nonce": "nonce-123", "surprise": 1},
         {"secret": ["abc"], "nonce": "nonce-123"},

@@ -62,6 +62,8 @@ OPENS_BEFORE = timedelta(hours=2)
 CLOSES_AFTER = timedelta(hours=1)
 # A scan may say when it happened (offline scanners); never noticeably in the future.
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+# Offline scans come back within days; older ones are refused, not stored.
+MAX_SCAN_AGE = timedelta(days=90)
 
 _tickets = table_of(Ticket)
 _scans = table_of(Scan)
@@ -661,6 +663,8 @@ async def record_scan(
     at = request.scanned_at or now
     if at > now + MAX_CLOCK_SKEW:
         raise PopdropError("invalid_request", "scanned_at is in the future")
+    if at < now - MAX_SCAN_AGE:
+        raise PopdropError("invalid_request", "scanned_at is more than 90 days ago")
     digest = _digest(request.secret)
     claim = await _genuine(session, principal, request.secret)
     expected_event = request.event_id or bound_event_id
