@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.checkin.pages import router as checkin_pages
     from popdrop.events.api import public_router as events_public
     from popdrop.events.api import router as events_api
+    from popdrop.events.pages import router as event_pages
     from popdrop.inventory.api import public_router as inventory_public
     from popdrop.inventory.api import router as inventory_api
     from popdrop.rsvp.api import router as rsvp_api
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         rsvp_api,
         web_pages,
         voucher_pages,
+        event_pages,
         checkin_api,
         checkin_pages,
     ):

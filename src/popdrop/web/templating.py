@@ -15,7 +15,11 @@ from popdrop.web.auth import attach_csrf_cookie, csrf_token
 from popdrop.web.context import get_ctx
 
 _ROOT = Path(__file__).resolve().parent.parent
-_DIRS = [_ROOT / "web" / "templates", _ROOT / "vouchers" / "templates"]
+_DIRS = [
+    _ROOT / "web" / "templates",
+    _ROOT / "vouchers" / "templates",
+    _ROOT / "events" / "templates",
+]
 
 _env = Environment(
     loader=ChoiceLoader([FileSystemLoader(str(d)) for d in _DIRS]),

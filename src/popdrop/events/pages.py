@@ -1,0 +1,601 @@
+"""Event pages: the public event page `/e/{event_id}` and the operator pages `/events`.
+
+Handlers stay thin: read the form, build the pydantic schema, call the events and
+inventory services, render. The rules of the voucher pages hold here too (`PageRoute`):
+- every operator page needs a session and checks its scope (vouchers:read to look,
+  vouchers:write / inventory:write to change), so a volunteer gets a 403 page;
+- every POST carries the double-submit CSRF field and calls `check_csrf` first;
+- a form that does not validate is shown again with its errors next to it (422).
+The public page reads published/live events only (404 otherwise); its stock numbers
+update from the SSE stream `/e/{event_id}/availability/stream`, its RSVP form posts JSON
+to `POST /api/v1/public/events/{event_id}/rsvps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+
+from popdrop.accounts.service import Principal
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.money import Money
+from popdrop.events import service
+from popdrop.events.api import ICAL_PURPOSE, ItemId
+from popdrop.events.models import Event, Lane, Partner, PickupWindow, TimeSlot
+from popdrop.events.schemas import (
+    EventCreate,
+    LaneCreate,
+    PartnerCreate,
+    PickupWindowCreate,
+    SlotCreate,
+)
+from popdrop.inventory import service as inventory
+from popdrop.inventory.models import Product, Variant
+from popdrop.inventory.schemas import Availability, ProductCreate, StockSet
+from popdrop.vouchers.pages import Operator, PageRoute
+from popdrop.web.auth import check_csrf
+from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.templating import render, templates
+
+M = TypeVar("M", bound=BaseModel)
+_FRIENDLY = {
+    "missing": "required",
+    "string_pattern_mismatch": "lowercase letters, digits and dashes",
+    "int_parsing": "a whole number",
+}
+router = APIRouter(include_in_schema=False, route_class=PageRoute)
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+CONSENT_TEXT = (
+    "I agree that the host may contact me about this RSVP and this event by email or SMS. "
+    "I can opt out at any time."
+)
+EVENT_DEFAULTS = {"timezone": "Europe/Berlin", "hold_ttl_seconds": "900"}
+_NOTICES = {
+    "created": "The event is created. Add slots, lanes and products below.",
+    "status": "The event's status changed.",
+    "slot": "The slot is added.",
+    "lane": "The lane is added.",
+    "window": "The pickup window is added.",
+    "partner": "The partner is added.",
+    "product": "The product is added. Set its stock per lane below.",
+    "stock": "Stock saved.",
+}
+
+
+# ---------------------------------------------------------------- display helpers
+
+
+def zone_of(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def local(value: datetime | None, timezone: str, fmt: str = "%a %d %b %Y, %H:%M") -> str:
+    """A moment in the event's own time zone (with its abbreviation)."""
+    if value is None:
+        return "—"
+    return value.astimezone(zone_of(timezone)).strftime(f"{fmt} %Z")
+
+
+def slot_name(slot: TimeSlot, timezone: str) -> str:
+    when = local(slot.starts_at, timezone, "%a %d %b, %H:%M")
+    return f"{slot.label} · {when}" if slot.label else when
+
+
+def price(amount_minor: int, currency: str) -> str:
+    return Money(amount_minor, currency).format()
+
+
+templates.env.filters["local"] = local
+templates.env.filters["price"] = price
+
+
+# ---------------------------------------------------------------- forms
+
+
+@dataclass
+class Form:
+    """A form as typed (to show it again) and what is wrong with it, per field."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.problems
+
+    def integer(self, name: str) -> int | None:
+        raw = self.values.get(name, "").replace(",", "").replace("_", "")
+        if not raw:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            self.errors[name] = "a whole number"
+            return None
+
+    def moment(self, name: str, zone: ZoneInfo | None) -> datetime | None:
+        """A datetime-local value is wall time in the event's zone; stored in UTC."""
+        raw = self.values.get(name, "")
+        if not raw:
+            return None
+        try:
+            value = datetime.fromisoformat(raw)
+        except ValueError:
+            self.errors[name] = "a date and time"
+            return None
+        if zone is None:  # the zone's own error is shown; the time is read as UTC meanwhile
+            zone = ZoneInfo("UTC")
+        return (value if value.tzinfo else value.replace(tzinfo=zone)).astimezone(UTC)
+
+    def amount(self, name: str, currency: str) -> int | None:
+        """Major units as typed ("15.50") to integer minor units, exactly."""
+        raw = self.values.get(name, "").replace(",", ".")
+        if not raw:
+            return None
+        try:
+            exponent = Money(0, currency).exponent
+        except PopdropError:
+            return None  # the currency's own error is reported by the schema
+        try:
+            minor = Decimal(raw).scaleb(exponent)
+            if not minor.is_finite() or minor != minor.to_integral_value():
+                raise InvalidOperation
+        except InvalidOperation:
+            self.errors[name] = f"an amount like 15.50 (at most {exponent} decimals)"
+            return None
+        return int(minor)
+
+    def build(
+        self, model: type[M], data: dict[str, Any], names: Mapping[str, str] | None = None
+    ) -> M | None:
+        """Validate with the API's schema; errors land on the form field they belong to."""
+        clean = {k: v for k, v in data.items() if v is not None and k not in self.errors}
+        try:
+            spec = model.model_validate(clean)
+        except ValidationError as exc:
+            for problem in exc.errors():
+                message = _FRIENDLY.get(problem["type"]) or str(problem["msg"]).removeprefix(
+                    "Value error, "
+                )
+                loc = [str(p) for p in problem["loc"]]
+                name = (names or {}).get(loc[0], loc[0]) if loc else ""
+                if name in self.values or name in (names or {}).values():
+                    self.errors.setdefault(name, message)
+                else:
+                    self.problems.append(f"{name}: {message}" if name else message)
+            return None
+        return spec if self.ok else None
+
+
+def form_of(data: Mapping[str, Any]) -> Form:
+    return Form(values={k: str(v).strip() for k, v in data.items() if k != "csrf"})
+
+
+def _zone(form: Form, name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(form.values.get(name) or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        form.errors[name] = "an IANA time zone such as Europe/Berlin"
+        return None
+
+
+def parse_event(form: Form) -> EventCreate | None:
+    zone = _zone(form, "timezone")
+    v = form.values
+    data: dict[str, Any] = {
+        "slug": v.get("slug", ""),
+        "title": v.get("title", ""),
+        "description": v.get("description", ""),
+        "venue_name": v.get("venue_name", ""),
+        "venue_address": v.get("venue_address", ""),
+        "timezone": v.get("timezone") or "UTC",
+        "starts_at": form.moment("starts_at", zone),
+        "ends_at": form.moment("ends_at", zone),
+        "opens_at": form.moment("opens_at", zone),
+        "hold_ttl_seconds": form.integer("hold_ttl_seconds"),
+    }
+    return form.build(EventCreate, data)
+
+
+def parse_slot(form: Form, zone: ZoneInfo) -> SlotCreate | None:
+    data = {
+        "label": form.values.get("label", ""),
+        "starts_at": form.moment("starts_at", zone),
+        "ends_at": form.moment("ends_at", zone),
+        "capacity": form.integer("capacity"),
+    }
+    return form.build(SlotCreate, data)
+
+
+def parse_product(form: Form) -> ProductCreate | None:
+    v = form.values
+    currency = (v.get("currency") or "EUR").upper()
+    variants = [n.strip() for n in v.get("variants", "").split(",") if n.strip()]
+    data: dict[str, Any] = {
+        "title": v.get("title", ""),
+        "highlights": v.get("highlights", ""),
+        "image_url": v.get("image_url", ""),
+        "price_minor": form.amount("price", currency),
+        "currency": currency,
+        "limit_per_contact": form.integer("limit_per_contact"),
+        "variants": variants or None,
+    }
+    if "price" not in form.errors and data["price_minor"] is None:
+        form.errors["price"] = "a price such as 15.00 (0 for free)"
+    return form.build(ProductCreate, data, {"price_minor": "price"})
+
+
+# ---------------------------------------------------------------- reads
+
+
+@dataclass
+class ProductCard:
+    product: Product
+    variants: list[Variant]
+
+
+@dataclass
+class EventView:
+    event: Event
+    slots: list[TimeSlot]
+    lanes: list[Lane]
+    windows: list[PickupWindow]
+    partners: list[Partner]
+    products: list[ProductCard]
+    stock: dict[tuple[int, int], Availability]
+
+    def lanes_of(self, variant_id: int) -> list[tuple[Lane, Availability]]:
+        return [
+            (lane, self.stock[(variant_id, lane.id)])
+            for lane in self.lanes
+            if (variant_id, lane.id) in self.stock
+        ]
+
+
+async def load_event(ctx: AppContext, event: Event) -> EventView:
+    """Everything the pages show of one event (its org already checked by the caller)."""
+    async with ctx.db.reader() as session:
+        slots = list(
+            await session.scalars(
+                select(TimeSlot).where(TimeSlot.event_id == event.id).order_by(TimeSlot.starts_at)
+            )
+        )
+        lanes = list(
+            await session.scalars(select(Lane).where(Lane.event_id == event.id).order_by(Lane.id))
+        )
+        windows = list(
+            await session.scalars(
+                select(PickupWindow)
+                .where(PickupWindow.lane_id.in_([lane.id for lane in lanes]))
+                .order_by(PickupWindow.id)
+            )
+        )
+        partners = list(
+            await session.scalars(
+                select(Partner).where(Partner.event_id == event.id).order_by(Partner.id)
+            )
+        )
+        products = list(
+            await session.scalars(
+                select(Product).where(Product.event_id == event.id).order_by(Product.id)
+            )
+        )
+        variants = list(
+            await session.scalars(
+                select(Variant)
+                .where(Variant.product_id.in_([p.id for p in products]))
+                .order_by(Variant.id)
+            )
+        )
+        rows = await inventory.availability(session, event.id, ctx.clock.now())
+    return EventView(
+        event=event,
+        slots=slots,
+        lanes=lanes,
+        windows=windows,
+        partners=partners,
+        products=[ProductCard(p, [v for v in variants if v.product_id == p.id]) for p in products],
+        stock={(r.variant_id, r.lane_id): r for r in rows},
+    )
+
+
+# ---------------------------------------------------------------- public event page
+
+
+def countdown_target(event: Event, now: datetime) -> tuple[str, datetime | None]:
+    """What the countdown counts to: opening, then start; None once it has started."""
+    if event.opens_at is not None and event.opens_at > now:
+        return "Opens in", event.opens_at
+    if event.starts_at > now:
+        return "Starts in", event.starts_at
+    return ("Ended" if event.ends_at <= now else "Happening now"), None
+
+
+@router.get("/e/{event_id}")
+async def public_event(request: Request, event_id: ItemId, ctx: Ctx) -> Response:
+    async with ctx.db.reader() as session:
+        event = await session.scalar(
+            select(Event).where(Event.id == event_id, Event.status.in_(inventory.OPEN_STATUSES))
+        )
+    if event is None:
+        raise not_found("event")
+    view = await load_event(ctx, event)
+    now = ctx.clock.now()
+    label, target = countdown_target(event, now)
+    context = {
+        "view": view,
+        "event": event,
+        "countdown_label": label,
+        "countdown_target": target,
+        "open_slots": [s for s in view.slots if s.ends_at > now],
+        "consent_text": CONSENT_TEXT,
+    }
+    response = render(request, "events/public.html", context)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# ---------------------------------------------------------------- operator pages
+
+
+async def _events_page(
+    request: Request, ctx: AppContext, principal: Principal, form: Form | None = None
+) -> Response:
+    async with ctx.db.reader() as session:
+        events = await service.list_events(session, principal)
+    context = {
+        "principal": principal,
+        "events": events,
+        "form": form or Form(values=dict(EVENT_DEFAULTS)),
+        "can_write": "vouchers:write" in principal.scopes,
+    }
+    return render(request, "events/list.html", context, status=422 if form else 200)
+
+
+@router.get("/events")
+async def events_list(request: Request, principal: Operator, ctx: Ctx) -> Response:
+    principal.require("vouchers:read")
+    return await _events_page(request, ctx, principal)
+
+
+@router.post("/events")
+async def event_create(request: Request, principal: Operator, ctx: Ctx) -> Response:
+    data = await request.form()
+    check_csrf(request, ctx, data)
+    principal.require("vouchers:write")
+    form = form_of(data)
+    spec = parse_event(form)
+    if spec is not None:
+        try:
+            async with ctx.db.transaction() as session:
+                event = await service.create_event(session, principal, spec, now=ctx.clock.now())
+                event_id = event.id
+        except PopdropError as error:
+            if error.reason not in ("conflict", "invalid_request"):
+                raise
+            form.errors["slug"] = error.message
+        else:
+            return RedirectResponse(f"/events/{event_id}?done=created", status_code=303)
+    return await _events_page(request, ctx, principal, form)
+
+
+async def _detail_page(
+    request: Request,
+    ctx: AppContext,
+    principal: Principal,
+    event_id: int,
+    *,
+    failed: tuple[str, Form] | None = None,
+    status: int = 422,
+) -> Response:
+    async with ctx.db.reader() as session:
+        event = await service.get_event(session, principal, event_id)
+    view = await load_event(ctx, event)
+    base = ctx.settings.base_url.rstrip("/")
+    ical = f"{base}/ical/{ctx.signer.sign(ICAL_PURPOSE, principal.org_id)}.ics"
+    forms = {name: Form() for name in ("slot", "lane", "window", "partner", "product", "stock")}
+    forms["product"].values.update({"currency": "EUR", "variants": "one size"})
+    if failed:
+        forms[failed[0]] = failed[1]
+    context = {
+        "principal": principal,
+        "view": view,
+        "event": event,
+        "forms": forms,
+        "failed": failed[0] if failed else None,
+        "lane_options": [(lane.id, lane.name) for lane in view.lanes],
+        "slot_options": [(s.id, slot_name(s, event.timezone)) for s in view.slots],
+        "next_statuses": sorted(service.TRANSITIONS[event.status], key=_STATUS_ORDER.index),
+        "public_url": f"{base}/e/{event.id}",
+        "ical_url": ical,
+        "notice": _NOTICES.get(request.query_params.get("done", "")),
+        "can_write": "vouchers:write" in principal.scopes,
+        "can_stock": "inventory:write" in principal.scopes,
+        "live": event.status in inventory.OPEN_STATUSES,
+    }
+    return render(request, "events/detail.html", context, status=status if failed else 200)
+
+
+_STATUS_ORDER = ["draft", "published", "live", "closed"]
+
+
+@router.get("/events/{event_id}")
+async def event_detail(
+    request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
+    principal.require("vouchers:read")
+    return await _detail_page(request, ctx, principal, event_id)
+
+
+def _done(event_id: int, what: str) -> Response:
+    return RedirectResponse(f"/events/{event_id}?done={what}", status_code=303)
+
+
+async def _posted(request: Request, ctx: AppContext, principal: Principal, scope: str) -> Form:
+    data = await request.form()
+    check_csrf(request, ctx, data)
+    principal.require(scope)
+    return form_of(data)
+
+
+_SHOWN_REFUSALS = frozenset({"conflict", "invalid_request", "not_found"})
+
+
+async def _refused(
+    request: Request,
+    ctx: AppContext,
+    principal: Principal,
+    event_id: int,
+    name: str,
+    form: Form,
+    error: PopdropError | None = None,
+) -> Response:
+    """The detail page again, the failed form showing what was typed and why."""
+    if error is not None:
+        if error.reason not in _SHOWN_REFUSALS:
+            raise error
+        form.problems.append(error.message)
+    status = error.status if error is not None and error.status != 404 else 422
+    return await _detail_page(request, ctx, principal, event_id, failed=(name, form), status=status)
+
+
+@router.post("/events/{event_id}/status")
+async def event_status(
+    request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
+    form = await _posted(request, ctx, principal, "vouchers:write")
+    target = form.values.get("status", "")
+    if target not in service.TRANSITIONS:
+        raise PopdropError("invalid_request", "status: one of draft, published, live, closed")
+    async with ctx.db.transaction() as session:
+        await service.set_status(session, principal, event_id, target)
+    return _done(event_id, "status")
+
+
+@router.post("/events/{event_id}/slots")
+async def slot_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
+    form = await _posted(request, ctx, principal, "vouchers:write")
+    async with ctx.db.reader() as session:
+        event = await service.get_event(session, principal, event_id)
+    spec = parse_slot(form, zone_of(event.timezone))
+    if spec is None:
+        return await _refused(request, ctx, principal, event_id, "slot", form)
+    async with ctx.db.transaction() as session:
+        await service.add_slot(session, principal, event_id, spec)
+    return _done(event_id, "slot")
+
+
+@router.post("/events/{event_id}/lanes")
+async def lane_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
+    form = await _posted(request, ctx, principal, "vouchers:write")
+    data = {"name": form.values.get("name", ""), "pickup_point": form.values.get("pickup_point")}
+    spec = form.build(LaneCreate, data)
+    if spec is None:
+        return await _refused(request, ctx, principal, event_id, "lane", form)
+    async with ctx.db.transaction() as session:
+        await service.add_lane(session, principal, event_id, spec)
+    return _done(event_id, "lane")
+
+
+@router.post("/events/{event_id}/windows")
+async def window_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
+    form = await _posted(request, ctx, principal, "vouchers:write")
+    lane_id = form.integer("lane_id")
+    spec = form.build(
+        PickupWindowCreate,
+        {"slot_id": form.integer("slot_id"), "capacity": form.integer("capacity")},
+    )
+    if lane_id is None:
+        form.errors.setdefault("lane_id", "pick a lane")
+    if spec is None or lane_id is None:
+        return await _refused(request, ctx, principal, event_id, "window", form)
+    try:
+        async with ctx.db.transaction() as session:
+            lane = await session.scalar(
+                select(Lane).where(
+                    Lane.id == lane_id, Lane.event_id == event_id, Lane.org_id == principal.org_id
+                )
+            )
+            if lane is None:
+                raise not_found("lane of this event")
+            await service.add_pickup_window(session, principal, lane.id, spec)
+    except PopdropError as error:
+        return await _refused(request, ctx, principal, event_id, "window", form, error)
+    return _done(event_id, "window")
+
+
+@router.post("/events/{event_id}/partners")
+async def partner_add(
+    request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
+    form = await _posted(request, ctx, principal, "vouchers:write")
+    data = {"name": form.values.get("name", ""), "contact_email": form.values.get("contact_email")}
+    spec = form.build(PartnerCreate, data)
+    if spec is None:
+        return await _refused(request, ctx, principal, event_id, "partner", form)
+    async with ctx.db.transaction() as session:
+        await service.add_partner(session, principal, event_id, spec)
+    return _done(event_id, "partner")
+
+
+@router.post("/events/{event_id}/products")
+async def product_add(
+    request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
+    form = await _posted(request, ctx, principal, "inventory:write")
+    spec = parse_product(form)
+    if spec is None:
+        return await _refused(request, ctx, principal, event_id, "product", form)
+    async with ctx.db.transaction() as session:
+        await inventory.create_product(session, principal, event_id, spec)
+    return _done(event_id, "product")
+
+
+def stock_cells(form: Form) -> list[StockSet]:
+    """The stock table: one `stock-{variant}-{lane}` field per cell; blank cells are left."""
+    cells: list[StockSet] = []
+    for name in sorted(form.values):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "stock" or not form.values[name]:
+            continue
+        total = form.integer(name)
+        if total is None:
+            continue
+        data = {"variant_id": parts[1], "lane_id": parts[2], "total": total}
+        spec = form.build(StockSet, data, {"total": name, "variant_id": name, "lane_id": name})
+        if spec is not None:
+            cells.append(spec)
+    return cells
+
+
+@router.post("/events/{event_id}/stock")
+async def stock_set(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
+    form = await _posted(request, ctx, principal, "inventory:write")
+    cells = stock_cells(form)
+    if not form.ok:
+        return await _refused(request, ctx, principal, event_id, "stock", form)
+    try:
+        async with ctx.db.transaction() as session:
+            await service.get_event(session, principal, event_id)
+            for spec in cells:
+                lane = await session.get(Lane, spec.lane_id)
+                if lane is None or lane.event_id != event_id:
+                    raise PopdropError("invalid_request", "that lane belongs to another event")
+                await inventory.set_stock(session, principal, spec, now=ctx.clock.now())
+    except PopdropError as error:
+        return await _refused(request, ctx, principal, event_id, "stock", form, error)
+    return _done(event_id, "stock")
