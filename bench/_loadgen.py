@@ -25,6 +25,8 @@ class LoadResult:
     sent: int = 0
     errors: int = 0
     exhausted: bool = False
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (done, status), all
+    started: float = 0.0
 
     @property
     def elapsed(self) -> float:
@@ -64,6 +66,7 @@ async def _drive(
 ) -> LoadResult:
     result = LoadResult()
     start = time.perf_counter()
+    result.started = start
     result.measured_from = start + warmup
     stop_at = result.measured_from + duration
     cursor = iter(requests)
@@ -88,6 +91,7 @@ async def _drive(
                     continue
                 done = time.perf_counter()
                 result.statuses[status] += 1
+                result.timeline.append((done, status))
                 if sent_at >= result.measured_from:
                     result.latencies.append(done - sent_at)
                     result.last_done = max(result.last_done, done)

@@ -193,3 +193,45 @@ async def test_stock_cannot_drop_below_what_is_held(
         headers=tenant.headers,
     )
     assert ok.json()["available"] == 0
+
+
+async def test_a_retried_hold_with_a_key_is_made_once(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    headers = {**tenant.headers, "Idempotency-Key": "cart-7"}
+    answers = await asyncio.gather(
+        *(
+            app_client.post("/api/v1/holds", json=hold_body(shop, qty=2), headers=headers)
+            for _ in range(20)
+        )
+    )
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert await availability(app_client, tenant, shop) == 3
+
+
+async def test_expired_holds_are_given_back_when_stock_runs_short(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=2)
+    for _ in range(2):
+        assert (
+            await app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+        ).status_code == 201
+    clock.advance(timedelta(minutes=11))
+    # Both old holds expired: a burst of 10 gets exactly the 2 units back, no more.
+    answers = await asyncio.gather(
+        *(
+            app_client.post("/api/v1/holds", json=hold_body(shop), headers=tenant.headers)
+            for _ in range(10)
+        )
+    )
+    assert Counter(a.status_code for a in answers) == {201: 2, 409: 8}
+    async with ctx.db.reader() as session:
+        states = Counter(
+            (
+                await session.execute(select(Hold.status).where(Hold.org_id == tenant.org_id))
+            ).scalars()
+        )
+    assert states == {"expired": 2, "active": 2}

@@ -145,6 +145,23 @@ class Database:
         async with self.engine.connect() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def single_statements(self) -> AsyncIterator[AsyncConnection]:
+        """A connection where each statement commits on its own.
+
+        For hot rows: a lock taken by one statement is released when that statement ends
+        inside the database, not a client round trip later. Only for work whose every
+        statement is safe on its own. On SQLite (writers queue in-process anyway) it is a
+        plain transaction.
+        """
+        if self._write_lock is not None:
+            async with self._write_lock, self.engine.begin() as conn:
+                yield conn
+            return
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 

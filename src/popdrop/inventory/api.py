@@ -97,6 +97,9 @@ async def create_hold(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     now = ctx.clock.now()
+    if idempotency_key is None:  # the burst path: no answer to store with the hold
+        hold = await service.take_hold(ctx.db, principal, body, now=now)
+        return JSONResponse(hold.model_dump(mode="json"), status_code=201)
 
     async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
         hold = await service.create_hold(session, principal, body, now=now)

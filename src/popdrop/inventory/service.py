@@ -18,7 +18,7 @@ from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.core.db import UTCDateTime, table_of
+from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
 from popdrop.inventory.models import Hold, Product, Stock, Variant
@@ -93,6 +93,15 @@ _TAKE_AND_INSERT = (
         ).where(select(_taken.c[0]).exists()),
     )
     .returning(_holds.c.id)
+)
+_ANY_EXPIRED = (
+    select(_holds.c.id)
+    .where(
+        _holds.c.stock_id == bindparam("h_stock"),
+        _holds.c.status == "active",
+        _holds.c.expires_at <= _now,
+    )
+    .limit(1)
 )
 _AVAILABLE = select(_stock.c.total - _stock.c.held - _stock.c.sold).where(
     _stock.c.id == bindparam("s_id")
@@ -265,8 +274,12 @@ _TARGETS: dict[tuple[str, int, int, int], _Target] = {}
 _EVENT_STATE = select(Event.status, Event.hold_ttl_seconds).where(Event.id == bindparam("e_id"))
 
 
+def _target_key(url: str, principal: Principal, spec: HoldCreate) -> tuple[str, int, int, int]:
+    return (url, principal.org_id, spec.variant_id, spec.lane_id)
+
+
 async def _target(session: AsyncSession, principal: Principal, spec: HoldCreate) -> _Target:
-    key = (str(session.get_bind().engine.url), principal.org_id, spec.variant_id, spec.lane_id)
+    key = _target_key(str(session.get_bind().engine.url), principal, spec)
     cached = _TARGETS.get(key)
     if cached is not None:
         return cached
@@ -319,22 +332,7 @@ async def create_hold(
         if slot is None:
             raise not_found("slot of this event")
     await _reclaim_expired(conn, target.stock_id, now)
-    expires_at = now + timedelta(seconds=ttl_seconds)
-    values: dict[str, Any] = {
-        "org_id": principal.org_id,
-        "event_id": target.event_id,
-        "stock_id": target.stock_id,
-        "variant_id": spec.variant_id,
-        "lane_id": spec.lane_id,
-        "slot_id": spec.slot_id,
-        "qty": spec.qty,
-        "contact_ref": spec.contact_ref,
-        "status": "active",
-        "created_at": now,
-        "expires_at": expires_at,
-        "renewals": 0,
-        "ended_at": None,
-    }
+    values = _hold_values(principal, target, spec, now, ttl_seconds)
     hold_id = await _take_and_record(conn, target.stock_id, spec.qty, values)
     if hold_id is None:
         raise await _refusal(conn, target.stock_id, spec.qty)
@@ -365,6 +363,73 @@ async def create_hold(
         if window.first() is None:
             raise PopdropError("slot_full", "this pickup window is full; pick another slot")
     return HoldOut(id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields})
+
+
+async def take_hold(
+    db: Database, principal: Principal, spec: HoldCreate, *, now: datetime
+) -> HoldOut:
+    """`create_hold` for a burst on one hot variant.
+
+    Holds with a pickup slot or a per-contact limit need several checks under the stock
+    lock and go through `create_hold` in one transaction. A plain hold is a single
+    statement that takes the units and records the hold, committing on its own, so the
+    stock row is locked only while the database runs it. Expired holds are given back
+    only when the units are not there, then the take is tried once more.
+    """
+    principal.require("holds:write")
+    target = _TARGETS.get(_target_key(str(db.engine.url), principal, spec))
+    if target is None:
+        async with db.reader() as session:
+            target = await _target(session, principal, spec)
+    if spec.slot_id is not None or target.limit_per_contact is not None:
+        async with db.transaction() as session:
+            return await create_hold(session, principal, spec, now=now)
+    async with db.single_statements() as conn:
+        status, ttl_seconds = (await conn.execute(_EVENT_STATE, {"e_id": target.event_id})).one()
+        if status not in OPEN_STATUSES:
+            raise PopdropError("event_closed", "this event is not taking holds")
+        values = _hold_values(principal, target, spec, now, ttl_seconds)
+        hold_id = await _take_and_record(conn, target.stock_id, spec.qty, values)
+        if hold_id is None and await _has_expired(conn, target.stock_id, now):
+            await _reclaim_in_own_transaction(db, conn, target.stock_id, now)
+            hold_id = await _take_and_record(conn, target.stock_id, spec.qty, values)
+        if hold_id is None:
+            raise await _refusal(conn, target.stock_id, spec.qty)
+    return HoldOut(id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields})
+
+
+async def _has_expired(conn: AsyncConnection, stock_id: int, now: datetime) -> bool:
+    return (await conn.execute(_ANY_EXPIRED, {"h_stock": stock_id, "now": now})).first() is not None
+
+
+async def _reclaim_in_own_transaction(
+    db: Database, conn: AsyncConnection, stock_id: int, now: datetime
+) -> None:
+    if conn.in_transaction() and db.dialect == "sqlite":
+        await _reclaim_expired(conn, stock_id, now)  # SQLite: already one transaction
+        return
+    async with db.engine.begin() as tx:
+        await _reclaim_expired(tx, stock_id, now)
+
+
+def _hold_values(
+    principal: Principal, target: _Target, spec: HoldCreate, now: datetime, ttl_seconds: int
+) -> dict[str, Any]:
+    return {
+        "org_id": principal.org_id,
+        "event_id": target.event_id,
+        "stock_id": target.stock_id,
+        "variant_id": spec.variant_id,
+        "lane_id": spec.lane_id,
+        "slot_id": spec.slot_id,
+        "qty": spec.qty,
+        "contact_ref": spec.contact_ref,
+        "status": "active",
+        "created_at": now,
+        "expires_at": now + timedelta(seconds=ttl_seconds),
+        "renewals": 0,
+        "ended_at": None,
+    }
 
 
 async def _take_and_record(
