@@ -132,3 +132,39 @@ def test_a_host_runs_the_vault_from_the_command_line(tmp_path: Path) -> None:
         assert "Sat" in listed.stdout
         verify = server.cli("audit", "verify")
         assert verify.returncode == 0 and verify.stdout.startswith("OK ")
+
+
+def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.server import POPDROP, server_env
+
+    env = server_env(tmp_path)
+    for _ in range(2):
+        done = subprocess.run(
+            [*POPDROP, "demo", "--no-serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "owner@demo.popdrop.test" in done.stdout and "/e/1" in done.stdout
+    with running_server(tmp_path) as server:
+        token = next(
+            line.split("Bearer ", 1)[1].strip()
+            for line in done.stdout.splitlines()
+            if "Bearer " in line
+        )
+        headers = {"Authorization": f"Bearer {token}"}
+        events = httpx.get(f"{server.base_url}/api/v1/events", headers=headers).json()
+        assert [e["status"] for e in events] == ["published"]
+        stock = httpx.get(
+            f"{server.base_url}/api/v1/events/{events[0]['id']}/availability", headers=headers
+        ).json()
+        assert len(stock) == 10 and all(row["available"] > 0 for row in stock)
+        rsvps = httpx.get(
+            f"{server.base_url}/api/v1/events/{events[0]['id']}/rsvps", headers=headers
+        )
+        assert rsvps.status_code == 200 and len(rsvps.json()) == 3

@@ -160,6 +160,7 @@ def demo(
         f"API      Authorization: Bearer {info['token']}",
         f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})",
         f"Claim    {info['sample_link']}",
+        f"Event    {info['event_url']}",
     ):
         console.print(line, soft_wrap=True)
     console.rule()
