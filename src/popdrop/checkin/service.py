@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,7 +38,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.checkin import tickets
@@ -84,11 +85,16 @@ class EventSigner:
 _SIGNERS: dict[tuple[str, int], EventSigner] = {}
 
 
-def _db_key(session: AsyncSession) -> str:
-    return str(session.get_bind().engine.url)
+# The scan path runs on a bare connection on PostgreSQL (no ORM session), a session elsewhere.
+Conn = AsyncSession | AsyncConnection
 
 
-async def _load_signer(session: AsyncSession, event_id: int) -> EventSigner | None:
+def _db_key(conn: Conn) -> str:
+    engine = conn.engine if isinstance(conn, AsyncConnection) else conn.get_bind().engine
+    return str(engine.url)
+
+
+async def _load_signer(session: Conn, event_id: int) -> EventSigner | None:
     cache_key = (_db_key(session), event_id)
     signer = _SIGNERS.get(cache_key)
     if signer is None:
@@ -516,13 +522,25 @@ _STORED = select(
 ).where(_scans.c.org_id == _p["org"], _scans.c.nonce == _p["nonce"])  # fmt: skip
 
 
-def _dialect(session: AsyncSession) -> str:
-    return session.get_bind().dialect.name
+def _dialect(conn: Conn) -> str:
+    if isinstance(conn, AsyncConnection):
+        return conn.dialect.name
+    return conn.get_bind().dialect.name
 
 
-async def _genuine(
-    session: AsyncSession, principal: Principal, secret: str
-) -> tickets.TicketClaim | None:
+@asynccontextmanager
+async def _scan_transaction(db: Database) -> AsyncIterator[Conn]:
+    """PostgreSQL: a bare connection (the hot path skips the ORM); SQLite: the usual
+    session, which queues writers on the process's write lock."""
+    if db.dialect == "postgresql":
+        async with db.engine.begin() as conn:
+            yield conn
+    else:
+        async with db.transaction() as session:
+            yield session
+
+
+async def _genuine(session: Conn, principal: Principal, secret: str) -> tickets.TicketClaim | None:
     """The claim of a secret signed by an event key of the principal's org, else None."""
     claim = tickets.parse(secret)
     if claim is None:
@@ -545,7 +563,7 @@ def _subject(kind: str, subject_id: int, holder_ref: str | None) -> dict[str, An
 
 
 async def _take(
-    session: AsyncSession,
+    session: Conn,
     principal: Principal,
     request: ScanRequest,
     claim: tickets.TicketClaim,
@@ -612,7 +630,7 @@ async def _take(
 
 
 async def _insert_scan(
-    session: AsyncSession,
+    session: Conn,
     params: dict[str, Any],
     event_id: int | None,
     ticket_id: int | None,
@@ -646,7 +664,7 @@ async def _insert_scan(
 
 
 async def record_scan(
-    session: AsyncSession,
+    session: Conn,
     principal: Principal,
     request: ScanRequest,
     *,
@@ -710,9 +728,7 @@ async def record_scan(
     return status, {**body, "scan_id": scan_id}
 
 
-async def _subject_of(
-    session: AsyncSession, principal: Principal, ticket_id: int | None
-) -> dict[str, Any]:
+async def _subject_of(session: Conn, principal: Principal, ticket_id: int | None) -> dict[str, Any]:
     row = (
         await session.execute(
             select(_tickets.c.subject_kind, _tickets.c.subject_id, _tickets.c.holder_ref).where(
@@ -737,7 +753,7 @@ def _answer(
 
 
 async def _refusal(
-    session: AsyncSession,
+    session: Conn,
     principal: Principal,
     claim: tickets.TicketClaim,
     at: datetime,
@@ -797,9 +813,9 @@ async def checkin(
     """One scan in its own transaction; a nonce that lost a race replays the winner."""
     for _ in range(3):
         try:
-            async with db.transaction() as session:
+            async with _scan_transaction(db) as conn:
                 return await record_scan(
-                    session, principal, request, now=now, bound_event_id=bound_event_id
+                    conn, principal, request, now=now, bound_event_id=bound_event_id
                 )
         except NonceTaken:
             continue  # rolled back; the next round finds the stored answer
