@@ -8,7 +8,9 @@
    conditional UPDATE, record the visit and the scan row, answer.
 3. Check the database: one visit per 200 answer, no ticket with two visits, one scan row
    per answer.
-4. Offline: `verify_offline` (signature + revocation list) in-process, on one core and on
+4. For scale: the same server answering a scan refused by body validation (a 422, no
+   database, no signature) - the HTTP stack's own ceiling on this machine, this run.
+5. Offline: `verify_offline` (signature + revocation list) in-process, on one core and on
    every core (one process each, as independent door scanners would).
 
 Goals (DESIGN.md): >= 2,000 scans/s over HTTP; >= 20,000 offline verifications/s.
@@ -150,6 +152,14 @@ def http_phase(
         return job.result()
 
 
+def ceiling_phase(port: int, token: str, clients: int, warmup: float, duration: float) -> float:
+    body = json.dumps({"secret": "x", "nonce": "short"}).encode()
+    requests = [_loadgen.post_json(port, "/api/v1/checkins", body, token)] * 400_000
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        result = pool.submit(_loadgen.run, port, requests, clients, warmup, duration).result()
+    return result.rate
+
+
 def verify_many(public_key: bytes, batch: list[str], revoked: frozenset[int]) -> int:
     """Verify every secret; return how many were ok (a process-pool entry point)."""
     key = tickets.public_key_of(public_key)
@@ -200,6 +210,7 @@ def main() -> int:
     asyncio.run(checkpoint(url))
     with server(url, args.workers) as port:
         load = http_phase(port, seeded, args.clients, warmup, duration)
+        ceiling = ceiling_phase(port, seeded.token, args.clients, 1.0, min(duration, 6.0))
     visits, doubles, scan_rows = asyncio.run(audit_db(url, seeded.org_id))
 
     cores = os.cpu_count() or 1
@@ -219,6 +230,10 @@ def main() -> int:
         f"p99 {load.percentile_ms(0.99):.1f} ms"
     )
     print(f"ratio to goal    {rate / SCAN_GOAL:9.2f}     (goal {SCAN_GOAL:,} scans/s)")
+    print(
+        f"HTTP stack alone {ceiling:9.0f} /s   (a 422 with no database work; scans reach "
+        f"{rate / ceiling if ceiling else 0:.2f} of it)"
+    )
     print(f"offline, 1 core  {one_core:9.0f} /s   ratio {one_core / OFFLINE_GOAL:.2f}")
     print(
         f"offline, {cores} cores {all_cores:9.0f} /s   ratio {all_cores / OFFLINE_GOAL:.2f}"
@@ -233,6 +248,7 @@ def main() -> int:
             "bench": "checkin",
             "rate_per_s": round(rate, 1),
             "ratio": round(rate / SCAN_GOAL, 3),
+            "http_ceiling_per_s": round(ceiling, 1),
             "offline_verify_per_s": round(all_cores, 1),
             "offline_ratio": round(all_cores / OFFLINE_GOAL, 3),
             "offline_verify_per_s_1core": round(one_core, 1),
