@@ -198,6 +198,23 @@ async def test_issue_is_idempotent_per_subject(
     assert len(first["secret"]) == tickets.SECRET_CHARS
 
 
+async def test_concurrent_issues_make_one_ticket(
+    app_client: Client, tenant: Tenant, ctx: AppContext
+) -> None:
+    event_id = await make_event(ctx, tenant.org_id)
+    body = {"event_id": event_id, "subject_kind": "hold", "subject_id": 4242}
+    responses = await asyncio.gather(
+        *(app_client.post("/api/v1/tickets", json=body, headers=tenant.headers) for _ in range(40))
+    )
+    assert sorted(r.status_code for r in responses) == [200] * 39 + [201]
+    assert len({r.json()["ticket"]["id"] for r in responses}) == 1
+    # Once cancelled, the subject can get a new ticket.
+    ticket_id = responses[0].json()["ticket"]["id"]
+    await app_client.post(f"/api/v1/tickets/{ticket_id}/cancel", headers=tenant.headers)
+    again = await app_client.post("/api/v1/tickets", json=body, headers=tenant.headers)
+    assert again.status_code == 201 and again.json()["ticket"]["id"] != ticket_id
+
+
 async def test_concurrent_scans_check_in_once(
     app_client: Client, tenant: Tenant, ctx: AppContext
 ) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -49,6 +50,17 @@ class Ticket(Base):
     __table_args__ = (
         Index("ix_tickets_org_event", "org_id", "event_id", "status"),
         Index("ix_tickets_subject", "org_id", "subject_kind", "subject_id"),
+        # One valid ticket per subject and event, even when two issues race.
+        Index(
+            "uq_tickets_valid_subject",
+            "org_id",
+            "event_id",
+            "subject_kind",
+            "subject_id",
+            unique=True,
+            postgresql_where=text("status = 'valid'"),
+            sqlite_where=text("status = 'valid'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

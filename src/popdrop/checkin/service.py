@@ -38,6 +38,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -188,15 +189,7 @@ async def issue_ticket(
     principal.require(ISSUE_SCOPE)
     event = await get_event(session, principal, spec.event_id)
     signer = await event_signer(session, event, now)
-    existing = await session.scalar(
-        select(Ticket).where(
-            Ticket.org_id == principal.org_id,
-            Ticket.event_id == event.id,
-            Ticket.subject_kind == spec.subject_kind,
-            Ticket.subject_id == spec.subject_id,
-            Ticket.status == "valid",
-        )
-    )
+    existing = await _valid_ticket_of(session, principal, spec)
     if existing is not None:
         return existing, secret_of(signer, existing), False
     ticket = Ticket(
@@ -211,10 +204,33 @@ async def issue_ticket(
         created_at=now,
         changed_at=now,
     )
-    session.add(ticket)
-    await session.flush()
+    try:
+        async with session.begin_nested():  # a savepoint: a lost race must not end the txn
+            session.add(ticket)
+            await session.flush()
+    except IntegrityError:
+        # A concurrent issue for the same subject won (unique valid ticket per subject).
+        existing = await _valid_ticket_of(session, principal, spec)
+        if existing is None:
+            raise
+        return existing, secret_of(signer, existing), False
     await _audit(session, principal, "ticket.issue", ticket, now, audit_chains)
     return ticket, secret_of(signer, ticket), True
+
+
+async def _valid_ticket_of(
+    session: AsyncSession, principal: Principal, spec: TicketCreate
+) -> Ticket | None:
+    ticket: Ticket | None = await session.scalar(
+        select(Ticket).where(
+            Ticket.org_id == principal.org_id,
+            Ticket.event_id == spec.event_id,
+            Ticket.subject_kind == spec.subject_kind,
+            Ticket.subject_id == spec.subject_id,
+            Ticket.status == "valid",
+        )
+    )
+    return ticket
 
 
 async def get_ticket(session: AsyncSession, principal: Principal, ticket_id: int) -> Ticket:

@@ -102,6 +102,13 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_tickets_subject", ["org_id", "subject_kind", "subject_id"], unique=False
         )
+        batch_op.create_index(
+            "uq_tickets_valid_subject",
+            ["org_id", "event_id", "subject_kind", "subject_id"],
+            unique=True,
+            postgresql_where=sa.text("status = 'valid'"),
+            sqlite_where=sa.text("status = 'valid'"),
+        )
 
     op.create_table(
         "visits",
@@ -142,6 +149,7 @@ def downgrade() -> None:
 
     op.drop_table("visits")
     with op.batch_alter_table("tickets", schema=None) as batch_op:
+        batch_op.drop_index("uq_tickets_valid_subject")
         batch_op.drop_index("ix_tickets_subject")
         batch_op.drop_index("ix_tickets_org_event")
 
