@@ -82,11 +82,13 @@ def zone_of(name: str) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
-def local(value: datetime | None, timezone: str, fmt: str = "%a %d %b %Y, %H:%M") -> str:
-    """A moment in the event's own time zone (with its abbreviation)."""
+def local(
+    value: datetime | None, timezone: str, fmt: str = "%a %d %b %Y, %H:%M", zone: bool = True
+) -> str:
+    """A moment in the event's own time zone (with its abbreviation unless told not to)."""
     if value is None:
         return "—"
-    return value.astimezone(zone_of(timezone)).strftime(f"{fmt} %Z")
+    return value.astimezone(zone_of(timezone)).strftime(f"{fmt} %Z" if zone else fmt)
 
 
 def slot_name(slot: TimeSlot, timezone: str) -> str:
