@@ -81,6 +81,20 @@ async def test_operator_builds_an_event_through_the_forms(
     assert bad.status_code == 422
     assert "an IANA time zone" in bad.text and "a date and time" in bad.text
     assert 'value="Spring pop-up"' in bad.text
+    edge = await submit(
+        app_client,
+        "/events",
+        "/events",
+        {
+            "title": "Edge",
+            "slug": "edge",
+            "timezone": "America/New_York",
+            "starts_at": "0001-01-01T00:00",
+            "ends_at": "9999-12-31T23:59",
+            "hold_ttl_seconds": "9" * 5000,
+        },
+    )
+    assert edge.status_code == 422 and "a date between the years 1 and 9999" in edge.text
 
     created = await submit(
         app_client,
@@ -223,6 +237,21 @@ async def test_forms_need_csrf_and_the_right_role(
         assert wrong.status_code == 403
         event = await owner.get(f"/api/v1/events/{shop.event_id}", headers=tenant.headers)
         assert event.json()["status"] == "draft"
+        # Times at the edge of the calendar still render (in UTC when the zone overflows).
+        edge = await post(
+            owner,
+            tenant,
+            "/api/v1/events",
+            {
+                "slug": "year-one",
+                "title": "Year one",
+                "timezone": "America/New_York",
+                "starts_at": "0001-01-01T00:00:00Z",
+                "ends_at": "0001-01-01T01:00:00Z",
+            },
+        )
+        for url in (f"/events/{edge['id']}", "/events"):
+            assert (await owner.get(url, headers=HTML)).status_code == 200, url
         # Bad ids and other tenants' events: 404 pages, never a 500.
         for url in ("/events/0", "/events/abc", f"/events/{2**63}", "/events/99999999"):
             assert (await owner.get(url, headers=HTML)).status_code == 404, url

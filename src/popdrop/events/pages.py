@@ -88,7 +88,11 @@ def local(
     """A moment in the event's own time zone (with its abbreviation unless told not to)."""
     if value is None:
         return "—"
-    return value.astimezone(zone_of(timezone)).strftime(f"{fmt} %Z" if zone else fmt)
+    try:
+        value = value.astimezone(zone_of(timezone))
+    except OverflowError:  # year 1 or 9999 pushed past the calendar: show it in UTC
+        value = value.astimezone(UTC)
+    return value.strftime(f"{fmt} %Z" if zone else fmt)
 
 
 def slot_name(slot: TimeSlot, timezone: str) -> str:
@@ -141,7 +145,11 @@ class Form:
             return None
         if zone is None:  # the zone's own error is shown; the time is read as UTC meanwhile
             zone = ZoneInfo("UTC")
-        return (value if value.tzinfo else value.replace(tzinfo=zone)).astimezone(UTC)
+        try:
+            return (value if value.tzinfo else value.replace(tzinfo=zone)).astimezone(UTC)
+        except OverflowError:
+            self.errors[name] = "a date between the years 1 and 9999"
+            return None
 
     def amount(self, name: str, currency: str) -> int | None:
         """Major units as typed ("15.50") to integer minor units, exactly."""
