@@ -201,6 +201,7 @@ def test_rsvp_through_the_page_form(drop: Drop, shots: Path) -> None:
             page.get_by_role("button", name="RSVP").click()
             expect(page.locator("#rsvp-result .alert.good")).to_contain_text("You're in!")
             expect(page.locator("#rsvp-result")).to_contain_text("ada@example.com")
+            expect(page.locator(".slot-left").first).to_have_text("Full · waiting list")
             page.screenshot(path=shots / "event-04-rsvp-confirmed-phone.png", full_page=True)
 
             # The Early slot had one place: the next guest is offered the waiting list.
