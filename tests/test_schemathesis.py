@@ -14,6 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from popdrop.accounts.service import ROLES
 from tests.conftest import postgres_url
 from tests.server import Server, running_server
 
@@ -30,13 +31,7 @@ def server(
     with running_server(tmp_path_factory.mktemp("schemathesis"), database_url) as srv:
         slug = f"fuzz-{secrets.token_hex(3)}"
         assert srv.cli("org", "create", slug, "Fuzz").returncode == 0
-        scopes = [
-            "vouchers:read",
-            "vouchers:write",
-            "vouchers:redeem",
-            "tokens:write",
-            "audit:read",
-        ]
+        scopes = sorted(ROLES["owner"])  # every route, not only the voucher vault
         args = ["token", "create", "--org", slug, "--name", "fuzz"]
         for scope in scopes:
             args += ["--scope", scope]
