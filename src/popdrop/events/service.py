@@ -225,7 +225,7 @@ def ical_feed(events: list[Event], *, name: str, base_url: str, now: datetime) -
                 _ics_text(", ".join(p for p in (event.venue_name, event.venue_address) if p)),
             ),
             ("STATUS", "CONFIRMED"),
-            ("URL", f"{base_url.rstrip('/')}/e/{event.org_id}/{event.slug}"),
+            ("URL", f"{base_url.rstrip('/')}/e/{event.id}"),
         ]
         if event.latitude is not None and event.longitude is not None:
             fields.append(("GEO", f"{event.latitude};{event.longitude}"))

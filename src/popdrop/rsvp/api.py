@@ -36,6 +36,16 @@ from popdrop.rsvp.schemas import (
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext, client_address, get_ctx
 
+
+def created(ctx: AppContext, result: service.RsvpResult) -> RsvpCreated:
+    ticket_url = None
+    if result.ticket_secret is not None:
+        ticket_url = f"{ctx.settings.base_url.rstrip('/')}/t/{result.ticket_secret}"
+    return RsvpCreated(
+        rsvp=service.rsvp_out(result.rsvp), cancel_token=result.cancel_token, ticket_url=ticket_url
+    )
+
+
 router = APIRouter(prefix="/api/v1", tags=["rsvps"])
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 ItemId = Annotated[int, Path(ge=1, le=2**62)]
@@ -97,7 +107,7 @@ async def create_rsvp(
             )
 
     result = await public_guarded(ctx, request, org_id, call)
-    return RsvpCreated(rsvp=service.rsvp_out(result.rsvp), cancel_token=result.cancel_token)
+    return created(ctx, result)
 
 
 @router.post(
@@ -144,7 +154,7 @@ async def claim(body: ClaimRequest, request: Request, ctx: Ctx) -> RsvpCreated:
             )
 
     result = await public_guarded(ctx, request, org_id, call)
-    return RsvpCreated(rsvp=service.rsvp_out(result.rsvp), cancel_token=result.cancel_token)
+    return created(ctx, result)
 
 
 # ---------------------------------------------------------------- operator

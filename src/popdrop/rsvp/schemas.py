@@ -60,6 +60,9 @@ class RsvpOut(BaseModel):
 class RsvpCreated(BaseModel):
     rsvp: RsvpOut
     cancel_token: str = Field(description="Signed token for POST /api/v1/public/rsvps/cancel")
+    ticket_url: str | None = Field(
+        default=None, description="The QR ticket page of a confirmed RSVP (checked in at the door)"
+    )
 
 
 class OfferOut(BaseModel):

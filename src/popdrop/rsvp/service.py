@@ -34,6 +34,9 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.checkin import service as checkin
+from popdrop.checkin.models import Ticket
+from popdrop.checkin.schemas import TicketCreate
 from popdrop.core import audit
 from popdrop.core.db import table_of
 from popdrop.core.errors import PopdropError, not_found
@@ -81,6 +84,7 @@ class RsvpResult:
     rsvp: Rsvp
     cancel_token: str
     offers: list[OfferMade] = field(default_factory=list)
+    ticket_secret: str | None = None  # the QR ticket of a confirmed RSVP
 
 
 @dataclass
@@ -92,8 +96,54 @@ class CancelResult:
 def system_principal(org_id: int) -> Principal:
     """Who issues, revokes and redeems waiting-list vouchers on the organization's behalf."""
     return Principal(
-        org_id, SYSTEM_ACTOR, "system", frozenset({"vouchers:write", "vouchers:redeem"})
+        org_id,
+        SYSTEM_ACTOR,
+        "system",
+        frozenset({"vouchers:write", "vouchers:redeem", "tickets:write"}),
     )
+
+
+async def _ticket_for(
+    session: AsyncSession, rsvp: Rsvp, *, now: datetime, audit_chains: int
+) -> str | None:
+    """A confirmed RSVP's QR ticket (its check-in becomes the visit of this RSVP)."""
+    if rsvp.status != "confirmed":
+        return None
+    _ticket, secret, _created = await checkin.issue_ticket(
+        session,
+        system_principal(rsvp.org_id),
+        TicketCreate(
+            event_id=rsvp.event_id,
+            subject_kind="rsvp",
+            subject_id=rsvp.id,
+            holder_ref=rsvp.email or rsvp.phone,
+        ),
+        now=now,
+        audit_chains=audit_chains,
+    )
+    return secret
+
+
+async def _cancel_ticket(
+    session: AsyncSession, rsvp: Rsvp, *, now: datetime, audit_chains: int
+) -> None:
+    ticket_id = await session.scalar(
+        select(Ticket.id).where(
+            Ticket.org_id == rsvp.org_id,
+            Ticket.subject_kind == "rsvp",
+            Ticket.subject_id == rsvp.id,
+            Ticket.status == "valid",
+        )
+    )
+    if ticket_id is not None:
+        await checkin.change_ticket(
+            session,
+            system_principal(rsvp.org_id),
+            ticket_id,
+            "cancel",
+            now=now,
+            audit_chains=audit_chains,
+        )
 
 
 # ---------------------------------------------------------------- helpers
@@ -296,7 +346,8 @@ async def create_rsvp(
         now=now,
         audit_chains=audit_chains,
     )
-    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers)
+    secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
+    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret)
 
 
 async def cancel_rsvp(
@@ -377,6 +428,8 @@ async def _cancel(
     ).first()
     if done is None:
         raise PopdropError("conflict", "this RSVP changed meanwhile; try again")
+    if old == "confirmed":
+        await _cancel_ticket(session, rsvp, now=now, audit_chains=audit_chains)
     freed = rsvp.places if old == "confirmed" else (offer.places if offer else 0)
     if freed:
         await _release_places(session, rsvp.slot_id, freed)
@@ -701,7 +754,8 @@ async def claim_offer(
         audit_chains=audit_chains,
     )
     rsvp = await _load_rsvp(session, offer.rsvp_id, event.org_id)
-    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers)
+    secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
+    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret)
 
 
 # ---------------------------------------------------------------- read
