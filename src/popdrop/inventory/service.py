@@ -54,11 +54,16 @@ _GIVE_BACK = (
     .where(_stock.c.id == bindparam("s_id"))
     .values(held=_stock.c.held - bindparam("s_qty"))
 )
+_events = table_of(Event)
 _TAKE = (
     update(_stock)
     .where(
         _stock.c.id == bindparam("s_id"),
         _stock.c.total - _stock.c.held - _stock.c.sold >= bindparam("s_qty"),
+        # The event must be open, checked in the same statement as the take.
+        select(_events.c.id)
+        .where(_events.c.id == bindparam("s_event"), _events.c.status.in_(OPEN_STATUSES))
+        .exists(),
     )
     .values(held=_stock.c.held + bindparam("s_qty"))
     .returning(_stock.c.total - _stock.c.held - _stock.c.sold)
@@ -102,6 +107,19 @@ _ANY_EXPIRED = (
         _holds.c.expires_at <= _now,
     )
     .limit(1)
+)
+# Why a take failed, in one round trip: is the event open, what is left, and are there
+# expired holds to give back first.
+_STATE = select(
+    select(_events.c.id)
+    .where(_events.c.id == bindparam("e_id"), _events.c.status.in_(OPEN_STATUSES))
+    .exists()
+    .label("open"),
+    select(_stock.c.total - _stock.c.held - _stock.c.sold)
+    .where(_stock.c.id == bindparam("s_id"))
+    .scalar_subquery()
+    .label("available"),
+    _ANY_EXPIRED.exists().label("any_expired"),
 )
 _AVAILABLE = select(_stock.c.total - _stock.c.held - _stock.c.sold).where(
     _stock.c.id == bindparam("s_id")
@@ -267,6 +285,7 @@ class _Target:
     event_id: int
     product_id: int
     limit_per_contact: int | None
+    ttl_seconds: int  # events have no way to change their hold TTL once created
 
 
 # (database, org, variant, lane) -> target: the mapping never changes once stock exists.
@@ -285,9 +304,16 @@ async def _target(session: AsyncSession, principal: Principal, spec: HoldCreate)
         return cached
     row = (
         await session.execute(
-            select(Stock.id, Product.event_id, Product.id, Product.limit_per_contact)
+            select(
+                Stock.id,
+                Product.event_id,
+                Product.id,
+                Product.limit_per_contact,
+                Event.hold_ttl_seconds,
+            )
             .join(Variant, Variant.id == Stock.variant_id)
             .join(Product, Product.id == Variant.product_id)
+            .join(Event, Event.id == Product.event_id)
             .where(
                 Stock.variant_id == spec.variant_id,
                 Stock.lane_id == spec.lane_id,
@@ -333,7 +359,7 @@ async def create_hold(
             raise not_found("slot of this event")
     await _reclaim_expired(conn, target.stock_id, now)
     values = _hold_values(principal, target, spec, now, ttl_seconds)
-    hold_id = await _take_and_record(conn, target.stock_id, spec.qty, values)
+    hold_id = await _take_and_record(conn, target, spec.qty, values)
     if hold_id is None:
         raise await _refusal(conn, target.stock_id, spec.qty)
     # Whatever follows runs under the stock row lock: keep it short. A refusal below rolls
@@ -384,22 +410,30 @@ async def take_hold(
     if spec.slot_id is not None or target.limit_per_contact is not None:
         async with db.transaction() as session:
             return await create_hold(session, principal, spec, now=now)
+    values = _hold_values(principal, target, spec, now, target.ttl_seconds)
     async with db.single_statements() as conn:
-        status, ttl_seconds = (await conn.execute(_EVENT_STATE, {"e_id": target.event_id})).one()
-        if status not in OPEN_STATUSES:
-            raise PopdropError("event_closed", "this event is not taking holds")
-        values = _hold_values(principal, target, spec, now, ttl_seconds)
-        hold_id = await _take_and_record(conn, target.stock_id, spec.qty, values)
-        if hold_id is None and await _has_expired(conn, target.stock_id, now):
-            await _reclaim_in_own_transaction(db, conn, target.stock_id, now)
-            hold_id = await _take_and_record(conn, target.stock_id, spec.qty, values)
+        hold_id = await _take_and_record(conn, target, spec.qty, values)
         if hold_id is None:
-            raise await _refusal(conn, target.stock_id, spec.qty)
+            state = (await conn.execute(_STATE, _state_params(target, now))).one()
+            if state.open and state.any_expired:
+                await _reclaim_in_own_transaction(db, conn, target.stock_id, now)
+                hold_id = await _take_and_record(conn, target, spec.qty, values)
+                if hold_id is None:
+                    state = (await conn.execute(_STATE, _state_params(target, now))).one()
+        if hold_id is None:
+            if not state.open:
+                raise PopdropError("event_closed", "this event is not taking holds")
+            raise _short(state.available, spec.qty)
     return HoldOut(id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields})
 
 
-async def _has_expired(conn: AsyncConnection, stock_id: int, now: datetime) -> bool:
-    return (await conn.execute(_ANY_EXPIRED, {"h_stock": stock_id, "now": now})).first() is not None
+def _state_params(target: _Target, now: datetime) -> dict[str, Any]:
+    return {
+        "s_id": target.stock_id,
+        "e_id": target.event_id,
+        "h_stock": target.stock_id,
+        "now": now,
+    }
 
 
 async def _reclaim_in_own_transaction(
@@ -433,17 +467,17 @@ def _hold_values(
 
 
 async def _take_and_record(
-    conn: AsyncConnection, stock_id: int, qty: int, values: dict[str, Any]
+    conn: AsyncConnection, target: _Target, qty: int, values: dict[str, Any]
 ) -> int | None:
-    """Take `qty` units and insert the hold; None when the units are not there."""
+    """Take `qty` units and insert the hold; None when the units are not there (or the
+    event is not open)."""
+    take = {"s_id": target.stock_id, "s_qty": qty, "s_event": target.event_id}
     if conn.dialect.name == "postgresql":
         # One statement: the stock row is locked for the shortest time (until COMMIT).
-        row = await conn.execute(
-            _TAKE_AND_INSERT, {"s_id": stock_id, "s_qty": qty, **_hold_params(values)}
-        )
+        row = await conn.execute(_TAKE_AND_INSERT, {**take, **_hold_params(values)})
         hold_id = row.scalar_one_or_none()
         return int(hold_id) if hold_id is not None else None
-    if (await conn.execute(_TAKE, {"s_id": stock_id, "s_qty": qty})).first() is None:
+    if (await conn.execute(_TAKE, take)).first() is None:
         return None
     return int((await conn.execute(_INSERT_HOLD, values)).scalar_one())
 
@@ -455,6 +489,10 @@ def _hold_params(values: dict[str, Any]) -> dict[str, Any]:
 async def _refusal(conn: AsyncConnection, stock_id: int, qty: int) -> PopdropError:
     # Exact: expired holds were given back in this transaction just before the check.
     available = (await conn.execute(_AVAILABLE, {"s_id": stock_id})).scalar_one()
+    return _short(available, qty)
+
+
+def _short(available: int, qty: int) -> PopdropError:
     if available <= 0:
         return PopdropError("sold_out", "sold out", detail={"available": 0})
     return PopdropError(
