@@ -119,7 +119,7 @@ def main() -> int:
     parser.add_argument("--database-url", help=f"default: {common.DEFAULT_PG_URL}")
     parser.add_argument("--units", type=int, default=1_000)
     parser.add_argument("--contenders", type=int, default=5_000)
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     # Its own database: benches may run side by side, and each drops its schema.
