@@ -150,3 +150,11 @@ async def issue(
     assert response.status_code == 201, response.text
     data = response.json()
     return data["batch"], data["codes"]
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where browser tests save screenshots: $POPDROP_SCREENSHOTS when set, else tmp."""
+    target = Path(os.environ.get("POPDROP_SCREENSHOTS") or tmp_path)
+    target.mkdir(parents=True, exist_ok=True)
+    return target

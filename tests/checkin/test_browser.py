@@ -7,7 +7,6 @@ Screenshots land in $POPDROP_SCREENSHOTS when set (to look at them), else in tmp
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,24 +21,13 @@ from popdrop.checkin import service
 from popdrop.checkin.schemas import TicketCreate
 from popdrop.core.db import Database
 from popdrop.events.models import Event
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS
 from tests.server import Server, running_server
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 EMAIL = "door@browser.test"
 PASSWORD = "browser test password"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium"),
-]
+pytestmark = MARKS
 
 
 @dataclass
@@ -102,13 +90,6 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
             assert done.returncode == 0, f"popdrop {' '.join(args)}: {done.stderr}"
         event_id, secrets = asyncio.run(_seed(server.env["POPDROP_DATABASE_URL"]))
         yield Seeded(server, event_id, secrets)
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    target = Path(os.environ.get("POPDROP_SCREENSHOTS") or tmp_path)
-    target.mkdir(parents=True, exist_ok=True)
-    return target
 
 
 def test_scanner_green_then_red(seeded: Seeded, shots: Path) -> None:

@@ -6,7 +6,6 @@ Screenshots land in $POPDROP_SCREENSHOTS when set (to look at them), else in tmp
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,24 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS
 from tests.server import Server, running_server
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 EMAIL = "host@browser.test"
 PASSWORD = "browser test password"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium"),
-]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +40,6 @@ def _ready(base_url: str) -> bool:
         return httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    target = Path(os.environ.get("POPDROP_SCREENSHOTS") or tmp_path)
-    target.mkdir(parents=True, exist_ok=True)
-    return target
 
 
 def test_issue_codes_and_claim_in_a_browser(served: Server, shots: Path) -> None:

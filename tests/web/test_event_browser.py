@@ -7,7 +7,6 @@ Screenshots land in $POPDROP_SCREENSHOTS when set (to look at them), else in tmp
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,18 +18,15 @@ import httpx
 import pytest
 from playwright.sync_api import ViewportSize
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS
 from tests.server import Server, running_server
-from tests.web.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 EMAIL = "host@events.test"
 PASSWORD = "browser test password"
 PHONE: ViewportSize = {"width": 390, "height": 844}
 DESKTOP: ViewportSize = {"width": 1280, "height": 900}
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium"),
-]
+pytestmark = MARKS
 
 
 @dataclass
@@ -128,13 +124,6 @@ def drop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drop]:
                 "PUT", "/api/v1/stock", {"variant_id": variant, "lane_id": lane, "total": total}
             )
         yield Drop(server, eid, small, front["id"], seed.token)
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    target = Path(os.environ.get("POPDROP_SCREENSHOTS") or tmp_path)
-    target.mkdir(parents=True, exist_ok=True)
-    return target
 
 
 def test_live_stock_drops_after_a_hold(drop: Drop, shots: Path) -> None:

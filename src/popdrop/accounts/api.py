@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from popdrop.accounts import service
 from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import StrictInput, error_responses
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.params import Ctx
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
-Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
 class Me(BaseModel):

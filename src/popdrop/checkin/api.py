@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,17 +25,10 @@ from popdrop.checkin.schemas import (
 from popdrop.core.idempotency import fingerprint, run_once
 from popdrop.core.schemas import error_responses
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.context import AppContext
+from popdrop.web.params import Ctx, IdempotencyKey, ItemId
 
 router = APIRouter(prefix="/api/v1", tags=["checkin"])
-Ctx = Annotated[AppContext, Depends(get_ctx)]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key", max_length=200, description="Retry-safe: same key, same answer"
-    ),
-]
-ItemId = Annotated[int, Path(ge=1, le=2**62)]
 
 SCANS = Counter("popdrop_checkin_scans_total", "Check-in scans", ["result"])
 SCAN_REFUSALS = (401, 403, 409, 410, 422)

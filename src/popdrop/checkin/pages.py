@@ -10,57 +10,28 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import segno
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.templating import Jinja2Templates
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from markupsafe import Markup
 from pydantic import ValidationError
 
 from popdrop.accounts.service import Principal
 from popdrop.checkin import service
-from popdrop.checkin.api import ItemId
 from popdrop.checkin.schemas import ScanRequest
 from popdrop.core.errors import PopdropError
 from popdrop.events.models import Event
-from popdrop.web.auth import PagePrincipal, attach_csrf_cookie, check_csrf, csrf_token
-from popdrop.web.context import AppContext, get_ctx
-from popdrop.web.templating import templates as shared_templates
+from popdrop.web.auth import PagePrincipal, check_csrf
+from popdrop.web.params import Ctx, ItemId
+from popdrop.web.templating import render
 
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 MAX_SCAN_BODY = 4096
 
-# Our templates first, then the shared layout (and its filters).
-_env = Environment(
-    loader=ChoiceLoader(
-        [
-            FileSystemLoader(str(Path(__file__).resolve().parent / "templates")),
-            shared_templates.env.loader,  # type: ignore[list-item]
-        ]
-    ),
-    autoescape=select_autoescape(["html", "xml"]),
-)
-_env.filters.update(shared_templates.env.filters)
-_templates = Jinja2Templates(env=_env)
-
 router = APIRouter(include_in_schema=False)
-Ctx = Annotated[AppContext, Depends(get_ctx)]
-
-
-def render(
-    request: Request, name: str, context: dict[str, Any] | None = None, status: int = 200
-) -> HTMLResponse:
-    ctx = get_ctx(request)
-    data = {"csrf": csrf_token(request, ctx), "app_name": "popdrop"}
-    data.update(context or {})
-    response = _templates.TemplateResponse(request, name, data, status_code=status)
-    attach_csrf_cookie(request, response)
-    return response
 
 
 def local_time(value: datetime, timezone: str) -> str:

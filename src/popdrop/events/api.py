@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel
 from sqlalchemy import select
@@ -30,12 +28,10 @@ from popdrop.events.schemas import (
     StatusChange,
 )
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.params import Ctx, ItemId
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
 public_router = APIRouter(include_in_schema=False)
-Ctx = Annotated[AppContext, Depends(get_ctx)]
-ItemId = Annotated[int, Path(ge=1, le=2**62)]
 ICAL_PURPOSE = "ical-feed"
 WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
 

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
@@ -29,7 +29,7 @@ from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.money import Money
 from popdrop.events import service
-from popdrop.events.api import ICAL_PURPOSE, ItemId
+from popdrop.events.api import ICAL_PURPOSE
 from popdrop.events.models import Event, Lane, Partner, PickupWindow, TimeSlot
 from popdrop.events.schemas import (
     EventCreate,
@@ -43,7 +43,8 @@ from popdrop.inventory.models import Product, Variant
 from popdrop.inventory.schemas import Availability, ProductCreate, StockSet
 from popdrop.vouchers.pages import Operator, PageRoute
 from popdrop.web.auth import check_csrf
-from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.context import AppContext
+from popdrop.web.params import Ctx, ItemId
 from popdrop.web.templating import render, templates
 
 M = TypeVar("M", bound=BaseModel)
@@ -53,7 +54,6 @@ _FRIENDLY = {
     "int_parsing": "a whole number",
 }
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
-Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 CONSENT_TEXT = (
     "I agree that the host may contact me about this RSVP and this event by email or SMS. "

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,13 +27,10 @@ from popdrop.inventory.schemas import (
     StockSet,
 )
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.params import Ctx, IdempotencyKey, ItemId
 
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
 public_router = APIRouter(include_in_schema=False)
-Ctx = Annotated[AppContext, Depends(get_ctx)]
-ItemId = Annotated[int, Path(ge=1, le=2**62)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 HOLD_REFUSALS = error_responses(401, 403, 404, 409, 410, 422)
 STREAM_EVERY_SECONDS = 1.0
 

@@ -12,9 +12,9 @@ Operator routes (token; scopes vouchers:read / vouchers:write):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,7 +34,8 @@ from popdrop.rsvp.schemas import (
     WaitlistOut,
 )
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext, client_address, get_ctx
+from popdrop.web.context import AppContext, client_address
+from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 
 
 def created(ctx: AppContext, result: service.RsvpResult) -> RsvpCreated:
@@ -47,16 +48,6 @@ def created(ctx: AppContext, result: service.RsvpResult) -> RsvpCreated:
 
 
 router = APIRouter(prefix="/api/v1", tags=["rsvps"])
-Ctx = Annotated[AppContext, Depends(get_ctx)]
-ItemId = Annotated[int, Path(ge=1, le=2**62)]
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Before = Annotated[int | None, Query(ge=1, le=2**62)]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key", max_length=200, description="Retry-safe: same key, same answer"
-    ),
-]
 # Failures that look like guessing (codes, tokens) count against the client.
 _GUESSES = GUESSING_REASONS | {"link_invalid"}
 T = TypeVar("T")

@@ -7,7 +7,7 @@ import io
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -37,19 +37,10 @@ from popdrop.vouchers.schemas import (
     VoucherOut,
 )
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext, client_address, get_ctx
+from popdrop.web.context import AppContext, client_address
+from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 
 router = APIRouter(prefix="/api/v1", tags=["vouchers"])
-Ctx = Annotated[AppContext, Depends(get_ctx)]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key", max_length=200, description="Retry-safe: same key, same answer"
-    ),
-]
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Before = Annotated[int | None, Query(ge=1, le=2**62)]
-ItemId = Annotated[int, Path(ge=1, le=2**62)]
 
 REDEMPTIONS = Counter("popdrop_voucher_redemptions_total", "Redemption attempts", ["result"])
 REDEEM_REFUSALS = (400, 401, 403, 404, 409, 410, 422, 429)

@@ -39,11 +39,12 @@ from popdrop.core.errors import PopdropError
 from popdrop.core.money import Money
 from popdrop.core.schemas import require_clean_text
 from popdrop.vouchers import codes, service
-from popdrop.vouchers.api import ItemId, guarded, to_csv
+from popdrop.vouchers.api import guarded, to_csv
 from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import BatchCreate
 from popdrop.web.auth import LoginRequired, PagePrincipal, check_csrf
 from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.params import ItemId
 from popdrop.web.templating import render, templates
 
 # The web form shows every code on one page and offers them as a `data:` URL download;

@@ -19,6 +19,7 @@ _DIRS = [
     _ROOT / "web" / "templates",
     _ROOT / "vouchers" / "templates",
     _ROOT / "events" / "templates",
+    _ROOT / "checkin" / "templates",
 ]
 
 _env = Environment(
