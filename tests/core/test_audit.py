@@ -154,3 +154,11 @@ def test_cli_verify_catches_a_rehashed_edit_and_a_dropped_tail(
         conn.execute("DELETE FROM audit_entries WHERE id = (SELECT max(id) FROM audit_entries)")
     dropped = _cli(cli_env, "audit", "verify")
     assert dropped.returncode == 1 and "chain head does not match" in dropped.stderr
+
+
+def test_chain_choice_is_stable_and_total() -> None:
+    # Found by schemathesis: a tag like "³" passed str.isdigit() and then broke int().
+    assert audit.chain_for("voucher:42", 8) == 42 % 8
+    for subject in ("tag:³", "tag:٣", "batch:", "tag:sat", "x"):
+        assert 0 <= audit.chain_for(subject, 8) < 8
+        assert audit.chain_for(subject, 8) == audit.chain_for(subject, 8)

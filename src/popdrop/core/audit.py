@@ -102,7 +102,7 @@ def chain_for(subject: str, chains: int) -> int:
     """`kind:<number>` subjects go to chain number % chains (the database can compute that
     too, see vouchers.service); any other subject by a checksum."""
     _kind, _, ident = subject.partition(":")
-    if ident.isdigit():
+    if ident.isascii() and ident.isdigit():  # not "³": str.isdigit() says yes to it
         return int(ident) % chains
     return zlib.crc32(subject.encode()) % chains
 

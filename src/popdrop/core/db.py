@@ -7,13 +7,14 @@ database lock (busy_timeout) instead of failing on a read-to-write upgrade.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, DateTime, Integer, MetaData, Table, TypeDecorator, event
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -63,6 +64,14 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 READONLY_OPTION = "popdrop_readonly"
+# PostgreSQL aborted the transaction and a retry may well succeed: deadlock_detected,
+# serialization_failure.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+T = TypeVar("T")
+
+
+def is_retryable(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 def is_sqlite(url: str) -> bool:
@@ -131,6 +140,22 @@ class Database:
             return
         async with self._write_lock, self.sessions() as session, session.begin():
             yield session
+
+    async def in_transaction(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3
+    ) -> T:
+        """Run `work` in one transaction; run it again if PostgreSQL aborted it for a
+        deadlock or a serialization failure (it rolled everything back, so that is safe).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.transaction() as session:
+                    return await work(session)
+            except DBAPIError as exc:
+                if attempt == attempts or not is_retryable(exc):
+                    raise
+                await asyncio.sleep(0.005 * attempt)
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:

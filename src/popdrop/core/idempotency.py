@@ -63,8 +63,7 @@ async def run_once(
     Refusals (`PopdropError`) are answers too: they are stored and replayed.
     """
     if key is None:
-        async with db.transaction() as session:
-            return await operation(session)
+        return await db.in_transaction(operation)
     if not key or len(key) > MAX_KEY:
         raise PopdropError("invalid_request", f"Idempotency-Key: 1 to {MAX_KEY} characters")
     while not await _claim(db, clock, org_id, key, request_fingerprint):
@@ -72,11 +71,14 @@ async def run_once(
         if answer is not None:
             return answer
         # The owner failed without an answer and dropped its claim: claim it ourselves.
-    try:
-        async with db.transaction() as session:
-            status, body = await operation(session)
-            await _store(session, org_id, key, status, body)
+
+    async def answered(session: AsyncSession) -> Answer:
+        status, body = await operation(session)
+        await _store(session, org_id, key, status, body)
         return status, body
+
+    try:
+        return await db.in_transaction(answered)
     except PopdropError as refusal:
         async with db.transaction() as session:
             await _store(session, org_id, key, refusal.status, refusal.to_dict())

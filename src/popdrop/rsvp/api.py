@@ -87,7 +87,7 @@ async def create_rsvp(
     org_id = await _event_org(ctx, event_id)
 
     async def call() -> service.RsvpResult:
-        async with ctx.db.transaction() as session:
+        async def work(session: AsyncSession) -> Any:
             return await service.create_rsvp(
                 session,
                 ctx.signer,
@@ -96,6 +96,8 @@ async def create_rsvp(
                 now=ctx.clock.now(),
                 audit_chains=ctx.settings.audit_chains,
             )
+
+        return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
 
     result = await public_guarded(ctx, request, org_id, call)
     return created(ctx, result)
@@ -111,7 +113,7 @@ async def cancel_by_token(body: CancelByToken, request: Request, ctx: Ctx) -> Rs
     _rsvp_id, org_id = service.read_cancel_token(ctx.signer, body.token)
 
     async def call() -> service.CancelResult:
-        async with ctx.db.transaction() as session:
+        async def work(session: AsyncSession) -> Any:
             return await service.cancel_by_token(
                 session,
                 ctx.signer,
@@ -119,6 +121,8 @@ async def cancel_by_token(body: CancelByToken, request: Request, ctx: Ctx) -> Rs
                 now=ctx.clock.now(),
                 audit_chains=ctx.settings.audit_chains,
             )
+
+        return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
 
     result = await public_guarded(ctx, request, org_id, call)
     return service.rsvp_out(result.rsvp)
@@ -134,7 +138,7 @@ async def claim(body: ClaimRequest, request: Request, ctx: Ctx) -> RsvpCreated:
     org_id = await _event_org(ctx, body.event_id)
 
     async def call() -> service.RsvpResult:
-        async with ctx.db.transaction() as session:
+        async def work(session: AsyncSession) -> Any:
             return await service.claim_offer(
                 session,
                 ctx.signer,
@@ -143,6 +147,8 @@ async def claim(body: ClaimRequest, request: Request, ctx: Ctx) -> RsvpCreated:
                 now=ctx.clock.now(),
                 audit_chains=ctx.settings.audit_chains,
             )
+
+        return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
 
     result = await public_guarded(ctx, request, org_id, call)
     return created(ctx, result)
