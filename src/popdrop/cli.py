@@ -142,7 +142,8 @@ def demo(
         bool, typer.Option("--serve/--no-serve", help="Serve after seeding.")
     ] = True,
 ) -> None:
-    """Seed a demo organization, owner and vouchers for a weekend pop-up, then serve."""
+    """Seed a demo organization: owner, vouchers and a weekend pop-up event (slots, lanes,
+    stock, RSVPs), then serve."""
     from popdrop.demo import seed
 
     settings = Settings()
