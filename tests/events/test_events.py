@@ -128,3 +128,35 @@ async def test_availability_stream_sends_live_stock(tmp_path: Path) -> None:
                     if '"available": 1' in seen:
                         break
         assert seen.count("event: availability") == 2
+
+
+async def test_a_host_edits_event_details(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    url = f"/api/v1/events/{shop.event_id}"
+    later = clock.now() + timedelta(days=3)
+    changed = await app_client.patch(
+        url,
+        json={"title": "Moved pop-up", "timezone": "Europe/Paris", "ends_at": later.isoformat()},
+        headers=tenant.headers,
+    )
+    assert changed.status_code == 200, changed.text
+    body = changed.json()
+    assert (body["title"], body["timezone"], body["slug"]) == (
+        "Moved pop-up",
+        "Europe/Paris",
+        "pop-up",
+    )
+    assert body["venue_name"] == "Old Tram Depot"  # untouched fields stay
+    backwards = await app_client.patch(
+        url, json={"ends_at": clock.now().isoformat()}, headers=tenant.headers
+    )
+    assert (backwards.status_code, backwards.json()["reason"]) == (422, "invalid_request")
+    assert (await app_client.get(url, headers=tenant.headers)).json()["ends_at"] == body["ends_at"]
+    for bad in ({"slug": "new"}, {"timezone": "Nowhere/Land"}, {"hold_ttl_seconds": 5}):
+        refused = await app_client.patch(url, json=bad, headers=tenant.headers)
+        assert refused.status_code == 422, bad
+    intruder = await make_tenant(ctx)
+    stolen = await app_client.patch(url, json={"title": "x"}, headers=intruder.headers)
+    assert stolen.status_code == 404

@@ -314,3 +314,45 @@ async def test_the_rsvp_the_page_sends_is_accepted(
     assert done.json()["rsvp"]["consent_text"] == CONSENT_TEXT
     page = await app_client.get(f"/e/{shop.event_id}", headers=HTML)
     assert "49 places left" in page.text
+
+
+async def test_operator_edits_event_details(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    await login(app_client, ctx, tenant, "host")
+    created = await submit(
+        app_client,
+        "/events",
+        "/events",
+        {
+            "title": "Draft name",
+            "slug": "to-edit",
+            "timezone": "Europe/Berlin",
+            "starts_at": local_input(clock, 3),
+            "ends_at": local_input(clock, 3, 6),
+        },
+    )
+    assert created.status_code == 303
+    page_url = created.headers["location"].split("?")[0]
+    page = await app_client.get(page_url, headers=HTML)
+    assert "Edit details" in page.text and 'value="Draft name"' in page.text
+    fields = {
+        "title": "Final name",
+        "description": "Now with coffee",
+        "venue_name": "Depot",
+        "venue_address": "",
+        "timezone": "Europe/Berlin",
+        "starts_at": local_input(clock, 4),
+        "ends_at": local_input(clock, 4, 5),
+        "opens_at": "",
+    }
+    backwards = await submit(
+        app_client, page_url, f"{page_url}/details", {**fields, "ends_at": local_input(clock, 2)}
+    )
+    assert backwards.status_code == 422 and "ends_at must be after starts_at" in backwards.text
+    saved = await submit(app_client, page_url, f"{page_url}/details", fields)
+    assert saved.status_code == 303
+    shown = await app_client.get(page_url, headers=HTML)
+    assert "Final name" in shown.text and "details are saved" not in shown.text
+    done = await app_client.get(saved.headers["location"], headers=HTML)
+    assert "The event&#39;s details are saved." in done.text or "details are saved" in done.text

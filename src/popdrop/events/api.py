@@ -15,6 +15,7 @@ from popdrop.events.models import Event, Lane, Partner, PickupWindow, StaffAssig
 from popdrop.events.schemas import (
     EventCreate,
     EventOut,
+    EventUpdate,
     LaneCreate,
     LaneOut,
     PartnerCreate,
@@ -57,6 +58,14 @@ async def list_events(principal: ApiPrincipal, ctx: Ctx) -> list[EventOut]:
 async def get_event(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> EventOut:
     async with ctx.db.reader() as session:
         return event_out(await service.get_event(session, principal, event_id))
+
+
+@router.patch("/events/{event_id}", response_model=EventOut, responses=WRITE_ERRORS)
+async def update_event(
+    event_id: ItemId, body: EventUpdate, principal: ApiPrincipal, ctx: Ctx
+) -> EventOut:
+    async with ctx.db.transaction() as session:
+        return event_out(await service.update_event(session, principal, event_id, body))
 
 
 @router.post("/events/{event_id}/status", response_model=EventOut, responses=WRITE_ERRORS)

@@ -33,6 +33,7 @@ from popdrop.events.api import ICAL_PURPOSE
 from popdrop.events.models import Event, Lane, Partner, PickupWindow, TimeSlot
 from popdrop.events.schemas import (
     EventCreate,
+    EventUpdate,
     LaneCreate,
     PartnerCreate,
     PickupWindowCreate,
@@ -63,6 +64,7 @@ EVENT_DEFAULTS = {"timezone": "Europe/Berlin", "hold_ttl_seconds": "900"}
 _NOTICES = {
     "created": "The event is created. Add slots, lanes and products below.",
     "status": "The event's status changed.",
+    "details": "The event's details are saved.",
     "slot": "The slot is added.",
     "lane": "The lane is added.",
     "window": "The pickup window is added.",
@@ -219,6 +221,43 @@ def parse_event(form: Form) -> EventCreate | None:
         "hold_ttl_seconds": form.integer("hold_ttl_seconds"),
     }
     return form.build(EventCreate, data)
+
+
+def parse_details(form: Form) -> EventUpdate | None:
+    zone = _zone(form, "timezone")
+    v = form.values
+    data: dict[str, Any] = {
+        "title": v.get("title", ""),
+        "description": v.get("description", ""),
+        "venue_name": v.get("venue_name", ""),
+        "venue_address": v.get("venue_address", ""),
+        "timezone": v.get("timezone") or "UTC",
+        "starts_at": form.moment("starts_at", zone),
+        "ends_at": form.moment("ends_at", zone),
+        "opens_at": form.moment("opens_at", zone),
+    }
+    return form.build(EventUpdate, data)
+
+
+def details_form(event: Event) -> Form:
+    """The edit form, filled with the event as it is (times as wall time in its zone)."""
+    zone = ZoneInfo(event.timezone)
+
+    def wall(value: datetime | None) -> str:
+        return value.astimezone(zone).strftime("%Y-%m-%dT%H:%M") if value else ""
+
+    return Form(
+        values={
+            "title": event.title,
+            "description": event.description,
+            "venue_name": event.venue_name,
+            "venue_address": event.venue_address,
+            "timezone": event.timezone,
+            "starts_at": wall(event.starts_at),
+            "ends_at": wall(event.ends_at),
+            "opens_at": wall(event.opens_at),
+        }
+    )
 
 
 def parse_slot(form: Form, zone: ZoneInfo) -> SlotCreate | None:
@@ -418,6 +457,7 @@ async def _detail_page(
     base = ctx.settings.base_url.rstrip("/")
     ical = f"{base}/ical/{ctx.signer.sign(ICAL_PURPOSE, principal.org_id)}.ics"
     forms = {name: Form() for name in ("slot", "lane", "window", "partner", "product", "stock")}
+    forms["details"] = details_form(event)
     forms["product"].values.update({"currency": "EUR", "variants": "one size"})
     if failed:
         forms[failed[0]] = failed[1]
@@ -481,6 +521,22 @@ async def _refused(
         form.problems.append(error.message)
     status = error.status if error is not None and error.status != 404 else 422
     return await _detail_page(request, ctx, principal, event_id, failed=(name, form), status=status)
+
+
+@router.post("/events/{event_id}/details")
+async def event_details(
+    request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
+    form = await _posted(request, ctx, principal, "vouchers:write")
+    spec = parse_details(form)
+    if spec is None:
+        return await _refused(request, ctx, principal, event_id, "details", form)
+    try:
+        async with ctx.db.transaction() as session:
+            await service.update_event(session, principal, event_id, spec)
+    except PopdropError as error:
+        return await _refused(request, ctx, principal, event_id, "details", form, error)
+    return _done(event_id, "details")
 
 
 @router.post("/events/{event_id}/status")

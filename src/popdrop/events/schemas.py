@@ -50,6 +50,35 @@ class EventCreate(StrictInput):
         return self
 
 
+class EventUpdate(StrictInput):
+    """Change an event's details; fields left out stay as they are (the slug never changes)."""
+
+    title: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=10_000)
+    venue_name: str | None = Field(default=None, max_length=200)
+    venue_address: str | None = Field(default=None, max_length=500)
+    latitude: float | None = Field(default=None, ge=-90, le=90)
+    longitude: float | None = Field(default=None, ge=-180, le=180)
+    timezone: str | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    opens_at: datetime | None = None
+    max_hold_renewals: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None and value not in _ZONES:
+            raise ValueError("timezone: an IANA name such as Europe/Berlin")
+        return value
+
+    @model_validator(mode="after")
+    def _aware_times(self) -> EventUpdate:
+        for name in ("starts_at", "ends_at", "opens_at"):
+            _aware(getattr(self, name), name)
+        return self
+
+
 class EventOut(BaseModel):
     id: int
     slug: str

@@ -22,6 +22,7 @@ from popdrop.events.models import (
 )
 from popdrop.events.schemas import (
     EventCreate,
+    EventUpdate,
     LaneCreate,
     PartnerCreate,
     PickupWindowCreate,
@@ -75,6 +76,20 @@ async def list_events(session: AsyncSession, principal: Principal) -> list[Event
         select(Event).where(Event.org_id == principal.org_id).order_by(Event.starts_at)
     )
     return list(rows)
+
+
+async def update_event(
+    session: AsyncSession, principal: Principal, event_id: int, spec: EventUpdate
+) -> Event:
+    """Change the details given. The hold TTL is not among them: holds cache it."""
+    principal.require("vouchers:write")
+    event = await _owned(session, Event, principal, event_id)
+    for name, value in spec.model_dump(exclude_unset=True).items():
+        setattr(event, name, value)
+    if event.ends_at <= event.starts_at:
+        raise PopdropError("invalid_request", "ends_at must be after starts_at")
+    await session.flush()
+    return event
 
 
 async def set_status(
