@@ -244,7 +244,12 @@ def details_form(event: Event) -> Form:
     zone = ZoneInfo(event.timezone)
 
     def wall(value: datetime | None) -> str:
-        return value.astimezone(zone).strftime("%Y-%m-%dT%H:%M") if value else ""
+        if value is None:
+            return ""
+        try:
+            return value.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+        except OverflowError:  # an instant at the calendar's edge: show it as UTC
+            return value.strftime("%Y-%m-%dT%H:%M")
 
     return Form(
         values={
