@@ -356,3 +356,41 @@ async def test_operator_edits_event_details(
     assert "Final name" in shown.text and "details are saved" not in shown.text
     done = await app_client.get(saved.headers["location"], headers=HTML)
     assert "The event&#39;s details are saved." in done.text or "details are saved" in done.text
+
+
+async def test_operator_puts_a_volunteer_on_the_staff(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    await login(app_client, ctx, tenant, "owner")
+    async with ctx.db.transaction() as session:
+        volunteer = await accounts.create_user(
+            session,
+            org_id=tenant.org_id,
+            email=f"door-{tenant.slug}@pages.test",
+            password=PASSWORD,
+            role="volunteer",
+            now=ctx.clock.now(),
+        )
+    created = await submit(
+        app_client,
+        "/events",
+        "/events",
+        {
+            "title": "Staffed",
+            "slug": "staffed",
+            "timezone": "UTC",
+            "starts_at": local_input(clock, 3),
+            "ends_at": local_input(clock, 3, 6),
+        },
+    )
+    page_url = created.headers["location"].split("?")[0]
+    added = await submit(
+        app_client, page_url, f"{page_url}/staff", {"user_id": volunteer.id, "gate": "north"}
+    )
+    assert added.status_code == 303
+    page = await app_client.get(page_url, headers=HTML)
+    assert f"door-{tenant.slug}@pages.test" in page.text and "gate north" in page.text
+    twice = await submit(
+        app_client, page_url, f"{page_url}/staff", {"user_id": volunteer.id, "gate": "south"}
+    )
+    assert twice.status_code == 409 and "already on the event" in twice.text

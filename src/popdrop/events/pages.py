@@ -25,12 +25,13 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
+from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.money import Money
 from popdrop.events import service
 from popdrop.events.api import ICAL_PURPOSE
-from popdrop.events.models import Event, Lane, Partner, PickupWindow, TimeSlot
+from popdrop.events.models import Event, Lane, Partner, PickupWindow, StaffAssignment, TimeSlot
 from popdrop.events.schemas import (
     EventCreate,
     EventUpdate,
@@ -38,6 +39,7 @@ from popdrop.events.schemas import (
     PartnerCreate,
     PickupWindowCreate,
     SlotCreate,
+    StaffCreate,
 )
 from popdrop.inventory import service as inventory
 from popdrop.inventory.models import Product, Variant
@@ -69,6 +71,7 @@ _NOTICES = {
     "lane": "The lane is added.",
     "window": "The pickup window is added.",
     "partner": "The partner is added.",
+    "staff": "They are on the staff now; volunteers scan at /scan/ with their login.",
     "product": "The product is added. Set its stock per lane below.",
     "stock": "Stock saved.",
 }
@@ -311,6 +314,8 @@ class EventView:
     partners: list[Partner]
     products: list[ProductCard]
     stock: dict[tuple[int, int], Availability]
+    staff: list[tuple[StaffAssignment, User]]
+    people: list[User]  # the organization's accounts that can be put on the staff
 
     def lanes_of(self, variant_id: int) -> list[tuple[Lane, Availability]]:
         return [
@@ -343,6 +348,24 @@ async def load_event(ctx: AppContext, event: Event) -> EventView:
                 select(Partner).where(Partner.event_id == event.id).order_by(Partner.id)
             )
         )
+        staff = [
+            (assignment, user)
+            for assignment, user in (
+                await session.execute(
+                    select(StaffAssignment, User)
+                    .join(User, User.id == StaffAssignment.user_id)
+                    .where(StaffAssignment.event_id == event.id)
+                    .order_by(StaffAssignment.gate, User.email)
+                )
+            ).tuples()
+        ]
+        people = list(
+            await session.scalars(
+                select(User)
+                .where(User.org_id == event.org_id, User.disabled_at.is_(None))
+                .order_by(User.email)
+            )
+        )
         products = list(
             await session.scalars(
                 select(Product).where(Product.event_id == event.id).order_by(Product.id)
@@ -364,6 +387,8 @@ async def load_event(ctx: AppContext, event: Event) -> EventView:
         partners=partners,
         products=[ProductCard(p, [v for v in variants if v.product_id == p.id]) for p in products],
         stock={(r.variant_id, r.lane_id): r for r in rows},
+        staff=staff,
+        people=people,
     )
 
 
@@ -461,7 +486,9 @@ async def _detail_page(
     view = await load_event(ctx, event)
     base = ctx.settings.base_url.rstrip("/")
     ical = f"{base}/ical/{ctx.signer.sign(ICAL_PURPOSE, principal.org_id)}.ics"
-    forms = {name: Form() for name in ("slot", "lane", "window", "partner", "product", "stock")}
+    forms = {
+        name: Form() for name in ("slot", "lane", "window", "partner", "staff", "product", "stock")
+    }
     forms["details"] = details_form(event)
     forms["product"].values.update({"currency": "EUR", "variants": "one size"})
     if failed:
@@ -473,6 +500,7 @@ async def _detail_page(
         "forms": forms,
         "failed": failed[0] if failed else None,
         "lane_options": [(lane.id, lane.name) for lane in view.lanes],
+        "person_options": [(u.id, f"{u.email} ({u.role})") for u in view.people],
         "slot_options": [(s.id, slot_name(s, event.timezone)) for s in view.slots],
         "next_statuses": sorted(service.TRANSITIONS[event.status], key=_STATUS_ORDER.index),
         "public_url": f"{base}/e/{event.id}",
@@ -621,6 +649,21 @@ async def partner_add(
     async with ctx.db.transaction() as session:
         await service.add_partner(session, principal, event_id, spec)
     return _done(event_id, "partner")
+
+
+@router.post("/events/{event_id}/staff")
+async def staff_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
+    form = await _posted(request, ctx, principal, "vouchers:write")
+    data = {"user_id": form.integer("user_id"), "gate": form.values.get("gate") or "main"}
+    spec = form.build(StaffCreate, data)
+    if spec is None:
+        return await _refused(request, ctx, principal, event_id, "staff", form)
+    try:
+        async with ctx.db.transaction() as session:
+            await service.assign_staff(session, principal, event_id, spec)
+    except PopdropError as error:
+        return await _refused(request, ctx, principal, event_id, "staff", form, error)
+    return _done(event_id, "staff")
 
 
 @router.post("/events/{event_id}/products")
