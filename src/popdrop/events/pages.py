@@ -13,7 +13,7 @@ to `POST /api/v1/public/events/{event_id}/rsvps`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
@@ -556,20 +557,37 @@ async def _refused(
     return await _detail_page(request, ctx, principal, event_id, failed=(name, form), status=status)
 
 
+async def _save(
+    request: Request,
+    ctx: AppContext,
+    principal: Principal,
+    event_id: int,
+    name: str,
+    form: Form,
+    spec: M | None,
+    change: Callable[[AsyncSession, M], Awaitable[object]],
+) -> Response:
+    """One add/edit form: refuse what did not parse, else apply it in a transaction, and
+    show a refusal next to the form or go back to the page with a notice."""
+    if spec is None:
+        return await _refused(request, ctx, principal, event_id, name, form)
+    try:
+        async with ctx.db.transaction() as session:
+            await change(session, spec)
+    except PopdropError as error:
+        return await _refused(request, ctx, principal, event_id, name, form, error)
+    return _done(event_id, name)
+
+
 @router.post("/events/{event_id}/details")
 async def event_details(
     request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
 ) -> Response:
     form = await _posted(request, ctx, principal, "vouchers:write")
-    spec = parse_details(form)
-    if spec is None:
-        return await _refused(request, ctx, principal, event_id, "details", form)
-    try:
-        async with ctx.db.transaction() as session:
-            await service.update_event(session, principal, event_id, spec)
-    except PopdropError as error:
-        return await _refused(request, ctx, principal, event_id, "details", form, error)
-    return _done(event_id, "details")
+    return await _save(
+        request, ctx, principal, event_id, "details", form, parse_details(form),
+        lambda session, spec: service.update_event(session, principal, event_id, spec),
+    )  # fmt: skip
 
 
 @router.post("/events/{event_id}/status")
@@ -590,24 +608,20 @@ async def slot_add(request: Request, event_id: ItemId, principal: Operator, ctx:
     form = await _posted(request, ctx, principal, "vouchers:write")
     async with ctx.db.reader() as session:
         event = await service.get_event(session, principal, event_id)
-    spec = parse_slot(form, zone_of(event.timezone))
-    if spec is None:
-        return await _refused(request, ctx, principal, event_id, "slot", form)
-    async with ctx.db.transaction() as session:
-        await service.add_slot(session, principal, event_id, spec)
-    return _done(event_id, "slot")
+    return await _save(
+        request, ctx, principal, event_id, "slot", form, parse_slot(form, zone_of(event.timezone)),
+        lambda session, spec: service.add_slot(session, principal, event_id, spec),
+    )  # fmt: skip
 
 
 @router.post("/events/{event_id}/lanes")
 async def lane_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
     form = await _posted(request, ctx, principal, "vouchers:write")
     data = {"name": form.values.get("name", ""), "pickup_point": form.values.get("pickup_point")}
-    spec = form.build(LaneCreate, data)
-    if spec is None:
-        return await _refused(request, ctx, principal, event_id, "lane", form)
-    async with ctx.db.transaction() as session:
-        await service.add_lane(session, principal, event_id, spec)
-    return _done(event_id, "lane")
+    return await _save(
+        request, ctx, principal, event_id, "lane", form, form.build(LaneCreate, data),
+        lambda session, spec: service.add_lane(session, principal, event_id, spec),
+    )  # fmt: skip
 
 
 @router.post("/events/{event_id}/windows")
@@ -643,27 +657,20 @@ async def partner_add(
 ) -> Response:
     form = await _posted(request, ctx, principal, "vouchers:write")
     data = {"name": form.values.get("name", ""), "contact_email": form.values.get("contact_email")}
-    spec = form.build(PartnerCreate, data)
-    if spec is None:
-        return await _refused(request, ctx, principal, event_id, "partner", form)
-    async with ctx.db.transaction() as session:
-        await service.add_partner(session, principal, event_id, spec)
-    return _done(event_id, "partner")
+    return await _save(
+        request, ctx, principal, event_id, "partner", form, form.build(PartnerCreate, data),
+        lambda session, spec: service.add_partner(session, principal, event_id, spec),
+    )  # fmt: skip
 
 
 @router.post("/events/{event_id}/staff")
 async def staff_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
     form = await _posted(request, ctx, principal, "vouchers:write")
     data = {"user_id": form.integer("user_id"), "gate": form.values.get("gate") or "main"}
-    spec = form.build(StaffCreate, data)
-    if spec is None:
-        return await _refused(request, ctx, principal, event_id, "staff", form)
-    try:
-        async with ctx.db.transaction() as session:
-            await service.assign_staff(session, principal, event_id, spec)
-    except PopdropError as error:
-        return await _refused(request, ctx, principal, event_id, "staff", form, error)
-    return _done(event_id, "staff")
+    return await _save(
+        request, ctx, principal, event_id, "staff", form, form.build(StaffCreate, data),
+        lambda session, spec: service.assign_staff(session, principal, event_id, spec),
+    )  # fmt: skip
 
 
 @router.post("/events/{event_id}/products")
@@ -671,12 +678,10 @@ async def product_add(
     request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
 ) -> Response:
     form = await _posted(request, ctx, principal, "inventory:write")
-    spec = parse_product(form)
-    if spec is None:
-        return await _refused(request, ctx, principal, event_id, "product", form)
-    async with ctx.db.transaction() as session:
-        await inventory.create_product(session, principal, event_id, spec)
-    return _done(event_id, "product")
+    return await _save(
+        request, ctx, principal, event_id, "product", form, parse_product(form),
+        lambda session, spec: inventory.create_product(session, principal, event_id, spec),
+    )  # fmt: skip
 
 
 def stock_cells(form: Form) -> list[StockSet]:
