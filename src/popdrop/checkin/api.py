@@ -22,10 +22,10 @@ from popdrop.checkin.schemas import (
     ScanRequest,
     TicketCreate,
 )
-from popdrop.core.idempotency import fingerprint, run_once
 from popdrop.core.schemas import error_responses
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext
+from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Ctx, IdempotencyKey, ItemId
 
 router = APIRouter(prefix="/api/v1", tags=["checkin"])
@@ -73,15 +73,7 @@ async def issue_ticket(
         answer = issued(ctx, ticket, secret, created)
         return (201 if created else 200), answer.model_dump(mode="json")
 
-    status, payload = await run_once(
-        ctx.db,
-        ctx.clock,
-        org_id=principal.org_id,
-        key=idempotency_key,
-        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump(mode="json")),
-        operation=operation,
-    )
-    return JSONResponse(payload, status_code=status)
+    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
 
 
 @router.get(

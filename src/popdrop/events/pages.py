@@ -209,11 +209,11 @@ def _zone(form: Form, name: str) -> ZoneInfo | None:
         return None
 
 
-def parse_event(form: Form) -> EventCreate | None:
+def _event_fields(form: Form) -> dict[str, Any]:
+    """The fields the create and the edit form share; times are wall time in the zone."""
     zone = _zone(form, "timezone")
     v = form.values
-    data: dict[str, Any] = {
-        "slug": v.get("slug", ""),
+    return {
         "title": v.get("title", ""),
         "description": v.get("description", ""),
         "venue_name": v.get("venue_name", ""),
@@ -222,25 +222,20 @@ def parse_event(form: Form) -> EventCreate | None:
         "starts_at": form.moment("starts_at", zone),
         "ends_at": form.moment("ends_at", zone),
         "opens_at": form.moment("opens_at", zone),
+    }
+
+
+def parse_event(form: Form) -> EventCreate | None:
+    data = {
+        **_event_fields(form),
+        "slug": form.values.get("slug", ""),
         "hold_ttl_seconds": form.integer("hold_ttl_seconds"),
     }
     return form.build(EventCreate, data)
 
 
 def parse_details(form: Form) -> EventUpdate | None:
-    zone = _zone(form, "timezone")
-    v = form.values
-    data: dict[str, Any] = {
-        "title": v.get("title", ""),
-        "description": v.get("description", ""),
-        "venue_name": v.get("venue_name", ""),
-        "venue_address": v.get("venue_address", ""),
-        "timezone": v.get("timezone") or "UTC",
-        "starts_at": form.moment("starts_at", zone),
-        "ends_at": form.moment("ends_at", zone),
-        "opens_at": form.moment("opens_at", zone),
-    }
-    return form.build(EventUpdate, data)
+    return form.build(EventUpdate, _event_fields(form))
 
 
 def details_form(event: Event) -> Form:

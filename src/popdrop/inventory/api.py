@@ -13,7 +13,6 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.core.errors import not_found
-from popdrop.core.idempotency import fingerprint, run_once
 from popdrop.core.schemas import error_responses
 from popdrop.events.models import Event
 from popdrop.inventory import service
@@ -27,6 +26,7 @@ from popdrop.inventory.schemas import (
     StockSet,
 )
 from popdrop.web.auth import ApiPrincipal
+from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Ctx, IdempotencyKey, ItemId
 
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
@@ -102,15 +102,7 @@ async def create_hold(
         hold = await service.create_hold(session, principal, body, now=now)
         return 201, hold.model_dump(mode="json")
 
-    status, payload = await run_once(
-        ctx.db,
-        ctx.clock,
-        org_id=principal.org_id,
-        key=idempotency_key,
-        request_fingerprint=fingerprint("POST", "holds", body.model_dump()),
-        operation=operation,
-    )
-    return JSONResponse(payload, status_code=status)
+    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
 
 
 @router.get("/holds/{hold_id}", response_model=HoldOut, responses=error_responses(401, 403, 404))

@@ -15,11 +15,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.core.errors import PopdropError
-from popdrop.core.idempotency import fingerprint, run_once
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
 from popdrop.rsvp import service
@@ -35,6 +34,7 @@ from popdrop.rsvp.schemas import (
 )
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext, client_address
+from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 
 
@@ -224,12 +224,4 @@ async def cancel_rsvp(
         )
         return 200, service.rsvp_out(result.rsvp).model_dump(mode="json")
 
-    status, payload = await run_once(
-        ctx.db,
-        ctx.clock,
-        org_id=principal.org_id,
-        key=idempotency_key,
-        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump()),
-        operation=operation,
-    )
-    return JSONResponse(payload, status_code=status)
+    return await respond_once(ctx, request, principal, idempotency_key, body, operation)

@@ -38,6 +38,7 @@ from popdrop.vouchers.schemas import (
 )
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext, client_address
+from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 
 router = APIRouter(prefix="/api/v1", tags=["vouchers"])
@@ -421,12 +422,4 @@ async def rollback(
         )
         return 200, result.model_dump(mode="json")
 
-    status, payload = await run_once(
-        ctx.db,
-        ctx.clock,
-        org_id=principal.org_id,
-        key=idempotency_key,
-        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump()),
-        operation=operation,
-    )
-    return JSONResponse(payload, status_code=status)
+    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
