@@ -32,6 +32,8 @@ _HOST = {
     "holds:write",
     "checkin",
     "tickets:write",
+    "audience:read",
+    "audience:write",
 }
 ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset({*_HOST, "tokens:write"}),

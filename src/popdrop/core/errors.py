@@ -42,6 +42,7 @@ REASON_STATUS: dict[str, int] = {
     "outside_window": 409,
     "cancelled": 410,
     "unavailable": 503,
+    "suppressed": 409,
 }
 
 

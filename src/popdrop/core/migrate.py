@@ -19,6 +19,7 @@ _LOCK_ID = 7_406_123_001  # pg advisory lock: one migrator at a time
 def target_metadata() -> MetaData:
     # Import every domain's tables so autogenerate and checks see the whole schema.
     import popdrop.accounts.models
+    import popdrop.audience.models
     import popdrop.checkin.models
     import popdrop.core.audit
     import popdrop.core.idempotency

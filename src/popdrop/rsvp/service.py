@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import phonenumbers
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -40,6 +38,7 @@ from popdrop.checkin.schemas import TicketCreate
 from popdrop.core import audit
 from popdrop.core.db import table_of
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.identity import normalize_email, normalize_phone
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event, TimeSlot
 from popdrop.rsvp.models import Rsvp, WaitlistOffer
@@ -153,23 +152,8 @@ def normalize_contact(email: str | None, phone: str | None) -> tuple[str | None,
     """A valid email (normalized) and/or a valid phone number (E.164); at least one."""
     if not email and not phone:
         raise PopdropError("invalid_request", "contact: give an email or a phone number")
-    clean_email: str | None = None
-    clean_phone: str | None = None
-    if email:
-        try:
-            clean_email = validate_email(email, check_deliverability=False).normalized
-        except EmailNotValidError as exc:
-            raise PopdropError("invalid_request", f"email: {exc}") from exc
-    if phone:
-        try:
-            parsed = phonenumbers.parse(phone, None)
-        except phonenumbers.NumberParseException as exc:
-            raise PopdropError(
-                "invalid_request", "phone: use the international format, e.g. +33612345678"
-            ) from exc
-        if not phonenumbers.is_valid_number(parsed):
-            raise PopdropError("invalid_request", "phone: not a valid phone number")
-        clean_phone = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    clean_email = normalize_email(email) if email else None
+    clean_phone = normalize_phone(phone) if phone else None
     return clean_email, clean_phone
 
 

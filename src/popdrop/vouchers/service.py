@@ -461,7 +461,9 @@ async def redeem(
         payload={
             "redemption": taken.redemption_id,
             "use": taken.uses,
-            "contact_ref": contact_ref,
+            # A keyed digest, not the reference itself: the ledger is append-only and a
+            # contact ref may be an email that must be erasable.
+            "contact": contact_digest(signer, contact_ref),
             "order_ref": order_ref,
             "cost_minor": taken.cost,
         },
@@ -482,6 +484,12 @@ async def redeem(
         remaining_uses=taken.max_uses - taken.uses,
         discount=policy.discount,
     )
+
+
+def contact_digest(signer: Signer, contact_ref: str | None) -> str | None:
+    if contact_ref is None:
+        return None
+    return signer.keyed_hash(f"contact-ref:{contact_ref}").hex()[:24]
 
 
 async def _take_contact_use(

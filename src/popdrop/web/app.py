@@ -88,6 +88,9 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     _install_health(app)
 
     from popdrop.accounts.api import router as accounts_api
+    from popdrop.audience.api import router as audience_api
+    from popdrop.audience.pages import public_router as audience_public_pages
+    from popdrop.audience.pages import router as audience_pages
     from popdrop.checkin.api import router as checkin_api
     from popdrop.checkin.pages import router as checkin_pages
     from popdrop.events.api import public_router as events_public
@@ -113,6 +116,9 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         event_pages,
         checkin_api,
         checkin_pages,
+        audience_api,
+        audience_pages,
+        audience_public_pages,
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

@@ -1,0 +1,1 @@
+"""Audience and consent: contacts, consent ledger, opt-outs, suppression, segments, privacy."""

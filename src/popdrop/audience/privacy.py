@@ -1,0 +1,284 @@
+"""GDPR: what we hold about a person (export), forgetting them (erase), and retention.
+
+Erase removes the person's email and phone from every table that can hold them in clear
+(contacts, RSVPs, tickets, holds, voucher contact refs, stored idempotent answers), keeps
+their activity and consent ledger attached to an anonymous contact row (so funnels still
+add up), and keeps keyed hashes on the suppression list so a later import cannot bring
+them back. The audit ledger is append-only and never holds contact points (the vault
+writes a keyed digest of a contact ref), so nothing there needs rewriting.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.audience import service
+from popdrop.audience.models import Contact, ContactActivity, ContactLabel
+from popdrop.audience.schemas import ConsentChange, EraseResult, PurgeResult
+from popdrop.checkin.models import Ticket
+from popdrop.core import audit
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.idempotency import IdempotencyRecord
+from popdrop.core.signing import Signer
+from popdrop.inventory.models import Hold
+from popdrop.rsvp.models import Rsvp
+from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
+
+PURGE_BATCH = 500
+
+
+async def find_by_point(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    *,
+    email: str | None = None,
+    phone: str | None = None,
+) -> Contact:
+    principal.require("audience:read")
+    contact = await service.find_contact(
+        session, principal.org_id, service.contact_points(signer, email, phone)
+    )
+    if contact is None:
+        raise not_found("contact")
+    return contact
+
+
+def _row(obj: Any, *names: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        value = getattr(obj, name)
+        out[name] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+async def export_contact(
+    session: AsyncSession, principal: Principal, contact_id: int, *, now: datetime
+) -> dict[str, Any]:
+    """Everything held about one person, as JSON-ready data (the right of access)."""
+    contact = await service.get_contact(session, principal, contact_id)
+    view = await service.contact_view(session, contact, now)
+    consents = await service.consent_history(session, principal, contact_id)
+    activity = (
+        await session.scalars(
+            select(ContactActivity)
+            .where(ContactActivity.contact_id == contact.id)
+            .order_by(ContactActivity.at)
+        )
+    ).all()
+    suppressed = await service.suppressed_channels(
+        session, principal.org_id, service.points_of(contact)
+    )
+    rsvps: list[dict[str, Any]] = []
+    tickets: list[dict[str, Any]] = []
+    points = [p for p in (contact.email, contact.phone) if p]
+    if points:
+        for rsvp in await session.scalars(
+            select(Rsvp).where(
+                Rsvp.org_id == principal.org_id,
+                or_(Rsvp.email.in_(points), Rsvp.phone.in_(points)),
+            )
+        ):
+            rsvps.append(
+                _row(rsvp, "id", "event_id", "slot_id", "places", "status", "created_at")
+                | {"consent_text": rsvp.consent_text}
+            )
+        for ticket in await session.scalars(
+            select(Ticket).where(Ticket.org_id == principal.org_id, Ticket.holder_ref.in_(points))
+        ):
+            tickets.append(_row(ticket, "id", "event_id", "status", "created_at", "checked_in_at"))
+    return {
+        "exported_at": now.isoformat(),
+        "contact": view.model_dump(mode="json"),
+        "consent_ledger": [service.consent_event_out(e).model_dump(mode="json") for e in consents],
+        "activity": [_row(a, "kind", "event_id", "ref", "at") for a in activity],
+        "suppressed_channels": suppressed,
+        "rsvps": rsvps,
+        "tickets": tickets,
+    }
+
+
+async def erase_contact(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    contact_id: int,
+    *,
+    now: datetime,
+    audit_chains: int,
+) -> EraseResult:
+    """Forget a person: PII gone everywhere, activity kept anonymous, suppression kept."""
+    principal.require("audience:write")
+    contact = await service.get_contact(session, principal, contact_id)
+    if contact.erased_at is not None:
+        raise PopdropError("conflict", "this contact is already erased")
+    org_id = principal.org_id
+    points = service.points_of(contact)
+    clear = [p for p in (contact.email, contact.phone) if p]
+    scrubbed: dict[str, int] = {}
+    for channel, column in service.CONSENT_COLUMN.items():
+        if getattr(contact, column) in ("granted", "pending"):
+            await service.change_consent(
+                session,
+                signer,
+                contact,
+                ConsentChange(channel=channel, action="revoke", wording="Erased on request"),
+                now=now,
+                source="erase",
+            )
+    await service.suppress(session, org_id, points, "all", "erased", now)
+    if clear:
+        # An opaque stand-in keeps per-person counters (voucher limits) working.
+        stand_in = f"erased:{signer.keyed_hash(f'erased:{contact.id}').hex()[:16]}"
+        scrubbed["rsvps"] = await _count(
+            session,
+            update(Rsvp).where(Rsvp.org_id == org_id, Rsvp.email.in_(clear)).values(email=None),
+        ) + await _count(
+            session,
+            update(Rsvp).where(Rsvp.org_id == org_id, Rsvp.phone.in_(clear)).values(phone=None),
+        )
+        scrubbed["tickets"] = await _count(
+            session,
+            update(Ticket)
+            .where(Ticket.org_id == org_id, Ticket.holder_ref.in_(clear))
+            .values(holder_ref=None),
+        )
+        scrubbed["holds"] = await _count(
+            session,
+            update(Hold)
+            .where(Hold.org_id == org_id, Hold.contact_ref.in_(clear))
+            .values(contact_ref=stand_in),
+        )
+        scrubbed["redemptions"] = await _count(
+            session,
+            update(Redemption)
+            .where(Redemption.org_id == org_id, Redemption.contact_ref.in_(clear))
+            .values(contact_ref=stand_in),
+        )
+        scrubbed["voucher_contact_uses"] = await _scrub_contact_uses(
+            session, org_id, clear, stand_in
+        )
+        # Stored answers of idempotent calls may quote the person (an RSVP answer does).
+        scrubbed["idempotency_records"] = await _count(
+            session,
+            delete(IdempotencyRecord).where(
+                IdempotencyRecord.org_id == org_id,
+                or_(*[IdempotencyRecord.body.contains(p, autoescape=True) for p in clear]),
+            ),
+        )
+    scrubbed["labels"] = await _count(
+        session, delete(ContactLabel).where(ContactLabel.contact_id == contact.id)
+    )
+    await session.execute(
+        update(Contact)
+        .where(Contact.id == contact.id)
+        .values(
+            email=None,
+            phone=None,
+            email_hash=None,
+            phone_hash=None,
+            first_name=None,
+            locale=None,
+            time_zone=None,
+            source=None,
+            lat=None,
+            lon=None,
+            erased_at=now,
+            updated_at=now,
+        )
+    )
+    await audit.append(
+        session,
+        org_id=org_id,
+        actor=principal.actor,
+        action="contact.erase",
+        subject=f"contact:{contact.id}",
+        payload={"contact": contact.id, "scrubbed": scrubbed},
+        at=now,
+        chains=audit_chains,
+    )
+    await session.flush()
+    return EraseResult(contact_id=contact.id, scrubbed=scrubbed)
+
+
+async def _count(session: AsyncSession, statement: Any) -> int:
+    result = await session.execute(statement)
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def _scrub_contact_uses(
+    session: AsyncSession, org_id: int, clear: list[str], stand_in: str
+) -> int:
+    """The contact ref is part of the key: move each counter to the stand-in, adding up."""
+    rows = (
+        await session.execute(
+            select(
+                VoucherContactUse.batch_id, VoucherContactUse.contact_ref, VoucherContactUse.uses
+            )
+            .join(VoucherBatch, VoucherBatch.id == VoucherContactUse.batch_id)
+            .where(VoucherBatch.org_id == org_id, VoucherContactUse.contact_ref.in_(clear))
+            .distinct()
+        )
+    ).all()
+    for batch_id, ref, uses in rows:
+        await session.execute(
+            delete(VoucherContactUse).where(
+                VoucherContactUse.batch_id == batch_id, VoucherContactUse.contact_ref == ref
+            )
+        )
+        existing = await session.get(VoucherContactUse, (batch_id, stand_in))
+        if existing is None:
+            session.add(VoucherContactUse(batch_id=batch_id, contact_ref=stand_in, uses=uses))
+        else:
+            existing.uses += uses
+        await session.flush()
+    return len(rows)
+
+
+async def purge_inactive(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    *,
+    now: datetime,
+    months: int | None,
+    audit_chains: int,
+) -> PurgeResult:
+    """Retention: erase contacts with no activity (or, never engaged, no change) for `months`
+    (default: the organization's retention rule)."""
+    principal.require("audience:write")
+    if months is None:
+        months = (await service.get_settings(session, principal.org_id)).retention_months
+    if months is None:
+        raise PopdropError("invalid_request", "months: no retention rule is set for this audience")
+    cutoff = now - timedelta(days=30 * months)
+    last_seen = func.coalesce(Contact.last_engaged_at, Contact.updated_at)
+    erased = 0
+    while True:
+        ids = list(
+            (
+                await session.scalars(
+                    select(Contact.id)
+                    .where(
+                        Contact.org_id == principal.org_id,
+                        Contact.erased_at.is_(None),
+                        last_seen < cutoff,
+                    )
+                    .order_by(Contact.id)
+                    .limit(PURGE_BATCH)
+                )
+            ).all()
+        )
+        if not ids:
+            break
+        for contact_id in ids:
+            await erase_contact(
+                session, signer, principal, contact_id, now=now, audit_chains=audit_chains
+            )
+            erased += 1
+    return PurgeResult(erased=erased, cutoff=cutoff)
