@@ -1,7 +1,317 @@
-"""Audience REST API (thin: parse, call the service, shape the answer)."""
+"""Audience REST API (thin: parse, call the service, shape the answer).
+
+Contacts, consent, activity, inbound keywords (STOP/START/HELP/YES), segments, privacy
+(export, erase, retention purge), CSV import jobs and streamed CSV exports. Scopes:
+`audience:read`, `audience:write`.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import Field
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.audience import privacy, service
+from popdrop.audience.schemas import (
+    ActivityIn,
+    AudienceSettingsIn,
+    AudienceSettingsOut,
+    ConsentChange,
+    ConsentChanged,
+    ConsentEventOut,
+    ContactCreated,
+    ContactIn,
+    ContactList,
+    ContactOut,
+    ContactPatch,
+    EraseResult,
+    InboundMessage,
+    InboundResult,
+    PurgeResult,
+    SegmentCount,
+    SegmentIn,
+    SegmentOut,
+    SegmentRules,
+)
+from popdrop.core.schemas import StrictInput, error_responses
+from popdrop.web.auth import ApiPrincipal
+from popdrop.web.context import AppContext
+from popdrop.web.idempotent import respond_once
+from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 
 router = APIRouter(prefix="/api/v1", tags=["audience"])
+READ_ERRORS = error_responses(401, 403, 404, 422)
+WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
+
+
+async def _view(session: AsyncSession, ctx: AppContext, contact: Any) -> ContactOut:
+    return await service.contact_view(session, contact, ctx.clock.now())
+
+
+# ---------------------------------------------------------------- contacts
+
+
+@router.post(
+    "/contacts",
+    status_code=201,
+    response_model=ContactCreated,
+    responses=WRITE_ERRORS,
+    summary="Add a contact, or merge into the one with the same email/phone (200)",
+)
+async def upsert_contact(
+    body: ContactIn,
+    request: Request,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
+        contact, created = await service.upsert_contact(
+            session, ctx.signer, principal, body, now=ctx.clock.now()
+        )
+        out = ContactCreated(contact=await _view(session, ctx, contact), created=created)
+        return (201 if created else 200), out.model_dump(mode="json")
+
+    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
+
+
+@router.get("/contacts", response_model=ContactList, responses=READ_ERRORS)
+async def list_contacts(
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    q: Annotated[str | None, Query(max_length=254)] = None,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    before: Before = None,
+) -> ContactList:
+    async with ctx.db.reader() as session:
+        found = await service.list_contacts(
+            session, principal, query=q, tag=tag, limit=limit, before=before
+        )
+        items = await service.contacts_out(session, principal.org_id, found, ctx.clock.now())
+    return ContactList(items=items, next_before=found[-1].id if len(found) == limit else None)
+
+
+@router.get("/contacts/{contact_id}", response_model=ContactOut, responses=READ_ERRORS)
+async def get_contact(contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> ContactOut:
+    async with ctx.db.reader() as session:
+        return await _view(session, ctx, await service.get_contact(session, principal, contact_id))
+
+
+@router.patch("/contacts/{contact_id}", response_model=ContactOut, responses=WRITE_ERRORS)
+async def patch_contact(
+    contact_id: ItemId, body: ContactPatch, principal: ApiPrincipal, ctx: Ctx
+) -> ContactOut:
+    async with ctx.db.transaction() as session:
+        contact = await service.patch_contact(
+            session, principal, contact_id, body, now=ctx.clock.now()
+        )
+        return await _view(session, ctx, contact)
+
+
+@router.post(
+    "/contacts/{contact_id}/consents",
+    response_model=ConsentChanged,
+    responses=WRITE_ERRORS,
+    summary="Grant, revoke or request (double opt-in) consent on one channel",
+)
+async def change_consent(
+    contact_id: ItemId, body: ConsentChange, principal: ApiPrincipal, ctx: Ctx
+) -> ConsentChanged:
+    async with ctx.db.transaction() as session:
+        event = await service.set_consent(
+            session, ctx.signer, principal, contact_id, body, now=ctx.clock.now()
+        )
+        contact = await service.get_contact(session, principal, contact_id)
+        confirm_url = None
+        if body.action == "request" and body.channel == "email":
+            token = service.double_opt_in_token(ctx.signer, contact, body.channel)
+            confirm_url = f"{ctx.settings.base_url.rstrip('/')}/c/{token}"
+        return ConsentChanged(
+            contact=await _view(session, ctx, contact),
+            event=service.consent_event_out(event) if event else None,
+            confirm_url=confirm_url,
+        )
+
+
+@router.get(
+    "/contacts/{contact_id}/consents",
+    response_model=list[ConsentEventOut],
+    responses=READ_ERRORS,
+    summary="The contact's consent ledger: every grant, request and revoke",
+)
+async def consent_history(
+    contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx
+) -> list[ConsentEventOut]:
+    async with ctx.db.reader() as session:
+        events = await service.consent_history(session, principal, contact_id)
+        return [service.consent_event_out(e) for e in events]
+
+
+@router.post(
+    "/contacts/activity",
+    responses=WRITE_ERRORS,
+    summary="Record a click, chat, RSVP, visit or purchase (moves last_engaged_at forward)",
+)
+async def record_activity(body: ActivityIn, principal: ApiPrincipal, ctx: Ctx) -> dict[str, Any]:
+    principal.require("audience:write")
+    async with ctx.db.transaction() as session:
+        contact_id = await service.record_activity(
+            session, ctx.signer, principal.org_id, body, now=ctx.clock.now()
+        )
+    return {"contact_id": contact_id, "recorded": contact_id is not None}
+
+
+# ---------------------------------------------------------------- privacy
+
+
+@router.get(
+    "/contacts/{contact_id}/export",
+    responses=READ_ERRORS,
+    summary="Everything held about this person (GDPR access), as JSON",
+)
+async def export_contact(contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> JSONResponse:
+    async with ctx.db.reader() as session:
+        data = await privacy.export_contact(session, principal, contact_id, now=ctx.clock.now())
+    return JSONResponse(
+        data,
+        headers={"Content-Disposition": f'attachment; filename="contact-{contact_id}.json"'},
+    )
+
+
+@router.post(
+    "/contacts/{contact_id}/erase",
+    response_model=EraseResult,
+    responses=WRITE_ERRORS,
+    summary="Erase a person: PII removed everywhere, activity kept anonymous, suppressed",
+)
+async def erase_contact(contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> EraseResult:
+    async with ctx.db.transaction() as session:
+        return await privacy.erase_contact(
+            session,
+            ctx.signer,
+            principal,
+            contact_id,
+            now=ctx.clock.now(),
+            audit_chains=ctx.settings.audit_chains,
+        )
+
+
+class PurgeRequest(StrictInput):
+    months: int | None = Field(default=None, ge=1, le=240)
+
+
+@router.post(
+    "/contacts/purge",
+    response_model=PurgeResult,
+    responses=WRITE_ERRORS,
+    summary="Retention: erase contacts not engaged for N months (default: the rule set)",
+)
+async def purge(body: PurgeRequest, principal: ApiPrincipal, ctx: Ctx) -> PurgeResult:
+    async with ctx.db.transaction() as session:
+        return await privacy.purge_inactive(
+            session,
+            ctx.signer,
+            principal,
+            now=ctx.clock.now(),
+            months=body.months,
+            audit_chains=ctx.settings.audit_chains,
+        )
+
+
+# ---------------------------------------------------------------- keywords, settings
+
+
+@router.post(
+    "/audience/inbound",
+    response_model=InboundResult,
+    responses=WRITE_ERRORS,
+    summary="An inbound SMS/chat text: STOP, START, HELP and YES act before any flow",
+)
+async def inbound(body: InboundMessage, principal: ApiPrincipal, ctx: Ctx) -> InboundResult:
+    principal.require("audience:write")
+    async with ctx.db.transaction() as session:
+        return await service.handle_inbound(
+            session,
+            ctx.signer,
+            org_id=principal.org_id,
+            channel=body.channel,
+            sender=body.sender,
+            text=body.text,
+            now=ctx.clock.now(),
+        )
+
+
+@router.get("/audience/settings", response_model=AudienceSettingsOut, responses=READ_ERRORS)
+async def get_settings(principal: ApiPrincipal, ctx: Ctx) -> AudienceSettingsOut:
+    principal.require("audience:read")
+    async with ctx.db.reader() as session:
+        return await service.get_settings(session, principal.org_id)
+
+
+@router.put("/audience/settings", response_model=AudienceSettingsOut, responses=WRITE_ERRORS)
+async def put_settings(
+    body: AudienceSettingsIn, principal: ApiPrincipal, ctx: Ctx
+) -> AudienceSettingsOut:
+    async with ctx.db.transaction() as session:
+        return await service.update_settings(session, principal, body)
+
+
+# ---------------------------------------------------------------- segments
+
+
+@router.get("/segments", response_model=list[SegmentOut], responses=READ_ERRORS)
+async def list_segments(principal: ApiPrincipal, ctx: Ctx) -> list[SegmentOut]:
+    async with ctx.db.reader() as session:
+        return [service.segment_out(s) for s in await service.list_segments(session, principal)]
+
+
+@router.post("/segments", status_code=201, response_model=SegmentOut, responses=WRITE_ERRORS)
+async def create_segment(body: SegmentIn, principal: ApiPrincipal, ctx: Ctx) -> SegmentOut:
+    async with ctx.db.transaction() as session:
+        segment = await service.save_segment(session, principal, body, now=ctx.clock.now())
+        return service.segment_out(segment)
+
+
+@router.get("/segments/{segment_id}", response_model=SegmentOut, responses=READ_ERRORS)
+async def get_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> SegmentOut:
+    async with ctx.db.reader() as session:
+        return service.segment_out(await service.get_segment(session, principal, segment_id))
+
+
+@router.put("/segments/{segment_id}", response_model=SegmentOut, responses=WRITE_ERRORS)
+async def update_segment(
+    segment_id: ItemId, body: SegmentIn, principal: ApiPrincipal, ctx: Ctx
+) -> SegmentOut:
+    async with ctx.db.transaction() as session:
+        segment = await service.save_segment(
+            session, principal, body, now=ctx.clock.now(), segment_id=segment_id
+        )
+        return service.segment_out(segment)
+
+
+@router.delete("/segments/{segment_id}", status_code=204, responses=WRITE_ERRORS)
+async def delete_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> None:
+    async with ctx.db.transaction() as session:
+        await service.delete_segment(session, principal, segment_id)
+
+
+@router.post(
+    "/segments/preview",
+    response_model=SegmentCount,
+    responses=READ_ERRORS,
+    summary="Count who unsaved rules reach right now (total, per channel, per bucket)",
+)
+async def preview_segment(body: SegmentRules, principal: ApiPrincipal, ctx: Ctx) -> SegmentCount:
+    async with ctx.db.reader() as session:
+        return await service.count_segment(session, principal, body, now=ctx.clock.now())
+
+
+@router.get("/segments/{segment_id}/count", response_model=SegmentCount, responses=READ_ERRORS)
+async def count_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> SegmentCount:
+    async with ctx.db.reader() as session:
+        segment = service.segment_out(await service.get_segment(session, principal, segment_id))
+        return await service.count_segment(session, principal, segment.rules, now=ctx.clock.now())

@@ -880,10 +880,17 @@ async def record_activity(
     contact_id = spec.contact_id
     if contact_id is None:
         points = contact_points(signer, spec.email, spec.phone)
-        contact = await find_contact(session, org_id, points)
-        if contact is None:
+        # Email first, then phone: activity never fails on two half-matching contacts.
+        for digest, column in (
+            (points.email_hash, Contact.email_hash),
+            (points.phone_hash, Contact.phone_hash),
+        ):
+            if digest is not None and contact_id is None:
+                contact_id = await session.scalar(
+                    select(Contact.id).where(Contact.org_id == org_id, column == digest)
+                )
+        if contact_id is None:
             return None
-        contact_id = contact.id
     elif (
         await session.scalar(
             select(Contact.id).where(Contact.id == contact_id, Contact.org_id == org_id)

@@ -18,6 +18,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.audience import service as audience
+from popdrop.audience.schemas import ActivityIn
 from popdrop.core.errors import PopdropError
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
@@ -88,7 +90,7 @@ async def create_rsvp(
 
     async def call() -> service.RsvpResult:
         async def work(session: AsyncSession) -> Any:
-            return await service.create_rsvp(
+            result = await service.create_rsvp(
                 session,
                 ctx.signer,
                 event_id=event_id,
@@ -96,6 +98,16 @@ async def create_rsvp(
                 now=ctx.clock.now(),
                 audit_chains=ctx.settings.audit_chains,
             )
+            # An RSVP is engagement: a known contact's recency moves (same transaction).
+            rsvp = result.rsvp
+            await audience.record_activity(
+                session,
+                ctx.signer,
+                org_id,
+                ActivityIn(kind="rsvp", email=rsvp.email, phone=rsvp.phone, event_id=event_id),
+                now=ctx.clock.now(),
+            )
+            return result
 
         return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
 
