@@ -3,6 +3,7 @@ suppressed, and the retention rule."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -139,6 +140,17 @@ async def test_erase_leaves_no_email_or_phone_in_any_table(
     assert again.status_code == 409 and again.json()["reason"] == "suppressed"
     again = await app_client.post("/api/v1/contacts", json={"phone": phone}, headers=tenant.headers)
     assert again.status_code == 409
+    # A re-import of the same row is refused and reported as suppressed, by line.
+    started = await client_import(app_client, tenant, f"email,phone\n{email},{phone}\n")
+    assert started["problems"] == [
+        {
+            "line": 2,
+            "reason": "suppressed",
+            "field": started["problems"][0]["field"],
+            "message": started["problems"][0]["message"],
+        }
+    ]
+    assert (started["created"], started["updated"], started["refused"]) == (0, 0, 1)
     # STOP from the erased number still answers, and stores nothing new in clear.
     assert (await inbound(app_client, tenant, phone, "STOP"))["action"] == "opted_out"
     assert await _tables_holding(ctx, needles) == []
@@ -189,6 +201,26 @@ async def test_retention_purges_only_long_inactive_contacts(
     kept = await app_client.get(f"/api/v1/contacts/{active['id']}", headers=tenant.headers)
     assert gone.json()["erased_at"] is not None and gone.json()["email"] is None
     assert kept.json()["erased_at"] is None
+
+
+async def client_import(client: httpx.AsyncClient, tenant: Tenant, csv_text: str) -> dict[str, Any]:
+    """Import through the API's background job and wait for it to finish."""
+    started = await client.post(
+        "/api/v1/contact-imports",
+        content=csv_text.encode(),
+        headers={**tenant.headers, "Content-Type": "text/csv"},
+    )
+    assert started.status_code == 202, started.text
+    for _ in range(200):
+        job = await client.get(
+            f"/api/v1/contact-imports/{started.json()['id']}", headers=tenant.headers
+        )
+        if job.json()["status"] in ("done", "failed"):
+            assert job.json()["status"] == "done", job.text
+            result: dict[str, Any] = job.json()
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError("the import job did not finish")
 
 
 def test_every_table_is_scanned() -> None:

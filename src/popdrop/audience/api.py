@@ -7,14 +7,14 @@ Contacts, consent, activity, inbound keywords (STOP/START/HELP/YES), segments, p
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import privacy, service
+from popdrop.audience import importer, privacy, service
 from popdrop.audience.schemas import (
     ActivityIn,
     AudienceSettingsIn,
@@ -28,6 +28,7 @@ from popdrop.audience.schemas import (
     ContactOut,
     ContactPatch,
     EraseResult,
+    ImportJobOut,
     InboundMessage,
     InboundResult,
     PurgeResult,
@@ -36,11 +37,13 @@ from popdrop.audience.schemas import (
     SegmentOut,
     SegmentRules,
 )
-from popdrop.core.schemas import StrictInput, error_responses
+from popdrop.core.errors import PopdropError
+from popdrop.core.schemas import StrictInput, error_responses, require_clean_text
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext
 from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
+from popdrop.web.streaming import csv_download
 
 router = APIRouter(prefix="/api/v1", tags=["audience"])
 READ_ERRORS = error_responses(401, 403, 404, 422)
@@ -315,3 +318,99 @@ async def count_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -
     async with ctx.db.reader() as session:
         segment = service.segment_out(await service.get_segment(session, principal, segment_id))
         return await service.count_segment(session, principal, segment.rules, now=ctx.clock.now())
+
+
+@router.get(
+    "/segments/{segment_id}/export.csv",
+    responses=READ_ERRORS,
+    summary="The segment's contacts as CSV (minimal fields), streamed",
+)
+async def export_segment(
+    segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx
+) -> StreamingResponse:
+    async def open_export(session: AsyncSession) -> Any:
+        segment = service.segment_out(await service.get_segment(session, principal, segment_id))
+        return await importer.export_contacts(
+            session, principal, now=ctx.clock.now(), rules=segment.rules
+        )
+
+    return await csv_download(ctx, open_export, f"segment-{segment_id}.csv")
+
+
+# ---------------------------------------------------------------- import, export
+
+MAX_IMPORT_BYTES = 1_000_000  # bigger files: `popdrop contacts import` (no cap, progress bar)
+
+
+@router.post(
+    "/contact-imports",
+    status_code=202,
+    response_model=ImportJobOut,
+    responses=error_responses(401, 403, 413, 422),
+    summary="Import contacts from a CSV body (text/csv); runs in the background",
+)
+async def start_import(
+    request: Request,
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    filename: Annotated[str, Query(max_length=200)] = "upload.csv",
+) -> ImportJobOut:
+    principal.require("audience:write")
+    raw = await request.body()
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise PopdropError(
+            "payload_too_large", "over 1 MB: use `popdrop contacts import` for big files"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PopdropError("invalid_request", "the file must be UTF-8 text") from exc
+    require_clean_text(text, "file")
+    require_clean_text(filename, "filename")
+    async with ctx.db.transaction() as session:
+        job = await importer.create_job(
+            session, principal, filename=filename, payload=text, now=ctx.clock.now()
+        )
+        out = importer.job_out(job)
+    importer.launch_job(ctx.db, ctx.signer, ctx.clock, job.id)
+    return out
+
+
+@router.get(
+    "/contact-imports/{job_id}",
+    response_model=ImportJobOut,
+    responses=READ_ERRORS,
+    summary="An import job: progress, counts and the row-level report",
+)
+async def get_import(job_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> ImportJobOut:
+    async with ctx.db.reader() as session:
+        return importer.job_out(await importer.get_job(session, principal, job_id))
+
+
+@router.get(
+    "/exports/contacts.csv",
+    responses=READ_ERRORS,
+    summary="Contacts as CSV (all, or only those sendable on a channel right now), streamed",
+)
+async def export_contacts(
+    principal: ApiPrincipal, ctx: Ctx, sendable: Literal["email", "sms"] | None = None
+) -> StreamingResponse:
+    async def open_export(session: AsyncSession) -> Any:
+        return await importer.export_contacts(
+            session, principal, now=ctx.clock.now(), sendable=sendable
+        )
+
+    name = f"contacts-sendable-{sendable}.csv" if sendable else "contacts.csv"
+    return await csv_download(ctx, open_export, name)
+
+
+@router.get(
+    "/exports/consents.csv",
+    responses=READ_ERRORS,
+    summary="The consent ledger as CSV, streamed",
+)
+async def export_consents(principal: ApiPrincipal, ctx: Ctx) -> StreamingResponse:
+    async def open_export(session: AsyncSession) -> Any:
+        return await importer.export_consent(session, principal)
+
+    return await csv_download(ctx, open_export, "consent-ledger.csv")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from popdrop.core.schemas import StrictInput
 
@@ -14,6 +16,30 @@ Bucket = Literal["hot", "warm", "cold", "never"]
 ActivityKind = Literal["click", "chat", "rsvp", "visit", "purchase"]
 Label = Annotated[str, Field(min_length=1, max_length=64)]
 Frequency = Literal["all", "weekly", "monthly"]
+_LOCALE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
+
+
+def _locale(value: str | None) -> str | None:
+    """BCP 47-ish (`fr`, `de-DE`, `pt_BR`), stored with a dash."""
+    if value is None:
+        return None
+    if not _LOCALE.match(value):
+        raise ValueError("a language tag such as fr, de-DE or pt-BR")
+    return value.replace("_", "-")
+
+
+def _time_zone(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise ValueError("an IANA time zone such as Europe/Paris") from exc
+    return value
+
+
+Locale = Annotated[str, Field(min_length=2, max_length=16), AfterValidator(_locale)]
+TimeZone = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_time_zone)]
 
 
 def clean_labels(values: list[str]) -> list[str]:
@@ -40,8 +66,8 @@ class ContactIn(StrictInput):
         default=None, min_length=2, max_length=2, description="ISO region for national numbers"
     )
     first_name: str | None = Field(default=None, max_length=100)
-    locale: str | None = Field(default=None, max_length=16)
-    time_zone: str | None = Field(default=None, max_length=64)
+    locale: Locale | None = None
+    time_zone: TimeZone | None = None
     source: str | None = Field(default=None, max_length=100)
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
@@ -57,8 +83,8 @@ class ContactIn(StrictInput):
 
 class ContactPatch(StrictInput):
     first_name: str | None = Field(default=None, max_length=100)
-    locale: str | None = Field(default=None, max_length=16)
-    time_zone: str | None = Field(default=None, max_length=64)
+    locale: Locale | None = None
+    time_zone: TimeZone | None = None
     add_tags: list[Label] = Field(default_factory=list, max_length=50)
     remove_tags: list[Label] = Field(default_factory=list, max_length=50)
 
@@ -169,9 +195,7 @@ class SegmentRules(StrictInput):
     tags_all: list[Label] = Field(default_factory=list, max_length=50)
     tags_none: list[Label] = Field(default_factory=list, max_length=50)
     interests_any: list[Label] = Field(default_factory=list, max_length=50)
-    locales: list[Annotated[str, Field(min_length=1, max_length=16)]] = Field(
-        default_factory=list, max_length=50
-    )
+    locales: list[Locale] = Field(default_factory=list, max_length=50)
     near: NearRule | None = None
     attended: AttendedRule | None = None
 

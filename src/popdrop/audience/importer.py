@@ -1,0 +1,1335 @@
+"""CSV import and export of contacts, and the export of the consent ledger.
+
+Import rules:
+- Columns (header row, any case): `COLUMNS`. An unknown column refuses the whole file
+  before any row is read, naming it; so does a file that is not UTF-8 CSV.
+- Every row is validated in Python first; a refused row is reported by its file line
+  (header = line 1) and a machine-readable reason (`REFUSALS`); notes (`NOTES`) report
+  what was left out of a row that still landed. Reports never quote an email or a phone:
+  they are stored, and an erased person must not survive in one.
+- Rows are written a chunk at a time, one transaction per chunk, with set-based Core
+  statements. A crash leaves whole chunks; importing the file again completes it, since an
+  import is idempotent: a row that changes nothing is `unchanged`, with no new event.
+- Dedupe is on the keyed hashes of the normalised email and phone: a second row with the
+  same email or phone is a `duplicate`; a row naming an existing contact fills what the
+  contact lacks (never overwrites what they or an operator set) and adds its tags and
+  interests. Email and phone naming two different contacts is a `conflict`.
+- An identifier that was erased is refused (`suppressed`) and never comes back.
+- Consent needs `consent_proof` (else the contact lands without it). A grant is recorded
+  like `service.change_consent` records one (source `import`), never over a `revoked`
+  state nor for a suppressed identifier: an import never re-subscribes anyone.
+
+Exports stream CSV text a page at a time (keyset paging): contacts with the minimal fields
+(optionally only the sendable ones, or one segment's), and the consent ledger. Erased
+contacts are never exported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import functools
+import io
+import json
+import logging
+import math
+import re
+import zoneinfo
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from sqlalchemy import ColumnElement, bindparam, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.audience import service
+from popdrop.audience.models import (
+    ConsentEvent,
+    Contact,
+    ContactLabel,
+    ImportJob,
+    Suppression,
+)
+from popdrop.audience.schemas import (
+    ImportJobOut,
+    ImportReport,
+    ImportRowProblem,
+    SegmentRules,
+    clean_labels,
+)
+from popdrop.core.clock import Clock
+from popdrop.core.db import Database, dialect_insert, is_retryable, table_of
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.identity import (
+    identity_hash,
+    normalize_email,
+    normalize_phone,
+    phone_time_zone,
+)
+from popdrop.core.signing import Signer
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "email",
+    "phone",
+    "first_name",
+    "locale",
+    "time_zone",
+    "tags",
+    "interests",
+    "source",
+    "lat",
+    "lon",
+    "consent_email",
+    "consent_sms",
+    "consent_wording",
+    "consent_proof",
+    "phone_region",
+)
+REFUSALS = frozenset(
+    {"bad_email", "bad_phone", "missing_contact", "duplicate", "suppressed", "conflict"}
+    | {"bad_value"}
+)
+NOTES = frozenset({"consent_without_proof", "consent_suppressed"})
+TRUE_WORDS = frozenset({"yes", "true", "1", "y"})
+FALSE_WORDS = frozenset({"no", "false", "0", "n", ""})
+CHUNK_SIZE = 5000
+MAX_LABELS = 50
+# A job stores at most this many report lines (counters stay exact); the CLI keeps all.
+MAX_STORED_PROBLEMS = 10_000
+CONTACT_FIELDS = (
+    "id",
+    "email",
+    "phone",
+    "first_name",
+    "locale",
+    "time_zone",
+    "tags",
+    "interests",
+    "consent_email",
+    "consent_sms",
+    "consent_chat",
+    "last_engaged_at",
+)
+CONSENT_FIELDS = ("contact_id", "channel", "action", "source", "wording", "proof", "at")
+
+Progress = Callable[[int, int], None]
+Opener = Callable[[], contextlib.AbstractContextManager[IO[str]]]
+
+_contacts = table_of(Contact)
+_labels = table_of(ContactLabel)
+_events = table_of(ConsentEvent)
+_suppressions = table_of(Suppression)
+_LABEL_SPLIT = re.compile(r"[;|]")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*\Z")
+_REGION = re.compile(r"[A-Za-z]{2}\Z")
+# RFC 5322 dot-atom: the local parts email-validator passes through unchanged.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+# ---------------------------------------------------------------- row validation
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Row:
+    line: int
+    email: str | None
+    phone: str | None
+    email_hash: bytes | None
+    phone_hash: bytes | None
+    first_name: str | None
+    locale: str | None
+    time_zone: str | None
+    source: str | None
+    lat: float | None
+    lon: float | None
+    tags: list[str]
+    interests: list[str]
+    grants: tuple[str, ...]
+    wording: str
+    proof: str | None
+    notes: list[ImportRowProblem]
+
+
+class EmailNormalizer:
+    """`core.identity.normalize_email`, fast for the common case.
+
+    Most of email-validator's time goes to the domain, and a list holds few domains: for an
+    ASCII dot-atom local part (which the validator returns unchanged) the domain is
+    validated once through `normalize_email` and remembered. Anything else, and every
+    error, goes through `normalize_email` itself, so results are the same."""
+
+    def __init__(self, max_domains: int = 50_000) -> None:
+        self._domains: dict[str, str | None] = {}
+        self._max = max_domains
+
+    def __call__(self, raw: str) -> str:
+        text = raw.strip()
+        local, _, domain = text.partition("@")
+        if (
+            domain
+            and len(text) <= 254
+            and len(local) <= 64
+            and text.isascii()
+            and "@" not in domain
+            and _DOT_ATOM.match(local)
+        ):
+            clean = self._domain(domain)
+            if clean is not None:
+                address = f"{local.lower()}@{clean}"
+                if len(address.encode()) <= 254:
+                    return address
+        return normalize_email(text)
+
+    def _domain(self, domain: str) -> str | None:
+        if domain in self._domains:
+            return self._domains[domain]
+        try:
+            clean: str | None = normalize_email(f"x@{domain}").partition("@")[2]
+        except PopdropError:
+            clean = None
+        if len(self._domains) < self._max:
+            self._domains[domain] = clean
+        return clean
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())  # reads the tz database: once
+
+
+def _known_zone(name: str) -> bool:
+    return name in _zones()
+
+
+def _dedupe_key(digest: bytes) -> int:
+    # 8 bytes of a keyed hash: a third of the memory of the digests for a million rows;
+    # a false duplicate needs a 64-bit collision within one file.
+    return int.from_bytes(digest[:8], "big")
+
+
+def _flag(value: str, name: str) -> bool:
+    word = value.lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise _Refused("bad_value", name, f"{name}: use yes or no")
+
+
+def _text(value: str, name: str, limit: int) -> str | None:
+    if len(value) > limit:
+        raise _Refused("bad_value", name, f"{name}: at most {limit} characters")
+    return value or None
+
+
+def _labels_of(value: str, name: str) -> list[str]:
+    if not value:
+        return []
+    labels = clean_labels(_LABEL_SPLIT.split(value))
+    if len(labels) > MAX_LABELS:
+        raise _Refused("bad_value", name, f"{name}: at most {MAX_LABELS}")
+    return labels
+
+
+def _coordinate(value: str, name: str, bound: float) -> float | None:
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or abs(number) > bound:
+        raise _Refused("bad_value", name, f"{name}: a number between -{bound:g} and {bound:g}")
+    return number
+
+
+class RowParser:
+    """Validates rows and remembers, for duplicates, the first line of every email/phone."""
+
+    def __init__(
+        self, signer: Signer, header: list[str], *, region: str | None, filename: str
+    ) -> None:
+        self._signer = signer
+        self._width = len(header)
+        self._at = {name: header.index(name) if name in header else -1 for name in COLUMNS}
+        self._region = region
+        self._emails = EmailNormalizer()
+        self._wording = f"Consent given before import (file {filename})"
+        self._seen_email: dict[int, int] = {}
+        self._seen_phone: dict[int, int] = {}
+
+    def _cell(self, values: list[str], name: str) -> str:
+        i = self._at[name]
+        return values[i].strip() if 0 <= i < len(values) else ""
+
+    def parse(self, values: list[str], line: int) -> _Row:
+        """The row, or `_Refused`. A row that passes is remembered for duplicates."""
+        cell = self._cell
+        if len(values) > self._width:
+            raise _Refused("bad_value", None, "the row has more fields than the header")
+        raw_email, raw_phone = cell(values, "email"), cell(values, "phone")
+        email = phone = None
+        if raw_email:
+            try:
+                email = self._emails(raw_email)
+            except PopdropError as exc:
+                # A fixed message: the validator's may quote parts of the address.
+                raise _Refused("bad_email", "email", "email: not a valid email address") from exc
+        if raw_phone:
+            region = cell(values, "phone_region") or self._region
+            if region is not None and not _REGION.match(region):
+                raise _Refused("bad_value", "phone_region", "phone_region: two letters, e.g. FR")
+            try:
+                phone = normalize_phone(raw_phone, region.upper() if region else None)
+            except PopdropError as exc:
+                raise _Refused("bad_phone", "phone", exc.message) from exc
+        if email is None and phone is None:
+            raise _Refused("missing_contact", "contact", "give an email or a phone number")
+        locale = _text(cell(values, "locale"), "locale", 16)
+        if locale is not None:
+            if not _LOCALE.match(locale):
+                raise _Refused("bad_value", "locale", "locale: a language tag, e.g. fr or fr-FR")
+            locale = locale.replace("_", "-")
+        time_zone = _text(cell(values, "time_zone"), "time_zone", 64)
+        if time_zone is not None and not _known_zone(time_zone):
+            raise _Refused("bad_value", "time_zone", "time_zone: an IANA name, e.g. Europe/Paris")
+        lat = _coordinate(cell(values, "lat"), "lat", 90)
+        lon = _coordinate(cell(values, "lon"), "lon", 180)
+        if (lat is None) != (lon is None):
+            raise _Refused("bad_value", "lat" if lat is None else "lon", "give both lat and lon")
+        wants: list[str] = []
+        if _flag(cell(values, "consent_email"), "consent_email"):
+            if email is None:
+                raise _Refused("bad_value", "consent_email", "consent_email: the row has no email")
+            wants.append("email")
+        if _flag(cell(values, "consent_sms"), "consent_sms"):
+            if phone is None:
+                raise _Refused("bad_value", "consent_sms", "consent_sms: the row has no phone")
+            wants.append("sms")
+        wording = _text(cell(values, "consent_wording"), "consent_wording", 2000)
+        proof = _text(cell(values, "consent_proof"), "consent_proof", 2000)
+        row = _Row(
+            line=line,
+            email=email,
+            phone=phone,
+            email_hash=identity_hash(self._signer, "email", email) if email else None,
+            phone_hash=identity_hash(self._signer, "phone", phone) if phone else None,
+            first_name=_text(cell(values, "first_name"), "first_name", 100),
+            locale=locale,
+            time_zone=time_zone,
+            source=_text(cell(values, "source"), "source", 100),
+            lat=lat,
+            lon=lon,
+            tags=_labels_of(cell(values, "tags"), "tags"),
+            interests=_labels_of(cell(values, "interests"), "interests"),
+            grants=(),
+            wording=wording or self._wording,
+            proof=proof,
+            notes=[],
+        )
+        if wants and proof is None:
+            row.notes.append(
+                ImportRowProblem(
+                    line=line,
+                    reason="consent_without_proof",
+                    field="consent_proof",
+                    message="consent needs a consent_proof; the contact was added without it",
+                )
+            )
+        elif wants:
+            row.grants = tuple(wants)
+        self._remember(row)
+        return row
+
+    def _remember(self, row: _Row) -> None:
+        ekey = _dedupe_key(row.email_hash) if row.email_hash else None
+        pkey = _dedupe_key(row.phone_hash) if row.phone_hash else None
+        if ekey is not None and (first := self._seen_email.get(ekey)) is not None:
+            raise _Refused("duplicate", "email", f"the same email address as line {first}")
+        if pkey is not None and (first := self._seen_phone.get(pkey)) is not None:
+            raise _Refused("duplicate", "phone", f"the same phone number as line {first}")
+        if ekey is not None:
+            self._seen_email[ekey] = row.line
+        if pkey is not None:
+            self._seen_phone[pkey] = row.line
+
+
+def read_header(first: list[str] | None) -> list[str]:
+    """The lower-cased column names; refuse unknown or repeated columns up front."""
+    if not first or not any(name.strip() for name in first):
+        raise PopdropError("invalid_request", "the file is empty: the first line names columns")
+    header = [name.strip().lower() for name in first]
+    unknown = sorted({name for name in header if name not in COLUMNS})
+    if unknown:
+        raise PopdropError(
+            "invalid_request",
+            f"unknown columns: {', '.join(repr(n) for n in unknown)}; "
+            f"known columns: {', '.join(COLUMNS)}",
+            detail={"field": "columns", "unknown": unknown},
+        )
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise PopdropError("invalid_request", f"columns named twice: {', '.join(repeated)}")
+    if "email" not in header and "phone" not in header:
+        raise PopdropError("invalid_request", "the file needs an email or a phone column")
+    return header
+
+
+def _blank(values: list[str]) -> bool:
+    return not any(v.strip() for v in values)
+
+
+@contextlib.contextmanager
+def _csv_errors() -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise PopdropError("invalid_request", "the file is not UTF-8 text") from exc
+    except csv.Error as exc:
+        raise PopdropError("invalid_request", f"not a readable CSV file: {exc}") from exc
+
+
+def check_file(opener: Opener) -> int:
+    """Read the whole file once: the header must be valid and every line readable CSV.
+    Returns the number of data rows (blank lines are not rows)."""
+    with _csv_errors(), opener() as stream:
+        reader = csv.reader(stream)
+        read_header(next(reader, None))
+        return sum(1 for values in reader if not _blank(values))
+
+
+def text_opener(text: str) -> Opener:
+    body = text.removeprefix("\ufeff")
+    return lambda: contextlib.nullcontext(io.StringIO(body, newline=""))
+
+
+def file_opener(path: Path) -> Opener:
+    return lambda: path.open(encoding="utf-8-sig", newline="")
+
+
+# ---------------------------------------------------------------- writing chunks
+
+
+@dataclass
+class Totals:
+    rows: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    refused: int = 0
+
+    def add(self, other: Totals) -> None:
+        self.rows += other.rows
+        self.created += other.created
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.refused += other.refused
+
+
+@dataclass
+class _Parsed:
+    """One chunk after validation: `rows` data rows read, the good ones, the refusals."""
+
+    rows: int
+    good: list[_Row]
+    refusals: list[ImportRowProblem]
+
+
+@dataclass(slots=True, eq=False)
+class _Known:
+    """A contact as this chunk sees it: loaded (id set) or about to be inserted (id 0)."""
+
+    id: int
+    email: str | None
+    phone: str | None
+    email_hash: bytes | None
+    phone_hash: bytes | None
+    first_name: str | None
+    locale: str | None
+    time_zone: str | None
+    source: str | None
+    lat: float | None
+    lon: float | None
+    consent_email: str
+    consent_sms: str
+    erased: bool
+    tags: set[str] = field(default_factory=set)
+    interests: set[str] = field(default_factory=set)
+    dirty: bool = False
+
+
+_FILLED = ("first_name", "locale", "source")
+
+
+def _fill(known: _Known, row: _Row) -> bool:
+    """Fill what the contact lacks from the row; True when anything changed."""
+    changed = False
+    if known.email is None and row.email is not None:
+        known.email, known.email_hash, changed = row.email, row.email_hash, True
+    if known.phone is None and row.phone is not None:
+        known.phone, known.phone_hash, changed = row.phone, row.phone_hash, True
+    for name in _FILLED:
+        value = getattr(row, name)
+        if value is not None and getattr(known, name) is None:
+            setattr(known, name, value)
+            changed = True
+    if known.lat is None and row.lat is not None:
+        known.lat, known.lon, changed = row.lat, row.lon, True
+    if known.time_zone is None:
+        zone = row.time_zone or (phone_time_zone(known.phone) if known.phone else None)
+        if zone is not None:
+            known.time_zone, changed = zone, True
+    return changed
+
+
+def _problem(row: _Row, reason: str, field: str | None, message: str) -> ImportRowProblem:
+    return ImportRowProblem(line=row.line, reason=reason, field=field, message=message)
+
+
+@dataclass
+class _Plan:
+    totals: Totals
+    problems: list[ImportRowProblem]
+    new: list[_Known]
+    changed: list[_Known]
+    labels: list[tuple[_Known, str, str]]
+    grants: list[tuple[_Known, _Row, str]]
+
+
+async def _load(
+    conn: AsyncConnection, org_id: int, rows: list[_Row]
+) -> tuple[dict[bytes, dict[str, str]], list[_Known]]:
+    emails = [r.email_hash for r in rows if r.email_hash is not None]
+    phones = [r.phone_hash for r in rows if r.phone_hash is not None]
+    suppressed: dict[bytes, dict[str, str]] = {}
+    s = _suppressions.c
+    for digest, channel, reason in await conn.execute(
+        select(s.identifier_hash, s.channel, s.reason).where(
+            s.org_id == org_id, s.identifier_hash.in_(emails + phones)
+        )
+    ):
+        suppressed.setdefault(digest, {})[channel] = reason
+    c = _contacts.c
+    found = await conn.execute(
+        select(
+            c.id,
+            c.email,
+            c.phone,
+            c.email_hash,
+            c.phone_hash,
+            c.first_name,
+            c.locale,
+            c.time_zone,
+            c.source,
+            c.lat,
+            c.lon,
+            c.consent_email,
+            c.consent_sms,
+            c.erased_at,
+        )
+        .where(c.org_id == org_id, or_(c.email_hash.in_(emails), c.phone_hash.in_(phones)))
+        .order_by(c.id)  # one lock order for every importer: no deadlocks between them
+        .with_for_update()
+    )
+    known = [
+        _Known(
+            id=r.id,
+            email=r.email,
+            phone=r.phone,
+            email_hash=r.email_hash,
+            phone_hash=r.phone_hash,
+            first_name=r.first_name,
+            locale=r.locale,
+            time_zone=r.time_zone,
+            source=r.source,
+            lat=r.lat,
+            lon=r.lon,
+            consent_email=r.consent_email,
+            consent_sms=r.consent_sms,
+            erased=r.erased_at is not None,
+        )
+        for r in found
+    ]
+    if known:
+        by_id = {k.id: k for k in known}
+        lb = _labels.c
+        for contact_id, kind, value in await conn.execute(
+            select(lb.contact_id, lb.kind, lb.value).where(lb.contact_id.in_(list(by_id)))
+        ):
+            target = by_id[contact_id]
+            (target.tags if kind == "tag" else target.interests).add(value)
+    return suppressed, known
+
+
+def _plan(rows: list[_Row], suppressed: dict[bytes, dict[str, str]], known: list[_Known]) -> _Plan:
+    plan = _Plan(Totals(), [], [], [], [], [])
+    by_email = {k.email_hash: k for k in known if k.email_hash is not None}
+    by_phone = {k.phone_hash: k for k in known if k.phone_hash is not None}
+    for row in rows:
+        notes = list(row.notes)  # this attempt's: a retried chunk plans again from scratch
+        outcome = _plan_row(plan, row, notes, suppressed, by_email, by_phone)
+        if outcome == "refused":
+            plan.totals.refused += 1
+            continue
+        plan.problems.extend(notes)
+        if outcome == "created":
+            plan.totals.created += 1
+        elif outcome == "updated":
+            plan.totals.updated += 1
+        else:
+            plan.totals.unchanged += 1
+    return plan
+
+
+def _plan_row(
+    plan: _Plan,
+    row: _Row,
+    notes: list[ImportRowProblem],
+    suppressed: dict[bytes, dict[str, str]],
+    by_email: dict[bytes, _Known],
+    by_phone: dict[bytes, _Known],
+) -> str:
+    def refuse(reason: str, field: str | None, message: str) -> str:
+        plan.problems.append(_problem(row, reason, field, message))
+        return "refused"
+
+    for digest in (row.email_hash, row.phone_hash):
+        if digest is not None and suppressed.get(digest, {}).get("all") == "erased":
+            return refuse("suppressed", None, "this person was erased; they are not added again")
+    by_e = by_email.get(row.email_hash) if row.email_hash else None
+    by_p = by_phone.get(row.phone_hash) if row.phone_hash else None
+    if by_e is not None and by_p is not None and by_e is not by_p:
+        return refuse(
+            "conflict", None, "this email and this phone belong to two different contacts"
+        )
+    target = by_e or by_p
+    if target is not None and target.erased:
+        return refuse("suppressed", None, "this person was erased; they are not added again")
+    if target is not None and row.email_hash and target.email_hash not in (None, row.email_hash):
+        return refuse("conflict", "email", "this phone belongs to a contact with another email")
+    if target is not None and row.phone_hash and target.phone_hash not in (None, row.phone_hash):
+        return refuse("conflict", "phone", "this email belongs to a contact with another phone")
+    outcome = "unchanged"
+    if target is None:
+        target = _Known(
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            row.source or "import",
+            None,
+            None,
+            "none",
+            "none",
+            erased=False,
+        )
+        _fill(target, row)
+        plan.new.append(target)
+        outcome = "created"
+    elif _fill(target, row):
+        outcome = "updated"
+    if target.email_hash is not None:
+        by_email[target.email_hash] = target
+    if target.phone_hash is not None:
+        by_phone[target.phone_hash] = target
+    for kind, values, have in (
+        ("tag", row.tags, target.tags),
+        ("interest", row.interests, target.interests),
+    ):
+        for value in values:
+            if value not in have:
+                have.add(value)
+                plan.labels.append((target, kind, value))
+                outcome = "updated" if outcome == "unchanged" else outcome
+    blocked: dict[str, str] = {}
+    for digest in (target.email_hash, target.phone_hash):
+        if digest is not None:
+            blocked.update(suppressed.get(digest, {}))
+    for channel in row.grants:
+        column = service.CONSENT_COLUMN[channel]
+        state = getattr(target, column)
+        if channel in blocked or "all" in blocked or state == "revoked":
+            notes.append(
+                _problem(
+                    row,
+                    "consent_suppressed",
+                    column,
+                    f"{column}: this person opted out; an import never subscribes them again",
+                )
+            )
+        elif state != "granted":
+            setattr(target, column, "granted")
+            plan.grants.append((target, row, channel))
+            outcome = "updated" if outcome == "unchanged" else outcome
+    if outcome == "updated" and not target.dirty:
+        target.dirty = True
+        plan.changed.append(target)
+    return outcome
+
+
+async def _write_plan(
+    conn: AsyncConnection, dialect: str, org_id: int, plan: _Plan, now: datetime
+) -> None:
+    if plan.new:
+        c = _contacts.c
+        inserted = await conn.execute(
+            _contacts.insert().returning(c.id, c.email_hash, c.phone_hash),
+            [
+                {
+                    "org_id": org_id,
+                    "email": k.email,
+                    "phone": k.phone,
+                    "email_hash": k.email_hash,
+                    "phone_hash": k.phone_hash,
+                    "first_name": k.first_name,
+                    "locale": k.locale,
+                    "time_zone": k.time_zone,
+                    "source": k.source,
+                    "lat": k.lat,
+                    "lon": k.lon,
+                    "consent_email": k.consent_email,
+                    "consent_sms": k.consent_sms,
+                    "consent_chat": "none",
+                    "frequency": "all",
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for k in plan.new
+            ],
+        )
+        by_hash = {k.email_hash or k.phone_hash: k for k in plan.new}
+        for contact_id, email_hash, phone_hash in inserted:
+            by_hash[email_hash or phone_hash].id = contact_id
+    if plan.changed:
+        c = _contacts.c
+        await conn.execute(
+            update(_contacts)
+            .where(c.id == bindparam("b_id"))
+            .values(
+                {
+                    name: bindparam(f"b_{name}")
+                    for name in (
+                        "email",
+                        "phone",
+                        "email_hash",
+                        "phone_hash",
+                        "first_name",
+                        "locale",
+                        "time_zone",
+                        "source",
+                        "lat",
+                        "lon",
+                        "consent_email",
+                        "consent_sms",
+                    )
+                }
+                | {"updated_at": now}
+            ),
+            [
+                {
+                    "b_id": k.id,
+                    "b_email": k.email,
+                    "b_phone": k.phone,
+                    "b_email_hash": k.email_hash,
+                    "b_phone_hash": k.phone_hash,
+                    "b_first_name": k.first_name,
+                    "b_locale": k.locale,
+                    "b_time_zone": k.time_zone,
+                    "b_source": k.source,
+                    "b_lat": k.lat,
+                    "b_lon": k.lon,
+                    "b_consent_email": k.consent_email,
+                    "b_consent_sms": k.consent_sms,
+                }
+                for k in plan.changed
+            ],
+        )
+    if plan.labels:
+        await conn.execute(
+            dialect_insert(dialect, _labels).on_conflict_do_nothing(),
+            [
+                {"contact_id": k.id, "kind": kind, "value": value, "org_id": org_id}
+                for k, kind, value in plan.labels
+            ],
+        )
+    if plan.grants:
+        await conn.execute(
+            _events.insert(),
+            [
+                {
+                    "org_id": org_id,
+                    "contact_id": k.id,
+                    "channel": channel,
+                    "action": "grant",
+                    "source": "import",
+                    "wording": row.wording,
+                    "proof": row.proof,
+                    "at": now,
+                }
+                for k, row, channel in plan.grants
+            ],
+        )
+
+
+# ---------------------------------------------------------------- the import
+
+
+class _TakenOver(Exception):
+    """Another runner moved this job on: this one stops (its chunk is rolled back)."""
+
+
+OnCommit = Callable[[AsyncSession, Totals, Totals, list[ImportRowProblem]], Awaitable[None]]
+
+
+def _chunks(
+    stream: IO[str],
+    signer: Signer,
+    *,
+    region: str | None,
+    filename: str,
+    chunk_size: int,
+    skip: int,
+) -> Iterator[_Parsed]:
+    """Validated chunks of `chunk_size` data rows. The first `skip` rows (done by an earlier
+    run of a job) are only validated, so duplicates still point at their first line."""
+    reader = csv.reader(stream)
+    parser = RowParser(signer, read_header(next(reader, None)), region=region, filename=filename)
+    end = reader.line_num
+    parsed = _Parsed(0, [], [])
+    seen = 0
+    for values in reader:
+        line, end = end + 1, reader.line_num  # a quoted field may span lines: its first one
+        if _blank(values):
+            continue
+        seen += 1
+        try:
+            row = parser.parse(values, line)
+        except _Refused as refusal:
+            if seen > skip:
+                parsed.refusals.append(
+                    ImportRowProblem(
+                        line=line,
+                        reason=refusal.reason,
+                        field=refusal.field,
+                        message=refusal.message,
+                    )
+                )
+        else:
+            if seen > skip:
+                parsed.good.append(row)
+        if seen > skip:
+            parsed.rows += 1
+            if parsed.rows >= chunk_size:
+                yield parsed
+                parsed = _Parsed(0, [], [])
+    if parsed.rows:
+        yield parsed
+
+
+def _next_chunk(chunks: Iterator[_Parsed]) -> _Parsed | None:
+    with _csv_errors():
+        return next(chunks, None)
+
+
+async def _apply(
+    db: Database,
+    org_id: int,
+    parsed: _Parsed,
+    now: datetime,
+    before: Totals,
+    problems_before: list[ImportRowProblem],
+    on_commit: OnCommit | None,
+) -> tuple[Totals, list[ImportRowProblem]]:
+    """Write one chunk in one transaction; again (from a fresh read) when a concurrent
+    writer added the same person first or PostgreSQL broke a deadlock."""
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        try:
+            async with db.transaction() as session:
+                conn = await session.connection()
+                totals = Totals(rows=parsed.rows, refused=len(parsed.refusals))
+                problems = list(parsed.refusals)
+                if parsed.good:
+                    suppressed, known = await _load(conn, org_id, parsed.good)
+                    plan = _plan(parsed.good, suppressed, known)
+                    await _write_plan(conn, db.dialect, org_id, plan, now)
+                    totals.add(plan.totals)
+                    problems.extend(plan.problems)
+                    problems.sort(key=lambda p: p.line)
+                if on_commit is not None:
+                    after = Totals()
+                    after.add(before)
+                    after.add(totals)
+                    await on_commit(session, before, after, problems_before + problems)
+            return totals, problems
+        except DBAPIError as exc:
+            if not (isinstance(exc, IntegrityError) or is_retryable(exc)):
+                raise
+            if attempt == attempts:
+                raise PopdropError(
+                    "conflict",
+                    "the same contacts were being changed by someone else; import again",
+                ) from exc
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")
+
+
+async def _import(
+    db: Database,
+    signer: Signer,
+    principal: Principal,
+    opener: Opener,
+    *,
+    filename: str,
+    region: str | None,
+    now: datetime,
+    progress: Progress | None,
+    chunk_size: int,
+    total: int | None = None,
+    start: Totals | None = None,
+    problems: list[ImportRowProblem] | None = None,
+    on_commit: OnCommit | None = None,
+) -> ImportReport:
+    principal.require("audience:write")
+    region = _region(region)
+    if total is None:
+        total = await asyncio.to_thread(check_file, opener)
+    totals = start or Totals()
+    found = list(problems or [])
+    with opener() as stream:
+        chunks = _chunks(
+            stream,
+            signer,
+            region=region,
+            filename=filename,
+            chunk_size=chunk_size,
+            skip=totals.rows,
+        )
+        # Validation runs in a thread, one chunk ahead: it overlaps the database's work on
+        # the previous chunk and keeps a serving event loop responsive.
+        pending = asyncio.ensure_future(asyncio.to_thread(_next_chunk, chunks))
+        try:
+            while (parsed := await pending) is not None:
+                pending = asyncio.ensure_future(asyncio.to_thread(_next_chunk, chunks))
+                done, new = await _apply(
+                    db, principal.org_id, parsed, now, totals, found, on_commit
+                )
+                totals.add(done)
+                found.extend(new)
+                if progress is not None:
+                    progress(totals.rows, total)
+        finally:
+            # The thread must let go of the file before it is closed.
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()
+    return ImportReport(
+        total_rows=totals.rows,
+        created=totals.created,
+        updated=totals.updated,
+        unchanged=totals.unchanged,
+        refused=totals.refused,
+        problems=found,
+    )
+
+
+def _region(region: str | None) -> str | None:
+    if region is None or not region.strip():
+        return None
+    if not _REGION.match(region.strip()):
+        raise PopdropError("invalid_request", "region: two letters, e.g. FR")
+    return region.strip().upper()
+
+
+async def import_file(
+    db: Database,
+    signer: Signer,
+    principal: Principal,
+    path: Path,
+    *,
+    now: datetime,
+    region: str | None = None,
+    progress: Progress | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> ImportReport:
+    """Import a CSV file (UTF-8, a BOM is fine); see the module's rules."""
+    if not await asyncio.to_thread(path.is_file):
+        raise PopdropError("invalid_request", f"{path}: no such file")
+    return await _import(
+        db,
+        signer,
+        principal,
+        file_opener(path),
+        filename=path.name,
+        region=region,
+        now=now,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
+
+
+async def import_text(
+    db: Database,
+    signer: Signer,
+    principal: Principal,
+    text: str,
+    *,
+    filename: str,
+    now: datetime,
+    region: str | None = None,
+    progress: Progress | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> ImportReport:
+    """Import CSV text already in memory (an upload)."""
+    return await _import(
+        db,
+        signer,
+        principal,
+        text_opener(text),
+        filename=filename,
+        region=region,
+        now=now,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
+
+
+# ---------------------------------------------------------------- background jobs
+
+JOB_CHUNK_SIZE = 2000
+# Strong references: the event loop keeps only weak ones to running tasks.
+_running: dict[int, asyncio.Task[None]] = {}
+
+
+def _upload_name(filename: str) -> str:
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return (name or "upload.csv")[:200]
+
+
+async def create_job(
+    session: AsyncSession, principal: Principal, *, filename: str, payload: str, now: datetime
+) -> ImportJob:
+    """Queue an import of uploaded CSV text. The header and the CSV syntax are checked now,
+    so a wrong file is refused at once; the payload is kept only until the job ends."""
+    principal.require("audience:write")
+    total = await asyncio.to_thread(check_file, text_opener(payload))
+    job = ImportJob(
+        org_id=principal.org_id,
+        filename=_upload_name(filename),
+        status="queued",
+        total_rows=total,
+        processed_rows=0,
+        created=0,
+        updated=0,
+        unchanged=0,
+        refused=0,
+        report="[]",
+        payload=payload,
+        created_at=now,
+    )
+    session.add(job)
+    await session.flush()
+    return job
+
+
+def _report_json(problems: list[ImportRowProblem]) -> str:
+    return json.dumps([p.model_dump() for p in problems[:MAX_STORED_PROBLEMS]])
+
+
+async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> None:
+    """Run (or resume, after a restart) one import job: progress is committed with each
+    chunk, so a resumed job skips the rows already written and its counters stay exact."""
+    async with db.transaction() as session:
+        job = await session.get(ImportJob, job_id)
+        if job is None or job.status not in ("queued", "running"):
+            return
+        if job.payload is None:
+            job.status, job.error, job.finished_at = "failed", "the upload is gone", clock.now()
+            return
+        job.status = "running"
+        payload, org_id, filename = job.payload, job.org_id, job.filename
+        start = Totals(job.processed_rows, job.created, job.updated, job.unchanged, job.refused)
+        problems = [ImportRowProblem.model_validate(p) for p in json.loads(job.report or "[]")]
+        total = job.total_rows
+    principal = Principal(org_id, f"import-job:{job_id}", "owner", frozenset({"audience:write"}))
+
+    async def on_commit(
+        session: AsyncSession, before: Totals, after: Totals, found: list[ImportRowProblem]
+    ) -> None:
+        values: dict[str, Any] = {
+            "processed_rows": after.rows,
+            "created": after.created,
+            "updated": after.updated,
+            "unchanged": after.unchanged,
+            "refused": after.refused,
+        }
+        if len(found) > len(problems) and len(problems) < MAX_STORED_PROBLEMS:
+            values["report"] = _report_json(found)
+        moved = await session.execute(
+            update(ImportJob)
+            .where(
+                ImportJob.id == job_id,
+                ImportJob.status == "running",
+                ImportJob.processed_rows == before.rows,
+            )
+            .values(**values)
+        )
+        if getattr(moved, "rowcount", 0) != 1:
+            raise _TakenOver
+        problems[:] = found[:MAX_STORED_PROBLEMS]
+
+    try:
+        await _import(
+            db,
+            signer,
+            principal,
+            text_opener(payload),
+            filename=filename,
+            region=None,
+            now=clock.now(),
+            progress=None,
+            chunk_size=JOB_CHUNK_SIZE,
+            total=total,
+            start=start,
+            problems=problems,
+            on_commit=on_commit,
+        )
+    except _TakenOver:
+        return
+    except PopdropError as exc:
+        await _finish(db, job_id, clock, "failed", f"{exc.reason}: {exc.message}")
+    except Exception:
+        log.exception("contact import job %s failed", job_id)
+        await _finish(db, job_id, clock, "failed", "the import stopped on an internal error")
+    else:
+        await _finish(db, job_id, clock, "done", None)
+
+
+async def _finish(db: Database, job_id: int, clock: Clock, status: str, error: str | None) -> None:
+    async with db.transaction() as session:
+        await session.execute(
+            update(ImportJob)
+            .where(ImportJob.id == job_id)
+            .values(status=status, error=error, payload=None, finished_at=clock.now())
+        )
+
+
+def launch_job(db: Database, signer: Signer, clock: Clock, job_id: int) -> asyncio.Task[None]:
+    """Run a job as a task of this (serving) process; launching a running job again is a
+    no-op. (Background work moves to Taskiq with the next issue.)"""
+    task = _running.get(job_id)
+    if task is not None and not task.done():
+        return task
+    task = asyncio.create_task(run_job(db, signer, job_id, clock), name=f"contact-import-{job_id}")
+    _running[job_id] = task
+
+    def forget(done: asyncio.Task[None]) -> None:
+        if _running.get(job_id) is done:
+            del _running[job_id]
+
+    task.add_done_callback(forget)
+    return task
+
+
+async def resume_jobs(db: Database, signer: Signer, clock: Clock) -> list[int]:
+    """After a restart: launch every queued or interrupted job again; their ids."""
+    async with db.reader() as session:
+        ids = list(
+            (
+                await session.scalars(
+                    select(ImportJob.id)
+                    .where(ImportJob.status.in_(("queued", "running")))
+                    .order_by(ImportJob.id)
+                )
+            ).all()
+        )
+    for job_id in ids:
+        launch_job(db, signer, clock, job_id)
+    return ids
+
+
+async def get_job(session: AsyncSession, principal: Principal, job_id: int) -> ImportJob:
+    principal.require("audience:read")
+    job = await session.scalar(
+        select(ImportJob)
+        .where(ImportJob.id == job_id, ImportJob.org_id == principal.org_id)
+        .execution_options(populate_existing=True)
+    )
+    if job is None:
+        raise not_found("import job")
+    return job
+
+
+def job_out(job: ImportJob) -> ImportJobOut:
+    return ImportJobOut(
+        id=job.id,
+        filename=job.filename,
+        status=job.status,
+        total_rows=job.total_rows,
+        processed_rows=job.processed_rows,
+        created=job.created,
+        updated=job.updated,
+        unchanged=job.unchanged,
+        refused=job.refused,
+        problems=[ImportRowProblem.model_validate(p) for p in json.loads(job.report or "[]")],
+        error=job.error,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+    )
+
+
+# ---------------------------------------------------------------- exports
+
+
+def _safe(value: str | None) -> str:
+    """Free text a spreadsheet would run as a formula gets a leading quote."""
+    if not value:
+        return ""
+    return f"'{value}" if value.startswith(_FORMULA_START) else value
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+async def export_contacts(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    now: datetime,
+    sendable: Literal["email", "sms"] | None = None,
+    rules: SegmentRules | None = None,
+    batch_size: int = 2000,
+) -> AsyncIterator[str]:
+    """Contacts as CSV text chunks (`CONTACT_FIELDS`), in id order: all of them, only those
+    `sendable` on a channel right now, and/or one segment's. Erased contacts never appear.
+    Checks come first (await this), so a refusal is raised before anything streams."""
+    principal.require("audience:read")
+    if rules is not None:
+        conditions = await service.segment_conditions(session, principal.org_id, rules, now=now)
+    else:
+        conditions = [Contact.org_id == principal.org_id, Contact.erased_at.is_(None)]
+    if sendable is not None:
+        conditions.append(service.sendable_condition(sendable))
+    return _contact_pages(session, conditions, batch_size)
+
+
+async def _contact_pages(
+    session: AsyncSession, conditions: list[ColumnElement[bool]], batch_size: int
+) -> AsyncIterator[str]:
+    yield _csv_text([list(CONTACT_FIELDS)])
+    base = (
+        select(
+            Contact.id,
+            Contact.email,
+            Contact.phone,
+            Contact.first_name,
+            Contact.locale,
+            Contact.time_zone,
+            Contact.consent_email,
+            Contact.consent_sms,
+            Contact.consent_chat,
+            Contact.last_engaged_at,
+        )
+        .where(*conditions)
+        .order_by(Contact.id)
+        .limit(batch_size)
+    )
+    after = 0
+    while True:
+        page = (await session.execute(base.where(Contact.id > after))).all()
+        if not page:
+            return
+        ids = [row[0] for row in page]
+        labels: dict[int, dict[str, list[str]]] = {i: {"tag": [], "interest": []} for i in ids}
+        for contact_id, kind, value in await session.execute(
+            select(ContactLabel.contact_id, ContactLabel.kind, ContactLabel.value)
+            .where(ContactLabel.contact_id.in_(ids))
+            .order_by(ContactLabel.value)
+        ):
+            labels[contact_id][kind].append(value)
+        yield _csv_text(
+            [
+                [
+                    cid,
+                    email or "",
+                    phone or "",
+                    _safe(first_name),
+                    locale or "",
+                    zone or "",
+                    _safe(";".join(labels[cid]["tag"])),
+                    _safe(";".join(labels[cid]["interest"])),
+                    c_email,
+                    c_sms,
+                    c_chat,
+                    engaged.isoformat() if engaged else "",
+                ]
+                for (
+                    cid,
+                    email,
+                    phone,
+                    first_name,
+                    locale,
+                    zone,
+                    c_email,
+                    c_sms,
+                    c_chat,
+                    engaged,
+                ) in page
+            ]
+        )
+        after = ids[-1]
+
+
+async def export_consent(
+    session: AsyncSession, principal: Principal, *, batch_size: int = 5000
+) -> AsyncIterator[str]:
+    """The consent ledger as CSV text chunks (`CONSENT_FIELDS`), oldest first."""
+    principal.require("audience:read")
+    return _consent_pages(session, principal.org_id, batch_size)
+
+
+async def _consent_pages(session: AsyncSession, org_id: int, batch_size: int) -> AsyncIterator[str]:
+    yield _csv_text([list(CONSENT_FIELDS)])
+    e = ConsentEvent
+    base = (
+        select(e.id, e.contact_id, e.channel, e.action, e.source, e.wording, e.proof, e.at)
+        .where(e.org_id == org_id)
+        .order_by(e.id)
+        .limit(batch_size)
+    )
+    after = 0
+    while True:
+        page = (await session.execute(base.where(e.id > after))).all()
+        if not page:
+            return
+        yield _csv_text(
+            [
+                [cid, channel, action, source, _safe(wording), _safe(proof), at.isoformat()]
+                for _id, cid, channel, action, source, wording, proof, at in page
+            ]
+        )
+        after = page[-1][0]
