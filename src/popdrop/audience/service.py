@@ -78,6 +78,7 @@ from popdrop.core.identity import (
     normalize_phone,
     phone_time_zone,
 )
+from popdrop.core.schemas import require_clean_text
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event
 from popdrop.rsvp.models import Rsvp
@@ -452,6 +453,9 @@ async def list_contacts(
     before: int | None = None,
 ) -> list[Contact]:
     principal.require("audience:read")
+    for name, value in (("q", query), ("tag", tag)):
+        if value is not None:
+            require_clean_text(value, name)  # a NUL would reach the database otherwise
     stmt = select(Contact).where(Contact.org_id == principal.org_id, Contact.erased_at.is_(None))
     if before is not None:
         stmt = stmt.where(Contact.id < before)
