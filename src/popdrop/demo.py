@@ -4,20 +4,31 @@ sets a fresh owner password (it is only ever stored hashed, so it cannot be re-p
 from __future__ import annotations
 
 import csv
+import random
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
 from argon2 import PasswordHasher
-from sqlalchemy import select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts import service as accounts
 from popdrop.accounts.models import Organization, User
 from popdrop.accounts.service import ROLES, Principal
+from popdrop.audience import service as audience
+from popdrop.audience.models import (
+    ConsentEvent,
+    Contact,
+    ContactActivity,
+    ContactLabel,
+    Suppression,
+)
+from popdrop.audience.schemas import AudienceSettingsIn, SegmentIn, SegmentRules
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
-from popdrop.core.db import Database
+from popdrop.core.db import Database, table_of
+from popdrop.core.identity import identity_hash
 from popdrop.core.signing import Signer
 from popdrop.events import service as events
 from popdrop.events.models import Event
@@ -104,7 +115,8 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
                 now=now,
                 audit_chains=settings.audit_chains,
             )
-            await _seed_event(session, signer, principal, settings, now)
+            event_id = await _seed_event(session, signer, principal, settings, now)
+            await _seed_audience(session, signer, principal, event_id, now)
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             with codes_file.open("w", newline="") as handle:
                 writer = csv.writer(handle, lineterminator="\n")
@@ -120,7 +132,10 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
         event = await session.scalar(
             select(Event).where(Event.org_id == org.id).order_by(Event.id).limit(1)
         )
+    async with db.reader() as session:
+        audience_line = await _audience_summary(session, principal, now)
     return {
+        "audience": audience_line,
         "event_url": f"{settings.base_url.rstrip('/')}/e/{event.id}" if event else "",
         "email": DEMO_EMAIL,
         "password": password,
@@ -214,3 +229,225 @@ async def _seed_event(
             audit_chains=settings.audit_chains,
         )
     return event.id
+
+
+# ---------------------------------------------------------------- audience
+
+DEMO_CONTACTS = 1_000
+DEMO_VIPS = 100
+EMAIL_WORDING = (
+    "Yes, send me drop announcements, invitations and offers from Weekend Pop-up by email. "
+    "I can unsubscribe at any time."
+)
+SMS_WORDING = "Yes, text me when a drop opens (max 4 a month). Reply STOP to opt out."
+FIRST_NAMES = (
+    "Ada", "Grace", "Linus", "Mia", "Noah", "Lena", "Emil", "Hanna", "Jonas", "Lea",
+    "Paul", "Sofia", "Ben", "Emma", "Finn", "Ida", "Karim", "Aylin", "Mateo", "Zoe",
+    "Yusuf", "Clara", "Luca", "Nora", "Omar", "Frida", "Theo", "Amira", "Milan", "Greta",
+)  # fmt: skip
+INTERESTS = ("sneakers", "streetwear", "coffee", "vinyl", "art-prints", "skate")
+LOCALES = (("de-DE", 50), ("en-GB", 20), ("fr-FR", 10), ("tr-TR", 8), ("es-ES", 7), ("", 5))
+VENUE = (52.52, 13.40)  # the demo event's venue
+
+
+async def _seed_audience(
+    session: AsyncSession, signer: Signer, owner: Principal, event_id: int, now: datetime
+) -> None:
+    """1,000 contacts with a realistic recency spread, consent with wording and proof, a
+    100-person VIP tag, interests, locales, some coordinates near the venue, two saved
+    segments and a HELP text. Core bulk inserts (well under a second on SQLite) and a
+    seeded random, so every demo has the same audience relative to its own "now"."""
+    rng = random.Random(20240607)
+    org_id = owner.org_id
+    locales = [code for code, weight in LOCALES for _ in range(weight)]
+    rows: list[dict[str, Any]] = []
+    # The RSVP'd guests of the demo event come first, hot and opted in.
+    known = ["ada@example.org", "grace@example.org", "linus@example.org"]
+    for i in range(DEMO_CONTACTS):
+        first = FIRST_NAMES[i % len(FIRST_NAMES)]
+        email: str | None = known[i] if i < len(known) else f"{first.lower()}.{i:04d}@example.net"
+        phone: str | None = f"+4915{rng.randrange(10**8, 10**9)}" if rng.random() < 0.55 else None
+        if phone and i >= len(known) and rng.random() < 0.08:
+            email = None  # phone-only: met at the door, texted a voucher
+        roll = rng.random()
+        if i < len(known) or roll < 0.15:
+            engaged: datetime | None = now - timedelta(seconds=rng.uniform(600, 7 * 86400))
+        elif roll < 0.50:
+            engaged = now - timedelta(seconds=rng.uniform(7 * 86400 + 60, 60 * 86400))
+        elif roll < 0.85:
+            engaged = now - timedelta(seconds=rng.uniform(60 * 86400 + 60, 540 * 86400))
+        else:
+            engaged = None  # imported, never engaged
+        created = (engaged or now) - timedelta(days=rng.uniform(1, 300))
+        near = rng.random() < 0.4
+        consent_email = "none"
+        if email is not None:
+            consent_email = rng.choices(["granted", "revoked", "none"], [76, 5, 19])[0]
+        consent_sms = "none"
+        if phone is not None:
+            consent_sms = rng.choices(["granted", "revoked", "none"], [72, 4, 24])[0]
+        if i < len(known):
+            consent_email = "granted"
+        rows.append(
+            {
+                "org_id": org_id,
+                "email": email,
+                "phone": phone,
+                "email_hash": identity_hash(signer, "email", email) if email else None,
+                "phone_hash": identity_hash(signer, "phone", phone) if phone else None,
+                "first_name": first,
+                "locale": rng.choice(locales) or None,
+                "time_zone": "Europe/Berlin",
+                "source": rng.choice(("pop-up signup", "instagram", "import: 2023 list", "rsvp")),
+                "lat": VENUE[0] + rng.gauss(0, 0.06) if near else None,
+                "lon": VENUE[1] + rng.gauss(0, 0.09) if near else None,
+                "consent_email": consent_email,
+                "consent_sms": consent_sms,
+                "consent_chat": "none",
+                "frequency": rng.choices(["all", "weekly", "monthly"], [80, 15, 5])[0],
+                "created_at": created,
+                "updated_at": created,
+                "last_engaged_at": engaged,
+                "erased_at": None,
+            }
+        )
+    contacts = table_of(Contact)
+    ids = list(
+        (
+            await session.execute(
+                insert(contacts).returning(contacts.c.id, sort_by_parameter_order=True), rows
+            )
+        ).scalars()
+    )
+    labels: list[dict[str, Any]] = []
+    vips = set(rng.sample(range(DEMO_CONTACTS), DEMO_VIPS))
+    for i, cid in enumerate(ids):
+        tags = {"vip"} if i in vips else set()
+        if rng.random() < 0.03:
+            tags.add("press")
+        if rng.random() < 0.05:
+            tags.add("wholesale")
+        labels += [{"contact_id": cid, "kind": "tag", "value": t, "org_id": org_id} for t in tags]
+        for topic in rng.sample(INTERESTS, rng.choice((0, 1, 1, 2, 2, 3))):
+            labels.append({"contact_id": cid, "kind": "interest", "value": topic, "org_id": org_id})
+    consents: list[dict[str, Any]] = []
+    suppressions: list[dict[str, Any]] = []
+    activity: list[dict[str, Any]] = []
+    kinds = ("click", "click", "chat", "rsvp", "visit", "purchase")
+    for cid, row in zip(ids, rows, strict=True):
+        for channel, wording, point in (
+            ("email", EMAIL_WORDING, "email"),
+            ("sms", SMS_WORDING, "phone"),
+        ):
+            state = row[f"consent_{channel}"]
+            if state == "none":
+                continue
+            granted_at = row["created_at"] + timedelta(minutes=rng.randint(0, 30))
+            proof = (
+                f"signup form /e/{event_id} · {granted_at:%Y-%m-%d %H:%M} UTC · "
+                f"ip 198.51.100.{rng.randint(1, 254)}"
+            )
+            consents.append(
+                {
+                    "org_id": org_id,
+                    "contact_id": cid,
+                    "channel": channel,
+                    "action": "grant",
+                    "source": "form",
+                    "wording": wording,
+                    "proof": proof,
+                    "at": granted_at,
+                }
+            )
+            if state == "revoked":  # opted out later: ledger, and the suppression list
+                revoked_at = granted_at + timedelta(days=rng.uniform(1, 90))
+                consents.append(
+                    {
+                        "org_id": org_id,
+                        "contact_id": cid,
+                        "channel": channel,
+                        "action": "revoke",
+                        "source": "unsubscribe" if channel == "email" else "sms_keyword",
+                        "wording": "List-Unsubscribe one-click"
+                        if channel == "email"
+                        else "Replied STOP",
+                        "proof": None,
+                        "at": min(revoked_at, now),
+                    }
+                )
+                suppressions.append(
+                    {
+                        "org_id": org_id,
+                        "identifier_hash": row[f"{point}_hash"],
+                        "channel": channel,
+                        "kind": point,
+                        "reason": "opt_out",
+                        "created_at": min(revoked_at, now),
+                    }
+                )
+        engaged = row["last_engaged_at"]
+        if engaged is not None:
+            for step in range(rng.randint(1, 3)):  # the last one is what makes them engaged
+                kind = (
+                    "rsvp"
+                    if row["email"] in ("ada@example.org", "grace@example.org", "linus@example.org")
+                    else rng.choice(kinds)
+                )
+                activity.append(
+                    {
+                        "org_id": org_id,
+                        "contact_id": cid,
+                        "kind": kind,
+                        "event_id": event_id if kind == "rsvp" else None,
+                        "ref": "demo",
+                        "at": engaged - timedelta(days=step * rng.uniform(3, 40)),
+                    }
+                )
+    await session.execute(insert(table_of(ContactLabel)), labels)
+    await session.execute(insert(table_of(ConsentEvent)), consents)
+    if suppressions:
+        await session.execute(insert(table_of(Suppression)), suppressions)
+    await session.execute(insert(table_of(ContactActivity)), activity)
+    await audience.update_settings(
+        session,
+        owner,
+        AudienceSettingsIn(
+            hot_days=7,
+            warm_days=60,
+            help_text=(
+                "Weekend Pop-up: drops & offers from the Old Tram Depot, Berlin. "
+                "Questions: hello@weekend-popup.example. Reply STOP to opt out."
+            ),
+            retention_months=24,
+        ),
+    )
+    for name, rules in (
+        ("VIP — hot and warm", SegmentRules(recency=["hot", "warm"], tags_any=["vip"])),
+        ("Cold — win-back", SegmentRules(channels=["email"], recency=["cold"])),
+        (
+            "Sneakerheads near the depot",
+            SegmentRules(interests_any=["sneakers"], near={"event_id": event_id, "km": 10}),
+        ),
+    ):
+        await audience.save_segment(session, owner, SegmentIn(name=name, rules=rules), now=now)
+
+
+async def _audience_summary(session: AsyncSession, owner: Principal, now: datetime) -> str:
+    """One line for the demo summary: how the audience splits by recency."""
+    counted = await audience.count_segment(
+        session, owner, SegmentRules(channels=["email", "sms"]), now=now
+    )
+    total = await session.scalar(
+        select(func.count()).select_from(Contact).where(Contact.org_id == owner.org_id)
+    )
+    vips = await session.scalar(
+        select(func.count())
+        .select_from(ContactLabel)
+        .where(
+            ContactLabel.org_id == owner.org_id,
+            ContactLabel.kind == "tag",
+            ContactLabel.value == "vip",
+        )
+    )
+    buckets = " / ".join(f"{n} {b}" for b, n in counted.by_bucket.items())
+    return f"{total:,} contacts, {vips} VIP; sendable now: {counted.total:,} ({buckets})"

@@ -20,6 +20,7 @@ _DIRS = [
     _ROOT / "vouchers" / "templates",
     _ROOT / "events" / "templates",
     _ROOT / "checkin" / "templates",
+    _ROOT / "audience" / "templates",
 ]
 
 _env = Environment(
