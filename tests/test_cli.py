@@ -25,6 +25,11 @@ COMMANDS = [
     ["vouchers", "export"],
     ["vouchers", "list"],
     ["audit", "verify"],
+    ["contacts", "import"],
+    ["contacts", "export"],
+    ["contacts", "erase"],
+    ["contacts", "purge"],
+    ["consent", "export"],
 ]
 
 
@@ -168,3 +173,84 @@ def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
             f"{server.base_url}/api/v1/events/{events[0]['id']}/rsvps", headers=headers
         )
         assert rsvps.status_code == 200 and len(rsvps.json()) == 3
+
+
+def test_a_host_imports_the_same_list_twice_and_nothing_changes(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.server import POPDROP, server_env
+
+    env = server_env(tmp_path)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*POPDROP, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    assert cli("db", "upgrade").returncode == 0
+    assert cli("org", "create", "shop", "Corner Shop").returncode == 0
+    source = tmp_path / "list.csv"
+    source.write_text(
+        "email,phone,first_name,tags,consent_email,consent_proof\n"
+        "ann@shop.example,06 12 34 56 78,Ann,vip,yes,paper form\n"
+        "bob@shop.example,,Bob,,yes,\n"
+        "not-an-email,,Carl,,,\n"
+        "ANN@shop.example,,Ann again,,,\n"
+    )
+    report = tmp_path / "report.csv"
+    first = cli(
+        "contacts",
+        "import",
+        "--org",
+        "shop",
+        str(source),
+        "--region",
+        "FR",
+        "--report",
+        str(report),
+    )
+    assert first.returncode == 0, first.stderr
+    assert "4 rows: 2 created, 0 updated, 0 unchanged, 2 refused" in first.stdout
+    problems = list(csv.DictReader(report.open()))
+    assert [(p["line"], p["reason"], p["refused"]) for p in problems] == [
+        ("3", "consent_without_proof", "no"),
+        ("4", "bad_email", "yes"),
+        ("5", "duplicate", "yes"),
+    ]
+    ledger, contacts = tmp_path / "consent.csv", tmp_path / "contacts.csv"
+    assert cli("consent", "export", "--org", "shop", "--out", str(ledger)).returncode == 0
+    assert cli("contacts", "export", "--org", "shop", "--out", str(contacts)).returncode == 0
+    exported = (ledger.read_text(), contacts.read_text())
+
+    second = cli("contacts", "import", "--org", "shop", str(source), "--region", "FR")
+    assert second.returncode == 0, second.stderr
+    assert "4 rows: 0 created, 0 updated, 2 unchanged, 2 refused" in second.stdout
+    assert "line 4: bad_email" in second.stderr
+    assert cli("consent", "export", "--org", "shop", "--out", str(ledger)).returncode == 0
+    assert cli("contacts", "export", "--org", "shop", "--out", str(contacts)).returncode == 0
+    assert (ledger.read_text(), contacts.read_text()) == exported
+    rows = list(csv.DictReader(contacts.open()))
+    assert [(r["email"], r["phone"], r["consent_email"]) for r in rows] == [
+        ("ann@shop.example", "+33612345678", "granted"),
+        ("bob@shop.example", "", "none"),
+    ]
+    sendable = tmp_path / "sendable.csv"
+    assert (
+        cli(
+            "contacts", "export", "--org", "shop", "--sendable", "email", "--out", str(sendable)
+        ).returncode
+        == 0
+    )
+    assert [r["email"] for r in csv.DictReader(sendable.open())] == ["ann@shop.example"]
+
+    erased = cli("contacts", "erase", "--org", "shop", "--email", "Ann@Shop.example")
+    assert erased.returncode == 0, erased.stderr
+    third = cli("contacts", "import", "--org", "shop", str(source), "--region", "FR")
+    assert "0 created, 0 updated, 1 unchanged, 3 refused" in third.stdout
+    assert "line 2: suppressed" in third.stderr
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("email,shoe_size\nx@shop.example,42\n")
+    refused = cli("contacts", "import", "--org", "shop", str(unknown))
+    assert refused.returncode == 2 and "shoe_size" in refused.stderr
+    purge = cli("contacts", "purge", "--org", "shop")
+    assert purge.returncode == 2 and "retention" in purge.stderr

@@ -39,12 +39,18 @@ org_app = typer.Typer(help="Organizations (tenants).", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 vouchers_app = typer.Typer(help="The voucher vault.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit ledger.", no_args_is_help=True)
+contacts_app = typer.Typer(
+    help="The audience: import, export, erase and purge contacts.", no_args_is_help=True
+)
+consent_app = typer.Typer(help="The consent ledger.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
 app.add_typer(vouchers_app, name="vouchers")
 app.add_typer(audit_app, name="audit")
+app.add_typer(contacts_app, name="contacts")
+app.add_typer(consent_app, name="consent")
 
 console = Console()
 err = Console(stderr=True)
@@ -473,6 +479,200 @@ def audit_verify() -> None:
         return
     err.print(result.describe())
     raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- contacts / consent
+
+
+@contacts_app.command("import")
+def contacts_import(
+    org: OrgOption,
+    file: Annotated[Path, typer.Argument(help="CSV file with a header row (UTF-8).")],
+    region: Annotated[
+        str | None, typer.Option(help="Region of phone numbers without +, e.g. FR.")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="CSV file for the row-level report (line, reason).")
+    ] = None,
+) -> None:
+    """Import contacts from CSV: dedupe on email/phone, never re-subscribe an opt-out.
+
+    Columns: email, phone, first_name, locale, time_zone, tags, interests (separated by ;
+    or |), source, lat, lon, consent_email, consent_sms (yes/no), consent_wording,
+    consent_proof (consent without a proof is not imported), phone_region. Importing the
+    same file again changes nothing.
+    """
+    from popdrop.audience import importer
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.reader() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+        with _progress() as progress:
+            task = progress.add_task("importing", total=None)
+            result = await importer.import_file(
+                db,
+                signer,
+                _cli_principal(organization.id),
+                file,
+                now=_now(),
+                region=region,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        console.print(
+            f"{result.total_rows} rows: {result.created} created, {result.updated} updated, "
+            f"{result.unchanged} unchanged, {result.refused} refused"
+        )
+        notes = len(result.problems) - result.refused
+        if notes:
+            console.print(f"{notes} note(s) on rows that were imported (e.g. consent left out)")
+        if report is not None:
+            with report.open("w", newline="") as handle:
+                writer = csv.writer(handle, lineterminator="\n")
+                writer.writerow(["line", "reason", "field", "message", "refused"])
+                for p in result.problems:
+                    refused = "yes" if p.reason in importer.REFUSALS else "no"
+                    writer.writerow([p.line, p.reason, p.field or "", p.message, refused])
+            err.print(f"report: {len(result.problems)} line(s) written to {report}")
+        elif result.problems:
+            for p in result.problems[:20]:
+                err.print(f"line {p.line}: {p.reason}: {p.message}")
+            if len(result.problems) > 20:
+                err.print(f"... {len(result.problems) - 20} more (use --report FILE)")
+
+    _run(go)
+
+
+async def _write_chunks(chunks: Any, out: Path) -> int:
+    lines = 0
+    with out.open("w", newline="") as handle:
+        async for chunk in chunks:
+            handle.write(chunk)
+            lines += chunk.count("\n")
+    return max(lines - 1, 0)
+
+
+@contacts_app.command("export")
+def contacts_export(
+    org: OrgOption,
+    out: Annotated[Path, typer.Option(help="CSV file to write.")],
+    sendable: Annotated[
+        str | None, typer.Option(help="Only contacts sendable right now on: email or sms.")
+    ] = None,
+    segment: Annotated[int | None, typer.Option(help="Only this saved segment's.")] = None,
+) -> None:
+    """Export contacts as CSV with the minimal fields (erased contacts never appear)."""
+    from popdrop.audience import importer, service
+
+    if sendable not in (None, "email", "sms"):
+        raise typer.BadParameter("--sendable: email or sms")
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.reader() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            principal = _cli_principal(organization.id)
+            rules = None
+            if segment is not None:
+                found = await service.get_segment(session, principal, segment)
+                rules = service.segment_out(found).rules
+            chunks = await importer.export_contacts(
+                session,
+                principal,
+                now=_now(),
+                sendable="email" if sendable == "email" else "sms" if sendable else None,
+                rules=rules,
+            )
+            count = await _write_chunks(chunks, out)
+        err.print(f"{count} contacts written to {out}")
+
+    _run(go)
+
+
+@consent_app.command("export")
+def consent_export(
+    org: OrgOption, out: Annotated[Path, typer.Option(help="CSV file to write.")]
+) -> None:
+    """Export the consent ledger (every grant and revoke, with wording and proof) as CSV."""
+    from popdrop.audience import importer
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.reader() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            chunks = await importer.export_consent(session, _cli_principal(organization.id))
+            count = await _write_chunks(chunks, out)
+        err.print(f"{count} consent events written to {out}")
+
+    _run(go)
+
+
+@contacts_app.command("erase")
+def contacts_erase(
+    org: OrgOption,
+    email: Annotated[str | None, typer.Option(help="The person's email.")] = None,
+    phone: Annotated[str | None, typer.Option(help="The person's phone (E.164).")] = None,
+    contact_id: Annotated[int | None, typer.Option("--id", help="The contact id.")] = None,
+) -> None:
+    """Erase a person: their email and phone leave every table; they stay suppressed."""
+    from popdrop.audience import privacy
+
+    if sum(x is not None for x in (email, phone, contact_id)) != 1:
+        raise typer.BadParameter("give exactly one of --email, --phone, --id")
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.transaction() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            principal = _cli_principal(organization.id)
+            target = contact_id
+            if target is None:
+                found = await privacy.find_by_point(
+                    session, signer, principal, email=email, phone=phone
+                )
+                target = found.id
+            result = await privacy.erase_contact(
+                session,
+                signer,
+                principal,
+                target,
+                now=_now(),
+                audit_chains=settings.audit_chains,
+            )
+        scrubbed = ", ".join(f"{k} {v}" for k, v in result.scrubbed.items() if v)
+        console.print(
+            f"contact {result.contact_id} erased" + (f" ({scrubbed})" if scrubbed else "")
+        )
+
+    _run(go)
+
+
+@contacts_app.command("purge")
+def contacts_purge(
+    org: OrgOption,
+    months: Annotated[
+        int | None,
+        typer.Option(help="Erase contacts not engaged for this long (default: the org's rule)."),
+    ] = None,
+) -> None:
+    """Retention: erase every contact not engaged for N months."""
+    from popdrop.audience import privacy
+
+    if months is not None and months < 1:
+        raise typer.BadParameter("--months: at least 1")
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.transaction() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            result = await privacy.purge_inactive(
+                session,
+                signer,
+                _cli_principal(organization.id),
+                now=_now(),
+                months=months,
+                audit_chains=settings.audit_chains,
+            )
+        console.print(
+            f"{result.erased} contact(s) not engaged since {result.cutoff:%Y-%m-%d} erased"
+        )
+
+    _run(go)
 
 
 def new_password() -> str:

@@ -34,15 +34,34 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import re
 import zoneinfo
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, NamedTuple
 
-from sqlalchemy import ColumnElement, bindparam, or_, select, update
+import phonenumbers
+from phonenumbers import timezone as phone_timezones
+from phonenumbers.tzdata import TIMEZONE_DATA
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    LargeBinary,
+    Row,
+    Select,
+    Table,
+    bindparam,
+    func,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -65,12 +84,7 @@ from popdrop.audience.schemas import (
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database, dialect_insert, is_retryable, table_of
 from popdrop.core.errors import PopdropError, not_found
-from popdrop.core.identity import (
-    identity_hash,
-    normalize_email,
-    normalize_phone,
-    phone_time_zone,
-)
+from popdrop.core.identity import identity_hash, normalize_email, normalize_phone
 from popdrop.core.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -100,6 +114,8 @@ NOTES = frozenset({"consent_without_proof", "consent_suppressed"})
 TRUE_WORDS = frozenset({"yes", "true", "1", "y"})
 FALSE_WORDS = frozenset({"no", "false", "0", "n", ""})
 CHUNK_SIZE = 5000
+# From this many rows a file is validated in a worker process (starting one takes ~1 s).
+PARALLEL_MIN_ROWS = 50_000
 MAX_LABELS = 50
 # A job stores at most this many report lines (counters stay exact); the CLI keeps all.
 MAX_STORED_PROBLEMS = 10_000
@@ -146,8 +162,9 @@ class _Refused(Exception):
         self.message = message
 
 
-@dataclass(slots=True)
-class _Row:
+class _Row(NamedTuple):
+    """A validated row (a tuple: it crosses from the validating process cheaply)."""
+
     line: int
     email: str | None
     phone: str | None
@@ -156,6 +173,7 @@ class _Row:
     first_name: str | None
     locale: str | None
     time_zone: str | None
+    phone_zone: str | None
     source: str | None
     lat: float | None
     lon: float | None
@@ -164,7 +182,7 @@ class _Row:
     grants: tuple[str, ...]
     wording: str
     proof: str | None
-    notes: list[ImportRowProblem]
+    without_proof: bool  # consent asked for, no proof given: imported without consent
 
 
 class EmailNormalizer:
@@ -207,6 +225,38 @@ class EmailNormalizer:
         if len(self._domains) < self._max:
             self._domains[domain] = clean
         return clean
+
+
+def phone_and_zone(raw: str, region: str | None, *, zone: bool = True) -> tuple[str, str | None]:
+    """`core.identity.normalize_phone` and `phone_time_zone` with one parse (the parse is
+    most of their cost): the E.164 number and (if `zone`) its time zone when it has one."""
+    try:
+        parsed = phonenumbers.parse(raw.strip(), region)
+    except phonenumbers.NumberParseException:
+        return normalize_phone(raw, region), None  # raises with the one message
+    if not phonenumbers.is_valid_number(parsed):
+        return normalize_phone(raw, region), None  # raises with the one message
+    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if not zone:
+        return e164, None
+    known, single = _country_zone(parsed.country_code)
+    if known:
+        return e164, single
+    zones = [z for z in phone_timezones.time_zones_for_number(parsed) if "/" in z]
+    return e164, zones[0] if len(zones) == 1 else None
+
+
+@functools.cache
+def _country_zone(country_code: int) -> tuple[bool, str | None]:
+    """(True, zone) when every valid number of this country code has the same zones in
+    phonenumbers' data (FR, DE ...): the lookup, which classifies the number again, is
+    then not needed. (False, None) when the zone depends on the number (US ...)."""
+    code = str(country_code)
+    related = {v for k, v in TIMEZONE_DATA.items() if k.startswith(code) or code.startswith(k)}
+    if code not in TIMEZONE_DATA or len(related) != 1:
+        return False, None
+    zones = [z for z in related.pop() if "/" in z]
+    return True, zones[0] if len(zones) == 1 else None
 
 
 @functools.cache
@@ -268,6 +318,7 @@ class RowParser:
     ) -> None:
         self._signer = signer
         self._width = len(header)
+        # Where each known column sits; a missing one points at the "" appended to each row.
         self._at = {name: header.index(name) if name in header else -1 for name in COLUMNS}
         self._region = region
         self._emails = EmailNormalizer()
@@ -275,17 +326,19 @@ class RowParser:
         self._seen_email: dict[int, int] = {}
         self._seen_phone: dict[int, int] = {}
 
-    def _cell(self, values: list[str], name: str) -> str:
-        i = self._at[name]
-        return values[i].strip() if 0 <= i < len(values) else ""
-
     def parse(self, values: list[str], line: int) -> _Row:
         """The row, or `_Refused`. A row that passes is remembered for duplicates."""
-        cell = self._cell
         if len(values) > self._width:
             raise _Refused("bad_value", None, "the row has more fields than the header")
+        cells = [v.strip() for v in values]
+        cells.extend([""] * (self._width - len(values) + 1))
+        at = self._at
+
+        def cell(_values: list[str], name: str) -> str:
+            return cells[at[name]]
+
         raw_email, raw_phone = cell(values, "email"), cell(values, "phone")
-        email = phone = None
+        email = phone = phone_zone = None
         if raw_email:
             try:
                 email = self._emails(raw_email)
@@ -297,7 +350,11 @@ class RowParser:
             if region is not None and not _REGION.match(region):
                 raise _Refused("bad_value", "phone_region", "phone_region: two letters, e.g. FR")
             try:
-                phone = normalize_phone(raw_phone, region.upper() if region else None)
+                phone, phone_zone = phone_and_zone(
+                    raw_phone,
+                    region.upper() if region else None,
+                    zone=not cell(values, "time_zone"),
+                )
             except PopdropError as exc:
                 raise _Refused("bad_phone", "phone", exc.message) from exc
         if email is None and phone is None:
@@ -334,27 +391,17 @@ class RowParser:
             first_name=_text(cell(values, "first_name"), "first_name", 100),
             locale=locale,
             time_zone=time_zone,
+            phone_zone=phone_zone,
             source=_text(cell(values, "source"), "source", 100),
             lat=lat,
             lon=lon,
             tags=_labels_of(cell(values, "tags"), "tags"),
             interests=_labels_of(cell(values, "interests"), "interests"),
-            grants=(),
+            grants=tuple(wants) if proof is not None else (),
             wording=wording or self._wording,
             proof=proof,
-            notes=[],
+            without_proof=bool(wants) and proof is None,
         )
-        if wants and proof is None:
-            row.notes.append(
-                ImportRowProblem(
-                    line=line,
-                    reason="consent_without_proof",
-                    field="consent_proof",
-                    message="consent needs a consent_proof; the contact was added without it",
-                )
-            )
-        elif wants:
-            row.grants = tuple(wants)
         self._remember(row)
         return row
 
@@ -483,8 +530,11 @@ def _fill(known: _Known, row: _Row) -> bool:
     changed = False
     if known.email is None and row.email is not None:
         known.email, known.email_hash, changed = row.email, row.email_hash, True
+    phone_zone = None
     if known.phone is None and row.phone is not None:
         known.phone, known.phone_hash, changed = row.phone, row.phone_hash, True
+    if known.phone == row.phone:
+        phone_zone = row.phone_zone
     for name in _FILLED:
         value = getattr(row, name)
         if value is not None and getattr(known, name) is None:
@@ -493,7 +543,7 @@ def _fill(known: _Known, row: _Row) -> bool:
     if known.lat is None and row.lat is not None:
         known.lat, known.lon, changed = row.lat, row.lon, True
     if known.time_zone is None:
-        zone = row.time_zone or (phone_time_zone(known.phone) if known.phone else None)
+        zone = row.time_zone or phone_zone
         if zone is not None:
             known.time_zone, changed = zone, True
     return changed
@@ -513,21 +563,44 @@ class _Plan:
     grants: list[tuple[_Known, _Row, str]]
 
 
+def _keyed(
+    dialect: str, select_: Select[Any], column: Any, values: list[Any], kind: Any
+) -> Select[Any]:
+    """`select_` restricted to rows whose `column` is one of `values`.
+
+    PostgreSQL: a join with `unnest` of one array parameter. The planner probes the unique
+    index once per value whatever its statistics say; an `IN`/`= ANY` list would, while a
+    bulk import outgrows the statistics, scan the organization's rows once per chunk."""
+    if dialect == "postgresql":
+        wanted = (
+            func.unnest(bindparam(None, values, type_=ARRAY(kind)))
+            .table_valued("v")
+            .render_derived(name="wanted")
+        )
+        return select_.join(wanted, column == wanted.c.v)
+    return select_.where(column.in_(values))
+
+
 async def _load(
     conn: AsyncConnection, org_id: int, rows: list[_Row]
 ) -> tuple[dict[bytes, dict[str, str]], list[_Known]]:
+    dialect = conn.dialect.name
     emails = [r.email_hash for r in rows if r.email_hash is not None]
     phones = [r.phone_hash for r in rows if r.phone_hash is not None]
     suppressed: dict[bytes, dict[str, str]] = {}
     s = _suppressions.c
     for digest, channel, reason in await conn.execute(
-        select(s.identifier_hash, s.channel, s.reason).where(
-            s.org_id == org_id, s.identifier_hash.in_(emails + phones)
+        _keyed(
+            dialect,
+            select(s.identifier_hash, s.channel, s.reason).where(s.org_id == org_id),
+            s.identifier_hash,
+            emails + phones,
+            LargeBinary,
         )
     ):
         suppressed.setdefault(digest, {})[channel] = reason
     c = _contacts.c
-    found = await conn.execute(
+    base = (
         select(
             c.id,
             c.email,
@@ -544,38 +617,45 @@ async def _load(
             c.consent_sms,
             c.erased_at,
         )
-        .where(c.org_id == org_id, or_(c.email_hash.in_(emails), c.phone_hash.in_(phones)))
-        .order_by(c.id)  # one lock order for every importer: no deadlocks between them
-        .with_for_update()
+        .where(c.org_id == org_id)
+        .order_by(c.id)  # one lock order for every importer
+        .with_for_update(of=_contacts)
     )
-    known = [
-        _Known(
-            id=r.id,
-            email=r.email,
-            phone=r.phone,
-            email_hash=r.email_hash,
-            phone_hash=r.phone_hash,
-            first_name=r.first_name,
-            locale=r.locale,
-            time_zone=r.time_zone,
-            source=r.source,
-            lat=r.lat,
-            lon=r.lon,
-            consent_email=r.consent_email,
-            consent_sms=r.consent_sms,
-            erased=r.erased_at is not None,
-        )
-        for r in found
-    ]
-    if known:
-        by_id = {k.id: k for k in known}
+    found: dict[int, _Known] = {}
+    for column, digests in ((c.email_hash, emails), (c.phone_hash, phones)):
+        if not digests:
+            continue
+        for r in await conn.execute(_keyed(dialect, base, column, digests, LargeBinary)):
+            found[r.id] = _Known(
+                id=r.id,
+                email=r.email,
+                phone=r.phone,
+                email_hash=r.email_hash,
+                phone_hash=r.phone_hash,
+                first_name=r.first_name,
+                locale=r.locale,
+                time_zone=r.time_zone,
+                source=r.source,
+                lat=r.lat,
+                lon=r.lon,
+                consent_email=r.consent_email,
+                consent_sms=r.consent_sms,
+                erased=r.erased_at is not None,
+            )
+    if found:
         lb = _labels.c
         for contact_id, kind, value in await conn.execute(
-            select(lb.contact_id, lb.kind, lb.value).where(lb.contact_id.in_(list(by_id)))
+            _keyed(
+                dialect,
+                select(lb.contact_id, lb.kind, lb.value),
+                lb.contact_id,
+                list(found),
+                BigInteger,
+            )
         ):
-            target = by_id[contact_id]
+            target = found[contact_id]
             (target.tags if kind == "tag" else target.interests).add(value)
-    return suppressed, known
+    return suppressed, list(found.values())
 
 
 def _plan(rows: list[_Row], suppressed: dict[bytes, dict[str, str]], known: list[_Known]) -> _Plan:
@@ -583,7 +663,7 @@ def _plan(rows: list[_Row], suppressed: dict[bytes, dict[str, str]], known: list
     by_email = {k.email_hash: k for k in known if k.email_hash is not None}
     by_phone = {k.phone_hash: k for k in known if k.phone_hash is not None}
     for row in rows:
-        notes = list(row.notes)  # this attempt's: a retried chunk plans again from scratch
+        notes = [_problem(row, *_WITHOUT_PROOF)] if row.without_proof else []
         outcome = _plan_row(plan, row, notes, suppressed, by_email, by_phone)
         if outcome == "refused":
             plan.totals.refused += 1
@@ -598,6 +678,21 @@ def _plan(rows: list[_Row], suppressed: dict[bytes, dict[str, str]], known: list
     return plan
 
 
+_WITHOUT_PROOF = (
+    "consent_without_proof",
+    "consent_proof",
+    "consent needs a consent_proof; the contact was added without it",
+)
+
+
+def _refuse(plan: _Plan, row: _Row, reason: str, field: str | None, message: str) -> str:
+    plan.problems.append(_problem(row, reason, field, message))
+    return "refused"
+
+
+_ERASED = "this person was erased; they are not added again"
+
+
 def _plan_row(
     plan: _Plan,
     row: _Row,
@@ -606,49 +701,34 @@ def _plan_row(
     by_email: dict[bytes, _Known],
     by_phone: dict[bytes, _Known],
 ) -> str:
-    def refuse(reason: str, field: str | None, message: str) -> str:
-        plan.problems.append(_problem(row, reason, field, message))
-        return "refused"
-
-    for digest in (row.email_hash, row.phone_hash):
-        if digest is not None and suppressed.get(digest, {}).get("all") == "erased":
-            return refuse("suppressed", None, "this person was erased; they are not added again")
-    by_e = by_email.get(row.email_hash) if row.email_hash else None
-    by_p = by_phone.get(row.phone_hash) if row.phone_hash else None
-    if by_e is not None and by_p is not None and by_e is not by_p:
-        return refuse(
-            "conflict", None, "this email and this phone belong to two different contacts"
-        )
+    if suppressed:
+        for digest in (row.email_hash, row.phone_hash):
+            if digest is not None and suppressed.get(digest, {}).get("all") == "erased":
+                return _refuse(plan, row, "suppressed", None, _ERASED)
+    by_e = by_email.get(row.email_hash) if row.email_hash and by_email else None
+    by_p = by_phone.get(row.phone_hash) if row.phone_hash and by_phone else None
     target = by_e or by_p
-    if target is not None and target.erased:
-        return refuse("suppressed", None, "this person was erased; they are not added again")
-    if target is not None and row.email_hash and target.email_hash not in (None, row.email_hash):
-        return refuse("conflict", "email", "this phone belongs to a contact with another email")
-    if target is not None and row.phone_hash and target.phone_hash not in (None, row.phone_hash):
-        return refuse("conflict", "phone", "this email belongs to a contact with another phone")
-    outcome = "unchanged"
     if target is None:
-        target = _Known(
-            0,
+        return _plan_new(plan, row, notes, suppressed)
+    if by_e is not None and by_p is not None and by_e is not by_p:
+        return _refuse(
+            plan,
+            row,
+            "conflict",
             None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            row.source or "import",
-            None,
-            None,
-            "none",
-            "none",
-            erased=False,
+            "this email and this phone belong to two different contacts",
         )
-        _fill(target, row)
-        plan.new.append(target)
-        outcome = "created"
-    elif _fill(target, row):
-        outcome = "updated"
+    if target.erased:
+        return _refuse(plan, row, "suppressed", None, _ERASED)
+    if row.email_hash and target.email_hash not in (None, row.email_hash):
+        return _refuse(
+            plan, row, "conflict", "email", "this phone belongs to a contact with another email"
+        )
+    if row.phone_hash and target.phone_hash not in (None, row.phone_hash):
+        return _refuse(
+            plan, row, "conflict", "phone", "this email belongs to a contact with another phone"
+        )
+    changed = _fill(target, row)
     if target.email_hash is not None:
         by_email[target.email_hash] = target
     if target.phone_hash is not None:
@@ -661,11 +741,59 @@ def _plan_row(
             if value not in have:
                 have.add(value)
                 plan.labels.append((target, kind, value))
-                outcome = "updated" if outcome == "unchanged" else outcome
+                changed = True
+    if row.grants and _grant(plan, target, row, notes, suppressed):
+        changed = True
+    if changed and not target.dirty:
+        target.dirty = True
+        plan.changed.append(target)
+    return "updated" if changed else "unchanged"
+
+
+def _plan_new(
+    plan: _Plan, row: _Row, notes: list[ImportRowProblem], suppressed: dict[bytes, dict[str, str]]
+) -> str:
+    target = _Known(
+        0,
+        row.email,
+        row.phone,
+        row.email_hash,
+        row.phone_hash,
+        row.first_name,
+        row.locale,
+        row.time_zone or row.phone_zone,
+        row.source or "import",
+        row.lat,
+        row.lon,
+        "none",
+        "none",
+        erased=False,
+    )
+    plan.new.append(target)
+    for value in row.tags:
+        plan.labels.append((target, "tag", value))
+    for value in row.interests:
+        plan.labels.append((target, "interest", value))
+    if row.grants:
+        _grant(plan, target, row, notes, suppressed)
+    return "created"
+
+
+def _grant(
+    plan: _Plan,
+    target: _Known,
+    row: _Row,
+    notes: list[ImportRowProblem],
+    suppressed: dict[bytes, dict[str, str]],
+) -> bool:
+    """Plan the row's consent grants; True when one changes the contact. Like
+    `service.change_consent` with an `import` source: never over an opt-out."""
     blocked: dict[str, str] = {}
-    for digest in (target.email_hash, target.phone_hash):
-        if digest is not None:
-            blocked.update(suppressed.get(digest, {}))
+    if suppressed:
+        for digest in (target.email_hash, target.phone_hash):
+            if digest is not None:
+                blocked.update(suppressed.get(digest, {}))
+    changed = False
     for channel in row.grants:
         column = service.CONSENT_COLUMN[channel]
         state = getattr(target, column)
@@ -681,115 +809,142 @@ def _plan_row(
         elif state != "granted":
             setattr(target, column, "granted")
             plan.grants.append((target, row, channel))
-            outcome = "updated" if outcome == "unchanged" else outcome
-    if outcome == "updated" and not target.dirty:
-        target.dirty = True
-        plan.changed.append(target)
-    return outcome
+            changed = True
+    return changed
+
+
+async def _bulk_insert(
+    conn: AsyncConnection,
+    table: Table,
+    columns: dict[str, list[Any]],
+    constants: dict[str, Any],
+    *,
+    returning: tuple[str, ...] = (),
+    skip_conflicts: bool = False,
+) -> list[Row[Any]]:
+    """One multi-row INSERT of `columns` (a list of values each) plus `constants`.
+
+    PostgreSQL: `INSERT ... SELECT FROM unnest(<one array per column>)`, a handful of
+    parameters whatever the row count (no per-row work in Python). SQLite: SQLAlchemy's
+    multi-row VALUES batches."""
+    dialect = conn.dialect.name
+    names = list(columns)
+    stmt: Any
+    if dialect == "postgresql":
+        source = (
+            func.unnest(
+                *[
+                    bindparam(None, values, type_=ARRAY(table.c[name].type))
+                    for name, values in columns.items()
+                ]
+            )
+            .table_valued(*names)
+            .render_derived(name="src")
+        )
+        picked = select(
+            *[source.c[name] for name in names],
+            *[literal(value, table.c[name].type).label(name) for name, value in constants.items()],
+        )
+        stmt = dialect_insert(dialect, table).from_select([*names, *constants], picked)
+        params: Any = None
+    else:
+        stmt = dialect_insert(dialect, table)
+        count = len(next(iter(columns.values())))
+        params = [{**constants, **{name: columns[name][i] for name in names}} for i in range(count)]
+    if skip_conflicts:
+        stmt = stmt.on_conflict_do_nothing()
+    if returning:
+        stmt = stmt.returning(*[table.c[name] for name in returning])
+        return list((await conn.execute(stmt, params)).all())
+    await conn.execute(stmt, params)
+    return []
 
 
 async def _write_plan(
     conn: AsyncConnection, dialect: str, org_id: int, plan: _Plan, now: datetime
 ) -> None:
     if plan.new:
-        c = _contacts.c
-        inserted = await conn.execute(
-            _contacts.insert().returning(c.id, c.email_hash, c.phone_hash),
-            [
-                {
-                    "org_id": org_id,
-                    "email": k.email,
-                    "phone": k.phone,
-                    "email_hash": k.email_hash,
-                    "phone_hash": k.phone_hash,
-                    "first_name": k.first_name,
-                    "locale": k.locale,
-                    "time_zone": k.time_zone,
-                    "source": k.source,
-                    "lat": k.lat,
-                    "lon": k.lon,
-                    "consent_email": k.consent_email,
-                    "consent_sms": k.consent_sms,
-                    "consent_chat": "none",
-                    "frequency": "all",
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for k in plan.new
-            ],
+        new = plan.new
+        inserted = await _bulk_insert(
+            conn,
+            _contacts,
+            {
+                "email": [k.email for k in new],
+                "phone": [k.phone for k in new],
+                "email_hash": [k.email_hash for k in new],
+                "phone_hash": [k.phone_hash for k in new],
+                "first_name": [k.first_name for k in new],
+                "locale": [k.locale for k in new],
+                "time_zone": [k.time_zone for k in new],
+                "source": [k.source for k in new],
+                "lat": [k.lat for k in new],
+                "lon": [k.lon for k in new],
+                "consent_email": [k.consent_email for k in new],
+                "consent_sms": [k.consent_sms for k in new],
+            },
+            {
+                "org_id": org_id,
+                "consent_chat": "none",
+                "frequency": "all",
+                "created_at": now,
+                "updated_at": now,
+            },
+            returning=("id", "email_hash", "phone_hash"),
         )
-        by_hash = {k.email_hash or k.phone_hash: k for k in plan.new}
-        for contact_id, email_hash, phone_hash in inserted:
+        by_hash = {k.email_hash or k.phone_hash: k for k in new}
+        for contact_id, email_hash, phone_hash in inserted:  # type: ignore[misc]
             by_hash[email_hash or phone_hash].id = contact_id
     if plan.changed:
         c = _contacts.c
         await conn.execute(
             update(_contacts)
             .where(c.id == bindparam("b_id"))
-            .values(
-                {
-                    name: bindparam(f"b_{name}")
-                    for name in (
-                        "email",
-                        "phone",
-                        "email_hash",
-                        "phone_hash",
-                        "first_name",
-                        "locale",
-                        "time_zone",
-                        "source",
-                        "lat",
-                        "lon",
-                        "consent_email",
-                        "consent_sms",
-                    )
-                }
-                | {"updated_at": now}
-            ),
+            .values({name: bindparam(f"b_{name}") for name in _UPDATED} | {"updated_at": now}),
             [
-                {
-                    "b_id": k.id,
-                    "b_email": k.email,
-                    "b_phone": k.phone,
-                    "b_email_hash": k.email_hash,
-                    "b_phone_hash": k.phone_hash,
-                    "b_first_name": k.first_name,
-                    "b_locale": k.locale,
-                    "b_time_zone": k.time_zone,
-                    "b_source": k.source,
-                    "b_lat": k.lat,
-                    "b_lon": k.lon,
-                    "b_consent_email": k.consent_email,
-                    "b_consent_sms": k.consent_sms,
-                }
+                {"b_id": k.id} | {f"b_{name}": getattr(k, name) for name in _UPDATED}
                 for k in plan.changed
             ],
         )
     if plan.labels:
-        await conn.execute(
-            dialect_insert(dialect, _labels).on_conflict_do_nothing(),
-            [
-                {"contact_id": k.id, "kind": kind, "value": value, "org_id": org_id}
-                for k, kind, value in plan.labels
-            ],
+        await _bulk_insert(
+            conn,
+            _labels,
+            {
+                "contact_id": [k.id for k, _, _ in plan.labels],
+                "kind": [kind for _, kind, _ in plan.labels],
+                "value": [value for _, _, value in plan.labels],
+            },
+            {"org_id": org_id},
+            skip_conflicts=True,
         )
     if plan.grants:
-        await conn.execute(
-            _events.insert(),
-            [
-                {
-                    "org_id": org_id,
-                    "contact_id": k.id,
-                    "channel": channel,
-                    "action": "grant",
-                    "source": "import",
-                    "wording": row.wording,
-                    "proof": row.proof,
-                    "at": now,
-                }
-                for k, row, channel in plan.grants
-            ],
+        await _bulk_insert(
+            conn,
+            _events,
+            {
+                "contact_id": [k.id for k, _, _ in plan.grants],
+                "channel": [channel for _, _, channel in plan.grants],
+                "wording": [row.wording for _, row, _ in plan.grants],
+                "proof": [row.proof for _, row, _ in plan.grants],
+            },
+            {"org_id": org_id, "action": "grant", "source": "import", "at": now},
         )
+
+
+_UPDATED = (
+    "email",
+    "phone",
+    "email_hash",
+    "phone_hash",
+    "first_name",
+    "locale",
+    "time_zone",
+    "source",
+    "lat",
+    "lon",
+    "consent_email",
+    "consent_sms",
+)
 
 
 # ---------------------------------------------------------------- the import
@@ -802,31 +957,36 @@ class _TakenOver(Exception):
 OnCommit = Callable[[AsyncSession, Totals, Totals, list[ImportRowProblem]], Awaitable[None]]
 
 
-def _chunks(
-    stream: IO[str],
-    signer: Signer,
-    *,
-    region: str | None,
-    filename: str,
-    chunk_size: int,
-    skip: int,
-) -> Iterator[_Parsed]:
-    """Validated chunks of `chunk_size` data rows. The first `skip` rows (done by an earlier
-    run of a job) are only validated, so duplicates still point at their first line."""
-    reader = csv.reader(stream)
-    parser = RowParser(signer, read_header(next(reader, None)), region=region, filename=filename)
-    end = reader.line_num
-    parsed = _Parsed(0, [], [])
+Batch = list[tuple[int, list[str]]]
+
+
+def _batches(reader: Any, chunk_size: int, skip: int) -> Iterator[tuple[Batch, bool]]:
+    """Raw data rows with their first line, `chunk_size` at a time, and whether to keep the
+    batch: the first `skip` rows (written by an earlier run of a job) are only validated,
+    so that duplicates still point at their first line."""
+    batch: Batch = []
     seen = 0
+    end = reader.line_num  # a csv reader, past the header
     for values in reader:
         line, end = end + 1, reader.line_num  # a quoted field may span lines: its first one
         if _blank(values):
             continue
         seen += 1
+        batch.append((line, values))
+        if len(batch) >= chunk_size or seen == skip:
+            yield batch, seen > skip
+            batch = []
+    if batch:
+        yield batch, seen > skip
+
+
+def _parse_batch(parser: RowParser, batch: Batch, keep: bool) -> _Parsed:
+    parsed = _Parsed(len(batch) if keep else 0, [], [])
+    for line, values in batch:
         try:
             row = parser.parse(values, line)
         except _Refused as refusal:
-            if seen > skip:
+            if keep:
                 parsed.refusals.append(
                     ImportRowProblem(
                         line=line,
@@ -836,20 +996,76 @@ def _chunks(
                     )
                 )
         else:
-            if seen > skip:
+            if keep:
                 parsed.good.append(row)
-        if seen > skip:
-            parsed.rows += 1
-            if parsed.rows >= chunk_size:
-                yield parsed
-                parsed = _Parsed(0, [], [])
-    if parsed.rows:
-        yield parsed
+    return parsed
 
 
-def _next_chunk(chunks: Iterator[_Parsed]) -> _Parsed | None:
-    with _csv_errors():
-        return next(chunks, None)
+# The worker process's parser (`_start_worker`): it keeps the file's duplicate memory.
+_worker: dict[str, RowParser] = {}
+
+
+def _start_worker(signer: Signer, header: list[str], region: str | None, filename: str) -> None:
+    _worker["parser"] = RowParser(signer, header, region=region, filename=filename)
+
+
+def _parse_in_worker(batch: Batch, keep: bool) -> _Parsed:
+    return _parse_batch(_worker["parser"], batch, keep)
+
+
+class _Validator:
+    """Validated chunks, one ahead of the writer. In a thread by default (it keeps a serving
+    event loop responsive); for a big file in a worker process, where it runs in parallel
+    with this process's writing instead of taking turns on one interpreter lock."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        signer: Signer,
+        *,
+        region: str | None,
+        filename: str,
+        chunk_size: int,
+        skip: int,
+        parallel: bool,
+    ) -> None:
+        reader = csv.reader(stream)
+        with _csv_errors():
+            header = read_header(next(reader, None))
+        self._batches = _batches(reader, chunk_size, skip)
+        self._parser = RowParser(signer, header, region=region, filename=filename)
+        self._pool: ProcessPoolExecutor | None = None
+        if parallel:
+            self._pool = ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(signer, header, region, filename),
+            )
+
+    def _next_batch(self) -> tuple[Batch, bool] | None:
+        with _csv_errors():
+            return next(self._batches, None)
+
+    def _next_in_thread(self) -> _Parsed | None:
+        while (batch := self._next_batch()) is not None:
+            parsed = _parse_batch(self._parser, *batch)
+            if batch[1]:
+                return parsed
+        return None
+
+    async def next(self) -> _Parsed | None:
+        if self._pool is None:
+            return await asyncio.to_thread(self._next_in_thread)
+        while (batch := await asyncio.to_thread(self._next_batch)) is not None:
+            parsed = await asyncio.wrap_future(self._pool.submit(_parse_in_worker, *batch))
+            if batch[1]:
+                return parsed
+        return None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
 
 
 async def _apply(
@@ -910,6 +1126,7 @@ async def _import(
     start: Totals | None = None,
     problems: list[ImportRowProblem] | None = None,
     on_commit: OnCommit | None = None,
+    parallel: bool | None = None,
 ) -> ImportReport:
     principal.require("audience:write")
     region = _region(region)
@@ -918,32 +1135,51 @@ async def _import(
     totals = start or Totals()
     found = list(problems or [])
     with opener() as stream:
-        chunks = _chunks(
+        validator = _Validator(
             stream,
             signer,
             region=region,
             filename=filename,
             chunk_size=chunk_size,
             skip=totals.rows,
+            parallel=total >= PARALLEL_MIN_ROWS if parallel is None else parallel,
         )
-        # Validation runs in a thread, one chunk ahead: it overlaps the database's work on
-        # the previous chunk and keeps a serving event loop responsive.
-        pending = asyncio.ensure_future(asyncio.to_thread(_next_chunk, chunks))
+        # PostgreSQL without a job to keep in step: two chunks in flight on two connections,
+        # so one's statements run while this process plans the other. Chunks never share a
+        # new contact (duplicates are refused), and a contact two chunks touch is locked.
+        depth = 2 if db.dialect == "postgresql" and on_commit is None else 1
+        flying: deque[asyncio.Future[tuple[Totals, list[ImportRowProblem]]]] = deque()
+
+        async def settle() -> None:
+            done, new = await flying.popleft()
+            totals.add(done)
+            found.extend(new)
+            if progress is not None:
+                progress(totals.rows, total)
+
+        pending = asyncio.ensure_future(validator.next())
         try:
             while (parsed := await pending) is not None:
-                pending = asyncio.ensure_future(asyncio.to_thread(_next_chunk, chunks))
-                done, new = await _apply(
-                    db, principal.org_id, parsed, now, totals, found, on_commit
+                pending = asyncio.ensure_future(validator.next())
+                flying.append(
+                    asyncio.ensure_future(
+                        _apply(db, principal.org_id, parsed, now, totals, found, on_commit)
+                    )
                 )
-                totals.add(done)
-                found.extend(new)
-                if progress is not None:
-                    progress(totals.rows, total)
+                if len(flying) >= depth:
+                    await settle()
+            while flying:
+                await settle()
         finally:
+            for task in flying:
+                task.cancel()
             # The thread must let go of the file before it is closed.
-            await asyncio.wait([pending])
-            if not pending.cancelled():
-                pending.exception()
+            started: list[asyncio.Future[Any]] = [pending, *flying]
+            await asyncio.wait(started)
+            for future in started:
+                if not future.cancelled():
+                    future.exception()
+            await validator.close()
     return ImportReport(
         total_rows=totals.rows,
         created=totals.created,
@@ -972,8 +1208,10 @@ async def import_file(
     region: str | None = None,
     progress: Progress | None = None,
     chunk_size: int = CHUNK_SIZE,
+    parallel: bool | None = None,
 ) -> ImportReport:
-    """Import a CSV file (UTF-8, a BOM is fine); see the module's rules."""
+    """Import a CSV file (UTF-8, a BOM is fine); see the module's rules. `parallel`:
+    validate in a worker process (default: from `PARALLEL_MIN_ROWS` rows)."""
     if not await asyncio.to_thread(path.is_file):
         raise PopdropError("invalid_request", f"{path}: no such file")
     return await _import(
@@ -986,6 +1224,7 @@ async def import_file(
         now=now,
         progress=progress,
         chunk_size=chunk_size,
+        parallel=parallel,
     )
 
 
@@ -1110,6 +1349,7 @@ async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> No
             now=clock.now(),
             progress=None,
             chunk_size=JOB_CHUNK_SIZE,
+            parallel=False,  # no worker processes from the serving process
             total=total,
             start=start,
             problems=problems,
