@@ -168,6 +168,7 @@ def demo(
         f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})",
         f"Claim    {info['sample_link']}",
         f"Event    {info['event_url']}",
+        f"Audience {info['audience']}",
     ):
         console.print(line, soft_wrap=True)
     console.rule()

@@ -828,8 +828,14 @@ async def _bulk_insert(
     parameters whatever the row count (no per-row work in Python). SQLite: SQLAlchemy's
     multi-row VALUES batches."""
     dialect = conn.dialect.name
-    names = list(columns)
     stmt: Any
+    if dialect == "postgresql":
+        # An all-NULL column is one NULL, not an array of them (asyncpg checks each item).
+        empty = [name for name, values in columns.items() if all(v is None for v in values)]
+        if empty and len(empty) < len(columns):
+            constants = {**constants, **dict.fromkeys(empty)}
+            columns = {k: v for k, v in columns.items() if k not in empty}
+    names = list(columns)
     if dialect == "postgresql":
         source = (
             func.unnest(

@@ -41,7 +41,7 @@ class Signer:
 
     def keyed_hash(self, value: str) -> bytes:
         """HMAC-SHA256 of a secret (voucher code, API token) for storage and lookup."""
-        return hmac.new(self._hash_key, value.encode(), hashlib.sha256).digest()
+        return hmac.digest(self._hash_key, value.encode(), "sha256")
 
     def mac(self, purpose: str, value: str) -> bytes:
         """A purpose-bound MAC, used to derive values (e.g. per-recipient codes)."""

@@ -69,6 +69,10 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        from popdrop.audience import importer
+
+        # An import interrupted by a restart picks up after its last committed chunk.
+        await importer.resume_jobs(context.db, context.signer, context.clock)
         yield
         await context.guard.counter.close()
         await context.db.dispose()
