@@ -34,6 +34,8 @@ _HOST = {
     "tickets:write",
     "audience:read",
     "audience:write",
+    "drops:read",
+    "drops:write",
 }
 ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset({*_HOST, "tokens:write"}),

@@ -37,6 +37,24 @@ class Settings(BaseSettings):
     audit_chains: int = Field(default=8, ge=1, le=64)
     token_cache_seconds: float = 2.0
     session_max_age_seconds: int = 12 * 3600
+    # Background work: the in-process broker unless a Redis URL is given (`popdrop worker`).
+    broker_url: str | None = Field(default=None, description="redis://… for worker fleets")
+    # Outbound email: "mailbox" keeps messages in the database (readable on /mailbox).
+    mail_transport: str = Field(default="mailbox", pattern="^(mailbox|smtp)$")
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_tls: bool = False  # implicit TLS (port 465)
+    smtp_starttls: bool | None = None  # None: upgrade when the server offers it
+    smtp_pool_size: int = Field(default=4, ge=1, le=64)
+    # Outbound SMS through a Twilio-format REST API; unset: SMS go to the mailbox too.
+    sms_base_url: str | None = None
+    sms_account_sid: str = ""
+    sms_auth_token: str = ""
+    send_batch_size: int = Field(default=200, ge=1, le=5000)
+    send_lease_seconds: float = Field(default=60.0, gt=0)
+    send_poll_seconds: float = Field(default=2.0, gt=0)
 
     @property
     def resolved_database_url(self) -> str:

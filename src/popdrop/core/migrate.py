@@ -25,6 +25,7 @@ def target_metadata() -> MetaData:
     import popdrop.core.idempotency
     import popdrop.events.models
     import popdrop.inventory.models
+    import popdrop.messaging.models
     import popdrop.rsvp.models
     import popdrop.vouchers.models  # noqa: F401
 

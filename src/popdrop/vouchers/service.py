@@ -211,6 +211,34 @@ async def issue_batch(
     return batch, [codes.format_code(c) for c in plaintext]
 
 
+async def issue_derived(
+    session: AsyncSession, signer: Signer, batch: VoucherBatch, subject: str, *, now: datetime
+) -> tuple[int, str]:
+    """The single-use code of one recipient of an open batch (a drop's per-recipient
+    voucher): derived from a MAC of (batch, subject), so sending again after a crash hands
+    out the same code instead of a second one. Returns (voucher id, formatted code)."""
+    code = codes.derived_code(batch.prefix, signer.mac("voucher-derived", f"{batch.id}:{subject}"))
+    code_hash = signer.keyed_hash(code)
+    conn = await session.connection()
+    await conn.execute(
+        dialect_insert(conn.dialect.name, _vouchers)
+        .values(
+            org_id=batch.org_id,
+            batch_id=batch.id,
+            code_hash=code_hash,
+            uses=0,
+            max_uses=batch.max_uses,
+            valid_from=batch.valid_from,
+            valid_until=_voucher_until(batch.valid_until, batch.ttl_seconds, now),
+            issued_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["code_hash"])
+    )
+    voucher_id = await conn.scalar(select(Voucher.id).where(Voucher.code_hash == code_hash))
+    assert voucher_id is not None
+    return int(voucher_id), codes.format_code(code)
+
+
 def _voucher_until(
     valid_until: datetime | None, ttl_seconds: int | None, issued_at: datetime
 ) -> datetime | None:

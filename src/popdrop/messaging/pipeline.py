@@ -1,0 +1,331 @@
+"""The send loop: claim a batch, re-check each recipient at the last moment, render, call
+the provider, checkpoint each outcome at once. One `Sender` per worker process.
+
+Throughput comes from batching the database work (one claim, one contact read, one
+voucher insert per batch) and running provider calls concurrently up to the transport's
+pool size; safety from committing each message's outcome right after its provider call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from popdrop.audience import service as audience
+from popdrop.audience.models import Contact
+from popdrop.core.clock import Clock
+from popdrop.core.db import Database
+from popdrop.core.signing import Signer
+from popdrop.events.models import Event
+from popdrop.messaging import content
+from popdrop.messaging.models import Drop, DropVariant, SendRow
+from popdrop.messaging.service import SENT_STATES, Claimed, claim_batch, quiet_until
+from popdrop.messaging.transports import (
+    EmailTransport,
+    OutboundEmail,
+    OutboundSms,
+    SendResult,
+    SmsTransport,
+)
+from popdrop.vouchers import service as vouchers
+from popdrop.vouchers.models import VoucherBatch
+
+MAX_ATTEMPTS = 5
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class _DropContext:
+    drop: Drop
+    variants: dict[str, content.CompiledVariant]
+    batch: VoucherBatch | None
+    event: Event | None
+    hot_days: int
+    warm_days: int
+
+
+@dataclass
+class Sender:
+    db: Database
+    signer: Signer
+    clock: Clock
+    base_url: str
+    email: EmailTransport | None = None
+    sms: SmsTransport | None = None
+    worker: str = field(default_factory=worker_name)
+    lease_seconds: float = 60.0
+    batch_size: int = 200
+    concurrency: int = 8
+    _drops: dict[int, _DropContext] = field(default_factory=dict)
+
+    async def run_until_idle(self, *, max_batches: int | None = None) -> int:
+        """Send every due row; the number of rows handled."""
+        handled = 0
+        batches = 0
+        while max_batches is None or batches < max_batches:
+            done = await self.run_once()
+            if done == 0:
+                break
+            handled += done
+            batches += 1
+        return handled
+
+    async def run_once(self) -> int:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            conn = await session.connection()
+            claimed = await claim_batch(
+                conn,
+                worker=self.worker,
+                now=now,
+                lease_seconds=self.lease_seconds,
+                limit=self.batch_size,
+            )
+        if claimed:
+            await self._process(claimed)
+        return len(claimed)
+
+    async def _drop(self, drop_id: int) -> _DropContext:
+        """The drop's compiled content, cached; its state re-read on every batch."""
+        async with self.db.reader() as session:
+            drop = await session.get(Drop, drop_id, populate_existing=True)
+            assert drop is not None
+            known = self._drops.get(drop_id)
+            if known is not None:
+                known.drop = drop
+                return known
+            variants = (
+                await session.scalars(select(DropVariant).where(DropVariant.drop_id == drop_id))
+            ).all()
+            batch = (
+                await session.get(VoucherBatch, drop.voucher_batch_id)
+                if drop.voucher_batch_id
+                else None
+            )
+            event = await session.get(Event, drop.event_id) if drop.event_id else None
+            recency = await audience.get_settings(session, drop.org_id)
+        context = _DropContext(
+            drop,
+            {v.name: content.compile_variant(v.content) for v in variants},
+            batch,
+            event,
+            recency.hot_days,
+            recency.warm_days,
+        )
+        self._drops[drop_id] = context
+        return context
+
+    async def _process(self, claimed: list[Claimed]) -> None:
+        by_drop: dict[int, list[Claimed]] = defaultdict(list)
+        for row in claimed:
+            by_drop[row.drop_id].append(row)
+        for drop_id, rows in by_drop.items():
+            context = await self._drop(drop_id)
+            if context.drop.status != "sending":  # paused or cancelled since the claim
+                await self._release(rows)
+                continue
+            await self._send_rows(context, rows)
+
+    async def _release(self, rows: Sequence[Claimed]) -> None:
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(SendRow)
+                .where(SendRow.id.in_([r.id for r in rows]), SendRow.claimed_by == self.worker)
+                .values(status="pending", claimed_at=None, claimed_by=None)
+            )
+
+    async def _send_rows(self, context: _DropContext, rows: list[Claimed]) -> None:
+        drop = context.drop
+        now = self.clock.now()
+        contacts, recent = await self._recipients(drop, rows, now)
+        to_send: list[tuple[Claimed, Contact]] = []
+        skipped: dict[str, list[int]] = defaultdict(list)
+        deferred: dict[datetime, list[int]] = defaultdict(list)
+        for row in rows:
+            contact = contacts.get(row.contact_id)
+            reason = _refusal(row, contact)
+            if (
+                reason is None
+                and recent.get((row.contact_id, row.channel), 0) >= drop.frequency_cap
+            ):
+                reason = "frequency_cap"
+            if reason is not None:
+                skipped[reason].append(row.id)
+                continue
+            assert contact is not None
+            zone = contact.time_zone or (context.event.timezone if context.event else None)
+            opening = quiet_until(now, zone, drop.quiet_start_hour, drop.quiet_end_hour)
+            if opening is not None:
+                deferred[opening].append(row.id)
+                continue
+            to_send.append((row, contact))
+        async with self.db.transaction() as session:
+            for reason, ids in skipped.items():
+                await session.execute(
+                    update(SendRow)
+                    .where(SendRow.id.in_(ids))
+                    .values(status="skipped", outcome=reason, claimed_by=None)
+                )
+            for opening, ids in deferred.items():
+                await session.execute(
+                    update(SendRow)
+                    .where(SendRow.id.in_(ids))
+                    .values(status="pending", not_before=opening, claimed_at=None, claimed_by=None)
+                )
+            codes = await self._vouchers(session, context, to_send, now)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(row: Claimed, contact: Contact) -> None:
+            async with gate:
+                await self._send_one(context, row, contact, codes.get(row.id), now)
+
+        await asyncio.gather(*(one(row, contact) for row, contact in to_send))
+
+    async def _recipients(
+        self, drop: Drop, rows: Sequence[Claimed], now: datetime
+    ) -> tuple[dict[int, Contact], dict[tuple[int, str], int]]:
+        """The contacts as they are now, and how many messages each got in the cap window."""
+        ids = list({r.contact_id for r in rows})
+        window = now - timedelta(hours=drop.frequency_window_hours)
+        async with self.db.reader() as session:
+            contacts = {
+                c.id: c
+                for c in (
+                    await session.scalars(
+                        select(Contact)
+                        .where(Contact.id.in_(ids))
+                        .execution_options(populate_existing=True)
+                    )
+                ).all()
+            }
+            counted = await session.execute(
+                select(SendRow.contact_id, SendRow.channel, func.count())
+                .where(
+                    SendRow.contact_id.in_(ids),
+                    SendRow.status.in_(SENT_STATES),
+                    SendRow.sent_at >= window,
+                    SendRow.drop_id != drop.id,
+                )
+                .group_by(SendRow.contact_id, SendRow.channel)
+            )
+            recent = {(cid, ch): int(n) for cid, ch, n in counted}
+        return contacts, recent
+
+    async def _vouchers(
+        self,
+        session: Any,
+        context: _DropContext,
+        rows: Sequence[tuple[Claimed, Contact]],
+        now: datetime,
+    ) -> dict[int, tuple[int, str]]:
+        if context.batch is None:
+            return {}
+        codes: dict[int, tuple[int, str]] = {}
+        for row, _contact in rows:
+            # One code per contact and drop, whichever channel carries it.
+            codes[row.id] = await vouchers.issue_derived(
+                session, self.signer, context.batch, f"drop:{row.drop_id}:{row.contact_id}", now=now
+            )
+        return codes
+
+    async def _send_one(
+        self,
+        context: _DropContext,
+        row: Claimed,
+        contact: Contact,
+        voucher: tuple[int, str] | None,
+        now: datetime,
+    ) -> None:
+        drop = context.drop
+        variant = context.variants[row.variant or next(iter(context.variants))]
+        bucket = audience.bucket_of(
+            contact.last_engaged_at, now, context.hot_days, context.warm_days
+        )
+        links = content.Links(self.signer, self.base_url, drop, row.id, contact)
+        values = content.context_for(drop, contact, context.event, voucher, links)
+        message_id = f"<drop-{drop.id}.contact-{contact.id}.{row.channel}@popdrop>"
+        result: SendResult
+        if row.channel == "email":
+            assert self.email is not None and contact.email is not None
+            rendered = variant.render_email(bucket, values, links)
+            result = await self.email.send(
+                OutboundEmail(
+                    message_id=message_id,
+                    to=contact.email,
+                    from_address=drop.from_email,
+                    from_name=drop.from_name,
+                    subject=rendered.subject,
+                    text=rendered.text,
+                    html=rendered.html,
+                    headers=audience.unsubscribe_headers(self.signer, self.base_url, contact),
+                    org_id=drop.org_id,
+                )
+            )
+        else:
+            assert self.sms is not None and contact.phone is not None
+            rendered_sms = variant.render_sms(bucket, values, links)
+            result = await self.sms.send(
+                OutboundSms(
+                    to=contact.phone,
+                    from_number=drop.sms_from,
+                    body=rendered_sms.body,
+                    org_id=drop.org_id,
+                )
+            )
+        await self._checkpoint(row, result, message_id, voucher)
+
+    async def _checkpoint(
+        self,
+        row: Claimed,
+        result: SendResult,
+        message_id: str,
+        voucher: tuple[int, str] | None,
+    ) -> None:
+        """Commit this one message's outcome now: a crash after this line never resends it."""
+        now = self.clock.now()
+        values: dict[str, Any] = {"message_id": message_id, "claimed_by": None}
+        if voucher is not None:
+            values["voucher_id"] = voucher[0]
+        if result.ok:
+            values |= {"status": "sent", "sent_at": now, "provider_id": result.provider_id}
+        elif result.permanent or row.attempts >= MAX_ATTEMPTS:
+            values |= {"status": "failed", "outcome": (result.error or "failed")[:200]}
+        else:  # transient: back off and let any worker retry it
+            delay = result.retry_after or min(300.0, 5.0 * 2 ** (row.attempts - 1))
+            values |= {
+                "status": "pending",
+                "not_before": now + timedelta(seconds=delay),
+                "claimed_at": None,
+                "outcome": (result.error or "retry")[:200],
+            }
+        async with self.db.single_statements() as conn:
+            await conn.execute(
+                update(SendRow)
+                .where(SendRow.id == row.id, SendRow.claimed_by == self.worker)
+                .values(**values)
+            )
+
+
+def _refusal(row: Claimed, contact: Contact | None) -> str | None:
+    """Why this row may not go out right now (consent is read at the last moment)."""
+    if contact is None or contact.erased_at is not None:
+        return "erased"
+    column = audience.CONSENT_COLUMN[row.channel]
+    if getattr(contact, column) != "granted":
+        return "no_consent"
+    if row.channel == "email" and not contact.email:
+        return "no_address"
+    if row.channel == "sms" and not contact.phone:
+        return "no_address"
+    return None

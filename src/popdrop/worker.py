@@ -1,0 +1,155 @@
+"""Background work with Taskiq. The database is the truth (send rows, drop states); the
+broker only carries drop ids, and a periodic tick re-finds anything a lost broker message
+would have carried: due scheduled drops, due (or deferred, or orphaned) send rows, A/B
+decisions. `popdrop serve` runs it in-process (InMemoryBroker); `popdrop worker`
+processes consume a Redis stream (taskiq-redis, acknowledged) when POPDROP_BROKER_URL is
+set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from sqlalchemy import select
+from taskiq import AsyncBroker, InMemoryBroker
+from taskiq.api import run_receiver_task
+
+from popdrop.core.clock import Clock
+from popdrop.core.config import Settings
+from popdrop.core.db import Database
+from popdrop.core.logging import log
+from popdrop.core.signing import Signer
+from popdrop.messaging import service as drops
+from popdrop.messaging.mailbox import Mailbox
+from popdrop.messaging.models import Drop, SendRow
+from popdrop.messaging.pipeline import Sender
+from popdrop.messaging.transports import EmailTransport, SmsTransport
+
+
+def make_broker(settings: Settings) -> AsyncBroker:
+    if settings.broker_url:
+        from taskiq_redis import RedisStreamBroker
+
+        # Unacknowledged messages of a dead consumer are claimed again after idle_timeout.
+        return RedisStreamBroker(settings.broker_url, queue_name="popdrop", idle_timeout=30_000)
+    return InMemoryBroker()
+
+
+def make_transports(
+    settings: Settings, db: Database, clock: Clock
+) -> tuple[EmailTransport, SmsTransport]:
+    mailbox = Mailbox(db, clock)
+    email: EmailTransport = mailbox
+    sms: SmsTransport = mailbox
+    if settings.mail_transport == "smtp":
+        from popdrop.messaging.smtp import SmtpPool
+
+        email = SmtpPool(
+            settings.smtp_host,
+            settings.smtp_port,
+            size=settings.smtp_pool_size,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            use_tls=settings.smtp_tls,
+            start_tls=settings.smtp_starttls,
+        )
+    if settings.sms_base_url:
+        from popdrop.messaging.twilio import TwilioSms
+
+        sms = TwilioSms(settings.sms_base_url, settings.sms_account_sid, settings.sms_auth_token)
+    return email, sms
+
+
+class Worker:
+    """One per process: the broker, its tasks, the sender and the periodic tick."""
+
+    def __init__(self, settings: Settings, db: Database, signer: Signer, clock: Clock) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self.broker = make_broker(settings)
+        email, sms = make_transports(settings, db, clock)
+        self.sender = Sender(
+            db,
+            signer,
+            clock,
+            settings.base_url,
+            email=email,
+            sms=sms,
+            lease_seconds=settings.send_lease_seconds,
+            batch_size=settings.send_batch_size,
+            concurrency=max(settings.smtp_pool_size, 4),
+        )
+        self.send_drop = self.broker.register_task(self._send_drop, task_name="popdrop.send_drop")
+        self._running: set[int] = set()
+
+    async def _send_drop(self, drop_id: int) -> int:
+        """Send what is due (the drop id is a hint: rows of any sending drop are taken)."""
+        if drop_id in self._running:
+            return 0
+        self._running.add(drop_id)
+        try:
+            return await self.sender.run_until_idle()
+        finally:
+            self._running.discard(drop_id)
+
+    async def tick(self) -> list[int]:
+        """Start due scheduled drops and kick every drop with due rows; their ids."""
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            scheduled = (
+                await session.scalars(
+                    select(Drop).where(Drop.status == "scheduled", Drop.scheduled_at <= now)
+                )
+            ).all()
+            for drop in scheduled:
+                principal = drops.system_principal(drop.org_id)
+                await drops.freeze_recipients(session, principal, drop, now=now)
+                drop.status, drop.started_at, drop.updated_at = "sending", now, now
+        stale = now.timestamp() - self.settings.send_lease_seconds
+        async with self.db.reader() as session:
+            due = (
+                await session.scalars(
+                    select(SendRow.drop_id)
+                    .join(Drop, Drop.id == SendRow.drop_id)
+                    .where(
+                        Drop.status == "sending",
+                        ((SendRow.status == "pending") & (SendRow.not_before <= now))
+                        | ((SendRow.status == "claimed") & (SendRow.claimed_at < _utc(stale))),
+                    )
+                    .distinct()
+                )
+            ).all()
+        for drop_id in due:
+            await self.send_drop.kiq(drop_id)
+        return list(due)
+
+    async def run(self, *, receive: bool, stop: asyncio.Event | None = None) -> None:
+        """Tick until stopped; with `receive`, also consume the broker (a worker process)."""
+        await self.broker.startup()
+        receiver: asyncio.Task[Any] | None = None
+        if receive:
+            receiver = asyncio.create_task(run_receiver_task(self.broker, run_startup=False))
+        stop = stop or asyncio.Event()
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                except Exception as exc:  # the tick must survive a bad moment of the database
+                    log.error("worker tick failed", error=repr(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.send_poll_seconds)
+        finally:
+            if receiver is not None:
+                receiver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await receiver
+            await self.broker.shutdown()
+
+
+def _utc(timestamp: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC)
