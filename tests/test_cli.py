@@ -13,6 +13,7 @@ from tests.server import running_server
 COMMANDS = [
     [],
     ["serve"],
+    ["worker"],
     ["demo"],
     ["db", "upgrade"],
     ["db", "current"],

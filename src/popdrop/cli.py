@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import getpass
 import os
@@ -115,6 +116,37 @@ def serve(
         log_level="warning",
         access_log=False,
     )
+
+
+@app.command()
+def worker() -> None:
+    """Run a background worker: sends drops (claims due send rows) and runs the periodic
+    tick. With POPDROP_BROKER_URL=redis://… it also consumes the shared Redis stream, so
+    several workers share the work; killing one loses nothing (its rows are claimed again
+    when their lease runs out)."""
+    from popdrop.core.clock import SystemClock
+    from popdrop.worker import Worker
+
+    settings = Settings()
+    asyncio.run(upgrade(settings.resolved_database_url))
+
+    async def main() -> None:
+        db = Database(settings.resolved_database_url, pool_size=4, max_overflow=4)
+        background = Worker(settings, db, Signer(settings.resolved_secret_key), SystemClock())
+        console.print(
+            f"popdrop worker {background.sender.worker} "
+            f"(broker: {'redis' if settings.broker_url else 'in-process'}, "
+            f"mail: {settings.mail_transport}, database: {_db_label(settings)})",
+            soft_wrap=True,
+        )
+        try:
+            await background.run(receive=settings.broker_url is not None)
+        finally:
+            await background.close()
+            await db.dispose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
 
 
 def _db_label(settings: Settings) -> str:

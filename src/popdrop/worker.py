@@ -85,6 +85,11 @@ class Worker:
         self.send_drop = self.broker.register_task(self._send_drop, task_name="popdrop.send_drop")
         self._running: set[int] = set()
 
+    async def close(self) -> None:
+        for transport in (self.sender.email, self.sender.sms):
+            if transport is not None:
+                await transport.close()
+
     async def _send_drop(self, drop_id: int) -> int:
         """Send what is due (the drop id is a hint: rows of any sending drop are taken)."""
         if drop_id in self._running:

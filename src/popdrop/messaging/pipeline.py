@@ -23,6 +23,7 @@ from popdrop.audience import service as audience
 from popdrop.audience.models import Contact
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
+from popdrop.core.errors import PopdropError
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event
 from popdrop.messaging import content
@@ -255,6 +256,25 @@ class Sender:
         links = content.Links(self.signer, self.base_url, drop, row.id, contact)
         values = content.context_for(drop, contact, context.event, voucher, links)
         message_id = f"<drop-{drop.id}.contact-{contact.id}.{row.channel}@popdrop>"
+        try:
+            result = await self._deliver(
+                drop, variant, row, contact, values, links, message_id, bucket
+            )
+        except PopdropError as error:  # a template that fails for this contact's data
+            result = SendResult(ok=False, permanent=True, error=f"render: {error.message}")
+        await self._checkpoint(row, result, message_id, voucher)
+
+    async def _deliver(
+        self,
+        drop: Drop,
+        variant: content.CompiledVariant,
+        row: Claimed,
+        contact: Contact,
+        values: dict[str, Any],
+        links: content.Links,
+        message_id: str,
+        bucket: str,
+    ) -> SendResult:
         result: SendResult
         if row.channel == "email":
             assert self.email is not None and contact.email is not None
@@ -283,7 +303,7 @@ class Sender:
                     org_id=drop.org_id,
                 )
             )
-        await self._checkpoint(row, result, message_id, voucher)
+        return result
 
     async def _checkpoint(
         self,
