@@ -21,6 +21,7 @@ from popdrop.core.config import Settings
 from popdrop.core.db import Database
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
+from popdrop.messaging import outcomes
 from popdrop.messaging import service as drops
 from popdrop.messaging.mailbox import Mailbox
 from popdrop.messaging.models import Drop, SendRow
@@ -82,7 +83,13 @@ class Worker:
             batch_size=settings.send_batch_size,
             concurrency=max(settings.smtp_pool_size, 4),
         )
-        self.send_drop = self.broker.register_task(self._send_drop, task_name="popdrop.send_drop")
+
+        # A plain function, not the bound method: taskiq renames the function it registers
+        # (`__name__`), which a bound method does not allow (AttributeError).
+        async def send_drop(drop_id: int) -> int:
+            return await self._send_drop(drop_id)
+
+        self.send_drop = self.broker.register_task(send_drop, task_name="popdrop.send_drop")
         self._running: set[int] = set()
 
     async def close(self) -> None:
@@ -113,6 +120,15 @@ class Worker:
                 principal = drops.system_principal(drop.org_id)
                 await drops.freeze_recipients(session, principal, drop, now=now)
                 drop.status, drop.started_at, drop.updated_at = "sending", now, now
+            testing = (
+                await session.scalars(
+                    select(Drop).where(Drop.status == "sending", Drop.ab_decided_at.is_(None))
+                )
+            ).all()
+            for drop in testing:
+                decision = await outcomes.decide_ab(session, drop, now=now)
+                if decision is not None:
+                    log.info("a/b decided", drop=drop.id, winner=decision.winner)
         stale = now.timestamp() - self.settings.send_lease_seconds
         async with self.db.reader() as session:
             due = (

@@ -42,6 +42,7 @@ CONSENT_SOURCES = (
     "operator",
     "api",
     "complaint",
+    "bounce",
     "erase",
 )
 ACTIVITY_KINDS = ("click", "chat", "rsvp", "visit", "purchase")

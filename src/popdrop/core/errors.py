@@ -43,6 +43,7 @@ REASON_STATUS: dict[str, int] = {
     "cancelled": 410,
     "unavailable": 503,
     "suppressed": 409,
+    "seed_test_required": 409,
 }
 
 

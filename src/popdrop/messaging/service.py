@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,12 +39,15 @@ from popdrop.core.signing import Signer
 from popdrop.events.models import Event
 from popdrop.messaging.models import Drop, DropVariant, SendRow
 from popdrop.messaging.schemas import DropCreate, DropOut
+from popdrop.messaging.transports import EmailTransport, SendResult, SmsTransport
 from popdrop.vouchers import service as vouchers
+from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import BatchCreate
 
 SPLIT_MODULUS = 10_000
 _SLUG = re.compile(r"[^a-z0-9]+")
 SENT_STATES = ("sent", "delivered", "bounced")
+_REDEEM = frozenset({"vouchers:redeem"})
 
 
 def system_principal(org_id: int) -> Principal:
@@ -449,3 +452,120 @@ def quiet_until(now: datetime, zone: str | None, start_hour: int, end_hour: int)
     if opening <= local:
         opening += timedelta(days=1)
     return opening.astimezone(ZoneInfo("UTC"))
+
+
+# ---------------------------------------------------------------- seed test
+
+UrlCheck = Callable[[str], Awaitable[tuple[bool, str]]]
+
+
+@dataclass
+class SeedTransports:
+    email: EmailTransport | None
+    sms: SmsTransport | None
+
+
+async def run_seed_test(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    drop_id: int,
+    *,
+    base_url: str,
+    transports: SeedTransports,
+    check_url: UrlCheck,
+    now: datetime,
+) -> Drop:
+    """Send every variant to the seed list, then check by itself that every link in every
+    seed message resolves and that each seed voucher validates (dry run). The real send
+    stays blocked until this passes (or an owner overrides it)."""
+    from popdrop.messaging import content
+    from popdrop.messaging.transports import OutboundEmail, OutboundSms
+
+    principal.require("drops:write")
+    drop = await get_drop(session, principal, drop_id)
+    if drop.status not in ("draft", "scheduled"):
+        raise PopdropError("conflict", f"this drop is {drop.status}")
+    seeds: list[str] = json.loads(drop.seed_list or "[]")
+    if not seeds:
+        raise PopdropError("invalid_request", "seed_list: add at least one seed address")
+    batch = (
+        await session.get(VoucherBatch, drop.voucher_batch_id) if drop.voucher_batch_id else None
+    )
+    event = await session.get(Event, drop.event_id) if drop.event_id else None
+    checker = system_principal(drop.org_id)
+    report: list[dict[str, Any]] = []
+    for variant in await variants_of(session, drop.id):
+        compiled = content.compile_variant(variant.content)
+        for number, seed in enumerate(seeds):
+            channel = "email" if "@" in seed else "sms"
+            if channel not in drop.channels.split():
+                continue
+            entry: dict[str, Any] = {"seed": seed, "variant": variant.name, "channel": channel}
+            voucher = None
+            if batch is not None:
+                voucher = await vouchers.issue_derived(
+                    session, signer, batch, f"seed:{drop.id}:{seed}", now=now
+                )
+                try:
+                    await vouchers.validate(
+                        session,
+                        signer,
+                        Principal(drop.org_id, checker.actor, "system", _REDEEM),
+                        code=voucher[1],
+                        contact_ref=None,
+                        now=now,
+                    )
+                    entry["voucher"] = "valid"
+                except PopdropError as error:
+                    entry["voucher"] = error.reason
+            links = content.Links(signer, base_url, drop, None, None)
+            values = content.context_for(drop, None, event, voucher, links, first_name="Seed")
+            message_id = f"<drop-{drop.id}.seed-{number}.{variant.name}@popdrop>"
+            result: SendResult | None = None
+            if channel == "email" and transports.email is not None:
+                rendered = compiled.render_email("default", values, links)
+                result = await transports.email.send(
+                    OutboundEmail(
+                        message_id=message_id,
+                        to=seed,
+                        from_address=drop.from_email,
+                        from_name=drop.from_name,
+                        subject=f"[seed] {rendered.subject}",
+                        text=rendered.text,
+                        html=rendered.html,
+                        org_id=drop.org_id,
+                    )
+                )
+                urls = [link.url for link in rendered.links]
+            else:
+                rendered_sms = compiled.render_sms("default", values, links)
+                result = (
+                    await transports.sms.send(
+                        OutboundSms(
+                            to=seed,
+                            from_number=drop.sms_from,
+                            body=rendered_sms.body,
+                            org_id=drop.org_id,
+                        )
+                    )
+                    if transports.sms is not None
+                    else None
+                )
+                urls = [link.url for link in rendered_sms.links]
+            entry["delivered"] = bool(result and result.ok)
+            entry["links"] = []
+            for url in urls:
+                ok, detail = await check_url(url)
+                entry["links"].append({"url": url, "ok": ok, "detail": detail})
+            entry["ok"] = (
+                entry["delivered"]
+                and all(link["ok"] for link in entry["links"])
+                and entry.get("voucher", "valid") == "valid"
+            )
+            report.append(entry)
+    drop.seed_report = json.dumps(report)
+    drop.seed_status = "passed" if report and all(e["ok"] for e in report) else "failed"
+    drop.updated_at = now
+    await session.flush()
+    return drop

@@ -231,6 +231,8 @@ async def issue_derived(
             valid_from=batch.valid_from,
             valid_until=_voucher_until(batch.valid_until, batch.ttl_seconds, now),
             issued_at=now,
+            # A code of a revoked batch is born revoked: the offer is over.
+            revoked_at=batch.revoked_at,
         )
         .on_conflict_do_nothing(index_elements=["code_hash"])
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,7 +74,17 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
 
         # An import interrupted by a restart picks up after its last committed chunk.
         await importer.resume_jobs(context.db, context.signer, context.clock)
+        from popdrop.worker import Worker
+
+        # The server ticks and, with the in-process broker, sends drops itself; with
+        # POPDROP_BROKER_URL set, `popdrop worker` processes consume what it enqueues.
+        context.worker = Worker(settings, context.db, context.signer, context.clock)
+        stop = asyncio.Event()
+        background = asyncio.create_task(context.worker.run(receive=False, stop=stop))
         yield
+        stop.set()
+        await background
+        await context.worker.close()
         await context.guard.counter.close()
         await context.db.dispose()
 
@@ -102,6 +113,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.events.pages import router as event_pages
     from popdrop.inventory.api import public_router as inventory_public
     from popdrop.inventory.api import router as inventory_api
+    from popdrop.messaging.api import public_router as messaging_public
+    from popdrop.messaging.api import router as messaging_api
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.vouchers.api import router as vouchers_api
     from popdrop.vouchers.pages import router as voucher_pages
@@ -123,6 +136,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         audience_api,
         audience_pages,
         audience_public_pages,
+        messaging_api,
+        messaging_public,
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -20,6 +21,7 @@ class AppContext:
     signer: Signer
     clock: Clock
     guard: GuessGuard
+    worker: Any = None  # popdrop.worker.Worker while serving (in-process background work)
 
 
 def get_ctx(request: Request) -> AppContext:
