@@ -34,7 +34,9 @@ def make_broker(settings: Settings) -> AsyncBroker:
         from taskiq_redis import RedisStreamBroker
 
         # Unacknowledged messages of a dead consumer are claimed again after idle_timeout.
-        return RedisStreamBroker(settings.broker_url, queue_name="popdrop", idle_timeout=30_000)
+        return RedisStreamBroker(
+            settings.broker_url, queue_name="popdrop", idle_timeout=30_000, maxlen=10_000
+        )
     return InMemoryBroker()
 
 
@@ -90,7 +92,7 @@ class Worker:
             return await self._send_drop(drop_id)
 
         self.send_drop = self.broker.register_task(send_drop, task_name="popdrop.send_drop")
-        self._running: set[int] = set()
+        self._busy = False
 
     async def close(self) -> None:
         for transport in (self.sender.email, self.sender.sms):
@@ -98,14 +100,17 @@ class Worker:
                 await transport.close()
 
     async def _send_drop(self, drop_id: int) -> int:
-        """Send what is due (the drop id is a hint: rows of any sending drop are taken)."""
-        if drop_id in self._running:
+        """Send what is due (the drop id is a hint: rows of any sending drop are taken).
+        One send loop per process, so at most `concurrency` messages are ever in flight
+        here — the bound on what a killed worker can send twice."""
+        del drop_id
+        if self._busy:
             return 0
-        self._running.add(drop_id)
+        self._busy = True
         try:
             return await self.sender.run_until_idle()
         finally:
-            self._running.discard(drop_id)
+            self._busy = False
 
     async def tick(self) -> list[int]:
         """Start due scheduled drops and kick every drop with due rows; their ids."""

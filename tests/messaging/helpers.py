@@ -75,5 +75,14 @@ async def started_drop(ctx: AppContext, tenant: Tenant, spec: DropCreate) -> int
         return drop.id
 
 
-def sender(ctx: AppContext, email: Recorder, sms: Recorder | None = None) -> Sender:
-    return Sender(ctx.db, ctx.signer, ctx.clock, "https://pop.example", email=email, sms=sms)
+def sender(ctx: AppContext, email: Recorder, sms: Recorder | None = None, *, org: Tenant) -> Sender:
+    """A sender for one tenant's drops: other tests' drops share the database."""
+    return Sender(
+        ctx.db,
+        ctx.signer,
+        ctx.clock,
+        "https://pop.example",
+        email=email,
+        sms=sms,
+        org_id=org.org_id,
+    )

@@ -138,10 +138,14 @@ async def test_clicks_are_tracked_and_redirect_with_utm(
     body = _drop(ctx.settings.base_url)
     body["variants"][0]["content"]["email"]["default"]["text"] = "https://shop.example/drop?x=1"
     drop = await _create(app_client, tenant, body)
-    await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/seed-override", {"reason": "t"})
-    await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/start")
+    await _post(
+        app_client, tenant, f"/api/v1/drops/{drop['id']}/seed-override", {"reason": "test run"}
+    )
+    started = await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/start")
+    assert started.status_code == 200, started.text
     email = Recorder()
-    await sender(ctx, email).run_until_idle()
+    await sender(ctx, email, org=tenant).run_until_idle()
+    assert email.sent, started.json()
     text = email.sent[0].text  # type: ignore[union-attr]
     tracked = next(word for word in text.split() if "/r/" in word)
     path = "/r/" + tracked.split("/r/", 1)[1]
@@ -229,17 +233,19 @@ async def test_pause_resume_cancel_are_idempotent(
     for i in range(3):
         await add_contact(app_client, tenant, email=f"p{i}@x.io")
     drop = await _create(app_client, tenant, _drop(ctx.settings.base_url))
-    await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/seed-override", {"reason": "t"})
+    await _post(
+        app_client, tenant, f"/api/v1/drops/{drop['id']}/seed-override", {"reason": "test run"}
+    )
     await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/start")
     for _ in range(2):
         paused = await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/pause")
         assert paused.status_code == 200 and paused.json()["status"] == "paused"
     email = Recorder()
-    assert await sender(ctx, email).run_until_idle() == 0  # paused: nothing goes out
+    assert await sender(ctx, email, org=tenant).run_until_idle() == 0  # paused: nothing goes out
     for _ in range(2):
         resumed = await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/resume")
         assert resumed.json()["status"] == "sending"
-    await sender(ctx, email).run_until_idle()
+    await sender(ctx, email, org=tenant).run_until_idle()
     assert len(email.sent) == 3
     cancelled = await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/cancel")
     assert cancelled.json()["status"] == "cancelled"
@@ -265,12 +271,14 @@ async def test_ab_test_sends_the_winner_to_the_rest(
     ]
     body["variants"][1]["content"]["email"]["default"]["subject"] = "B subject"
     drop = await _create(app_client, tenant, body)
-    await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/seed-override", {"reason": "t"})
+    await _post(
+        app_client, tenant, f"/api/v1/drops/{drop['id']}/seed-override", {"reason": "test run"}
+    )
     started = await _post(app_client, tenant, f"/api/v1/drops/{drop['id']}/start")
     counts = started.json()["counts"]
     assert counts["held"] > 0 and counts["pending"] > 0
     email = Recorder()
-    await sender(ctx, email).run_until_idle()
+    await sender(ctx, email, org=tenant).run_until_idle()
     assert len(email.sent) == counts["pending"]
     # Everyone who got B clicked; nobody who got A did.
     async with ctx.db.transaction() as session:
@@ -285,7 +293,7 @@ async def test_ab_test_sends_the_winner_to_the_rest(
         assert row is not None
         decision = await outcomes.decide_ab(session, row, now=ctx.clock.now())
     assert decision is not None and decision.winner == "B" and decision.significant
-    await sender(ctx, email).run_until_idle()
+    await sender(ctx, email, org=tenant).run_until_idle()
     assert len(email.sent) == 60
     late = [m for m in email.sent[counts["pending"] :]]
     assert all(m.subject == "B subject" for m in late)  # type: ignore[union-attr]

@@ -24,7 +24,7 @@ async def test_every_recipient_gets_one_message_with_a_working_code(
     drop_id = await started_drop(ctx, tenant, drop_spec())
     email = Recorder()
 
-    handled = await sender(ctx, email).run_until_idle()
+    handled = await sender(ctx, email, org=tenant).run_until_idle()
 
     assert handled == 5
     assert sorted(email.to()) == sorted(emails)
@@ -40,7 +40,7 @@ async def test_every_recipient_gets_one_message_with_a_working_code(
     )
     assert valid.status_code == 200, valid.text
     # Nothing left to do: a second run sends nothing again.
-    assert await sender(ctx, email).run_until_idle() == 0
+    assert await sender(ctx, email, org=tenant).run_until_idle() == 0
     assert len(email.sent) == 5
     async with ctx.db.reader() as session:
         statuses = (
@@ -58,7 +58,7 @@ async def test_opt_out_after_the_start_receives_nothing(
     # The drop started (recipients frozen); one of them texts STOP before their batch.
     await inbound(app_client, tenant, "+33622222222", "stop")
     sms = Recorder()
-    await sender(ctx, Recorder(), sms).run_until_idle()
+    await sender(ctx, Recorder(), sms, org=tenant).run_until_idle()
     assert sms.to() == ["+33611111111"]
 
 
@@ -71,11 +71,11 @@ async def test_quiet_hours_defer_until_the_window_opens(
     await add_contact(app_client, tenant, email="ny@x.io", time_zone="America/New_York")  # 17:30
     await started_drop(ctx, tenant, drop_spec(quiet_start_hour=21, quiet_end_hour=8))
     email = Recorder()
-    await sender(ctx, email).run_until_idle()
+    await sender(ctx, email, org=tenant).run_until_idle()
     assert email.to() == ["ny@x.io"]
 
     clock.set(datetime(2026, 7, 5, 5, 59, 59, tzinfo=UTC))  # type: ignore[attr-defined]  # 07:59:59
-    assert await sender(ctx, email).run_until_idle() == 0
+    assert await sender(ctx, email, org=tenant).run_until_idle() == 0
     clock.set(datetime(2026, 7, 5, 6, 0, 0, tzinfo=UTC))  # type: ignore[attr-defined]  # 08:00 Paris
-    await sender(ctx, email).run_until_idle()
+    await sender(ctx, email, org=tenant).run_until_idle()
     assert email.to() == ["ny@x.io", "night@x.io"]

@@ -683,7 +683,12 @@ def preferences_token(signer: Signer, contact: Contact) -> str:
 
 def unsubscribe_headers(signer: Signer, base_url: str, contact: Contact) -> dict[str, str]:
     """RFC 8058 headers for an email to this contact (RFC 2369 List-Unsubscribe + one-click)."""
-    url = f"{base_url.rstrip('/')}/u/{preferences_token(signer, contact)}"
+    return unsubscribe_headers_for(f"{base_url.rstrip('/')}/u/{preferences_token(signer, contact)}")
+
+
+def unsubscribe_headers_for(url: str | None) -> dict[str, str]:
+    if url is None:
+        return {}
     return {
         "List-Unsubscribe": f"<{url}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",

@@ -93,17 +93,17 @@ async def seed_test(
         return ok, "external: well-formed" if ok else "malformed URL"
 
     try:
-        async with ctx.db.transaction() as session:
-            drop = await service.run_seed_test(
-                session,
-                ctx.signer,
-                principal,
-                drop_id,
-                base_url=ctx.settings.base_url,
-                transports=service.SeedTransports(email, sms),
-                check_url=check_url,
-                now=ctx.clock.now(),
-            )
+        drop = await service.run_seed_test(
+            ctx.db,
+            ctx.signer,
+            principal,
+            drop_id,
+            base_url=ctx.settings.base_url,
+            transports=service.SeedTransports(email, sms),
+            check_url=check_url,
+            now=ctx.clock.now(),
+        )
+        async with ctx.db.reader() as session:
             return await service.drop_out(session, drop)
     finally:
         await app_client.aclose()

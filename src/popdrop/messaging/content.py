@@ -9,6 +9,7 @@ click and redirects without a database lookup for the URL.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from popdrop.audience import service as audience
@@ -52,7 +53,7 @@ class Links:
             CLICK_PURPOSE, {"d": self.drop.id, "r": self.send_row_id, "u": destination}
         )
 
-    @property
+    @cached_property
     def unsubscribe_url(self) -> str | None:
         if self.contact is None:
             return None

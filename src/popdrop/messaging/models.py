@@ -90,6 +90,7 @@ class SendRow(Base):
         UniqueConstraint("drop_id", "contact_id", "channel"),
         Index("ix_send_rows_due", "drop_id", "status", "not_before"),
         Index("ix_send_rows_sent", "drop_id", "sent_at"),
+        Index("ix_send_rows_contact", "contact_id", "channel", "sent_at"),  # frequency caps
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

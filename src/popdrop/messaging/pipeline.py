@@ -9,6 +9,7 @@ pool size; safety from committing each message's outcome right after its provide
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections import defaultdict
@@ -17,12 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import BigInteger, String, bindparam, func, select, update
 
 from popdrop.audience import service as audience
 from popdrop.audience.models import Contact
 from popdrop.core.clock import Clock
-from popdrop.core.db import Database
+from popdrop.core.db import Database, UTCDateTime
 from popdrop.core.errors import PopdropError
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event
@@ -40,6 +41,21 @@ from popdrop.vouchers import service as vouchers
 from popdrop.vouchers.models import VoucherBatch
 
 MAX_ATTEMPTS = 5
+# Built once: a statement per message is the hot path of a send.
+_CHECKPOINT = (
+    update(SendRow)
+    .where(SendRow.id == bindparam("row_id"), SendRow.claimed_by == bindparam("worker"))
+    .values(
+        status=bindparam("status"),
+        message_id=bindparam("message_id"),
+        voucher_id=func.coalesce(bindparam("voucher_id", type_=BigInteger), SendRow.voucher_id),
+        sent_at=func.coalesce(bindparam("sent_at", type_=UTCDateTime), SendRow.sent_at),
+        provider_id=func.coalesce(bindparam("provider_id", type_=String), SendRow.provider_id),
+        not_before=func.coalesce(bindparam("not_before", type_=UTCDateTime), SendRow.not_before),
+        outcome=func.coalesce(bindparam("outcome", type_=String), SendRow.outcome),
+        claimed_by=None,
+    )
+)
 
 
 def worker_name() -> str:
@@ -68,6 +84,7 @@ class Sender:
     lease_seconds: float = 60.0
     batch_size: int = 200
     concurrency: int = 8
+    org_id: int | None = None  # only this organization's drops (None: every organization)
     _drops: dict[int, _DropContext] = field(default_factory=dict)
 
     async def run_until_idle(self, *, max_batches: int | None = None) -> int:
@@ -92,6 +109,7 @@ class Sender:
                 now=now,
                 lease_seconds=self.lease_seconds,
                 limit=self.batch_size,
+                org_id=self.org_id,
             )
         if claimed:
             await self._process(claimed)
@@ -191,7 +209,30 @@ class Sender:
             async with gate:
                 await self._send_one(context, row, contact, codes.get(row.id), now)
 
-        await asyncio.gather(*(one(row, contact) for row, contact in to_send))
+        ids = [row.id for row, _c in to_send]
+        heartbeat = asyncio.create_task(self._heartbeat(ids))
+        try:
+            await asyncio.gather(*(one(row, contact) for row, contact in to_send))
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _heartbeat(self, ids: list[int]) -> None:
+        """Keep this batch's lease fresh while it sends (a slow provider, a rate limit), so
+        no other worker takes rows that are still on their way out."""
+        while ids:
+            await asyncio.sleep(self.lease_seconds / 3)
+            async with self.db.single_statements() as conn:
+                await conn.execute(
+                    update(SendRow)
+                    .where(
+                        SendRow.id.in_(ids),
+                        SendRow.claimed_by == self.worker,
+                        SendRow.status == "claimed",
+                    )
+                    .values(claimed_at=self.clock.now())
+                )
 
     async def _recipients(
         self, drop: Drop, rows: Sequence[Claimed], now: datetime
@@ -232,13 +273,12 @@ class Sender:
     ) -> dict[int, tuple[int, str]]:
         if context.batch is None:
             return {}
-        codes: dict[int, tuple[int, str]] = {}
-        for row, _contact in rows:
-            # One code per contact and drop, whichever channel carries it.
-            codes[row.id] = await vouchers.issue_derived(
-                session, self.signer, context.batch, f"drop:{row.drop_id}:{row.contact_id}", now=now
-            )
-        return codes
+        # One code per contact and drop, whichever channel carries it.
+        subjects = {row.id: f"drop:{row.drop_id}:{row.contact_id}" for row, _contact in rows}
+        issued = await vouchers.issue_derived(
+            session, self.signer, context.batch, list(set(subjects.values())), now=now
+        )
+        return {row_id: issued[subject] for row_id, subject in subjects.items()}
 
     async def _send_one(
         self,
@@ -288,7 +328,7 @@ class Sender:
                     subject=rendered.subject,
                     text=rendered.text,
                     html=rendered.html,
-                    headers=audience.unsubscribe_headers(self.signer, self.base_url, contact),
+                    headers=audience.unsubscribe_headers_for(links.unsubscribe_url),
                     org_id=drop.org_id,
                 )
             )
@@ -314,27 +354,29 @@ class Sender:
     ) -> None:
         """Commit this one message's outcome now: a crash after this line never resends it."""
         now = self.clock.now()
-        values: dict[str, Any] = {"message_id": message_id, "claimed_by": None}
-        if voucher is not None:
-            values["voucher_id"] = voucher[0]
+        params: dict[str, Any] = {
+            "row_id": row.id,
+            "worker": self.worker,
+            "message_id": message_id,
+            "voucher_id": voucher[0] if voucher else None,
+            "sent_at": None,
+            "provider_id": None,
+            "not_before": None,
+            "outcome": None,
+        }
         if result.ok:
-            values |= {"status": "sent", "sent_at": now, "provider_id": result.provider_id}
+            params |= {"status": "sent", "sent_at": now, "provider_id": result.provider_id}
         elif result.permanent or row.attempts >= MAX_ATTEMPTS:
-            values |= {"status": "failed", "outcome": (result.error or "failed")[:200]}
+            params |= {"status": "failed", "outcome": (result.error or "failed")[:200]}
         else:  # transient: back off and let any worker retry it
             delay = result.retry_after or min(300.0, 5.0 * 2 ** (row.attempts - 1))
-            values |= {
+            params |= {
                 "status": "pending",
                 "not_before": now + timedelta(seconds=delay),
-                "claimed_at": None,
                 "outcome": (result.error or "retry")[:200],
             }
         async with self.db.single_statements() as conn:
-            await conn.execute(
-                update(SendRow)
-                .where(SendRow.id == row.id, SendRow.claimed_by == self.worker)
-                .values(**values)
-            )
+            await conn.execute(_CHECKPOINT, params)
 
 
 def _refusal(row: Claimed, contact: Contact | None) -> str | None:

@@ -34,6 +34,7 @@ from popdrop.accounts.service import Principal
 from popdrop.audience import service as audience
 from popdrop.audience.models import Contact
 from popdrop.audience.schemas import SegmentRules
+from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event
@@ -390,9 +391,16 @@ class Claimed:
 
 
 async def claim_batch(
-    conn: AsyncConnection, *, worker: str, now: datetime, lease_seconds: float, limit: int
+    conn: AsyncConnection,
+    *,
+    worker: str,
+    now: datetime,
+    lease_seconds: float,
+    limit: int,
+    org_id: int | None = None,
 ) -> list[Claimed]:
-    """Take up to `limit` due rows of sending drops (or rows whose lease ran out)."""
+    """Take up to `limit` due rows of sending drops (or rows whose lease ran out); only
+    one organization's with `org_id` (a worker dedicated to one tenant)."""
     stale = now - timedelta(seconds=lease_seconds)
     due = (
         select(SendRow.id)
@@ -407,6 +415,8 @@ async def claim_batch(
         .order_by(SendRow.id)
         .limit(limit)
     )
+    if org_id is not None:
+        due = due.where(SendRow.org_id == org_id)
     if conn.dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True, of=SendRow)
     taken = await conn.execute(
@@ -466,7 +476,7 @@ class SeedTransports:
 
 
 async def run_seed_test(
-    session: AsyncSession,
+    db: Database,
     signer: Signer,
     principal: Principal,
     drop_id: int,
@@ -478,94 +488,109 @@ async def run_seed_test(
 ) -> Drop:
     """Send every variant to the seed list, then check by itself that every link in every
     seed message resolves and that each seed voucher validates (dry run). The real send
-    stays blocked until this passes (or an owner overrides it)."""
+    stays blocked until this passes (or an owner overrides it).
+
+    No transaction is held while the providers are called or the links are fetched (on
+    SQLite the development mailbox writes through the same lock)."""
     from popdrop.messaging import content
     from popdrop.messaging.transports import OutboundEmail, OutboundSms
 
     principal.require("drops:write")
-    drop = await get_drop(session, principal, drop_id)
-    if drop.status not in ("draft", "scheduled"):
-        raise PopdropError("conflict", f"this drop is {drop.status}")
-    seeds: list[str] = json.loads(drop.seed_list or "[]")
-    if not seeds:
-        raise PopdropError("invalid_request", "seed_list: add at least one seed address")
-    batch = (
-        await session.get(VoucherBatch, drop.voucher_batch_id) if drop.voucher_batch_id else None
-    )
-    event = await session.get(Event, drop.event_id) if drop.event_id else None
-    checker = system_principal(drop.org_id)
+    async with db.transaction() as session:
+        drop = await get_drop(session, principal, drop_id)
+        if drop.status not in ("draft", "scheduled"):
+            raise PopdropError("conflict", f"this drop is {drop.status}")
+        seeds: list[str] = json.loads(drop.seed_list or "[]")
+        if not seeds:
+            raise PopdropError("invalid_request", "seed_list: add at least one seed address")
+        batch = (
+            await session.get(VoucherBatch, drop.voucher_batch_id)
+            if drop.voucher_batch_id
+            else None
+        )
+        event = await session.get(Event, drop.event_id) if drop.event_id else None
+        variants = [(v.name, v.content) for v in await variants_of(session, drop.id)]
+        codes = (
+            await vouchers.issue_derived(
+                session, signer, batch, [f"seed:{drop.id}:{seed}" for seed in seeds], now=now
+            )
+            if batch is not None
+            else {}
+        )
+    channels = drop.channels.split()
     report: list[dict[str, Any]] = []
-    for variant in await variants_of(session, drop.id):
-        compiled = content.compile_variant(variant.content)
+    for name, stored in variants:
+        compiled = content.compile_variant(stored)
         for number, seed in enumerate(seeds):
             channel = "email" if "@" in seed else "sms"
-            if channel not in drop.channels.split():
+            if channel not in channels:
                 continue
-            entry: dict[str, Any] = {"seed": seed, "variant": variant.name, "channel": channel}
-            voucher = None
-            if batch is not None:
-                voucher = await vouchers.issue_derived(
-                    session, signer, batch, f"seed:{drop.id}:{seed}", now=now
-                )
-                try:
-                    await vouchers.validate(
-                        session,
-                        signer,
-                        Principal(drop.org_id, checker.actor, "system", _REDEEM),
-                        code=voucher[1],
-                        contact_ref=None,
-                        now=now,
-                    )
-                    entry["voucher"] = "valid"
-                except PopdropError as error:
-                    entry["voucher"] = error.reason
+            voucher = codes.get(f"seed:{drop.id}:{seed}")
+            entry: dict[str, Any] = {"seed": seed, "variant": name, "channel": channel}
             links = content.Links(signer, base_url, drop, None, None)
             values = content.context_for(drop, None, event, voucher, links, first_name="Seed")
-            message_id = f"<drop-{drop.id}.seed-{number}.{variant.name}@popdrop>"
             result: SendResult | None = None
-            if channel == "email" and transports.email is not None:
-                rendered = compiled.render_email("default", values, links)
-                result = await transports.email.send(
-                    OutboundEmail(
-                        message_id=message_id,
-                        to=seed,
-                        from_address=drop.from_email,
-                        from_name=drop.from_name,
-                        subject=f"[seed] {rendered.subject}",
-                        text=rendered.text,
-                        html=rendered.html,
-                        org_id=drop.org_id,
-                    )
-                )
-                urls = [link.url for link in rendered.links]
-            else:
-                rendered_sms = compiled.render_sms("default", values, links)
-                result = (
-                    await transports.sms.send(
-                        OutboundSms(
+            try:
+                if channel == "email" and transports.email is not None:
+                    rendered = compiled.render_email("default", values, links)
+                    urls = [link.url for link in rendered.links]
+                    result = await transports.email.send(
+                        OutboundEmail(
+                            message_id=f"<drop-{drop.id}.seed-{number}.{name}@popdrop>",
                             to=seed,
-                            from_number=drop.sms_from,
-                            body=rendered_sms.body,
+                            from_address=drop.from_email,
+                            from_name=drop.from_name,
+                            subject=f"[seed] {rendered.subject}",
+                            text=rendered.text,
+                            html=rendered.html,
                             org_id=drop.org_id,
                         )
                     )
-                    if transports.sms is not None
-                    else None
-                )
-                urls = [link.url for link in rendered_sms.links]
+                else:
+                    rendered_sms = compiled.render_sms("default", values, links)
+                    urls = [link.url for link in rendered_sms.links]
+                    if transports.sms is not None:
+                        result = await transports.sms.send(
+                            OutboundSms(
+                                to=seed,
+                                from_number=drop.sms_from,
+                                body=rendered_sms.body,
+                                org_id=drop.org_id,
+                            )
+                        )
+            except PopdropError as error:  # a template that cannot render is a failed test
+                entry |= {"delivered": False, "error": error.message, "links": [], "ok": False}
+                report.append(entry)
+                continue
             entry["delivered"] = bool(result and result.ok)
             entry["links"] = []
             for url in urls:
                 ok, detail = await check_url(url)
                 entry["links"].append({"url": url, "ok": ok, "detail": detail})
-            entry["ok"] = (
+            if voucher is not None:
+                entry["code"] = voucher[1]
+            report.append(entry)
+    async with db.transaction() as session:
+        checker = Principal(drop.org_id, "system:seed-test", "system", _REDEEM)
+        for entry in report:
+            code = entry.pop("code", None)
+            if code is not None:
+                try:
+                    await vouchers.validate(
+                        session, signer, checker, code=code, contact_ref=None, now=now
+                    )
+                    entry["voucher"] = "valid"
+                except PopdropError as error:
+                    entry["voucher"] = error.reason
+            entry.setdefault(
+                "ok",
                 entry["delivered"]
                 and all(link["ok"] for link in entry["links"])
-                and entry.get("voucher", "valid") == "valid"
+                and entry.get("voucher", "valid") == "valid",
             )
-            report.append(entry)
-    drop.seed_report = json.dumps(report)
-    drop.seed_status = "passed" if report and all(e["ok"] for e in report) else "failed"
-    drop.updated_at = now
-    await session.flush()
-    return drop
+        drop = await get_drop(session, principal, drop_id)
+        drop.seed_report = json.dumps(report)
+        drop.seed_status = "passed" if report and all(e["ok"] for e in report) else "failed"
+        drop.updated_at = now
+        await session.flush()
+        return drop

@@ -212,33 +212,56 @@ async def issue_batch(
 
 
 async def issue_derived(
-    session: AsyncSession, signer: Signer, batch: VoucherBatch, subject: str, *, now: datetime
-) -> tuple[int, str]:
-    """The single-use code of one recipient of an open batch (a drop's per-recipient
-    voucher): derived from a MAC of (batch, subject), so sending again after a crash hands
-    out the same code instead of a second one. Returns (voucher id, formatted code)."""
-    code = codes.derived_code(batch.prefix, signer.mac("voucher-derived", f"{batch.id}:{subject}"))
-    code_hash = signer.keyed_hash(code)
+    session: AsyncSession,
+    signer: Signer,
+    batch: VoucherBatch,
+    subjects: Sequence[str],
+    *,
+    now: datetime,
+) -> dict[str, tuple[int, str]]:
+    """The single-use codes of recipients of an open batch (a drop's per-recipient
+    vouchers), one per subject: each derived from a MAC of (batch, subject), so sending
+    again after a crash hands out the same code instead of a second one. One insert and
+    one read for the lot. Returns {subject: (voucher id, formatted code)}."""
+    if not subjects:
+        return {}
+    until = _voucher_until(batch.valid_until, batch.ttl_seconds, now)
+    by_hash: dict[bytes, tuple[str, str]] = {}
+    for subject in subjects:
+        code = codes.derived_code(
+            batch.prefix, signer.mac("voucher-derived", f"{batch.id}:{subject}")
+        )
+        by_hash[signer.keyed_hash(code)] = (subject, codes.format_code(code))
     conn = await session.connection()
     await conn.execute(
         dialect_insert(conn.dialect.name, _vouchers)
         .values(
-            org_id=batch.org_id,
-            batch_id=batch.id,
-            code_hash=code_hash,
-            uses=0,
-            max_uses=batch.max_uses,
-            valid_from=batch.valid_from,
-            valid_until=_voucher_until(batch.valid_until, batch.ttl_seconds, now),
-            issued_at=now,
-            # A code of a revoked batch is born revoked: the offer is over.
-            revoked_at=batch.revoked_at,
+            [
+                {
+                    "org_id": batch.org_id,
+                    "batch_id": batch.id,
+                    "code_hash": code_hash,
+                    "uses": 0,
+                    "max_uses": batch.max_uses,
+                    "valid_from": batch.valid_from,
+                    "valid_until": until,
+                    "issued_at": now,
+                    # A code of a revoked batch is born revoked: the offer is over.
+                    "revoked_at": batch.revoked_at,
+                }
+                for code_hash in by_hash
+            ]
         )
         .on_conflict_do_nothing(index_elements=["code_hash"])
     )
-    voucher_id = await conn.scalar(select(Voucher.id).where(Voucher.code_hash == code_hash))
-    assert voucher_id is not None
-    return int(voucher_id), codes.format_code(code)
+    found = await conn.execute(
+        select(Voucher.id, Voucher.code_hash).where(Voucher.code_hash.in_(list(by_hash)))
+    )
+    issued: dict[str, tuple[int, str]] = {}
+    for voucher_id, code_hash in found:
+        subject, code = by_hash[bytes(code_hash)]
+        issued[subject] = (int(voucher_id), code)
+    return issued
 
 
 def _voucher_until(

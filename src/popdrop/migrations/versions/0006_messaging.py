@@ -184,6 +184,9 @@ def upgrade() -> None:
     op.create_index(op.f("ix_send_rows_message_id"), "send_rows", ["message_id"], unique=False)
     op.create_index(op.f("ix_send_rows_provider_id"), "send_rows", ["provider_id"], unique=False)
     op.create_index("ix_send_rows_sent", "send_rows", ["drop_id", "sent_at"], unique=False)
+    op.create_index(
+        "ix_send_rows_contact", "send_rows", ["contact_id", "channel", "sent_at"], unique=False
+    )
 
 
 def downgrade() -> None:
