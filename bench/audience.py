@@ -63,22 +63,8 @@ LOCALES = ["fr", "fr-FR", "en", "en-GB", "de", "es", "it"]
 ZONES = ["Europe/Paris", "Europe/Brussels", "Europe/London", "Europe/Berlin"]
 # French mobile prefixes phonenumbers accepts as valid: 7 x 10^7 distinct numbers.
 MOBILE = ["60", "61", "62", "64", "65", "66", "67"]
-HEADER = [
-    "email",
-    "phone",
-    "first_name",
-    "locale",
-    "time_zone",
-    "tags",
-    "interests",
-    "source",
-    "lat",
-    "lon",
-    "consent_email",
-    "consent_sms",
-    "consent_wording",
-    "consent_proof",
-]
+# The importer's columns but the optional phone_region (every number here is E.164).
+HEADER = [name for name in importer.COLUMNS if name != "phone_region"]
 
 
 def _phone(i: int, rng: random.Random) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -134,7 +135,7 @@ class Worker:
                 decision = await outcomes.decide_ab(session, drop, now=now)
                 if decision is not None:
                     log.info("a/b decided", drop=drop.id, winner=decision.winner)
-        stale = now.timestamp() - self.settings.send_lease_seconds
+        stale = now - timedelta(seconds=self.settings.send_lease_seconds)
         async with self.db.reader() as session:
             due = (
                 await session.scalars(
@@ -143,7 +144,7 @@ class Worker:
                     .where(
                         Drop.status == "sending",
                         ((SendRow.status == "pending") & (SendRow.not_before <= now))
-                        | ((SendRow.status == "claimed") & (SendRow.claimed_at < _utc(stale))),
+                        | ((SendRow.status == "claimed") & (SendRow.claimed_at < stale)),
                     )
                     .distinct()
                 )
@@ -173,9 +174,3 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await receiver
             await self.broker.shutdown()
-
-
-def _utc(timestamp: float) -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(timestamp, UTC)
