@@ -14,6 +14,7 @@ from sqlalchemy import String, Text, select
 from popdrop.core.clock import FrozenClock
 from popdrop.core.db import Base
 from popdrop.core.migrate import target_metadata
+from popdrop.messaging.models import MailboxMessage
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, inbound, preview
 from tests.conftest import Tenant, issue
@@ -70,6 +71,18 @@ async def _person_everywhere(
         headers={**tenant.headers, "Idempotency-Key": f"redeem-{phone}"},
     )
     assert redeemed.status_code == 200, redeemed.text
+    async with ctx.db.transaction() as session:  # a drop to them in the dev mailbox
+        session.add(
+            MailboxMessage(
+                org_id=tenant.org_id,
+                channel="email",
+                recipient=email.lower(),
+                subject="Drop",
+                text="hi",
+                headers="{}",
+                at=ctx.clock.now(),
+            )
+        )
     return contact
 
 

@@ -26,6 +26,7 @@ from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.idempotency import IdempotencyRecord
 from popdrop.core.signing import Signer
 from popdrop.inventory.models import Hold
+from popdrop.messaging.models import MailboxMessage
 from popdrop.rsvp.models import Rsvp
 from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
 
@@ -169,6 +170,14 @@ async def erase_contact(
             delete(IdempotencyRecord).where(
                 IdempotencyRecord.org_id == org_id,
                 or_(*[IdempotencyRecord.body.contains(p, autoescape=True) for p in clear]),
+            ),
+        )
+    if clear:
+        # The development mailbox keeps what would have gone out, addressed in clear.
+        scrubbed["mailbox_messages"] = await _count(
+            session,
+            delete(MailboxMessage).where(
+                MailboxMessage.org_id == org_id, MailboxMessage.recipient.in_(clear)
             ),
         )
     scrubbed["labels"] = await _count(
