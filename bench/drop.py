@@ -247,7 +247,7 @@ async def freeze_and_render(
             links = content.Links(common.SIGNER, BASE_URL, drop, row_id, contact)
             values = content.context_for(drop, contact, None, (0, code), links)
             email = variant.render_email(bucket, values, links)
-            headers = audience.unsubscribe_headers(common.SIGNER, BASE_URL, contact)
+            headers = audience.unsubscribe_headers_for(links.unsubscribe_url)
             size += len(email.subject) + len(email.text) + len(email.html or "")
             rendered += 1
             if len(samples) < SAMPLES:
@@ -287,7 +287,8 @@ async def deliver(db: Database, port: int, connections: int, batch_size: int) ->
         email=pool,
         lease_seconds=60.0,
         batch_size=batch_size,
-        concurrency=max(connections, 4),  # as worker.Worker configures it
+        concurrency=2 * connections,  # as worker.Worker configures it
+        in_flight=connections,
     )
     started = time.perf_counter()
     try:

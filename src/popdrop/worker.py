@@ -27,6 +27,7 @@ from popdrop.messaging import service as drops
 from popdrop.messaging.mailbox import Mailbox
 from popdrop.messaging.models import Drop, SendRow
 from popdrop.messaging.pipeline import Sender
+from popdrop.messaging.throttle import Throttled
 from popdrop.messaging.transports import EmailTransport, SmsTransport
 
 
@@ -63,6 +64,10 @@ def make_transports(
         from popdrop.messaging.twilio import TwilioSms
 
         sms = TwilioSms(settings.sms_base_url, settings.sms_account_sid, settings.sms_auth_token)
+    if settings.smtp_rate_per_s:
+        email = Throttled(email, settings.smtp_rate_per_s, settings.smtp_rate_burst)
+    if settings.sms_rate_per_s:
+        sms = Throttled(sms, settings.sms_rate_per_s, settings.sms_rate_burst)
     return email, sms
 
 
@@ -84,7 +89,10 @@ class Worker:
             sms=sms,
             lease_seconds=settings.send_lease_seconds,
             batch_size=settings.send_batch_size,
-            concurrency=max(settings.smtp_pool_size, 4),
+            # Twice the pool's tasks, so one message renders while another is on the wire;
+            # never more unrecorded provider calls than open SMTP connections.
+            concurrency=2 * settings.smtp_pool_size,
+            in_flight=settings.smtp_pool_size,
         )
 
         # A plain function, not the bound method: taskiq renames the function it registers
@@ -102,8 +110,9 @@ class Worker:
 
     async def _send_drop(self, drop_id: int) -> int:
         """Send what is due (the drop id is a hint: rows of any sending drop are taken).
-        One send loop per process, so at most `concurrency` messages are ever in flight
-        here — the bound on what a killed worker can send twice."""
+        One send loop per process, so at most `in_flight` (the SMTP pool size) messages
+        are ever between a provider call and their checkpoint here — the bound on what a
+        killed worker can send twice."""
         del drop_id
         if self._busy:
             return 0

@@ -532,3 +532,18 @@ async def test_double_opt_in_link_confirms(
     assert (await consent_of(ctx, ids[0]))["email"] == "granted"
     twice = await app_client.get(f"/c/{token}", headers=HTML)  # a second click is harmless
     assert twice.status_code == 200
+
+
+async def test_unsubscribe_links_in_mail_sent_before_the_short_token_still_work(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
+) -> None:
+    """Mail already in inboxes carries the older, JSON-payload token: it must keep working
+    (an unsubscribe link is honoured months later), and a forged one must not."""
+    ids = await seed(ctx, tenant, AUDIENCE[4:5])
+    legacy = ctx.signer.sign(service.PREFERENCES_PURPOSE, {"o": tenant.org_id, "c": ids[0]})
+    assert legacy != await _token_for(ctx, ids[0])
+    done = await app_client.post(f"/u/{legacy}")
+    assert done.status_code == 200, done.text
+    assert (await consent_of(ctx, ids[0]))["email"] == "revoked"
+    forged = await app_client.post(f"/u/{legacy[:-4]}abcd")
+    assert forged.status_code == 400

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from popdrop.messaging import content
 from popdrop.messaging.models import SendRow
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, preview
@@ -158,6 +159,12 @@ async def test_clicks_are_tracked_and_redirect_with_utm(
     assert row is not None
     tampered = await app_client.get(path[:-3] + "abc")
     assert tampered.status_code == 400
+    # A link in mail sent before the short token (JSON payload) still redirects.
+    legacy = ctx.signer.sign(
+        content.CLICK_PURPOSE, {"d": drop["id"], "r": None, "u": "https://shop.example/old"}
+    )
+    old = await app_client.get(f"/r/{legacy}")
+    assert old.status_code == 302 and old.headers["location"] == "https://shop.example/old"
 
 
 @pytest.mark.parametrize(

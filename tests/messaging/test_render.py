@@ -520,3 +520,52 @@ def test_sms_segments_ucs2_and_emoji() -> None:
     # One emoji turns a 100-character GSM text into two UCS-2 parts.
     assert sms_segments("a" * 100) == 1
     assert sms_segments("a" * 99 + "🎉") == 2
+
+
+@given(
+    subject=st.text(max_size=40),
+    preheader=st.text(max_size=20),
+    unsubscribe=st.one_of(st.none(), st.text(max_size=30)),
+    organization=st.one_of(st.none(), st.text(max_size=20)),
+)
+@settings(max_examples=150, deadline=None)
+def test_default_layout_joined_from_pieces_equals_a_jinja_render(
+    subject: str, preheader: str, unsubscribe: str | None, organization: str | None
+) -> None:
+    """The layout is rendered once per (locale, organization, …) and then only joined per
+    message: the result must be the very bytes a full Jinja render gives, escaping and all."""
+    from markupsafe import Markup
+
+    from popdrop.messaging import render
+
+    values = {
+        "locale": "fr",
+        "organization": organization,
+        "unsubscribe_url": unsubscribe,
+        "preferences_url": unsubscribe,
+        "subject": subject,
+        "preheader": preheader,
+        "logo_url": None,
+        "body": Markup("<p>Tom &amp; Jerry's <b>drop</b></p>"),
+    }
+    slow = render._compile_cached(DEFAULT_EMAIL_LAYOUT, "layout", True, None).render(values)
+    assert render._render_layout(DEFAULT_EMAIL_LAYOUT, values) == slow
+
+
+def test_a_layout_that_filters_a_per_message_value_is_rendered_in_full() -> None:
+    from markupsafe import Markup
+
+    from popdrop.messaging import render
+
+    layout = "<title>{{ subject|upper }}</title>{{ body }}"
+    values = {
+        "locale": "en",
+        "organization": None,
+        "unsubscribe_url": None,
+        "preferences_url": None,
+        "subject": "hi & bye",
+        "preheader": "",
+        "logo_url": None,
+        "body": Markup("<p>x</p>"),
+    }
+    assert render._render_layout(layout, values) == "<title>HI &amp; BYE</title><p>x</p>"

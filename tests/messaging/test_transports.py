@@ -522,3 +522,20 @@ async def test_waiting_senders_are_not_stranded_when_connections_die() -> None:
     )
     await pool.close()
     assert all(not r.ok and not r.permanent for r in results)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Gaëlle, your hot invite: the drop is on",
+        "é" * 120,
+        "日本語のドロップ今日だけ" * 4,
+        "Emoji 🎉 in the middle 🎉 of a long subject line that needs folding " * 2,
+    ],
+)
+def test_non_ascii_subjects_are_encoded_words_that_decode_exactly(subject: str) -> None:
+    raw = render_message(outbound(subject=subject))
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()
+    assert all(len(line) <= 78 for line in head.split(b"\r\n") if b"=?utf-8?" in line)
+    assert build_message(outbound(subject=subject))["Subject"] == subject

@@ -678,7 +678,7 @@ async def _contact_from_payload(session: AsyncSession, payload: Any) -> Contact:
 def preferences_token(signer: Signer, contact: Contact) -> str:
     """A signed, non-expiring token naming one contact: the one-click unsubscribe URL and the
     preferences page both take it (an unsubscribe link must work months later)."""
-    return signer.sign(PREFERENCES_PURPOSE, {"o": contact.org_id, "c": contact.id})
+    return signer.sign_text(PREFERENCES_PURPOSE, f"{contact.org_id}:{contact.id}")
 
 
 def unsubscribe_headers(signer: Signer, base_url: str, contact: Contact) -> dict[str, str]:
@@ -696,7 +696,14 @@ def unsubscribe_headers_for(url: str | None) -> dict[str, str]:
 
 
 async def contact_from_token(session: AsyncSession, signer: Signer, token: str) -> Contact:
-    return await _contact_from_payload(session, signer.unsign(PREFERENCES_PURPOSE, token))
+    payload: Any
+    try:
+        org, _sep, contact = signer.unsign_text(PREFERENCES_PURPOSE, token).partition(":")
+        payload = {"o": int(org), "c": int(contact)}
+    except (PopdropError, ValueError):
+        # Links in mail sent before the short token still work.
+        payload = signer.unsign(PREFERENCES_PURPOSE, token)
+    return await _contact_from_payload(session, payload)
 
 
 async def one_click_unsubscribe(

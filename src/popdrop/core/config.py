@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     smtp_tls: bool = False  # implicit TLS (port 465)
     smtp_starttls: bool | None = None  # None: upgrade when the server offers it
     smtp_pool_size: int = Field(default=4, ge=1, le=64)
+    # Provider rate limits (token bucket per worker process; unset: as fast as it takes).
+    smtp_rate_per_s: float | None = Field(default=None, gt=0)
+    smtp_rate_burst: int = Field(default=10, ge=1)
+    sms_rate_per_s: float | None = Field(default=None, gt=0)
+    sms_rate_burst: int = Field(default=1, ge=1)
     # Outbound SMS through a Twilio-format REST API; unset: SMS go to the mailbox too.
     sms_base_url: str | None = None
     sms_account_sid: str = ""

@@ -49,9 +49,8 @@ class Links:
     contact: Contact | None
 
     def tracker(self, destination: str) -> str:
-        return self.signer.sign(
-            CLICK_PURPOSE, {"d": self.drop.id, "r": self.send_row_id, "u": destination}
-        )
+        row = "" if self.send_row_id is None else self.send_row_id
+        return self.signer.sign_text(CLICK_PURPOSE, f"{self.drop.id}:{row}:{destination}")
 
     @cached_property
     def unsubscribe_url(self) -> str | None:
@@ -63,7 +62,12 @@ class Links:
 
 def read_click(signer: Signer, token: str) -> tuple[int, int | None, str]:
     """(drop id, send row id, destination) of a tracking token, or `link_invalid`."""
-    payload: Any = signer.unsign(CLICK_PURPOSE, token)
+    payload: Any
+    try:
+        drop, row_id, url = signer.unsign_text(CLICK_PURPOSE, token).split(":", 2)
+        payload = {"d": int(drop), "r": int(row_id) if row_id else None, "u": url}
+    except (PopdropError, ValueError):
+        payload = signer.unsign(CLICK_PURPOSE, token)  # a link sent before the short token
     if (
         not isinstance(payload, dict)
         or not isinstance(payload.get("d"), int)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, String, bindparam, func, select, update
+from sqlalchemy import BigInteger, String, bindparam, func, select, text, update
 
 from popdrop.audience import service as audience
 from popdrop.audience.models import Contact
@@ -58,6 +58,9 @@ _CHECKPOINT = (
 )
 
 
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -84,8 +87,14 @@ class Sender:
     lease_seconds: float = 60.0
     batch_size: int = 200
     concurrency: int = 8
+    # Messages between the start of their provider call and their committed checkpoint:
+    # the most a crash can send twice. Defaults to `concurrency`; a worker sets it to the
+    # SMTP pool size and runs twice as many tasks, so rendering overlaps sending.
+    in_flight: int | None = None
     org_id: int | None = None  # only this organization's drops (None: every organization)
     _drops: dict[int, _DropContext] = field(default_factory=dict)
+    _checkpoints: _GroupCommit | None = None
+    _permits: asyncio.Semaphore | None = None
 
     async def run_until_idle(self, *, max_batches: int | None = None) -> int:
         """Send every due row; the number of rows handled."""
@@ -209,6 +218,10 @@ class Sender:
             async with gate:
                 await self._send_one(context, row, contact, codes.get(row.id), now)
 
+        if self._checkpoints is None:
+            self._checkpoints = _GroupCommit(self.db)
+            self._permits = asyncio.Semaphore(self.in_flight or self.concurrency)
+
         ids = [row.id for row, _c in to_send]
         heartbeat = asyncio.create_task(self._heartbeat(ids))
         try:
@@ -289,61 +302,61 @@ class Sender:
         now: datetime,
     ) -> None:
         drop = context.drop
+        message_id = f"<drop-{drop.id}.contact-{contact.id}.{row.channel}@popdrop>"
+        message: OutboundEmail | OutboundSms | SendResult
+        try:
+            message = self._prepare(context, row, contact, voucher, message_id, now)
+        except PopdropError as error:  # a template that fails for this contact's data
+            message = SendResult(ok=False, permanent=True, error=f"render: {error.message}")
+        assert self._permits is not None
+        # Rendered outside the permit (it is CPU only); from the provider call to the
+        # committed checkpoint inside it, so at most `in_flight` messages are unrecorded.
+        async with self._permits:
+            if isinstance(message, OutboundEmail):
+                assert self.email is not None
+                result = await self.email.send(message)
+            elif isinstance(message, OutboundSms):
+                assert self.sms is not None
+                result = await self.sms.send(message)
+            else:
+                result = message
+            await self._checkpoint(row, result, message_id, voucher)
+
+    def _prepare(
+        self,
+        context: _DropContext,
+        row: Claimed,
+        contact: Contact,
+        voucher: tuple[int, str] | None,
+        message_id: str,
+        now: datetime,
+    ) -> OutboundEmail | OutboundSms:
+        drop = context.drop
         variant = context.variants[row.variant or next(iter(context.variants))]
         bucket = audience.bucket_of(
             contact.last_engaged_at, now, context.hot_days, context.warm_days
         )
         links = content.Links(self.signer, self.base_url, drop, row.id, contact)
         values = content.context_for(drop, contact, context.event, voucher, links)
-        message_id = f"<drop-{drop.id}.contact-{contact.id}.{row.channel}@popdrop>"
-        try:
-            result = await self._deliver(
-                drop, variant, row, contact, values, links, message_id, bucket
-            )
-        except PopdropError as error:  # a template that fails for this contact's data
-            result = SendResult(ok=False, permanent=True, error=f"render: {error.message}")
-        await self._checkpoint(row, result, message_id, voucher)
-
-    async def _deliver(
-        self,
-        drop: Drop,
-        variant: content.CompiledVariant,
-        row: Claimed,
-        contact: Contact,
-        values: dict[str, Any],
-        links: content.Links,
-        message_id: str,
-        bucket: str,
-    ) -> SendResult:
-        result: SendResult
         if row.channel == "email":
-            assert self.email is not None and contact.email is not None
+            assert contact.email is not None
             rendered = variant.render_email(bucket, values, links)
-            result = await self.email.send(
-                OutboundEmail(
-                    message_id=message_id,
-                    to=contact.email,
-                    from_address=drop.from_email,
-                    from_name=drop.from_name,
-                    subject=rendered.subject,
-                    text=rendered.text,
-                    html=rendered.html,
-                    headers=audience.unsubscribe_headers_for(links.unsubscribe_url),
-                    org_id=drop.org_id,
-                )
+            return OutboundEmail(
+                message_id=message_id,
+                to=contact.email,
+                from_address=drop.from_email,
+                from_name=drop.from_name,
+                subject=rendered.subject,
+                text=rendered.text,
+                html=rendered.html,
+                headers=audience.unsubscribe_headers_for(links.unsubscribe_url),
+                org_id=drop.org_id,
             )
-        else:
-            assert self.sms is not None and contact.phone is not None
-            rendered_sms = variant.render_sms(bucket, values, links)
-            result = await self.sms.send(
-                OutboundSms(
-                    to=contact.phone,
-                    from_number=drop.sms_from,
-                    body=rendered_sms.body,
-                    org_id=drop.org_id,
-                )
-            )
-        return result
+        assert contact.phone is not None
+        rendered_sms = variant.render_sms(bucket, values, links)
+        return OutboundSms(
+            to=contact.phone, from_number=drop.sms_from, body=rendered_sms.body, org_id=drop.org_id
+        )
 
     async def _checkpoint(
         self,
@@ -375,8 +388,52 @@ class Sender:
                 "not_before": now + timedelta(seconds=delay),
                 "outcome": (result.error or "retry")[:200],
             }
-        async with self.db.single_statements() as conn:
-            await conn.execute(_CHECKPOINT, params)
+        assert self._checkpoints is not None
+        await self._checkpoints.write(params)
+
+
+class _GroupCommit:
+    """Checkpoints of concurrent sends, committed together: whoever arrives while a commit
+    is running joins the next one, and each `write` returns once its own row is committed.
+
+    On PostgreSQL the commit does not wait for the WAL flush (`synchronous_commit off`):
+    a killed worker loses nothing (the server has the commit), and a crash of the database
+    server itself can forget the last fraction of a second of checkpoints, whose messages
+    are then sent again with the same Message-ID: a duplicate receivers can drop, never a
+    loss.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def write(self, params: dict[str, Any]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((params, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                async with self._db.transaction() as session:
+                    conn = await session.connection()
+                    if conn.dialect.name == "postgresql":
+                        await conn.execute(_ASYNC_COMMIT)
+                    await conn.execute(_CHECKPOINT, [params for params, _done in group])
+            except BaseException as error:
+                for _params, done in group:
+                    if not done.done():
+                        done.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+            else:
+                for _params, done in group:
+                    if not done.done():
+                        done.set_result(None)
 
 
 def _refusal(row: Claimed, contact: Contact | None) -> str | None:

@@ -220,7 +220,9 @@ def _compile_cached(
         raise _error(part, exc.lineno, exc.message or "syntax error") from exc
     _check_names(ast, part, env, known)
     code = env.compile(ast, name=part, filename=_filename(part))
-    template = env.template_class.from_code(env, code, env.make_globals(None), None)
+    # A plain dict, not the ChainMap `make_globals` returns: Jinja copies the globals into
+    # every render's context, and iterating a ChainMap made that ~15 µs per render.
+    template = env.template_class.from_code(env, code, dict(env.make_globals(None)), None)
     return CompiledTemplate(part=part, source=source, template=template)
 
 
@@ -281,6 +283,7 @@ def compile_sms(body: str, *, custom_vars: Iterable[str] | None = ()) -> Compile
 
 
 @functools.lru_cache(maxsize=4096)  # the same shop links recur in every message of a drop
+@functools.lru_cache(maxsize=4096)  # a drop's links repeat in every message
 def add_utm(url: str, medium: str, campaign: str) -> str:
     """Append utm_source=popdrop, utm_medium and utm_campaign — unless the URL already
     carries any utm_* parameter (the author's tagging wins, all of it). The existing query
@@ -558,6 +561,60 @@ style="color:#636366;text-decoration:underline;">Email preferences</a>{% endif %
 """
 
 _LAYOUT_VARS = frozenset({"body", "subject", "preheader", "logo_url"})
+# The layout values that change with every message. When the layout only prints them
+# (`{{ subject }}`) or tests them (`{% if unsubscribe_url %}`), it is rendered once per
+# (locale, organization, logo, which of them are set) with placeholders, and each message
+# only joins the pieces: ~5 µs instead of a ~50 µs Jinja render.
+_PER_MESSAGE = ("subject", "preheader", "body", "unsubscribe_url", "preferences_url")
+_SLOT = "\ue000{}\ue001"
+_SLOTS = re.compile("\ue000([a-z_]+)\ue001")
+
+
+def _only_printed_or_tested(source: str) -> bool:
+    ast = _HTML_ENV.parse(source)
+    allowed: set[int] = set()
+    for output in ast.find_all(nodes.Output):
+        allowed.update(id(n) for n in output.nodes if isinstance(n, nodes.Name))
+    for branch in ast.find_all(nodes.If):
+        if isinstance(branch.test, nodes.Name):
+            allowed.add(id(branch.test))
+    return all(
+        id(name) in allowed
+        for name in ast.find_all(nodes.Name)
+        if name.name in _PER_MESSAGE and name.ctx == "load"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_pieces(
+    source: str, locale: str, organization: str | None, logo_url: str | None, present: str
+) -> tuple[str, ...] | None:
+    """The layout split around its per-message values: even items are literal HTML, odd
+    items name a value. None when the layout uses a value in a way this cannot replay."""
+    if not _only_printed_or_tested(source):
+        return None
+    values: dict[str, Any] = {name: _SLOT.format(name) for name in present.split(",") if name}
+    values |= {name: "" for name in _PER_MESSAGE if name not in values}
+    page = _compile_cached(source, "layout", True, None).render(
+        {"locale": locale, "organization": organization, "logo_url": logo_url, **values}
+    )
+    if "\ue000" in source or "\ue000" in (organization or "") + (logo_url or "") + locale:
+        return None
+    return tuple(_SLOTS.split(page))
+
+
+def _render_layout(source: str, values: dict[str, Any]) -> str:
+    present = ",".join(name for name in _PER_MESSAGE if values.get(name))
+    pieces = _layout_pieces(
+        source, values["locale"], values["organization"], values["logo_url"], present
+    )
+    if pieces is None:
+        return _compile_cached(source, "layout", True, None).render(values)
+    out = list(pieces)
+    for i in range(1, len(out), 2):
+        value = values[out[i]]
+        out[i] = str(Markup.escape(value))  # as autoescape would; Markup passes as is
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -608,7 +665,8 @@ def render_email(
         if layout is None:
             html = body_html
         else:
-            html = _compile_cached(layout, "layout", True, None).render(
+            html = _render_layout(
+                layout,
                 {
                     "locale": context.get("locale") or "en",
                     "organization": context.get("organization"),
@@ -620,7 +678,7 @@ def render_email(
                     # Safe: produced by the autoescaping HTML render, then only re-emitted
                     # with escaped attributes by the href rewriter.
                     "body": Markup(body_html),  # noqa: S704
-                }
+                },
             )
     if compiled.text is not None:
         text = links.rewrite_text(compiled.text.render(context)).strip()
