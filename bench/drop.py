@@ -5,8 +5,11 @@
    HTML with two tracked links), a per-recipient voucher, its seed test overridden.
 2. Render+enqueue (target >= 5,000 msg/s): `service.start_drop` freezes the recipients
    into send rows, then every message is rendered as the sender does it (compiled variant,
-   signed links, per-recipient code, `render_email`, RFC 8058 headers), reading the frozen
-   rows and their contacts in chunks. Rate = N / (freeze + render).
+   signed links, per-recipient code, `render_email`, RFC 8058 headers) by a fleet of
+   worker processes (default: one per core, `--render-processes`), each reading its share
+   of the frozen rows and their contacts in chunks; they are started before the clock, as
+   a worker fleet is up before a drop starts. Rate = N / (freeze + render). The CPU time
+   per message (summed over the workers) is printed too: it does not depend on the load.
 3. Delivery: `pipeline.Sender` with `smtp.SmtpPool` (C connections, the worker's batch
    size and concurrency) sends every row to an aiosmtpd peer running in a separate
    process (so it never shares this process's GIL). Every row must end `sent` and the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import socket
 import sys
@@ -184,93 +188,159 @@ async def seed_contacts(url: str, org_id: int, n: int) -> None:
 # ---------------------------------------------------------------- (a) render + enqueue
 
 
+async def render_share(
+    url: str, org_id: int, drop_id: int, share: int, shares: int, keep_samples: bool
+) -> dict[str, Any]:
+    """Render this worker's share of the frozen rows (`id % shares == share`) exactly as
+    `Sender._prepare` does, reading rows and contacts in chunks."""
+    db = Database(url, pool_size=2, max_overflow=0)
+    cpu = time.process_time()
+    now = common.now()
+    try:
+        async with db.reader() as session:
+            drop = await session.get(Drop, drop_id)
+            assert drop is not None and drop.voucher_batch_id is not None
+            variant_row = await session.scalar(
+                select(DropVariant).where(DropVariant.drop_id == drop_id)
+            )
+            assert variant_row is not None
+            batch = await session.get(VoucherBatch, drop.voucher_batch_id)
+            assert batch is not None
+            recency = await audience.get_settings(session, org_id)
+        variant = content.compile_variant(variant_row.content)
+        rendered = 0
+        size = 0
+        samples: list[bytes] = []
+        sample_to: list[str] = []
+        after = 0
+        while True:
+            async with db.reader() as session:
+                rows = (
+                    await session.execute(
+                        select(SendRow.id, SendRow.contact_id)
+                        .where(
+                            SendRow.drop_id == drop_id,
+                            SendRow.id > after,
+                            SendRow.id % shares == share,
+                        )
+                        .order_by(SendRow.id)
+                        .limit(CHUNK)
+                    )
+                ).all()
+                if not rows:
+                    break
+                contacts = {
+                    c.id: c
+                    for c in (
+                        await session.scalars(
+                            select(Contact).where(Contact.id.in_([r.contact_id for r in rows]))
+                        )
+                    ).all()
+                }
+            for row_id, contact_id in rows:
+                # What `Sender._prepare` does before the provider call (the code is derived
+                # as `vouchers.issue_derived` derives it; its insert belongs to delivery).
+                contact = contacts[contact_id]
+                code = codes.format_code(
+                    codes.derived_code(
+                        batch.prefix,
+                        common.SIGNER.mac(
+                            "voucher-derived", f"{batch.id}:drop:{drop_id}:{contact_id}"
+                        ),
+                    )
+                )
+                bucket = audience.bucket_of(
+                    contact.last_engaged_at, now, recency.hot_days, recency.warm_days
+                )
+                links = content.Links(common.SIGNER, BASE_URL, drop, row_id, contact)
+                values = content.context_for(drop, contact, None, (0, code), links)
+                email = variant.render_email(bucket, values, links)
+                headers = audience.unsubscribe_headers_for(links.unsubscribe_url)
+                size += len(email.subject) + len(email.text) + len(email.html or "")
+                rendered += 1
+                if keep_samples and len(samples) < SAMPLES:
+                    assert contact.email is not None
+                    samples.append(
+                        render_message(
+                            OutboundEmail(
+                                message_id=f"<drop-{drop_id}.contact-{contact_id}.email@popdrop>",
+                                to=contact.email,
+                                from_address=drop.from_email,
+                                from_name=drop.from_name,
+                                subject=email.subject,
+                                text=email.text,
+                                html=email.html,
+                                headers=headers,
+                            )
+                        )
+                    )
+                    sample_to.append(contact.email)
+            after = rows[-1][0]
+    finally:
+        await db.dispose()
+    return {
+        "rendered": rendered,
+        "size": size,
+        "cpu_seconds": time.process_time() - cpu,
+        "samples": samples,
+        "sample_to": sample_to,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _render_main(
+    url: str, org_id: int, drop_id: int, share: int, shares: int, ready: Any, go: Any, out: Any
+) -> None:
+    """A render worker process: ready (imported, connected) before the clock starts, as a
+    running worker fleet is when a drop starts."""
+    ready.release()
+    go.wait()
+    out.put((share, asyncio.run(render_share(url, org_id, drop_id, share, shares, share == 0))))
+
+
 async def freeze_and_render(
-    db: Database, org_id: int, drop_id: int
-) -> tuple[float, float, int, list[bytes], list[str]]:
-    """(freeze s, render s, messages rendered, sample message bytes, sample recipients)."""
+    db: Database, url: str, org_id: int, drop_id: int, processes: int
+) -> tuple[float, float, int, list[bytes], list[str], float, float]:
+    """(freeze s, render s, messages rendered, sample bytes, sample recipients, render CPU
+    s, peak RSS MB of a render worker): the freeze here, the render by `processes` worker
+    processes in parallel, each its share of the rows."""
+    mp = get_context("spawn")
+    ready = mp.Semaphore(0)
+    go = mp.Event()
+    out = mp.Queue()
+    workers = [
+        mp.Process(target=_render_main, args=(url, org_id, drop_id, k, processes, ready, go, out))
+        for k in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        await asyncio.to_thread(ready.acquire)
     owner = Principal(org_id, "bench:owner", "owner", ROLES["owner"])
     started = time.perf_counter()
     async with db.transaction() as session:
         await drops.start_drop(session, owner, drop_id, now=common.now())
     frozen = time.perf_counter()
-
-    now = common.now()
-    async with db.reader() as session:
-        drop = await session.get(Drop, drop_id)
-        assert drop is not None and drop.voucher_batch_id is not None
-        variant_row = await session.scalar(
-            select(DropVariant).where(DropVariant.drop_id == drop_id)
-        )
-        assert variant_row is not None
-        batch = await session.get(VoucherBatch, drop.voucher_batch_id)
-        assert batch is not None
-        recency = await audience.get_settings(session, org_id)
-    variant = content.compile_variant(variant_row.content)
-    rendered = 0
-    size = 0
-    samples: list[bytes] = []
-    sample_to: list[str] = []
-    after = 0
-    while True:
-        async with db.reader() as session:
-            rows = (
-                await session.execute(
-                    select(SendRow.id, SendRow.contact_id)
-                    .where(SendRow.drop_id == drop_id, SendRow.id > after)
-                    .order_by(SendRow.id)
-                    .limit(CHUNK)
-                )
-            ).all()
-            if not rows:
-                break
-            contacts = {
-                c.id: c
-                for c in (
-                    await session.scalars(
-                        select(Contact).where(Contact.id.in_([r.contact_id for r in rows]))
-                    )
-                ).all()
-            }
-        for row_id, contact_id in rows:
-            # What `Sender._send_one` does before the provider call (the code is derived as
-            # `vouchers.issue_derived` derives it; its insert belongs to delivery).
-            contact = contacts[contact_id]
-            code = codes.format_code(
-                codes.derived_code(
-                    batch.prefix,
-                    common.SIGNER.mac("voucher-derived", f"{batch.id}:drop:{drop_id}:{contact_id}"),
-                )
-            )
-            bucket = audience.bucket_of(
-                contact.last_engaged_at, now, recency.hot_days, recency.warm_days
-            )
-            links = content.Links(common.SIGNER, BASE_URL, drop, row_id, contact)
-            values = content.context_for(drop, contact, None, (0, code), links)
-            email = variant.render_email(bucket, values, links)
-            headers = audience.unsubscribe_headers_for(links.unsubscribe_url)
-            size += len(email.subject) + len(email.text) + len(email.html or "")
-            rendered += 1
-            if len(samples) < SAMPLES:
-                assert contact.email is not None
-                samples.append(
-                    render_message(
-                        OutboundEmail(
-                            message_id=f"<drop-{drop_id}.contact-{contact_id}.email@popdrop>",
-                            to=contact.email,
-                            from_address=drop.from_email,
-                            from_name=drop.from_name,
-                            subject=email.subject,
-                            text=email.text,
-                            html=email.html,
-                            headers=headers,
-                        )
-                    )
-                )
-                sample_to.append(contact.email)
-        after = rows[-1][0]
+    go.set()
+    results = [await asyncio.to_thread(out.get) for _ in workers]
     done = time.perf_counter()
+    for worker in workers:
+        worker.join(timeout=30)
+    shares = dict(results)
+    rendered = sum(r["rendered"] for r in shares.values())
+    size = sum(r["size"] for r in shares.values())
+    cpu = sum(r["cpu_seconds"] for r in shares.values())
+    rss = max(r["rss_mb"] for r in shares.values())
     print(f"  average rendered content: {size / max(rendered, 1):.0f} characters", flush=True)
-    return frozen - started, done - frozen, rendered, samples, sample_to
+    return (
+        frozen - started,
+        done - frozen,
+        rendered,
+        shares[0]["samples"],
+        shares[0]["sample_to"],
+        cpu,
+        rss,
+    )
 
 
 # ---------------------------------------------------------------- (b) delivery, (c) raw
@@ -344,13 +414,21 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
         await seed_contacts(url, owner.org_id, n)
         print(f"seeded {n:,} contacts in {time.perf_counter() - started:.1f} s", flush=True)
 
-        freeze_s, render_s, rendered, samples, sample_to = await freeze_and_render(
-            db, owner.org_id, drop_id
-        )
+        (
+            freeze_s,
+            render_s,
+            rendered,
+            samples,
+            sample_to,
+            render_cpu,
+            render_rss,
+        ) = await freeze_and_render(db, url, owner.org_id, drop_id, args.render_processes)
         render_rate = rendered / (freeze_s + render_s)
         print(
             f"render+enqueue  {freeze_s + render_s:7.1f} s  {render_rate:8.0f} msg/s   "
-            f"(freeze {freeze_s:.1f} s, render {render_s:.1f} s)   "
+            f"(freeze {freeze_s:.1f} s, render {render_s:.1f} s by "
+            f"{args.render_processes} worker processes, "
+            f"{render_cpu / rendered * 1e6:.0f} us CPU per message)   "
             f"target {TARGET_RENDER_PER_S:.0f}, ratio {render_rate / TARGET_RENDER_PER_S:.2f}",
             flush=True,
         )
@@ -387,7 +465,7 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
     finally:
         await db.dispose()
     # ru_maxrss is in KiB on Linux.
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, render_rss)
     print(f"peak RSS        {peak_rss_mb:7.0f} MB   (target < {TARGET_RSS_MB:.0f} MB)", flush=True)
     complete = sent == n and peer_after_delivery == n
     common.emit(
@@ -399,6 +477,8 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
             "message_bytes": round(message_bytes),
             "freeze_seconds": round(freeze_s, 2),
             "render_seconds": round(render_s, 2),
+            "render_processes": args.render_processes,
+            "render_cpu_us_per_message": round(render_cpu / rendered * 1e6, 1),
             "render_enqueue_per_s": round(render_rate, 1),
             "render_ratio_to_target": round(render_rate / TARGET_RENDER_PER_S, 3),
             "delivery_seconds": round(deliver_s, 2),
@@ -434,6 +514,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--batch-size", type=int, default=defaults.send_batch_size, help="rows per claim"
+    )
+    parser.add_argument(
+        "--render-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes rendering in parallel (default: one per core)",
     )
     parser.add_argument(
         "--raw-messages",

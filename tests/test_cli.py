@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import httpx
@@ -157,6 +158,7 @@ def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "owner@demo.popdrop.test" in done.stdout and "/e/1" in done.stdout
+        assert "/drops/1" in done.stdout and "/mailbox" in done.stdout  # where the VIP drop is
     with running_server(tmp_path) as server:
         token = next(
             line.split("Bearer ", 1)[1].strip()
@@ -174,6 +176,21 @@ def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
             f"{server.base_url}/api/v1/events/{events[0]['id']}/rsvps", headers=headers
         )
         assert rsvps.status_code == 200 and len(rsvps.json()) == 3
+        # The VIP drop (made once): its seed test passed, and the server's in-process
+        # worker sends its A/B test half into the development mailbox.
+        deadline = time.monotonic() + 30
+        while True:
+            drops = httpx.get(f"{server.base_url}/api/v1/drops", headers=headers).json()
+            assert [(d["name"], d["seed_status"]) for d in drops] == [
+                ("Saturday VIP drop", "passed")
+            ]
+            counts = drops[0]["counts"]
+            if counts.get("sent", 0) and not counts.get("pending"):
+                break
+            assert time.monotonic() < deadline, drops
+            time.sleep(0.5)
+        assert drops[0]["status"] == "sending" and counts["held"] > 0
+        assert all(e["ok"] for e in drops[0]["seed_report"])
 
 
 def test_a_host_imports_the_same_list_twice_and_nothing_changes(tmp_path: Path) -> None:

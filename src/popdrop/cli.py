@@ -201,6 +201,7 @@ def demo(
         f"Claim    {info['sample_link']}",
         f"Event    {info['event_url']}",
         f"Audience {info['audience']}",
+        f"Drop     {info['drop']}",
     ):
         console.print(line, soft_wrap=True)
     console.rule()

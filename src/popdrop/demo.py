@@ -22,6 +22,7 @@ from popdrop.audience.models import (
     Contact,
     ContactActivity,
     ContactLabel,
+    Segment,
     Suppression,
 )
 from popdrop.audience.schemas import AudienceSettingsIn, SegmentIn, SegmentRules
@@ -35,6 +36,9 @@ from popdrop.events.models import Event
 from popdrop.events.schemas import EventCreate, LaneCreate, PickupWindowCreate, SlotCreate
 from popdrop.inventory import service as inventory
 from popdrop.inventory.schemas import ProductCreate, StockSet
+from popdrop.messaging import service as drops
+from popdrop.messaging.models import Drop, SendRow
+from popdrop.messaging.schemas import DropCreate
 from popdrop.rsvp import service as rsvps
 from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.vouchers import service as vouchers
@@ -74,6 +78,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
             now=now,
         )
         principal = Principal(org.id, "demo:seed", "owner", ROLES["owner"])
+        event_id: int | None = None
         if fresh:
             weekend = now + timedelta(days=3)
             _batch, codes = await vouchers.issue_batch(
@@ -123,6 +128,8 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
                 writer.writerow(["code"])
                 writer.writerows([c] for c in codes)
             codes_file.chmod(0o600)
+    if fresh and event_id is not None:
+        await _seed_drop(settings, db, signer, principal, event_id, plaintext)
     with codes_file.open() as handle:
         sample = list(csv.reader(handle))[1][0]
     link, _ = vouchers.make_link(
@@ -134,8 +141,10 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
         )
     async with db.reader() as session:
         audience_line = await _audience_summary(session, principal, now)
+        drop_line = await _drop_summary(session, principal, settings.base_url)
     return {
         "audience": audience_line,
+        "drop": drop_line,
         "event_url": f"{settings.base_url.rstrip('/')}/e/{event.id}" if event else "",
         "email": DEMO_EMAIL,
         "password": password,
@@ -423,6 +432,7 @@ async def _seed_audience(
     )
     for name, rules in (
         ("VIP — hot and warm", SegmentRules(recency=["hot", "warm"], tags_any=["vip"])),
+        (VIP_LIST, SegmentRules(tags_any=["vip"])),  # the demo drop's audience
         ("Cold — win-back", SegmentRules(channels=["email"], recency=["cold"])),
         (
             "Sneakerheads near the depot",
@@ -451,3 +461,172 @@ async def _audience_summary(session: AsyncSession, owner: Principal, now: dateti
     )
     buckets = " / ".join(f"{n} {b}" for b, n in counted.by_bucket.items())
     return f"{total:,} contacts, {vips} VIP; sendable now: {counted.total:,} ({buckets})"
+
+
+# ---------------------------------------------------------------- the VIP drop
+
+VIP_LIST = "VIP list"
+DROP_NAME = "Saturday VIP drop"
+_CTA = "{{ voucher_url }}"
+# Per recency bucket (hot: an invite and the personal code; warm: a micro-bundle; cold: a
+# free sample; the rest: the plain offer): (headline, paragraph). The A/B test is on the
+# subject only, so both variants carry the same bodies.
+_BODIES = {
+    "hot": (
+        "You're on the VIP list",
+        "Doors open an hour early for you on {{ event.date }} at {{ event.time }}. "
+        "Your personal code {{ voucher_code }} takes 15% off anything in the depot.",
+    ),
+    "warm": (
+        "Your VIP bundle is waiting",
+        "Tote + cold brew, packed for you: pick it up on {{ event.date }} and your code "
+        "{{ voucher_code }} takes 15% off the bundle and anything else.",
+    ),
+    "cold": (
+        "It's been a while: a cold brew is on us",
+        "Come by on {{ event.date }}, show your code {{ voucher_code }} for a free cold brew "
+        "and 15% off anything at the pop-up.",
+    ),
+    "default": (
+        "The Saturday drop is on",
+        "Sneakers, totes and coffee on {{ event.date }} at {{ event.time }}. Your personal "
+        "code {{ voucher_code }} takes 15% off anything at the pop-up.",
+    ),
+}
+_SUBJECTS = {
+    "A": "{{ first_name | fallback }}, your VIP code for Saturday",
+    "B": "VIP early access: 15% off before anyone else, {{ first_name | fallback }}",
+}
+
+
+def _email(subject: str, headline: str, paragraph: str) -> dict[str, str]:
+    return {
+        "subject": subject,
+        "text": (
+            f"Hi {{{{ first_name | fallback }}}},\n\n{headline}. {paragraph}\n\n"
+            f"Reserve with your code: {_CTA}\nWhat's dropping: {{{{ event.url }}}}\n"
+        ),
+        "html": (
+            f'<p>Hi {{{{ first_name | fallback }}}},</p><h1 style="font-size:22px">'
+            f"{headline}</h1><p>{paragraph}</p>"
+            f'<p><a href="{_CTA}" style="display:inline-block;padding:12px 20px;'
+            "background:#5b3df5;color:#ffffff;border-radius:6px;text-decoration:none;"
+            'font-weight:600">Reserve with your code</a></p>'
+            '<p><a href="{{ event.url }}">See what\'s dropping</a></p>'
+        ),
+    }
+
+
+def demo_drop_spec(segment_id: int, event_id: int) -> DropCreate:
+    """The demo's drop: the VIP list by email through the development mailbox, a code per
+    recipient, an A/B subject test on half the list (winner by clicks after 10 minutes),
+    content per recency bucket, the owner as the seed list."""
+    return DropCreate.model_validate(
+        {
+            "name": DROP_NAME,
+            "event_id": event_id,
+            "segment_id": segment_id,
+            "channels": ["email"],
+            "from_email": "drops@weekend-popup.example",
+            "from_name": "Weekend Pop-up",
+            "variants": [
+                {
+                    "name": name,
+                    "split_percent": 50,
+                    "content": {
+                        "email": {
+                            bucket: _email(subject, *body) for bucket, body in _BODIES.items()
+                        }
+                    },
+                }
+                for name, subject in _SUBJECTS.items()
+            ],
+            "voucher": {
+                "discount_kind": "percent",
+                "discount_value": 15,
+                "discount_description": "15% off anything at the pop-up (VIP)",
+                "ttl_seconds": 4 * 86400,  # from each recipient's send, past the weekend
+                "prefix": "SAT",
+            },
+            "seed_list": [DEMO_EMAIL],
+            "ab_metric": "click",
+            "ab_test_fraction": 0.5,
+            "ab_decide_after_seconds": 600,
+            "ab_min_sample": 10,
+            "ab_fallback": "control",
+            # No quiet hours: the demo sends whatever the hour (real drops keep 21:00 to 08:00).
+            "quiet_start_hour": 0,
+            "quiet_end_hour": 0,
+        }
+    )
+
+
+async def _seed_drop(
+    settings: Settings,
+    db: Database,
+    signer: Signer,
+    owner: Principal,
+    event_id: int,
+    token: str,
+) -> int:
+    """Create the VIP drop, run its seed test through the API (in-process: the same
+    transports and link checks as `POST /api/v1/drops/{id}/seed-test`), then start it:
+    `popdrop serve` sends it through its in-process worker into the mailbox."""
+    import httpx
+
+    from popdrop.core.ratelimit import GuessGuard, MemoryCounter
+    from popdrop.web.app import create_app
+    from popdrop.web.context import AppContext
+
+    clock = SystemClock()
+    async with db.transaction() as session:
+        segment_id = await session.scalar(
+            select(Segment.id).where(Segment.org_id == owner.org_id, Segment.name == VIP_LIST)
+        )
+        assert segment_id is not None
+        drop = await drops.create_drop(
+            session,
+            signer,
+            owner,
+            demo_drop_spec(segment_id, event_id),
+            now=clock.now(),
+            audit_chains=settings.audit_chains,
+        )
+        drop_id = drop.id
+    guard = GuessGuard(
+        MemoryCounter(),
+        per_address=settings.guess_limit_per_address,
+        per_org=settings.guess_limit_per_org,
+        window=settings.guess_window_seconds,
+    )
+    # Quiet: no request log lines in the middle of the demo's summary.
+    quiet = settings.model_copy(update={"log_requests": False, "log_level": "WARNING"})
+    app = create_app(ctx=AppContext(quiet, db, signer, clock, guard))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=settings.base_url, timeout=60
+    ) as client:
+        tested = await client.post(
+            f"/api/v1/drops/{drop_id}/seed-test", headers={"Authorization": f"Bearer {token}"}
+        )
+    tested.raise_for_status()
+    if tested.json()["seed_status"] == "passed":
+        async with db.transaction() as session:
+            await drops.start_drop(session, owner, drop_id, now=clock.now())
+    return drop_id
+
+
+async def _drop_summary(session: AsyncSession, owner: Principal, base_url: str) -> str:
+    """One line for the demo summary: where the drop and its messages are."""
+    drop = await session.scalar(
+        select(Drop).where(Drop.org_id == owner.org_id, Drop.name == DROP_NAME).limit(1)
+    )
+    if drop is None:
+        return ""
+    base = base_url.rstrip("/")
+    frozen = await session.scalar(
+        select(func.count()).select_from(SendRow).where(SendRow.drop_id == drop.id)
+    )
+    return (
+        f"{drop.name}: {drop.status}, seed test {drop.seed_status}, {frozen} recipients "
+        f"(A/B subject test) → {base}/drops/{drop.id} · messages: {base}/mailbox"
+    )

@@ -123,7 +123,8 @@ class Worker:
             self._busy = False
 
     async def tick(self) -> list[int]:
-        """Start due scheduled drops and kick every drop with due rows; their ids."""
+        """Start due scheduled drops, decide A/B tests, close drained drops and kick every
+        drop with due rows; their ids."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             scheduled = (
@@ -144,6 +145,8 @@ class Worker:
                 decision = await outcomes.decide_ab(session, drop, now=now)
                 if decision is not None:
                     log.info("a/b decided", drop=drop.id, winner=decision.winner)
+            for drop_id in await drops.finish_drained(session, now=now):
+                log.info("drop done", drop=drop_id)
         stale = now - timedelta(seconds=self.settings.send_lease_seconds)
         async with self.db.reader() as session:
             due = (

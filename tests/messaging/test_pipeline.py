@@ -3,6 +3,7 @@ the last moment, quiet hours defer, frequency caps, pause/resume/cancel."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import httpx
@@ -79,3 +80,63 @@ async def test_quiet_hours_defer_until_the_window_opens(
     clock.set(datetime(2026, 7, 5, 6, 0, 0, tzinfo=UTC))  # type: ignore[attr-defined]  # 08:00 Paris
     await sender(ctx, email, org=tenant).run_until_idle()
     assert email.to() == ["ny@x.io", "night@x.io"]
+
+
+async def test_the_tick_starts_a_scheduled_drop_when_due_and_closes_it_when_drained(
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import func, select
+
+    from popdrop.messaging.models import Drop, MailboxMessage
+    from popdrop.worker import Worker
+
+    clock = ctx.clock
+    start = datetime(2026, 7, 4, 10, 0, tzinfo=UTC)
+    clock.set(start)  # type: ignore[attr-defined]
+    await add_contact(app_client, tenant, email="early@x.io")
+    drop_id = await started_drop(
+        ctx, tenant, drop_spec(scheduled_at=(start + timedelta(hours=1)).isoformat())
+    )
+    worker = Worker(ctx.settings, ctx.db, ctx.signer, clock)
+    await worker.broker.startup()
+    try:
+
+        async def status() -> tuple[str, datetime | None]:
+            async with ctx.db.reader() as session:
+                drop = await session.get(Drop, drop_id, populate_existing=True)
+                assert drop is not None
+                return drop.status, drop.finished_at
+
+        assert drop_id not in await worker.tick()
+        assert (await status())[0] == "scheduled"
+        clock.set(start + timedelta(hours=1))  # type: ignore[attr-defined]
+        # Starts it (recipients frozen) and hands the due rows to the worker's own sender,
+        # which sends through the development mailbox.
+        assert drop_id in await worker.tick()
+        for _ in range(200):
+            async with ctx.db.reader() as session:
+                rows = (
+                    (
+                        await session.execute(
+                            select(SendRow.status).where(SendRow.drop_id == drop_id)
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+            if rows == ["sent"]:
+                break
+            await asyncio.sleep(0.05)
+        assert rows == ["sent"]
+        async with ctx.db.reader() as session:
+            delivered = await session.scalar(
+                select(func.count()).where(MailboxMessage.recipient == "early@x.io")
+            )
+        assert delivered == 1
+        assert (await status())[0] == "sending"  # until a tick sees it drained
+        await worker.tick()
+        assert await status() == ("done", start + timedelta(hours=1))
+    finally:
+        await worker.broker.shutdown()

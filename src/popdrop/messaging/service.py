@@ -376,6 +376,23 @@ async def set_state(
     return drop
 
 
+async def finish_drained(session: AsyncSession, *, now: datetime) -> list[int]:
+    """Mark `done` every sending drop with nothing left to send (no row pending, held
+    for an A/B winner or claimed); delivery and click feedback keep arriving after."""
+    open_rows = (
+        select(SendRow.id)
+        .where(SendRow.drop_id == Drop.id, SendRow.status.in_(("pending", "held", "claimed")))
+        .exists()
+    )
+    finished = await session.execute(
+        update(Drop)
+        .where(Drop.status == "sending", ~open_rows)
+        .values(status="done", finished_at=now, updated_at=now)
+        .returning(Drop.id)
+    )
+    return [int(drop_id) for drop_id in finished.scalars()]
+
+
 # ---------------------------------------------------------------- the send pipeline
 
 

@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.inventory.api import router as inventory_api
     from popdrop.messaging.api import public_router as messaging_public
     from popdrop.messaging.api import router as messaging_api
+    from popdrop.messaging.pages import router as messaging_pages
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.vouchers.api import router as vouchers_api
     from popdrop.vouchers.pages import router as voucher_pages
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         audience_public_pages,
         messaging_api,
         messaging_public,
+        messaging_pages,
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

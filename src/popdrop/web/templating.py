@@ -21,6 +21,7 @@ _DIRS = [
     _ROOT / "events" / "templates",
     _ROOT / "checkin" / "templates",
     _ROOT / "audience" / "templates",
+    _ROOT / "messaging" / "templates",
 ]
 
 _env = Environment(
