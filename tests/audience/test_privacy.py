@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 from sqlalchemy import String, Text, select
 
+from popdrop.chat import service as chat
+from popdrop.chat.engine import Inbound
 from popdrop.core.clock import FrozenClock
 from popdrop.core.db import Base
 from popdrop.core.migrate import target_metadata
@@ -23,8 +25,9 @@ from tests.events.helpers import make_shop
 
 def _unique_person() -> tuple[str, str]:
     """An email and a French mobile number no other test uses (the scan reads all rows)."""
-    digits = f"{secrets.randbelow(10**8):08d}"
-    return f"Erin.{digits}@Mail.example", f"+336{digits}"
+    # +33 6 12 …: an assigned mobile range (some +33 6 9x ranges are not valid numbers).
+    digits = f"{secrets.randbelow(10**6):06d}"
+    return f"Erin.{digits}@Mail.example", f"+33612{digits}"
 
 
 async def _person_everywhere(
@@ -83,6 +86,20 @@ async def _person_everywhere(
                 at=ctx.clock.now(),
             )
         )
+    # A chat over SMS from their phone, where they also type their email.
+    async with ctx.db.transaction() as session:
+        await chat.publish_default_flow(session, tenant.org_id, shop.event_id, now=ctx.clock.now())
+    chat_deps = chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    for text in ("hi", email):
+        await chat.handle(
+            ctx.db,
+            chat_deps,
+            org_id=tenant.org_id,
+            channel="sms",
+            address=phone,
+            inbound=Inbound.of_text(text),
+            now=ctx.clock.now(),
+        )
     return contact
 
 
@@ -118,7 +135,7 @@ async def test_export_holds_everything_about_the_person(
     assert [e["channel"] for e in data["consent_ledger"]] == ["email", "sms"]
     assert data["consent_ledger"][0]["wording"].startswith("Yes, send me")
     assert len(data["rsvps"]) == 1 and len(data["tickets"]) == 1
-    assert [a["kind"] for a in data["activity"]] == ["rsvp"]
+    assert [a["kind"] for a in data["activity"]] == ["rsvp", "chat"]
 
 
 async def test_erase_leaves_no_email_or_phone_in_any_table(
@@ -145,7 +162,7 @@ async def test_erase_leaves_no_email_or_phone_in_any_table(
     export = await app_client.get(
         f"/api/v1/contacts/{contact['id']}/export", headers=tenant.headers
     )
-    assert [a["kind"] for a in export.json()["activity"]] == ["rsvp"]
+    assert [a["kind"] for a in export.json()["activity"]] == ["rsvp", "chat"]
     assert (await preview(app_client, tenant, channels=["email", "sms", "chat"]))["total"] == 0
 
     # Coming back through the API is refused as suppressed, whatever the consent source.

@@ -20,6 +20,7 @@ from popdrop.accounts.service import Principal
 from popdrop.audience import service
 from popdrop.audience.models import Contact, ContactActivity, ContactLabel
 from popdrop.audience.schemas import ConsentChange, EraseResult, PurgeResult
+from popdrop.chat import service as chat
 from popdrop.checkin.models import Ticket
 from popdrop.core import audit
 from popdrop.core.errors import PopdropError, not_found
@@ -180,6 +181,16 @@ async def erase_contact(
                 MailboxMessage.org_id == org_id, MailboxMessage.recipient.in_(clear)
             ),
         )
+    # Chats: the conversation's address, transcript and typed contact details.
+    scrubbed["chat_conversations"] = await chat.erase_person(
+        session,
+        signer,
+        org_id,
+        contact_id=contact.id,
+        email=contact.email,
+        phone=contact.phone,
+        now=now,
+    )
     scrubbed["labels"] = await _count(
         session, delete(ContactLabel).where(ContactLabel.contact_id == contact.id)
     )

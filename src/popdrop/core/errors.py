@@ -7,6 +7,7 @@ from typing import Any
 # Status for each reason the API can give; one table so routers never choose codes.
 REASON_STATUS: dict[str, int] = {
     "invalid_request": 422,
+    "invalid_flow": 422,
     "malformed": 422,
     "payload_too_large": 413,
     "unauthorized": 401,

@@ -20,6 +20,7 @@ def target_metadata() -> MetaData:
     # Import every domain's tables so autogenerate and checks see the whole schema.
     import popdrop.accounts.models
     import popdrop.audience.models
+    import popdrop.chat.models
     import popdrop.checkin.models
     import popdrop.core.audit
     import popdrop.core.idempotency
