@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 from zoneinfo import available_timezones
 
@@ -15,7 +15,25 @@ _ZONES = available_timezones()
 def _aware(value: datetime | None, name: str) -> datetime | None:
     if value is not None and value.tzinfo is None:
         raise ValueError(f"{name} needs a time zone offset (e.g. Z)")
+    if value is not None:
+        try:
+            value.astimezone(UTC)  # how it is stored
+        except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is in year 0 in UTC
+            raise ValueError(f"{name} is out of range (years 1 to 9999 in UTC)") from None
     return value
+
+
+# EventUpdate fields an event always has: leaving one out keeps it, null is refused.
+_REQUIRED_ON_UPDATE = (
+    "title",
+    "description",
+    "venue_name",
+    "venue_address",
+    "timezone",
+    "starts_at",
+    "ends_at",
+    "max_hold_renewals",
+)
 
 
 class EventCreate(StrictInput):
@@ -74,6 +92,9 @@ class EventUpdate(StrictInput):
 
     @model_validator(mode="after")
     def _aware_times(self) -> EventUpdate:
+        for name in _REQUIRED_ON_UPDATE:
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null (leave it out to keep it)")
         for name in ("starts_at", "ends_at", "opens_at"):
             _aware(getattr(self, name), name)
         return self

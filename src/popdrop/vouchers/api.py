@@ -19,8 +19,8 @@ from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
 from popdrop.vouchers import service
 from popdrop.vouchers.schemas import (
-    BatchCreate,
     BatchDetail,
+    BatchIssueRequest,
     BatchOut,
     IssuedBatch,
     LinkOut,
@@ -70,7 +70,7 @@ async def guarded(ctx: AppContext, request: Request, principal: Principal, call:
     summary="Issue a batch of codes (plaintext returned this once)",
 )
 async def issue_batch(
-    body: BatchCreate,
+    body: BatchIssueRequest,
     request: Request,
     principal: ApiPrincipal,
     ctx: Ctx,

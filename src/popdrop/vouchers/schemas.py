@@ -1,14 +1,23 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from popdrop.core.schemas import StrictInput
 
 DiscountKind = Literal["percent", "fixed", "free_item"]
 Ref = Field(default=None, min_length=1, max_length=200)
+
+# One batch, however it is issued (service, CLI, demo, bench).
+MAX_QUANTITY = 1_000_000
+# One API request: its answer carries every plaintext code (and, with ?links=true, a
+# ~100-character claim link per code), built and sent synchronously. 100,000 codes is
+# about 2 MB (13 MB with links) and the bulk-issue target of 10 s (docs/benchmarks.md);
+# bigger batches go through `popdrop vouchers issue`, which writes them to a CSV file.
+API_MAX_QUANTITY = 100_000
 
 
 class Strict(StrictInput):
@@ -17,7 +26,7 @@ class Strict(StrictInput):
 
 class BatchCreate(Strict):
     name: str = Field(min_length=1, max_length=200)
-    quantity: int = Field(ge=1, le=1_000_000)
+    quantity: int = Field(ge=1, le=MAX_QUANTITY)
     max_uses: int = Field(default=1, ge=1, le=1_000_000_000)
     prefix: str | None = Field(default=None, max_length=6)
     tag: str | None = Field(default=None, min_length=1, max_length=64)
@@ -42,6 +51,11 @@ class BatchCreate(Strict):
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
                 raise ValueError(f"{name} needs a time zone offset (e.g. Z)")
+            if value is not None:
+                try:
+                    value.astimezone(UTC)  # how it is stored
+                except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is in year 0 in UTC
+                    raise ValueError(f"{name} is out of range (years 1 to 9999 in UTC)") from None
         if self.discount_kind == "percent" and not 1 <= self.discount_value <= 100:
             raise ValueError("a percent discount is 1 to 100")
         free_uses = self.cost_per_use_minor == 0 and (
@@ -56,6 +70,31 @@ class BatchCreate(Strict):
         if self.cost_per_use_minor:
             return self.cost_per_use_minor
         return self.discount_value if self.discount_kind == "fixed" else 0
+
+
+class BatchIssueRequest(BatchCreate):
+    """The body of `POST /api/v1/voucher-batches`: a batch of at most API_MAX_QUANTITY codes."""
+
+    quantity: int = Field(
+        ge=1,
+        json_schema_extra={"maximum": API_MAX_QUANTITY},  # enforced below, with a pointer
+        description=(
+            f"How many codes, at most {API_MAX_QUANTITY:,} per request "
+            "(`popdrop vouchers issue` issues bigger batches)."
+        ),
+    )
+
+    @field_validator("quantity")
+    @classmethod
+    def _api_quantity(cls, value: int) -> int:
+        if value > API_MAX_QUANTITY:
+            raise PydanticCustomError(
+                "too_many_codes",
+                "at most {limit} codes per API request; "
+                "issue bigger batches with `popdrop vouchers issue`",
+                {"limit": f"{API_MAX_QUANTITY:,}"},
+            )
+        return value
 
 
 class Discount(BaseModel):
