@@ -358,7 +358,7 @@ def _as_int(value: Scalar) -> int | None:
     if isinstance(value, float):
         return int(value) if value.is_integer() else None
     text = value.strip()
-    if text.lstrip("-").isdigit() and len(text) <= 18:
+    if text.lstrip("-").isdecimal() and len(text) <= 18:
         return int(text)
     return None
 
@@ -888,7 +888,7 @@ class _Turn:
             return inbound.payload
         numbered = self.state.numbered
         text = inbound.text.strip()
-        if numbered and text.isdigit() and len(text) <= 3 and 1 <= int(text) <= len(numbered):
+        if numbered and text.isdecimal() and len(text) <= 3 and 1 <= int(text) <= len(numbered):
             return numbered[int(text) - 1]
         return None
 
@@ -901,7 +901,7 @@ class _Turn:
             if head != node_id:
                 return _RETRY
             index_text, _, value = rest.partition(":")
-            if not index_text.isdigit() or len(index_text) > 3:
+            if not index_text.isdecimal() or len(index_text) > 3:
                 return _RETRY
             button = (int(index_text), value or None)
         elif inbound.kind != "text":

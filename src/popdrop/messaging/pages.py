@@ -598,7 +598,7 @@ async def mailbox_page(
 
 
 def _cursor(raw: str | None) -> int | None:
-    if raw is None or not raw.isdigit() or len(raw) > 18:
+    if raw is None or not raw.isdecimal() or len(raw) > 18:
         return None
     return int(raw)
 
