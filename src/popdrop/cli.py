@@ -200,6 +200,7 @@ def demo(
         f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})",
         f"Claim    {info['sample_link']}",
         f"Event    {info['event_url']}",
+        f"Chat     {info['chat_url']}",
         f"Audience {info['audience']}",
         f"Drop     {info['drop']}",
     ):

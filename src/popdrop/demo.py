@@ -26,6 +26,7 @@ from popdrop.audience.models import (
     Suppression,
 )
 from popdrop.audience.schemas import AudienceSettingsIn, SegmentIn, SegmentRules
+from popdrop.chat import service as chat
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database, table_of
@@ -121,6 +122,8 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
                 audit_chains=settings.audit_chains,
             )
             event_id = await _seed_event(session, signer, principal, settings, now)
+            # The web chat widget (/chat/demo) runs the shipped flow on this event.
+            await chat.publish_default_flow(session, org.id, event_id, now=now)
             await _seed_audience(session, signer, principal, event_id, now)
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             with codes_file.open("w", newline="") as handle:
@@ -146,6 +149,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
         "audience": audience_line,
         "drop": drop_line,
         "event_url": f"{settings.base_url.rstrip('/')}/e/{event.id}" if event else "",
+        "chat_url": f"{settings.base_url.rstrip('/')}/chat/{DEMO_ORG}",
         "email": DEMO_EMAIL,
         "password": password,
         "token": plaintext,

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from sqlalchemy import String, Text, select
 
+from popdrop.chat import inbound as chat_inbound
 from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.core.clock import FrozenClock
@@ -91,7 +92,7 @@ async def _person_everywhere(
         await chat.publish_default_flow(session, tenant.org_id, shop.event_id, now=ctx.clock.now())
     chat_deps = chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
     for text in ("hi", email):
-        await chat.handle(
+        await chat_inbound.handle(
             ctx.db,
             chat_deps,
             org_id=tenant.org_id,

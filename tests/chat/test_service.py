@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from popdrop.audience.models import Suppression
+from popdrop.chat import inbound as chat_inbound
 from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.flow import FlowError, shipped_source
@@ -57,7 +58,7 @@ async def say(
     address: str = "widget-session-1",
 ) -> chat.TurnResult:
     inbound = Inbound.of_text(what) if isinstance(what, str) else what
-    return await chat.handle(
+    return await chat_inbound.handle(
         ctx.db,
         deps(ctx),
         org_id=tenant.org_id,

@@ -36,6 +36,8 @@ _HOST = {
     "audience:write",
     "drops:read",
     "drops:write",
+    "chat:read",
+    "chat:write",
 }
 ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset({*_HOST, "tokens:write"}),

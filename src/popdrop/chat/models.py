@@ -130,3 +130,29 @@ class ChatEvent(Base):
     ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
     value: Mapped[int | None] = mapped_column(Integer, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ChatHost(Base):
+    """An address (channel + keyed hash) whose `/commands` run as the organization's host."""
+
+    __tablename__ = "chat_hosts"
+    __table_args__ = (UniqueConstraint("org_id", "channel", "address_hash"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    channel: Mapped[str] = mapped_column(String(16))
+    address_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    label: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ChatPin(Base):
+    """The product card pinned for an event's chat customers."""
+
+    __tablename__ = "chat_pins"
+
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id"), primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    pinned_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    pinned_by: Mapped[str] = mapped_column(String(200))

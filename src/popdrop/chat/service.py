@@ -1,6 +1,6 @@
 """Chat service: runs one turn of a conversation against the domain services.
 
-`handle_inbound(session, deps, org_id=…, channel=…, address=…, inbound=…, now=…)`:
+`run_turn(session, deps, org_id=…, channel=…, address=…, inbound=…, now=…)`:
 
 1. Global keywords first, on every channel: STOP / START / HELP (and YES for a pending
    double opt-in) go through `audience.service.handle_inbound`, the one implementation
@@ -17,8 +17,9 @@
 4. Outbound messages are degraded to the channel's capabilities; numbered options are
    kept in the state so a reply "2" resolves.
 
-Channel adapters (web widget, SMS, Telegram) sit on top of `handle_inbound` / `handle`
-and deliver the returned messages; `wake_due` runs scheduled waits and timeouts
+Channel adapters (web widget, SMS, Telegram) hand inbound messages to
+`popdrop.chat.inbound` (a host's `/command` first, else `run_turn`) and deliver the
+returned messages; `wake_due` runs scheduled waits and timeouts
 (reminders, the day-after survey) and returns what to deliver.
 """
 
@@ -71,7 +72,7 @@ from popdrop.chat.messages import (
 from popdrop.chat.models import ChatEvent, ChatMessage, Conversation, FlowVersion
 from popdrop.checkin import service as checkin
 from popdrop.checkin.schemas import TicketCreate
-from popdrop.core.db import Database, UTCDateTime, table_of
+from popdrop.core.db import UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.identity import normalize_phone
 from popdrop.core.schemas import is_clean_text
@@ -1352,63 +1353,6 @@ async def _turn(
     return TurnResult(conv.id, conv.session_no, state.status, state.node, messages, conv.contact_id)
 
 
-async def handle_inbound(
-    session: AsyncSession,
-    deps: ChatDeps,
-    *,
-    org_id: int,
-    channel: str,
-    address: str,
-    inbound: Inbound,
-    now: datetime,
-    flow_key: str = DEFAULT_FLOW_KEY,
-    capabilities: Capabilities | None = None,
-) -> list[OutMessage]:
-    """The messages to answer `inbound` with (see `run_turn` for the whole result)."""
-    result = await run_turn(
-        session,
-        deps,
-        org_id=org_id,
-        channel=channel,
-        address=address,
-        inbound=inbound,
-        now=now,
-        flow_key=flow_key,
-        capabilities=capabilities,
-    )
-    return result.messages
-
-
-async def handle(
-    db: Database,
-    deps: ChatDeps,
-    *,
-    org_id: int,
-    channel: str,
-    address: str,
-    inbound: Inbound,
-    now: datetime,
-    flow_key: str = DEFAULT_FLOW_KEY,
-    capabilities: Capabilities | None = None,
-) -> TurnResult:
-    """`run_turn` in its own transaction (run again on a PostgreSQL deadlock)."""
-
-    async def work(session: AsyncSession) -> TurnResult:
-        return await run_turn(
-            session,
-            deps,
-            org_id=org_id,
-            channel=channel,
-            address=address,
-            inbound=inbound,
-            now=now,
-            flow_key=flow_key,
-            capabilities=capabilities,
-        )
-
-    return await db.in_transaction(work)
-
-
 # ---------------------------------------------------------------- scheduled work
 
 
@@ -1711,8 +1655,6 @@ __all__ = [
     "funnel",
     "get_conversation",
     "hand_back",
-    "handle",
-    "handle_inbound",
     "host_message",
     "list_conversations",
     "list_flow_versions",

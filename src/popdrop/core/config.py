@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     send_batch_size: int = Field(default=200, ge=1, le=5000)
     send_lease_seconds: float = Field(default=60.0, gt=0)
     send_poll_seconds: float = Field(default=2.0, gt=0)
+    # Telegram Bot API (chat channel): base URL (a local fake in tests), the bot's token,
+    # and the secret Telegram echoes in X-Telegram-Bot-Api-Secret-Token on each webhook.
+    telegram_api_url: str = "https://api.telegram.org"
+    telegram_bot_token: str = ""
+    telegram_webhook_secret: str = ""
 
     @property
     def resolved_database_url(self) -> str:

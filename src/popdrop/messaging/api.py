@@ -9,7 +9,6 @@ Twilio's `X-Twilio-Signature`.
 from __future__ import annotations
 
 from typing import Any, Literal
-from xml.sax.saxutils import escape
 
 import httpx
 from fastapi import APIRouter, Request
@@ -18,6 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import service as audience
+from popdrop.chat import sms as chat_sms
+from popdrop.chat.service import ChatDeps
 from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import error_responses
 from popdrop.messaging import content, feedback, outcomes, service, twilio
@@ -244,24 +245,15 @@ async def _twilio_params(ctx: AppContext, request: Request) -> dict[str, str]:
 
 @router.post("/sms/{token}/inbound", include_in_schema=False)
 async def sms_inbound(token: str, request: Request, ctx: Ctx) -> Response:
-    """Twilio inbound message: STOP/START/HELP/YES are answered here, before any flow."""
+    """Twilio inbound message: STOP/START/HELP/YES before any flow, then the SMS chat."""
     org_id = _webhook_org(ctx, token)
     message = twilio.parse_inbound(await _twilio_params(ctx, request))
-    async with ctx.db.transaction() as session:
-        result = await audience.handle_inbound(
-            session,
-            ctx.signer,
-            org_id=org_id,
-            channel="sms",
-            sender=message.sender,
-            text=message.body,
-            now=ctx.clock.now(),
-        )
-    reply = f"<Message>{escape(result.reply)}</Message>" if result.reply else ""
-    return Response(
-        f'<?xml version="1.0" encoding="UTF-8"?><Response>{reply}</Response>',
-        media_type="application/xml",
+    # Keywords first (shared audience handling), then the chat flow: popdrop.chat.sms.
+    deps = ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    replies = await chat_sms.reply_to(
+        ctx.db, deps, org_id=org_id, sender=message.sender, body=message.body, now=ctx.clock.now()
     )
+    return Response(chat_sms.twiml(replies), media_type="application/xml")
 
 
 @router.post("/sms/{token}/status", include_in_schema=False, status_code=204)

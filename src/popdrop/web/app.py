@@ -106,6 +106,9 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.audience.api import router as audience_api
     from popdrop.audience.pages import public_router as audience_public_pages
     from popdrop.audience.pages import router as audience_pages
+    from popdrop.chat.pages import router as chat_pages
+    from popdrop.chat.telegram_api import router as telegram_api
+    from popdrop.chat.web import router as chat_web
     from popdrop.checkin.api import router as checkin_api
     from popdrop.checkin.pages import router as checkin_pages
     from popdrop.events.api import public_router as events_public
@@ -140,6 +143,9 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         messaging_api,
         messaging_public,
         messaging_pages,
+        chat_pages,  # before chat_web: /chat/console is not an organization's widget page
+        telegram_api,
+        chat_web,
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

@@ -22,6 +22,7 @@ _DIRS = [
     _ROOT / "checkin" / "templates",
     _ROOT / "audience" / "templates",
     _ROOT / "messaging" / "templates",
+    _ROOT / "chat" / "templates",
 ]
 
 _env = Environment(

@@ -1,0 +1,90 @@
+"""Where every channel (web widget, SMS, Telegram) hands an inbound message.
+
+A `/command` from an address registered as a host of the organization runs as a host
+command (`popdrop.chat.host`); anything else, from anyone, is a flow turn
+(`popdrop.chat.service.run_turn`). Keeping this choice here, above both, keeps the flow
+service free of the host side.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.chat import host
+from popdrop.chat import service as chat
+from popdrop.chat.engine import Inbound
+from popdrop.chat.messages import Capabilities
+from popdrop.core.db import Database
+
+
+async def turn(
+    session: AsyncSession,
+    deps: chat.ChatDeps,
+    *,
+    org_id: int,
+    channel: str,
+    address: str,
+    inbound: Inbound,
+    now: datetime,
+    flow_key: str = chat.DEFAULT_FLOW_KEY,
+    capabilities: Capabilities | None = None,
+) -> chat.TurnResult:
+    """One inbound message, in the caller's transaction."""
+    if inbound.kind == "text" and inbound.text.lstrip().startswith("/"):
+        ran = await host.maybe_host_command(
+            session,
+            deps,
+            org_id=org_id,
+            channel=channel,
+            address=chat.normalize_address(channel, address),
+            text=inbound.text,
+            now=now,
+        )
+        if ran is not None:
+            return chat.TurnResult(None, 0, "host", None, ran, keyword="host")
+    return await chat.run_turn(
+        session,
+        deps,
+        org_id=org_id,
+        channel=channel,
+        address=address,
+        inbound=inbound,
+        now=now,
+        flow_key=flow_key,
+        capabilities=capabilities,
+    )
+
+
+async def handle(
+    db: Database,
+    deps: chat.ChatDeps,
+    *,
+    org_id: int,
+    channel: str,
+    address: str,
+    inbound: Inbound,
+    now: datetime,
+    flow_key: str = chat.DEFAULT_FLOW_KEY,
+    capabilities: Capabilities | None = None,
+) -> chat.TurnResult:
+    """`turn` in its own transaction (run again on a PostgreSQL deadlock)."""
+
+    async def work(session: AsyncSession) -> chat.TurnResult:
+        return await turn(
+            session,
+            deps,
+            org_id=org_id,
+            channel=channel,
+            address=address,
+            inbound=inbound,
+            now=now,
+            flow_key=flow_key,
+            capabilities=capabilities,
+        )
+
+    return await db.in_transaction(work)
+
+
+__all__ = ["handle", "turn"]
