@@ -19,6 +19,7 @@ from popdrop.chat.flow import FlowError, shipped_source
 from popdrop.chat.messages import Buttons, Carousel, Countdown, OutMessage, QrTicket, Text
 from popdrop.chat.models import ChatEvent, ChatMessage, Conversation, FlowVersion
 from popdrop.checkin.models import Ticket
+from popdrop.core import audit
 from popdrop.core.clock import FrozenClock
 from popdrop.core.errors import PopdropError
 from popdrop.events.models import TimeSlot
@@ -542,3 +543,43 @@ async def test_a_deep_link_starts_a_session_at_its_entry(
     async with ctx.db.reader() as session:
         steps = await chat.funnel(session, tenant.org_id)
     assert steps["chat_started"] == 2
+
+
+async def test_a_burst_of_bookings_never_overbooks_a_slot(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
+) -> None:
+    # Web turns write the slot's places at commit time (a short lock on a hot row); a
+    # turn that finds them gone there runs again and takes the flow's "full" branch.
+    shop = await shop_with_flow(app_client, ctx, tenant)
+    async with ctx.db.transaction() as session:
+        await session.execute(
+            update(TimeSlot).where(TimeSlot.id == shop.slot_id).values(capacity=3, taken=0)
+        )
+    confirms: list[tuple[str, str]] = []
+    for n in range(10):
+        address = f"burst-{n}"
+        menu = await say(ctx, tenant, "hi", address=address)
+        rsvp = buttons(menu.messages)["RSVP a time slot"]
+        slots = await say(ctx, tenant, Inbound.button(rsvp), address=address)
+        [pick] = [m for m in slots.messages if isinstance(m, Buttons)]
+        await say(ctx, tenant, Inbound.button(pick.buttons[0].payload or ""), address=address)
+        confirm = await say(ctx, tenant, f"guest{n}@example.com", address=address)
+        confirms.append((address, buttons(confirm.messages)["Yes, book it"]))
+
+    results = await asyncio.gather(
+        *(say(ctx, tenant, Inbound.button(p), address=a) for a, p in confirms)
+    )
+
+    booked = [r for r in results if any(isinstance(m, QrTicket) for m in r.messages)]
+    turned_away = [r for r in results if "that slot just filled up" in texts(r.messages)]
+    assert (len(booked), len(turned_away)) == (3, 7)
+    async with ctx.db.reader() as session:
+        slot = await session.get(TimeSlot, shop.slot_id)
+        assert slot is not None and slot.taken == 3
+        confirmed = await session.scalar(
+            select(func.count()).select_from(Rsvp).where(Rsvp.slot_id == shop.slot_id)
+        )
+        assert confirmed == 3
+        assert await session.scalar(select(func.count()).select_from(Ticket)) == 3
+        # The audit entries written at commit time still chain.
+        assert (await audit.verify(session, tenant.org_id)).ok

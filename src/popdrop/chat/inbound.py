@@ -16,7 +16,7 @@ from popdrop.chat import host
 from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import Capabilities
-from popdrop.core.db import Database
+from popdrop.core.db import Database, LateWriteLost, defer_hot_writes
 
 
 async def turn(
@@ -69,9 +69,18 @@ async def handle(
     flow_key: str = chat.DEFAULT_FLOW_KEY,
     capabilities: Capabilities | None = None,
 ) -> chat.TurnResult:
-    """`turn` in its own transaction (run again on a PostgreSQL deadlock)."""
+    """`turn` in its own transaction (run again on a PostgreSQL deadlock).
+
+    Hot rows (a slot's places, audit chain heads) are written just before the commit, so
+    hundreds of conversations booking the same slot queue on it for one round trip each,
+    not a whole turn; if the places went meanwhile the turn runs again the ordinary way
+    and takes the flow's "full" branch.
+    """
+    deferring = True
 
     async def work(session: AsyncSession) -> chat.TurnResult:
+        if deferring:
+            defer_hot_writes(session)
         return await turn(
             session,
             deps,
@@ -84,7 +93,11 @@ async def handle(
             capabilities=capabilities,
         )
 
-    return await db.in_transaction(work)
+    try:
+        return await db.in_transaction(work)
+    except LateWriteLost:
+        deferring = False
+        return await db.in_transaction(work)
 
 
 __all__ = ["handle", "turn"]

@@ -35,7 +35,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import ColumnElement
 
-from popdrop.core.db import Base, BigId, UTCDateTime, dialect_insert, table_of
+from popdrop.core.db import (
+    AUDIT_WRITE_ORDER,
+    Base,
+    BigId,
+    UTCDateTime,
+    defer_write,
+    dialect_insert,
+    table_of,
+)
 
 GENESIS = "0" * 64
 
@@ -158,27 +166,33 @@ async def append(
     payload: dict[str, Any],
     at: datetime,
     chains: int,
-) -> str:
-    """Append one entry inside the caller's transaction; return its hash.
+) -> None:
+    """Append one entry inside the caller's transaction.
 
     The chain head stays row-locked until the caller commits, so entries of one chain
-    are appended one at a time and in order.
+    are appended one at a time and in order. In a transaction that defers hot writes
+    (`db.defer_hot_writes`) the append runs just before the commit.
     """
-    conn = await session.connection()
     chain = chain_for(subject, chains)
-    seq, prev = await bump_head(conn, org_id, chain)
-    return await write_entry(
-        conn,
-        org_id=org_id,
-        chain=chain,
-        seq=seq,
-        prev=prev,
-        actor=actor,
-        action=action,
-        subject=subject,
-        payload=payload,
-        at=at,
-    )
+
+    async def write() -> None:
+        conn = await session.connection()
+        seq, prev = await bump_head(conn, org_id, chain)
+        await write_entry(
+            conn,
+            org_id=org_id,
+            chain=chain,
+            seq=seq,
+            prev=prev,
+            actor=actor,
+            action=action,
+            subject=subject,
+            payload=payload,
+            at=at,
+        )
+
+    if not defer_write(session, (AUDIT_WRITE_ORDER, chain), write):
+        await write()
 
 
 async def bump_head(conn: AsyncConnection, org_id: int, chain: int) -> tuple[int, str]:

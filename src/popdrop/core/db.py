@@ -113,6 +113,50 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
+# ---------------------------------------------------------------- late writes
+#
+# A hot row (a time slot's `taken`, an audit chain head) stays locked from its UPDATE to
+# the commit, so every statement a transaction runs after it makes the next writer of
+# that row wait. A transaction that opts in with `defer_hot_writes` queues such writes
+# with `defer_write`; they run just before the commit, in key order (so two
+# transactions lock the same rows in the same order), and the lock is held for one round
+# trip instead of the whole transaction. A queued write that finds its condition gone
+# (the slot filled up meanwhile) raises `LateWriteLost`: the transaction rolls back and
+# the caller runs it again without deferring, down the ordinary path.
+
+_LATE_WRITES = "popdrop.late_writes"
+# Keys' first part: capacity takes run before audit chain heads.
+CAPACITY_WRITE_ORDER = 0
+AUDIT_WRITE_ORDER = 1
+LateWrite = Callable[[], Awaitable[None]]
+
+
+class LateWriteLost(Exception):
+    """A write deferred to the commit no longer holds (e.g. the places were taken)."""
+
+
+def defer_hot_writes(session: AsyncSession) -> None:
+    """From now on, this transaction's hot-row writes run just before its commit."""
+    session.info[_LATE_WRITES] = []
+
+
+def defer_write(session: AsyncSession, key: tuple[int, int], write: LateWrite) -> bool:
+    """Queue `write` for the commit when the session defers hot writes; False (nothing
+    queued) when it does not, and then the caller writes now."""
+    queue: list[tuple[tuple[int, int], int, LateWrite]] | None = session.info.get(_LATE_WRITES)
+    if queue is None:
+        return False
+    queue.append((key, len(queue), write))
+    return True
+
+
+async def run_late_writes(session: AsyncSession) -> None:
+    """Run the queued writes (by key, then in the order they were queued)."""
+    queue = session.info.pop(_LATE_WRITES, None)
+    for _key, _order, write in sorted(queue or [], key=lambda item: item[:2]):
+        await write()
+
+
 class Database:
     """Owns the engine and hands out sessions; one per process.
 
@@ -137,9 +181,11 @@ class Database:
         if self._write_lock is None:
             async with self.sessions() as session, session.begin():
                 yield session
+                await run_late_writes(session)
             return
         async with self._write_lock, self.sessions() as session, session.begin():
             yield session
+            await run_late_writes(session)
 
     async def in_transaction(
         self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3

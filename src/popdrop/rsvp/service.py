@@ -36,7 +36,7 @@ from popdrop.checkin import service as checkin
 from popdrop.checkin.models import Ticket
 from popdrop.checkin.schemas import TicketCreate
 from popdrop.core import audit
-from popdrop.core.db import table_of
+from popdrop.core.db import CAPACITY_WRITE_ORDER, LateWriteLost, defer_write, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.identity import normalize_email, normalize_phone
 from popdrop.core.signing import Signer
@@ -195,6 +195,19 @@ async def _take_places(session: AsyncSession, slot_id: int, places: int) -> bool
     return (await conn.execute(_TAKE_PLACES, {"s_id": slot_id, "n": places})).first() is not None
 
 
+async def _take_places_late(session: AsyncSession, slot: TimeSlot, places: int) -> bool:
+    """In a transaction that defers hot writes: when the places look free, take them just
+    before the commit (`LateWriteLost` if they went meanwhile). False: take them now."""
+    if slot.capacity - slot.taken < places:
+        return False  # full as far as we can see: the ordinary path decides, locked
+
+    async def take() -> None:
+        if not await _take_places(session, slot.id, places):
+            raise LateWriteLost(f"slot {slot.id} filled up before the commit")
+
+    return defer_write(session, (CAPACITY_WRITE_ORDER, slot.id), take)
+
+
 async def _release_places(session: AsyncSession, slot_id: int, places: int) -> None:
     conn = await session.connection()
     await conn.execute(_RELEASE_PLACES, {"s_id": slot_id, "n": places})
@@ -296,7 +309,9 @@ async def create_rsvp(
     offers = await expire_offers(
         session, signer, now=now, audit_chains=audit_chains, event_id=event.id
     )
-    if await _take_places(session, slot.id, spec.places):
+    if await _take_places_late(session, slot, spec.places) or await _take_places(
+        session, slot.id, spec.places
+    ):
         status = "confirmed"
     elif spec.waitlist:
         status = "waitlisted"
