@@ -17,6 +17,10 @@ from sqlalchemy import select
 from taskiq import AsyncBroker, InMemoryBroker
 from taskiq.api import run_receiver_task
 
+from popdrop.chat import tasks as chat_tasks
+from popdrop.chat.service import ChatDeps
+from popdrop.chat.tasks import ChatChannels
+from popdrop.chat.telegram import TelegramBot
 from popdrop.core.clock import Clock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database
@@ -102,11 +106,18 @@ class Worker:
 
         self.send_drop = self.broker.register_task(send_drop, task_name="popdrop.send_drop")
         self._busy = False
+        self.chat_deps = ChatDeps(signer, settings.base_url, settings.audit_chains)
+        bot = None
+        if settings.telegram_bot_token:
+            bot = TelegramBot(settings.telegram_api_url, settings.telegram_bot_token)
+        self.chat_channels = ChatChannels(sms=sms, sms_from=settings.chat_sms_from, telegram=bot)
 
     async def close(self) -> None:
         for transport in (self.sender.email, self.sender.sms):
             if transport is not None:
                 await transport.close()
+        if self.chat_channels.telegram is not None:
+            await self.chat_channels.telegram.close()
 
     async def _send_drop(self, drop_id: int) -> int:
         """Send what is due (the drop id is a hint: rows of any sending drop are taken).
@@ -123,8 +134,8 @@ class Worker:
             self._busy = False
 
     async def tick(self) -> list[int]:
-        """Start due scheduled drops, decide A/B tests, close drained drops and kick every
-        drop with due rows; their ids."""
+        """Start due scheduled drops, decide A/B tests, close drained drops, kick every drop
+        with due rows (their ids are returned), then deliver due chat messages."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             scheduled = (
@@ -163,6 +174,9 @@ class Worker:
             ).all()
         for drop_id in due:
             await self.send_drop.kiq(drop_id)
+        sent = await chat_tasks.deliver_due(self.db, self.chat_deps, self.chat_channels, now=now)
+        if sent:
+            log.info("chat messages delivered", **sent)
         return list(due)
 
     async def run(self, *, receive: bool, stop: asyncio.Event | None = None) -> None:

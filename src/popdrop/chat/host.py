@@ -22,7 +22,8 @@ and the flow runs. `parse` is pure; the rest runs in the caller's transaction.
 
 Host-originated messages to customers (console replies, pinned cards sent from the
 console, broadcasts) are queued in `chat_messages` with direction `queued` / `bqueued`;
-the channels take them with `take_outbox`, which marks them `host` / `bcast` (sent).
+`chat.tasks.deliver_due` takes them with `take_outbox` (marked `host` / `bcast`) and
+sends them.
 """
 
 from __future__ import annotations

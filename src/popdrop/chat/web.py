@@ -31,6 +31,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from popdrop.accounts import service as accounts
 from popdrop.chat import inbound as chat_inbound
+from popdrop.chat import live
 from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import WEB, to_json
@@ -234,6 +235,16 @@ async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
         token, visitor = new_visitor(ctx.signer, org_id)
         resumed = False
     await websocket.send_json({"type": "ready", "visitor": token, "resumed": resumed})
+    address = chat.normalize_address(CHANNEL, visitor)
+    send = websocket.send_json  # one object: unregister removes this socket, not a newer one
+    live.register(org_id, address, send)
+    try:
+        await _converse(websocket, ctx, org_id, visitor)
+    finally:
+        live.unregister(org_id, address, send)
+
+
+async def _converse(websocket: WebSocket, ctx: AppContext, org_id: int, visitor: str) -> None:
     deps = chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
     bucket = Bucket()
     refused = 0

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     telegram_api_url: str = "https://api.telegram.org"
     telegram_bot_token: str = ""
     telegram_webhook_secret: str = ""
+    # The number chat reminders, surveys and host messages are texted from (E.164); empty:
+    # SMS conversations get no scheduled messages.
+    chat_sms_from: str = ""
 
     @property
     def resolved_database_url(self) -> str:
