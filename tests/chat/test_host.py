@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from popdrop.chat import host
 from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
-from popdrop.chat.messages import Carousel, Text
+from popdrop.chat.messages import Card, Carousel, Text
 from popdrop.core.clock import FrozenClock
 from popdrop.events.models import TimeSlot
 from popdrop.inventory.models import Variant
@@ -143,12 +143,26 @@ async def test_stats_count_today(
 async def test_pin_and_unknown_commands(
     app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
 ) -> None:
-    shop = await setup(app_client, ctx, tenant, clock)
+    await setup(app_client, ctx, tenant, clock)
+    await say(ctx, tenant, "hi", address="web-before")
     assert await command(ctx, tenant, "/pin Tote bag") == "Pinned Tote bag for Weekend pop-up."
-    async with ctx.db.reader() as session:
-        card = await host.pinned_card(session, tenant.org_id, shop.event_id, clock.now())
-    assert card is not None and card.title == "Tote bag" and card.available == 10
+    # A new conversation opens with the pinned card, live availability included…
+    first = await say(ctx, tenant, "hi", address="web-new")
+    card = first.messages[0]
+    assert isinstance(card, Card) and card.title == "Tote bag" and card.available == 10
+    assert card.text.startswith("Pinned by the host.") and card.buttons == []
+    assert isinstance(first.messages[1], Text)  # …then the flow's greeting
+    # …on SMS as text; a conversation already under way is not interrupted.
+    sms = await say(ctx, tenant, "hi", channel="sms", address="+33644445555")
+    assert texts(sms.messages).startswith("Tote bag — 15.00 EUR (10 left)")
+    assert not any(
+        isinstance(m, Card) for m in (await say(ctx, tenant, "DROP", address="web-new")).messages
+    )
+    going = await say(ctx, tenant, "MENU", address="web-before")
+    assert not any(isinstance(m, Card) for m in going.messages)
     assert await command(ctx, tenant, "/pin off") == "Unpinned."
+    unpinned = await say(ctx, tenant, "hi", address="web-after")
+    assert not any(isinstance(m, Card) for m in unpinned.messages)
     assert "not found" in (await command(ctx, tenant, "/pin NOPE")).lower()
     helped = await command(ctx, tenant, "/dance")
     assert "/open 14:00 10" in helped and "/broadcast" in helped and "/soldout" in helped

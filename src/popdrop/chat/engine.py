@@ -428,6 +428,26 @@ def _button_refs(node: f.MessageNode | f.ChoiceNode) -> list[_ButtonRef]:
 # ---------------------------------------------------------------- the turn
 
 
+def card_of(
+    product: ProductFact, *, text: str | None = None, buttons: list[Button] | None = None
+) -> Card:
+    """A product as a card: price, image and live availability (`text` overrides its
+    highlights)."""
+    try:
+        price: str | None = Money(product.price_minor, product.currency).format()
+    except PopdropError:
+        price = None
+    return Card(
+        product_id=product.id,
+        title=product.title,
+        text=product.text if text is None else text,
+        price=price,
+        image_url=product.image_url or None,
+        available=max(product.available, 0),
+        buttons=buttons or [],
+    )
+
+
 class _Turn:
     def __init__(self, flow: f.Flow, state: ChatState, facts: Facts) -> None:
         self.flow = flow
@@ -554,21 +574,8 @@ class _Turn:
             elif refs is not None:
                 payload = f"{node_id}:{first + offset}:{product.id}"
                 buttons.append(Button(label=self.render(spec.label), payload=payload))
-        price = None
-        try:
-            price = Money(product.price_minor, product.currency).format()
-        except PopdropError:
-            price = None
         self.effects.append(RecordActivityEffect("card_viewed", ref=str(product.id)))
-        return Card(
-            product_id=product.id,
-            title=product.title,
-            text=product.text,
-            price=price,
-            image_url=product.image_url or None,
-            available=max(product.available, 0),
-            buttons=buttons,
-        )
+        return card_of(product, buttons=buttons)
 
     def quick_replies(self, node_id: str, specs: list[f.ButtonSpec], first: int) -> None:
         buttons: list[Button] = []

@@ -11,7 +11,8 @@ addresses) whose text starts with `/` is a command, not a flow turn:
   stock is set down to what is already held or sold, through `inventory.set_stock`, so
   the next card shows it sold out and offers no Reserve;
 - `/stats` — today's RSVPs, check-ins, holds, vouchers issued in chat and chat sessions;
-- `/pin SKU` (`/pin off`) — the product card pinned for the event's customers;
+- `/pin SKU` (`/pin off`) — the product card pinned for the event's customers: every
+  new session's first answer starts with it (`chat.service.pinned_card`);
 - `/broadcast <text>` — to the event's chat audience: per conversation, the consent of
   the contact on that channel is checked, opted-out conversations are skipped, and a
   conversation gets at most one broadcast per `BROADCAST_SPACING`;
@@ -45,6 +46,7 @@ from popdrop.accounts.service import ROLES, Principal
 from popdrop.audience.models import Contact
 from popdrop.audience.service import CONSENT_COLUMN
 from popdrop.chat import service as chat
+from popdrop.chat.engine import ProductFact, card_of
 from popdrop.chat.messages import OUT_MESSAGES, Card, OutMessage, Text
 from popdrop.chat.models import (
     ChatEvent,
@@ -56,7 +58,6 @@ from popdrop.chat.models import (
 )
 from popdrop.checkin.models import Ticket
 from popdrop.core.errors import PopdropError, not_found
-from popdrop.core.money import Money
 from popdrop.core.schemas import is_clean_text
 from popdrop.events import service as events
 from popdrop.events.models import Event, TimeSlot
@@ -370,22 +371,19 @@ async def _available(session: AsyncSession, product_id: int, event_id: int, now:
     return sum(a.available for a in rows if a.variant_id in variant_ids)
 
 
-async def product_card(
-    session: AsyncSession, product: Product, now: datetime, *, pinned: bool = False
-) -> Card:
-    """The product as a card with live availability (no action buttons: a host's card)."""
-    try:
-        price: str | None = Money(product.price_minor, product.currency).format()
-    except PopdropError:
-        price = None
-    return Card(
-        product_id=product.id,
+async def product_card(session: AsyncSession, product: Product, now: datetime) -> Card:
+    """The product as a pinned card with live availability (no action buttons: a host's
+    card)."""
+    fact = ProductFact(
+        id=product.id,
         title=product.title,
-        text=("Pinned by the host. " if pinned else "") + (product.highlights or ""),
-        price=price,
-        image_url=product.image_url or None,
+        text=product.highlights or "",
+        price_minor=product.price_minor,
+        currency=product.currency,
+        image_url=product.image_url or "",
         available=await _available(session, product.id, product.event_id, now),
     )
+    return card_of(fact, text=chat.PINNED_PREFIX + fact.text)
 
 
 async def pin(
@@ -426,19 +424,6 @@ async def pin(
     await session.flush()
 
 
-async def pinned_card(
-    session: AsyncSession, org_id: int, event_id: int, now: datetime
-) -> Card | None:
-    """The card pinned for the event's customers (channels show it on top), if any."""
-    row = await session.get(ChatPin, (org_id, event_id), populate_existing=True)
-    if row is None:
-        return None
-    product = await session.get(Product, row.product_id)
-    if product is None:
-        return None
-    return await product_card(session, product, now, pinned=True)
-
-
 # ---------------------------------------------------------------- outbox
 
 
@@ -477,7 +462,7 @@ async def send_card(
     )
     if product is None:
         raise not_found("product")
-    card = await product_card(session, product, now, pinned=True)
+    card = await product_card(session, product, now)
     session.add(_row(conv, QUEUED, card, now))
     conv.last_message_at = now
     await session.flush()
@@ -788,7 +773,6 @@ __all__ = [
     "maybe_host_command",
     "parse",
     "pin",
-    "pinned_card",
     "queue_reply",
     "remove_host",
     "run_command",

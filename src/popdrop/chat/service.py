@@ -62,6 +62,7 @@ from popdrop.chat.flow import DiscountSpec, Flow, Needs, load_compiled, load_flo
 from popdrop.chat.messages import (
     OUT_MESSAGES,
     Capabilities,
+    Card,
     OutMessage,
     Text,
     capabilities_of,
@@ -69,7 +70,7 @@ from popdrop.chat.messages import (
     format_time,
     numbered_choices,
 )
-from popdrop.chat.models import ChatEvent, ChatMessage, Conversation, FlowVersion
+from popdrop.chat.models import ChatEvent, ChatMessage, ChatPin, Conversation, FlowVersion
 from popdrop.checkin import service as checkin
 from popdrop.checkin.schemas import TicketCreate
 from popdrop.core.db import UTCDateTime, table_of
@@ -715,6 +716,30 @@ async def _facts(
     return facts
 
 
+_pins_t = table_of(ChatPin)
+_PINNED = select(_pins_t.c.product_id).where(
+    _pins_t.c.org_id == bindparam("o_id"), _pins_t.c.event_id == bindparam("e_id")
+)
+PINNED_PREFIX = "Pinned by the host. "
+
+
+async def pinned_card(
+    session: AsyncSession, org_id: int, event_id: int | None, now: datetime
+) -> Card | None:
+    """The card a host pinned for the event (`/pin`, or from the console) with live
+    availability; every new session's first answer starts with it."""
+    if event_id is None:
+        return None
+    conn = await session.connection()
+    product_id = (await conn.execute(_PINNED, {"o_id": org_id, "e_id": event_id})).scalar()
+    if product_id is None:
+        return None
+    for product in await _products(session, org_id, event_id, now):
+        if product.id == product_id:
+            return engine.card_of(product, text=PINNED_PREFIX + product.text)
+    return None
+
+
 # ---------------------------------------------------------------- effects
 
 
@@ -1291,6 +1316,7 @@ async def run_turn(
     )
     if keyword is not None:
         return keyword
+    fresh = True
     if conv is None:
         if inbound.kind == "wake":
             return TurnResult(None, 0, "none", None, [])
@@ -1307,7 +1333,8 @@ async def run_turn(
         )
     else:
         flow, state = await _load_state(session, conv)
-        if conv.opted_out_at is None and _session_over(conv, state, inbound, now):
+        fresh = conv.opted_out_at is None and _session_over(conv, state, inbound, now)
+        if fresh:
             if state.status in ("active", "waiting_input", "waiting_until"):
                 await _insert(
                     session, _INSERT_EVENTS, [_event_row(conv, "expired", now, state.node)]
@@ -1331,7 +1358,7 @@ async def run_turn(
             [_message_row(conv, "in", inbound.model_dump(mode="json"), now)],
         )
         return TurnResult(conv.id, conv.session_no, conv.status, conv.node, [], conv.contact_id)
-    return await _turn(session, deps, conv, flow, state, inbound, now, capabilities)
+    return await _turn(session, deps, conv, flow, state, inbound, now, capabilities, fresh)
 
 
 async def _turn(
@@ -1343,8 +1370,14 @@ async def _turn(
     inbound: Inbound,
     now: datetime,
     capabilities: Capabilities | None,
+    fresh: bool = False,
 ) -> TurnResult:
     state, outbound, applied = await _run_engine(session, deps, conv, flow, state, inbound, now)
+    if fresh:
+        pinned = await pinned_card(session, conv.org_id, conv.event_id, now)
+        if pinned is not None:
+            outbound.insert(0, pinned)
+            applied.events.append(_event_row(conv, "card_viewed", now, ref=str(pinned.product_id)))
     caps = capabilities or capabilities_of(conv.channel)
     messages = degrade(outbound, caps, now=now)
     if messages:
@@ -1659,6 +1692,7 @@ __all__ = [
     "list_conversations",
     "list_flow_versions",
     "node_dropoff",
+    "pinned_card",
     "publish_default_flow",
     "publish_flow",
     "run_turn",
