@@ -17,6 +17,7 @@ from sqlalchemy import select
 from taskiq import AsyncBroker, InMemoryBroker
 from taskiq.api import run_receiver_task
 
+from popdrop.chat import live
 from popdrop.chat import tasks as chat_tasks
 from popdrop.chat.service import ChatDeps
 from popdrop.chat.tasks import ChatChannels
@@ -110,7 +111,10 @@ class Worker:
         bot = None
         if settings.telegram_bot_token:
             bot = TelegramBot(settings.telegram_api_url, settings.telegram_bot_token)
-        self.chat_channels = ChatChannels(sms=sms, sms_from=settings.chat_sms_from, telegram=bot)
+        relay = live.Relay(settings.redis_url) if settings.redis_url else None
+        self.chat_channels = ChatChannels(
+            sms=sms, sms_from=settings.chat_sms_from, telegram=bot, web_relay=relay
+        )
 
     async def close(self) -> None:
         for transport in (self.sender.email, self.sender.sms):
@@ -118,6 +122,8 @@ class Worker:
                 await transport.close()
         if self.chat_channels.telegram is not None:
             await self.chat_channels.telegram.close()
+        if self.chat_channels.web_relay is not None:
+            await self.chat_channels.web_relay.close()
 
     async def _send_drop(self, drop_id: int) -> int:
         """Send what is due (the drop id is a hint: rows of any sending drop are taken).

@@ -1,22 +1,30 @@
 """Scheduled and host messages leave through their channels (the worker tick's
 `chat.tasks.deliver_due`): an SMS reminder is texted, a host reply reaches an open web
-socket, and nobody who sent STOP gets anything."""
+socket (in this process, or in another one through the Redis relay), and nobody who sent
+STOP gets anything."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 from datetime import timedelta
 from typing import Any
 
 import httpx
+import pytest
+from redis.asyncio import Redis
 
 from popdrop.chat import host, live
 from popdrop.chat import service as chat
 from popdrop.chat.tasks import ChatChannels, deliver_due
 from popdrop.core.clock import FrozenClock
+from popdrop.core.config import Settings
 from popdrop.messaging.transports import OutboundSms, SendResult
+from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from tests.chat.test_service import deps, say, shop_with_flow
-from tests.conftest import Tenant
+from tests.conftest import Tenant, redis_url
 
 PHONE = "+33612345670"
 FROM = "+15005550006"
@@ -125,3 +133,104 @@ async def test_a_visitor_who_left_is_counted_offline(
         ctx.db, deps(ctx), ChatChannels(), now=ctx.clock.now(), org_id=tenant.org_id
     )
     assert done == {"web:offline": 1}
+
+
+def relay_url() -> str:
+    url = redis_url()
+    if url is None:
+        pytest.skip("Redis run: set POPDROP_TEST_REDIS_URL (CI does)")
+    return url
+
+
+async def test_a_reply_for_a_socket_open_elsewhere_goes_through_the_redis_relay(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
+) -> None:
+    url = relay_url()
+    await shop_with_flow(app_client, ctx, tenant)
+    text = "Your size is back, come by the counter."
+    await conversation_with_a_host_reply(ctx, tenant, "visitor-elsewhere", text)
+    listener = Redis.from_url(url)
+    relay = live.Relay(url)
+    try:
+        async with listener.pubsub() as pubsub:  # stands for the server process holding it
+            await pubsub.subscribe(live.RELAY_CHANNEL)
+            assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+            done = await deliver_due(
+                ctx.db,
+                deps(ctx),
+                ChatChannels(web_relay=relay),
+                now=ctx.clock.now(),
+                org_id=tenant.org_id,
+            )
+            assert done == {"web:relayed": 1}
+            payload: dict[str, Any] = {}
+            while payload.get("org_id") != tenant.org_id:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+                assert message is not None, "nothing was published"
+                payload = json.loads(message["data"])
+        assert payload["address"] == chat.normalize_address("web", "visitor-elsewhere")
+        assert payload["frame"]["messages"][0]["text"] == text
+    finally:
+        await relay.close()
+        await listener.aclose()
+
+
+PUBLISH_FROM_ANOTHER_PROCESS = """
+import asyncio, sys
+from popdrop.chat import live
+
+async def main() -> None:
+    relay = live.Relay(sys.argv[1])
+    frame = {"type": "messages", "messages": [{"kind": "text", "text": sys.argv[4]}]}
+    print(await relay.publish(int(sys.argv[2]), sys.argv[3], frame))
+    await relay.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_the_server_hands_relayed_pushes_to_its_sockets(
+    settings: Settings, clock: FrozenClock
+) -> None:
+    """`popdrop serve` with POPDROP_REDIS_URL listens to the relay while it runs: a push
+    published by another process reaches the socket open here."""
+    url = relay_url()
+    context = build_context(settings.model_copy(update={"redis_url": url}), clock=clock)
+    app = create_app(ctx=context)
+    org_id, address = 987_654, "visitor-on-this-server"
+    frames: list[dict[str, Any]] = []
+
+    async def send(frame: dict[str, Any]) -> None:
+        frames.append(frame)
+
+    live.register(org_id, address, send)
+    probe = Redis.from_url(url)
+    try:
+        async with app.router.lifespan_context(app):
+            for _ in range(100):  # the listener subscribes in the background
+                [(_name, subscribers)] = await probe.pubsub_numsub(live.RELAY_CHANNEL)
+                if subscribers:
+                    break
+                await asyncio.sleep(0.05)
+            publisher = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                PUBLISH_FROM_ANOTHER_PROCESS,
+                url,
+                str(org_id),
+                address,
+                "Doors open now",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _err = await asyncio.wait_for(publisher.communicate(), 60)
+            assert publisher.returncode == 0 and int(out) >= 1
+            for _ in range(100):
+                if frames:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        live.unregister(org_id, address, send)
+        await probe.aclose()
+    assert frames == [
+        {"type": "messages", "messages": [{"kind": "text", "text": "Doors open now"}]}
+    ]

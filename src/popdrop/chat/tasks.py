@@ -5,7 +5,8 @@
 The messages are taken in one transaction (the conversations step on, outbox rows are
 marked sent) and sent after its commit, each conversation on its own channel: SMS
 through the drops' SMS transport from `POPDROP_CHAT_SMS_FROM`, Telegram through the Bot
-API, web to the visitor's socket when it is open in this process (`chat.live`). A crash
+API, web to the visitor's open socket (in this process, or through the Redis relay when
+`POPDROP_REDIS_URL` is set: `chat.live`). A crash
 between the commit and a send loses that one message rather than sending it twice, as a
 reminder should. Opted-out conversations were left out when the messages were taken.
 """
@@ -33,6 +34,7 @@ class ChatChannels:
     sms: SmsTransport | None = None
     sms_from: str = ""
     telegram: tg.TelegramBot | None = None
+    web_relay: live.Relay | None = None  # reaches sockets open in other processes
 
 
 async def _send(channels: ChatChannels, delivery: chat.Delivery, now: datetime) -> str:
@@ -42,7 +44,12 @@ async def _send(channels: ChatChannels, delivery: chat.Delivery, now: datetime) 
         return "empty"
     if delivery.channel == "web":
         frame = {"type": "messages", "messages": to_json(messages), "pushed": True}
-        return "sent" if await live.push(delivery.org_id, delivery.address, frame) else "offline"
+        if await live.push(delivery.org_id, delivery.address, frame):
+            return "sent"
+        if channels.web_relay is not None:
+            listening = await channels.web_relay.publish(delivery.org_id, delivery.address, frame)
+            return "relayed" if listening else "offline"
+        return "offline"
     if delivery.channel == "sms":
         if channels.sms is None or not channels.sms_from:
             return "no_sms_sender"
@@ -76,7 +83,7 @@ async def deliver_due(
     org_id: int | None = None,
 ) -> Counter[str]:
     """Wake what is due and empty the host outbox (of every organization, or one);
-    outcomes counted per channel and kind (`sms:sent`, `web:offline`…)."""
+    outcomes counted per channel and kind (`sms:sent`, `web:relayed`, `web:offline`…)."""
     async with db.transaction() as session:
         deliveries = await chat.wake_due(session, deps, now=now, org_id=org_id)
         deliveries += await host.take_outbox(session, org_id=org_id)
@@ -84,7 +91,7 @@ async def deliver_due(
     for delivery in deliveries:
         outcome = await _send(channels, delivery, now)
         outcomes[f"{delivery.channel}:{outcome}"] += 1
-        if outcome not in ("sent", "offline", "empty"):
+        if outcome not in ("sent", "relayed", "offline", "empty"):
             log.warning(
                 "chat message not delivered",
                 conversation=delivery.conversation_id,

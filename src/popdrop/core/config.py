@@ -22,7 +22,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy async URL; default: SQLite in data_dir."
     )
-    redis_url: str | None = Field(default=None, description="Redis for shared rate limits.")
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for shared rate limits and web chat pushes between processes.",
+    )
     secret_key: str | None = Field(default=None, description="Overrides the generated key.")
     base_url: str = "http://127.0.0.1:8000"
     log_level: str = "INFO"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -81,7 +82,14 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         context.worker = Worker(settings, context.db, context.signer, context.clock)
         stop = asyncio.Event()
         background = asyncio.create_task(context.worker.run(receive=False, stop=stop))
+        # With Redis, pushes for the web chat sockets held here may come from any process.
+        relay = context.worker.chat_channels.web_relay
+        listening = asyncio.create_task(relay.listen()) if relay is not None else None
         yield
+        if listening is not None:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
         stop.set()
         await background
         await context.worker.close()
