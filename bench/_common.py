@@ -86,6 +86,15 @@ async def seed_token(session: AsyncSession, org_id: int, scopes: frozenset[str])
     return plaintext
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds spent busy on the whole machine so far, all cores (Linux /proc/stat):
+    the server, PostgreSQL and the load generator together."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def emit(result: dict[str, Any]) -> None:
     """The benchmark's last line: one JSON object."""
     print(json.dumps(result, separators=(", ", ": ")), flush=True)

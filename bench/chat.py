@@ -263,9 +263,11 @@ def run(args: argparse.Namespace, url: str) -> int:
             job = (port, first, share, interval, args.warmup, args.duration)
             procs.append(mp.Process(target=client_main, args=(job, sync, out)))
             first += share
+        busy_before = common.busy_cpu_seconds()
         for proc in procs:
             proc.start()
         results: list[ClientResult] = [out.get() for _ in procs]
+        busy = common.busy_cpu_seconds() - busy_before
         for proc in procs:
             proc.join()
     latencies = [x for r in results for x in r.latencies]
@@ -281,6 +283,8 @@ def run(args: argparse.Namespace, url: str) -> int:
             errors[reason] = errors.get(reason, 0) + n
     failed = sum(r.failed_connections for r in results)
     rsvps = asyncio.run(rsvp_count(url))
+    # Load-independent: what a turn costs the machine (server + PostgreSQL + load generator).
+    cpu_ms_per_turn = busy * 1000 / max(1, sum(r.turns for r in results))
 
     print(
         f"conversations {args.conversations} over {args.clients} client processes, "
@@ -296,6 +300,7 @@ def run(args: argparse.Namespace, url: str) -> int:
         f"ratio {p99 / TARGET_P99_MS:.2f}); p50 {p50:.1f} ms"
     )
     print(f"booked {booked} (confirmed RSVPs in the database: {rsvps}); errors {errors or 'none'}")
+    print(f"machine CPU per turn {cpu_ms_per_turn:.2f} ms (server, PostgreSQL, load generator)")
     ok = (
         turns_per_s >= TARGET_TURNS_PER_S
         and p99 < TARGET_P99_MS
@@ -316,6 +321,7 @@ def run(args: argparse.Namespace, url: str) -> int:
             "p50_ms": round(p50, 2),
             "p99_ms": round(p99, 2),
             "p99_ratio_to_target": round(p99 / TARGET_P99_MS, 3),
+            "machine_cpu_ms_per_turn": round(cpu_ms_per_turn, 2),
             "booked": booked,
             "rsvps": rsvps,
             "errors": sum(errors.values()),

@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import bindparam, delete, func, insert, or_, select, union_all, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -341,6 +342,32 @@ _SAVE_CONV = (
 _INSERT_CONV = insert(_conversations).returning(_conversations.c.id)
 _INSERT_MESSAGES = insert(_messages)
 _INSERT_EVENTS = insert(_events)
+_MESSAGE_COLUMNS = tuple(c.name for c in _messages.c if c.name != "id")
+_EVENT_COLUMNS = tuple(c.name for c in _events.c if c.name != "id")
+
+
+def _unnest(table: Any, columns: tuple[str, ...], prefix: str) -> Any:
+    """Rows from one array parameter per column (zipped by `unnest` in the select list)."""
+    return select(
+        *(
+            func.unnest(bindparam(f"{prefix}{name}", type_=ARRAY(table.c[name].type)))
+            for name in columns
+        )
+    )
+
+
+# The end of a turn on PostgreSQL, one round trip: the conversation row, the transcript
+# lines and the funnel events (data-modifying CTEs always run).
+_PERSIST_FUSED = (
+    insert(_events)
+    .from_select(_EVENT_COLUMNS, _unnest(_events, _EVENT_COLUMNS, "e_"))
+    .add_cte(_SAVE_CONV.cte("saved"))
+    .add_cte(
+        insert(_messages)
+        .from_select(_MESSAGE_COLUMNS, _unnest(_messages, _MESSAGE_COLUMNS, "m_"))
+        .cte("said")
+    )
+)
 
 
 async def _insert(session: AsyncSession, statement: Any, rows: list[dict[str, Any]]) -> None:
@@ -368,11 +395,40 @@ async def _locked(
     return _conv_of(row) if row is not None else None
 
 
-async def _save(session: AsyncSession, conv: ConversationRow) -> None:
-    conn = await session.connection()
+def _save_params(conv: ConversationRow) -> dict[str, Any]:
     params = {f"v_{name}": getattr(conv, name) for name in _CONV_MUTABLE}
     params["c_id"] = conv.id
-    await conn.execute(_SAVE_CONV, params)
+    return params
+
+
+async def _save(session: AsyncSession, conv: ConversationRow) -> None:
+    conn = await session.connection()
+    await conn.execute(_SAVE_CONV, _save_params(conv))
+
+
+def _as_arrays(
+    prefix: str, columns: tuple[str, ...], rows: list[dict[str, Any]]
+) -> dict[str, list[Any]]:
+    return {f"{prefix}{name}": [row[name] for row in rows] for name in columns}
+
+
+async def _save_all(
+    session: AsyncSession,
+    conv: ConversationRow,
+    messages: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+) -> None:
+    """The conversation row, transcript lines and funnel events of a turn."""
+    conn = await session.connection()
+    if conn.dialect.name != "postgresql":
+        await conn.execute(_SAVE_CONV, _save_params(conv))
+        await _insert(session, _INSERT_MESSAGES, messages)
+        await _insert(session, _INSERT_EVENTS, events)
+        return
+    params = _save_params(conv)
+    params |= _as_arrays("m_", _MESSAGE_COLUMNS, messages)
+    params |= _as_arrays("e_", _EVENT_COLUMNS, events)
+    await conn.execute(_PERSIST_FUSED, params)
 
 
 async def _find_contact_id(
@@ -1209,7 +1265,6 @@ async def _persist(
     conv.wake_at = state.wake_at
     conv.last_message_at = now
     conv.expires_at = _expiry(flow, now, state.wake_at)
-    await _save(session, conv)
     rows: list[dict[str, Any]] = []
     if inbound is not None and inbound.kind != "wake":
         rows.append(_message_row(conv, "in", inbound.model_dump(mode="json"), now))
@@ -1218,8 +1273,7 @@ async def _persist(
         if applied.secrets:
             text = _redact(text, applied.secrets)
         rows.append(_message_row(conv, "out", text, now))
-    await _insert(session, _INSERT_MESSAGES, rows)
-    await _insert(session, _INSERT_EVENTS, applied.events)
+    await _save_all(session, conv, rows, applied.events)
 
 
 def _message_row(
