@@ -866,6 +866,9 @@ class _Effects:
         self.applied = _Applied()
         self.event_tz: str | None = None
         self.state_vars: dict[str, Any] = {}
+        # Tickets this turn's RSVPs issued, (subject kind, id) → (ticket id, secret): the
+        # send-ticket step that usually follows needs no second look-up.
+        self.issued_tickets: dict[tuple[str, int], tuple[int, str]] = {}
 
     def event(
         self,
@@ -886,7 +889,11 @@ class _Effects:
         elif isinstance(effect, engine.IssueVoucherEffect):
             result = await _in_savepoint(self.session, lambda: self.voucher(effect))
         elif isinstance(effect, engine.SendTicketEffect):
-            result = await _in_savepoint(self.session, lambda: self.ticket(effect))
+            issued = self.issued_tickets.get((effect.subject_kind, effect.subject_id))
+            if issued is not None:
+                result = await self._ticket_result(*issued)
+            else:
+                result = await _in_savepoint(self.session, lambda: self.ticket(effect))
         elif isinstance(effect, engine.CheckoutLinkEffect):
             result = await _in_savepoint(self.session, lambda: self.checkout(effect))
         else:
@@ -983,6 +990,8 @@ class _Effects:
                 "ticket_secret": result.ticket_secret,
                 "ticket_url": self._ticket_url(result.ticket_secret),
             }
+            if result.ticket_id is not None:
+                self.issued_tickets[("rsvp", rsvp.id)] = (result.ticket_id, result.ticket_secret)
         return await self._ok({"rsvp_id": rsvp.id, "rsvp_status": rsvp.status}, secrets)
 
     async def _tz(self) -> str | None:
@@ -1154,8 +1163,11 @@ class _Effects:
             now=self.now,
             audit_chains=self.deps.audit_chains,
         )
+        return await self._ticket_result(ticket.id, secret)
+
+    async def _ticket_result(self, ticket_id: int, secret: str) -> EffectResult:
         return await self._ok(
-            {"ticket_id": ticket.id},
+            {"ticket_id": ticket_id},
             {"ticket_secret": secret, "ticket_url": self._ticket_url(secret)},
         )
 

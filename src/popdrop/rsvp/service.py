@@ -84,6 +84,7 @@ class RsvpResult:
     cancel_token: str
     offers: list[OfferMade] = field(default_factory=list)
     ticket_secret: str | None = None  # the QR ticket of a confirmed RSVP
+    ticket_id: int | None = None
 
 
 @dataclass
@@ -104,11 +105,12 @@ def system_principal(org_id: int) -> Principal:
 
 async def _ticket_for(
     session: AsyncSession, rsvp: Rsvp, *, now: datetime, audit_chains: int
-) -> str | None:
-    """A confirmed RSVP's QR ticket (its check-in becomes the visit of this RSVP)."""
+) -> tuple[int, str] | tuple[None, None]:
+    """A confirmed RSVP's QR ticket, id and secret (its check-in becomes the visit of this
+    RSVP)."""
     if rsvp.status != "confirmed":
-        return None
-    _ticket, secret, _created = await checkin.issue_ticket(
+        return None, None
+    ticket, secret, _created = await checkin.issue_ticket(
         session,
         system_principal(rsvp.org_id),
         TicketCreate(
@@ -120,7 +122,7 @@ async def _ticket_for(
         now=now,
         audit_chains=audit_chains,
     )
-    return secret
+    return ticket.id, secret
 
 
 async def _cancel_ticket(
@@ -345,8 +347,8 @@ async def create_rsvp(
         now=now,
         audit_chains=audit_chains,
     )
-    secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
-    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret)
+    ticket_id, secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
+    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret, ticket_id)
 
 
 async def cancel_rsvp(
@@ -753,8 +755,8 @@ async def claim_offer(
         audit_chains=audit_chains,
     )
     rsvp = await _load_rsvp(session, offer.rsvp_id, event.org_id)
-    secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
-    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret)
+    ticket_id, secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
+    return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret, ticket_id)
 
 
 # ---------------------------------------------------------------- read
