@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import func, select
 
-from popdrop.chat import host, live
+from popdrop.chat import host, inbox, live, web
 from popdrop.chat import service as chat
+from popdrop.chat.models import WebInbox
 from popdrop.chat.tasks import ChatChannels, deliver_due
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
@@ -24,6 +26,7 @@ from popdrop.messaging.transports import OutboundSms, SendResult
 from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from tests.chat.test_service import deps, say, shop_with_flow
+from tests.chat.test_web import Socket, app_of
 from tests.conftest import Tenant, redis_url
 
 PHONE = "+33612345670"
@@ -120,19 +123,72 @@ async def test_a_host_reply_reaches_the_open_web_socket(
         live.unregister(tenant.org_id, address, send)
     assert done == {"web:sent": 1}
     [frame] = frames
-    assert frame["type"] == "messages"
+    assert frame["type"] == "messages" and frame["pushed"] is True
     assert frame["messages"][0]["text"] == text
+    assert await kept_rows(ctx, tenant) == 0  # handed over: nothing waits for a later visit
 
 
-async def test_a_visitor_who_left_is_counted_offline(
+async def kept_rows(ctx: AppContext, tenant: Tenant) -> int:
+    """Web messages kept for this organization's visitors (the suite shares the database)."""
+    query = select(func.count()).select_from(WebInbox).where(WebInbox.org_id == tenant.org_id)
+    async with ctx.db.reader() as session:
+        return int(await session.scalar(query) or 0)
+
+
+async def test_a_visitor_who_left_gets_the_reply_when_they_come_back(
     app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
 ) -> None:
     await shop_with_flow(app_client, ctx, tenant)
-    await conversation_with_a_host_reply(ctx, tenant, "visitor-gone", "Still there?")
+    token, visitor = web.new_visitor(ctx.signer, tenant.org_id)
+    text = "Still there? Your size is back."
+    await conversation_with_a_host_reply(ctx, tenant, visitor, text)
     done = await deliver_due(
         ctx.db, deps(ctx), ChatChannels(), now=ctx.clock.now(), org_id=tenant.org_id
     )
-    assert done == {"web:offline": 1}
+    assert done == {"web:kept": 1}
+    app = app_of(ctx)
+    path, query = f"/ws/chat/{tenant.slug}", f"visitor={token}"
+    async with Socket(app, path, query) as ws:
+        ready = await ws.receive()
+        assert ready["type"] == "ready" and ready["resumed"] is True
+        missed = await ws.receive()
+        assert missed["type"] == "messages" and missed["pushed"] is True
+        assert [m["text"] for m in missed["messages"]] == [text]
+    async with Socket(app, path, query) as ws:  # once: the next visit starts clean
+        assert (await ws.receive())["type"] == "ready"
+        assert await ws.turn({"type": "ping"}) == {"type": "pong"}
+    assert await kept_rows(ctx, tenant) == 0
+
+
+async def test_kept_messages_go_with_an_erased_person(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
+) -> None:
+    await shop_with_flow(app_client, ctx, tenant)
+    _token, visitor = web.new_visitor(ctx.signer, tenant.org_id)
+    await conversation_with_a_host_reply(ctx, tenant, visitor, "Ana, your bag is ready.")
+    now = ctx.clock.now()
+    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=now, org_id=tenant.org_id)
+    assert await kept_rows(ctx, tenant) == 1
+    async with ctx.db.transaction() as session:
+        erased = await chat.erase_person(
+            session, ctx.signer, tenant.org_id, contact_id=None, email=visitor, now=now
+        )
+    assert erased == 1 and await kept_rows(ctx, tenant) == 0
+
+
+async def test_kept_messages_expire_after_a_week(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    await shop_with_flow(app_client, ctx, tenant)
+    await conversation_with_a_host_reply(ctx, tenant, "visitor-never-back", "Hello?")
+    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=clock.now(), org_id=tenant.org_id)
+    assert await kept_rows(ctx, tenant) == 1
+    later = clock.now() + inbox.KEEP_FOR - timedelta(seconds=1)
+    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=later, org_id=tenant.org_id)
+    assert await kept_rows(ctx, tenant) == 1
+    gone = clock.now() + inbox.KEEP_FOR + timedelta(seconds=1)
+    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=gone, org_id=tenant.org_id)
+    assert await kept_rows(ctx, tenant) == 0
 
 
 def relay_url() -> str:
@@ -169,7 +225,11 @@ async def test_a_reply_for_a_socket_open_elsewhere_goes_through_the_redis_relay(
                 assert message is not None, "nothing was published"
                 payload = json.loads(message["data"])
         assert payload["address"] == chat.normalize_address("web", "visitor-elsewhere")
-        assert payload["frame"]["messages"][0]["text"] == text
+        async with ctx.db.reader() as session:
+            body = await session.scalar(
+                select(WebInbox.body).where(WebInbox.id == payload["inbox_id"])
+            )
+        assert body is not None and json.loads(body)[0]["text"] == text  # kept till taken
     finally:
         await relay.close()
         await listener.aclose()
@@ -181,29 +241,40 @@ from popdrop.chat import live
 
 async def main() -> None:
     relay = live.Relay(sys.argv[1])
-    frame = {"type": "messages", "messages": [{"kind": "text", "text": sys.argv[4]}]}
-    print(await relay.publish(int(sys.argv[2]), sys.argv[3], frame))
+    print(await relay.publish(int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
     await relay.close()
 
 asyncio.run(main())
 """
 
 
-async def test_the_server_hands_relayed_pushes_to_its_sockets(
-    settings: Settings, clock: FrozenClock
+async def test_the_server_hands_relayed_messages_to_its_sockets(
+    app_client: httpx.AsyncClient,
+    settings: Settings,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
 ) -> None:
-    """`popdrop serve` with POPDROP_REDIS_URL listens to the relay while it runs: a push
-    published by another process reaches the socket open here."""
+    """`popdrop serve` with POPDROP_REDIS_URL listens to the relay while it runs: a kept
+    message announced by another process reaches the socket open here, once."""
     url = relay_url()
-    context = build_context(settings.model_copy(update={"redis_url": url}), clock=clock)
-    app = create_app(ctx=context)
-    org_id, address = 987_654, "visitor-on-this-server"
+    await shop_with_flow(app_client, ctx, tenant)
+    await conversation_with_a_host_reply(ctx, tenant, "visitor-on-this-server", "Doors open")
+    kept_by_worker = await deliver_due(  # a tick elsewhere: no socket there, no relay
+        ctx.db, deps(ctx), ChatChannels(), now=clock.now(), org_id=tenant.org_id
+    )
+    assert kept_by_worker == {"web:kept": 1}
+    async with ctx.db.reader() as session:
+        inbox_id = await session.scalar(select(WebInbox.id).where(WebInbox.org_id == tenant.org_id))
+    server = build_context(settings.model_copy(update={"redis_url": url}), clock=clock)
+    app = create_app(ctx=server)
+    address = chat.normalize_address("web", "visitor-on-this-server")
     frames: list[dict[str, Any]] = []
 
     async def send(frame: dict[str, Any]) -> None:
         frames.append(frame)
 
-    live.register(org_id, address, send)
+    live.register(tenant.org_id, address, send)
     probe = Redis.from_url(url)
     try:
         async with app.router.lifespan_context(app):
@@ -212,25 +283,26 @@ async def test_the_server_hands_relayed_pushes_to_its_sockets(
                 if subscribers:
                     break
                 await asyncio.sleep(0.05)
-            publisher = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                PUBLISH_FROM_ANOTHER_PROCESS,
-                url,
-                str(org_id),
-                address,
-                "Doors open now",
-                stdout=asyncio.subprocess.PIPE,
-            )
-            out, _err = await asyncio.wait_for(publisher.communicate(), 60)
-            assert publisher.returncode == 0 and int(out) >= 1
-            for _ in range(100):
-                if frames:
-                    break
-                await asyncio.sleep(0.05)
+            for _announce in range(2):  # the second announcement finds the row taken
+                publisher = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    PUBLISH_FROM_ANOTHER_PROCESS,
+                    url,
+                    str(tenant.org_id),
+                    address,
+                    str(inbox_id),
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                out, _err = await asyncio.wait_for(publisher.communicate(), 60)
+                assert publisher.returncode == 0 and int(out) >= 1
+                for _ in range(100):
+                    if frames:
+                        break
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
     finally:
-        live.unregister(org_id, address, send)
+        live.unregister(tenant.org_id, address, send)
         await probe.aclose()
-    assert frames == [
-        {"type": "messages", "messages": [{"kind": "text", "text": "Doors open now"}]}
-    ]
+    assert [f["messages"][0]["text"] for f in frames] == ["Doors open"]
+    assert await kept_rows(ctx, tenant) == 0

@@ -2,13 +2,13 @@
 another one, so scheduled messages (reminders, the day-after survey) and host messages
 reach a visitor who is connected right now.
 
-A push goes to the visitor's socket when it is open in this process. When it is not and
-`POPDROP_REDIS_URL` is set, it is published on Redis pub/sub (`RELAY_CHANNEL`); every
-`popdrop serve` process listens (`Relay.listen`, started with the server) and hands it
-to the socket if it holds it. So a reminder woken by a `popdrop worker`, or a host reply
-taken by another server process, reaches a visitor connected anywhere. Pub/sub keeps
-nothing: a visitor connected nowhere gets nothing (web chat has no address to reach
-someone who left; the widget keeps its transcript in the browser).
+Such messages are first kept in the visitor's inbox (`chat.inbox`). The process that
+took them hands them to the visitor's socket when it is open there; when it is not and
+`POPDROP_REDIS_URL` is set, it publishes the inbox row's id on Redis pub/sub
+(`RELAY_CHANNEL`); every `popdrop serve` process listens (`Relay.listen`, started with the
+server) and hands the row over if it holds the socket. So a reminder woken by a
+`popdrop worker`, or a host reply taken by another server process, reaches a visitor
+connected anywhere, and one connected nowhere gets it when they come back.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from redis.exceptions import RedisError
 from popdrop.core.logging import log
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+OnRelayed = Callable[[int, str, int], Awaitable[object]]  # org id, address, inbox row id
 
+CHANNEL = "web"
 RELAY_CHANNEL = "popdrop:chat:web"
 RECONNECT_SECONDS = 1.0
 
@@ -40,6 +42,10 @@ def unregister(org_id: int, address: str, send: Send) -> None:
         del _OPEN[(org_id, address)]
 
 
+def is_open(org_id: int, address: str) -> bool:
+    return (org_id, address) in _OPEN
+
+
 async def push(org_id: int, address: str, frame: dict[str, Any]) -> bool:
     """Send `frame` to the visitor's open socket; False when they are not connected here."""
     send = _OPEN.get((org_id, address))
@@ -53,19 +59,20 @@ async def push(org_id: int, address: str, frame: dict[str, Any]) -> bool:
 
 
 class Relay:
-    """Pushes between processes over Redis pub/sub."""
+    """Inbox rows for sockets open in other processes, over Redis pub/sub."""
 
     def __init__(self, url: str) -> None:
         self._redis = Redis.from_url(url)
 
-    async def publish(self, org_id: int, address: str, frame: dict[str, Any]) -> int:
-        """Hand `frame` to every listening server process; how many were listening."""
-        payload = {"org_id": org_id, "address": address, "frame": frame}
+    async def publish(self, org_id: int, address: str, inbox_id: int) -> int:
+        """Tell every listening server process about a kept row; how many were listening."""
+        payload = {"org_id": org_id, "address": address, "inbox_id": inbox_id}
         return int(await self._redis.publish(RELAY_CHANNEL, json.dumps(payload)))
 
-    async def listen(self, ready: asyncio.Event | None = None) -> None:
-        """Deliver relayed frames to the sockets open in this process, until cancelled;
-        subscribes again after a lost connection. `ready` is set once subscribed."""
+    async def listen(self, on_relayed: OnRelayed, ready: asyncio.Event | None = None) -> None:
+        """Call `on_relayed` for each row announced while a socket of its visitor is open
+        here, until cancelled; subscribes again after a lost connection. `ready` is set once
+        subscribed."""
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
@@ -74,7 +81,7 @@ class Relay:
                         if message["type"] == "subscribe" and ready is not None:
                             ready.set()
                         elif message["type"] == "message":
-                            await _deliver(message["data"])
+                            await _relayed(message["data"], on_relayed)
             except (RedisError, OSError) as exc:
                 log.warning("chat relay lost Redis, subscribing again", error=repr(exc))
                 await asyncio.sleep(RECONNECT_SECONDS)
@@ -83,13 +90,17 @@ class Relay:
         await self._redis.aclose()
 
 
-async def _deliver(data: bytes) -> None:
+async def _relayed(data: bytes, on_relayed: OnRelayed) -> None:
     try:
         payload = json.loads(data)
-        key = (int(payload["org_id"]), str(payload["address"]))
-        frame = payload["frame"]
+        org_id, address = int(payload["org_id"]), str(payload["address"])
+        inbox_id = int(payload["inbox_id"])
     except (ValueError, KeyError, TypeError):
         log.warning("chat relay: unreadable message ignored")
         return
-    if isinstance(frame, dict):
-        await push(*key, frame)
+    if not is_open(org_id, address):
+        return
+    try:
+        await on_relayed(org_id, address, inbox_id)
+    except Exception as exc:  # the listener outlives one bad hand-over; the row stays kept
+        log.error("chat relay: hand-over failed", error=repr(exc))

@@ -156,3 +156,19 @@ class ChatPin(Base):
     product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
     pinned_at: Mapped[datetime] = mapped_column(UTCDateTime)
     pinned_by: Mapped[str] = mapped_column(String(200))
+
+
+class WebInbox(Base):
+    """Scheduled and host messages for a web visitor, kept until a socket of theirs takes
+    them: at once, through the relay from another process, or when they come back."""
+
+    __tablename__ = "chat_web_inbox"
+    __table_args__ = (Index("ix_chat_web_inbox_conversation", "conversation_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("chat_conversations.id", ondelete="CASCADE")
+    )
+    body: Mapped[str] = mapped_column(Text)  # JSON: the messages as the widget gets them
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -71,7 +71,14 @@ from popdrop.chat.messages import (
     format_time,
     numbered_choices,
 )
-from popdrop.chat.models import ChatEvent, ChatMessage, ChatPin, Conversation, FlowVersion
+from popdrop.chat.models import (
+    ChatEvent,
+    ChatMessage,
+    ChatPin,
+    Conversation,
+    FlowVersion,
+    WebInbox,
+)
 from popdrop.checkin import service as checkin
 from popdrop.checkin.schemas import TicketCreate
 from popdrop.core.db import UTCDateTime, table_of
@@ -105,6 +112,7 @@ _AUDIENCE_ACTIVITY = {"chat_started": "chat"}
 _conversations = table_of(Conversation)
 _messages = table_of(ChatMessage)
 _events = table_of(ChatEvent)
+_web_inbox = table_of(WebInbox)
 
 
 @dataclass(frozen=True)
@@ -1648,8 +1656,9 @@ async def erase_person(
     now: datetime,
 ) -> int:
     """Forget a person's chats (for audience erase): their conversations lose the clear
-    address, the contact link, the transcript and the state's variables (an email or phone
-    they typed); funnel events stay, anonymous. Returns the conversations scrubbed."""
+    address, the contact link, the transcript, kept web messages and the state's
+    variables (an email or phone they typed); funnel events stay, anonymous. Returns the
+    conversations scrubbed."""
     c = _conversations.c
     conditions = []
     if contact_id is not None:
@@ -1680,6 +1689,7 @@ async def erase_person(
         conv.expires_at = now
         await _save(session, conv)
         await conn.execute(delete(_messages).where(_messages.c.conversation_id == conv.id))
+        await conn.execute(delete(_web_inbox).where(_web_inbox.c.conversation_id == conv.id))
     return len(rows)
 
 

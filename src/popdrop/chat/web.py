@@ -4,7 +4,9 @@
   `{"type": "ready", "visitor": TOKEN, "resumed": bool}`: the visitor token is a signed
   random visitor id (the widget keeps it in localStorage, so a reload resumes the
   conversation); a forged or foreign token is refused with an error frame and close code
-  4403. The client sends `{"type": "start", "ref": …}`, `{"type": "text", "text": …}`,
+  4403. Scheduled and host messages that waited for the visitor (`chat.inbox`) follow as
+  `{"type": "messages", "messages": [...], "pushed": true}`, as do those pushed while the
+  socket is open. The client sends `{"type": "start", "ref": …}`, `{"type": "text", "text": …}`,
   `{"type": "button", "payload": …}` or `{"type": "ping"}`, each with an optional `id`
   echoed in the answer: `{"type": "messages", "messages": [...], "status": …}`
   (`messages.to_json`). A bad frame gets `{"type": "error", "reason": …, "message": …}`
@@ -31,7 +33,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from popdrop.accounts import service as accounts
 from popdrop.chat import inbound as chat_inbound
-from popdrop.chat import live
+from popdrop.chat import inbox, live
 from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import WEB, to_json
@@ -43,7 +45,7 @@ from popdrop.web.context import AppContext
 from popdrop.web.params import Ctx
 from popdrop.web.templating import render
 
-CHANNEL = "web"
+CHANNEL = live.CHANNEL
 VISITOR_PURPOSE = "chat-visitor"
 MAX_FRAME = 4096  # characters in one client frame
 RATE_PER_S = 5.0  # frames a connection may send per second, sustained…
@@ -239,6 +241,8 @@ async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
     send = websocket.send_json  # one object: unregister removes this socket, not a newer one
     live.register(org_id, address, send)
     try:
+        # What reached nobody while they were away (reminders, host replies) comes first.
+        await inbox.hand_over(ctx.db, ctx.signer, org_id, address)
         await _converse(websocket, ctx, org_id, visitor)
     finally:
         live.unregister(org_id, address, send)

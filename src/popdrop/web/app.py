@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
 
         # An import interrupted by a restart picks up after its last committed chunk.
         await importer.resume_jobs(context.db, context.signer, context.clock)
+        from popdrop.chat import inbox
         from popdrop.worker import Worker
 
         # The server ticks and, with the in-process broker, sends drops itself; with
@@ -84,7 +85,13 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         background = asyncio.create_task(context.worker.run(receive=False, stop=stop))
         # With Redis, pushes for the web chat sockets held here may come from any process.
         relay = context.worker.chat_channels.web_relay
-        listening = asyncio.create_task(relay.listen()) if relay is not None else None
+        listening = None
+        if relay is not None:
+
+            async def hand_over(org_id: int, address: str, inbox_id: int) -> int:
+                return await inbox.hand_over(context.db, context.signer, org_id, address, inbox_id)
+
+            listening = asyncio.create_task(relay.listen(hand_over))
         yield
         if listening is not None:
             listening.cancel()
