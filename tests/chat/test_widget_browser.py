@@ -1,7 +1,8 @@
 """The chat widget in a real browser: `popdrop demo --no-serve` seeds the demo org (its
 event has the default flow published), a `popdrop serve` process serves it, Playwright on
 Debian's chromium talks to /chat/demo through the flow — RSVP a slot, get the QR ticket —
-and the ticket checks in on the scanner API.
+and the ticket checks in on the scanner API. A host's reply from the console reaches a
+visitor who had closed the tab when they come back.
 
 Screenshots land in $POPDROP_SCREENSHOTS when set (to look at them), else in tmp_path.
 """
@@ -32,6 +33,8 @@ pytestmark = MARKS
 class Demo:
     server: Server
     token: str
+    email: str
+    password: str
 
 
 async def _open_doors(url: str) -> None:
@@ -54,10 +57,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         done = server.cli("demo", "--no-serve")
         assert done.returncode == 0, done.stderr
         found = re.search(r"Authorization: Bearer (\S+)", done.stdout)
-        assert found, done.stdout
+        login = re.search(r"Login\s+(\S+)\s+password\s+(\S+)", done.stdout)
+        assert found and login, done.stdout
         assert "/chat/demo" in done.stdout
         asyncio.run(_open_doors(server.env["POPDROP_DATABASE_URL"]))
-        yield Demo(server, found.group(1))
+        yield Demo(server, found.group(1), login.group(1), login.group(2))
 
 
 def test_widget_books_a_slot_and_the_ticket_checks_in(demo: Demo, shots: Path) -> None:
@@ -122,3 +126,43 @@ def test_widget_books_a_slot_and_the_ticket_checks_in(demo: Demo, shots: Path) -
     body["nonce"] = secrets.token_hex(12)
     twice = httpx.post(f"{base}/api/v1/checkins", json=body, headers=headers, timeout=10)
     assert twice.json()["result"] == "already_checked_in", twice.text
+
+
+def test_a_host_reply_waits_for_a_visitor_who_closed_the_tab(demo: Demo, shots: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    base = demo.server.base_url
+    reply = "Hi, Mia from the shop here: we kept a tote bag aside for you."
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            visitor = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+            page = visitor.new_page()
+            page.goto(f"{base}/chat/demo")
+            expect(page.get_by_role("log")).to_contain_text("pops up at Old Tram Depot")
+            message = page.get_by_label("Message")
+            message.fill("Do you still have the tote bag in blue?")
+            message.press("Enter")
+            expect(page.get_by_role("log")).to_contain_text("Sorry, I did not get that")
+            page.close()  # the visitor leaves
+
+            host = browser.new_page(viewport={"width": 1280, "height": 900})
+            host.goto(f"{base}/chat/console")
+            host.get_by_label("Email").fill(demo.email)
+            host.get_by_label("Password").fill(demo.password)
+            host.get_by_role("button", name="Log in").click()
+            host.locator("[data-testid=conversation] a").first.click()
+            host.get_by_label("Reply as host").fill(reply)
+            host.get_by_role("button", name="Send", exact=True).click()
+            expect(host.locator("body")).to_contain_text(reply)
+            host.screenshot(path=shots / "chat-04-host-reply.png", full_page=True)
+
+            # The server's tick finds nobody connected and keeps the reply for the visitor.
+            back = visitor.new_page()
+            back.wait_for_timeout(3_000)
+            back.goto(f"{base}/chat/demo")
+            expect(back.locator(".pd-chat")).to_have_attribute("data-state", "ready")
+            expect(back.get_by_role("log")).to_contain_text(reply, timeout=15_000)
+            back.screenshot(path=shots / "chat-05-reply-waited.png", full_page=True)
+        finally:
+            browser.close()
