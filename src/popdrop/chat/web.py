@@ -241,8 +241,8 @@ async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
     send = websocket.send_json  # one object: unregister removes this socket, not a newer one
     live.register(org_id, address, send)
     try:
-        # What reached nobody while they were away (reminders, host replies) comes first.
-        await inbox.hand_over(ctx.db, ctx.signer, org_id, address)
+        if resumed:  # what reached nobody while they were away comes first
+            await inbox.hand_over(ctx.db, ctx.signer, org_id, address)
         await _converse(websocket, ctx, org_id, visitor)
     finally:
         live.unregister(org_id, address, send)
