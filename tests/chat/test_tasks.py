@@ -160,6 +160,27 @@ async def test_a_visitor_who_left_gets_the_reply_when_they_come_back(
     assert await kept_rows(ctx, tenant) == 0
 
 
+async def test_redis_down_keeps_the_message_and_the_tick_goes_on(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
+) -> None:
+    await shop_with_flow(app_client, ctx, tenant)
+    await conversation_with_a_host_reply(ctx, tenant, "visitor-a", "First reply")
+    await conversation_with_a_host_reply(ctx, tenant, "visitor-b", "Second reply")
+    unreachable = live.Relay("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    try:
+        done = await deliver_due(
+            ctx.db,
+            deps(ctx),
+            ChatChannels(web_relay=unreachable),
+            now=ctx.clock.now(),
+            org_id=tenant.org_id,
+        )
+    finally:
+        await unreachable.close()
+    assert done == {"web:kept": 2}  # both kept for their visitors' next connect
+    assert await kept_rows(ctx, tenant) == 2
+
+
 async def test_kept_messages_go_with_an_erased_person(
     app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
 ) -> None:

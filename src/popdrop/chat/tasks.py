@@ -18,6 +18,9 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
 from popdrop.chat import host, inbox, live
 from popdrop.chat import service as chat
 from popdrop.chat import telegram as tg
@@ -41,12 +44,17 @@ class ChatChannels:
 async def _to_web(
     db: Database, deps: chat.ChatDeps, channels: ChatChannels, delivery: chat.Delivery, kept: int
 ) -> str:
-    """Hand a kept inbox row to the visitor's socket, here or through the relay."""
-    if await inbox.hand_over(db, deps.signer, delivery.org_id, delivery.address, kept):
-        return "sent"
-    relay = channels.web_relay
-    if relay is not None and await relay.publish(delivery.org_id, delivery.address, kept):
-        return "relayed"
+    """Hand a kept inbox row to the visitor's socket, here or through the relay. A failure
+    of the database or Redis leaves the row kept for the visitor's next connect, and the
+    other deliveries of the tick go on."""
+    try:
+        if await inbox.hand_over(db, deps.signer, delivery.org_id, delivery.address, kept):
+            return "sent"
+        relay = channels.web_relay
+        if relay is not None and await relay.publish(delivery.org_id, delivery.address, kept):
+            return "relayed"
+    except (SQLAlchemyError, RedisError, OSError) as exc:
+        log.warning("web chat hand-over failed; kept", inbox_id=kept, error=repr(exc))
     return "kept"
 
 
