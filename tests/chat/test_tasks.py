@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import timedelta
+from collections import Counter
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -66,6 +67,22 @@ async def conversation_with_a_host_reply(
         )
 
 
+async def tick(
+    ctx: AppContext,
+    tenant: Tenant,
+    channels: ChatChannels | None = None,
+    now: datetime | None = None,
+) -> Counter[str]:
+    """One worker tick's chat delivery for this organization (the clock's now by default)."""
+    return await deliver_due(
+        ctx.db,
+        deps(ctx),
+        channels or ChatChannels(),
+        now=now or ctx.clock.now(),
+        org_id=tenant.org_id,
+    )
+
+
 async def test_an_sms_reminder_is_texted_once_from_the_chat_number(
     app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
 ) -> None:
@@ -75,16 +92,16 @@ async def test_an_sms_reminder_is_texted_once_from_the_chat_number(
     channels = ChatChannels(sms=sms, sms_from=FROM)
     now = clock.now()
 
-    early = await deliver_due(ctx.db, deps(ctx), channels, now=now, org_id=tenant.org_id)
+    early = await tick(ctx, tenant, channels, now)
     assert sms.sent == [] and not early
 
     later = now + timedelta(hours=22)  # the flow reminds two hours before the slot
-    done = await deliver_due(ctx.db, deps(ctx), channels, now=later, org_id=tenant.org_id)
+    done = await tick(ctx, tenant, channels, later)
     assert done == {"sms:sent": 1}
     [reminder] = sms.sent
     assert (reminder.to, reminder.from_number) == (PHONE, FROM)
     assert "Reminder: your visit" in reminder.body
-    again = await deliver_due(ctx.db, deps(ctx), channels, now=later, org_id=tenant.org_id)
+    again = await tick(ctx, tenant, channels, later)
     assert not again and len(sms.sent) == 1  # taken once
 
 
@@ -98,7 +115,7 @@ async def test_stop_before_the_reminder_means_no_text(
     channels = ChatChannels(sms=sms, sms_from=FROM)
     for hours in (22, 48):
         at = clock.now() + timedelta(hours=hours)
-        await deliver_due(ctx.db, deps(ctx), channels, now=at, org_id=tenant.org_id)
+        await tick(ctx, tenant, channels, at)
     assert sms.sent == []
 
 
@@ -116,9 +133,7 @@ async def test_a_host_reply_reaches_the_open_web_socket(
     address = chat.normalize_address("web", "visitor-live")
     live.register(tenant.org_id, address, send)
     try:
-        done = await deliver_due(
-            ctx.db, deps(ctx), ChatChannels(), now=ctx.clock.now(), org_id=tenant.org_id
-        )
+        done = await tick(ctx, tenant)
     finally:
         live.unregister(tenant.org_id, address, send)
     assert done == {"web:sent": 1}
@@ -142,9 +157,7 @@ async def test_a_visitor_who_left_gets_the_reply_when_they_come_back(
     token, visitor = web.new_visitor(ctx.signer, tenant.org_id)
     text = "Still there? Your size is back."
     await conversation_with_a_host_reply(ctx, tenant, visitor, text)
-    done = await deliver_due(
-        ctx.db, deps(ctx), ChatChannels(), now=ctx.clock.now(), org_id=tenant.org_id
-    )
+    done = await tick(ctx, tenant)
     assert done == {"web:kept": 1}
     app = app_of(ctx)
     path, query = f"/ws/chat/{tenant.slug}", f"visitor={token}"
@@ -168,13 +181,7 @@ async def test_redis_down_keeps_the_message_and_the_tick_goes_on(
     await conversation_with_a_host_reply(ctx, tenant, "visitor-b", "Second reply")
     unreachable = live.Relay("redis://127.0.0.1:1/0")  # nothing listens on port 1
     try:
-        done = await deliver_due(
-            ctx.db,
-            deps(ctx),
-            ChatChannels(web_relay=unreachable),
-            now=ctx.clock.now(),
-            org_id=tenant.org_id,
-        )
+        done = await tick(ctx, tenant, ChatChannels(web_relay=unreachable))
     finally:
         await unreachable.close()
     assert done == {"web:kept": 2}  # both kept for their visitors' next connect
@@ -188,7 +195,7 @@ async def test_kept_messages_go_with_an_erased_person(
     _token, visitor = web.new_visitor(ctx.signer, tenant.org_id)
     await conversation_with_a_host_reply(ctx, tenant, visitor, "Ana, your bag is ready.")
     now = ctx.clock.now()
-    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=now, org_id=tenant.org_id)
+    await tick(ctx, tenant, now=now)
     assert await kept_rows(ctx, tenant) == 1
     async with ctx.db.transaction() as session:
         erased = await chat.erase_person(
@@ -202,13 +209,13 @@ async def test_kept_messages_expire_after_a_week(
 ) -> None:
     await shop_with_flow(app_client, ctx, tenant)
     await conversation_with_a_host_reply(ctx, tenant, "visitor-never-back", "Hello?")
-    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=clock.now(), org_id=tenant.org_id)
+    await tick(ctx, tenant)
     assert await kept_rows(ctx, tenant) == 1
     later = clock.now() + inbox.KEEP_FOR - timedelta(seconds=1)
-    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=later, org_id=tenant.org_id)
+    await tick(ctx, tenant, now=later)
     assert await kept_rows(ctx, tenant) == 1
     gone = clock.now() + inbox.KEEP_FOR + timedelta(seconds=1)
-    await deliver_due(ctx.db, deps(ctx), ChatChannels(), now=gone, org_id=tenant.org_id)
+    await tick(ctx, tenant, now=gone)
     assert await kept_rows(ctx, tenant) == 0
 
 
@@ -232,13 +239,7 @@ async def test_a_reply_for_a_socket_open_elsewhere_goes_through_the_redis_relay(
         async with listener.pubsub() as pubsub:  # stands for the server process holding it
             await pubsub.subscribe(live.RELAY_CHANNEL)
             assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
-            done = await deliver_due(
-                ctx.db,
-                deps(ctx),
-                ChatChannels(web_relay=relay),
-                now=ctx.clock.now(),
-                org_id=tenant.org_id,
-            )
+            done = await tick(ctx, tenant, ChatChannels(web_relay=relay))
             assert done == {"web:relayed": 1}
             payload: dict[str, Any] = {}
             while payload.get("org_id") != tenant.org_id:
@@ -281,9 +282,7 @@ async def test_the_server_hands_relayed_messages_to_its_sockets(
     url = relay_url()
     await shop_with_flow(app_client, ctx, tenant)
     await conversation_with_a_host_reply(ctx, tenant, "visitor-on-this-server", "Doors open")
-    kept_by_worker = await deliver_due(  # a tick elsewhere: no socket there, no relay
-        ctx.db, deps(ctx), ChatChannels(), now=clock.now(), org_id=tenant.org_id
-    )
+    kept_by_worker = await tick(ctx, tenant)  # a tick elsewhere: no socket there, no relay
     assert kept_by_worker == {"web:kept": 1}
     async with ctx.db.reader() as session:
         inbox_id = await session.scalar(select(WebInbox.id).where(WebInbox.org_id == tenant.org_id))
