@@ -46,7 +46,6 @@ from popdrop.accounts.service import ROLES, Principal
 from popdrop.audience.models import Contact
 from popdrop.audience.service import CONSENT_COLUMN
 from popdrop.chat import service as chat
-from popdrop.chat.engine import ProductFact, card_of
 from popdrop.chat.messages import OUT_MESSAGES, Card, OutMessage, Text
 from popdrop.chat.models import (
     ChatEvent,
@@ -363,29 +362,6 @@ async def sold_out(
     return removed
 
 
-async def _available(session: AsyncSession, product_id: int, event_id: int, now: datetime) -> int:
-    variant_ids = set(
-        await session.scalars(select(Variant.id).where(Variant.product_id == product_id))
-    )
-    rows = await inventory.availability(session, event_id, now)
-    return sum(a.available for a in rows if a.variant_id in variant_ids)
-
-
-async def product_card(session: AsyncSession, product: Product, now: datetime) -> Card:
-    """The product as a pinned card with live availability (no action buttons: a host's
-    card)."""
-    fact = ProductFact(
-        id=product.id,
-        title=product.title,
-        text=product.highlights or "",
-        price_minor=product.price_minor,
-        currency=product.currency,
-        image_url=product.image_url or "",
-        available=await _available(session, product.id, product.event_id, now),
-    )
-    return card_of(fact, text=chat.PINNED_PREFIX + fact.text)
-
-
 async def pin(
     session: AsyncSession,
     org_id: int,
@@ -460,9 +436,11 @@ async def send_card(
     product = await session.scalar(
         select(Product).where(Product.id == product_id, Product.org_id == org_id)
     )
-    if product is None:
+    card = None
+    if product is not None:
+        card = await chat.host_card(session, org_id, product.event_id, product.id, now)
+    if card is None:
         raise not_found("product")
-    card = await product_card(session, product, now)
     session.add(_row(conv, QUEUED, card, now))
     conv.last_message_at = now
     await session.flush()

@@ -163,7 +163,10 @@ class WebInbox(Base):
     them: at once, through the relay from another process, or when they come back."""
 
     __tablename__ = "chat_web_inbox"
-    __table_args__ = (Index("ix_chat_web_inbox_conversation", "conversation_id", "id"),)
+    __table_args__ = (
+        Index("ix_chat_web_inbox_conversation", "conversation_id", "id"),
+        Index("ix_chat_web_inbox_created_at", "created_at"),  # the purge runs every tick
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))

@@ -787,6 +787,17 @@ _PINNED = select(_pins_t.c.product_id).where(
 PINNED_PREFIX = "Pinned by the host. "
 
 
+async def host_card(
+    session: AsyncSession, org_id: int, event_id: int, product_id: int, now: datetime
+) -> Card | None:
+    """A product of the event as a host's card (pinned, or sent from the console): live
+    availability, no action buttons; None when the event has no such product."""
+    for product in await _products(session, org_id, event_id, now):
+        if product.id == product_id:
+            return engine.card_of(product, text=PINNED_PREFIX + product.text)
+    return None
+
+
 async def pinned_card(
     session: AsyncSession, org_id: int, event_id: int | None, now: datetime
 ) -> Card | None:
@@ -798,10 +809,7 @@ async def pinned_card(
     product_id = (await conn.execute(_PINNED, {"o_id": org_id, "e_id": event_id})).scalar()
     if product_id is None:
         return None
-    for product in await _products(session, org_id, event_id, now):
-        if product.id == product_id:
-            return engine.card_of(product, text=PINNED_PREFIX + product.text)
-    return None
+    return await host_card(session, org_id, event_id, int(product_id), now)
 
 
 # ---------------------------------------------------------------- effects
@@ -1764,6 +1772,7 @@ __all__ = [
     "funnel",
     "get_conversation",
     "hand_back",
+    "host_card",
     "host_message",
     "list_conversations",
     "list_flow_versions",

@@ -38,8 +38,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_chat_web_inbox")),
     )
     op.create_index("ix_chat_web_inbox_conversation", "chat_web_inbox", ["conversation_id", "id"])
+    op.create_index("ix_chat_web_inbox_created_at", "chat_web_inbox", ["created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_chat_web_inbox_created_at", table_name="chat_web_inbox")
     op.drop_index("ix_chat_web_inbox_conversation", table_name="chat_web_inbox")
     op.drop_table("chat_web_inbox")
