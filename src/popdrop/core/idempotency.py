@@ -35,6 +35,7 @@ class IdempotencyRecord(Base):
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
     key: Mapped[str] = mapped_column(String(MAX_KEY), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
+    principal: Mapped[str] = mapped_column(String(64), server_default="")
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     body: Mapped[str | None] = mapped_column(Text, nullable=True)
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
