@@ -7,30 +7,13 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import MetaData, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from popdrop.core.db import Base, create_engine
+from popdrop.core.db import create_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _LOCK_ID = 7_406_123_001  # pg advisory lock: one migrator at a time
-
-
-def target_metadata() -> MetaData:
-    # Import every domain's tables so autogenerate and checks see the whole schema.
-    import popdrop.accounts.models
-    import popdrop.audience.models
-    import popdrop.chat.models
-    import popdrop.checkin.models
-    import popdrop.core.audit
-    import popdrop.core.idempotency
-    import popdrop.events.models
-    import popdrop.inventory.models
-    import popdrop.messaging.models
-    import popdrop.rsvp.models
-    import popdrop.vouchers.models  # noqa: F401
-
-    return Base.metadata
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from popdrop.core.migrate import target_metadata
+from popdrop.migrations.registry import target_metadata
 
 connection = context.config.attributes["connection"]
 context.configure(
