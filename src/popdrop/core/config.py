@@ -33,13 +33,28 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_048_576
     db_pool_size: int = 20
     db_max_overflow: int = 20
-    # Guessing guard: failed (unknown/malformed) redemptions per minute.
+    # Guessing guard: failed (unknown/malformed) attempts per window. An authenticated
+    # caller is counted per token (or operator); a public one per address, and per public
+    # route of the organization. The two are never counted together.
+    guess_limit_per_token: int = 30
     guess_limit_per_address: int = 30
     guess_limit_per_org: int = 300
     guess_window_seconds: int = 60
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed: comma-separated
+    # addresses or networks (CIDR). Empty (the default): none, the peer is the client.
+    trusted_proxies: str = ""
+    # Redis calls fail fast (seconds per connect/read) and, after a failure, the guard counts
+    # in-process and tries Redis again after `redis_retry_seconds`.
+    redis_timeout_seconds: float = Field(default=0.25, gt=0)
+    redis_retry_seconds: float = Field(default=5.0, gt=0)
     audit_chains: int = Field(default=8, ge=1, le=64)
     token_cache_seconds: float = 2.0
     session_max_age_seconds: int = 12 * 3600
+    # Login throttle: failed password logins per account and per address in a fixed window;
+    # past either limit, password login is refused (429 login_locked) until the window ends.
+    login_limit_per_account: int = Field(default=10, ge=1)
+    login_limit_per_address: int = Field(default=30, ge=1)
+    login_window_seconds: int = Field(default=900, ge=1)
     # Background work: the in-process broker unless a Redis URL is given (`popdrop worker`).
     broker_url: str | None = Field(default=None, description="redis://… for worker fleets")
     # Outbound email: "mailbox" keeps messages in the database (readable on /mailbox).
@@ -68,9 +83,33 @@ class Settings(BaseSettings):
     telegram_api_url: str = "https://api.telegram.org"
     telegram_bot_token: str = ""
     telegram_webhook_secret: str = ""
+    # Provider webhooks (Twilio inbound/status, SES/SendGrid/Postmark feedback, Telegram)
+    # are refused unless they prove the configured secret (403 `bad_signature`); one whose
+    # secret is not configured is refused too (403 `webhook_not_configured`) unless this is
+    # on. Development only: with it, anyone who has a webhook URL can post to it.
+    insecure_webhooks: bool = False
+    # The shared secret of SendGrid/Postmark/generic (and SNS) feedback webhooks: as
+    # `?token=`, an `X-Popdrop-Webhook-Token` header or the basic-auth password of the URL.
+    feedback_webhook_secret: str = ""
+    # SES through SNS: comma-separated topic ARNs whose signed messages are believed (the
+    # SNS signature is checked against Amazon's certificate).
+    feedback_sns_topic_arns: str = ""
     # The number chat reminders, surveys and host messages are texted from (E.164); empty:
     # SMS conversations get no scheduled messages.
     chat_sms_from: str = ""
+    # Public live-stock streams (SSE): one publisher per event reads the stock every tick
+    # (and at once after a change made here), however many streams listen. Caps are per
+    # server process; a refused stream gets 429 (per address) or 503 (all), with Retry-After.
+    stream_tick_seconds: float = Field(default=1.0, gt=0)
+    stream_max_per_address: int = Field(default=50, ge=1)
+    stream_max_total: int = Field(default=2000, ge=1)
+    stream_idle_seconds: float = Field(default=300.0, gt=0)  # nothing new to send: end
+    stream_max_seconds: float = Field(default=1800.0, gt=0)  # the browser reconnects
+    stream_keepalive_seconds: float = Field(default=15.0, gt=0)
+    # Web chat sockets: the same kind of caps per process; idle = no frame from the visitor.
+    chat_max_per_address: int = Field(default=20, ge=1)
+    chat_max_total: int = Field(default=2000, ge=1)
+    chat_idle_seconds: float = Field(default=900.0, gt=0)
 
     @property
     def resolved_database_url(self) -> str:

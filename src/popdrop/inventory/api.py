@@ -1,21 +1,24 @@
-"""Inventory REST API, holds, and the public live-availability stream (SSE)."""
+"""Inventory REST API, holds, and the public live-availability stream (SSE).
+
+The stream (`GET /e/{event_id}/availability/stream`) is public, so it is built to be cheap
+and bounded: every stream of an event listens to the one publisher of that event in this
+process (`inventory.live`: one database read per tick or change, not per stream); a
+stream is admitted under a per-address and an overall cap (429/503 with a reason and
+Retry-After, before the stream starts); it ends after its idle time or lifetime and the
+browser's EventSource reconnects. Stock edits and holds made here wake the publisher.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy import select
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.core.errors import not_found
 from popdrop.core.schemas import error_responses
-from popdrop.events.models import Event
-from popdrop.inventory import service
+from popdrop.inventory import live, service
 from popdrop.inventory.schemas import (
     Availability,
     HoldCreate,
@@ -26,13 +29,24 @@ from popdrop.inventory.schemas import (
     StockSet,
 )
 from popdrop.web.auth import ApiPrincipal
+from popdrop.web.context import AppContext, client_address
 from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Ctx, IdempotencyKey, ItemId
+from popdrop.web.streaming import (
+    SSE_KEEPALIVE,
+    ConnectionCaps,
+    EventStream,
+    StreamLimits,
+    StreamTimer,
+    connection_caps,
+    sse_end,
+    sse_event,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
 public_router = APIRouter(include_in_schema=False)
 HOLD_REFUSALS = error_responses(401, 403, 404, 409, 410, 422)
-STREAM_EVERY_SECONDS = 1.0
+RETRY_MS = 2000  # how long EventSource waits before reconnecting after a stream ends
 
 
 @router.post(
@@ -59,9 +73,13 @@ async def list_products(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> 
 
 
 @router.put("/stock", response_model=StockOut, responses=error_responses(401, 403, 404, 409, 422))
-async def set_stock(body: StockSet, principal: ApiPrincipal, ctx: Ctx) -> StockOut:
+async def set_stock(
+    body: StockSet, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> StockOut:
     async with ctx.db.transaction() as session:
-        return await service.set_stock(session, principal, body, now=ctx.clock.now())
+        stock = await service.set_stock(session, principal, body, now=ctx.clock.now())
+    _stock_hub(request, ctx).changed(lanes=(stock.lane_id,))
+    return stock
 
 
 @router.get(
@@ -94,15 +112,19 @@ async def create_hold(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     now = ctx.clock.now()
+    hub = _stock_hub(request, ctx)
     if idempotency_key is None:  # the burst path: no answer to store with the hold
         hold = await service.take_hold(ctx.db, principal, body, now=now)
+        hub.changed(event_id=hold.event_id)
         return JSONResponse(hold.model_dump(mode="json"), status_code=201)
 
     async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
         hold = await service.create_hold(session, principal, body, now=now)
         return 201, hold.model_dump(mode="json")
 
-    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
+    response = await respond_once(ctx, request, principal, idempotency_key, body, operation)
+    hub.changed(lanes=(body.lane_id,))
+    return response
 
 
 @router.get("/holds/{hold_id}", response_model=HoldOut, responses=error_responses(401, 403, 404))
@@ -118,43 +140,95 @@ async def extend_hold(hold_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> Hol
 
 
 @router.post("/holds/{hold_id}/release", response_model=HoldOut, responses=HOLD_REFUSALS)
-async def release_hold(hold_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> HoldOut:
+async def release_hold(
+    hold_id: ItemId, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> HoldOut:
     async with ctx.db.transaction() as session:
-        return await service.end_hold(
+        hold = await service.end_hold(
             session, principal, hold_id, convert=False, now=ctx.clock.now()
         )
+    _stock_hub(request, ctx).changed(event_id=hold.event_id)
+    return hold
 
 
 @router.post("/holds/{hold_id}/convert", response_model=HoldOut, responses=HOLD_REFUSALS)
-async def convert_hold(hold_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> HoldOut:
+async def convert_hold(
+    hold_id: ItemId, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> HoldOut:
     async with ctx.db.transaction() as session:
-        return await service.end_hold(
+        hold = await service.end_hold(
             session, principal, hold_id, convert=True, now=ctx.clock.now()
         )
+    _stock_hub(request, ctx).changed(event_id=hold.event_id)
+    return hold
+
+
+# ---------------------------------------------------------------- the public stream
+
+
+def _stock_hub(request: Request, ctx: AppContext) -> live.StockHub:
+    """This app's stock publishers, made on first use; on `app.state` because they hold
+    what this process's streams listen to."""
+    hub: live.StockHub | None = getattr(request.app.state, "stock_hub", None)
+    if hub is None:
+        hub = live.StockHub(ctx.db, ctx.clock, tick_seconds=ctx.settings.stream_tick_seconds)
+        request.app.state.stock_hub = hub
+    return hub
+
+
+def _stream_caps(request: Request, ctx: AppContext) -> ConnectionCaps:
+    settings = ctx.settings
+    return connection_caps(
+        request.app,
+        "stock_stream",
+        "live stock streams",
+        per_address=settings.stream_max_per_address,
+        total=settings.stream_max_total,
+    )
+
+
+def _limits(ctx: AppContext) -> StreamLimits:
+    settings = ctx.settings
+    return StreamLimits(
+        idle_seconds=settings.stream_idle_seconds,
+        max_seconds=settings.stream_max_seconds,
+        keepalive_seconds=settings.stream_keepalive_seconds,
+    )
+
+
+async def _frames(subscription: live.Subscription, limits: StreamLimits) -> AsyncIterator[str]:
+    yield f"retry: {RETRY_MS}\n\n"
+    timer = StreamTimer(limits)
+    while True:
+        try:
+            data = await subscription.next(timer.timeout())
+        except live.Gone as gone:
+            yield sse_end(gone.reason)
+            return
+        if data is not None:
+            timer.sent()
+            yield sse_event("availability", data)
+        elif (reason := timer.expired()) is not None:
+            yield sse_end(reason)
+            return
+        elif timer.ping_due():
+            yield SSE_KEEPALIVE
 
 
 @public_router.get("/e/{event_id}/availability/stream")
 async def availability_stream(event_id: ItemId, request: Request, ctx: Ctx) -> Response:
-    """Server-sent events: the live stock of a published event, sent when it changes."""
-    async with ctx.db.reader() as session:
-        status = await session.scalar(select(Event.status).where(Event.id == event_id))
-    if status not in service.OPEN_STATUSES:
-        raise not_found("event")
+    """Server-sent events: the live stock of a published event, sent when it changes.
 
-    async def events() -> AsyncIterator[str]:
-        last = ""
-        yield "retry: 2000\n\n"
-        while not await request.is_disconnected():
-            async with ctx.db.reader() as session:
-                rows = await service.availability(session, event_id, ctx.clock.now())
-            data = json.dumps([r.model_dump() for r in rows])
-            if data != last:
-                last = data
-                yield f"event: availability\ndata: {data}\n\n"
-            await asyncio.sleep(STREAM_EVERY_SECONDS)
-
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    Refusals come before the stream starts: 404 for an event that is not public, 429
+    `too_many_connections` / 503 `server_busy` over the caps, 503 `unavailable` when the
+    first read failed. The stream ends with `event: end` (`idle_timeout`, `max_lifetime`,
+    `event_closed`); EventSource reconnects after `retry` ms."""
+    lease = _stream_caps(request, ctx).admit(client_address(request))
+    try:
+        subscription = await _stock_hub(request, ctx).subscribe(event_id)
+    except BaseException:
+        lease.release()
+        raise
+    return EventStream(
+        _frames(subscription, _limits(ctx)), on_close=(subscription.close, lease.release)
     )
