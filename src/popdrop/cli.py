@@ -115,6 +115,9 @@ def serve(
         workers=workers,
         log_level="warning",
         access_log=False,
+        # Forwarded headers are read by the app, from POPDROP_TRUSTED_PROXIES only
+        # (uvicorn's own default would believe any local peer).
+        proxy_headers=False,
     )
 
 

@@ -4,6 +4,11 @@ would have carried: due scheduled drops, due (or deferred, or orphaned) send row
 decisions. `popdrop serve` runs it in-process (InMemoryBroker); `popdrop worker`
 processes consume a Redis stream (taskiq-redis, acknowledged) when POPDROP_BROKER_URL is
 set.
+
+Without Redis the worker degrades, it does not fail: a kick that cannot reach the broker
+is logged and dropped (the next tick re-finds the due rows from the database), a broker
+that cannot start is started again on a later tick, and a receiver that lost Redis is
+restarted. So a route that kicks a drop never answers 500 because Redis is down.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 from datetime import timedelta
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from taskiq import AsyncBroker, InMemoryBroker
 from taskiq.api import run_receiver_task
@@ -41,10 +47,38 @@ def make_broker(settings: Settings) -> AsyncBroker:
         from taskiq_redis import RedisStreamBroker
 
         # Unacknowledged messages of a dead consumer are claimed again after idle_timeout.
+        # A short connect timeout: a kick must not hold a request while Redis is away.
         return RedisStreamBroker(
-            settings.broker_url, queue_name="popdrop", idle_timeout=30_000, maxlen=10_000
+            settings.broker_url,
+            queue_name="popdrop",
+            idle_timeout=30_000,
+            maxlen=10_000,
+            socket_connect_timeout=settings.redis_timeout_seconds,
         )
     return InMemoryBroker()
+
+
+BROKER_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+KICK_TIMEOUT_SECONDS = 2.0
+
+
+class Kicker:
+    """`kiq` for a drop that never fails its caller: the broker only carries a hint (the
+    database holds the due rows, and the tick re-finds them), so a kick lost to a broker
+    outage is logged, not raised."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    async def kiq(self, drop_id: int) -> bool:
+        try:
+            await asyncio.wait_for(self.task.kiq(drop_id), KICK_TIMEOUT_SECONDS)
+        except BROKER_DOWN as exc:
+            log.warning(
+                "broker unreachable; the tick will find the drop", drop=drop_id, error=repr(exc)
+            )
+            return False
+        return True
 
 
 def make_transports(
@@ -105,7 +139,7 @@ class Worker:
         async def send_drop(drop_id: int) -> int:
             return await self._send_drop(drop_id)
 
-        self.send_drop = self.broker.register_task(send_drop, task_name="popdrop.send_drop")
+        self.send_drop = Kicker(self.broker.register_task(send_drop, task_name="popdrop.send_drop"))
         self._busy = False
         self.chat_deps = ChatDeps(signer, settings.base_url, settings.audit_chains)
         bot = None
@@ -186,14 +220,25 @@ class Worker:
         return list(due)
 
     async def run(self, *, receive: bool, stop: asyncio.Event | None = None) -> None:
-        """Tick until stopped; with `receive`, also consume the broker (a worker process)."""
-        await self.broker.startup()
+        """Tick until stopped; with `receive`, also consume the broker (a worker process).
+        A broker that cannot start (Redis down) is tried again each tick, and a receiver
+        that stopped on a lost connection is started again; ticks go on meanwhile."""
+        started = False
         receiver: asyncio.Task[Any] | None = None
-        if receive:
-            receiver = asyncio.create_task(run_receiver_task(self.broker, run_startup=False))
         stop = stop or asyncio.Event()
         try:
             while not stop.is_set():
+                if not started:
+                    started = await self._start_broker()
+                if started and receive and (receiver is None or receiver.done()):
+                    if receiver is not None and not receiver.cancelled():
+                        log.warning(
+                            "broker receiver stopped; starting it again",
+                            error=repr(receiver.exception()),
+                        )
+                    receiver = asyncio.create_task(
+                        run_receiver_task(self.broker, run_startup=False)
+                    )
                 try:
                     await self.tick()
                 except Exception as exc:  # the tick must survive a bad moment of the database
@@ -203,6 +248,16 @@ class Worker:
         finally:
             if receiver is not None:
                 receiver.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, *BROKER_DOWN):
                     await receiver
-            await self.broker.shutdown()
+            if started:
+                with contextlib.suppress(*BROKER_DOWN):
+                    await self.broker.shutdown()
+
+    async def _start_broker(self) -> bool:
+        try:
+            await asyncio.wait_for(self.broker.startup(), KICK_TIMEOUT_SECONDS * 2)
+        except BROKER_DOWN as exc:
+            log.warning("broker unreachable; ticking without it for now", error=repr(exc))
+            return False
+        return True

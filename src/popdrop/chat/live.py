@@ -9,6 +9,10 @@ took them hands them to the visitor's socket when it is open there; when it is n
 server) and hands the row over if it holds the socket. So a reminder woken by a
 `popdrop worker`, or a host reply taken by another server process, reaches a visitor
 connected anywhere, and one connected nowhere gets it when they come back.
+
+Redis is optional at run time: publishing fails fast (a short timeout, no retries) and the
+caller keeps the row for the visitor's next connect; the listener subscribes again after a
+lost connection, once a second, until Redis is back.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from popdrop.core.logging import log
+from popdrop.core.ratelimit import redis_client
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 OnRelayed = Callable[[int, str, int], Awaitable[object]]  # org id, address, inbox row id
@@ -29,6 +33,7 @@ OnRelayed = Callable[[int, str, int], Awaitable[object]]  # org id, address, inb
 CHANNEL = "web"
 RELAY_CHANNEL = "popdrop:chat:web"
 RECONNECT_SECONDS = 1.0
+PUBLISH_TIMEOUT_SECONDS = 0.5
 
 _OPEN: dict[tuple[int, str], Send] = {}
 
@@ -61,8 +66,10 @@ async def push(org_id: int, address: str, frame: dict[str, Any]) -> bool:
 class Relay:
     """Inbox rows for sockets open in other processes, over Redis pub/sub."""
 
-    def __init__(self, url: str) -> None:
-        self._redis = Redis.from_url(url)
+    def __init__(self, url: str, *, timeout: float = PUBLISH_TIMEOUT_SECONDS) -> None:
+        # Two clients: publishing fails fast; the subscriber's reads block (no read timeout).
+        self._redis = redis_client(url, timeout=timeout)
+        self._subscriber = redis_client(url, timeout=None)
 
     async def publish(self, org_id: int, address: str, inbox_id: int) -> int:
         """Tell every listening server process about a kept row; how many were listening."""
@@ -75,19 +82,20 @@ class Relay:
         subscribed."""
         while True:
             try:
-                async with self._redis.pubsub() as pubsub:
+                async with self._subscriber.pubsub() as pubsub:
                     await pubsub.subscribe(RELAY_CHANNEL)
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe" and ready is not None:
                             ready.set()
                         elif message["type"] == "message":
                             await _relayed(message["data"], on_relayed)
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError) as exc:  # TimeoutError is an OSError
                 log.warning("chat relay lost Redis, subscribing again", error=repr(exc))
                 await asyncio.sleep(RECONNECT_SECONDS)
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._subscriber.aclose()
 
 
 async def _relayed(data: bytes, on_relayed: OnRelayed) -> None:

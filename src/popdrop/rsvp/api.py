@@ -35,7 +35,7 @@ from popdrop.rsvp.schemas import (
     WaitlistOut,
 )
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext, client_address
+from popdrop.web.context import AppContext, client_address, route_of
 from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 
@@ -58,13 +58,14 @@ T = TypeVar("T")
 async def public_guarded(
     ctx: AppContext, request: Request, org_id: int, call: Callable[[], Awaitable[T]]
 ) -> T:
-    address = client_address(request)
-    await ctx.guard.check(org_id, address)
+    # Public callers are counted per address and per route, apart from authenticated ones.
+    address, route = client_address(request), route_of(request)
+    await ctx.guard.check(org_id, address, route=route)
     try:
         return await call()
     except PopdropError as error:
         if error.reason in _GUESSES:
-            await ctx.guard.failed(org_id, address)
+            await ctx.guard.failed(org_id, address, route=route)
         raise
 
 
@@ -236,4 +237,6 @@ async def cancel_rsvp(
         )
         return 200, service.rsvp_out(result.rsvp).model_dump(mode="json")
 
-    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
+    return await respond_once(
+        ctx, request, principal, idempotency_key, body, operation, scope="vouchers:write"
+    )

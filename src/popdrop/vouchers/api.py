@@ -48,14 +48,16 @@ REDEEM_REFUSALS = (400, 401, 403, 404, 409, 410, 422, 429)
 
 
 async def guarded(ctx: AppContext, request: Request, principal: Principal, call: Any) -> Any:
-    """Refuse clients that guessed too much; count their unknown/malformed codes."""
+    """Refuse callers that guessed too much; count their unknown/malformed codes. The
+    caller is counted by its own token (or operator), never with public traffic, so a flood
+    of forged public requests cannot stop a till."""
     address = client_address(request)
-    await ctx.guard.check(principal.org_id, address)
+    await ctx.guard.check(principal.org_id, address, principal=principal.actor)
     try:
         return await call()
     except PopdropError as error:
         if error.reason in GUESSING_REASONS:
-            await ctx.guard.failed(principal.org_id, address)
+            await ctx.guard.failed(principal.org_id, address, principal=principal.actor)
         raise
 
 

@@ -1,9 +1,17 @@
-"""The app factory: API, pages, health, metrics, consistent JSON errors."""
+"""The app factory: API, pages, health, metrics, consistent JSON errors.
+
+Rules it keeps: an outage of a dependency is never a 500. A lost or refused database
+answers 503 `database_unavailable` with Retry-After (from the exception handlers, so the
+connection stays usable); Redis is optional at run time (the guard counts in-process, the
+relay and broker give up quietly) and `/readyz` names what is down: `degraded` with 200
+while the database answers, 503 when it does not.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,10 +34,18 @@ from popdrop.core.config import Settings
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError
 from popdrop.core.logging import configure_logging, log
-from popdrop.core.ratelimit import GuessGuard, MemoryCounter, RedisCounter
+from popdrop.core.ratelimit import (
+    REDIS_DOWN,
+    FailureCounter,
+    FallbackCounter,
+    GuessGuard,
+    MemoryCounter,
+    RedisCounter,
+    redis_client,
+)
 from popdrop.core.signing import Signer
 from popdrop.web.auth import LoginRequired
-from popdrop.web.context import AppContext
+from popdrop.web.context import AppContext, ForwardedMiddleware, parse_proxies
 from popdrop.web.edge import EdgeMiddleware
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -45,7 +64,12 @@ _STATUS_REASON = {
 
 
 def build_context(settings: Settings, clock: Clock | None = None) -> AppContext:
-    counter = RedisCounter(settings.redis_url) if settings.redis_url else MemoryCounter()
+    counter: FailureCounter = MemoryCounter()
+    if settings.redis_url:
+        counter = FallbackCounter(
+            RedisCounter(settings.redis_url, timeout=settings.redis_timeout_seconds),
+            retry_seconds=settings.redis_retry_seconds,
+        )
     return AppContext(
         settings=settings,
         db=Database(
@@ -58,6 +82,7 @@ def build_context(settings: Settings, clock: Clock | None = None) -> AppContext:
         guard=GuessGuard(
             counter,
             per_address=settings.guess_limit_per_address,
+            per_token=settings.guess_limit_per_token,
             per_org=settings.guess_limit_per_org,
             window=settings.guess_window_seconds,
         ),
@@ -101,6 +126,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         await background
         await context.worker.close()
         await context.guard.counter.close()
+        for probe in _probes(_app).values():
+            await probe.aclose()
         await context.db.dispose()
 
     app = FastAPI(
@@ -169,6 +196,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         max_body_bytes=settings.max_body_bytes,
         log_requests=settings.log_requests,
     )
+    # Outermost, so every layer sees the real client; a no-op unless proxies are configured.
+    app.add_middleware(ForwardedMiddleware, trusted_proxies=parse_proxies(settings.trusted_proxies))
     return app
 
 
@@ -190,7 +219,111 @@ def error_response(request: Request, error: PopdropError) -> Response:
     return response
 
 
+DB_RETRY_AFTER_SECONDS = 2
+# Local file errors are bugs or configuration, not a peer that went away.
+_LOCAL_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+_NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+    }
+)
+
+
+def _asyncpg_outages() -> tuple[type[BaseException], ...]:
+    try:
+        import asyncpg.exceptions as pg
+    except ImportError:  # SQLite-only installs
+        return ()
+    return (
+        pg.PostgresConnectionError,  # 08xxx, ConnectionDoesNotExistError
+        pg.OperatorInterventionError,  # 57xxx: admin shutdown, cannot connect now
+        pg.InsufficientResourcesError,  # 53xxx: too many connections
+        pg.InterfaceError,  # the connection is closed / in a bad state
+    )
+
+
+_PG_OUTAGES = _asyncpg_outages()
+
+
+def outage_reason(exc: BaseException) -> str | None:
+    """`database_unavailable` / `redis_unavailable` when `exc` (or what caused it) is a lost,
+    refused or exhausted connection rather than a bug; None otherwise."""
+    current: BaseException | None = exc
+    for _ in range(8):  # the cause chain, bounded
+        if current is None:
+            return None
+        if isinstance(current, RedisError):
+            return "redis_unavailable"
+        if isinstance(current, sa_exc.TimeoutError):  # the pool had no connection in time
+            return "database_unavailable"
+        if isinstance(current, sa_exc.DBAPIError) and (
+            current.connection_invalidated
+            or isinstance(current, sa_exc.OperationalError | sa_exc.InterfaceError)
+        ):
+            return "database_unavailable"
+        if _PG_OUTAGES and isinstance(current, _PG_OUTAGES):
+            return "database_unavailable"
+        if isinstance(current, ConnectionError | TimeoutError):
+            return "database_unavailable"
+        # asyncio's "Multiple exceptions: Connect call failed" is an OSError without errno
+        if (
+            isinstance(current, OSError)
+            and not isinstance(current, _LOCAL_OS_ERRORS)
+            and (current.errno is None or current.errno in _NETWORK_ERRNOS)
+        ):
+            return "database_unavailable"
+        cause = current.__cause__
+        if cause is None and not current.__suppress_context__:
+            cause = current.__context__
+        current = cause
+    return None
+
+
+def outage_error(reason: str) -> PopdropError:
+    what = "the database" if reason == "database_unavailable" else "a backing service"
+    return PopdropError(
+        reason,
+        f"{what} is unavailable right now; try again shortly",
+        status=503,
+        headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)},
+        detail={"retry_after": DB_RETRY_AFTER_SECONDS},
+    )
+
+
+def _crashed(request: Request, exc: BaseException) -> Response:
+    log.error("unhandled", path=request.url.path, error=repr(exc), exc_info=exc)
+    return JSONResponse(
+        {"reason": "internal", "message": "something broke on our side; it is logged"},
+        status_code=500,
+    )
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    async def on_infrastructure(request: Request, exc: Exception) -> Response:
+        # Registered per exception class (not as the catch-all), so Starlette answers
+        # without re-raising and the client's keep-alive connection is not dropped.
+        reason = outage_reason(exc)
+        if reason is None:
+            return _crashed(request, exc)
+        log.warning("dependency unavailable", path=request.url.path, reason=reason, error=repr(exc))
+        return error_response(request, outage_error(reason))
+
+    for kind in (sa_exc.SQLAlchemyError, OSError, RedisError, *_PG_OUTAGES):
+        app.add_exception_handler(kind, on_infrastructure)
+
     @app.exception_handler(PopdropError)
     async def on_popdrop_error(request: Request, exc: PopdropError) -> Response:
         return error_response(request, exc)
@@ -222,11 +355,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
-        log.error("unhandled", path=request.url.path, error=repr(exc), exc_info=exc)
-        return JSONResponse(
-            {"reason": "internal", "message": "something broke on our side; it is logged"},
-            status_code=500,
-        )
+        reason = outage_reason(exc)  # e.g. raised in a middleware, outside the handlers above
+        if reason is not None:
+            return error_response(request, outage_error(reason))
+        return _crashed(request, exc)
 
 
 def _install_health(app: FastAPI) -> None:
@@ -236,6 +368,8 @@ def _install_health(app: FastAPI) -> None:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> Response:
+        """200 `ready`; 200 `degraded` naming the optional dependencies that are down
+        (Redis for the guard and chat relay, the broker); 503 when the database is down."""
         ctx: AppContext = request.app.state.ctx
         try:
             async with ctx.db.reader() as session:
@@ -244,9 +378,40 @@ def _install_health(app: FastAPI) -> None:
             return JSONResponse(
                 {"reason": "unavailable", "message": f"database: {type(exc).__name__}"},
                 status_code=503,
+                headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)},
             )
-        return JSONResponse({"status": "ready", "database": ctx.db.dialect})
+        checks: dict[str, str] = {}
+        probes = _probes(request.app)
+        for name, url in (("redis", ctx.settings.redis_url), ("broker", ctx.settings.broker_url)):
+            if not url:
+                continue
+            if url not in probes:
+                probes[url] = redis_client(url, timeout=ctx.settings.redis_timeout_seconds)
+            try:
+                await probes[url].ping()
+            except REDIS_DOWN as exc:
+                checks[name] = f"unavailable: {type(exc).__name__}"
+            else:
+                checks[name] = "ok"
+        down = sorted(name for name, state in checks.items() if state != "ok")
+        return JSONResponse(
+            {
+                "status": "degraded" if down else "ready",
+                "database": ctx.db.dialect,
+                "dependencies": {"database": "ok", **checks},
+                "degraded": down,
+            }
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _probes(app: FastAPI) -> dict[str, Redis]:
+    """One fail-fast Redis client per URL for /readyz, kept on the app."""
+    probes: dict[str, Redis] | None = getattr(app.state, "redis_probes", None)
+    if probes is None:
+        probes = {}
+        app.state.redis_probes = probes
+    return probes
