@@ -189,12 +189,14 @@ async def test_clicks_are_tracked_and_redirect_with_utm(
 )
 async def test_provider_feedback_suppresses_the_right_addresses(
     app_client: httpx.AsyncClient,
+    ctx: AppContext,
     tenant: Tenant,
     provider: str,
     fixture: str,
     suppressed: list[str],
     kept: list[str],
 ) -> None:
+    ctx.settings = ctx.settings.model_copy(update={"feedback_webhook_secret": "fb-secret"})
     for address in suppressed + kept:
         await add_contact(app_client, tenant, email=address)
     assert (await preview(app_client, tenant, channels=["email"]))["total"] == len(
@@ -203,7 +205,7 @@ async def test_provider_feedback_suppresses_the_right_addresses(
     urls = (await app_client.get("/api/v1/webhook-urls", headers=tenant.headers)).json()
     path = "/" + urls[provider].split("://", 1)[1].split("/", 1)[1]
     body = (FIXTURES / f"{fixture}.json").read_bytes()
-    response = await app_client.post(path, content=body)
+    response = await app_client.post(path, content=body, params={"token": "fb-secret"})
     assert response.status_code == 200, response.text
 
     assert (await preview(app_client, tenant, channels=["email"]))["total"] == len(kept)

@@ -2,7 +2,9 @@
 
 Point the bot at it with `setWebhook(url=…/telegram/<org>/webhook,
 secret_token=$POPDROP_TELEGRAM_WEBHOOK_SECRET)`; Telegram then sends that secret in
-`X-Telegram-Bot-Api-Secret-Token` on every update, and anything else is refused (403).
+`X-Telegram-Bot-Api-Secret-Token` on every update, and anything else is refused (403
+`bad_signature`). With no secret configured every update is refused (403
+`webhook_not_configured`) unless `POPDROP_INSECURE_WEBHOOKS` is on (development only).
 The work is in `popdrop.chat.telegram`.
 """
 
@@ -25,18 +27,30 @@ router = APIRouter(include_in_schema=False)
 SECRET_HEADER = "x-telegram-bot-api-secret-token"  # noqa: S105 (a header name)
 
 
-def _secret_ok(configured: str, given: str | None) -> bool:
-    if not configured or given is None:
-        return False
-    return hmac.compare_digest(configured.encode(), given.encode())
+def require_secret(configured: str, given: str | None, *, insecure: bool = False) -> None:
+    """Refuse an update without the configured secret; `insecure` only lets updates in
+    while no secret is configured."""
+    if not configured:
+        if insecure:
+            return
+        raise PopdropError(
+            "webhook_not_configured",
+            "Telegram updates are refused: set POPDROP_TELEGRAM_WEBHOOK_SECRET",
+            status=403,
+        )
+    if given is None or not hmac.compare_digest(configured.encode(), given.encode()):
+        raise PopdropError("bad_signature", "the Telegram secret token does not match", status=403)
 
 
 @router.post("/telegram/{org_slug}/webhook")
 async def telegram_webhook(org_slug: str, request: Request, ctx: Ctx) -> dict[str, Any]:
     """One Telegram update: a message, a `/start <payload>` deep link or a callback query."""
     settings = ctx.settings
-    if not _secret_ok(settings.telegram_webhook_secret, request.headers.get(SECRET_HEADER)):
-        raise PopdropError("forbidden", "the Telegram secret token does not match")
+    require_secret(
+        settings.telegram_webhook_secret,
+        request.headers.get(SECRET_HEADER),
+        insecure=settings.insecure_webhooks,
+    )
     try:
         update = json.loads(await request.body())
     except (UnicodeDecodeError, ValueError) as exc:

@@ -2,8 +2,8 @@
 
 Scopes `drops:read` / `drops:write`. Provider webhooks (delivery feedback, inbound SMS,
 SMS status callbacks) carry no bearer token: their URL holds a signed token naming the
-organization (`GET /api/v1/webhook-urls`), and inbound SMS are also checked against
-Twilio's `X-Twilio-Signature`.
+organization (`GET /api/v1/webhook-urls`), and each must also prove its origin (Twilio's
+`X-Twilio-Signature`; the SNS signature or the shared secret for feedback) or get 403.
 """
 
 from __future__ import annotations
@@ -223,7 +223,20 @@ async def provider_feedback(
     ctx: Ctx,
 ) -> dict[str, Any]:
     org_id = _webhook_org(ctx, token)
-    parsed = feedback.parse_webhook(provider, await request.body(), dict(request.headers))
+    body = await request.body()
+    settings = ctx.settings
+    await feedback.authenticate(
+        provider,
+        body,
+        dict(request.headers),
+        feedback.WebhookSecrets.parse(
+            settings.feedback_webhook_secret,
+            settings.feedback_sns_topic_arns,
+            insecure=settings.insecure_webhooks,
+        ),
+        query_token=request.query_params.get("token"),
+    )
+    parsed = feedback.parse_webhook(provider, body, dict(request.headers))
     async with ctx.db.transaction() as session:
         counts = await outcomes.apply_feedback(
             session, ctx.signer, org_id, parsed.events, now=ctx.clock.now()
@@ -235,11 +248,18 @@ async def provider_feedback(
 
 async def _twilio_params(ctx: AppContext, request: Request) -> dict[str, str]:
     params = twilio.parse_form(await request.body())
-    signature = request.headers.get("x-twilio-signature")
-    if not twilio.validate_signature(
-        ctx.settings.sms_auth_token, str(request.url), params, signature
-    ):
-        raise PopdropError("forbidden", "the Twilio signature does not match")
+    # Twilio signs the URL it was given: as this request arrived, or as the base URL names
+    # it when a proxy in front rewrote the scheme or host.
+    public = ctx.settings.base_url.rstrip("/") + request.url.path
+    if request.url.query:
+        public += "?" + request.url.query
+    twilio.require_signature(
+        ctx.settings.sms_auth_token,
+        [str(request.url), public],
+        params,
+        request.headers.get("x-twilio-signature"),
+        insecure=ctx.settings.insecure_webhooks,
+    )
     return params
 
 

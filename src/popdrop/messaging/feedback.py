@@ -13,6 +13,14 @@ Formats, as the providers send them:
 - ``generic``: ``{"email", "type": "bounce"|"complaint"|"delivered", "permanent",
   "message_id"?, "reason"?, "at"?}`` or a list of those.
 
+Authentication (`authenticate`, before any parsing is believed): a webhook must prove
+itself or it is refused with 403 — `bad_signature` when it proves nothing that is
+configured, `webhook_not_configured` when nothing is configured for it (unless insecure
+webhooks were switched on for development). SES through SNS proves itself by the SNS
+signature (Amazon's certificate, fetched only from an SNS host and cached) on a topic
+listed in `POPDROP_FEEDBACK_SNS_TOPIC_ARNS`; every provider may prove itself with the
+shared secret (`verify_shared_secret`).
+
 `parse` never lets a malformed body escape as anything but
 ``PopdropError("invalid_request")``. Events that do not affect deliverability (opens,
 clicks, "processed", …) are skipped rather than refused, so a provider configured to send
@@ -33,6 +41,7 @@ from email.utils import parseaddr
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -537,3 +546,101 @@ def verify_shared_secret(
         if candidate is not None:
             matched |= hmac.compare_digest(candidate.encode(), expected)
     return matched
+
+
+# --- authentication ----------------------------------------------------------------------
+
+
+class SnsCertificates:
+    """SNS signing certificates by URL: fetched once (only from a trusted SNS URL) and kept,
+    at most `limit` of them, so a stream of notifications costs no extra request."""
+
+    def __init__(self, *, limit: int = 16, timeout: float = 5.0) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self._pem: dict[str, bytes] = {}
+
+    def remember(self, url: str, pem: bytes) -> None:
+        if url not in self._pem and len(self._pem) >= self.limit:
+            self._pem.pop(next(iter(self._pem)))  # oldest first
+        self._pem[url] = pem
+
+    async def get(self, url: str) -> bytes:
+        known = self._pem.get(url)
+        if known is not None:
+            return known
+        if not sns_cert_url_trusted(url):
+            raise PopdropError(
+                "bad_signature", "the SNS signing certificate URL is not Amazon's", status=403
+            )
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await client.get(url)
+                response.raise_for_status()
+        except httpx.HTTPError as exc:
+            # Not the sender's fault: SNS retries a 503, and by then AWS may answer.
+            raise PopdropError(
+                "unavailable", f"the SNS signing certificate could not be fetched: {exc}"
+            ) from exc
+        self.remember(url, response.content)
+        return response.content
+
+
+SNS_CERTIFICATES = SnsCertificates()
+
+
+@dataclass(frozen=True)
+class WebhookSecrets:
+    """What a feedback webhook can prove itself with (from the settings)."""
+
+    shared_secret: str = ""
+    sns_topic_arns: frozenset[str] = frozenset()
+    insecure: bool = False
+
+    @classmethod
+    def parse(cls, shared_secret: str, topic_arns: str, *, insecure: bool) -> WebhookSecrets:
+        arns = frozenset(a.strip() for a in topic_arns.split(",") if a.strip())
+        return cls(shared_secret, arns, insecure)
+
+
+async def authenticate(
+    provider: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    secrets: WebhookSecrets,
+    *,
+    query_token: str | None = None,
+    certificates: SnsCertificates | None = None,
+) -> None:
+    """Refuse (403) a feedback webhook that proves none of the configured ways."""
+    sns = provider == "ses" and bool(secrets.sns_topic_arns)
+    if not secrets.shared_secret and not sns:
+        if secrets.insecure:
+            return
+        raise PopdropError(
+            "webhook_not_configured",
+            f"{provider} feedback is refused: set POPDROP_FEEDBACK_WEBHOOK_SECRET"
+            + (" or POPDROP_FEEDBACK_SNS_TOPIC_ARNS" if provider == "ses" else ""),
+            status=403,
+        )
+    if verify_shared_secret(secrets.shared_secret, query_token=query_token, headers=headers):
+        return
+    cache = certificates or SNS_CERTIFICATES  # looked up now: tests swap the module's cache
+    if sns and await _sns_signed(body, secrets.sns_topic_arns, cache):
+        return
+    raise PopdropError(
+        "bad_signature", f"the {provider} feedback webhook did not prove its origin", status=403
+    )
+
+
+async def _sns_signed(
+    body: bytes, topic_arns: frozenset[str], certificates: SnsCertificates
+) -> bool:
+    try:
+        envelope = sns_envelope(body)
+    except PopdropError:
+        return False  # raw message delivery carries no signature: only the secret proves it
+    cert_url = envelope.get("SigningCertURL")
+    if envelope.get("TopicArn") not in topic_arns or not isinstance(cert_url, str):
+        return False
+    return verify_sns_signature(envelope, await certificates.get(cert_url))

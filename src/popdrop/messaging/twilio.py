@@ -7,6 +7,10 @@ error document `{code, message, more_info, status}`.
 
 Inbound: Twilio POSTs form bodies (an incoming message, or a status callback) signed with
 `X-Twilio-Signature` = base64(HMAC-SHA1(auth_token, url + sorted name/value pairs)).
+`require_signature` is the one gate for both: a wrong or missing signature is 403
+`bad_signature`; with no auth token configured every webhook is 403
+`webhook_not_configured` (an empty key would let anyone compute a valid signature),
+unless insecure webhooks were switched on for development.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -185,6 +189,30 @@ def validate_signature(
         hmac.compare_digest(compute_signature(auth_token, candidate, params).encode(), expected)
         for candidate in _port_variants(url)
     )
+
+
+def require_signature(
+    auth_token: str,
+    urls: Sequence[str],
+    params: Mapping[str, str],
+    signature: str | None,
+    *,
+    insecure: bool = False,
+) -> None:
+    """Refuse a webhook that does not carry a valid signature for one of `urls` (the URL as
+    this request arrived and as the public base URL names it: a proxy may rewrite one).
+    `insecure` only lets unsigned webhooks in while no auth token is configured; a
+    configured token is always enforced."""
+    if not auth_token:
+        if insecure:
+            return
+        raise PopdropError(
+            "webhook_not_configured",
+            "SMS webhooks are refused: set POPDROP_SMS_AUTH_TOKEN (the provider's auth token)",
+            status=403,
+        )
+    if not any(validate_signature(auth_token, url, params, signature) for url in urls):
+        raise PopdropError("bad_signature", "the Twilio signature does not match", status=403)
 
 
 def parse_form(body: bytes) -> dict[str, str]:
