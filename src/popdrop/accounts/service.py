@@ -2,10 +2,19 @@
 
 Every service call that reads tenant data takes the caller's `Principal`; the org_id it
 carries is applied in the query itself, so tenancy does not depend on the router.
+
+Password login keeps two more rules:
+- Failed logins are counted per account (the email as typed, whether or not it exists) and
+  per client address; past either limit, password login is refused with `login_locked`
+  (429) until the counting window ends, the right password included. The refusal is the
+  same for an existing and an unknown email, so it does not reveal which accounts exist.
+- A session carries the user's `session_version`; logging out bumps it, which ends every
+  session of that account (a replayed cookie is refused, not just forgotten by the browser).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -20,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import ApiToken, Organization, User
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.ratelimit import FailureCounter, address_key
 from popdrop.core.schemas import is_clean_text
 from popdrop.core.signing import Signer
 
@@ -67,6 +77,18 @@ class Principal:
 
 def principal_for_user(user: User) -> Principal:
     return Principal(user.org_id, f"user:{user.email}", user.role, ROLES[user.role])
+
+
+def principal_id(principal: Principal) -> str:
+    """Who is calling, in at most 64 characters and stable across a token's renaming:
+    `token:<id>` for an API token, else the actor (hashed when longer). Binds an
+    `Idempotency-Key` to its caller."""
+    if principal.role == "token" and principal.actor.startswith("token:"):
+        return ":".join(principal.actor.split(":", 2)[:2])
+    if len(principal.actor) <= 64:
+        return principal.actor
+    kind = principal.actor.split(":", 1)[0][:16]
+    return f"{kind}:sha256:{hashlib.sha256(principal.actor.encode()).hexdigest()[:40]}"
 
 
 async def create_organization(
@@ -134,6 +156,67 @@ async def get_user(session: AsyncSession, user_id: int) -> User | None:
     if user is None or user.disabled_at is not None:
         return None
     return user
+
+
+async def session_user(session: AsyncSession, user_id: int, version: int) -> User | None:
+    """The user a session cookie names, if that session has not been ended by a logout."""
+    user = await get_user(session, user_id)
+    if user is None or user.session_version != version:
+        return None
+    return user
+
+
+async def end_sessions(session: AsyncSession, user_id: int, version: int) -> None:
+    """Logout: bump the version so every cookie carrying `version` is refused from now on.
+    Conditional on the version, so a replayed old logout does not end a newer session."""
+    await session.execute(
+        update(User)
+        .where(User.id == user_id, User.session_version == version)
+        .values(session_version=User.session_version + 1)
+    )
+
+
+class LoginThrottle:
+    """Failed password logins per account and per address, in a fixed window of the shared
+    failure counter (Redis when configured). Accounts are keyed by a keyed hash of the email,
+    so the store never holds an address book."""
+
+    def __init__(
+        self,
+        counter: FailureCounter,
+        signer: Signer,
+        *,
+        per_account: int,
+        per_address: int,
+        window: int,
+    ) -> None:
+        self.counter = counter
+        self.signer = signer
+        self.per_account = per_account
+        self.per_address = per_address
+        self.window = window
+
+    def _keys(self, email: str, address: str) -> list[str]:
+        account = self.signer.keyed_hash("login\x00" + email.strip().lower()).hex()[:32]
+        return [f"login:acct:{account}", f"login:addr:{address_key(address)}"]
+
+    async def check(self, email: str, address: str) -> None:
+        """Raise `login_locked` (429, Retry-After) while this account or address is locked."""
+        by_account, by_address = await self.counter.counts(self._keys(email, address), self.window)
+        if by_account >= self.per_account or by_address >= self.per_address:
+            retry = max(self.window - int(time.time()) % self.window, 1)
+            minutes = (retry + 59) // 60
+            raise PopdropError(
+                "login_locked",
+                "too many failed logins: password login is paused for this account or "
+                f"network; try again in {minutes} minute{'s' if minutes != 1 else ''}",
+                status=429,
+                headers={"Retry-After": str(retry)},
+                detail={"retry_after": retry},
+            )
+
+    async def failed(self, email: str, address: str) -> None:
+        await self.counter.add(self._keys(email, address), self.window)
 
 
 def parse_scopes(scopes: list[str] | str) -> frozenset[str]:

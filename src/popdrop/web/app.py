@@ -195,6 +195,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         EdgeMiddleware,
         max_body_bytes=settings.max_body_bytes,
         log_requests=settings.log_requests,
+        https=settings.base_url.startswith("https://"),
     )
     # Outermost, so every layer sees the real client; a no-op unless proxies are configured.
     app.add_middleware(ForwardedMiddleware, trusted_proxies=parse_proxies(settings.trusted_proxies))

@@ -1,7 +1,14 @@
 """Who is calling: API tokens (Bearer) for the API, signed session cookies for pages.
 
-Forms are CSRF-protected by a signed double-submit token: a cookie and a hidden field that
-must match. Roles map to scopes in `accounts.service.ROLES`.
+Rules this module keeps:
+- A session cookie is signed and names the user and their `session_version`; a cookie with
+  an older version (the account logged out since) is refused like a missing one.
+- Forms are CSRF-protected by a signed double-submit token: a cookie and a hidden field (or
+  `X-CSRF-Token` header) that must match. The signed token is bound to the session it was
+  issued for (a keyed hash of the session cookie), so a token from another session, or from
+  before a login, is refused.
+- Every cookie is `Secure` when the base URL is https.
+Roles map to scopes in `accounts.service.ROLES`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Response
 
 from popdrop.accounts import service as accounts
+from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError
 from popdrop.core.signing import constant_time_equal
@@ -51,34 +59,47 @@ async def api_principal(
 ApiPrincipal = Annotated[Principal, Depends(api_principal)]
 
 
-def start_session(response: Response, ctx: AppContext, user_id: int) -> None:
-    value = ctx.signer.sign(SESSION_PURPOSE, {"u": user_id})
+def _secure(ctx: AppContext) -> bool:
+    return ctx.settings.base_url.startswith("https://")
+
+
+def start_session(response: Response, ctx: AppContext, user: User) -> None:
+    value = ctx.signer.sign(SESSION_PURPOSE, {"u": user.id, "v": user.session_version})
     response.set_cookie(
         SESSION_COOKIE,
         value,
         max_age=ctx.settings.session_max_age_seconds,
         httponly=True,
         samesite="lax",
-        secure=ctx.settings.base_url.startswith("https"),
+        secure=_secure(ctx),
     )
 
 
-def end_session(response: Response) -> None:
-    response.delete_cookie(SESSION_COOKIE)
+def session_claims(request: Request, ctx: AppContext) -> tuple[int, int] | None:
+    """(user id, session version) of a validly signed, unexpired session cookie."""
+    raw = request.cookies.get(SESSION_COOKIE)
+    if not raw:
+        return None
+    try:
+        data = ctx.signer.unsign(SESSION_PURPOSE, raw, max_age=ctx.settings.session_max_age_seconds)
+        # Cookies from before session versions count as version 0 (the column's default).
+        return int(data["u"]), int(data.get("v", 0))
+    except (PopdropError, KeyError, TypeError, ValueError):
+        return None
+
+
+def end_session(response: Response, ctx: AppContext) -> None:
+    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=_secure(ctx))
 
 
 async def page_principal(
     request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> Principal:
-    raw = request.cookies.get(SESSION_COOKIE)
-    if not raw:
+    claims = session_claims(request, ctx)
+    if claims is None:
         raise LoginRequired
-    try:
-        data = ctx.signer.unsign(SESSION_PURPOSE, raw, max_age=ctx.settings.session_max_age_seconds)
-    except PopdropError as exc:
-        raise LoginRequired from exc
     async with ctx.db.reader() as session:
-        user = await accounts.get_user(session, int(data.get("u", 0)))
+        user = await accounts.session_user(session, *claims)
     if user is None:
         raise LoginRequired
     return accounts.principal_for_user(user)
@@ -87,29 +108,58 @@ async def page_principal(
 PagePrincipal = Annotated[Principal, Depends(page_principal)]
 
 
+def _binding(request: Request, ctx: AppContext) -> str:
+    """What a CSRF token is bound to: the session cookie as sent (or "anonymous")."""
+    raw = request.cookies.get(SESSION_COOKIE, "")
+    return ctx.signer.mac("csrf-binding", raw).hex()[:32] if raw else "anonymous"
+
+
+def _bound(request: Request, ctx: AppContext, token: str) -> bool:
+    try:
+        data = ctx.signer.unsign(CSRF_PURPOSE, token)
+    except PopdropError:
+        return False
+    # Tokens from before the binding were plain strings: never bound, never accepted.
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("s"), str)
+        and constant_time_equal(data["s"], _binding(request, ctx))
+    )
+
+
 def csrf_token(request: Request, ctx: AppContext) -> str:
-    """The current form token (reused from the cookie when valid)."""
+    """The current form token: reused from the cookie while it is bound to this session."""
     raw = request.cookies.get(CSRF_COOKIE)
-    if raw:
-        try:
-            ctx.signer.unsign(CSRF_PURPOSE, raw)
-            return raw
-        except PopdropError:
-            pass
-    token = ctx.signer.sign(CSRF_PURPOSE, secrets.token_urlsafe(16))
-    request.state.new_csrf = token
+    if raw and _bound(request, ctx, raw):
+        return raw
+    token: str | None = getattr(request.state, "new_csrf", None)
+    if token is None:  # one new token per request, however many fragments render
+        token = ctx.signer.sign(
+            CSRF_PURPOSE, {"n": secrets.token_urlsafe(16), "s": _binding(request, ctx)}
+        )
+        request.state.new_csrf = token
     return token
 
 
 def attach_csrf_cookie(request: Request, response: Response) -> None:
     token = getattr(request.state, "new_csrf", None)
     if token:
-        response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict")
+        response.set_cookie(
+            CSRF_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=_secure(get_ctx(request)),
+        )
 
 
 def check_csrf(request: Request, ctx: AppContext, form: Any) -> None:
     cookie = request.cookies.get(CSRF_COOKIE, "")
     field = str(form.get("csrf", ""))
-    if not cookie or not field or not constant_time_equal(cookie, field):
+    if (
+        not cookie
+        or not field
+        or not constant_time_equal(cookie, field)
+        or not _bound(request, ctx, cookie)
+    ):
         raise PopdropError("csrf_failed", "the form expired; reload the page and try again")
-    ctx.signer.unsign(CSRF_PURPOSE, cookie)

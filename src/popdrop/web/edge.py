@@ -1,5 +1,5 @@
-"""One pure-ASGI middleware for what every request needs: a body size cap, Prometheus
-metrics and a structured access log."""
+"""One pure-ASGI middleware for what every request needs: a body size cap, security
+headers on every response (`web.security`), Prometheus metrics and a structured access log."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from popdrop.core.errors import PopdropError
 from popdrop.core.logging import log
+from popdrop.web.security import add_missing, security_headers
 
 REQUESTS = Counter("popdrop_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
@@ -22,10 +23,13 @@ LATENCY = Histogram(
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, log_requests: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, log_requests: bool, https: bool = False
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.log_requests = log_requests
+        self.https = https  # the base URL is https: HSTS on every response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,7 +39,7 @@ class EdgeMiddleware:
         status = {"code": 500}
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
-            await _too_large(send, self.max_body)
+            await _too_large(send, self.max_body, self._headers(scope))
             status["code"] = 413
             self._record(scope, status["code"], started)
             return
@@ -56,12 +60,21 @@ class EdgeMiddleware:
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                # The route is known by now, so the chat page can be told from the rest.
+                message = {
+                    **message,
+                    "headers": add_missing(message.get("headers", []), self._headers(scope)),
+                }
             await send(message)
 
         try:
             await self.app(scope, capped_receive, recording_send)
         finally:
             self._record(scope, status["code"], started)
+
+    def _headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        route = getattr(scope.get("route"), "path", None)
+        return security_headers(scope["path"], route, https=self.https)
 
     def _record(self, scope: Scope, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
@@ -89,7 +102,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _too_large(send: Send, limit: int) -> None:
+async def _too_large(send: Send, limit: int, extra: list[tuple[bytes, bytes]]) -> None:
     body = (
         b'{"reason":"payload_too_large","message":"request body is over '
         + str(limit).encode()
@@ -98,6 +111,7 @@ async def _too_large(send: Send, limit: int) -> None:
     headers: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        *extra,
     ]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,106 @@
+/* popdrop scanner page (/scan/{event_id}): check-in by typed code or camera QR.
+ * Loaded as a file so the page runs under `script-src 'self'`. */
+(() => {
+  const form = document.getElementById("manual");
+  if (!form) return;
+  // The page writes what the script needs into data attributes: no inline script (CSP).
+  const checkUrl = form.dataset.checkUrl;
+  const csrf = form.dataset.csrf;
+  const result = document.getElementById("result");
+  const input = document.getElementById("secret");
+  const gate = document.getElementById("gate-input");
+  gate.value = localStorage.getItem("popdrop.gate") || gate.value;
+  gate.addEventListener("change", () => localStorage.setItem("popdrop.gate", gate.value.trim() || "main"));
+
+  function nonce() {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    return Array.from(bytes, b => b.toString(16).padStart(2, "0")).join("");
+  }
+  function show(kind, big, why, more) {
+    result.className = "scan-result " + kind;
+    result.dataset.result = kind === "ok" ? "ok" : (why || "error");
+    result.replaceChildren();
+    for (const [cls, text] of [["big", big], ["why", why], ["more", more]]) {
+      if (!text) continue;
+      const p = document.createElement("p");
+      p.className = cls;
+      p.textContent = text;
+      result.appendChild(p);
+    }
+    if (navigator.vibrate) navigator.vibrate(kind === "ok" ? 80 : [60, 60, 60]);
+  }
+  let busy = false;
+  async function check(secret) {
+    secret = secret.trim();
+    if (!secret || busy) return;
+    busy = true;
+    result.classList.add("busy");
+    try {
+      const response = await fetch(checkUrl, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: {"Content-Type": "application/json", "Accept": "application/json", "X-CSRF-Token": csrf},
+        body: JSON.stringify({secret, nonce: nonce(), gate: gate.value.trim() || "main"}),
+      });
+      if (response.redirected || response.status === 401) { location.href = "/login?next=" + location.pathname; return; }
+      const body = await response.json();
+      if (body.counts) {
+        document.getElementById("checked-in").textContent = body.counts.checked_in;
+        document.getElementById("expected").textContent = body.counts.expected;
+      }
+      if (response.ok && body.result === "ok") {
+        show("ok", "OK", "Checked in", body.holder_ref || (body.ticket_id ? "Ticket #" + body.ticket_id : ""));
+      } else {
+        show("bad", "STOP", body.reason || "error", body.message || "");
+      }
+    } catch (err) {
+      show("bad", "STOP", "network", "No answer from the server: check the connection and scan again.");
+    } finally {
+      busy = false;
+      result.classList.remove("busy");
+    }
+  }
+  form.addEventListener("submit", event => { event.preventDefault(); check(input.value); input.value = ""; input.focus(); });
+
+  // Camera: the browser's BarcodeDetector where it exists; typing always works.
+  const hint = document.getElementById("camera-hint");
+  if (!("BarcodeDetector" in window) || !navigator.mediaDevices) {
+    hint.textContent = "This browser cannot read QR codes with the camera: type the code under the QR instead.";
+    return;
+  }
+  const toggle = document.getElementById("camera-toggle");
+  const video = document.getElementById("video");
+  const box = document.getElementById("camera");
+  toggle.hidden = false;
+  let stream = null, last = "", lastAt = 0;
+  const detector = new BarcodeDetector({formats: ["qr_code"]});
+  async function loop() {
+    if (!stream) return;
+    try {
+      const found = await detector.detect(video);
+      const now = Date.now();
+      if (found.length && !(found[0].rawValue === last && now - lastAt < 3000)) {
+        last = found[0].rawValue; lastAt = now;
+        await check(last);
+      }
+    } catch (err) { /* a frame that could not be read */ }
+    setTimeout(loop, 200);
+  }
+  toggle.addEventListener("click", async () => {
+    if (stream) {
+      stream.getTracks().forEach(t => t.stop()); stream = null;
+      box.hidden = true; toggle.textContent = "Scan with the camera"; return;
+    }
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({video: {facingMode: "environment"}});
+    } catch (err) {
+      hint.textContent = "The camera is not available (" + err.name + "): type the code instead.";
+      return;
+    }
+    video.srcObject = stream;
+    await video.play();
+    box.hidden = false; toggle.textContent = "Stop the camera";
+    loop();
+  });
+})();
