@@ -78,7 +78,9 @@ async def upsert_contact(
         out = ContactCreated(contact=await _view(session, ctx, contact), created=created)
         return (201 if created else 200), out.model_dump(mode="json")
 
-    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
+    return await respond_once(
+        ctx, request, principal, idempotency_key, body, operation, scope="audience:write"
+    )
 
 
 @router.get("/contacts", response_model=ContactList, responses=READ_ERRORS)

@@ -389,6 +389,7 @@ async def handle_update(
             clock,
             org_id=org_id,
             key=f"telegram-update:{parsed.update_id}",
+            principal="telegram",
             request_fingerprint=fingerprint("POST", "telegram-update", parsed.update_id),
             operation=operation,
         )

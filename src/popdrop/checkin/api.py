@@ -73,7 +73,9 @@ async def issue_ticket(
         answer = issued(ctx, ticket, secret, created)
         return (201 if created else 200), answer.model_dump(mode="json")
 
-    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
+    return await respond_once(
+        ctx, request, principal, idempotency_key, body, operation, scope=service.ISSUE_SCOPE
+    )
 
 
 @router.get(

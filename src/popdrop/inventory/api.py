@@ -122,7 +122,9 @@ async def create_hold(
         hold = await service.create_hold(session, principal, body, now=now)
         return 201, hold.model_dump(mode="json")
 
-    response = await respond_once(ctx, request, principal, idempotency_key, body, operation)
+    response = await respond_once(
+        ctx, request, principal, idempotency_key, body, operation, scope="holds:write"
+    )
     hub.changed(lanes=(body.lane_id,))
     return response
 

@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError
-from popdrop.core.idempotency import fingerprint, run_once
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
 from popdrop.vouchers import service
@@ -38,7 +37,7 @@ from popdrop.vouchers.schemas import (
 )
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext, client_address
-from popdrop.web.idempotent import respond_once
+from popdrop.web.idempotent import answer_once, respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 
 router = APIRouter(prefix="/api/v1", tags=["vouchers"])
@@ -103,13 +102,8 @@ async def issue_batch(
         # The stored answer (for retries) never holds plaintext codes.
         return 201, {"batch": service.batch_out(batch).model_dump(mode="json"), "codes": []}
 
-    status, payload = await run_once(
-        ctx.db,
-        ctx.clock,
-        org_id=principal.org_id,
-        key=idempotency_key,
-        request_fingerprint=fingerprint("POST", request.url.path, body.model_dump(mode="json")),
-        operation=operation,
+    status, payload = await answer_once(
+        ctx, request, principal, idempotency_key, body, operation, scope="vouchers:write"
     )
     if shown:
         payload = {**payload, "codes": shown["codes"], "links": shown.get("links")}
@@ -216,13 +210,8 @@ async def redeem(
         return 200, result.model_dump(mode="json")
 
     async def call() -> tuple[int, dict[str, Any]]:
-        return await run_once(
-            ctx.db,
-            ctx.clock,
-            org_id=principal.org_id,
-            key=idempotency_key,
-            request_fingerprint=fingerprint("POST", "redeem", body.model_dump()),
-            operation=operation,
+        return await answer_once(
+            ctx, request, principal, idempotency_key, body, operation, scope="vouchers:redeem"
         )
 
     try:
@@ -424,4 +413,6 @@ async def rollback(
         )
         return 200, result.model_dump(mode="json")
 
-    return await respond_once(ctx, request, principal, idempotency_key, body, operation)
+    return await respond_once(
+        ctx, request, principal, idempotency_key, body, operation, scope="vouchers:write"
+    )
