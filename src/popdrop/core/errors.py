@@ -24,6 +24,7 @@ REASON_STATUS: dict[str, int] = {
     "already_rolled_back": 409,
     "idempotency_in_progress": 409,
     "idempotency_key_reused": 422,
+    "idempotency_key_foreign": 403,
     "expired": 410,
     "revoked": 410,
     "link_invalid": 400,
