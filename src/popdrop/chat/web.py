@@ -11,6 +11,12 @@
   echoed in the answer: `{"type": "messages", "messages": [...], "status": …}`
   (`messages.to_json`). A bad frame gets `{"type": "error", "reason": …, "message": …}`
   and the socket stays open; frames are rate-limited per connection (token bucket).
+- Connections are capped per client address and per process (`chat_max_per_address`,
+  `chat_max_total`): one over a cap gets `{"type": "error", "reason":
+  "too_many_connections" | "server_busy", "retry_after": s}` and close code 1013 (try
+  again later). A socket whose visitor sends no frame for `chat_idle_seconds` is closed
+  with code 4408 (`idle_timeout`); the widget reconnects and resumes, and what was pushed
+  meanwhile waits in the inbox.
 - `GET /chat/{org_slug}` — a page hosting the widget (`?ref=` is passed to the flow).
 - `GET /chat/qr/{secret}.svg` — the QR image of a genuine ticket (the widget's
   `qr_ticket` message).
@@ -19,6 +25,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import secrets
@@ -43,6 +51,7 @@ from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.web.context import AppContext
 from popdrop.web.params import Ctx
+from popdrop.web.streaming import ConnectionCaps, connection_caps
 from popdrop.web.templating import render
 
 CHANNEL = live.CHANNEL
@@ -54,6 +63,8 @@ MAX_REFUSED = 50  # rate-limited frames before the connection is closed
 CLOSE_REFUSED = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_ABUSE = 1008
+CLOSE_TRY_LATER = 1013
+CLOSE_IDLE = 4408
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 router = APIRouter(include_in_schema=False)
@@ -198,10 +209,30 @@ async def _org_id(ctx: AppContext, slug: str) -> int:
         return int(org.id)
 
 
+def _socket_caps(websocket: WebSocket, ctx: AppContext) -> ConnectionCaps:
+    return connection_caps(
+        websocket.app,
+        "chat_socket",
+        "chat connections",
+        per_address=ctx.settings.chat_max_per_address,
+        total=ctx.settings.chat_max_total,
+    )
+
+
 @router.websocket("/ws/chat/{org_slug}")
 async def chat_socket(websocket: WebSocket, org_slug: str) -> None:
     ctx: AppContext = websocket.app.state.ctx
     await websocket.accept()
+    address = websocket.client.host if websocket.client else "unknown"
+    try:
+        lease = _socket_caps(websocket, ctx).admit(address)
+    except PopdropError as refused:  # accepted first so the refusal can say why
+        try:
+            await websocket.send_json({**_error(refused.reason, refused.message), **refused.detail})
+            await websocket.close(CLOSE_TRY_LATER, refused.reason)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        return
     try:
         await _serve(websocket, ctx, org_slug)
     except WebSocketDisconnect:
@@ -214,6 +245,8 @@ async def chat_socket(websocket: WebSocket, org_slug: str) -> None:
                 await websocket.close(1011)
             except (WebSocketDisconnect, RuntimeError):
                 pass
+    finally:
+        lease.release()
 
 
 async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
@@ -252,8 +285,15 @@ async def _converse(websocket: WebSocket, ctx: AppContext, org_id: int, visitor:
     deps = chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
     bucket = Bucket()
     refused = 0
+    idle = ctx.settings.chat_idle_seconds
     while True:
-        message = await websocket.receive()
+        try:
+            async with asyncio.timeout(idle):
+                message = await websocket.receive()
+        except TimeoutError:  # a forgotten tab or a dead peer: free the place
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await websocket.close(CLOSE_IDLE, "idle_timeout")
+            return
         if message["type"] == "websocket.disconnect":
             return
         raw = message.get("text")
