@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 from taskiq import AsyncBroker, InMemoryBroker
 from taskiq.api import run_receiver_task
+from taskiq.exceptions import SendTaskError
 
 from popdrop.chat import live
 from popdrop.chat import tasks as chat_tasks
@@ -58,7 +59,8 @@ def make_broker(settings: Settings) -> AsyncBroker:
     return InMemoryBroker()
 
 
-BROKER_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+# taskiq wraps a failed send in SendTaskError; startup raises redis-py's errors as they are.
+BROKER_DOWN: tuple[type[BaseException], ...] = (SendTaskError, RedisError, OSError)
 KICK_TIMEOUT_SECONDS = 2.0
 
 
