@@ -177,7 +177,7 @@ async def end_sessions(session: AsyncSession, user_id: int, version: int) -> Non
 
 
 class LoginThrottle:
-    """Failed password logins per account and per address, in a fixed window of the shared
+    """Failed password logins per account and per address, in fixed windows of the shared
     failure counter (Redis when configured). Accounts are keyed by a keyed hash of the email,
     so the store never holds an address book."""
 
@@ -201,19 +201,29 @@ class LoginThrottle:
         return [f"login:acct:{account}", f"login:addr:{address_key(address)}"]
 
     async def check(self, email: str, address: str) -> None:
-        """Raise `login_locked` (429, Retry-After) while this account or address is locked."""
-        by_account, by_address = await self.counter.counts(self._keys(email, address), self.window)
-        if by_account >= self.per_account or by_address >= self.per_address:
-            retry = max(self.window - int(time.time()) % self.window, 1)
-            minutes = (retry + 59) // 60
-            raise PopdropError(
-                "login_locked",
-                "too many failed logins: password login is paused for this account or "
-                f"network; try again in {minutes} minute{'s' if minutes != 1 else ''}",
-                status=429,
-                headers={"Retry-After": str(retry)},
-                detail={"retry_after": retry},
-            )
+        """Raise `login_locked` (429, Retry-After) while this account or address is locked.
+
+        Failures of this window and the one before count together, so a lock reached just
+        before a window ends does not lift a second later: at most `per_account` failures
+        fit in any two consecutive windows."""
+        keys = self._keys(email, address)
+        before = await self.counter.counts(keys, self.window, ago=1)
+        now = await self.counter.counts(keys, self.window)
+        limits = (self.per_account, self.per_address)
+        if not any(b + n >= limit for b, n, limit in zip(before, now, limits, strict=True)):
+            return
+        retry = max(self.window - int(time.time()) % self.window, 1)
+        if any(n >= limit for n, limit in zip(now, limits, strict=True)):
+            retry += self.window  # this window's failures alone keep the next one locked
+        minutes = (retry + 59) // 60
+        raise PopdropError(
+            "login_locked",
+            "too many failed logins: password login is paused for this account or "
+            f"network; try again in {minutes} minute{'s' if minutes != 1 else ''}",
+            status=429,
+            headers={"Retry-After": str(retry)},
+            detail={"retry_after": retry},
+        )
 
     async def failed(self, email: str, address: str) -> None:
         await self.counter.add(self._keys(email, address), self.window)

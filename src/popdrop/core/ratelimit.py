@@ -31,7 +31,8 @@ from popdrop.core.logging import log
 
 
 class FailureCounter(Protocol):
-    async def counts(self, keys: Sequence[str], window: int) -> list[int]: ...
+    # `ago=1`: the window before the current one (a login lock spans two windows).
+    async def counts(self, keys: Sequence[str], window: int, *, ago: int = 0) -> list[int]: ...
 
     async def add(self, keys: Sequence[str], window: int) -> None: ...
 
@@ -58,14 +59,14 @@ class MemoryCounter:
     def __init__(self) -> None:
         self._counts: dict[tuple[str, int], int] = {}
 
-    async def counts(self, keys: Sequence[str], window: int) -> list[int]:
-        bucket = _bucket(window)
+    async def counts(self, keys: Sequence[str], window: int, *, ago: int = 0) -> list[int]:
+        bucket = _bucket(window) - ago
         return [self._counts.get((key, bucket), 0) for key in keys]
 
     async def add(self, keys: Sequence[str], window: int) -> None:
         bucket = _bucket(window)
-        if len(self._counts) > 100_000:  # drop old windows
-            self._counts = {k: v for k, v in self._counts.items() if k[1] == bucket}
+        if len(self._counts) > 100_000:  # drop old windows (the previous one is still read)
+            self._counts = {k: v for k, v in self._counts.items() if k[1] >= bucket - 1}
         for key in keys:
             self._counts[(key, bucket)] = self._counts.get((key, bucket), 0) + 1
 
@@ -78,11 +79,11 @@ class RedisCounter:
         self._redis = redis_client(url, timeout=timeout)
         self._ns = namespace
 
-    def _key(self, key: str, window: int) -> str:
-        return f"{self._ns}:fail:{key}:{_bucket(window)}"
+    def _key(self, key: str, window: int, ago: int = 0) -> str:
+        return f"{self._ns}:fail:{key}:{_bucket(window) - ago}"
 
-    async def counts(self, keys: Sequence[str], window: int) -> list[int]:
-        values = await self._redis.mget([self._key(k, window) for k in keys])
+    async def counts(self, keys: Sequence[str], window: int, *, ago: int = 0) -> list[int]:
+        values = await self._redis.mget([self._key(k, window, ago) for k in keys])
         return [int(v) if v is not None else 0 for v in values]
 
     async def add(self, keys: Sequence[str], window: int) -> None:
@@ -134,16 +135,16 @@ class FallbackCounter:
             log.info("guard: Redis is back, counting there again")
         self.error = None
 
-    async def counts(self, keys: Sequence[str], window: int) -> list[int]:
+    async def counts(self, keys: Sequence[str], window: int, *, ago: int = 0) -> list[int]:
         if self._try_shared():
             try:
-                values = await self.shared.counts(keys, window)
+                values = await self.shared.counts(keys, window, ago=ago)
             except REDIS_DOWN as exc:
                 self._down(exc)
             else:
                 self._up()
                 return values
-        return await self.memory.counts(keys, window)
+        return await self.memory.counts(keys, window, ago=ago)
 
     async def add(self, keys: Sequence[str], window: int) -> None:
         if self._try_shared():
