@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -304,6 +305,25 @@ def outage_error(reason: str) -> PopdropError:
     )
 
 
+_outage_logged = {"at": 0.0, "quiet": 0}
+
+
+def _log_outage(request: Request, reason: str, exc: BaseException) -> None:
+    """One line a second during an outage, with how many were kept quiet, not one a request."""
+    now = time.monotonic()
+    if now - _outage_logged["at"] < 1.0:
+        _outage_logged["quiet"] += 1
+        return
+    quiet, _outage_logged["quiet"], _outage_logged["at"] = _outage_logged["quiet"], 0, now
+    log.warning(
+        "dependency unavailable",
+        path=request.url.path,
+        reason=reason,
+        error=repr(exc),
+        also_refused=quiet,
+    )
+
+
 def _crashed(request: Request, exc: BaseException) -> Response:
     log.error("unhandled", path=request.url.path, error=repr(exc), exc_info=exc)
     return JSONResponse(
@@ -319,7 +339,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         reason = outage_reason(exc)
         if reason is None:
             return _crashed(request, exc)
-        log.warning("dependency unavailable", path=request.url.path, reason=reason, error=repr(exc))
+        _log_outage(request, reason, exc)
         return error_response(request, outage_error(reason))
 
     for kind in (sa_exc.SQLAlchemyError, OSError, RedisError, *_PG_OUTAGES):
@@ -358,6 +378,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_crash(request: Request, exc: Exception) -> Response:
         reason = outage_reason(exc)  # e.g. raised in a middleware, outside the handlers above
         if reason is not None:
+            _log_outage(request, reason, exc)
             return error_response(request, outage_error(reason))
         return _crashed(request, exc)
 
