@@ -58,6 +58,8 @@ OFFER_TTL_SECONDS = 2 * 3600
 CANCEL_PURPOSE = "rsvp-cancel"
 OPEN_EVENT_STATUSES = frozenset({"published", "live"})
 PUBLIC_ACTOR = "public:rsvp"
+# The organization a forged cancel token is counted under by the guessing guard: none.
+NO_ORG = 0
 SYSTEM_ACTOR = "system:waitlist"
 SWEEP_LIMIT = 500
 
