@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import getpass
 import os
 import secrets
@@ -24,6 +23,7 @@ from popdrop.accounts.service import ROLES, Principal
 from popdrop.core import audit
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
+from popdrop.core.csvsafe import SafeWriter
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError
 from popdrop.core.migrate import current_revision, upgrade
@@ -389,7 +389,7 @@ def vouchers_issue(
                 )
         expiry = batch.valid_until or now + timedelta(hours=ttl_hours or 8)
         with out.open("w", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
+            writer = SafeWriter(handle)
             writer.writerow(["code", "link"] if links else ["code"])
             for code in codes:
                 row = [code]
@@ -565,7 +565,7 @@ def contacts_import(
             console.print(f"{notes} note(s) on rows that were imported (e.g. consent left out)")
         if report is not None:
             with report.open("w", newline="") as handle:
-                writer = csv.writer(handle, lineterminator="\n")
+                writer = SafeWriter(handle)
                 writer.writerow(["line", "reason", "field", "message", "refused"])
                 for p in result.problems:
                     refused = "yes" if p.reason in importer.REFUSALS else "no"

@@ -82,6 +82,7 @@ from popdrop.audience.schemas import (
     clean_labels,
 )
 from popdrop.core.clock import Clock
+from popdrop.core.csvsafe import csv_text, restore_cell
 from popdrop.core.db import Database, dialect_insert, is_retryable, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.identity import identity_hash, normalize_email, normalize_phone
@@ -148,7 +149,6 @@ _REGION = re.compile(r"[A-Za-z]{2}\Z")
 # RFC 5322 dot-atom: the local parts email-validator passes through unchanged.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 # ---------------------------------------------------------------- row validation
@@ -330,7 +330,7 @@ class RowParser:
         """The row, or `_Refused`. A row that passes is remembered for duplicates."""
         if len(values) > self._width:
             raise _Refused("bad_value", None, "the row has more fields than the header")
-        cells = [v.strip() for v in values]
+        cells = [restore_cell(v.strip()) for v in values]  # our own export's quotes undone
         cells.extend([""] * (self._width - len(values) + 1))
         at = self._at
 
@@ -1448,17 +1448,9 @@ def job_out(job: ImportJob) -> ImportJobOut:
 # ---------------------------------------------------------------- exports
 
 
-def _safe(value: str | None) -> str:
-    """Free text a spreadsheet would run as a formula gets a leading quote."""
-    if not value:
-        return ""
-    return f"'{value}" if value.startswith(_FORMULA_START) else value
-
-
 def _csv_text(rows: list[list[Any]]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    return out.getvalue()
+    # Every cell is neutralised against spreadsheet formulas there, whatever its column.
+    return csv_text(rows)
 
 
 async def export_contacts(
@@ -1523,11 +1515,11 @@ async def _contact_pages(
                     cid,
                     email or "",
                     phone or "",
-                    _safe(first_name),
+                    first_name,
                     locale or "",
                     zone or "",
-                    _safe(";".join(labels[cid]["tag"])),
-                    _safe(";".join(labels[cid]["interest"])),
+                    ";".join(labels[cid]["tag"]),
+                    ";".join(labels[cid]["interest"]),
                     c_email,
                     c_sms,
                     c_chat,
@@ -1574,7 +1566,7 @@ async def _consent_pages(session: AsyncSession, org_id: int, batch_size: int) ->
             return
         yield _csv_text(
             [
-                [cid, channel, action, source, _safe(wording), _safe(proof), at.isoformat()]
+                [cid, channel, action, source, wording, proof, at.isoformat()]
                 for _id, cid, channel, action, source, wording, proof, at in page
             ]
         )

@@ -1,13 +1,19 @@
+"""Inventory I/O models. Rules: a product card's variant names are trimmed, non-empty and
+distinct (ignoring case), since a guest picks a variant by its name; every integer refuses
+`true`/`false` (`StrictInput`)."""
+
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from popdrop.core.schemas import StrictInput
 
 Id = Field(ge=1, le=2**62)
+# Stored in variants.name (100 characters); blanks around a name are not part of it.
+VariantName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
 class ProductCreate(StrictInput):
@@ -17,7 +23,19 @@ class ProductCreate(StrictInput):
     price_minor: int = Field(ge=0, le=10**12)
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
     limit_per_contact: int | None = Field(default=None, ge=1, le=10_000)
-    variants: list[str] = Field(default_factory=lambda: ["one size"], min_length=1, max_length=50)
+    variants: list[VariantName] = Field(
+        default_factory=lambda: ["one size"], min_length=1, max_length=50
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_variants(cls, names: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in names:
+            if name.casefold() in seen:
+                raise ValueError(f"variant {name!r} is listed twice")
+            seen.add(name.casefold())
+        return names
 
 
 class VariantOut(BaseModel):

@@ -8,10 +8,10 @@ organization (`GET /api/v1/webhook-urls`), and each must also prove its origin (
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -157,7 +157,7 @@ async def change_state(
 )
 async def preview(
     drop_id: ItemId,
-    contact_id: ItemId,
+    contact_id: Annotated[int, Query(ge=1, le=2**62)],  # a query parameter, not the path's
     principal: ApiPrincipal,
     ctx: Ctx,
     variant: str | None = None,

@@ -34,8 +34,11 @@ def _compile(content: ChannelContent) -> dict[str, dict[str, Any]]:
 
 
 def validate(content: ChannelContent) -> None:
-    """Refuse a template that does not compile, naming the part and the line."""
-    _compile(content)
+    """Refuse a template that does not compile, naming the part and the line, or whose
+    trial render passes the size or time cap."""
+    for by_bucket in _compile(content).values():
+        for compiled in by_bucket.values():
+            render.check_render_limits(compiled)
 
 
 @dataclass

@@ -10,13 +10,24 @@ The flow for one recipient:
 Templates run in `ImmutableSandboxedEnvironment` (no `__class__` escapes, no mutating
 lists/dicts) with `StrictUndefined`, and compiling checks every variable name against the
 known context, so a typo fails the preview with its line number instead of a send.
+
+Every render is bounded (`_CappedEnvironment`): at most `MAX_RENDER_CHARS` of output per
+part (`template_too_large`) and `MAX_RENDER_SECONDS` of work (`template_too_slow`), both
+422 and both given at preview, seed test, create (a trial render) and send time. The
+bound holds inside a render too, not only on its output: `*`, `**` and `+` are
+intercepted, the string-multiplying filters and `str` methods (join, replace, indent,
+wordwrap, format, …) have their result size estimated before they run, every loop checks
+the clock per item, and `namespace` and `lipsum` (the ways to grow a value across loop
+iterations or for free) are not available.
 """
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import functools
 import re
+import time
 import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -128,11 +139,186 @@ def _fallback(value: Any, default: str = "there") -> Any:
     return value
 
 
+# ------------------------------------------------------------------------- render caps
+
+# An email part past 1 MB is no email (Gmail clips at 102 KB); a render past 2 s is a loop.
+MAX_RENDER_CHARS = 1_000_000
+MAX_RENDER_SECONDS = 2.0
+LOOP_GUARD = "popdrop_loop_guard"  # wraps every {% for %} iterable (see `_guard_loops`)
+
+
+class _LimitExceeded(Exception):
+    """Internal: raised inside a render, turned into PopdropError by `CompiledTemplate`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Budget:
+    deadline: float
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _LimitExceeded(
+                "template_too_slow", f"it took more than {MAX_RENDER_SECONDS:g} s to render"
+            )
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+    "popdrop_render_budget", default=None
+)
+
+
+def _tick() -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.tick()
+
+
+def _too_large(size: int) -> _LimitExceeded:
+    return _LimitExceeded(
+        "template_too_large",
+        f"it would produce about {size:,} characters (the limit is {MAX_RENDER_CHARS:,})",
+    )
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_RENDER_CHARS:
+        raise _too_large(size)
+
+
+def _sized(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple | dict) else 0
+
+
+def _check_args(args: Iterable[Any]) -> None:
+    for arg in args:
+        # An int argument is a width or a count; none legitimately exceeds the output cap.
+        if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > MAX_RENDER_CHARS:
+            raise _too_large(abs(arg))
+        _check_size(_sized(arg))
+
+
+_WIDE_FORMAT = re.compile(r"\d{7,}")  # a width of a million or more in a format spec
+
+
+def _join_items(separator: Any, iterable: Any) -> list[Any]:
+    """The items of a join, materialized (a generator can be counted only once), after
+    checking that the separators alone stay under the cap."""
+    items = list(iterable)
+    _check_size(len(str(separator)) * len(items))
+    return items
+
+
+def _estimate(name: str, subject: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse the few operations whose result can dwarf their inputs, before they run."""
+    text = subject if isinstance(subject, str) else ""
+    first = args[0] if args else None
+    if name == "replace" and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        hits = len(text) + 1 if not old else text.count(old)
+        _check_size(len(text) + hits * len(new))
+    elif name == "expandtabs":
+        size = first if isinstance(first, int) else int(kwargs.get("tabsize", 8))
+        _check_size(len(text) + text.count("\t") * size)
+    elif name == "indent":
+        width = first if first is not None else kwargs.get("width", 4)
+        per_line = width if isinstance(width, int) else len(str(width))
+        _check_size(len(text) + (text.count("\n") + 1) * per_line)
+    elif name == "wordwrap":
+        width = first if isinstance(first, int) else int(kwargs.get("width", 79))
+        wrap = str(kwargs.get("wrapstring") or (args[2] if len(args) > 2 else "") or "\n")
+        _check_size(len(text) + (len(text) // max(width, 1) + 1) * len(wrap))
+    elif name == "urlize":
+        extra = sum(len(str(v)) for v in (*args, *kwargs.values()) if isinstance(v, str))
+        _check_size(len(text) * 2 + (text.count(".") + 1) * extra)
+    elif name in ("format", "format_map") and _WIDE_FORMAT.search(text):
+        raise _too_large(MAX_RENDER_CHARS + 1)
+    return None
+
+
+def _capped_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)  # keeps `jinja_pass_arg` (pass_context & co.)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        _check_args((*args, *kwargs.values()))
+        # The filtered value is the first argument after an optional context/eval context.
+        offset = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
+        subject = args[offset] if len(args) > offset else None
+        rest = args[offset + 1 :]
+        if name == "join":
+            separator = rest[0] if rest else kwargs.get("d", "")
+            args = (*args[:offset], _join_items(separator, subject or ()), *rest)
+        else:
+            _estimate(name, subject, rest, kwargs)
+        result = func(*args, **kwargs)
+        _check_size(_sized(result))
+        return result
+
+    return guarded
+
+
+def _loop_guard(iterable: Any) -> Iterator[Any]:
+    """Every `{% for %}` iterates through this: the clock is checked per item, so nested
+    loops cannot run unbounded even when they print nothing."""
+    for item in iterable:
+        _tick()
+        yield item
+
+
+class _CappedEnvironment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "+"})  # also stops compile-time folding
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _tick()
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(times, int) and _sized(seq):
+                    _check_size(_sized(seq) * max(times, 0))
+        elif operator == "+":
+            _check_size(_sized(left) + _sized(right))
+        elif operator == "**" and isinstance(left, int | float) and isinstance(right, int | float):
+            # A huge power is pure CPU; the digits of a few thousand bits are plenty.
+            bits = abs(int(left)).bit_length() * max(int(right), 0)
+            if bits > 10_000:
+                raise _too_large(bits)
+        return super().call_binop(context, operator, left, right)
+
+    def call(
+        __self,  # the base class's parameter names, kept for the override
+        __context: Any,
+        __obj: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        _tick()
+        _check_args((*args, *kwargs.values()))
+        # The sandbox hands `str.format` over wrapped; the bound method is `__wrapped__`.
+        method = getattr(__obj, "__wrapped__", __obj)
+        owner = getattr(method, "__self__", None)
+        if isinstance(owner, str):
+            name = getattr(method, "__name__", "")
+            if name == "join" and args:
+                args = (_join_items(owner, args[0]), *args[1:])
+            else:
+                _estimate(name, owner, args, kwargs)
+        result = super().call(__context, __obj, *args, **kwargs)
+        _check_size(_sized(result))
+        return result
+
+
 def _make_env(autoescape: bool) -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _CappedEnvironment(
         autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=False
     )
     env.filters["fallback"] = _fallback
+    env.filters = {name: _capped_filter(name, f) for name, f in env.filters.items()}
+    # `namespace` is the one way to carry a value across loop iterations (doubling it 40
+    # times is a terabyte); `lipsum(n)` is n paragraphs of filler nobody sends.
+    del env.globals["namespace"], env.globals["lipsum"]
+    env.globals[LOOP_GUARD] = _loop_guard
     return env
 
 
@@ -149,8 +335,24 @@ class CompiledTemplate:
     template: Template
 
     def render(self, context: Mapping[str, Any]) -> str:
+        budget = _Budget(time.monotonic() + MAX_RENDER_SECONDS)
+        token = _BUDGET.set(budget)
         try:
-            return self.template.render(context)
+            out: list[str] = []
+            size = 0
+            for chunk in self.template.generate(context):
+                size += len(chunk)
+                _check_size(size)
+                budget.tick()
+                out.append(chunk)
+            return "".join(out)
+        except _LimitExceeded as exc:
+            raise PopdropError(
+                exc.reason,
+                f"{self.part} template: {exc}",
+                status=422,
+                detail={"part": self.part, "line": _template_line(exc, self.part)},
+            ) from None
         except Exception as exc:  # user content: any failure is the template's fault
             line = _template_line(exc, self.part)
             where = f"{self.part} template" + (f", line {line}" if line else "")
@@ -159,6 +361,8 @@ class CompiledTemplate:
                 f"{where}: {exc}",
                 detail={"part": self.part, "line": line},
             ) from exc
+        finally:
+            _BUDGET.reset(token)
 
 
 def _filename(part: str) -> str:
@@ -209,6 +413,20 @@ def _check_names(
     raise _error(part, first.lineno, f"unknown variable {first.name!r}{suggestion}")
 
 
+def _guard_loops(ast: nodes.Template) -> None:
+    """Route every loop's iterable through `_loop_guard` (after the name check: the guard
+    is ours, not the author's)."""
+    for loop in ast.find_all(nodes.For):
+        loop.iter = nodes.Call(
+            nodes.Name(LOOP_GUARD, "load", lineno=loop.lineno),
+            [loop.iter],
+            [],
+            None,
+            None,
+            lineno=loop.lineno,
+        )
+
+
 @functools.lru_cache(maxsize=512)
 def _compile_cached(
     source: str, part: str, html: bool, known: frozenset[str] | None
@@ -219,6 +437,7 @@ def _compile_cached(
     except TemplateSyntaxError as exc:
         raise _error(part, exc.lineno, exc.message or "syntax error") from exc
     _check_names(ast, part, env, known)
+    _guard_loops(ast)
     code = env.compile(ast, name=part, filename=_filename(part))
     # A plain dict, not the ChainMap `make_globals` returns: Jinja copies the globals into
     # every render's context, and iterating a ChainMap made that ~15 µs per render.
@@ -277,6 +496,39 @@ def compile_sms(body: str, *, custom_vars: Iterable[str] | None = ()) -> Compile
         raise _error("sms", None, "the SMS body is empty")
     names = None if custom_vars is None else frozenset(custom_vars)
     return CompiledSms(body=compile_template(body, "sms", custom_vars=names))
+
+
+def check_render_limits(compiled: CompiledEmail | CompiledSms) -> None:
+    """A trial render with sample values, at create time: a template that would blow the
+    size or time cap is refused now (`template_too_large` / `template_too_slow`), not at
+    send time. Other failures are left to the preview: sample values are not a contact's."""
+    sample = build_context(
+        first_name="Sample",
+        voucher_code="SAMPLE-CODE",
+        voucher_url="https://example.invalid/v",
+        event=EventInfo(
+            "Sample event",
+            datetime(2030, 1, 1, 12, tzinfo=ZoneInfo("UTC")),
+            "UTC",
+            "https://example.invalid/e",
+        ),
+        unsubscribe_url="https://example.invalid/u",
+        preferences_url="https://example.invalid/p",
+        organization="Sample",
+    )
+    parts: list[CompiledTemplate | None]
+    if isinstance(compiled, CompiledSms):
+        parts = [compiled.body]
+    else:
+        parts = [compiled.subject, compiled.text, compiled.html, compiled.preheader]
+    for part in parts:
+        if part is None:
+            continue
+        try:
+            part.render(sample)
+        except PopdropError as error:
+            if error.reason in ("template_too_large", "template_too_slow"):
+                raise
 
 
 # ------------------------------------------------------------------------------ links

@@ -1,15 +1,40 @@
-"""Drop I/O models."""
+"""Drop I/O models.
+
+Rules: what ends up in a mail header (`from_email`, `from_name`) or a provider's `From`
+(`sms_from`) holds no control characters (a CR/LF would inject headers), and `from_email`
+is one bare address; template texts are bounded here, their rendered output in `render`.
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from popdrop.core.schemas import StrictInput
 
 Channel = Literal["email", "sms"]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+# One address, nothing a header parser would read as a second one or a display name.
+_BARE_ADDRESS = re.compile(r"[^\s@<>,;:\"()\[\]\\]+@[^\s@<>,;:\"()\[\]\\]+")
+
+
+def _header_safe(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("line breaks and control characters are not allowed")
+    return value
+
+
+def _bare_address(value: str) -> str:
+    _header_safe(value)
+    if value and not _BARE_ADDRESS.fullmatch(value):
+        raise ValueError("one plain address such as drops@example.com")
+    return value
+
+
+HeaderText = Annotated[str, AfterValidator(_header_safe)]
 TemplateText = Annotated[str, Field(max_length=100_000)]
 
 
@@ -55,12 +80,12 @@ class DropCreate(StrictInput):
     event_id: int | None = Field(default=None, ge=1, le=2**62)
     segment_id: int | None = Field(default=None, ge=1, le=2**62)
     channels: list[Channel] = Field(min_length=1)
-    from_email: str = Field(default="", max_length=254)
-    from_name: str = Field(default="", max_length=200)
-    sms_from: str = Field(default="", max_length=32)
+    from_email: Annotated[str, AfterValidator(_bare_address)] = Field(default="", max_length=254)
+    from_name: HeaderText = Field(default="", max_length=200)
+    sms_from: HeaderText = Field(default="", max_length=32)
     variants: list[VariantIn] = Field(min_length=1, max_length=5)
     voucher: VoucherSpec | None = None
-    seed_list: list[Annotated[str, Field(min_length=3, max_length=254)]] = Field(
+    seed_list: list[Annotated[HeaderText, Field(min_length=3, max_length=254)]] = Field(
         default_factory=list, max_length=50
     )
     ab_metric: Literal["click", "rsvp"] = "click"

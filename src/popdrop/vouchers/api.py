@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -13,6 +11,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.core.csvsafe import csv_text
 from popdrop.core.errors import PopdropError
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
@@ -170,12 +169,10 @@ async def export_batch(batch_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> R
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out.getvalue()
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    return csv_text([columns, *([row.get(c) for c in columns] for row in rows)])
 
 
 # ---------------------------------------------------------------- codes

@@ -13,7 +13,6 @@ Handlers stay thin: read the form, call `vouchers.service`, render. Rules that h
 from __future__ import annotations
 
 import base64
-import csv
 import io
 import re
 from collections.abc import Callable, Coroutine, Mapping
@@ -35,6 +34,7 @@ from sqlalchemy import select
 
 from popdrop.accounts.service import Principal
 from popdrop.core import audit
+from popdrop.core.csvsafe import csv_text
 from popdrop.core.errors import PopdropError
 from popdrop.core.money import Money
 from popdrop.core.schemas import require_clean_text
@@ -287,9 +287,7 @@ def link_expiry(batch: VoucherBatch, now: datetime) -> datetime:
 
 def csv_data_url(rows: list[list[str]]) -> str:
     """The download of freshly issued codes, carried in the page itself (never stored)."""
-    out = io.StringIO()
-    csv.writer(out).writerows(rows)
-    return "data:text/csv;base64," + base64.b64encode(out.getvalue().encode()).decode()
+    return "data:text/csv;base64," + base64.b64encode(csv_text(rows).encode()).decode()
 
 
 # ---------------------------------------------------------------- vault pages
