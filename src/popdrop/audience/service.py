@@ -14,6 +14,11 @@ Rules:
 - Opt-out keywords take effect in the same transaction as the inbound message, before
   anything else reads the contact: a send that re-checks consent right before the provider
   call (messaging) sees it at once.
+- An opt-out is an UPDATE of the contact's row, acknowledged (the one-click 200, the STOP
+  reply) only after its commit. A sender reads consent with `hold_consent` right before a
+  provider call and, on PostgreSQL, keeps that row share-locked until the call returned:
+  the opt-out's UPDATE waits for it, so no provider call for that person starts after the
+  acknowledgement (docs/audience.md, "When an opt-out takes effect").
 """
 
 from __future__ import annotations
@@ -670,6 +675,66 @@ async def _contact_from_payload(session: AsyncSession, payload: Any) -> Contact:
     if contact is None or contact.erased_at is not None:
         raise PopdropError("link_invalid", "this link is no longer valid")
     return contact
+
+
+# ---------------------------------------------------------------- consent at send time
+
+
+@dataclass(frozen=True)
+class ConsentNow:
+    """What a sender needs to know about a contact right before a provider call."""
+
+    id: int
+    erased_at: datetime | None
+    email: str | None
+    phone: str | None
+    consent_email: str
+    consent_sms: str
+    consent_chat: str
+
+    def consent(self, channel: str) -> str:
+        return str(getattr(self, CONSENT_COLUMN[channel]))
+
+
+async def hold_consent(
+    session: AsyncSession, contact_ids: Sequence[int]
+) -> tuple[dict[int, ConsentNow], set[int]]:
+    """The contacts' consent as committed now, and the ids that are `busy`.
+
+    On PostgreSQL every returned row stays share-locked (`FOR SHARE`) until the caller's
+    transaction ends: an opt-out of that contact (an UPDATE of its row) waits until then,
+    so it cannot commit, nor be acknowledged, while the caller's provider call runs. Rows
+    that another transaction is changing right now are skipped rather than waited for
+    (`SKIP LOCKED`: the caller never waits on a lock while holding others, so it takes
+    part in no deadlock) and come back in `busy`: ask again a moment later. A contact that
+    no longer exists is simply absent from both. SQLite has no row locks: there the read
+    is a fresh snapshot and nothing is held.
+    """
+    ids = sorted(set(contact_ids))
+    if not ids:
+        return {}, set()
+    query = (
+        select(
+            Contact.id,
+            Contact.erased_at,
+            Contact.email,
+            Contact.phone,
+            Contact.consent_email,
+            Contact.consent_sms,
+            Contact.consent_chat,
+        )
+        .where(Contact.id.in_(ids))
+        .order_by(Contact.id)
+    )
+    locking = (await session.connection()).dialect.name == "postgresql"
+    if locking:
+        query = query.with_for_update(read=True, skip_locked=True)
+    found = {int(row[0]): ConsentNow(*row) for row in (await session.execute(query)).all()}
+    busy: set[int] = set()
+    missing = [i for i in ids if i not in found]
+    if locking and missing:
+        busy = set((await session.scalars(select(Contact.id).where(Contact.id.in_(missing)))).all())
+    return found, busy
 
 
 # ---------------------------------------------------------------- email unsubscribe

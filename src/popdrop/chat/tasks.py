@@ -10,25 +10,42 @@ this process, through the Redis relay in another one, or when they come back
 (`chat.inbox`). A crash between the commit and an SMS or Telegram send loses that one
 message rather than sending it twice, as a reminder should; web messages wait in the
 inbox. Opted-out conversations were left out when the messages were taken.
+
+Consent at the last moment: right before each SMS or Telegram call the conversation's STOP
+(`opted_out_at`), the contact's consent on that channel, erasure and, for SMS, the
+number's suppression are read again (`_refusal`); on PostgreSQL the conversation and
+contact rows stay share-locked until the call returned, so a STOP (which updates them) is
+confirmed only after it: no reminder, survey or broadcast starts after a STOP's reply.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
 from redis.exceptions import RedisError
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.audience import service as audience
 from popdrop.chat import host, inbox, live
 from popdrop.chat import service as chat
 from popdrop.chat import telegram as tg
 from popdrop.chat.messages import capabilities_of, degrade, to_json
+from popdrop.chat.models import Conversation
 from popdrop.chat.sms import as_text
 from popdrop.core.db import Database
+from popdrop.core.errors import PopdropError
 from popdrop.core.logging import log
 from popdrop.messaging.transports import OutboundSms, SmsTransport
+
+# A conversation or contact row another transaction is changing right now (a STOP being
+# handled) is asked about again after these pauses; past them the message is not sent.
+_BUSY_PAUSES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+_BUSY = "consent_busy"
 
 
 @dataclass
@@ -87,6 +104,69 @@ async def _send(channels: ChatChannels, delivery: chat.Delivery, now: datetime) 
     return "unknown_channel"
 
 
+async def _send_if_wanted(
+    db: Database,
+    deps: chat.ChatDeps,
+    channels: ChatChannels,
+    delivery: chat.Delivery,
+    now: datetime,
+) -> str:
+    """`_send`, unless the person opted out since the message was taken: the check and the
+    call share one transaction, whose row locks (PostgreSQL) outlast the call."""
+    for pause in (*_BUSY_PAUSES, None):
+        try:
+            async with db.reader() as session:
+                refusal = await _refusal(session, deps, delivery)
+                if refusal is None:
+                    return await _send(channels, delivery, now)
+        except SQLAlchemyError as exc:  # not checked, not sent: this message is lost
+            log.warning("chat consent check failed", error=repr(exc))
+            return "consent_unchecked"
+        if refusal != _BUSY or pause is None:
+            return refusal
+        await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+async def _refusal(
+    session: AsyncSession, deps: chat.ChatDeps, delivery: chat.Delivery
+) -> str | None:
+    """Why this delivery may not go out now (None: it may). On PostgreSQL the rows read
+    stay share-locked (`SKIP LOCKED`: one being changed answers `_BUSY`, never a wait)."""
+    locking = (await session.connection()).dialect.name == "postgresql"
+    query = select(Conversation.opted_out_at).where(Conversation.id == delivery.conversation_id)
+    if locking:
+        query = query.with_for_update(read=True, skip_locked=True)
+    found = (await session.execute(query)).first()
+    if found is None:
+        if locking and await session.scalar(
+            select(Conversation.id).where(Conversation.id == delivery.conversation_id)
+        ):
+            return _BUSY
+        return "erased"
+    if found.opted_out_at is not None:
+        return "opted_out"
+    consent_channel = chat.consent_channel(delivery.channel)
+    if delivery.contact_id is not None:
+        contacts, busy = await audience.hold_consent(session, [delivery.contact_id])
+        if busy:
+            return _BUSY
+        contact = contacts.get(delivery.contact_id)
+        if contact is None or contact.erased_at is not None:
+            return "erased"
+        if contact.consent(consent_channel) == "revoked":
+            return "opted_out"
+    if delivery.channel == "sms":
+        try:
+            points = audience.contact_points(deps.signer, None, delivery.address)
+        except PopdropError:
+            return None  # a short code or alphanumeric sender: no suppression to find
+        suppressed = await audience.suppressed_channels(session, delivery.org_id, points)
+        if "sms" in suppressed or "all" in suppressed:
+            return "opted_out"
+    return None
+
+
 async def deliver_due(
     db: Database,
     deps: chat.ChatDeps,
@@ -117,9 +197,9 @@ async def deliver_due(
             if index in kept:
                 outcome = await _to_web(db, deps, channels, delivery, kept[index])
         else:
-            outcome = await _send(channels, delivery, now)
+            outcome = await _send_if_wanted(db, deps, channels, delivery, now)
         outcomes[f"{delivery.channel}:{outcome}"] += 1
-        if outcome not in ("sent", "relayed", "kept", "empty"):
+        if outcome not in ("sent", "relayed", "kept", "empty", "opted_out", "erased"):
             log.warning(
                 "chat message not delivered",
                 conversation=delivery.conversation_id,

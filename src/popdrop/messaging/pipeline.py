@@ -1,9 +1,19 @@
 """The send loop: claim a batch, re-check each recipient at the last moment, render, call
 the provider, checkpoint each outcome at once. One `Sender` per worker process.
 
+Rules:
+- Consent is checked per message, right before its provider call, by a read that started
+  after the message was ready to go (`_ConsentGate`: concurrent sends share one read). On
+  PostgreSQL that read share-locks the contact's row until the provider call returned,
+  so an opt-out (an UPDATE of that row) commits, and is acknowledged, only after every
+  call that did not see it: no provider call starts after an opt-out's acknowledgement.
+- The batch-level read (consent, erasure, frequency cap, quiet hours) only saves work on
+  rows that are already refused; it is not what keeps an opt-out.
+
 Throughput comes from batching the database work (one claim, one contact read, one
-voucher insert per batch) and running provider calls concurrently up to the transport's
-pool size; safety from committing each message's outcome right after its provider call.
+voucher insert per batch; one consent read and one checkpoint commit per group of
+concurrent sends) and running provider calls concurrently up to the transport's pool
+size; safety from committing each message's outcome right after its provider call.
 """
 
 from __future__ import annotations
@@ -41,6 +51,10 @@ from popdrop.vouchers import service as vouchers
 from popdrop.vouchers.models import VoucherBatch
 
 MAX_ATTEMPTS = 5
+# A contact row another transaction is changing (an opt-out, a click) is asked about
+# again after these pauses; past them the message is put back for a later try.
+_BUSY_PAUSES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+_BUSY_RETRY_SECONDS = 5.0
 # Built once: a statement per message is the hot path of a send.
 _CHECKPOINT = (
     update(SendRow)
@@ -93,7 +107,11 @@ class Sender:
     in_flight: int | None = None
     org_id: int | None = None  # only this organization's drops (None: every organization)
     _drops: dict[int, _DropContext] = field(default_factory=dict)
+    # Consent reads holding their row locks at once (each holds a connection while its
+    # group's provider calls run).
+    consent_holds: int = 2
     _checkpoints: _GroupCommit | None = None
+    _consent: _ConsentGate | None = None
     _permits: asyncio.Semaphore | None = None
 
     async def run_until_idle(self, *, max_batches: int | None = None) -> int:
@@ -220,6 +238,7 @@ class Sender:
 
         if self._checkpoints is None:
             self._checkpoints = _GroupCommit(self.db)
+            self._consent = _ConsentGate(self.db, self.consent_holds)
             self._permits = asyncio.Semaphore(self.in_flight or self.concurrency)
 
         ids = [row.id for row, _c in to_send]
@@ -308,19 +327,43 @@ class Sender:
             message = self._prepare(context, row, contact, voucher, message_id, now)
         except PopdropError as error:  # a template that fails for this contact's data
             message = SendResult(ok=False, permanent=True, error=f"render: {error.message}")
-        assert self._permits is not None
+        assert self._permits is not None and self._consent is not None
+        if isinstance(message, SendResult):
+            async with self._permits:
+                await self._checkpoint(row, message, message_id, voucher)
+            return
+        gate = self._consent
         # Rendered outside the permit (it is CPU only); from the provider call to the
         # committed checkpoint inside it, so at most `in_flight` messages are unrecorded.
-        async with self._permits:
-            if isinstance(message, OutboundEmail):
-                assert self.email is not None
-                result = await self.email.send(message)
-            elif isinstance(message, OutboundSms):
-                assert self.sms is not None
-                result = await self.sms.send(message)
+        # Where the consent read holds a row lock (PostgreSQL) it is taken before the
+        # permit, so it overlaps other messages' calls and the answer still holds when this
+        # call starts; without locks (SQLite) it is read inside, as late as it can be.
+        async with contextlib.AsyncExitStack() as stack:
+            if gate.locks:
+                ask = await gate.ask(row)
+                stack.callback(ask.release)
+                await stack.enter_async_context(self._permits)
             else:
-                result = message
-            await self._checkpoint(row, result, message_id, voucher)
+                await stack.enter_async_context(self._permits)
+                ask = await gate.ask(row)
+                stack.callback(ask.release)
+            refusal = ask.refusal
+            if refusal is None:
+                try:
+                    if isinstance(message, OutboundEmail):
+                        assert self.email is not None
+                        result = await self.email.send(message)
+                    else:
+                        assert self.sms is not None
+                        result = await self.sms.send(message)
+                finally:
+                    ask.release()  # the call returned: an opt-out may commit now
+                await self._checkpoint(row, result, message_id, voucher)
+            elif refusal in _REFUSALS:
+                await self._skip(row, refusal)
+            else:  # consent could not be read now: not sent, tried again later
+                retry = SendResult(ok=False, error=refusal, retry_after=_BUSY_RETRY_SECONDS)
+                await self._checkpoint(row, retry, message_id, voucher)
 
     def _prepare(
         self,
@@ -356,6 +399,23 @@ class Sender:
         rendered_sms = variant.render_sms(bucket, values, links)
         return OutboundSms(
             to=contact.phone, from_number=drop.sms_from, body=rendered_sms.body, org_id=drop.org_id
+        )
+
+    async def _skip(self, row: Claimed, reason: str) -> None:
+        """The last-moment check refused the row (an opt-out since the batch was read)."""
+        assert self._checkpoints is not None
+        await self._checkpoints.write(
+            {
+                "row_id": row.id,
+                "worker": self.worker,
+                "status": "skipped",
+                "message_id": None,
+                "voucher_id": None,
+                "sent_at": None,
+                "provider_id": None,
+                "not_before": None,
+                "outcome": reason,
+            }
         )
 
     async def _checkpoint(
@@ -436,7 +496,104 @@ class _GroupCommit:
                         done.set_result(None)
 
 
-def _refusal(row: Claimed, contact: Contact | None) -> str | None:
+# Why the last-moment check refuses a row for good (it is skipped, never retried).
+_REFUSALS = frozenset({"erased", "no_consent", "no_address"})
+# The consent of a contact could not be read in time: the row goes back to pending.
+_BUSY = "consent_busy"
+
+
+class _ConsentGate:
+    """The last-moment consent check, one read shared by the sends that wait for it.
+
+    A send asks right before its provider call; whoever asks while a read is running
+    joins the next one, so every answer comes from a read that started after the send
+    was decided. On PostgreSQL the group's transaction stays open, its contact rows
+    share-locked (`audience.hold_consent`), until each member's provider call returned:
+    an opt-out's UPDATE of such a row waits, so the opt-out commits (and is acknowledged)
+    after the call, never between the read and the call. At most `holds` groups keep
+    their locks (and a connection each) at once; the next read waits for a slot.
+    """
+
+    def __init__(self, db: Database, holds: int) -> None:
+        self._db = db
+        self.locks = db.dialect == "postgresql"  # SQLite has no row locks to hold
+        self._slots = asyncio.Semaphore(max(1, holds))
+        self._pending: list[_Ask] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._holders: set[asyncio.Task[None]] = set()
+
+    async def ask(self, row: Claimed) -> _Ask:
+        """The row's verdict (`_Ask.refusal`): None when it may go out now (make the call,
+        then `release`), a refusal in `_REFUSALS`, or `_BUSY` / a read error (try later)."""
+        for pause in (*_BUSY_PAUSES, None):
+            ask = _Ask(row, asyncio.get_running_loop().create_future(), asyncio.Event())
+            self._pending.append(ask)
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read())
+            try:
+                ask.refusal = await ask.verdict
+            except Exception as error:  # the database: this message waits for a retry
+                ask.refusal = f"consent check failed: {type(error).__name__}"[:200]
+            except BaseException:
+                ask.release()
+                raise
+            if ask.refusal != _BUSY or pause is None:
+                return ask
+            ask.release()
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def _read(self) -> None:
+        while self._pending:
+            await self._slots.acquire()
+            group, self._pending = self._pending, []
+            read: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            holder = asyncio.create_task(self._hold(group, read))
+            self._holders.add(holder)
+            holder.add_done_callback(self._holders.discard)
+            with contextlib.suppress(Exception):
+                await read
+
+    async def _hold(self, group: list[_Ask], read: asyncio.Future[None]) -> None:
+        try:
+            async with self._db.reader() as session:
+                found, busy = await audience.hold_consent(
+                    session, [ask.row.contact_id for ask in group]
+                )
+                for ask in group:
+                    contact = found.get(ask.row.contact_id)
+                    verdict = _BUSY if ask.row.contact_id in busy else _refusal(ask.row, contact)
+                    if not ask.verdict.done():
+                        ask.verdict.set_result(verdict)
+                read.set_result(None)
+                if self.locks:
+                    for ask in group:
+                        await ask.done.wait()
+        except BaseException as error:
+            for ask in group:
+                if not ask.verdict.done():
+                    ask.verdict.set_exception(error)
+            if not read.done():
+                read.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            self._slots.release()
+
+
+@dataclass
+class _Ask:
+    row: Claimed
+    verdict: asyncio.Future[str | None]
+    done: asyncio.Event
+    refusal: str | None = None
+
+    def release(self) -> None:
+        """The provider call returned (or never started): the row lock may go."""
+        self.done.set()
+
+
+def _refusal(row: Claimed, contact: Contact | audience.ConsentNow | None) -> str | None:
     """Why this row may not go out right now (consent is read at the last moment)."""
     if contact is None or contact.erased_at is not None:
         return "erased"
