@@ -5,11 +5,12 @@ Rules:
 - Starting a drop freezes its recipients into `send_rows`, unique per (drop, contact,
   channel): only contacts sendable on the channel at that moment, and an A/B drop puts
   the contacts outside its test sample on `held` until the winner is known.
-- A worker claims due rows with a lease (`claimed_at`), in small batches. Right before the
-  batch's provider calls it re-reads consent, erasure, the frequency cap and the contact's
-  quiet hours: an opt-out that landed after the start (STOP, one-click unsubscribe) skips
-  the row; quiet hours defer it (`not_before` = the end of the quiet window in the
-  contact's time zone), never drop it.
+- A worker claims due rows with a lease (`claimed_at`), in small batches. For the batch it
+  re-reads consent, erasure, the frequency cap and the contact's quiet hours: an opt-out
+  that landed after the start (STOP, one-click unsubscribe) skips the row; quiet hours
+  defer it (`not_before` = the end of the quiet window in the contact's time zone), never
+  drop it. Consent is read once more per message right before its provider call
+  (`pipeline._ConsentGate`): no provider call starts after an opt-out was acknowledged.
 - Each message's outcome is committed right after its provider call (checkpoint what was
   *sent*), so a killed worker can only repeat the messages that were in flight; the repeat
   carries the same Message-ID and the same per-recipient voucher.
