@@ -64,7 +64,10 @@ def _secure(ctx: AppContext) -> bool:
 
 
 def start_session(response: Response, ctx: AppContext, user: User) -> None:
-    value = ctx.signer.sign(SESSION_PURPOSE, {"u": user.id, "v": user.session_version})
+    # "s" tells apart two sessions of one user started in the same second (the signature's
+    # timestamp has one-second resolution), so each has its own CSRF binding.
+    claims = {"u": user.id, "v": user.session_version, "s": secrets.token_urlsafe(12)}
+    value = ctx.signer.sign(SESSION_PURPOSE, claims)
     response.set_cookie(
         SESSION_COOKIE,
         value,
