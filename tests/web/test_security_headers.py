@@ -230,8 +230,10 @@ async def test_an_https_base_url_gives_secure_cookies_and_hsts(https_site: Site)
     seen = [*set_cookies, *out.headers.get_list("set-cookie")]
     async with client_for(https_site.app, "https://popdrop.example") as again:
         page = await again.get("/login")
+        csrf = CSRF_RE.search(page.text)
+        assert csrf
         form = {
-            "csrf": CSRF_RE.search(page.text).group(1),  # type: ignore[union-attr]
+            "csrf": csrf.group(1),
             "email": https_site.email,
             "password": PASSWORD,
             "next": "/",
