@@ -15,9 +15,10 @@ import pytest
 from fastapi import FastAPI
 
 from popdrop.accounts import service as accounts
-from popdrop.web.app import create_app
+from popdrop.core.config import Settings
+from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
-from tests.conftest import make_tenant
+from tests.conftest import make_tenant, redis_url
 
 PASSWORD = "correct horse battery"
 HTML = {"accept": "text/html,application/xhtml+xml"}
@@ -215,3 +216,28 @@ async def test_a_csrf_token_from_another_session_is_refused(site: Site) -> None:
             assert csrf_of(page.text) != before
             out = await fresh.post("/logout", data={"csrf": csrf_of(page.text)})
             assert out.status_code == 303
+
+
+# ---------------------------------------------------------------- across processes
+
+
+async def test_the_lock_is_shared_between_processes_through_redis(
+    settings: Settings, site: Site
+) -> None:
+    url = redis_url()
+    if url is None:
+        pytest.skip("set POPDROP_TEST_REDIS_URL to run the shared-lock test")
+    shared = settings.model_copy(update={"redis_url": url})
+    one, two = build_context(shared), build_context(shared)
+    try:
+        first, second = (Site(create_app(ctx=c), c, site.email) for c in (one, two))
+        async with browser(first) as a:
+            for _ in range(shared.login_limit_per_account):
+                assert (await login(a, site.email, "wrong password")).status_code == 401
+        # Another server process (another app, its own memory) sees the same lock.
+        async with browser(second, "198.51.100.60") as b:
+            assert notice(await login(b, site.email, PASSWORD))[:2] == (429, "login_locked")
+    finally:
+        for context in (one, two):
+            await context.guard.counter.close()
+            await context.db.dispose()
