@@ -20,9 +20,7 @@ def upgrade() -> None:
     # Who ran the request ("token:12", "user:3") and on which route: a replay by anyone
     # else is refused instead of answered from the store. Old rows keep an empty principal.
     with op.batch_alter_table("idempotency_records") as batch:
-        batch.add_column(
-            sa.Column("principal", sa.String(64), nullable=False, server_default="")
-        )
+        batch.add_column(sa.Column("principal", sa.String(64), nullable=False, server_default=""))
     # Bumped on logout (and password change): every cookie signed with an older version
     # stops working at once instead of living out its 12 hours.
     with op.batch_alter_table("users") as batch:
