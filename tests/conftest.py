@@ -21,10 +21,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from popdrop.accounts import service as accounts
 from popdrop.accounts.service import ROLES
+from popdrop.app import build_context, create_app
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.core.migrate import upgrade
-from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 
 SECRET = "test-secret-key-" + "k" * 40

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from popdrop.accounts.service import ROLES
+from popdrop.app import build_context
 from popdrop.core.config import Settings
-from popdrop.web.app import build_context
 from tests.conftest import make_tenant, postgres_url
 from tests.server import Server, running_server
 

@@ -108,7 +108,7 @@ def serve(
         soft_wrap=True,
     )
     uvicorn.run(
-        "popdrop.web.app:create_app",
+        "popdrop.app:create_app",
         factory=True,
         host=host,
         port=port,

@@ -578,8 +578,8 @@ async def _seed_drop(
     `popdrop serve` sends it through its in-process worker into the mailbox."""
     import httpx
 
+    from popdrop.app import create_app
     from popdrop.core.ratelimit import GuessGuard, MemoryCounter
-    from popdrop.web.app import create_app
     from popdrop.web.context import AppContext
 
     clock = SystemClock()

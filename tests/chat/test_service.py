@@ -11,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
+from popdrop.app import build_context
 from popdrop.audience.models import Suppression
 from popdrop.chat import inbound as chat_inbound
 from popdrop.chat import service as chat
@@ -26,7 +27,6 @@ from popdrop.events.models import TimeSlot
 from popdrop.inventory.models import Hold
 from popdrop.rsvp.models import Rsvp
 from popdrop.vouchers.models import Voucher, VoucherBatch
-from popdrop.web.app import build_context
 from popdrop.web.context import AppContext
 from tests.checkin.helpers import scan
 from tests.conftest import Tenant, make_tenant

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
+from popdrop.app import build_context, create_app
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
-from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from popdrop.web.streaming import ConnectionCaps
 from tests.conftest import make_tenant

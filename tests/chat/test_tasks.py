@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from popdrop.app import build_context, create_app
 from popdrop.chat import host, inbox, live, web
 from popdrop.chat import service as chat
 from popdrop.chat.models import WebInbox
@@ -24,7 +25,6 @@ from popdrop.chat.tasks import ChatChannels, deliver_due
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.messaging.transports import OutboundSms, SendResult
-from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from tests.chat.test_service import deps, say, shop_with_flow
 from tests.chat.test_web import Socket, app_of

@@ -94,7 +94,7 @@ class Socket:
 
 
 def app_of(ctx: AppContext) -> FastAPI:
-    from popdrop.web.app import create_app
+    from popdrop.app import create_app
 
     return create_app(ctx=ctx)
 

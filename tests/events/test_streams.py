@@ -20,10 +20,10 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import event
 
+from popdrop.app import build_context, create_app
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.inventory import live, service
-from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from popdrop.web.streaming import ConnectionCaps
 from tests.conftest import make_tenant

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from popdrop.web.app import create_app
+from popdrop.app import create_app
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant
 from tests.rsvp.helpers import make_slot, rsvp, slot_taken

@@ -53,7 +53,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
     settings = Settings(data_dir=tmp, database_url=url, log_requests=False, secret_key="x" * 40)
     await upgrade(url)
     # Imported late: the app factory reads templates relative to the package.
-    from popdrop.web.app import create_app
+    from popdrop.app import create_app
 
     app = create_app(settings)
     ctx: AppContext = app.state.ctx

@@ -18,10 +18,10 @@ import pytest
 import uvicorn
 from sqlalchemy.engine import make_url
 
+from popdrop.app import build_context, create_app, outage_reason
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.vouchers import codes
-from popdrop.web.app import build_context, create_app, outage_reason
 from popdrop.web.context import AppContext
 from tests.conftest import make_tenant
 from tests.server import free_port

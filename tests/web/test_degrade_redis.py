@@ -19,10 +19,10 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
+from popdrop.app import build_context, create_app
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.vouchers import codes
-from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from popdrop.worker import Worker
 from tests.conftest import make_tenant

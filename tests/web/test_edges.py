@@ -71,8 +71,8 @@ async def test_health_ready_metrics_and_docs(
 
 
 async def test_readyz_reports_a_dead_database(tmp_path) -> None:
+    from popdrop.app import create_app
     from popdrop.core.config import Settings
-    from popdrop.web.app import create_app
 
     settings = Settings(
         data_dir=tmp_path,

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from popdrop.app import create_app
 from popdrop.core.errors import PopdropError
 from popdrop.core.ratelimit import FallbackCounter, GuessGuard, RedisCounter
 from popdrop.vouchers import codes
-from popdrop.web.app import create_app
 from popdrop.web.context import AppContext, forwarded_client, parse_proxies
 from tests.conftest import Tenant, issue
 from tests.rsvp.helpers import make_slot

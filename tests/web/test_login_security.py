@@ -15,8 +15,8 @@ import pytest
 from fastapi import FastAPI
 
 from popdrop.accounts import service as accounts
+from popdrop.app import build_context, create_app
 from popdrop.core.config import Settings
-from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from tests.conftest import make_tenant, redis_url
 
@@ -238,7 +238,9 @@ async def test_the_lock_is_shared_between_processes_through_redis(
             for _ in range(shared.login_limit_per_account):
                 assert (await login(a, site.email, "wrong password")).status_code == 401
         # Another server process (another app, its own memory) sees the same lock.
-        async with browser(second, f"2001:db8:{secrets.token_hex(2)}:{secrets.token_hex(2)}::2") as b:
+        async with browser(
+            second, f"2001:db8:{secrets.token_hex(2)}:{secrets.token_hex(2)}::2"
+        ) as b:
             assert notice(await login(b, site.email, PASSWORD))[:2] == (429, "login_locked")
     finally:
         for context in (one, two):

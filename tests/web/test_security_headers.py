@@ -14,8 +14,8 @@ import pytest
 from fastapi import FastAPI
 
 from popdrop.accounts import service as accounts
+from popdrop.app import build_context, create_app
 from popdrop.core.config import Settings
-from popdrop.web.app import build_context, create_app
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant, make_tenant
 from tests.events.helpers import make_shop

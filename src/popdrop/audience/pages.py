@@ -45,10 +45,10 @@ from popdrop.audience.schemas import (
 )
 from popdrop.core.errors import PopdropError
 from popdrop.events.models import Event
-from popdrop.events.pages import Form, form_of
-from popdrop.vouchers.pages import Operator, PageRoute, is_htmx
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
+from popdrop.web.forms import Form, form_of
+from popdrop.web.pagekit import Operator, PageRoute, is_htmx
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.streaming import csv_download
 from popdrop.web.templating import render, templates

@@ -25,9 +25,9 @@ from popdrop.chat import service as chat
 from popdrop.chat.models import ChatMessage, Conversation
 from popdrop.core.errors import PopdropError
 from popdrop.inventory.models import Product
-from popdrop.vouchers.pages import Operator, PageRoute, is_htmx
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
+from popdrop.web.pagekit import Operator, PageRoute, is_htmx
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.templating import render
 

@@ -13,23 +13,20 @@ to `POST /api/v1/public/events/{event_id}/rsvps`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
-from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError, not_found
-from popdrop.core.money import Money
 from popdrop.events import service
 from popdrop.events.api import ICAL_PURPOSE
 from popdrop.events.models import Event, Lane, Partner, PickupWindow, StaffAssignment, TimeSlot
@@ -45,18 +42,13 @@ from popdrop.events.schemas import (
 from popdrop.inventory import service as inventory
 from popdrop.inventory.models import Product, Variant
 from popdrop.inventory.schemas import Availability, ProductCreate, StockSet
-from popdrop.vouchers.pages import Operator, PageRoute
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
+from popdrop.web.forms import Form, M, form_of
+from popdrop.web.pagekit import Operator, PageRoute, local, zone_of
 from popdrop.web.params import Ctx, ItemId
-from popdrop.web.templating import render, templates
+from popdrop.web.templating import render
 
-M = TypeVar("M", bound=BaseModel)
-_FRIENDLY = {
-    "missing": "required",
-    "string_pattern_mismatch": "lowercase letters, digits and dashes",
-    "int_parsing": "a whole number",
-}
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 
 CONSENT_TEXT = (
@@ -78,127 +70,12 @@ _NOTICES = {
 }
 
 
-# ---------------------------------------------------------------- display helpers
-
-
-def zone_of(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
-def local(
-    value: datetime | None, timezone: str, fmt: str = "%a %d %b %Y, %H:%M", zone: bool = True
-) -> str:
-    """A moment in the event's own time zone (with its abbreviation unless told not to)."""
-    if value is None:
-        return "—"
-    try:
-        value = value.astimezone(zone_of(timezone))
-    except OverflowError:  # year 1 or 9999 pushed past the calendar: show it in UTC
-        value = value.astimezone(UTC)
-    return value.strftime(f"{fmt} %Z" if zone else fmt)
-
-
 def slot_name(slot: TimeSlot, timezone: str) -> str:
     when = local(slot.starts_at, timezone, "%a %d %b, %H:%M")
     return f"{slot.label} · {when}" if slot.label else when
 
 
-def price(amount_minor: int, currency: str) -> str:
-    return Money(amount_minor, currency).format()
-
-
-templates.env.filters["local"] = local
-templates.env.filters["price"] = price
-
-
 # ---------------------------------------------------------------- forms
-
-
-@dataclass
-class Form:
-    """A form as typed (to show it again) and what is wrong with it, per field."""
-
-    values: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors and not self.problems
-
-    def integer(self, name: str) -> int | None:
-        raw = self.values.get(name, "").replace(",", "").replace("_", "")
-        if not raw:
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            self.errors[name] = "a whole number"
-            return None
-
-    def moment(self, name: str, zone: ZoneInfo | None) -> datetime | None:
-        """A datetime-local value is wall time in the event's zone; stored in UTC."""
-        raw = self.values.get(name, "")
-        if not raw:
-            return None
-        try:
-            value = datetime.fromisoformat(raw)
-        except ValueError:
-            self.errors[name] = "a date and time"
-            return None
-        if zone is None:  # the zone's own error is shown; the time is read as UTC meanwhile
-            zone = ZoneInfo("UTC")
-        try:
-            return (value if value.tzinfo else value.replace(tzinfo=zone)).astimezone(UTC)
-        except OverflowError:
-            self.errors[name] = "a date between the years 1 and 9999"
-            return None
-
-    def amount(self, name: str, currency: str) -> int | None:
-        """Major units as typed ("15.50") to integer minor units, exactly."""
-        raw = self.values.get(name, "").replace(",", ".")
-        if not raw:
-            return None
-        try:
-            exponent = Money(0, currency).exponent
-        except PopdropError:
-            return None  # the currency's own error is reported by the schema
-        try:
-            minor = Decimal(raw).scaleb(exponent)
-            if not minor.is_finite() or minor != minor.to_integral_value():
-                raise InvalidOperation
-        except InvalidOperation:
-            self.errors[name] = f"an amount like 15.50 (at most {exponent} decimals)"
-            return None
-        return int(minor)
-
-    def build(
-        self, model: type[M], data: dict[str, Any], names: Mapping[str, str] | None = None
-    ) -> M | None:
-        """Validate with the API's schema; errors land on the form field they belong to."""
-        clean = {k: v for k, v in data.items() if v is not None and k not in self.errors}
-        try:
-            spec = model.model_validate(clean)
-        except ValidationError as exc:
-            for problem in exc.errors():
-                message = _FRIENDLY.get(problem["type"]) or str(problem["msg"]).removeprefix(
-                    "Value error, "
-                )
-                loc = [str(p) for p in problem["loc"]]
-                name = (names or {}).get(loc[0], loc[0]) if loc else ""
-                if name in self.values or name in (names or {}).values():
-                    self.errors.setdefault(name, message)
-                else:
-                    self.problems.append(f"{name}: {message}" if name else message)
-            return None
-        return spec if self.ok else None
-
-
-def form_of(data: Mapping[str, Any]) -> Form:
-    return Form(values={k: str(v).strip() for k, v in data.items() if k != "csrf"})
 
 
 def _zone(form: Form, name: str) -> ZoneInfo | None:

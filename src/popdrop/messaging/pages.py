@@ -39,9 +39,9 @@ from popdrop.messaging import abtest, outcomes, service
 from popdrop.messaging.models import Drop, DropVariant, MailboxMessage
 from popdrop.messaging.outcomes import DropCounts
 from popdrop.messaging.schemas import ChannelContent, WarRoom
-from popdrop.vouchers.pages import Operator, PageRoute
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
+from popdrop.web.pagekit import Operator, PageRoute
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.templating import render, templates
 

@@ -15,20 +15,16 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any
-from urllib.parse import urlsplit
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import segno
-from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
-from fastapi.routing import APIRoute
-from markupsafe import Markup
 from pydantic import ValidationError
 from sqlalchemy import select
 
@@ -42,10 +38,11 @@ from popdrop.vouchers import codes, service
 from popdrop.vouchers.api import guarded, to_csv
 from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import BatchCreate
-from popdrop.web.auth import LoginRequired, PagePrincipal, check_csrf
-from popdrop.web.context import AppContext, get_ctx
-from popdrop.web.params import ItemId
-from popdrop.web.templating import render, templates
+from popdrop.web.auth import check_csrf
+from popdrop.web.context import AppContext
+from popdrop.web.pagekit import NO_STORE, Operator, PageRoute, is_htmx, qr_svg
+from popdrop.web.params import Ctx, ItemId
+from popdrop.web.templating import render
 
 # The web form shows every code on one page and offers them as a `data:` URL download;
 # browsers cap URLs near 2 MB, so bigger batches go through the CLI or the API.
@@ -55,88 +52,8 @@ SHOWN_CODES = 500
 AUDIT_PAGE_SIZE = 200
 REDEMPTIONS_SHOWN = 100
 DEFAULT_LINK_HOURS = 8  # what the API uses when a batch has no end and no TTL
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
-
-Handler = Callable[[Request], Coroutine[Any, Any, Response]]
-
-
-class PageRoute(APIRoute):
-    """Answer refusals on page routes with HTML (full page, or a fragment for htmx)."""
-
-    def get_route_handler(self) -> Handler:
-        handler = super().get_route_handler()
-
-        async def page_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except LoginRequired:
-                if not is_htmx(request):
-                    raise  # the app answers with a redirect to /login
-                # A fragment request must not swap the login page into a fragment:
-                # htmx navigates the whole page instead.
-                back = urlsplit(request.headers.get("hx-current-url", "")).path or "/"
-                return Response(headers={"HX-Redirect": f"/login?next={back}"})
-            except PopdropError as error:
-                return error_page(request, error)
-            except RequestValidationError:  # e.g. /vouchers/batches/abc
-                return error_page(request, PopdropError("not_found", "page not found"))
-
-        return page_handler
-
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
-Ctx = Annotated[AppContext, Depends(get_ctx)]
-
-
-async def _operator(request: Request, principal: PagePrincipal) -> Principal:
-    # Kept on the request so error pages still show the operator's navigation.
-    request.state.principal = principal
-    return principal
-
-
-Operator = Annotated[Principal, Depends(_operator)]
-
-
-def is_htmx(request: Request) -> bool:
-    return request.headers.get("hx-request") == "true"
-
-
-def error_page(request: Request, error: PopdropError) -> Response:
-    principal = getattr(request.state, "principal", None)
-    name = "vouchers/_alert.html" if is_htmx(request) else "error.html"
-    response = render(request, name, {"error": error, "principal": principal}, status=error.status)
-    response.headers.update(error.headers)
-    return response
-
-
-# ---------------------------------------------------------------- display helpers
-
-
-def money(amount_minor: int | None, currency: str) -> str:
-    return "—" if amount_minor is None else Money(amount_minor, currency).format()
-
-
-def percent(part: int, whole: int) -> int:
-    return 0 if whole <= 0 else min(100, round(100 * part / whole))
-
-
-def intcomma(number: int) -> str:
-    return f"{number:,}"
-
-
-def qr_svg(code: str) -> Markup:
-    # No fixed size (a viewBox instead) so CSS scales it to the phone's width.
-    # segno renders from our own formatted code: the markup is trusted.
-    svg = segno.make(code, error="m").svg_inline(omitsize=True, dark="#111", light="#fff")
-    return Markup(svg)  # noqa: S704
-
-
-# Templates are shared with the rest of the web layer; these filters are the vault's.
-templates.env.filters["money"] = money
-templates.env.filters["percent"] = percent
-templates.env.filters["intcomma"] = intcomma
-
-
 # ---------------------------------------------------------------- issue form
 
 

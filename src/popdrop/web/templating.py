@@ -15,14 +15,11 @@ from popdrop.web.auth import attach_csrf_cookie, csrf_token
 from popdrop.web.context import get_ctx
 
 _ROOT = Path(__file__).resolve().parent.parent
+# The shared layout first, then every package's own `templates/` (names are prefixed by
+# the package, e.g. "events/detail.html"), so the kit names no domain.
 _DIRS = [
     _ROOT / "web" / "templates",
-    _ROOT / "vouchers" / "templates",
-    _ROOT / "events" / "templates",
-    _ROOT / "checkin" / "templates",
-    _ROOT / "audience" / "templates",
-    _ROOT / "messaging" / "templates",
-    _ROOT / "chat" / "templates",
+    *sorted(d for d in _ROOT.glob("*/templates") if d.parent.name != "web"),
 ]
 
 _env = Environment(

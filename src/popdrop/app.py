@@ -49,7 +49,7 @@ from popdrop.web.auth import LoginRequired
 from popdrop.web.context import AppContext, ForwardedMiddleware, parse_proxies
 from popdrop.web.edge import EdgeMiddleware
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "web" / "static"
 _STATUS_REASON = {
     400: "invalid_request",
     401: "unauthorized",
@@ -145,7 +145,6 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     _install_error_handlers(app)
     _install_health(app)
 
-    from popdrop.accounts.api import router as accounts_api
     from popdrop.audience.api import router as audience_api
     from popdrop.audience.pages import public_router as audience_public_pages
     from popdrop.audience.pages import router as audience_pages
@@ -165,6 +164,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.vouchers.api import router as vouchers_api
     from popdrop.vouchers.pages import router as voucher_pages
+    from popdrop.web.account_api import router as accounts_api
     from popdrop.web.pages import router as web_pages
 
     for router in (
