@@ -46,13 +46,13 @@ from popdrop.core.config import Settings
 from popdrop.core.db import Database
 from popdrop.core.identity import identity_hash
 from popdrop.core.migrate import upgrade
-from popdrop.messaging import content
-from popdrop.messaging import service as drops
-from popdrop.messaging.models import Drop, DropVariant, SendRow
-from popdrop.messaging.pipeline import Sender
-from popdrop.messaging.schemas import DropCreate
-from popdrop.messaging.smtp import SmtpPool, render_message
-from popdrop.messaging.transports import OutboundEmail
+from popdrop.drops import content
+from popdrop.drops import service as drops
+from popdrop.drops.models import Drop, DropVariant, SendRow
+from popdrop.drops.pipeline import Sender
+from popdrop.drops.schemas import DropCreate
+from popdrop.outbound.smtp import SmtpPool, render_message
+from popdrop.outbound.transports import OutboundEmail
 from popdrop.vouchers import codes
 from popdrop.vouchers.models import VoucherBatch
 

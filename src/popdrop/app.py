@@ -153,14 +153,14 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.chat.web import router as chat_web
     from popdrop.checkin.api import router as checkin_api
     from popdrop.checkin.pages import router as checkin_pages
+    from popdrop.drops.api import public_router as messaging_public
+    from popdrop.drops.api import router as messaging_api
+    from popdrop.drops.pages import router as messaging_pages
     from popdrop.events.api import public_router as events_public
     from popdrop.events.api import router as events_api
-    from popdrop.events.pages import router as event_pages
     from popdrop.inventory.api import public_router as inventory_public
     from popdrop.inventory.api import router as inventory_api
-    from popdrop.messaging.api import public_router as messaging_public
-    from popdrop.messaging.api import router as messaging_api
-    from popdrop.messaging.pages import router as messaging_pages
+    from popdrop.inventory.pages import router as event_pages
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.vouchers.api import router as vouchers_api
     from popdrop.vouchers.pages import router as voucher_pages

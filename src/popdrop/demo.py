@@ -32,14 +32,14 @@ from popdrop.core.config import Settings
 from popdrop.core.db import Database, table_of
 from popdrop.core.identity import identity_hash
 from popdrop.core.signing import Signer
+from popdrop.drops import service as drops
+from popdrop.drops.models import Drop, SendRow
+from popdrop.drops.schemas import DropCreate
 from popdrop.events import service as events
 from popdrop.events.models import Event
 from popdrop.events.schemas import EventCreate, LaneCreate, PickupWindowCreate, SlotCreate
 from popdrop.inventory import service as inventory
 from popdrop.inventory.schemas import ProductCreate, StockSet
-from popdrop.messaging import service as drops
-from popdrop.messaging.models import Drop, SendRow
-from popdrop.messaging.schemas import DropCreate
 from popdrop.rsvp import service as rsvps
 from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.vouchers import service as vouchers

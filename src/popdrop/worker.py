@@ -34,13 +34,13 @@ from popdrop.core.config import Settings
 from popdrop.core.db import Database
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
-from popdrop.messaging import outcomes
-from popdrop.messaging import service as drops
-from popdrop.messaging.mailbox import Mailbox
-from popdrop.messaging.models import Drop, SendRow
-from popdrop.messaging.pipeline import Sender
-from popdrop.messaging.throttle import Throttled
-from popdrop.messaging.transports import EmailTransport, SmsTransport
+from popdrop.drops import outcomes
+from popdrop.drops import service as drops
+from popdrop.drops.models import Drop, SendRow
+from popdrop.drops.pipeline import Sender
+from popdrop.outbound.mailbox import Mailbox
+from popdrop.outbound.throttle import Throttled
+from popdrop.outbound.transports import EmailTransport, SmsTransport
 
 
 def make_broker(settings: Settings) -> AsyncBroker:
@@ -90,7 +90,7 @@ def make_transports(
     email: EmailTransport = mailbox
     sms: SmsTransport = mailbox
     if settings.mail_transport == "smtp":
-        from popdrop.messaging.smtp import SmtpPool
+        from popdrop.outbound.smtp import SmtpPool
 
         email = SmtpPool(
             settings.smtp_host,
@@ -102,7 +102,7 @@ def make_transports(
             start_tls=settings.smtp_starttls,
         )
     if settings.sms_base_url:
-        from popdrop.messaging.twilio import TwilioSms
+        from popdrop.outbound.twilio import TwilioSms
 
         sms = TwilioSms(settings.sms_base_url, settings.sms_account_sid, settings.sms_auth_token)
     if settings.smtp_rate_per_s:

@@ -16,8 +16,8 @@ from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.core.clock import FrozenClock
 from popdrop.core.db import Base
-from popdrop.messaging.models import MailboxMessage
 from popdrop.migrations.registry import target_metadata
+from popdrop.outbound.models import MailboxMessage
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, inbound, preview
 from tests.conftest import Tenant, issue

@@ -10,7 +10,7 @@ import httpx
 
 from popdrop.chat.tasks import ChatChannels
 from popdrop.core.clock import FrozenClock
-from popdrop.messaging.transports import OutboundSms, SendResult
+from popdrop.outbound.transports import OutboundSms, SendResult
 from popdrop.web.context import AppContext
 from tests.chat.test_service import say, shop_with_flow
 from tests.chat.test_tasks import FROM, tick

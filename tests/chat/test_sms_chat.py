@@ -16,7 +16,7 @@ from popdrop.chat import service as chat
 from popdrop.chat.models import Conversation
 from popdrop.chat.sms import twiml
 from popdrop.inventory.models import Hold
-from popdrop.messaging.twilio import compute_signature
+from popdrop.outbound.twilio import compute_signature
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant
 from tests.events.helpers import Shop, make_shop, post

@@ -24,7 +24,7 @@ from popdrop.chat.models import WebInbox
 from popdrop.chat.tasks import ChatChannels, deliver_due
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
-from popdrop.messaging.transports import OutboundSms, SendResult
+from popdrop.outbound.transports import OutboundSms, SendResult
 from popdrop.web.context import AppContext
 from tests.chat.test_service import deps, say, shop_with_flow
 from tests.chat.test_web import Socket, app_of

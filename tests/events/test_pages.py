@@ -10,7 +10,7 @@ import httpx
 
 from popdrop.accounts import service as accounts
 from popdrop.core.clock import FrozenClock
-from popdrop.events.pages import CONSENT_TEXT
+from popdrop.inventory.pages import CONSENT_TEXT
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant
 from tests.events.helpers import make_shop, post

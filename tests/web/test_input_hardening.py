@@ -21,15 +21,15 @@ import pytest
 from sqlalchemy import func, select
 
 from popdrop.core.csvsafe import csv_text, restore_cell
+from popdrop.drops.models import Drop, SendRow
 from popdrop.inventory.models import Product
-from popdrop.messaging.models import Drop, SendRow
 from popdrop.vouchers.models import VoucherBatch
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact
 from tests.audience.test_pages import HTML, login
 from tests.conftest import Tenant
+from tests.drops.helpers import Recorder, drop_spec, sender, started_drop
 from tests.events.helpers import make_shop
-from tests.messaging.helpers import Recorder, drop_spec, sender, started_drop
 
 
 async def count(ctx: AppContext, model: Any, tenant: Tenant) -> int:

@@ -27,7 +27,7 @@ from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.idempotency import IdempotencyRecord
 from popdrop.core.signing import Signer
 from popdrop.inventory.models import Hold
-from popdrop.messaging.models import MailboxMessage
+from popdrop.outbound.models import MailboxMessage
 from popdrop.rsvp.models import Rsvp
 from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
 

@@ -40,7 +40,7 @@ from popdrop.chat.sms import as_text
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError
 from popdrop.core.logging import log
-from popdrop.messaging.transports import OutboundSms, SmsTransport
+from popdrop.outbound.transports import OutboundSms, SmsTransport
 
 # A conversation or contact row another transaction is changing right now (a STOP being
 # handled) is asked about again after these pauses; past them the message is not sent.

@@ -19,9 +19,10 @@ def target_metadata() -> MetaData:
     import popdrop.checkin.models
     import popdrop.core.audit
     import popdrop.core.idempotency
+    import popdrop.drops.models
     import popdrop.events.models
     import popdrop.inventory.models
-    import popdrop.messaging.models
+    import popdrop.outbound.models
     import popdrop.rsvp.models
     import popdrop.vouchers.models  # noqa: F401
 

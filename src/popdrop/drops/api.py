@@ -1,0 +1,314 @@
+"""Drops REST API, provider webhooks and the click redirect (thin).
+
+Scopes `drops:read` / `drops:write`. Provider webhooks (delivery feedback, inbound SMS,
+SMS status callbacks) carry no bearer token: their URL holds a signed token naming the
+organization (`GET /api/v1/webhook-urls`), and each must also prove its origin (Twilio's
+`X-Twilio-Signature`; the SNS signature or the shared secret for feedback) or get 403.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import httpx
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.audience import service as audience
+from popdrop.chat import sms as chat_sms
+from popdrop.chat.service import ChatDeps
+from popdrop.core.errors import PopdropError
+from popdrop.core.schemas import error_responses
+from popdrop.drops import content, outcomes, service
+from popdrop.drops.models import SendRow
+from popdrop.drops.schemas import DropCreate, DropOut, SeedOverride, WarRoom
+from popdrop.outbound import feedback, twilio
+from popdrop.web.auth import ApiPrincipal
+from popdrop.web.context import AppContext
+from popdrop.web.params import Ctx, ItemId
+
+router = APIRouter(prefix="/api/v1", tags=["drops"])
+public_router = APIRouter(include_in_schema=False)
+WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
+WEBHOOK_PURPOSE = "provider-webhook"
+
+
+async def _out(ctx: AppContext, drop_id: int, principal: Any) -> DropOut:
+    async with ctx.db.reader() as session:
+        return await service.drop_out(session, await service.get_drop(session, principal, drop_id))
+
+
+@router.post("/drops", status_code=201, response_model=DropOut, responses=WRITE_ERRORS)
+async def create_drop(body: DropCreate, principal: ApiPrincipal, ctx: Ctx) -> DropOut:
+    async with ctx.db.transaction() as session:
+        drop = await service.create_drop(
+            session,
+            ctx.signer,
+            principal,
+            body,
+            now=ctx.clock.now(),
+            audit_chains=ctx.settings.audit_chains,
+        )
+        return await service.drop_out(session, drop)
+
+
+@router.get("/drops", response_model=list[DropOut], responses=error_responses(401, 403))
+async def list_drops(principal: ApiPrincipal, ctx: Ctx) -> list[DropOut]:
+    async with ctx.db.reader() as session:
+        return [
+            await service.drop_out(session, d) for d in await service.list_drops(session, principal)
+        ]
+
+
+@router.get("/drops/{drop_id}", response_model=DropOut, responses=WRITE_ERRORS)
+async def get_drop(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> DropOut:
+    return await _out(ctx, drop_id, principal)
+
+
+@router.post(
+    "/drops/{drop_id}/seed-test",
+    response_model=DropOut,
+    responses=WRITE_ERRORS,
+    summary="Send to the seed list, then check every link and every seed voucher",
+)
+async def seed_test(
+    drop_id: ItemId, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> DropOut:
+    from popdrop.worker import make_transports
+
+    email, sms = make_transports(ctx.settings, ctx.db, ctx.clock)
+    base = ctx.settings.base_url.rstrip("/")
+    app_client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=request.app), base_url=base, timeout=10
+    )
+
+    async def check_url(url: str) -> tuple[bool, str]:
+        # Our own pages are asked in-process; other hosts cannot be fetched from here, so
+        # they only have to be well-formed http(s) URLs.
+        if url.startswith(base + "/"):
+            answer = await app_client.get(url[len(base) :], follow_redirects=False)
+            return answer.status_code < 400, f"HTTP {answer.status_code}"
+        parts = httpx.URL(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.host)
+        return ok, "external: well-formed" if ok else "malformed URL"
+
+    try:
+        drop = await service.run_seed_test(
+            ctx.db,
+            ctx.signer,
+            principal,
+            drop_id,
+            base_url=ctx.settings.base_url,
+            transports=service.SeedTransports(email, sms),
+            check_url=check_url,
+            now=ctx.clock.now(),
+        )
+        async with ctx.db.reader() as session:
+            return await service.drop_out(session, drop)
+    finally:
+        await app_client.aclose()
+        await email.close()
+        await sms.close()
+
+
+@router.post("/drops/{drop_id}/seed-override", response_model=DropOut, responses=WRITE_ERRORS)
+async def seed_override(
+    drop_id: ItemId, body: SeedOverride, principal: ApiPrincipal, ctx: Ctx
+) -> DropOut:
+    async with ctx.db.transaction() as session:
+        drop = await service.override_seed(
+            session, principal, drop_id, reason=body.reason, now=ctx.clock.now()
+        )
+        return await service.drop_out(session, drop)
+
+
+@router.post(
+    "/drops/{drop_id}/start",
+    response_model=DropOut,
+    responses=WRITE_ERRORS,
+    summary="Freeze the recipients and send (blocked until the seed test passed)",
+)
+async def start(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> DropOut:
+    async with ctx.db.transaction() as session:
+        drop = await service.start_drop(session, principal, drop_id, now=ctx.clock.now())
+        out = await service.drop_out(session, drop)
+    if ctx.worker is not None and out.status == "sending":
+        await ctx.worker.send_drop.kiq(drop_id)
+    return out
+
+
+@router.post("/drops/{drop_id}/{action}", response_model=DropOut, responses=WRITE_ERRORS)
+async def change_state(
+    drop_id: ItemId,
+    action: Literal["pause", "resume", "cancel"],
+    principal: ApiPrincipal,
+    ctx: Ctx,
+) -> DropOut:
+    async with ctx.db.transaction() as session:
+        drop = await service.set_state(session, principal, drop_id, action, now=ctx.clock.now())
+        return await service.drop_out(session, drop)
+
+
+@router.get(
+    "/drops/{drop_id}/preview",
+    responses=WRITE_ERRORS,
+    summary="Render the drop for one contact (no voucher is issued, no link is tracked)",
+)
+async def preview(
+    drop_id: ItemId,
+    contact_id: Annotated[int, Query(ge=1, le=2**62)],  # a query parameter, not the path's
+    principal: ApiPrincipal,
+    ctx: Ctx,
+    variant: str | None = None,
+) -> dict[str, Any]:
+    async with ctx.db.reader() as session:
+        drop = await service.get_drop(session, principal, drop_id)
+        contact = await audience.get_contact(session, principal, contact_id)
+        variants = {v.name: v for v in await service.variants_of(session, drop.id)}
+        chosen = variants.get(variant or "") or next(iter(variants.values()))
+        settings = await audience.get_settings(session, principal.org_id)
+    compiled = content.compile_variant(chosen.content)
+    now = ctx.clock.now()
+    bucket = audience.bucket_of(contact.last_engaged_at, now, settings.hot_days, settings.warm_days)
+    links = content.Links(ctx.signer, ctx.settings.base_url, drop, None, contact)
+    values = content.context_for(drop, contact, None, (0, "PREVIEW-CODE"), links)
+    answer: dict[str, Any] = {"variant": chosen.name, "bucket": bucket}
+    if "email" in drop.channels.split():
+        email = compiled.render_email(bucket, values, links)
+        answer["email"] = {"subject": email.subject, "text": email.text, "html": email.html}
+    if "sms" in drop.channels.split():
+        sms = compiled.render_sms(bucket, values, links)
+        answer["sms"] = {"body": sms.body, "segments": sms.segments, "encoding": sms.encoding}
+    return answer
+
+
+@router.get("/drops/{drop_id}/war-room", response_model=WarRoom, responses=WRITE_ERRORS)
+async def war_room(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> WarRoom:
+    async with ctx.db.reader() as session:
+        return await outcomes.war_room(session, principal, drop_id)
+
+
+@router.get(
+    "/webhook-urls",
+    responses=error_responses(401, 403),
+    summary="Where to point each provider's delivery feedback and SMS webhooks",
+)
+async def webhook_urls(principal: ApiPrincipal, ctx: Ctx) -> dict[str, str]:
+    principal.require("drops:write")
+    token = ctx.signer.sign(WEBHOOK_PURPOSE, {"o": principal.org_id})
+    base = ctx.settings.base_url.rstrip("/")
+    urls = {p: f"{base}/api/v1/feedback/{p}/{token}" for p in feedback.PROVIDERS}
+    urls["twilio_inbound"] = f"{base}/api/v1/sms/{token}/inbound"
+    urls["twilio_status"] = f"{base}/api/v1/sms/{token}/status"
+    return urls
+
+
+def _webhook_org(ctx: AppContext, token: str) -> int:
+    payload: Any = ctx.signer.unsign(WEBHOOK_PURPOSE, token)
+    if not isinstance(payload, dict) or not isinstance(payload.get("o"), int):
+        raise PopdropError("link_invalid", "this webhook URL is not valid")
+    return int(payload["o"])
+
+
+@router.post(
+    "/feedback/{provider}/{token}",
+    responses=error_responses(400, 422),
+    summary="Delivery feedback: Amazon SES (SNS), SendGrid, Postmark or generic",
+)
+async def provider_feedback(
+    provider: Literal["ses", "sendgrid", "postmark", "generic"],
+    token: str,
+    request: Request,
+    ctx: Ctx,
+) -> dict[str, Any]:
+    org_id = _webhook_org(ctx, token)
+    body = await request.body()
+    settings = ctx.settings
+    await feedback.authenticate(
+        provider,
+        body,
+        dict(request.headers),
+        feedback.WebhookSecrets.parse(
+            settings.feedback_webhook_secret,
+            settings.feedback_sns_topic_arns,
+            insecure=settings.insecure_webhooks,
+        ),
+        query_token=request.query_params.get("token"),
+    )
+    parsed = feedback.parse_webhook(provider, body, dict(request.headers))
+    async with ctx.db.transaction() as session:
+        counts = await outcomes.apply_feedback(
+            session, ctx.signer, org_id, parsed.events, now=ctx.clock.now()
+        )
+    # An SNS subscription is confirmed by fetching SubscribeURL; this host cannot reach AWS,
+    # so the URL is handed back for an operator (or a proxy) to open.
+    return {"events": counts, "subscribe_url": parsed.subscribe_url}
+
+
+async def _twilio_params(ctx: AppContext, request: Request) -> dict[str, str]:
+    params = twilio.parse_form(await request.body())
+    # Twilio signs the URL it was given: as this request arrived, or as the base URL names
+    # it when a proxy in front rewrote the scheme or host.
+    public = ctx.settings.base_url.rstrip("/") + request.url.path
+    if request.url.query:
+        public += "?" + request.url.query
+    twilio.require_signature(
+        ctx.settings.sms_auth_token,
+        [str(request.url), public],
+        params,
+        request.headers.get("x-twilio-signature"),
+        insecure=ctx.settings.insecure_webhooks,
+    )
+    return params
+
+
+@router.post("/sms/{token}/inbound", include_in_schema=False)
+async def sms_inbound(token: str, request: Request, ctx: Ctx) -> Response:
+    """Twilio inbound message: STOP/START/HELP/YES before any flow, then the SMS chat."""
+    org_id = _webhook_org(ctx, token)
+    message = twilio.parse_inbound(await _twilio_params(ctx, request))
+    # Keywords first (shared audience handling), then the chat flow: popdrop.chat.sms.
+    deps = ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    replies = await chat_sms.reply_to(
+        ctx.db, deps, org_id=org_id, sender=message.sender, body=message.body, now=ctx.clock.now()
+    )
+    return Response(chat_sms.twiml(replies), media_type="application/xml")
+
+
+@router.post("/sms/{token}/status", include_in_schema=False, status_code=204)
+async def sms_status(token: str, request: Request, ctx: Ctx) -> Response:
+    org_id = _webhook_org(ctx, token)
+    callback = twilio.parse_status_callback(await _twilio_params(ctx, request))
+    async with ctx.db.transaction() as session:
+        await _sms_status(session, org_id, callback, ctx)
+    return Response(status_code=204)
+
+
+async def _sms_status(
+    session: AsyncSession, org_id: int, callback: twilio.StatusCallback, ctx: AppContext
+) -> None:
+    row = await session.scalar(
+        select(SendRow).where(SendRow.org_id == org_id, SendRow.provider_id == callback.message_sid)
+    )
+    if row is None:
+        return
+    now = ctx.clock.now()
+    if callback.delivered:
+        row.status, row.delivered_at = "delivered", now
+    elif callback.failed:
+        row.status = "failed"
+        # An undelivered number is not an opt-out: consent stays as it is.
+        row.outcome = f"twilio {callback.status} {callback.error_code or ''}".strip()
+
+
+@public_router.get("/r/{token}")
+async def click(token: str, ctx: Ctx) -> Response:
+    """A tracked link: record the click, then send the person on (UTM kept)."""
+    drop_id, row_id, url = content.read_click(ctx.signer, token)
+    async with ctx.db.transaction() as session:
+        await outcomes.record_click(
+            session, ctx.signer, drop_id=drop_id, send_row_id=row_id, url=url, now=ctx.clock.now()
+        )
+    return RedirectResponse(url, status_code=302)

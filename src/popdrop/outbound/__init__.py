@@ -1,0 +1,2 @@
+"""Outbound transports shared by drops, chat and notifications: SMTP, SMS (Twilio format),
+the development mailbox, throttling, and provider delivery feedback."""
