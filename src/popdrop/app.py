@@ -149,13 +149,14 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.audience.pages import public_router as audience_public_pages
     from popdrop.audience.pages import router as audience_pages
     from popdrop.chat.pages import router as chat_pages
+    from popdrop.chat.sms_api import router as chat_sms_api
     from popdrop.chat.telegram_api import router as telegram_api
     from popdrop.chat.web import router as chat_web
     from popdrop.checkin.api import router as checkin_api
     from popdrop.checkin.pages import router as checkin_pages
-    from popdrop.drops.api import public_router as messaging_public
-    from popdrop.drops.api import router as messaging_api
-    from popdrop.drops.pages import router as messaging_pages
+    from popdrop.drops.api import public_router as drops_public
+    from popdrop.drops.api import router as drops_api
+    from popdrop.drops.pages import router as drops_pages
     from popdrop.events.api import public_router as events_public
     from popdrop.events.api import router as events_api
     from popdrop.inventory.api import public_router as inventory_public
@@ -183,10 +184,11 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         audience_api,
         audience_pages,
         audience_public_pages,
-        messaging_api,
-        messaging_public,
-        messaging_pages,
+        drops_api,
+        drops_public,
+        drops_pages,
         chat_pages,  # before chat_web: /chat/console is not an organization's widget page
+        chat_sms_api,
         telegram_api,
         chat_web,
     ):

@@ -38,9 +38,7 @@ from popdrop.drops import outcomes
 from popdrop.drops import service as drops
 from popdrop.drops.models import Drop, SendRow
 from popdrop.drops.pipeline import Sender
-from popdrop.outbound.mailbox import Mailbox
-from popdrop.outbound.throttle import Throttled
-from popdrop.outbound.transports import EmailTransport, SmsTransport
+from popdrop.outbound.factory import make_transports
 
 
 def make_broker(settings: Settings) -> AsyncBroker:
@@ -81,35 +79,6 @@ class Kicker:
             )
             return False
         return True
-
-
-def make_transports(
-    settings: Settings, db: Database, clock: Clock
-) -> tuple[EmailTransport, SmsTransport]:
-    mailbox = Mailbox(db, clock)
-    email: EmailTransport = mailbox
-    sms: SmsTransport = mailbox
-    if settings.mail_transport == "smtp":
-        from popdrop.outbound.smtp import SmtpPool
-
-        email = SmtpPool(
-            settings.smtp_host,
-            settings.smtp_port,
-            size=settings.smtp_pool_size,
-            username=settings.smtp_username,
-            password=settings.smtp_password,
-            use_tls=settings.smtp_tls,
-            start_tls=settings.smtp_starttls,
-        )
-    if settings.sms_base_url:
-        from popdrop.outbound.twilio import TwilioSms
-
-        sms = TwilioSms(settings.sms_base_url, settings.sms_account_sid, settings.sms_auth_token)
-    if settings.smtp_rate_per_s:
-        email = Throttled(email, settings.smtp_rate_per_s, settings.smtp_rate_burst)
-    if settings.sms_rate_per_s:
-        sms = Throttled(sms, settings.sms_rate_per_s, settings.sms_rate_burst)
-    return email, sms
 
 
 class Worker:

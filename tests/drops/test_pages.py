@@ -19,10 +19,11 @@ from popdrop.accounts import service as accounts
 from popdrop.core.clock import FrozenClock
 from popdrop.drops import abtest, outcomes
 from popdrop.drops import service as drops
-from popdrop.drops.models import Drop, MailboxMessage, SendRow
+from popdrop.drops.models import Drop, SendRow
 from popdrop.drops.pipeline import Sender
 from popdrop.outbound.feedback import FeedbackEvent
 from popdrop.outbound.mailbox import Mailbox
+from popdrop.outbound.models import MailboxMessage
 from popdrop.outbound.transports import OutboundEmail, OutboundSms
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact

@@ -89,7 +89,8 @@ async def test_the_tick_starts_a_scheduled_drop_when_due_and_closes_it_when_drai
 
     from sqlalchemy import func, select
 
-    from popdrop.drops.models import Drop, MailboxMessage
+    from popdrop.drops.models import Drop
+    from popdrop.outbound.models import MailboxMessage
     from popdrop.worker import Worker
 
     clock = ctx.clock

@@ -9,9 +9,9 @@ import pytest
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database
+from popdrop.outbound.factory import make_transports
 from popdrop.outbound.throttle import Throttled
 from popdrop.outbound.transports import OutboundSms, SendResult
-from popdrop.worker import make_transports
 
 
 class Recorder:

@@ -17,14 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import service as audience
-from popdrop.chat import sms as chat_sms
-from popdrop.chat.service import ChatDeps
-from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import error_responses
 from popdrop.drops import content, outcomes, service
 from popdrop.drops.models import SendRow
 from popdrop.drops.schemas import DropCreate, DropOut, SeedOverride, WarRoom
-from popdrop.outbound import feedback, twilio
+from popdrop.outbound import feedback, twilio, webhooks
+from popdrop.outbound.factory import make_transports
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext
 from popdrop.web.params import Ctx, ItemId
@@ -32,7 +30,6 @@ from popdrop.web.params import Ctx, ItemId
 router = APIRouter(prefix="/api/v1", tags=["drops"])
 public_router = APIRouter(include_in_schema=False)
 WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
-WEBHOOK_PURPOSE = "provider-webhook"
 
 
 async def _out(ctx: AppContext, drop_id: int, principal: Any) -> DropOut:
@@ -76,8 +73,6 @@ async def get_drop(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> DropOu
 async def seed_test(
     drop_id: ItemId, request: Request, principal: ApiPrincipal, ctx: Ctx
 ) -> DropOut:
-    from popdrop.worker import make_transports
-
     email, sms = make_transports(ctx.settings, ctx.db, ctx.clock)
     base = ctx.settings.base_url.rstrip("/")
     app_client = httpx.AsyncClient(
@@ -197,19 +192,12 @@ async def war_room(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> WarRoo
 )
 async def webhook_urls(principal: ApiPrincipal, ctx: Ctx) -> dict[str, str]:
     principal.require("drops:write")
-    token = ctx.signer.sign(WEBHOOK_PURPOSE, {"o": principal.org_id})
+    token = webhooks.webhook_token(ctx.signer, principal.org_id)
     base = ctx.settings.base_url.rstrip("/")
     urls = {p: f"{base}/api/v1/feedback/{p}/{token}" for p in feedback.PROVIDERS}
     urls["twilio_inbound"] = f"{base}/api/v1/sms/{token}/inbound"
     urls["twilio_status"] = f"{base}/api/v1/sms/{token}/status"
     return urls
-
-
-def _webhook_org(ctx: AppContext, token: str) -> int:
-    payload: Any = ctx.signer.unsign(WEBHOOK_PURPOSE, token)
-    if not isinstance(payload, dict) or not isinstance(payload.get("o"), int):
-        raise PopdropError("link_invalid", "this webhook URL is not valid")
-    return int(payload["o"])
 
 
 @router.post(
@@ -223,7 +211,7 @@ async def provider_feedback(
     request: Request,
     ctx: Ctx,
 ) -> dict[str, Any]:
-    org_id = _webhook_org(ctx, token)
+    org_id = webhooks.webhook_org(ctx.signer, token)
     body = await request.body()
     settings = ctx.settings
     await feedback.authenticate(
@@ -247,40 +235,10 @@ async def provider_feedback(
     return {"events": counts, "subscribe_url": parsed.subscribe_url}
 
 
-async def _twilio_params(ctx: AppContext, request: Request) -> dict[str, str]:
-    params = twilio.parse_form(await request.body())
-    # Twilio signs the URL it was given: as this request arrived, or as the base URL names
-    # it when a proxy in front rewrote the scheme or host.
-    public = ctx.settings.base_url.rstrip("/") + request.url.path
-    if request.url.query:
-        public += "?" + request.url.query
-    twilio.require_signature(
-        ctx.settings.sms_auth_token,
-        [str(request.url), public],
-        params,
-        request.headers.get("x-twilio-signature"),
-        insecure=ctx.settings.insecure_webhooks,
-    )
-    return params
-
-
-@router.post("/sms/{token}/inbound", include_in_schema=False)
-async def sms_inbound(token: str, request: Request, ctx: Ctx) -> Response:
-    """Twilio inbound message: STOP/START/HELP/YES before any flow, then the SMS chat."""
-    org_id = _webhook_org(ctx, token)
-    message = twilio.parse_inbound(await _twilio_params(ctx, request))
-    # Keywords first (shared audience handling), then the chat flow: popdrop.chat.sms.
-    deps = ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
-    replies = await chat_sms.reply_to(
-        ctx.db, deps, org_id=org_id, sender=message.sender, body=message.body, now=ctx.clock.now()
-    )
-    return Response(chat_sms.twiml(replies), media_type="application/xml")
-
-
 @router.post("/sms/{token}/status", include_in_schema=False, status_code=204)
 async def sms_status(token: str, request: Request, ctx: Ctx) -> Response:
-    org_id = _webhook_org(ctx, token)
-    callback = twilio.parse_status_callback(await _twilio_params(ctx, request))
+    org_id = webhooks.webhook_org(ctx.signer, token)
+    callback = twilio.parse_status_callback(await webhooks.twilio_params(ctx.settings, request))
     async with ctx.db.transaction() as session:
         await _sms_status(session, org_id, callback, ctx)
     return Response(status_code=204)

@@ -35,10 +35,11 @@ from popdrop.accounts.service import Principal
 from popdrop.audience.models import Segment
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.drops import abtest, outcomes, service
-from popdrop.drops.models import Drop, DropVariant, MailboxMessage
+from popdrop.drops.models import Drop, DropVariant
 from popdrop.drops.outcomes import DropCounts
 from popdrop.drops.schemas import ChannelContent, WarRoom
 from popdrop.events.models import Event
+from popdrop.outbound.models import MailboxMessage
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
 from popdrop.web.pagekit import Operator, PageRoute
