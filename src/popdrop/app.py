@@ -163,6 +163,9 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.inventory.api import router as inventory_api
     from popdrop.inventory.pages import router as event_pages
     from popdrop.rsvp.api import router as rsvp_api
+    from popdrop.usecases.privacy_api import router as privacy_api
+    from popdrop.usecases.privacy_pages import router as privacy_pages
+    from popdrop.usecases.public_rsvp import router as public_rsvp
     from popdrop.vouchers.api import router as vouchers_api
     from popdrop.vouchers.pages import router as voucher_pages
     from popdrop.web.account_api import router as accounts_api
@@ -175,12 +178,15 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         events_public,
         inventory_api,
         inventory_public,
+        public_rsvp,
         rsvp_api,
         web_pages,
         voucher_pages,
         event_pages,
         checkin_api,
         checkin_pages,
+        privacy_api,
+        privacy_pages,
         audience_api,
         audience_pages,
         audience_public_pages,

@@ -650,7 +650,7 @@ def contacts_erase(
     contact_id: Annotated[int | None, typer.Option("--id", help="The contact id.")] = None,
 ) -> None:
     """Erase a person: their email and phone leave every table; they stay suppressed."""
-    from popdrop.audience import privacy
+    from popdrop.usecases import privacy
 
     if sum(x is not None for x in (email, phone, contact_id)) != 1:
         raise typer.BadParameter("give exactly one of --email, --phone, --id")
@@ -690,7 +690,7 @@ def contacts_purge(
     ] = None,
 ) -> None:
     """Retention: erase every contact not engaged for N months."""
-    from popdrop.audience import privacy
+    from popdrop.usecases import privacy
 
     if months is not None and months < 1:
         raise typer.BadParameter("--months: at least 1")

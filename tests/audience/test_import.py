@@ -18,11 +18,12 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import importer, privacy, service
+from popdrop.audience import importer, service
 from popdrop.audience.models import ConsentEvent, Contact, ContactLabel, ImportJob
 from popdrop.audience.schemas import ImportReport, SegmentRules
 from popdrop.core.errors import PopdropError
 from popdrop.core.identity import normalize_email
+from popdrop.usecases import privacy
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, inbound
 from tests.conftest import Tenant, make_tenant

@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import importer, privacy, service
+from popdrop.audience import importer, service
 from popdrop.audience.schemas import (
     ActivityIn,
     AudienceSettingsIn,
@@ -27,18 +26,16 @@ from popdrop.audience.schemas import (
     ContactList,
     ContactOut,
     ContactPatch,
-    EraseResult,
     ImportJobOut,
     InboundMessage,
     InboundResult,
-    PurgeResult,
     SegmentCount,
     SegmentIn,
     SegmentOut,
     SegmentRules,
 )
 from popdrop.core.errors import PopdropError
-from popdrop.core.schemas import StrictInput, error_responses, require_clean_text
+from popdrop.core.schemas import error_responses, require_clean_text
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext
 from popdrop.web.idempotent import respond_once
@@ -168,63 +165,6 @@ async def record_activity(body: ActivityIn, principal: ApiPrincipal, ctx: Ctx) -
             session, ctx.signer, principal.org_id, body, now=ctx.clock.now()
         )
     return {"contact_id": contact_id, "recorded": contact_id is not None}
-
-
-# ---------------------------------------------------------------- privacy
-
-
-@router.get(
-    "/contacts/{contact_id}/export",
-    responses=READ_ERRORS,
-    summary="Everything held about this person (GDPR access), as JSON",
-)
-async def export_contact(contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> JSONResponse:
-    async with ctx.db.reader() as session:
-        data = await privacy.export_contact(session, principal, contact_id, now=ctx.clock.now())
-    return JSONResponse(
-        data,
-        headers={"Content-Disposition": f'attachment; filename="contact-{contact_id}.json"'},
-    )
-
-
-@router.post(
-    "/contacts/{contact_id}/erase",
-    response_model=EraseResult,
-    responses=WRITE_ERRORS,
-    summary="Erase a person: PII removed everywhere, activity kept anonymous, suppressed",
-)
-async def erase_contact(contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> EraseResult:
-    async with ctx.db.transaction() as session:
-        return await privacy.erase_contact(
-            session,
-            ctx.signer,
-            principal,
-            contact_id,
-            now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
-        )
-
-
-class PurgeRequest(StrictInput):
-    months: int | None = Field(default=None, ge=1, le=240)
-
-
-@router.post(
-    "/contacts/purge",
-    response_model=PurgeResult,
-    responses=WRITE_ERRORS,
-    summary="Retention: erase contacts not engaged for N months (default: the rule set)",
-)
-async def purge(body: PurgeRequest, principal: ApiPrincipal, ctx: Ctx) -> PurgeResult:
-    async with ctx.db.transaction() as session:
-        return await privacy.purge_inactive(
-            session,
-            ctx.signer,
-            principal,
-            now=ctx.clock.now(),
-            months=body.months,
-            audit_chains=ctx.settings.audit_chains,
-        )
 
 
 # ---------------------------------------------------------------- keywords, settings

@@ -17,7 +17,6 @@ Public pages take a signed token (`service.preferences_token`, the double opt-in
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +31,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from popdrop.accounts.models import Organization
 from popdrop.accounts.service import Principal
-from popdrop.audience import importer, privacy, service
+from popdrop.audience import importer, service
 from popdrop.audience.models import CONSENT_STATES, Contact, ContactLabel
 from popdrop.audience.schemas import (
     AudienceSettingsIn,
@@ -148,8 +147,6 @@ def settings_form(settings: AudienceSettingsOut) -> Form:
 
 _NOTICES = {
     "settings": "Audience settings saved.",
-    "erased": "This person is erased: their email, phone and name are gone everywhere; "
-    "their activity stays, anonymous, and their contact points stay suppressed.",
     "saved": "Segment saved.",
     "deleted": "Segment deleted.",
 }
@@ -311,94 +308,6 @@ async def export_consent(principal: Operator, ctx: Ctx) -> Response:
     return await csv_download(
         ctx, lambda session: importer.export_consent(session, principal), "consent-ledger.csv"
     )
-
-
-# ---------------------------------------------------------------- one contact
-
-
-@router.get("/audience/contacts/{contact_id}")
-async def contact_page(
-    request: Request, contact_id: ItemId, principal: Operator, ctx: Ctx
-) -> Response:
-    return await _contact_page(request, ctx, principal, contact_id)
-
-
-async def _contact_page(
-    request: Request,
-    ctx: AppContext,
-    principal: Principal,
-    contact_id: int,
-    *,
-    confirm_erase: bool = False,
-    error: PopdropError | None = None,
-) -> Response:
-    principal.require("audience:read")
-    now = ctx.clock.now()
-    async with ctx.db.reader() as session:
-        contact = await service.get_contact(session, principal, contact_id)
-        view = await service.contact_view(session, contact, now)
-        ledger = await service.consent_history(session, principal, contact_id)
-        # The page shows exactly what the JSON download holds (the right of access).
-        held = await privacy.export_contact(session, principal, contact_id, now=now)
-    context = {
-        "principal": principal,
-        "contact": view,
-        "ledger": ledger,
-        "held": held,
-        "confirm_erase": confirm_erase and view.erased_at is None,
-        "error": error,
-        "notice": _NOTICES.get(request.query_params.get("done", "")),
-        "can_write": "audience:write" in principal.scopes,
-    }
-    response = render(
-        request, "audience/contact.html", context, status=error.status if error else 200
-    )
-    response.headers.update(NO_STORE)
-    return response
-
-
-@router.get("/audience/contacts/{contact_id}/export.json")
-async def contact_export(contact_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
-    async with ctx.db.reader() as session:
-        held = await privacy.export_contact(session, principal, contact_id, now=ctx.clock.now())
-    return Response(
-        json.dumps(held, indent=2, ensure_ascii=False),
-        media_type="application/json",
-        headers={
-            "Content-Disposition": f'attachment; filename="contact-{contact_id}.json"',
-            **NO_STORE,
-        },
-    )
-
-
-@router.get("/audience/contacts/{contact_id}/erase")
-async def erase_confirm(
-    request: Request, contact_id: ItemId, principal: Operator, ctx: Ctx
-) -> Response:
-    """The confirmation step: the contact page with the irreversible button spelled out."""
-    principal.require("audience:write")
-    return await _contact_page(request, ctx, principal, contact_id, confirm_erase=True)
-
-
-@router.post("/audience/contacts/{contact_id}/erase")
-async def erase(request: Request, contact_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
-    check_csrf(request, ctx, await request.form())
-    principal.require("audience:write")
-    try:
-        async with ctx.db.transaction() as session:
-            await privacy.erase_contact(
-                session,
-                ctx.signer,
-                principal,
-                contact_id,
-                now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
-            )
-    except PopdropError as error:
-        if error.reason != "conflict":  # e.g. already erased: shown on the page
-            raise
-        return await _contact_page(request, ctx, principal, contact_id, error=error)
-    return RedirectResponse(f"/audience/contacts/{contact_id}?done=erased", status_code=303)
 
 
 # ---------------------------------------------------------------- segments

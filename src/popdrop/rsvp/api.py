@@ -2,6 +2,8 @@
 
 Public routes (no token; guarded against guessing like voucher redemption):
   POST /api/v1/public/events/{event_id}/rsvps     RSVP or join the waiting list
+                                                  (in `usecases.public_rsvp`: it also
+                                                  moves the contact's engagement)
   POST /api/v1/public/rsvps/cancel                cancel with the signed cancel token
   POST /api/v1/public/waitlist/claim              claim an offer with its voucher code
 Operator routes (token; scopes vouchers:read / vouchers:write):
@@ -18,8 +20,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
-from popdrop.audience.schemas import ActivityIn
 from popdrop.core.errors import PopdropError
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
@@ -28,7 +28,6 @@ from popdrop.rsvp.schemas import (
     CancelByToken,
     CancelRequest,
     ClaimRequest,
-    RsvpCreate,
     RsvpCreated,
     RsvpOut,
     RsvpStatus,
@@ -69,51 +68,12 @@ async def public_guarded(
         raise
 
 
-async def _event_org(ctx: AppContext, event_id: int) -> int:
+async def event_org(ctx: AppContext, event_id: int) -> int:
     async with ctx.db.reader() as session:
         return await service.event_org(session, event_id)
 
 
 # ---------------------------------------------------------------- public
-
-
-@router.post(
-    "/public/events/{event_id}/rsvps",
-    status_code=201,
-    response_model=RsvpCreated,
-    responses=error_responses(404, 409, 422, 429),
-    summary="RSVP to a slot (no token); full slot: `slot_full`, or join with waitlist=true",
-)
-async def create_rsvp(
-    event_id: ItemId, body: RsvpCreate, request: Request, ctx: Ctx
-) -> RsvpCreated:
-    org_id = await _event_org(ctx, event_id)
-
-    async def call() -> service.RsvpResult:
-        async def work(session: AsyncSession) -> Any:
-            result = await service.create_rsvp(
-                session,
-                ctx.signer,
-                event_id=event_id,
-                spec=body,
-                now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
-            )
-            # An RSVP is engagement: a known contact's recency moves (same transaction).
-            rsvp = result.rsvp
-            await audience.record_activity(
-                session,
-                ctx.signer,
-                org_id,
-                ActivityIn(kind="rsvp", email=rsvp.email, phone=rsvp.phone, event_id=event_id),
-                now=ctx.clock.now(),
-            )
-            return result
-
-        return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
-
-    result = await public_guarded(ctx, request, org_id, call)
-    return created(ctx, result)
 
 
 @router.post(
@@ -153,7 +113,7 @@ async def cancel_by_token(body: CancelByToken, request: Request, ctx: Ctx) -> Rs
     summary="Claim a waiting-list offer with its voucher code: the RSVP is confirmed",
 )
 async def claim(body: ClaimRequest, request: Request, ctx: Ctx) -> RsvpCreated:
-    org_id = await _event_org(ctx, body.event_id)
+    org_id = await event_org(ctx, body.event_id)
 
     async def call() -> service.RsvpResult:
         async def work(session: AsyncSession) -> Any:

@@ -1,0 +1,59 @@
+"""The public RSVP: book a place (or join the waiting list) and, in the same transaction,
+move the known contact's engagement (an RSVP is engagement). It spans rsvp and audience,
+so it lives above both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.audience import service as audience
+from popdrop.audience.schemas import ActivityIn
+from popdrop.core.schemas import error_responses
+from popdrop.rsvp import api as rsvp_api
+from popdrop.rsvp import service as rsvps
+from popdrop.rsvp.schemas import RsvpCreate, RsvpCreated
+from popdrop.web.params import Ctx, ItemId
+
+router = APIRouter(prefix="/api/v1", tags=["rsvps"])
+
+
+@router.post(
+    "/public/events/{event_id}/rsvps",
+    status_code=201,
+    response_model=RsvpCreated,
+    responses=error_responses(404, 409, 422, 429),
+    summary="RSVP to a slot (no token); full slot: `slot_full`, or join with waitlist=true",
+)
+async def create_rsvp(
+    event_id: ItemId, body: RsvpCreate, request: Request, ctx: Ctx
+) -> RsvpCreated:
+    org_id = await rsvp_api.event_org(ctx, event_id)
+
+    async def call() -> rsvps.RsvpResult:
+        async def work(session: AsyncSession) -> Any:
+            result = await rsvps.create_rsvp(
+                session,
+                ctx.signer,
+                event_id=event_id,
+                spec=body,
+                now=ctx.clock.now(),
+                audit_chains=ctx.settings.audit_chains,
+            )
+            # An RSVP is engagement: a known contact's recency moves (same transaction).
+            rsvp = result.rsvp
+            await audience.record_activity(
+                session,
+                ctx.signer,
+                org_id,
+                ActivityIn(kind="rsvp", email=rsvp.email, phone=rsvp.phone, event_id=event_id),
+                now=ctx.clock.now(),
+            )
+            return result
+
+        return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
+
+    result = await rsvp_api.public_guarded(ctx, request, org_id, call)
+    return rsvp_api.created(ctx, result)
