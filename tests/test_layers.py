@@ -37,8 +37,12 @@ def test_an_import_up_a_floor_breaks_the_build(tmp_path: Path) -> None:
     clock.write_text(clock.read_text() + "\nimport popdrop.chat.service  # up a floor\n")
     service = tmp_path / "popdrop" / "vouchers" / "service.py"
     service.write_text(service.read_text() + "\nimport fastapi  # HTTP in a service\n")
+    events = tmp_path / "popdrop" / "events" / "service.py"
+    events.write_text(events.read_text() + "\nimport popdrop.inventory.service  # a lower domain up\n")
     result = _lint(tmp_path)
     assert result.returncode != 0
+    assert "the floor plan" in result.stdout and "BROKEN" in result.stdout
+    assert "popdrop.events.service -> popdrop.inventory.service" in result.stdout
     assert "core imports no domain" in result.stdout
     assert "popdrop.core.clock -> popdrop.chat.service" in result.stdout
     assert "no FastAPI or Starlette in a service module BROKEN" in result.stdout
