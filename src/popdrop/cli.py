@@ -63,6 +63,7 @@ OrgOption = Annotated[str, typer.Option("--org", help="Organization slug.")]
 def _run(make: Callable[[Settings, Database, Signer], Awaitable[T]]) -> T:
     """Run one async command with a database; show refusals as `reason: message`."""
     settings = Settings()
+    audit.configure(chains=settings.audit_chains)
 
     async def main() -> T:
         db = Database(settings.resolved_database_url, pool_size=2, max_overflow=2)

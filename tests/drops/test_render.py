@@ -16,20 +16,17 @@ from popdrop.drops.render import (
     DEFAULT_EMAIL_LAYOUT,
     CompiledEmail,
     EventInfo,
-    add_utm,
     build_context,
     compile_email,
     compile_sms,
     compile_template,
-    extract_links,
-    html_to_text,
     render_email,
     render_sms,
-    rewrite_html_links,
     sms_encoding,
     sms_length,
     sms_segments,
 )
+from popdrop.drops.tracking import add_utm, extract_links, html_to_text, rewrite_html_links
 
 BASE = "https://pop.example"
 UNSUB = "https://pop.example/u/unsub-token?c=1"

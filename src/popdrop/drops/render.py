@@ -11,42 +11,50 @@ Templates run in `ImmutableSandboxedEnvironment` (no `__class__` escapes, no mut
 lists/dicts) with `StrictUndefined`, and compiling checks every variable name against the
 known context, so a typo fails the preview with its line number instead of a send.
 
-Every render is bounded (`_CappedEnvironment`): at most `MAX_RENDER_CHARS` of output per
-part (`template_too_large`) and `MAX_RENDER_SECONDS` of work (`template_too_slow`), both
-422 and both given at preview, seed test, create (a trial render) and send time. The
-bound holds inside a render too, not only on its output: `*`, `**` and `+` are
-intercepted, the string-multiplying filters and `str` methods (join, replace, indent,
-wordwrap, format, …) have their result size estimated before they run, every loop checks
-the clock per item, and `namespace` and `lipsum` (the ways to grow a value across loop
-iterations or for free) are not available.
+Every render is bounded by the sandbox (`drops.sandbox`: output size and time, 422
+`template_too_large` / `template_too_slow`, given at preview, seed test, create and send
+time). Links and the text fallback are in `drops.tracking`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import difflib
 import functools
 import re
 import time
 import traceback
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from html import escape, unescape
-from html.parser import HTMLParser
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined, meta, nodes
+from jinja2 import Template, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
 from popdrop.core.errors import PopdropError
+from popdrop.drops.sandbox import (
+    BUDGET,
+    HTML_ENV,
+    LOOP_GUARD,
+    MAX_RENDER_SECONDS,
+    TEXT_ENV,
+    Budget,
+    LimitExceeded,
+    check_size,
+)
+from popdrop.drops.tracking import (
+    Link,
+    LinkTracker,
+    Tracker,
+    html_to_text,
+    rewrite_html_links,
+    untracked,
+)
 
 Medium = Literal["email", "sms"]
 SmsEncoding = Literal["GSM-7", "UCS-2"]
-Tracker = Callable[[str], str]  # destination URL (UTM added) → signed token for /r/{token}
 
 # Names every template may use; `build_context` fills all of them (None when not known).
 RESERVED_VARS: frozenset[str] = frozenset(
@@ -129,205 +137,6 @@ def build_context(
 # -------------------------------------------------------------------------- templates
 
 
-def _fallback(value: Any, default: str = "there") -> Any:
-    """`{{ first_name | fallback("friend") }}`: the default when the value is missing,
-    None or blank. Checks Undefined first: StrictUndefined raises on bool()."""
-    if isinstance(value, Undefined) or value is None:
-        return default
-    if isinstance(value, str) and not value.strip():
-        return default
-    return value
-
-
-# ------------------------------------------------------------------------- render caps
-
-# An email part past 1 MB is no email (Gmail clips at 102 KB); a render past 2 s is a loop.
-MAX_RENDER_CHARS = 1_000_000
-MAX_RENDER_SECONDS = 2.0
-LOOP_GUARD = "popdrop_loop_guard"  # wraps every {% for %} iterable (see `_guard_loops`)
-
-
-class _LimitExceeded(Exception):
-    """Internal: raised inside a render, turned into PopdropError by `CompiledTemplate`."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass
-class _Budget:
-    deadline: float
-
-    def tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _LimitExceeded(
-                "template_too_slow", f"it took more than {MAX_RENDER_SECONDS:g} s to render"
-            )
-
-
-_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
-    "popdrop_render_budget", default=None
-)
-
-
-def _tick() -> None:
-    budget = _BUDGET.get()
-    if budget is not None:
-        budget.tick()
-
-
-def _too_large(size: int) -> _LimitExceeded:
-    return _LimitExceeded(
-        "template_too_large",
-        f"it would produce about {size:,} characters (the limit is {MAX_RENDER_CHARS:,})",
-    )
-
-
-def _check_size(size: int) -> None:
-    if size > MAX_RENDER_CHARS:
-        raise _too_large(size)
-
-
-def _sized(value: Any) -> int:
-    return len(value) if isinstance(value, str | list | tuple | dict) else 0
-
-
-def _check_args(args: Iterable[Any]) -> None:
-    for arg in args:
-        # An int argument is a width or a count; none legitimately exceeds the output cap.
-        if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > MAX_RENDER_CHARS:
-            raise _too_large(abs(arg))
-        _check_size(_sized(arg))
-
-
-_WIDE_FORMAT = re.compile(r"\d{7,}")  # a width of a million or more in a format spec
-
-
-def _join_items(separator: Any, iterable: Any) -> list[Any]:
-    """The items of a join, materialized (a generator can be counted only once), after
-    checking that the separators alone stay under the cap."""
-    items = list(iterable)
-    _check_size(len(str(separator)) * len(items))
-    return items
-
-
-def _estimate(name: str, subject: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Refuse the few operations whose result can dwarf their inputs, before they run."""
-    text = subject if isinstance(subject, str) else ""
-    first = args[0] if args else None
-    if name == "replace" and len(args) >= 2:
-        old, new = str(args[0]), str(args[1])
-        hits = len(text) + 1 if not old else text.count(old)
-        _check_size(len(text) + hits * len(new))
-    elif name == "expandtabs":
-        size = first if isinstance(first, int) else int(kwargs.get("tabsize", 8))
-        _check_size(len(text) + text.count("\t") * size)
-    elif name == "indent":
-        width = first if first is not None else kwargs.get("width", 4)
-        per_line = width if isinstance(width, int) else len(str(width))
-        _check_size(len(text) + (text.count("\n") + 1) * per_line)
-    elif name == "wordwrap":
-        width = first if isinstance(first, int) else int(kwargs.get("width", 79))
-        wrap = str(kwargs.get("wrapstring") or (args[2] if len(args) > 2 else "") or "\n")
-        _check_size(len(text) + (len(text) // max(width, 1) + 1) * len(wrap))
-    elif name == "urlize":
-        extra = sum(len(str(v)) for v in (*args, *kwargs.values()) if isinstance(v, str))
-        _check_size(len(text) * 2 + (text.count(".") + 1) * extra)
-    elif name in ("format", "format_map") and _WIDE_FORMAT.search(text):
-        raise _too_large(MAX_RENDER_CHARS + 1)
-    return None
-
-
-def _capped_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)  # keeps `jinja_pass_arg` (pass_context & co.)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        _tick()
-        _check_args((*args, *kwargs.values()))
-        # The filtered value is the first argument after an optional context/eval context.
-        offset = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
-        subject = args[offset] if len(args) > offset else None
-        rest = args[offset + 1 :]
-        if name == "join":
-            separator = rest[0] if rest else kwargs.get("d", "")
-            args = (*args[:offset], _join_items(separator, subject or ()), *rest)
-        else:
-            _estimate(name, subject, rest, kwargs)
-        result = func(*args, **kwargs)
-        _check_size(_sized(result))
-        return result
-
-    return guarded
-
-
-def _loop_guard(iterable: Any) -> Iterator[Any]:
-    """Every `{% for %}` iterates through this: the clock is checked per item, so nested
-    loops cannot run unbounded even when they print nothing."""
-    for item in iterable:
-        _tick()
-        yield item
-
-
-class _CappedEnvironment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "+"})  # also stops compile-time folding
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        _tick()
-        if operator == "*":
-            for seq, times in ((left, right), (right, left)):
-                if isinstance(times, int) and _sized(seq):
-                    _check_size(_sized(seq) * max(times, 0))
-        elif operator == "+":
-            _check_size(_sized(left) + _sized(right))
-        elif operator == "**" and isinstance(left, int | float) and isinstance(right, int | float):
-            # A huge power is pure CPU; the digits of a few thousand bits are plenty.
-            bits = abs(int(left)).bit_length() * max(int(right), 0)
-            if bits > 10_000:
-                raise _too_large(bits)
-        return super().call_binop(context, operator, left, right)
-
-    def call(
-        __self,  # the base class's parameter names, kept for the override
-        __context: Any,
-        __obj: Any,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        _tick()
-        _check_args((*args, *kwargs.values()))
-        # The sandbox hands `str.format` over wrapped; the bound method is `__wrapped__`.
-        method = getattr(__obj, "__wrapped__", __obj)
-        owner = getattr(method, "__self__", None)
-        if isinstance(owner, str):
-            name = getattr(method, "__name__", "")
-            if name == "join" and args:
-                args = (_join_items(owner, args[0]), *args[1:])
-            else:
-                _estimate(name, owner, args, kwargs)
-        result = super().call(__context, __obj, *args, **kwargs)
-        _check_size(_sized(result))
-        return result
-
-
-def _make_env(autoescape: bool) -> ImmutableSandboxedEnvironment:
-    env = _CappedEnvironment(
-        autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=False
-    )
-    env.filters["fallback"] = _fallback
-    env.filters = {name: _capped_filter(name, f) for name, f in env.filters.items()}
-    # `namespace` is the one way to carry a value across loop iterations (doubling it 40
-    # times is a terabyte); `lipsum(n)` is n paragraphs of filler nobody sends.
-    del env.globals["namespace"], env.globals["lipsum"]
-    env.globals[LOOP_GUARD] = _loop_guard
-    return env
-
-
-# Two environments: HTML parts autoescape (a first name of "<script>" stays text), plain
-# parts (subject, text, SMS) must not, or "Tom & Jerry" would arrive as "Tom &amp; Jerry".
-_HTML_ENV = _make_env(autoescape=True)
-_TEXT_ENV = _make_env(autoescape=False)
-
-
 @dataclass(frozen=True, eq=False)
 class CompiledTemplate:
     part: str  # "subject", "text", "html", "preheader", "sms" — named in error messages
@@ -335,18 +144,18 @@ class CompiledTemplate:
     template: Template
 
     def render(self, context: Mapping[str, Any]) -> str:
-        budget = _Budget(time.monotonic() + MAX_RENDER_SECONDS)
-        token = _BUDGET.set(budget)
+        budget = Budget(time.monotonic() + MAX_RENDER_SECONDS)
+        token = BUDGET.set(budget)
         try:
             out: list[str] = []
             size = 0
             for chunk in self.template.generate(context):
                 size += len(chunk)
-                _check_size(size)
+                check_size(size)
                 budget.tick()
                 out.append(chunk)
             return "".join(out)
-        except _LimitExceeded as exc:
+        except LimitExceeded as exc:
             raise PopdropError(
                 exc.reason,
                 f"{self.part} template: {exc}",
@@ -362,7 +171,7 @@ class CompiledTemplate:
                 detail={"part": self.part, "line": line},
             ) from exc
         finally:
-            _BUDGET.reset(token)
+            BUDGET.reset(token)
 
 
 def _filename(part: str) -> str:
@@ -431,7 +240,7 @@ def _guard_loops(ast: nodes.Template) -> None:
 def _compile_cached(
     source: str, part: str, html: bool, known: frozenset[str] | None
 ) -> CompiledTemplate:
-    env = _HTML_ENV if html else _TEXT_ENV
+    env = HTML_ENV if html else TEXT_ENV
     try:
         ast = env.parse(source, name=part, filename=_filename(part))
     except TemplateSyntaxError as exc:
@@ -531,220 +340,6 @@ def check_render_limits(compiled: CompiledEmail | CompiledSms) -> None:
                 raise
 
 
-# ------------------------------------------------------------------------------ links
-
-
-@functools.lru_cache(maxsize=4096)  # the same shop links recur in every message of a drop
-@functools.lru_cache(maxsize=4096)  # a drop's links repeat in every message
-def add_utm(url: str, medium: str, campaign: str) -> str:
-    """Append utm_source=popdrop, utm_medium and utm_campaign — unless the URL already
-    carries any utm_* parameter (the author's tagging wins, all of it). The existing query
-    string is kept byte for byte; only the new pair list is encoded."""
-    parts = urlsplit(url)
-    keys = (k.lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    if any(k.startswith("utm_") for k in keys):
-        return url
-    extra = urlencode({"utm_source": "popdrop", "utm_medium": medium, "utm_campaign": campaign})
-    query = f"{parts.query}&{extra}" if parts.query else extra
-    return urlunsplit(parts._replace(query=query))
-
-
-# A URL in plain text ends at whitespace or a character that cannot appear unescaped in
-# one; trailing punctuation ("see https://x.io/a.") is trimmed afterwards.
-_TEXT_URL = re.compile(r"https?://[^\s<>\"'`{}|\\^\[\]]+", re.IGNORECASE)
-_TRAILING = ".,;:!?*'\""
-
-
-def _trim(url: str) -> str:
-    while url and (url[-1] in _TRAILING or (url[-1] == ")" and url.count("(") < url.count(")"))):
-        url = url[:-1]
-    return url
-
-
-@dataclass(frozen=True)
-class Link:
-    url: str  # the destination, UTM parameters included
-    tracked: str  # {base_url}/r/{token}
-
-
-def _untracked(context: Mapping[str, Any], no_track: Collection[str]) -> set[str]:
-    urls = {context.get("unsubscribe_url"), context.get("preferences_url"), *no_track}
-    return {u for u in urls if isinstance(u, str) and u}
-
-
-class _LinkTracker:
-    """Per message: decides which URLs are tracked and signs each destination once."""
-
-    def __init__(
-        self,
-        tracker: Tracker,
-        base_url: str,
-        medium: str,
-        campaign: str,
-        skip: Collection[str],
-    ) -> None:
-        self.tracker = tracker
-        self.prefix = base_url.rstrip("/") + "/r/"
-        self.medium = medium
-        self.campaign = campaign
-        self.skip = {s for s in skip if s}
-        self.links: dict[str, Link] = {}
-
-    def rewrite(self, url: str) -> str:
-        stripped = url.strip()
-        scheme = urlsplit(stripped).scheme.lower() if "://" in stripped else ""
-        # Only web links: mailto:, tel:, sms:, "#anchor" and relative links stay as they
-        # are, and so do unsubscribe/preferences (they must work without the redirect
-        # and must not count as a click) and links that are already tracked.
-        if scheme not in ("http", "https") or stripped in self.skip:
-            return url
-        if stripped.startswith(self.prefix):
-            return url
-        if stripped not in self.links:
-            destination = add_utm(stripped, self.medium, self.campaign)
-            self.links[stripped] = Link(destination, self.prefix + self.tracker(destination))
-        return self.links[stripped].tracked
-
-    def rewrite_text(self, text: str) -> str:
-        def sub(m: re.Match[str]) -> str:
-            url = _trim(m.group(0))
-            return self.rewrite(url) + m.group(0)[len(url) :]
-
-        return _TEXT_URL.sub(sub, text)
-
-
-# Why a tokenizing regex and not `html.parser`: both are correct on what matters here, but
-# the parser walks every tag in Python and cost ~1 ms per 4 KB email, a third of the send
-# budget (bench target: 5,000 msg/s). So the regex below does what a parser would, in C:
-# it scans the document once, left to right, and consumes as whole tokens the places where
-# `<a href>` is NOT a link — comments, <script>/<style>/<title>/<textarea> raw text, CDATA,
-# and every other tag whole (an attribute value may hold "<a href=…>") — so a match of the
-# <a>/<area> branch is always a real start tag. Its attributes are
-# then read with the HTML tokenizer's rules (quoted values may hold ">" or " href="), and
-# only the first href's value is replaced; every other byte of the document is kept.
-# Possessive quantifiers (Python ≥ 3.11) keep it linear on malformed input.
-# tests/drops/test_render.py checks it against html.parser on tricky documents.
-_HTML_TOKENS = re.compile(
-    r"""
-      <!--.*?(?:-->|\Z)
-    | <(?P<raw>script|style|title|textarea)(?=[\s/>])[^>]*+>.*?(?:</(?P=raw)\s*>|\Z)
-    | <!\[CDATA\[.*?(?:\]\]>|\Z)
-    | <(?:a|area)(?=[\s/>])
-      (?P<attrs>(?:\s++|/|[^\s"'>/=]++(?:\s*+=\s*+(?:"[^"]*+"|'[^']*+'|[^\s"'>]++))?+)*+)
-      >
-    | </?[a-zA-Z][^\s/>]*+
-      (?:\s++|/|[^\s"'>/=]++(?:\s*+=\s*+(?:"[^"]*+"|'[^']*+'|[^\s"'>]++))?+)*+
-      >
-    """,
-    re.IGNORECASE | re.DOTALL | re.VERBOSE,
-)
-_ATTR = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s"'>]+))?""")
-# Any tag, for finding the text between tags (extract_links only).
-_ANY_TAG = re.compile(r"""</?[a-zA-Z!?](?:[^"'>]|"[^"]*"|'[^']*')*>""")
-
-
-def _hrefs(html: str) -> Iterator[tuple[int, int, str]]:
-    """(start, end, url) of the first href value of every <a>/<area> start tag; the span
-    includes any quotes, the url is entity-decoded (`&amp;` → `&`) as a browser reads it."""
-    for token in _HTML_TOKENS.finditer(html):
-        attrs = token.group("attrs")
-        if attrs is None:
-            continue
-        offset = token.start("attrs")
-        for attr in _ATTR.finditer(attrs):
-            if attr.group(1).lower() != "href":
-                continue
-            raw = attr.group(2)
-            if raw is not None:
-                value = raw[1:-1] if raw[0] in "\"'" else raw
-                yield offset + attr.start(2), offset + attr.end(2), unescape(value)
-            break  # as in browsers, the first href counts
-
-
-def rewrite_html_links(html: str, rewrite: Callable[[str], str]) -> str:
-    """Apply `rewrite` to the href of every <a>/<area> start tag."""
-    out: list[str] = []
-    pos = 0
-    for start, end, url in _hrefs(html):
-        new = rewrite(url)
-        if new != url:
-            out.append(html[pos:start])
-            out.append(f'"{escape(new)}"')
-            pos = end
-    out.append(html[pos:])
-    return "".join(out)
-
-
-def extract_links(html_or_text: str) -> list[str]:
-    """Every link in a message: the hrefs of HTML anchors (any scheme, in order), then the
-    http(s) URLs written as text outside tags. Duplicates are kept. The seed test follows
-    them all."""
-    found = [url for _, _, url in _hrefs(html_or_text)]
-    is_html = _ANY_TAG.search(html_or_text) is not None
-    text = html_or_text
-    if is_html:
-        # Drop comments/scripts first (their own token), then every tag; decode entities.
-        text = _HTML_TOKENS.sub(" ", text)
-        text = unescape(_ANY_TAG.sub(" ", text))
-    found.extend(_trim(m.group(0)) for m in _TEXT_URL.finditer(text))
-    return found
-
-
-# ----------------------------------------------------------------------- html → text
-
-
-class _TextExtractor(HTMLParser):
-    _BLOCK = frozenset(
-        {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "hr"}
-    )
-    _SKIP = frozenset({"style", "script", "head", "title"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip_depth = 0
-        self.href: str | None = None
-        self.anchor_text: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self.skip_depth += 1
-        elif tag in self._BLOCK:
-            self.out.append("\n")
-        if tag == "li":
-            self.out.append("- ")
-        if tag == "a":
-            self.href = dict(attrs).get("href")
-            self.anchor_text = []
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self.skip_depth = max(0, self.skip_depth - 1)
-        elif tag in ("p", "div", "table", "h1", "h2", "h3", "h4", "h5", "h6"):
-            self.out.append("\n")
-        if tag == "a" and self.href:
-            label = "".join(self.anchor_text).strip()
-            if self.href.startswith(("http://", "https://")) and self.href != label:
-                self.out.append(f" ({self.href})")
-            self.href = None
-
-    def handle_data(self, data: str) -> None:
-        if self.skip_depth:
-            return
-        self.out.append(data)
-        if self.href is not None:
-            self.anchor_text.append(data)
-
-
-def html_to_text(html: str) -> str:
-    """A readable text part from HTML, for emails written only in HTML."""
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    lines = (re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in "".join(parser.out).split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
 # ----------------------------------------------------------------------- email layout
 
 # One 600px column of nested tables (the only layout every client, Outlook included,
@@ -823,7 +418,7 @@ _SLOTS = re.compile("\ue000([a-z_]+)\ue001")
 
 
 def _only_printed_or_tested(source: str) -> bool:
-    ast = _HTML_ENV.parse(source)
+    ast = HTML_ENV.parse(source)
     allowed: set[int] = set()
     for output in ast.find_all(nodes.Output):
         allowed.update(id(n) for n in output.nodes if isinstance(n, nodes.Name))
@@ -900,12 +495,12 @@ def render_email(
     """Render one recipient's email. Links in the drop's HTML and text are rewritten to
     `{base_url}/r/{token}`; the layout's own links (unsubscribe, preferences) are added
     after the rewrite because they must never go through the redirect."""
-    links = _LinkTracker(
+    links = LinkTracker(
         tracker,
         base_url,
         medium,
         campaign,
-        skip=_untracked(context, no_track),
+        skip=untracked(context, no_track),
     )
     # A subject is a header: newlines in it (from a variable) would inject headers.
     subject = " ".join(compiled.subject.render(context).split())
@@ -955,12 +550,12 @@ def render_sms(
 ) -> RenderedSms:
     """Render one recipient's SMS; segments are counted after the URLs are rewritten,
     since the tracked URL is what the carrier bills."""
-    links = _LinkTracker(
+    links = LinkTracker(
         tracker,
         base_url,
         medium,
         campaign,
-        skip=_untracked(context, no_track),
+        skip=untracked(context, no_track),
     )
     body = links.rewrite_text(compiled.body.render(context)).strip()
     info = sms_length(body)
