@@ -14,6 +14,10 @@ flow's `error_text`, it never hangs.
 Effects are plain data applied by the caller (chat.service) in one transaction. Secrets
 an effect returns (voucher code, ticket secret, checkout link) live in `state.secrets`
 for the rest of the turn only: they are never serialised with the state.
+
+Over 900 lines on purpose: it is one concern, the step function, and the vocabulary it
+reads and writes (facts, effects, templates) must change together with it; splitting it
+would scatter a pure function's invariants over several files.
 """
 
 from __future__ import annotations

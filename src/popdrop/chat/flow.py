@@ -11,6 +11,10 @@ errors as `{"line", "field", "message"}`.
 
 Docs and a short example: docs/chat.md. JSON Schema: `flow_json_schema()` (published as
 docs/chat-flow.schema.json).
+
+Over 900 lines on purpose: it is one concern, the flow format. Every node type's schema,
+the cross-checks between nodes and the published JSON Schema are generated from the same
+pydantic models, which must be read together.
 """
 
 from __future__ import annotations
