@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from popdrop.accounts import service as accounts
 from popdrop.accounts.service import ROLES
 from popdrop.app import build_context, create_app
+from popdrop.core import audit
 from popdrop.core.clock import FrozenClock
-from popdrop.core.config import Settings
+from popdrop.core.config import DEFAULT_AUDIT_CHAINS, Settings
 from popdrop.core.migrate import upgrade
 from popdrop.web.context import AppContext
 
@@ -85,6 +86,15 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         redis_url=None,
         _env_file=None,  # type: ignore[call-arg]
     )
+
+
+@pytest.fixture(autouse=True)
+def default_audit_chains() -> Iterator[None]:
+    """The audit ledger's chain count is per process (`build_context` configures it from
+    the settings); a test that builds a context with another count must not leak it."""
+    audit.configure(chains=DEFAULT_AUDIT_CHAINS)
+    yield
+    audit.configure(chains=DEFAULT_AUDIT_CHAINS)
 
 
 @pytest.fixture

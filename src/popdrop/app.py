@@ -30,6 +30,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from popdrop import __version__
+from popdrop.core import audit
 from popdrop.core.clock import Clock, SystemClock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database
@@ -65,6 +66,12 @@ _STATUS_REASON = {
 
 
 def build_context(settings: Settings, clock: Clock | None = None) -> AppContext:
+    """The process's shared services, built from its settings (the composition root).
+
+    Deployment constants that the domains read without being handed them are configured
+    here too: the audit ledger's chain count.
+    """
+    audit.configure(chains=settings.audit_chains)
     counter: FailureCounter = MemoryCounter()
     if settings.redis_url:
         counter = FallbackCounter(

@@ -27,6 +27,7 @@ from popdrop.audience.models import (
 )
 from popdrop.audience.schemas import AudienceSettingsIn, SegmentIn, SegmentRules
 from popdrop.chat import service as chat
+from popdrop.core import audit
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database, table_of
@@ -50,6 +51,7 @@ DEMO_EMAIL = "owner@demo.popdrop.test"
 
 
 async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, Any]:
+    audit.configure(chains=settings.audit_chains)
     now = SystemClock().now()
     password = secrets.token_urlsafe(12)
     codes_file = settings.data_dir / "demo-codes.csv"

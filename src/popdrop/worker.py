@@ -29,6 +29,7 @@ from popdrop.chat import tasks as chat_tasks
 from popdrop.chat.service import ChatDeps
 from popdrop.chat.tasks import ChatChannels
 from popdrop.chat.telegram import TelegramBot
+from popdrop.core import audit
 from popdrop.core.clock import Clock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database
@@ -85,6 +86,7 @@ class Worker:
     """One per process: the broker, its tasks, the sender and the periodic tick."""
 
     def __init__(self, settings: Settings, db: Database, signer: Signer, clock: Clock) -> None:
+        audit.configure(chains=settings.audit_chains)
         self.settings = settings
         self.db = db
         self.clock = clock
@@ -112,7 +114,7 @@ class Worker:
 
         self.send_drop = Kicker(self.broker.register_task(send_drop, task_name="popdrop.send_drop"))
         self._busy = False
-        self.chat_deps = ChatDeps(signer, settings.base_url, settings.audit_chains)
+        self.chat_deps = ChatDeps(signer, settings.base_url)
         bot = None
         if settings.telegram_bot_token:
             bot = TelegramBot(settings.telegram_api_url, settings.telegram_bot_token)

@@ -13,10 +13,12 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
+from popdrop.app import build_context, create_app
 from popdrop.core import audit
 from popdrop.core.audit import AuditEntry
+from popdrop.core.config import DEFAULT_AUDIT_CHAINS, Settings
 from popdrop.web.context import AppContext
-from tests.conftest import SECRET, Tenant, issue
+from tests.conftest import SECRET, Tenant, issue, make_tenant
 
 POPDROP = [sys.executable, "-m", "popdrop"]
 
@@ -158,7 +160,63 @@ def test_cli_verify_catches_a_rehashed_edit_and_a_dropped_tail(
 
 def test_chain_choice_is_stable_and_total() -> None:
     # Found by schemathesis: a tag like "³" passed str.isdigit() and then broke int().
-    assert audit.chain_for("voucher:42", 8) == 42 % 8
+    assert audit.chain_count() == DEFAULT_AUDIT_CHAINS  # unconfigured: the settings' default
+    assert audit.chain_for("voucher:42") == 42 % DEFAULT_AUDIT_CHAINS
     for subject in ("tag:³", "tag:٣", "batch:", "tag:sat", "x"):
-        assert 0 <= audit.chain_for(subject, 8) < 8
-        assert audit.chain_for(subject, 8) == audit.chain_for(subject, 8)
+        assert 0 <= audit.chain_for(subject) < DEFAULT_AUDIT_CHAINS
+        assert audit.chain_for(subject) == audit.chain_for(subject)
+
+
+def test_the_chain_count_is_configured_once_and_must_be_positive() -> None:
+    audit.configure(chains=3)
+    assert audit.chain_count() == 3
+    assert audit.chain_for("voucher:42") == 42 % 3
+    with pytest.raises(ValueError, match="at least 1"):
+        audit.configure(chains=0)
+    assert audit.chain_count() == 3
+
+
+async def test_a_context_with_another_chain_count_writes_and_verifies(
+    settings: Settings, ctx: AppContext
+) -> None:
+    """`build_context` configures the ledger from its settings; entries written with one
+    count and then another all verify (verify walks the chains that exist)."""
+    few = build_context(settings.model_copy(update={"audit_chains": 2}), clock=ctx.clock)
+    try:
+        assert audit.chain_count() == 2
+        tenant = await make_tenant(few)
+        transport = httpx.ASGITransport(app=create_app(ctx=few))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            _batch, codes = await issue(client, tenant, quantity=6)
+            for code in codes:
+                redeemed = await client.post(
+                    "/api/v1/vouchers/redeem", json={"code": code}, headers=tenant.headers
+                )
+                assert redeemed.status_code == 200, redeemed.text
+        async with few.db.reader() as session:
+            chains = set(
+                await session.scalars(
+                    select(AuditEntry.chain).where(AuditEntry.org_id == tenant.org_id)
+                )
+            )
+        assert chains == {0, 1}
+        # Back to the deployment default (another context in the same process).
+        build_context(settings, clock=ctx.clock)
+        assert audit.chain_count() == DEFAULT_AUDIT_CHAINS
+        async with ctx.db.transaction() as session:
+            await audit.append(
+                session,
+                org_id=tenant.org_id,
+                actor="test",
+                action="test.note",
+                subject="note:7",
+                payload={},
+                at=ctx.clock.now(),
+            )
+        async with ctx.db.reader() as session:
+            result = await audit.verify(session, tenant.org_id)
+        assert result.ok, result.describe()
+        assert result.entries == 1 + 6 + 1
+    finally:
+        await few.guard.counter.close()
+        await few.db.dispose()

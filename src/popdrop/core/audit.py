@@ -1,11 +1,17 @@
 """The append-only, hash-chained audit ledger.
 
-Each organization's ledger is `audit_chains` parallel hash chains, so concurrent writers
+Each organization's ledger is a number of parallel hash chains, so concurrent writers
 queue per chain instead of on one global lock. An entry lands on the chain picked by its
-subject (one subject's history stays in order on one chain). Each entry stores
-`hash = sha256(prev_hash || entry_digest)`, where the entry digest covers every field,
-including the digest of its payload. `verify` recomputes every chain and checks that
-each chain's head matches its last entry, so an edited, inserted or dropped entry shows.
+subject (one subject's history stays in order on one chain). The number of chains is a
+deployment constant (`Settings.audit_chains`), given to the ledger once per process at
+start-up with `configure` (the app, worker, CLI and demo do it); callers never pass it.
+Verification does not depend on it: `verify` walks whatever chains exist, so a changed
+count still verifies (later entries of a subject may then land on another chain).
+
+Each entry stores `hash = sha256(prev_hash || entry_digest)`, where the entry digest
+covers every field, including the digest of its payload. `verify` recomputes every
+chain and checks that each chain's head matches its last entry, so an edited, inserted
+or dropped entry shows.
 On PostgreSQL a trigger (see the migration) refuses UPDATE, DELETE and TRUNCATE.
 """
 
@@ -35,6 +41,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import ColumnElement
 
+from popdrop.core.config import DEFAULT_AUDIT_CHAINS
 from popdrop.core.db import (
     AUDIT_WRITE_ORDER,
     Base,
@@ -106,9 +113,32 @@ def chain_hash(prev_hash: str, digest: str) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + bytes.fromhex(digest)).hexdigest()
 
 
-def chain_for(subject: str, chains: int) -> int:
-    """`kind:<number>` subjects go to chain number % chains (the database can compute that
-    too, see vouchers.service); any other subject by a checksum."""
+_configured_chains = DEFAULT_AUDIT_CHAINS
+
+
+def configure(*, chains: int) -> None:
+    """Set the number of chains per organization for this process.
+
+    Called once at start-up by every entry point (`app.build_context`, the worker, the
+    CLI, the demo) with `Settings.audit_chains`; until then the ledger uses the settings'
+    default. The value is per process: building a context from other settings configures
+    the ledger anew.
+    """
+    if chains < 1:
+        raise ValueError(f"audit chains must be at least 1, not {chains}")
+    global _configured_chains  # one deployment constant, set at start-up
+    _configured_chains = chains
+
+
+def chain_count() -> int:
+    """The number of chains per organization this process writes to."""
+    return _configured_chains
+
+
+def chain_for(subject: str, _legacy_chains: int | None = None) -> int:  # TEMP: legacy arg
+    """`kind:<number>` subjects go to chain number % chain_count() (the database can
+    compute that too, see vouchers.service); any other subject by a checksum."""
+    chains = _configured_chains
     _kind, _, ident = subject.partition(":")
     if ident.isascii() and ident.isdigit():  # not "³": str.isdigit() says yes to it
         return int(ident) % chains
@@ -165,15 +195,15 @@ async def append(
     subject: str,
     payload: dict[str, Any],
     at: datetime,
-    chains: int,
+    chains: int | None = None,  # TEMP: ignored, removed once every caller is converted
 ) -> None:
-    """Append one entry inside the caller's transaction.
+    """Append one entry inside the caller's transaction, on its subject's chain.
 
     The chain head stays row-locked until the caller commits, so entries of one chain
     are appended one at a time and in order. In a transaction that defers hot writes
     (`db.defer_hot_writes`) the append runs just before the commit.
     """
-    chain = chain_for(subject, chains)
+    chain = chain_for(subject)
 
     async def write() -> None:
         conn = await session.connection()

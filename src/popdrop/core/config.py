@@ -14,6 +14,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Parallel audit hash chains per organization (see core.audit); the ledger uses this
+# count until the process configures its own at start-up.
+DEFAULT_AUDIT_CHAINS = 8
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POPDROP_", env_file=".env", extra="ignore")
@@ -47,7 +51,7 @@ class Settings(BaseSettings):
     # in-process and tries Redis again after `redis_retry_seconds`.
     redis_timeout_seconds: float = Field(default=0.25, gt=0)
     redis_retry_seconds: float = Field(default=5.0, gt=0)
-    audit_chains: int = Field(default=8, ge=1, le=64)
+    audit_chains: int = Field(default=DEFAULT_AUDIT_CHAINS, ge=1, le=64)
     token_cache_seconds: float = 2.0
     session_max_age_seconds: int = 12 * 3600
     # Login throttle: failed password logins per account and per address in a fixed window;
