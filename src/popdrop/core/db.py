@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase
 
 from popdrop.core.clock import ensure_utc
+from popdrop.core.logging import log
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -157,6 +158,42 @@ async def run_late_writes(session: AsyncSession) -> None:
         await write()
 
 
+# ---------------------------------------------------------------- after-commit hooks
+#
+# Work that must only happen once a transaction's rows are visible (kick the worker to
+# send a drop, drain the notification outbox) is registered on the session and run by
+# `Database.transaction` after a successful commit, outside the SQLite write lock; a
+# rolled-back transaction runs none. Hooks only wake background work up (the database
+# stays the truth and the worker tick re-finds whatever a lost hook would have done), so
+# a failing hook is logged, never raised: the caller's transaction already committed.
+#
+# `after_commit` takes a callable (the caller knows what to run); `signal_after_commit`
+# takes a topic, for layers that cannot know who listens (the outbox, below the worker):
+# the process subscribes to a topic once (`Database.on_commit_signal`).
+
+_AFTER_COMMIT = "popdrop.after_commit"
+AfterCommit = Callable[[], Awaitable[Any]]
+
+
+def after_commit(session: AsyncSession, hook: AfterCommit, *, key: str | None = None) -> None:
+    """Run `hook` once this session's transaction has committed (never after a rollback).
+    Hooks registered under the same `key` run once."""
+    hooks: dict[object, AfterCommit] = session.info.setdefault(_AFTER_COMMIT, {})
+    hooks.setdefault(key if key is not None else object(), hook)
+
+
+def signal_after_commit(session: AsyncSession, topic: str) -> None:
+    """After this transaction commits, call every listener of `topic` (once per topic)."""
+    topics: set[str] = session.info.setdefault(_AFTER_COMMIT + ".topics", set())
+    topics.add(topic)
+
+
+def _take_after_commit(session: AsyncSession) -> tuple[list[AfterCommit], set[str]]:
+    hooks: dict[object, AfterCommit] = session.info.pop(_AFTER_COMMIT, {})
+    topics: set[str] = session.info.pop(_AFTER_COMMIT + ".topics", set())
+    return list(hooks.values()), topics
+
+
 class Database:
     """Owns the engine and hands out sessions; one per process.
 
@@ -170,22 +207,42 @@ class Database:
         self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if is_sqlite(url) else None
+        self._commit_listeners: dict[str, list[AfterCommit]] = {}
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def on_commit_signal(self, topic: str, listener: AfterCommit) -> None:
+        """Call `listener` after every committed transaction that signalled `topic`."""
+        self._commit_listeners.setdefault(topic, []).append(listener)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A session inside one transaction: committed on success, rolled back on error."""
+        """A session inside one transaction: committed on success, rolled back on error;
+        after a commit (and outside the write lock) its after-commit hooks run."""
         if self._write_lock is None:
-            async with self.sessions() as session, session.begin():
-                yield session
-                await run_late_writes(session)
-            return
-        async with self._write_lock, self.sessions() as session, session.begin():
-            yield session
-            await run_late_writes(session)
+            async with self.sessions() as session:
+                async with session.begin():
+                    yield session
+                    await run_late_writes(session)
+                hooks, topics = _take_after_commit(session)
+        else:
+            async with self._write_lock, self.sessions() as session:
+                async with session.begin():
+                    yield session
+                    await run_late_writes(session)
+                hooks, topics = _take_after_commit(session)
+        await self._run_after_commit(hooks, topics)
+
+    async def _run_after_commit(self, hooks: list[AfterCommit], topics: set[str]) -> None:
+        for topic in sorted(topics):
+            hooks += self._commit_listeners.get(topic, [])
+        for hook in hooks:
+            try:
+                await hook()
+            except Exception as exc:  # committed already: a wake-up lost is re-found by the tick
+                log.warning("after-commit hook failed", error=repr(exc))
 
     async def in_transaction(
         self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3

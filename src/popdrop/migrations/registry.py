@@ -23,6 +23,7 @@ def target_metadata() -> MetaData:
     import popdrop.events.models
     import popdrop.inventory.models
     import popdrop.outbound.models
+    import popdrop.outbound.outbox
     import popdrop.rsvp.models
     import popdrop.vouchers.models  # noqa: F401
 
