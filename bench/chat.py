@@ -34,7 +34,7 @@ from typing import Any
 
 import _common as common
 import _loadgen
-from popdrop.chat import service as chat
+from popdrop.chat import flow_store
 from popdrop.core.db import Database
 from popdrop.core.migrate import upgrade
 from popdrop.events import service as events
@@ -99,7 +99,7 @@ async def seed(url: str) -> int:
                         StockSet(variant_id=variant.id, lane_id=lane.id, total=10_000),
                         now=now,
                     )
-            await chat.publish_default_flow(session, owner.org_id, event.id, now=now)
+            await flow_store.publish_default_flow(session, owner.org_id, event.id, now=now)
             return owner.org_id
     finally:
         await db.dispose()

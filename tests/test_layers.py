@@ -34,7 +34,7 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
 def test_an_import_up_a_floor_breaks_the_build(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "src" / "popdrop", tmp_path / "popdrop")
     clock = tmp_path / "popdrop" / "core" / "clock.py"
-    clock.write_text(clock.read_text() + "\nimport popdrop.chat.service  # up a floor\n")
+    clock.write_text(clock.read_text() + "\nimport popdrop.chat.turn  # up a floor\n")
     service = tmp_path / "popdrop" / "vouchers" / "service.py"
     service.write_text(service.read_text() + "\nimport fastapi  # HTTP in a service\n")
     events = tmp_path / "popdrop" / "events" / "service.py"
@@ -44,5 +44,5 @@ def test_an_import_up_a_floor_breaks_the_build(tmp_path: Path) -> None:
     assert "the floor plan" in result.stdout and "BROKEN" in result.stdout
     assert "popdrop.events.service -> popdrop.inventory.service" in result.stdout
     assert "core imports no domain" in result.stdout
-    assert "popdrop.core.clock -> popdrop.chat.service" in result.stdout
+    assert "popdrop.core.clock -> popdrop.chat.turn" in result.stdout
     assert "no FastAPI or Starlette in a service module BROKEN" in result.stdout

@@ -26,7 +26,7 @@ from popdrop.audience.models import (
     Suppression,
 )
 from popdrop.audience.schemas import AudienceSettingsIn, SegmentIn, SegmentRules
-from popdrop.chat import service as chat
+from popdrop.chat import flow_store
 from popdrop.core import audit
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
@@ -125,7 +125,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
             )
             event_id = await _seed_event(session, signer, principal, settings, now)
             # The web chat widget (/chat/demo) runs the shipped flow on this event.
-            await chat.publish_default_flow(session, org.id, event_id, now=now)
+            await flow_store.publish_default_flow(session, org.id, event_id, now=now)
             await _seed_audience(session, signer, principal, event_id, now)
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             with codes_file.open("w", newline="") as handle:

@@ -26,7 +26,7 @@ from taskiq.exceptions import SendTaskError
 
 from popdrop.chat import live
 from popdrop.chat import tasks as chat_tasks
-from popdrop.chat.service import ChatDeps
+from popdrop.chat.conversations import ChatDeps
 from popdrop.chat.tasks import ChatChannels
 from popdrop.chat.telegram import TelegramBot
 from popdrop.core import audit

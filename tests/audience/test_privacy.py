@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 from sqlalchemy import String, Text, select
 
+from popdrop.chat import conversations, flow_store
 from popdrop.chat import inbound as chat_inbound
-from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.core.clock import FrozenClock
 from popdrop.core.db import Base
@@ -89,8 +89,10 @@ async def _person_everywhere(
         )
     # A chat over SMS from their phone, where they also type their email.
     async with ctx.db.transaction() as session:
-        await chat.publish_default_flow(session, tenant.org_id, shop.event_id, now=ctx.clock.now())
-    chat_deps = chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+        await flow_store.publish_default_flow(
+            session, tenant.org_id, shop.event_id, now=ctx.clock.now()
+        )
+    chat_deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
     for text in ("hi", email):
         await chat_inbound.handle(
             ctx.db,

@@ -9,8 +9,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from sqlalchemy import select, update
 
-from popdrop.chat import host
-from popdrop.chat import service as chat
+from popdrop.chat import host, turn
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import Card, Carousel, Text
 from popdrop.core.clock import FrozenClock
@@ -52,7 +51,7 @@ async def command(ctx: AppContext, tenant: Tenant, text: str, address: str = HOS
     return texts(result.messages)
 
 
-def carousel_of(result: chat.TurnResult) -> Carousel:
+def carousel_of(result: turn.TurnResult) -> Carousel:
     [carousel] = [m for m in result.messages if isinstance(m, Carousel)]
     return carousel
 

@@ -13,8 +13,8 @@ from sqlalchemy import func, select, update
 
 from popdrop.app import build_context
 from popdrop.audience.models import Suppression
+from popdrop.chat import console, conversations, flow_store, stats, turn
 from popdrop.chat import inbound as chat_inbound
-from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.flow import FlowError, shipped_source
 from popdrop.chat.messages import Buttons, Carousel, Countdown, OutMessage, QrTicket, Text
@@ -33,16 +33,16 @@ from tests.conftest import Tenant, make_tenant
 from tests.events.helpers import Shop, make_shop
 
 
-def deps(ctx: AppContext) -> chat.ChatDeps:
-    return chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+def deps(ctx: AppContext) -> conversations.ChatDeps:
+    return conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
 
 
 async def publish(ctx: AppContext, tenant: Tenant, shop: Shop, source: str | None = None) -> int:
     async with ctx.db.transaction() as session:
-        row = await chat.publish_flow(
+        row = await flow_store.publish_flow(
             session,
             tenant.org_id,
-            chat.DEFAULT_FLOW_KEY,
+            flow_store.DEFAULT_FLOW_KEY,
             source or shipped_source("popup_drop"),
             now=ctx.clock.now(),
             event_id=shop.event_id,
@@ -57,7 +57,7 @@ async def say(
     *,
     channel: str = "web",
     address: str = "widget-session-1",
-) -> chat.TurnResult:
+) -> turn.TurnResult:
     inbound = Inbound.of_text(what) if isinstance(what, str) else what
     return await chat_inbound.handle(
         ctx.db,
@@ -155,7 +155,7 @@ async def test_default_flow_end_to_end_rsvp_voucher_ticket_reminder_nps(
     )
     assert checked.status_code == 200, checked.text
     stored = "\n".join(transcript)
-    assert code not in stored and ticket.secret not in stored and chat.REDACTED in stored
+    assert code not in stored and ticket.secret not in stored and turn.REDACTED in stored
 
     # The reminder two hours before the slot, then the day-after survey.
     assert await chat_wake(ctx, tenant, clock.now() + timedelta(hours=21)) == []
@@ -172,8 +172,8 @@ async def test_default_flow_end_to_end_rsvp_voucher_ticket_reminder_nps(
     assert thanks.status == "done" and "Thank you" in texts(thanks.messages)
 
     async with ctx.db.reader() as session:
-        funnel = await chat.funnel(session, tenant.org_id, event_id=shop.event_id)
-        drop_off = await chat.node_dropoff(session, tenant.org_id, chat.DEFAULT_FLOW_KEY, 1)
+        funnel = await stats.funnel(session, tenant.org_id, event_id=shop.event_id)
+        drop_off = await stats.node_dropoff(session, tenant.org_id, flow_store.DEFAULT_FLOW_KEY, 1)
         survey = await session.scalar(
             select(ChatEvent.value).where(
                 ChatEvent.org_id == tenant.org_id, ChatEvent.kind == "survey"
@@ -187,9 +187,9 @@ async def test_default_flow_end_to_end_rsvp_voucher_ticket_reminder_nps(
     assert entered["greet"] == 1 and entered["nps_thanks"] == 1 and "reserve" not in entered
 
 
-async def chat_wake(ctx: AppContext, tenant: Tenant, at: datetime) -> list[chat.Delivery]:
+async def chat_wake(ctx: AppContext, tenant: Tenant, at: datetime) -> list[turn.Delivery]:
     async with ctx.db.transaction() as session:
-        return await chat.wake_due(session, deps(ctx), now=at, org_id=tenant.org_id)
+        return await turn.wake_due(session, deps(ctx), now=at, org_id=tenant.org_id)
 
 
 async def test_sms_flow_numbers_options_and_books_by_phone(
@@ -332,7 +332,7 @@ async def test_state_survives_a_restart(
     assert asked.node == "ask_email"
 
     # A new process: its own engine, pool and (empty) flow cache.
-    chat._FLOWS.clear()
+    flow_store._FLOWS.clear()
     fresh = build_context(ctx.settings, clock=ctx.clock)
     try:
         confirm = await say(fresh, tenant, "ana@example.com")
@@ -359,12 +359,12 @@ async def test_sessions_expire_and_start_fresh_on_the_latest_version(
 
     clock.advance(timedelta(days=3, seconds=1))  # the flow's session_ttl
     async with ctx.db.transaction() as session:
-        assert await chat.expire_sessions(session, now=clock.now(), org_id=tenant.org_id) == 1
+        assert await turn.expire_sessions(session, now=clock.now(), org_id=tenant.org_id) == 1
     again = await say(ctx, tenant, "hi")
     assert again.session_no == 2 and again.node == "menu"
     assert "Welcome back to Weekend pop-up!" in texts(again.messages)
     async with ctx.db.reader() as session:
-        conv = await chat.get_conversation(session, tenant.org_id, again.conversation_id or 0)
+        conv = await console.get_conversation(session, tenant.org_id, again.conversation_id or 0)
         expired = await session.scalar(
             select(func.count())
             .select_from(ChatEvent)
@@ -406,19 +406,19 @@ async def test_handoff_take_over_and_hand_back(
     assert (await say(ctx, tenant, "hello?")).messages == []
     conv_id = host.conversation_id or 0
     async with ctx.db.transaction() as session:
-        conv = await chat.take_over(
+        conv = await console.take_over(
             session, tenant.org_id, conv_id, host_ref="user:host", now=ctx.clock.now()
         )
         assert conv.host_ref == "user:host"
-        reply = await chat.host_message(
+        reply = await console.host_message(
             session, tenant.org_id, conv_id, text="Hi, Sam here!", now=ctx.clock.now()
         )
         assert reply.text == "Hi, Sam here!"
-        await chat.hand_back(session, tenant.org_id, conv_id, now=ctx.clock.now())
+        await console.hand_back(session, tenant.org_id, conv_id, now=ctx.clock.now())
     resumed = await say(ctx, tenant, "anything")
     assert resumed.node == "menu" and "What would you like to do?" in texts(resumed.messages)
     async with ctx.db.reader() as session:
-        lines = await chat.transcript(session, tenant.org_id, conv_id)
+        lines = await console.transcript(session, tenant.org_id, conv_id)
     assert [m.direction for m in lines].count("host") == 1
     assert json.loads(lines[0].body)["text"] == "hi"
 
@@ -434,8 +434,8 @@ async def test_conversations_belong_to_their_organization(
     assert missing.value.reason == "not_found"  # the other org has no flow, and no row of ours
     async with ctx.db.reader() as session:
         with pytest.raises(PopdropError):
-            await chat.get_conversation(session, other.org_id, mine.conversation_id or 0)
-        assert await chat.list_conversations(session, other.org_id) == []
+            await console.get_conversation(session, other.org_id, mine.conversation_id or 0)
+        assert await console.list_conversations(session, other.org_id) == []
         rows = await session.scalar(
             select(func.count())
             .select_from(Conversation)
@@ -458,7 +458,7 @@ async def test_erase_person_scrubs_their_chats(
     await say(ctx, tenant, Inbound.button(pick.buttons[0].payload or ""), address="web-erase")
     await say(ctx, tenant, "erase.me@example.com", address="web-erase")
     async with ctx.db.transaction() as session:
-        by_phone = await chat.erase_person(
+        by_phone = await console.erase_person(
             session, ctx.signer, tenant.org_id, contact_id=None, phone=phone, now=ctx.clock.now()
         )
     assert by_phone == 1
@@ -481,7 +481,7 @@ async def test_erase_person_scrubs_their_chats(
     assert sms_messages == 0
     assert "erase.me@example.com" in scrubbed["web"][1]  # someone else's chat is untouched
     async with ctx.db.transaction() as session:
-        by_email = await chat.erase_person(
+        by_email = await console.erase_person(
             session,
             ctx.signer,
             tenant.org_id,
@@ -541,7 +541,7 @@ async def test_a_deep_link_starts_a_session_at_its_entry(
     again = await say(ctx, tenant, Inbound.start("drop"), address="qr")
     assert again.node == "cards" and again.session_no == 2
     async with ctx.db.reader() as session:
-        steps = await chat.funnel(session, tenant.org_id)
+        steps = await stats.funnel(session, tenant.org_id)
     assert steps["chat_started"] == 2
 
 

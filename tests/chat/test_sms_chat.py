@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from popdrop.audience.models import Suppression
-from popdrop.chat import service as chat
+from popdrop.chat import flow_store
 from popdrop.chat.models import Conversation
 from popdrop.chat.sms import twiml
 from popdrop.inventory.models import Hold
@@ -63,7 +63,9 @@ async def replies(client: httpx.AsyncClient, path: str, sender: str, body: str) 
 
 async def publish(ctx: AppContext, tenant: Tenant, shop: Shop) -> None:
     async with ctx.db.transaction() as session:
-        await chat.publish_default_flow(session, tenant.org_id, shop.event_id, now=ctx.clock.now())
+        await flow_store.publish_default_flow(
+            session, tenant.org_id, shop.event_id, now=ctx.clock.now()
+        )
 
 
 async def suppressions(ctx: AppContext, tenant: Tenant) -> int:

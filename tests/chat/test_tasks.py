@@ -18,8 +18,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from popdrop.app import build_context, create_app
-from popdrop.chat import host, inbox, live, web
-from popdrop.chat import service as chat
+from popdrop.chat import console, conversations, host, inbox, live, web
 from popdrop.chat.models import WebInbox
 from popdrop.chat.tasks import ChatChannels, deliver_due
 from popdrop.core.clock import FrozenClock
@@ -130,7 +129,7 @@ async def test_a_host_reply_reaches_the_open_web_socket(
     async def send(frame: dict[str, Any]) -> None:
         frames.append(frame)
 
-    address = chat.normalize_address("web", "visitor-live")
+    address = conversations.normalize_address("web", "visitor-live")
     live.register(tenant.org_id, address, send)
     try:
         done = await tick(ctx, tenant)
@@ -198,7 +197,7 @@ async def test_kept_messages_go_with_an_erased_person(
     await tick(ctx, tenant, now=now)
     assert await kept_rows(ctx, tenant) == 1
     async with ctx.db.transaction() as session:
-        erased = await chat.erase_person(
+        erased = await console.erase_person(
             session, ctx.signer, tenant.org_id, contact_id=None, email=visitor, now=now
         )
     assert erased == 1 and await kept_rows(ctx, tenant) == 0
@@ -246,7 +245,7 @@ async def test_a_reply_for_a_socket_open_elsewhere_goes_through_the_redis_relay(
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
                 assert message is not None, "nothing was published"
                 payload = json.loads(message["data"])
-        assert payload["address"] == chat.normalize_address("web", "visitor-elsewhere")
+        assert payload["address"] == conversations.normalize_address("web", "visitor-elsewhere")
         async with ctx.db.reader() as session:
             body = await session.scalar(
                 select(WebInbox.body).where(WebInbox.id == payload["inbox_id"])
@@ -288,7 +287,7 @@ async def test_the_server_hands_relayed_messages_to_its_sockets(
         inbox_id = await session.scalar(select(WebInbox.id).where(WebInbox.org_id == tenant.org_id))
     server = build_context(settings.model_copy(update={"redis_url": url}), clock=clock)
     app = create_app(ctx=server)
-    address = chat.normalize_address("web", "visitor-on-this-server")
+    address = conversations.normalize_address("web", "visitor-on-this-server")
     frames: list[dict[str, Any]] = []
 
     async def send(frame: dict[str, Any]) -> None:

@@ -22,8 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from popdrop.chat import service as chat
-from popdrop.chat import telegram
+from popdrop.chat import flow_store, telegram
 from popdrop.chat.messages import Button, Buttons
 from popdrop.chat.models import ChatMessage, Conversation
 from popdrop.web.context import AppContext
@@ -121,7 +120,9 @@ async def hook(
     )
     shop = await make_shop(app_client, tenant, ctx.clock.now())
     async with ctx.db.transaction() as session:
-        await chat.publish_default_flow(session, tenant.org_id, shop.event_id, now=ctx.clock.now())
+        await flow_store.publish_default_flow(
+            session, tenant.org_id, shop.event_id, now=ctx.clock.now()
+        )
     return f"/telegram/{tenant.slug}/webhook"
 
 

@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import ROLES, Principal
 from popdrop.audience.models import Contact
 from popdrop.audience.service import CONSENT_COLUMN
-from popdrop.chat import service as chat
+from popdrop.chat import console, conversations, facts, flow_store, turn
 from popdrop.chat.messages import OUT_MESSAGES, Card, OutMessage, Text
 from popdrop.chat.models import (
     ChatEvent,
@@ -179,7 +179,7 @@ def help_text(problem: str | None = None) -> str:
 
 async def add_host(
     session: AsyncSession,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     org_id: int,
     *,
     channel: str,
@@ -187,10 +187,10 @@ async def add_host(
     label: str = "",
     now: datetime,
 ) -> ChatHost:
-    clean = chat.normalize_address(channel, address)
+    clean = conversations.normalize_address(channel, address)
     if len(label) > 200 or not is_clean_text(label):
         raise PopdropError("invalid_request", "label: up to 200 characters")
-    digest = chat.address_hash(deps.signer, channel, clean)
+    digest = conversations.address_hash(deps.signer, channel, clean)
     existing = await session.scalar(
         select(ChatHost).where(
             ChatHost.org_id == org_id, ChatHost.channel == channel, ChatHost.address_hash == digest
@@ -236,13 +236,13 @@ async def list_hosts(session: AsyncSession, org_id: int) -> list[ChatHost]:
 
 
 async def find_host(
-    session: AsyncSession, deps: chat.ChatDeps, org_id: int, channel: str, address: str
+    session: AsyncSession, deps: conversations.ChatDeps, org_id: int, channel: str, address: str
 ) -> ChatHost | None:
     try:
-        clean = chat.normalize_address(channel, address)
+        clean = conversations.normalize_address(channel, address)
     except PopdropError:
         return None
-    digest = chat.address_hash(deps.signer, channel, clean)
+    digest = conversations.address_hash(deps.signer, channel, clean)
     return await session.scalar(
         select(ChatHost).where(
             ChatHost.org_id == org_id, ChatHost.channel == channel, ChatHost.address_hash == digest
@@ -263,7 +263,7 @@ async def current_event(session: AsyncSession, org_id: int, now: datetime) -> Ev
         select(FlowVersion.event_id)
         .where(
             FlowVersion.org_id == org_id,
-            FlowVersion.key == chat.DEFAULT_FLOW_KEY,
+            FlowVersion.key == flow_store.DEFAULT_FLOW_KEY,
             FlowVersion.event_id.is_not(None),
         )
         .order_by(FlowVersion.version.desc())
@@ -420,7 +420,7 @@ async def queue_reply(
     """A host's reply typed in the console: in the transcript, queued for the channel."""
     if not text.strip() or not is_clean_text(text) or len(text) > 2000:
         raise PopdropError("invalid_request", "text: 1 to 2000 characters")
-    conv = await chat.get_conversation(session, org_id, conversation_id)
+    conv = await console.get_conversation(session, org_id, conversation_id)
     message = Text(text=text)
     session.add(_row(conv, QUEUED, message, now))
     conv.last_message_at = now
@@ -432,13 +432,13 @@ async def send_card(
     session: AsyncSession, org_id: int, conversation_id: int, product_id: int, *, now: datetime
 ) -> Card:
     """Put a product card into a conversation (queued for its channel)."""
-    conv = await chat.get_conversation(session, org_id, conversation_id)
+    conv = await console.get_conversation(session, org_id, conversation_id)
     product = await session.scalar(
         select(Product).where(Product.id == product_id, Product.org_id == org_id)
     )
     card = None
     if product is not None:
-        card = await chat.host_card(session, org_id, product.event_id, product.id, now)
+        card = await facts.host_card(session, org_id, product.event_id, product.id, now)
     if card is None:
         raise not_found("product")
     session.add(_row(conv, QUEUED, card, now))
@@ -453,7 +453,7 @@ async def take_outbox(
     limit: int = 200,
     org_id: int | None = None,
     channel: str | None = None,
-) -> list[chat.Delivery]:
+) -> list[turn.Delivery]:
     """Host messages waiting for delivery, marked sent; one Delivery per conversation."""
     query = (
         select(ChatMessage, Conversation)
@@ -469,7 +469,7 @@ async def take_outbox(
     conn = await session.connection()
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(of=ChatMessage, skip_locked=True)
-    grouped: dict[int, chat.Delivery] = {}
+    grouped: dict[int, turn.Delivery] = {}
     for message, conv in (await session.execute(query)).all():
         message.direction = SENT if message.direction == QUEUED else BSENT
         if conv.address is None or conv.opted_out_at is not None:
@@ -477,7 +477,7 @@ async def take_outbox(
         body = OUT_MESSAGES.validate_json(f"[{message.body}]")
         found = grouped.get(conv.id)
         if found is None:
-            grouped[conv.id] = chat.Delivery(
+            grouped[conv.id] = turn.Delivery(
                 conv.id, conv.org_id, conv.channel, conv.address, conv.contact_id, list(body)
             )
         else:
@@ -492,7 +492,9 @@ async def take_outbox(
 def _consented(contact: Contact | None, channel: str) -> bool:
     if contact is None or contact.erased_at is not None:
         return False
-    return bool(getattr(contact, CONSENT_COLUMN[chat.consent_channel(channel)]) == "granted")
+    return bool(
+        getattr(contact, CONSENT_COLUMN[conversations.consent_channel(channel)]) == "granted"
+    )
 
 
 @dataclass
@@ -712,7 +714,7 @@ async def run_command(
 
 async def maybe_host_command(
     session: AsyncSession,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     *,
     org_id: int,
     channel: str,

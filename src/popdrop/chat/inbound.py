@@ -12,8 +12,8 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.chat import host
-from popdrop.chat import service as chat
+from popdrop.chat import conversations, flow_store, host
+from popdrop.chat import turn as chat_turn
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import Capabilities
 from popdrop.core.db import Database, LateWriteLost, defer_hot_writes
@@ -21,16 +21,16 @@ from popdrop.core.db import Database, LateWriteLost, defer_hot_writes
 
 async def turn(
     session: AsyncSession,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     *,
     org_id: int,
     channel: str,
     address: str,
     inbound: Inbound,
     now: datetime,
-    flow_key: str = chat.DEFAULT_FLOW_KEY,
+    flow_key: str = flow_store.DEFAULT_FLOW_KEY,
     capabilities: Capabilities | None = None,
-) -> chat.TurnResult:
+) -> chat_turn.TurnResult:
     """One inbound message, in the caller's transaction."""
     if inbound.kind == "text" and inbound.text.lstrip().startswith("/"):
         ran = await host.maybe_host_command(
@@ -38,13 +38,13 @@ async def turn(
             deps,
             org_id=org_id,
             channel=channel,
-            address=chat.normalize_address(channel, address),
+            address=conversations.normalize_address(channel, address),
             text=inbound.text,
             now=now,
         )
         if ran is not None:
-            return chat.TurnResult(None, 0, "host", None, ran, keyword="host")
-    return await chat.run_turn(
+            return chat_turn.TurnResult(None, 0, "host", None, ran, keyword="host")
+    return await chat_turn.run_turn(
         session,
         deps,
         org_id=org_id,
@@ -59,16 +59,16 @@ async def turn(
 
 async def handle(
     db: Database,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     *,
     org_id: int,
     channel: str,
     address: str,
     inbound: Inbound,
     now: datetime,
-    flow_key: str = chat.DEFAULT_FLOW_KEY,
+    flow_key: str = flow_store.DEFAULT_FLOW_KEY,
     capabilities: Capabilities | None = None,
-) -> chat.TurnResult:
+) -> chat_turn.TurnResult:
     """`turn` in its own transaction (run again on a PostgreSQL deadlock).
 
     Hot rows (a slot's places, audit chain heads) are written just before the commit, so
@@ -78,7 +78,7 @@ async def handle(
     """
     deferring = True
 
-    async def work(session: AsyncSession) -> chat.TurnResult:
+    async def work(session: AsyncSession) -> chat_turn.TurnResult:
         if deferring:
             defer_hot_writes(session)
         return await turn(

@@ -21,8 +21,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.chat import live
-from popdrop.chat import service as chat
+from popdrop.chat import conversations, live
 from popdrop.chat.models import Conversation, WebInbox
 from popdrop.core.db import Database, table_of
 from popdrop.core.signing import Signer
@@ -58,7 +57,7 @@ async def hand_over(
     process, as one pushed frame; how many messages went."""
     if not live.is_open(org_id, address):
         return 0
-    digest = chat.address_hash(signer, live.CHANNEL, address)
+    digest = conversations.address_hash(signer, live.CHANNEL, address)
     theirs = select(_conversations.c.id).where(
         _conversations.c.org_id == org_id,
         _conversations.c.channel == live.CHANNEL,

@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.chat import host
-from popdrop.chat import service as chat
+from popdrop.chat import console as chat_console
+from popdrop.chat import conversations, flow_store, host, stats
 from popdrop.chat.models import ChatMessage, Conversation
 from popdrop.core.errors import PopdropError
 from popdrop.inventory.models import Product
@@ -137,7 +137,7 @@ def _contact_label(conv: Conversation) -> str:
 
 
 async def _list_context(session: AsyncSession, principal: Principal) -> dict[str, Any]:
-    convs = await chat.list_conversations(session, principal.org_id, limit=SHOWN)
+    convs = await chat_console.list_conversations(session, principal.org_id, limit=SHOWN)
     last = await _last_lines(session, principal.org_id, [c.id for c in convs])
     return {
         "conversations": [
@@ -158,14 +158,16 @@ async def _list_context(session: AsyncSession, principal: Principal) -> dict[str
 
 async def _measures(session: AsyncSession, org_id: int) -> dict[str, Any]:
     try:
-        version = await chat.latest_version(session, org_id, chat.DEFAULT_FLOW_KEY)
+        version = await flow_store.latest_version(session, org_id, flow_store.DEFAULT_FLOW_KEY)
     except PopdropError:
         version = None
     drop = (
-        await chat.node_dropoff(session, org_id, chat.DEFAULT_FLOW_KEY, version) if version else []
+        await stats.node_dropoff(session, org_id, flow_store.DEFAULT_FLOW_KEY, version)
+        if version
+        else []
     )
     most = max((s.entered for s in drop), default=0)
-    funnel = await chat.funnel(session, org_id)
+    funnel = await stats.funnel(session, org_id)
     started = funnel.get("chat_started", 0)
     rate = round(100 * funnel.get("rsvp", 0) / started, 1) if started else 0.0
     return {
@@ -211,8 +213,8 @@ async def console(request: Request, principal: Operator, ctx: Ctx) -> Response:
 async def _conversation_context(
     session: AsyncSession, principal: Principal, conversation_id: int
 ) -> dict[str, Any]:
-    conv = await chat.get_conversation(session, principal.org_id, conversation_id)
-    rows = await chat.transcript(session, principal.org_id, conversation_id)
+    conv = await chat_console.get_conversation(session, principal.org_id, conversation_id)
+    rows = await chat_console.transcript(session, principal.org_id, conversation_id)
     lines = [
         Line(
             m.id,
@@ -292,7 +294,7 @@ async def take_over(
     check_csrf(request, ctx, await request.form())
     principal.require("chat:write")
     async with ctx.db.transaction() as session:
-        await chat.take_over(
+        await chat_console.take_over(
             session,
             principal.org_id,
             conversation_id,
@@ -309,7 +311,9 @@ async def hand_back(
     check_csrf(request, ctx, await request.form())
     principal.require("chat:write")
     async with ctx.db.transaction() as session:
-        await chat.hand_back(session, principal.org_id, conversation_id, now=ctx.clock.now())
+        await chat_console.hand_back(
+            session, principal.org_id, conversation_id, now=ctx.clock.now()
+        )
     return _back(conversation_id, "handed")
 
 
@@ -347,7 +351,7 @@ async def pin(request: Request, conversation_id: ItemId, principal: Operator, ct
         )
     now = ctx.clock.now()
     async with ctx.db.transaction() as session:
-        conv = await chat.get_conversation(session, principal.org_id, conversation_id)
+        conv = await chat_console.get_conversation(session, principal.org_id, conversation_id)
         if conv.event_id is not None:
             await host.pin(
                 session, principal.org_id, conv.event_id, int(raw), by=principal.actor, now=now
@@ -387,7 +391,7 @@ async def add_host(request: Request, principal: Operator, ctx: Ctx) -> Response:
     data = await request.form()
     check_csrf(request, ctx, data)
     principal.require("chat:write")
-    deps = chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
     try:
         async with ctx.db.transaction() as session:
             await host.add_host(

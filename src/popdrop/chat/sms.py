@@ -26,8 +26,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import service as audience
+from popdrop.chat import conversations, flow_store
 from popdrop.chat import inbound as chat_inbound
-from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import SMS, OutMessage, Text
 from popdrop.chat.models import FlowVersion
@@ -61,7 +61,9 @@ async def _has_flow(session: AsyncSession, org_id: int, flow_key: str) -> bool:
     return bool(found)
 
 
-async def _opted_out(session: AsyncSession, deps: chat.ChatDeps, org_id: int, phone: str) -> bool:
+async def _opted_out(
+    session: AsyncSession, deps: conversations.ChatDeps, org_id: int, phone: str
+) -> bool:
     """Whether this number is already on the SMS suppression list (a known contact's
     revoked SMS consent puts it there too)."""
     points = audience.contact_points(deps.signer, None, phone)
@@ -71,13 +73,13 @@ async def _opted_out(session: AsyncSession, deps: chat.ChatDeps, org_id: int, ph
 
 async def answer_sms(
     session: AsyncSession,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     *,
     org_id: int,
     sender: str,
     body: str,
     now: datetime,
-    flow_key: str = chat.DEFAULT_FLOW_KEY,
+    flow_key: str = flow_store.DEFAULT_FLOW_KEY,
 ) -> list[str]:
     """The texts to answer one inbound SMS with, in the caller's transaction."""
     keyword = audience.parse_keyword(body)
@@ -112,13 +114,13 @@ async def answer_sms(
 
 async def reply_to(
     db: Database,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     *,
     org_id: int,
     sender: str,
     body: str,
     now: datetime,
-    flow_key: str = chat.DEFAULT_FLOW_KEY,
+    flow_key: str = flow_store.DEFAULT_FLOW_KEY,
 ) -> list[str]:
     """`answer_sms` in its own transaction (run again on a PostgreSQL deadlock)."""
 

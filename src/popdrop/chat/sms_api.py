@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from popdrop.chat import sms
-from popdrop.chat.service import ChatDeps
+from popdrop.chat.conversations import ChatDeps
 from popdrop.outbound import twilio, webhooks
 from popdrop.web.params import Ctx
 

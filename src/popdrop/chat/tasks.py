@@ -31,8 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import service as audience
-from popdrop.chat import host, inbox, live
-from popdrop.chat import service as chat
+from popdrop.chat import conversations, host, inbox, live, turn
 from popdrop.chat import telegram as tg
 from popdrop.chat.messages import capabilities_of, degrade, to_json
 from popdrop.chat.models import Conversation
@@ -59,7 +58,11 @@ class ChatChannels:
 
 
 async def _to_web(
-    db: Database, deps: chat.ChatDeps, channels: ChatChannels, delivery: chat.Delivery, kept: int
+    db: Database,
+    deps: conversations.ChatDeps,
+    channels: ChatChannels,
+    delivery: turn.Delivery,
+    kept: int,
 ) -> str:
     """Hand a kept inbox row to the visitor's socket, here or through the relay. A failure
     of the database or Redis leaves the row kept for the visitor's next connect, and the
@@ -75,7 +78,7 @@ async def _to_web(
     return "kept"
 
 
-async def _send(channels: ChatChannels, delivery: chat.Delivery, now: datetime) -> str:
+async def _send(channels: ChatChannels, delivery: turn.Delivery, now: datetime) -> str:
     """Send one conversation's SMS or Telegram messages; the outcome, for the log."""
     messages = degrade(delivery.messages, capabilities_of(delivery.channel), now=now)
     if not messages:
@@ -106,9 +109,9 @@ async def _send(channels: ChatChannels, delivery: chat.Delivery, now: datetime) 
 
 async def _send_if_wanted(
     db: Database,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     channels: ChatChannels,
-    delivery: chat.Delivery,
+    delivery: turn.Delivery,
     now: datetime,
 ) -> str:
     """`_send`, unless the person opted out since the message was taken: the check and the
@@ -129,7 +132,7 @@ async def _send_if_wanted(
 
 
 async def _refusal(
-    session: AsyncSession, deps: chat.ChatDeps, delivery: chat.Delivery
+    session: AsyncSession, deps: conversations.ChatDeps, delivery: turn.Delivery
 ) -> str | None:
     """Why this delivery may not go out now (None: it may). On PostgreSQL the rows read
     stay share-locked (`SKIP LOCKED`: one being changed answers `_BUSY`, never a wait)."""
@@ -146,7 +149,7 @@ async def _refusal(
         return "erased"
     if found.opted_out_at is not None:
         return "opted_out"
-    consent_channel = chat.consent_channel(delivery.channel)
+    consent_channel = conversations.consent_channel(delivery.channel)
     if delivery.contact_id is not None:
         contacts, busy = await audience.hold_consent(session, [delivery.contact_id])
         if busy:
@@ -169,7 +172,7 @@ async def _refusal(
 
 async def deliver_due(
     db: Database,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     channels: ChatChannels,
     *,
     now: datetime,
@@ -179,7 +182,7 @@ async def deliver_due(
     outcomes counted per channel and kind (`sms:sent`, `web:relayed`, `web:kept`…)."""
     kept: dict[int, int] = {}  # delivery index -> its web inbox row
     async with db.transaction() as session:
-        deliveries = await chat.wake_due(session, deps, now=now, org_id=org_id)
+        deliveries = await turn.wake_due(session, deps, now=now, org_id=org_id)
         deliveries += await host.take_outbox(session, org_id=org_id)
         for index, delivery in enumerate(deliveries):
             if delivery.channel != live.CHANNEL:

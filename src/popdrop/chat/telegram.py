@@ -29,8 +29,8 @@ import segno
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.chat import conversations, flow_store, turn
 from popdrop.chat import inbound as chat_inbound
-from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import (
     OUT_MESSAGES,
@@ -103,7 +103,7 @@ async def resolve_callback(
         select(Conversation.id).where(
             Conversation.org_id == org_id,
             Conversation.channel == CHANNEL,
-            Conversation.address_hash == chat.address_hash(signer, CHANNEL, chat_id),
+            Conversation.address_hash == conversations.address_hash(signer, CHANNEL, chat_id),
         )
     )
     if conversation_id is None:
@@ -346,18 +346,18 @@ class UpdateResult:
 async def handle_update(
     db: Database,
     clock: Clock,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     bot: TelegramBot,
     *,
     org_id: int,
     update: dict[str, Any],
-    flow_key: str = chat.DEFAULT_FLOW_KEY,
+    flow_key: str = flow_store.DEFAULT_FLOW_KEY,
 ) -> UpdateResult:
     """Run one update at most once (per org and update_id), then deliver the answer."""
     parsed = parse_update(update)
     if parsed is None:
         return UpdateResult(False)
-    ran: list[chat.TurnResult] = []
+    ran: list[turn.TurnResult] = []
     inbound, chat_id = parsed.inbound, parsed.chat_id
 
     async def operation(session: Any) -> tuple[int, dict[str, Any]]:

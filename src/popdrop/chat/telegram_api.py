@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from popdrop.accounts.models import Organization
 from popdrop.chat import telegram
-from popdrop.chat.service import ChatDeps
+from popdrop.chat.conversations import ChatDeps
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.web.params import Ctx
 

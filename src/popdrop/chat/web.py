@@ -40,9 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from popdrop.accounts import service as accounts
+from popdrop.chat import conversations, inbox, live
 from popdrop.chat import inbound as chat_inbound
-from popdrop.chat import inbox, live
-from popdrop.chat import service as chat
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import WEB, to_json
 from popdrop.checkin import service as checkin
@@ -270,7 +269,7 @@ async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
         token, visitor = new_visitor(ctx.signer, org_id)
         resumed = False
     await websocket.send_json({"type": "ready", "visitor": token, "resumed": resumed})
-    address = chat.normalize_address(CHANNEL, visitor)
+    address = conversations.normalize_address(CHANNEL, visitor)
     send = websocket.send_json  # one object: unregister removes this socket, not a newer one
     live.register(org_id, address, send)
     try:
@@ -282,7 +281,7 @@ async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
 
 
 async def _converse(websocket: WebSocket, ctx: AppContext, org_id: int, visitor: str) -> None:
-    deps = chat.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
     bucket = Bucket()
     refused = 0
     idle = ctx.settings.chat_idle_seconds
@@ -325,7 +324,7 @@ async def _converse(websocket: WebSocket, ctx: AppContext, org_id: int, visitor:
 
 async def _turn(
     ctx: AppContext,
-    deps: chat.ChatDeps,
+    deps: conversations.ChatDeps,
     org_id: int,
     visitor: str,
     frame: StartFrame | TextFrame | ButtonFrame,

@@ -20,7 +20,7 @@ from popdrop.accounts.service import Principal
 from popdrop.audience import service
 from popdrop.audience.models import Contact, ContactActivity, ContactLabel
 from popdrop.audience.schemas import ConsentChange, EraseResult, PurgeResult
-from popdrop.chat import service as chat
+from popdrop.chat import console
 from popdrop.checkin.models import Ticket
 from popdrop.core import audit
 from popdrop.core.errors import PopdropError, not_found
@@ -182,7 +182,7 @@ async def erase_contact(
             ),
         )
     # Chats: the conversation's address, transcript and typed contact details.
-    scrubbed["chat_conversations"] = await chat.erase_person(
+    scrubbed["chat_conversations"] = await console.erase_person(
         session,
         signer,
         org_id,

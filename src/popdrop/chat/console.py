@@ -1,0 +1,190 @@
+"""The host console's side of conversations: list, read the transcript, take over, reply
+as the host, hand back to the flow, and erase a person's conversations.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.chat.conversations import (
+    _INSERT_MESSAGES,
+    _SELECT_CONV,
+    _conv_of,
+    _conversations,
+    _expiry,
+    _insert,
+    _load_state,
+    _messages,
+    _save,
+    address_hash,
+)
+from popdrop.chat.messages import (
+    Text,
+)
+from popdrop.chat.models import (
+    ChatMessage,
+    Conversation,
+    WebInbox,
+)
+from popdrop.chat.turn import _message_row
+from popdrop.core.db import table_of
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.schemas import is_clean_text
+from popdrop.core.signing import Signer
+
+_web_inbox = table_of(WebInbox)
+
+
+# ---------------------------------------------------------------- host side
+
+
+async def get_conversation(
+    session: AsyncSession, org_id: int, conversation_id: int
+) -> Conversation:
+    conv = await session.scalar(
+        select(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.org_id == org_id)
+        .execution_options(populate_existing=True)
+    )
+    if conv is None:
+        raise not_found("conversation")
+    return conv
+
+
+async def take_over(
+    session: AsyncSession, org_id: int, conversation_id: int, *, host_ref: str, now: datetime
+) -> Conversation:
+    """A host takes the conversation: the flow pauses (handed_off) until `hand_back`."""
+    conv = await get_conversation(session, org_id, conversation_id)
+    flow, state = await _load_state(session, conv)
+    state.status = "handed_off"
+    state.wake_at = None
+    conv.state = state.model_dump_json()
+    conv.status = "handed_off"
+    conv.wake_at = None
+    conv.host_ref = host_ref[:200]
+    conv.taken_over_at = now
+    conv.expires_at = _expiry(flow, now, None)
+    await session.flush()
+    return conv
+
+
+async def hand_back(
+    session: AsyncSession,
+    org_id: int,
+    conversation_id: int,
+    *,
+    now: datetime,
+    node: str | None = None,
+) -> Conversation:
+    """Give the conversation back to its flow: at `node`, the handoff node's `next`, or the
+    start. The flow resumes with the customer's next message."""
+    conv = await get_conversation(session, org_id, conversation_id)
+    flow, state = await _load_state(session, conv)
+    if node is not None and node not in flow.nodes:
+        raise PopdropError("invalid_request", f"node: the flow has no node {node!r}")
+    current = flow.nodes.get(state.node)
+    resume = node or getattr(current, "next", None) or flow.start
+    state.node = resume
+    state.status = "active"
+    state.tries = 0
+    conv.state = state.model_dump_json()
+    conv.node = resume
+    conv.status = "active"
+    conv.host_ref = None
+    conv.taken_over_at = None
+    conv.expires_at = _expiry(flow, now, None)
+    await session.flush()
+    return conv
+
+
+async def host_message(
+    session: AsyncSession, org_id: int, conversation_id: int, *, text: str, now: datetime
+) -> Text:
+    """Record a host's reply; the caller's channel delivers the returned message."""
+    if not text.strip() or not is_clean_text(text) or len(text) > 2000:
+        raise PopdropError("invalid_request", "text: 1 to 2000 characters")
+    conv = await get_conversation(session, org_id, conversation_id)
+    message = Text(text=text)
+    conv.last_message_at = now
+    await _insert(
+        session,
+        _INSERT_MESSAGES,
+        [_message_row(conv, "host", message.model_dump(mode="json"), now)],
+    )
+    return message
+
+
+async def transcript(
+    session: AsyncSession, org_id: int, conversation_id: int, *, limit: int = 200
+) -> list[ChatMessage]:
+    await get_conversation(session, org_id, conversation_id)
+    rows = await session.scalars(
+        select(ChatMessage)
+        .where(ChatMessage.conversation_id == conversation_id, ChatMessage.org_id == org_id)
+        .order_by(ChatMessage.id.desc())
+        .limit(limit)
+    )
+    return list(reversed(list(rows)))
+
+
+async def list_conversations(
+    session: AsyncSession, org_id: int, *, limit: int = 50, status: str | None = None
+) -> list[Conversation]:
+    query = select(Conversation).where(Conversation.org_id == org_id)
+    if status is not None:
+        query = query.where(Conversation.status == status)
+    return list(
+        await session.scalars(query.order_by(Conversation.last_message_at.desc()).limit(limit))
+    )
+
+
+async def erase_person(
+    session: AsyncSession,
+    signer: Signer,
+    org_id: int,
+    *,
+    contact_id: int | None,
+    email: str | None = None,
+    phone: str | None = None,
+    now: datetime,
+) -> int:
+    """Forget a person's chats (for audience erase): their conversations lose the clear
+    address, the contact link, the transcript, kept web messages and the state's
+    variables (an email or phone they typed); funnel events stay, anonymous. Returns the
+    conversations scrubbed."""
+    c = _conversations.c
+    conditions = []
+    if contact_id is not None:
+        conditions.append(c.contact_id == contact_id)
+    for point in (email, phone):
+        if point:
+            # Their address, or a state holding what they typed (an email, a phone).
+            conditions.append(c.address == point)
+            conditions.append(c.state.contains(point, autoescape=True))
+    if phone:
+        digest = address_hash(signer, "sms", phone)
+        conditions.append((c.channel == "sms") & (c.address_hash == digest))
+    if not conditions:
+        return 0
+    conn = await session.connection()
+    rows = (await conn.execute(_SELECT_CONV.where(c.org_id == org_id, or_(*conditions)))).all()
+    for row in rows:
+        conv = _conv_of(row)
+        _flow, state = await _load_state(session, conv)
+        state.vars = {}
+        state.status = "expired"
+        state.wake_at = None
+        conv.state = state.model_dump_json()
+        conv.status = "expired"
+        conv.wake_at = None
+        conv.address = None
+        conv.contact_id = None
+        conv.expires_at = now
+        await _save(session, conv)
+        await conn.execute(delete(_messages).where(_messages.c.conversation_id == conv.id))
+        await conn.execute(delete(_web_inbox).where(_web_inbox.c.conversation_id == conv.id))
+    return len(rows)

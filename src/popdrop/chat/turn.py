@@ -1,0 +1,421 @@
+"""Chat turns: runs one turn of a conversation against the domain services.
+
+`run_turn(session, deps, org_id=…, channel=…, address=…, inbound=…, now=…)`:
+
+1. Global keywords first, on every channel: STOP / START / HELP (and YES for a pending
+   double opt-in) go through `audience.keywords.handle_inbound`, the one implementation
+   shared with SMS drops. A stopped conversation runs no flow until START.
+2. The conversation of (org, channel, address) is loaded and locked (FOR UPDATE on
+   PostgreSQL; SQLite writers are serialised). It keeps its flow version; an expired or
+   finished session starts a new one (`session_no` + 1) on the latest published version.
+3. Facts the turn may need are read (the flow says which, per node), `engine.step` runs,
+   and each action effect is applied through the domain services inside a SAVEPOINT: a
+   refusal (sold out, slot full…) rolls back only that effect and goes back to the engine
+   as a failed `EffectResult`, which takes the node's failure branch. Everything else —
+   state, transcript, funnel events — is written in the caller's transaction, so a turn
+   is all or nothing.
+4. Outbound messages are degraded to the channel's capabilities; numbered options are
+   kept in the state so a reply "2" resolves.
+
+Channel adapters (web widget, SMS, Telegram) hand inbound messages to
+`popdrop.chat.inbound` (a host's `/command` first, else `run_turn`) and deliver the
+returned messages; `wake_due` runs scheduled waits and timeouts
+(reminders, the day-after survey) and returns what to deliver.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.audience import service as audience
+from popdrop.chat import engine
+from popdrop.chat.conversations import (
+    _INSERT_EVENTS,
+    _INSERT_MESSAGES,
+    _SELECT_CONV,
+    ChatDeps,
+    ConversationRow,
+    _clean_inbound,
+    _conv_of,
+    _conversations,
+    _expiry,
+    _insert,
+    _load_state,
+    _locked,
+    _new_session,
+    _save,
+    _save_all,
+    _session_over,
+    address_hash,
+    consent_channel,
+    normalize_address,
+)
+from popdrop.chat.effects import _Applied, _Effects, _event_row
+from popdrop.chat.engine import (
+    ChatState,
+    Inbound,
+)
+from popdrop.chat.facts import _facts, pinned_card
+from popdrop.chat.flow import Flow
+from popdrop.chat.flow_store import DEFAULT_FLOW_KEY
+from popdrop.chat.messages import (
+    OUT_MESSAGES,
+    Capabilities,
+    OutMessage,
+    Text,
+    capabilities_of,
+    degrade,
+    numbered_choices,
+)
+from popdrop.chat.models import (
+    Conversation,
+)
+from popdrop.core.errors import PopdropError
+
+REDACTED = "[redacted]"
+MAX_ROUNDS = 100
+
+
+@dataclass
+class TurnResult:
+    conversation_id: int | None
+    session_no: int
+    status: str
+    node: str | None
+    messages: list[OutMessage]
+    contact_id: int | None = None
+    keyword: str | None = None
+
+
+@dataclass
+class Delivery:
+    """Messages a scheduled wake-up produced, for the channel to deliver."""
+
+    conversation_id: int
+    org_id: int
+    channel: str
+    address: str
+    contact_id: int | None
+    messages: list[OutMessage]
+
+
+# ---------------------------------------------------------------- the turn
+
+
+def _redact(text: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+async def _run_engine(
+    session: AsyncSession,
+    deps: ChatDeps,
+    conv: ConversationRow,
+    flow: Flow,
+    state: ChatState,
+    inbound: Inbound | None,
+    now: datetime,
+) -> tuple[ChatState, list[OutMessage], _Applied]:
+    facts = await _facts(session, conv, engine.needs(flow, state, inbound), now)
+    effects = _Effects(session, deps, conv, now)
+    outbound: list[OutMessage] = []
+    result = engine.step(flow, state, inbound, facts)
+    for _round in range(MAX_ROUNDS):
+        outbound.extend(result.outbound)
+        for node in result.visited:
+            effects.event("node", node=node)
+        effects.state_vars = result.state.vars
+        pending = result.pending
+        for effect in result.effects:
+            if effect is pending:
+                continue
+            await effects.apply(effect, result.state.node)
+        if pending is None:
+            break
+        answer = await effects.apply(pending, result.state.node)
+        assert answer is not None
+        facts.results[pending.key] = answer
+        result = engine.step(flow, result.state, None, facts)
+    else:  # pragma: no cover - the engine's step limit ends a turn long before this
+        raise PopdropError("unavailable", "this conversation did not settle")
+    return result.state, outbound, effects.applied
+
+
+async def _persist(
+    session: AsyncSession,
+    conv: ConversationRow,
+    flow: Flow,
+    state: ChatState,
+    inbound: Inbound | None,
+    messages: list[OutMessage],
+    applied: _Applied,
+    now: datetime,
+) -> None:
+    conv.state = state.model_dump_json()
+    conv.node = state.node
+    conv.status = state.status
+    conv.wake_at = state.wake_at
+    conv.last_message_at = now
+    conv.expires_at = _expiry(flow, now, state.wake_at)
+    rows: list[dict[str, Any]] = []
+    if inbound is not None and inbound.kind != "wake":
+        rows.append(_message_row(conv, "in", inbound.model_dump(mode="json"), now))
+    for body in OUT_MESSAGES.dump_python(messages, mode="json"):
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        if applied.secrets:
+            text = _redact(text, applied.secrets)
+        rows.append(_message_row(conv, "out", text, now))
+    await _save_all(session, conv, rows, applied.events)
+
+
+def _message_row(
+    conv: ConversationRow | Conversation, direction: str, body: Any, now: datetime
+) -> dict[str, Any]:
+    text = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
+    return {
+        "org_id": conv.org_id,
+        "conversation_id": conv.id,
+        "session_no": conv.session_no,
+        "direction": direction,
+        "body": text,
+        "created_at": now,
+    }
+
+
+async def _keyword_turn(
+    session: AsyncSession,
+    deps: ChatDeps,
+    conv: ConversationRow | None,
+    *,
+    org_id: int,
+    channel: str,
+    address: str,
+    inbound: Inbound,
+    now: datetime,
+) -> TurnResult | None:
+    """STOP / START / HELP (YES) through the audience domain; None when not a keyword."""
+    if inbound.kind != "text" or audience.parse_keyword(inbound.text) is None:
+        return None
+    answer = await audience.handle_inbound(
+        session,
+        deps.signer,
+        org_id=org_id,
+        channel=consent_channel(channel),
+        sender=address,
+        text=inbound.text,
+        now=now,
+        contact_id=conv.contact_id if conv is not None else None,
+    )
+    if answer.action is None:
+        return None  # e.g. YES with nothing pending: an ordinary answer for the flow
+    messages: list[OutMessage] = [Text(text=answer.reply)] if answer.reply else []
+    if conv is None:
+        return TurnResult(None, 0, "none", None, messages, answer.contact_id, answer.keyword)
+    if answer.action == "opted_out":
+        conv.opted_out_at = now
+        conv.wake_at = None
+    elif answer.action in ("opted_in", "confirmed"):
+        conv.opted_out_at = None
+    if conv.contact_id is None and answer.contact_id is not None:
+        conv.contact_id = answer.contact_id
+    conv.last_message_at = now
+    await _save(session, conv)
+    rows = [_message_row(conv, "in", inbound.model_dump(mode="json"), now)]
+    rows += [_message_row(conv, "out", m.model_dump(mode="json"), now) for m in messages]
+    await _insert(session, _INSERT_MESSAGES, rows)
+    await _insert(
+        session,
+        _INSERT_EVENTS,
+        [_event_row(conv, f"keyword_{answer.keyword}", now, ref=answer.action)],
+    )
+    return TurnResult(
+        conv.id, conv.session_no, conv.status, conv.node, messages, conv.contact_id, answer.keyword
+    )
+
+
+async def run_turn(
+    session: AsyncSession,
+    deps: ChatDeps,
+    *,
+    org_id: int,
+    channel: str,
+    address: str,
+    inbound: Inbound,
+    now: datetime,
+    flow_key: str = DEFAULT_FLOW_KEY,
+    capabilities: Capabilities | None = None,
+) -> TurnResult:
+    """One inbound message of a conversation, in the caller's transaction (module doc)."""
+    inbound = _clean_inbound(inbound)
+    address = normalize_address(channel, address)
+    digest = address_hash(deps.signer, channel, address)
+    conv = await _locked(session, org_id, channel, digest)
+    keyword = await _keyword_turn(
+        session,
+        deps,
+        conv,
+        org_id=org_id,
+        channel=channel,
+        address=address,
+        inbound=inbound,
+        now=now,
+    )
+    if keyword is not None:
+        return keyword
+    fresh = True
+    if conv is None:
+        if inbound.kind == "wake":
+            return TurnResult(None, 0, "none", None, [])
+        conv, flow, state = await _new_session(
+            session,
+            deps,
+            None,
+            org_id=org_id,
+            channel=channel,
+            address=address,
+            digest=digest,
+            flow_key=flow_key,
+            now=now,
+        )
+    else:
+        flow, state = await _load_state(session, conv)
+        fresh = conv.opted_out_at is None and _session_over(conv, state, inbound, now)
+        if fresh:
+            if state.status in ("active", "waiting_input", "waiting_until"):
+                await _insert(
+                    session, _INSERT_EVENTS, [_event_row(conv, "expired", now, state.node)]
+                )
+            conv, flow, state = await _new_session(
+                session,
+                deps,
+                conv,
+                org_id=org_id,
+                channel=channel,
+                address=address,
+                digest=digest,
+                flow_key=flow_key,
+                now=now,
+            )
+    if conv.opted_out_at is not None:
+        # Opted out (STOP, or a suppressed number): nothing is sent until START.
+        await _insert(
+            session,
+            _INSERT_MESSAGES,
+            [_message_row(conv, "in", inbound.model_dump(mode="json"), now)],
+        )
+        return TurnResult(conv.id, conv.session_no, conv.status, conv.node, [], conv.contact_id)
+    return await _turn(session, deps, conv, flow, state, inbound, now, capabilities, fresh)
+
+
+async def _turn(
+    session: AsyncSession,
+    deps: ChatDeps,
+    conv: ConversationRow,
+    flow: Flow,
+    state: ChatState,
+    inbound: Inbound,
+    now: datetime,
+    capabilities: Capabilities | None,
+    fresh: bool = False,
+) -> TurnResult:
+    state, outbound, applied = await _run_engine(session, deps, conv, flow, state, inbound, now)
+    if fresh:
+        pinned = await pinned_card(session, conv.org_id, conv.event_id, now)
+        if pinned is not None:
+            outbound.insert(0, pinned)
+            applied.events.append(_event_row(conv, "card_viewed", now, ref=str(pinned.product_id)))
+    caps = capabilities or capabilities_of(conv.channel)
+    messages = degrade(outbound, caps, now=now)
+    if messages:
+        state.numbered = numbered_choices(messages)
+    await _persist(session, conv, flow, state, inbound, messages, applied, now)
+    return TurnResult(conv.id, conv.session_no, state.status, state.node, messages, conv.contact_id)
+
+
+# ---------------------------------------------------------------- scheduled work
+
+
+async def wake_due(
+    session: AsyncSession,
+    deps: ChatDeps,
+    *,
+    now: datetime,
+    limit: int = 100,
+    org_id: int | None = None,
+) -> list[Delivery]:
+    """Run the waits and input timeouts that are due (reminders, the day-after survey):
+    each conversation takes one wake step; the caller's channels deliver the messages
+    (after their own last-moment consent check)."""
+    c = _conversations.c
+    query = (
+        _SELECT_CONV.where(
+            c.wake_at.is_not(None),
+            c.wake_at <= now,
+            c.opted_out_at.is_(None),
+            c.status.in_(("waiting_until", "waiting_input")),
+        )
+        .order_by(c.wake_at, c.id)
+        .limit(limit)
+    )
+    if org_id is not None:
+        query = query.where(c.org_id == org_id)
+    conn = await session.connection()
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    deliveries: list[Delivery] = []
+    for row in (await conn.execute(query)).all():
+        conv = _conv_of(row)
+        flow, state = await _load_state(session, conv)
+        result = await _turn(session, deps, conv, flow, state, Inbound.wake(), now, None)
+        if conv.wake_at is not None and conv.wake_at <= now:
+            conv.wake_at = None  # a wake that did not move the conversation: not again
+            await _save(session, conv)
+        if result.messages and conv.address is not None:
+            deliveries.append(
+                Delivery(
+                    conv.id,
+                    conv.org_id,
+                    conv.channel,
+                    conv.address,
+                    conv.contact_id,
+                    result.messages,
+                )
+            )
+    return deliveries
+
+
+async def expire_sessions(
+    session: AsyncSession, *, now: datetime, limit: int = 1000, org_id: int | None = None
+) -> int:
+    """Mark sessions silent past their expiry as `expired` (for the console and funnel);
+    their next message starts fresh either way. Handed-off and waiting ones are left."""
+    query = select(Conversation.id).where(
+        Conversation.expires_at <= now,
+        Conversation.status.in_(("active", "waiting_input")),
+    )
+    if org_id is not None:
+        query = query.where(Conversation.org_id == org_id)
+    rows = (await session.execute(query.order_by(Conversation.expires_at).limit(limit))).all()
+    count = 0
+    for (conv_id,) in rows:
+        conv = await session.get(Conversation, conv_id, populate_existing=True)
+        if conv is None or conv.expires_at > now or conv.status not in ("active", "waiting_input"):
+            continue
+        _flow, state = await _load_state(session, conv)
+        state.status = "expired"
+        state.wake_at = None
+        conv.state = state.model_dump_json()
+        conv.status = "expired"
+        conv.wake_at = None
+        await _insert(session, _INSERT_EVENTS, [_event_row(conv, "expired", now, conv.node)])
+        count += 1
+    await session.flush()
+    return count
