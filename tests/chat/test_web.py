@@ -16,6 +16,7 @@ import httpx
 from fastapi import FastAPI
 
 from popdrop.chat import web
+from popdrop.core import links
 from popdrop.core.signing import Signer
 from popdrop.web.context import AppContext
 from tests.chat.test_service import shop_with_flow
@@ -123,7 +124,7 @@ async def test_round_trip_through_the_default_flow(
     async with Socket(app, f"/ws/chat/{tenant.slug}") as ws:
         ready = await ws.receive()
         assert ready["type"] == "ready" and ready["resumed"] is False
-        assert web.visitor_of(ctx.signer, tenant.org_id, ready["visitor"])
+        assert links.read_visitor(ctx.signer, tenant.org_id, ready["visitor"])
         hello = await ws.turn({"type": "start", "id": 1})
         assert hello["type"] == "messages" and hello["id"] == 1
         kinds = [m["kind"] for m in hello["messages"]]

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from popdrop.drops import content
+from popdrop.core.links import Purpose
 from popdrop.drops.models import SendRow
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, preview
@@ -161,7 +161,7 @@ async def test_clicks_are_tracked_and_redirect_with_utm(
     assert tampered.status_code == 400
     # A link in mail sent before the short token (JSON payload) still redirects.
     legacy = ctx.signer.sign(
-        content.CLICK_PURPOSE, {"d": drop["id"], "r": None, "u": "https://shop.example/old"}
+        Purpose.DROP_CLICK, {"d": drop["id"], "r": None, "u": "https://shop.example/old"}
     )
     old = await app_client.get(f"/r/{legacy}")
     assert old.status_code == 302 and old.headers["location"] == "https://shop.example/old"

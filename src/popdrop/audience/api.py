@@ -42,6 +42,7 @@ from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 from popdrop.web.streaming import csv_download
 
+from popdrop.core import links
 router = APIRouter(prefix="/api/v1", tags=["audience"])
 READ_ERRORS = error_responses(401, 403, 404, 422)
 WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
@@ -130,8 +131,9 @@ async def change_consent(
         contact = await service.get_contact(session, principal, contact_id)
         confirm_url = None
         if body.action == "request" and body.channel == "email":
-            token = service.double_opt_in_token(ctx.signer, contact, body.channel)
-            confirm_url = f"{ctx.settings.base_url.rstrip('/')}/c/{token}"
+            confirm_url = links.consent_confirm_url(
+                ctx.signer, ctx.settings.base_url, contact.org_id, contact.id, body.channel
+            )
         return ConsentChanged(
             contact=await _view(session, ctx, contact),
             event=service.consent_event_out(event) if event else None,

@@ -54,11 +54,11 @@ from popdrop.web.templating import render, templates
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 public_router = APIRouter(include_in_schema=False, route_class=PageRoute)
+from popdrop.web.security import NO_STORE
 
 BUCKETS: tuple[Bucket, ...] = ("hot", "warm", "cold", "never")
 CHANNELS = ("email", "sms", "chat")
 CONTACTS_SHOWN = 25
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 # Public token pages: the token in the URL is the key, so never cached, indexed or leaked.
 PUBLIC_HEADERS = {**NO_STORE, "X-Robots-Tag": "noindex"}
 TOPICS_OFFERED = 30

@@ -29,12 +29,12 @@ from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
 from popdrop.web.pagekit import Operator, PageRoute, is_htmx
 from popdrop.web.params import Ctx, ItemId
+from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 
 SHOWN = 50
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 FUNNEL_STEPS = (
     "chat_started",
     "card_viewed",

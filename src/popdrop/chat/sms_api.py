@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from popdrop.chat import sms
 from popdrop.chat.conversations import ChatDeps
+from popdrop.core import links
 from popdrop.outbound import twilio, webhooks
 from popdrop.web.params import Ctx
 
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/api/v1", tags=["chat"])
 @router.post("/sms/{token}/inbound", include_in_schema=False)
 async def sms_inbound(token: str, request: Request, ctx: Ctx) -> Response:
     """Twilio inbound message: STOP/START/HELP/YES before any flow, then the SMS chat."""
-    org_id = webhooks.webhook_org(ctx.signer, token)
+    org_id = links.read_webhook(ctx.signer, token)
     message = twilio.parse_inbound(await webhooks.twilio_params(ctx.settings, request))
     # Keywords first (shared audience handling), then the chat flow: popdrop.chat.sms.
     deps = ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)

@@ -45,16 +45,17 @@ from popdrop.chat import inbound as chat_inbound
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import WEB, to_json
 from popdrop.checkin import service as checkin
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.web.context import AppContext
 from popdrop.web.params import Ctx
+from popdrop.web.security import NO_STORE
 from popdrop.web.streaming import ConnectionCaps, connection_caps
 from popdrop.web.templating import render
 
 CHANNEL = live.CHANNEL
-VISITOR_PURPOSE = "chat-visitor"
 MAX_FRAME = 4096  # characters in one client frame
 RATE_PER_S = 5.0  # frames a connection may send per second, sustained…
 BURST = 10.0  # …and in a burst
@@ -64,7 +65,6 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_ABUSE = 1008
 CLOSE_TRY_LATER = 1013
 CLOSE_IDLE = 4408
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 router = APIRouter(include_in_schema=False)
 
@@ -144,21 +144,7 @@ def inbound_of(frame: StartFrame | TextFrame | ButtonFrame) -> Inbound:
 def new_visitor(signer: Signer, org_id: int) -> tuple[str, str]:
     """(token, visitor id): a random id, signed for this organization."""
     visitor = secrets.token_urlsafe(18)
-    return signer.sign_text(VISITOR_PURPOSE, f"{org_id}:{visitor}"), visitor
-
-
-def visitor_of(signer: Signer, org_id: int, token: str) -> str | None:
-    """The visitor id of a genuine token of this organization, else None."""
-    if not token or len(token) > 300:
-        return None
-    try:
-        text = signer.unsign_text(VISITOR_PURPOSE, token)
-    except PopdropError:
-        return None
-    owner, _, visitor = text.partition(":")
-    if owner != str(org_id) or not visitor:
-        return None
-    return visitor
+    return links.visitor_token(signer, org_id, visitor), visitor
 
 
 class Bucket:
@@ -257,7 +243,7 @@ async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
         return
     token = websocket.query_params.get("visitor") or ""
     if token:
-        visitor = visitor_of(ctx.signer, org_id, token)
+        visitor = links.read_visitor(ctx.signer, org_id, token)
         if visitor is None:
             await websocket.send_json(
                 _error("visitor_invalid", "this chat session is not valid; start a new one")

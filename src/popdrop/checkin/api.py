@@ -22,6 +22,7 @@ from popdrop.checkin.schemas import (
     ScanRequest,
     TicketCreate,
 )
+from popdrop.core import links
 from popdrop.core.schemas import error_responses
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext
@@ -34,15 +35,11 @@ SCANS = Counter("popdrop_checkin_scans_total", "Check-in scans", ["result"])
 SCAN_REFUSALS = (401, 403, 409, 410, 422)
 
 
-def ticket_url(ctx: AppContext, secret: str) -> str:
-    return f"{ctx.settings.base_url.rstrip('/')}/t/{secret}"
-
-
 def issued(ctx: AppContext, ticket: Ticket, secret: str, created: bool) -> IssuedTicket:
     return IssuedTicket(
         ticket=service.ticket_out(ticket),
         secret=secret,
-        url=ticket_url(ctx, secret),
+        url=links.ticket_url(ctx.settings.base_url, secret),
         created=created,
     )
 

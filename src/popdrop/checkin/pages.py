@@ -22,13 +22,14 @@ from pydantic import ValidationError
 from popdrop.accounts.service import Principal
 from popdrop.checkin import service
 from popdrop.checkin.schemas import ScanRequest
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.events.models import Event
 from popdrop.web.auth import PagePrincipal, check_csrf
 from popdrop.web.params import Ctx, ItemId
+from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render
 
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 MAX_SCAN_BODY = 4096
 
 router = APIRouter(include_in_schema=False)
@@ -85,7 +86,7 @@ async def ticket_calendar(request: Request, secret: str, ctx: Ctx) -> Response:
             view = await service.open_ticket(session, secret)
     except PopdropError as error:
         return _trouble(request, error)
-    url = f"{ctx.settings.base_url.rstrip('/')}/t/{secret}"
+    url = links.ticket_url(ctx.settings.base_url, secret)
     body = ics_event(view.event, uid=f"ticket-{view.ticket.id}", url=url, now=ctx.clock.now())
     return Response(
         body,

@@ -53,6 +53,7 @@ from popdrop.checkin.schemas import (
     TicketOut,
 )
 from popdrop.core import audit
+from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import REASON_STATUS, PopdropError, not_found
 from popdrop.events.models import Event
@@ -83,7 +84,7 @@ class EventSigner:
 
 
 # Keys never change once made, so they are cached per (database, event).
-_SIGNERS: dict[tuple[str, int], EventSigner] = {}
+_SIGNERS: ProcessCache[tuple[str, int], EventSigner] = ProcessCache(maxsize=1_024)
 
 
 # The scan path runs on a bare connection on PostgreSQL (no ORM session), a session elsewhere.
@@ -114,7 +115,7 @@ async def _load_signer(session: Conn, event_id: int) -> EventSigner | None:
             public_raw=row.public_key,
             private=Ed25519PrivateKey.from_private_bytes(row.private_key),
         )
-        _SIGNERS[cache_key] = signer
+        _SIGNERS.put(cache_key, signer)
     return signer
 
 

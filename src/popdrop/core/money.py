@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 
 from popdrop.core.errors import PopdropError
 
@@ -22,6 +23,25 @@ class Money:
             raise PopdropError("invalid_request", f"currency {self.currency!r} is not ISO 4217")
         if isinstance(self.amount_minor, bool) or not isinstance(self.amount_minor, int):
             raise PopdropError("invalid_request", "money amounts are integer minor units")
+
+    @classmethod
+    def parse(cls, typed: str, currency: str) -> Money:
+        """Major units as a person types them ("15.50", "15,50", "15") → exact minor units.
+
+        Decimal arithmetic, never floats. More decimals than the currency has, or anything
+        that is not a finite number, is refused (`invalid_request`); so is a currency that
+        is not ISO 4217. An empty string is not an amount: callers decide what "blank" means.
+        """
+        exponent = cls(0, currency).exponent  # checks the currency first
+        try:
+            minor = Decimal(typed.replace(",", ".")).scaleb(exponent)
+            if not minor.is_finite() or minor != minor.to_integral_value():
+                raise InvalidOperation
+        except InvalidOperation:
+            raise PopdropError(
+                "invalid_request", f"an amount like 15.50 (at most {exponent} decimals)"
+            ) from None
+        return cls(int(minor), currency)
 
     def __add__(self, other: Money) -> Money:
         self._same(other)

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import service as audience
+from popdrop.core import links
 from popdrop.core.schemas import error_responses
 from popdrop.drops import content, outcomes, service
 from popdrop.drops.models import SendRow
@@ -74,7 +75,7 @@ async def seed_test(
     drop_id: ItemId, request: Request, principal: ApiPrincipal, ctx: Ctx
 ) -> DropOut:
     email, sms = make_transports(ctx.settings, ctx.db, ctx.clock)
-    base = ctx.settings.base_url.rstrip("/")
+    base = links.root(ctx.settings.base_url)
     app_client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=request.app), base_url=base, timeout=10
     )
@@ -192,12 +193,9 @@ async def war_room(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> WarRoo
 )
 async def webhook_urls(principal: ApiPrincipal, ctx: Ctx) -> dict[str, str]:
     principal.require("drops:write")
-    token = webhooks.webhook_token(ctx.signer, principal.org_id)
-    base = ctx.settings.base_url.rstrip("/")
-    urls = {p: f"{base}/api/v1/feedback/{p}/{token}" for p in feedback.PROVIDERS}
-    urls["twilio_inbound"] = f"{base}/api/v1/sms/{token}/inbound"
-    urls["twilio_status"] = f"{base}/api/v1/sms/{token}/status"
-    return urls
+    return links.webhook_urls(
+        ctx.signer, ctx.settings.base_url, principal.org_id, feedback.PROVIDERS
+    )
 
 
 @router.post(
@@ -211,7 +209,7 @@ async def provider_feedback(
     request: Request,
     ctx: Ctx,
 ) -> dict[str, Any]:
-    org_id = webhooks.webhook_org(ctx.signer, token)
+    org_id = links.read_webhook(ctx.signer, token)
     body = await request.body()
     settings = ctx.settings
     await feedback.authenticate(
@@ -237,7 +235,7 @@ async def provider_feedback(
 
 @router.post("/sms/{token}/status", include_in_schema=False, status_code=204)
 async def sms_status(token: str, request: Request, ctx: Ctx) -> Response:
-    org_id = webhooks.webhook_org(ctx.signer, token)
+    org_id = links.read_webhook(ctx.signer, token)
     callback = twilio.parse_status_callback(await webhooks.twilio_params(ctx.settings, request))
     async with ctx.db.transaction() as session:
         await _sms_status(session, org_id, callback, ctx)
@@ -264,7 +262,7 @@ async def _sms_status(
 @public_router.get("/r/{token}")
 async def click(token: str, ctx: Ctx) -> Response:
     """A tracked link: record the click, then send the person on (UTM kept)."""
-    drop_id, row_id, url = content.read_click(ctx.signer, token)
+    drop_id, row_id, url = links.read_click(ctx.signer, token)
     async with ctx.db.transaction() as session:
         await outcomes.record_click(
             session, ctx.signer, drop_id=drop_id, send_row_id=row_id, url=url, now=ctx.clock.now()

@@ -1,9 +1,9 @@
 """A drop's stored content → compiled templates → one recipient's message.
 
 Content is per variant, per channel and per recency bucket (`hot`, `warm`, `cold`,
-`never`, with `default` for the rest). Click-tracking tokens are signed with the one
-signer and name the drop, the send row and the destination, so `/r/{token}` records the
-click and redirects without a database lookup for the URL.
+`never`, with `default` for the rest). Click-tracking tokens (`core.links.click_token`)
+name the drop, the send row and the destination, so `/r/{token}` records the click and
+redirects without a database lookup for the URL.
 """
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from popdrop.audience import service as audience
 from popdrop.audience.models import Contact
-from popdrop.core.errors import PopdropError
+from popdrop.core.links import click_token, event_url, unsubscribe_url
 from popdrop.core.signing import Signer
 from popdrop.drops import render
 from popdrop.drops.models import Drop
 from popdrop.drops.schemas import ChannelContent
 from popdrop.events.models import Event
-
-CLICK_PURPOSE = "drop-click"
 
 
 def _compile(content: ChannelContent) -> dict[str, dict[str, Any]]:
@@ -52,34 +49,13 @@ class Links:
     contact: Contact | None
 
     def tracker(self, destination: str) -> str:
-        row = "" if self.send_row_id is None else self.send_row_id
-        return self.signer.sign_text(CLICK_PURPOSE, f"{self.drop.id}:{row}:{destination}")
+        return click_token(self.signer, self.drop.id, self.send_row_id, destination)
 
     @cached_property
     def unsubscribe_url(self) -> str | None:
         if self.contact is None:
             return None
-        token = audience.preferences_token(self.signer, self.contact)
-        return f"{self.base_url.rstrip('/')}/u/{token}"
-
-
-def read_click(signer: Signer, token: str) -> tuple[int, int | None, str]:
-    """(drop id, send row id, destination) of a tracking token, or `link_invalid`."""
-    payload: Any
-    try:
-        drop, row_id, url = signer.unsign_text(CLICK_PURPOSE, token).split(":", 2)
-        payload = {"d": int(drop), "r": int(row_id) if row_id else None, "u": url}
-    except (PopdropError, ValueError):
-        payload = signer.unsign(CLICK_PURPOSE, token)  # a link sent before the short token
-    if (
-        not isinstance(payload, dict)
-        or not isinstance(payload.get("d"), int)
-        or not isinstance(payload.get("u"), str)
-        or not payload["u"].startswith(("http://", "https://"))
-    ):
-        raise PopdropError("link_invalid", "this link is not valid")
-    row = payload.get("r")
-    return payload["d"], row if isinstance(row, int) else None, payload["u"]
+        return unsubscribe_url(self.signer, self.base_url, self.contact.org_id, self.contact.id)
 
 
 @dataclass(frozen=True)
@@ -125,15 +101,18 @@ def context_for(
     *,
     first_name: str | None = None,
 ) -> dict[str, Any]:
-    base = links.base_url.rstrip("/")
     unsubscribe = links.unsubscribe_url
     return render.build_context(
         first_name=contact.first_name if contact else first_name,
         locale=(contact.locale if contact else None) or "en",
         voucher_code=voucher[1] if voucher else None,
-        voucher_url=f"{base}/e/{event.id}?code={voucher[1]}" if voucher and event else None,
+        voucher_url=(
+            event_url(links.base_url, event.id, code=voucher[1]) if voucher and event else None
+        ),
         event=(
-            render.EventInfo(event.title, event.starts_at, event.timezone, f"{base}/e/{event.id}")
+            render.EventInfo(
+                event.title, event.starts_at, event.timezone, event_url(links.base_url, event.id)
+            )
             if event
             else None
         ),

@@ -47,9 +47,9 @@ from popdrop.web.params import Ctx, ItemId
 from popdrop.web.templating import render, templates
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
+from popdrop.web.security import NO_STORE
 
 MAILBOX_PAGE = 50
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 STATUS_BADGE = {
     "draft": "",
     "scheduled": "warn",

@@ -15,6 +15,8 @@ from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from popdrop.core.links import click_prefix
+
 Tracker = Callable[[str], str]  # destination URL (UTM added) → signed token for /r/{token}
 
 
@@ -68,7 +70,7 @@ class LinkTracker:
         skip: Collection[str],
     ) -> None:
         self.tracker = tracker
-        self.prefix = base_url.rstrip("/") + "/r/"
+        self.prefix = click_prefix(base_url)
         self.medium = medium
         self.campaign = campaign
         self.skip = {s for s in skip if s}

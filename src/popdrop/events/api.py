@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from popdrop.accounts.models import Organization
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import error_responses
 from popdrop.events import service
@@ -33,7 +34,6 @@ from popdrop.web.params import Ctx, ItemId
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
 public_router = APIRouter(include_in_schema=False)
-ICAL_PURPOSE = "ical-feed"
 WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
 
 
@@ -163,15 +163,12 @@ class IcalLink(BaseModel):
 async def ical_link(principal: ApiPrincipal, ctx: Ctx) -> IcalLink:
     """A secret URL for calendar apps (they cannot send tokens)."""
     principal.require("vouchers:read")
-    token = ctx.signer.sign(ICAL_PURPOSE, principal.org_id)
-    return IcalLink(url=f"{ctx.settings.base_url.rstrip('/')}/ical/{token}.ics")
+    return IcalLink(url=links.ical_url(ctx.signer, ctx.settings.base_url, principal.org_id))
 
 
 @public_router.get("/ical/{token}.ics")
 async def ical_feed(token: str, ctx: Ctx) -> Response:
-    org_id = ctx.signer.unsign(ICAL_PURPOSE, token)
-    if not isinstance(org_id, int):
-        raise PopdropError("link_invalid", "this calendar link is not valid")
+    org_id = links.read_ical(ctx.signer, token)
     async with ctx.db.reader() as session:
         org = await session.get(Organization, org_id)
         if org is None:

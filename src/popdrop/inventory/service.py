@@ -18,6 +18,7 @@ from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
@@ -289,7 +290,7 @@ class _Target:
 
 
 # (database, org, variant, lane) -> target: the mapping never changes once stock exists.
-_TARGETS: dict[tuple[str, int, int, int], _Target] = {}
+_TARGETS: ProcessCache[tuple[str, int, int, int], _Target] = ProcessCache(maxsize=16_384)
 _EVENT_STATE = select(Event.status, Event.hold_ttl_seconds).where(Event.id == bindparam("e_id"))
 
 
@@ -324,7 +325,7 @@ async def _target(session: AsyncSession, principal: Principal, spec: HoldCreate)
     if row is None:
         raise not_found("stock for that variant at that lane")
     target = _Target(*row)
-    _TARGETS[key] = target
+    _TARGETS.put(key, target)
     return target
 
 

@@ -14,8 +14,9 @@ from popdrop.core.errors import PopdropError
 from popdrop.usecases import privacy
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
-from popdrop.web.pagekit import NO_STORE, Operator, PageRoute
+from popdrop.web.pagekit import Operator, PageRoute
 from popdrop.web.params import Ctx, ItemId
+from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)

@@ -91,9 +91,7 @@ async def issue_batch(
         )
         shown["codes"] = codes
         if links:
-            expiry = batch.valid_until or now + timedelta(seconds=batch.ttl_seconds or 8 * 3600)
-            if batch.ttl_seconds:
-                expiry = min(expiry, now + timedelta(seconds=batch.ttl_seconds))
+            expiry = service.link_expiry(batch, now)
             shown["links"] = [
                 service.make_link(ctx.signer, ctx.settings.base_url, c, expires_at=expiry)[0]
                 for c in codes

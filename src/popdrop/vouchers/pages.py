@@ -17,8 +17,7 @@ import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -40,8 +39,9 @@ from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import BatchCreate
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
-from popdrop.web.pagekit import NO_STORE, Operator, PageRoute, is_htmx, qr_svg
+from popdrop.web.pagekit import Operator, PageRoute, is_htmx, qr_svg
 from popdrop.web.params import Ctx, ItemId
+from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render
 
 # The web form shows every code on one page and offers them as a `data:` URL download;
@@ -51,7 +51,6 @@ MAX_FORM_LINKS = 5_000  # a claim link is ~100 characters: the same cap, in link
 SHOWN_CODES = 500
 AUDIT_PAGE_SIZE = 200
 REDEMPTIONS_SHOWN = 100
-DEFAULT_LINK_HOURS = 8  # what the API uses when a batch has no end and no TTL
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 # ---------------------------------------------------------------- issue form
@@ -105,17 +104,14 @@ def parse_issue_form(form: Mapping[str, Any]) -> IssueForm:
             return None
 
     def amount(name: str, currency: str) -> int | None:
-        """Major units as typed ("4.50") to integer minor units, exactly (no floats)."""
-        raw = get(name, "").replace(",", ".")
+        """Major units as typed ("4.50") to integer minor units, exactly (`Money.parse`)."""
+        raw = get(name, "")
         if not raw:
             return None
         exponent = Money(0, currency).exponent
         try:
-            minor = Decimal(raw).scaleb(exponent)
-            if not minor.is_finite() or minor != minor.to_integral_value():
-                raise InvalidOperation
-            return int(minor)
-        except InvalidOperation:
+            return Money.parse(raw, currency).amount_minor
+        except PopdropError:
             errors[name] = f"an amount like 4.50 (at most {exponent} decimals)"
             return None
 
@@ -192,14 +188,6 @@ def parse_issue_form(form: Mapping[str, Any]) -> IssueForm:
     if parsed.links and quantity > MAX_FORM_LINKS:
         errors["links"] = f"claim links for at most {MAX_FORM_LINKS:,} codes at a time"
     return parsed
-
-
-def link_expiry(batch: VoucherBatch, now: datetime) -> datetime:
-    """A claim link lives as long as its code: batch end or TTL, else a working day."""
-    ends = [batch.valid_until] if batch.valid_until else []
-    if batch.ttl_seconds:
-        ends.append(now + timedelta(seconds=batch.ttl_seconds))
-    return min(ends) if ends else now + timedelta(hours=DEFAULT_LINK_HOURS)
 
 
 def csv_data_url(rows: list[list[str]]) -> str:
@@ -320,7 +308,7 @@ def _issued_page(
     with_links: bool,
     now: datetime,
 ) -> Response:
-    expires_at = link_expiry(batch, now)
+    expires_at = service.link_expiry(batch, now)
     links = [
         service.make_link(ctx.signer, ctx.settings.base_url, c, expires_at=expires_at)[0]
         for c in (issued if with_links else [])

@@ -18,7 +18,8 @@ from sqlalchemy import Integer, String, bindparam, func, insert, or_, select, tr
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.core import audit
+from popdrop.core import audit, links
+from popdrop.core.cache import ProcessCache
 from popdrop.core.db import UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.signing import Signer
@@ -34,7 +35,6 @@ from popdrop.vouchers.schemas import (
     VoucherOut,
 )
 
-LINK_PURPOSE = "voucher-link"
 INSERT_CHUNK = 5_000
 Progress = Callable[[int, int], None]
 
@@ -52,7 +52,7 @@ class BatchPolicy:
 
 
 # Keyed by (database, batch id): a process may talk to more than one database (tests).
-_POLICIES: dict[tuple[str, int], BatchPolicy] = {}
+_POLICIES: ProcessCache[tuple[str, int], BatchPolicy] = ProcessCache(maxsize=4_096)
 
 
 def discount_of(batch: VoucherBatch) -> Discount:
@@ -113,7 +113,7 @@ async def _policy(session: AsyncSession, batch_id: int) -> BatchPolicy:
             cost_per_use_minor=batch.cost_per_use_minor,
             discount=discount_of(batch),
         )
-        _POLICIES[key] = policy
+        _POLICIES.put(key, policy)
     return policy
 
 
@@ -228,9 +228,7 @@ async def issue_derived(
     until = _voucher_until(batch.valid_until, batch.ttl_seconds, now)
     by_hash: dict[bytes, tuple[str, str]] = {}
     for subject in subjects:
-        code = codes.derived_code(
-            batch.prefix, signer.mac("voucher-derived", f"{batch.id}:{subject}")
-        )
+        code = codes.derived_code(batch.prefix, links.derived_code_mac(signer, batch.id, subject))
         by_hash[signer.keyed_hash(code)] = (subject, codes.format_code(code))
     conn = await session.connection()
     # executemany of one cached statement: a multi-row VALUES would be compiled afresh for
@@ -937,6 +935,21 @@ async def export_vouchers(
     )
     return [
         {
+DEFAULT_LINK_HOURS = 8  # a claim link's life when its batch has no end and no TTL
+
+
+def link_expiry(batch: VoucherBatch, now: datetime) -> datetime:
+    """When a batch's claim links expire: the one rule for the API, the pages and the CLI.
+
+    A link lives as long as its code: the batch end or the TTL counted from `now`,
+    whichever comes first; a batch with neither gets a working day.
+    """
+    ends = [batch.valid_until] if batch.valid_until else []
+    if batch.ttl_seconds:
+        ends.append(now + timedelta(seconds=batch.ttl_seconds))
+    return min(ends) if ends else now + timedelta(hours=DEFAULT_LINK_HOURS)
+
+
             "voucher_id": v.id,
             "status": _status(v, now),
             "uses": v.uses,
@@ -956,9 +969,8 @@ async def export_vouchers(
 def make_link(
     signer: Signer, base_url: str, code: str, *, expires_at: datetime
 ) -> tuple[str, datetime]:
-    normalized = codes.normalize(code)
-    token = signer.sign(LINK_PURPOSE, {"c": normalized, "e": int(expires_at.timestamp())})
-    return f"{base_url.rstrip('/')}/v/{token}", expires_at
+    token = links.voucher_link_token(signer, codes.normalize(code), expires_at)
+    return links.voucher_link_url(base_url, token), expires_at
 
 
 @dataclass
@@ -970,10 +982,8 @@ class ClaimView:
 
 async def open_link(session: AsyncSession, signer: Signer, token: str, now: datetime) -> ClaimView:
     """Check a `/v/{token}` link: signature, link expiry, then the voucher's live state."""
-    payload = signer.unsign(LINK_PURPOSE, token)
-    if not isinstance(payload, dict) or not isinstance(payload.get("c"), str):
-        raise PopdropError("link_invalid", "this link is not valid")
-    expires_at = datetime.fromtimestamp(int(payload.get("e", 0)), UTC)
+    link = links.read_voucher_link(signer, token)
+    expires_at = link.expires_at
     if expires_at <= now:
         raise PopdropError("link_expired", "this link has expired")
     normalized = codes.normalize(payload["c"])

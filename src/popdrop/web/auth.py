@@ -13,7 +13,6 @@ Roles map to scopes in `accounts.service.ROLES`.
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
@@ -21,14 +20,13 @@ from fastapi import Depends, Request, Response
 from popdrop.accounts import service as accounts
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.signing import constant_time_equal
 from popdrop.web.context import AppContext, get_ctx
 
 SESSION_COOKIE = "popdrop_session"
 CSRF_COOKIE = "popdrop_csrf"
-SESSION_PURPOSE = "session"
-CSRF_PURPOSE = "csrf"
 
 
 class LoginRequired(Exception):
@@ -64,10 +62,7 @@ def _secure(ctx: AppContext) -> bool:
 
 
 def start_session(response: Response, ctx: AppContext, user: User) -> None:
-    # "s" tells apart two sessions of one user started in the same second (the signature's
-    # timestamp has one-second resolution), so each has its own CSRF binding.
-    claims = {"u": user.id, "v": user.session_version, "s": secrets.token_urlsafe(12)}
-    value = ctx.signer.sign(SESSION_PURPOSE, claims)
+    value = links.session_token(ctx.signer, user.id, user.session_version)
     response.set_cookie(
         SESSION_COOKIE,
         value,
@@ -83,12 +78,7 @@ def session_claims(request: Request, ctx: AppContext) -> tuple[int, int] | None:
     raw = request.cookies.get(SESSION_COOKIE)
     if not raw:
         return None
-    try:
-        data = ctx.signer.unsign(SESSION_PURPOSE, raw, max_age=ctx.settings.session_max_age_seconds)
-        # Cookies from before session versions count as version 0 (the column's default).
-        return int(data["u"]), int(data.get("v", 0))
-    except (PopdropError, KeyError, TypeError, ValueError):
-        return None
+    return links.read_session(ctx.signer, raw, ctx.settings.session_max_age_seconds)
 
 
 def end_session(response: Response, ctx: AppContext) -> None:
@@ -114,20 +104,12 @@ PagePrincipal = Annotated[Principal, Depends(page_principal)]
 def _binding(request: Request, ctx: AppContext) -> str:
     """What a CSRF token is bound to: the session cookie as sent (or "anonymous")."""
     raw = request.cookies.get(SESSION_COOKIE, "")
-    return ctx.signer.mac("csrf-binding", raw).hex()[:32] if raw else "anonymous"
+    return links.session_binding(ctx.signer, raw)
 
 
 def _bound(request: Request, ctx: AppContext, token: str) -> bool:
-    try:
-        data = ctx.signer.unsign(CSRF_PURPOSE, token)
-    except PopdropError:
-        return False
-    # Tokens from before the binding were plain strings: never bound, never accepted.
-    return (
-        isinstance(data, dict)
-        and isinstance(data.get("s"), str)
-        and constant_time_equal(data["s"], _binding(request, ctx))
-    )
+    binding = links.read_csrf_binding(ctx.signer, token)
+    return binding is not None and constant_time_equal(binding, _binding(request, ctx))
 
 
 def csrf_token(request: Request, ctx: AppContext) -> str:
@@ -137,9 +119,7 @@ def csrf_token(request: Request, ctx: AppContext) -> str:
         return raw
     token: str | None = getattr(request.state, "new_csrf", None)
     if token is None:  # one new token per request, however many fragments render
-        token = ctx.signer.sign(
-            CSRF_PURPOSE, {"n": secrets.token_urlsafe(16), "s": _binding(request, ctx)}
-        )
+        token = links.csrf_token(ctx.signer, _binding(request, ctx))
         request.state.new_csrf = token
     return token
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -67,22 +66,19 @@ class Form:
             return None
 
     def amount(self, name: str, currency: str) -> int | None:
-        """Major units as typed ("15.50") to integer minor units, exactly."""
-        raw = self.values.get(name, "").replace(",", ".")
+        """Major units as typed ("15.50") to integer minor units, exactly (`Money.parse`)."""
+        raw = self.values.get(name, "")
         if not raw:
             return None
         try:
-            exponent = Money(0, currency).exponent
+            Money(0, currency)
         except PopdropError:
             return None  # the currency's own error is reported by the schema
         try:
-            minor = Decimal(raw).scaleb(exponent)
-            if not minor.is_finite() or minor != minor.to_integral_value():
-                raise InvalidOperation
-        except InvalidOperation:
-            self.errors[name] = f"an amount like 15.50 (at most {exponent} decimals)"
+            return Money.parse(raw, currency).amount_minor
+        except PopdropError as error:
+            self.errors[name] = error.message  # "an amount like 15.50 (at most 2 decimals)"
             return None
-        return int(minor)
 
     def build(
         self, model: type[M], data: dict[str, Any], names: Mapping[str, str] | None = None

@@ -5,8 +5,6 @@
   the whole page to /login instead of swapping the login form into a fragment.
 - `Operator` is the signed-in principal of a page, kept on the request so error pages
   still show the operator's navigation.
-- `NO_STORE` is the one header set for answers that must not be cached or leak a referrer
-  (plaintext codes, signed links, personal data).
 - Display filters (`money`, `percent`, `intcomma`, `local`, `price`) and `qr_svg`.
 """
 
@@ -30,8 +28,6 @@ from popdrop.core.errors import PopdropError
 from popdrop.core.money import Money
 from popdrop.web.auth import LoginRequired, PagePrincipal
 from popdrop.web.templating import render, templates
-
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 

@@ -13,6 +13,9 @@ Rules this module keeps:
 - HSTS only when the base URL is https (over plain http it would be ignored, and a
   development server on 127.0.0.1 must not be pinned to https).
 - A header a route set itself is left as it is.
+- `NO_STORE` is the one header set for answers that must not be cached or leak a referrer
+  (plaintext codes, signed links, personal data, CSV exports, live streams): routes add
+  it themselves.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ DOCS_CSP = "; ".join(
     )
 )
 HSTS = "max-age=31536000"
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 # Route templates (as matched by the router) whose pages other sites may frame.
 EMBEDDABLE_ROUTES = frozenset({"/chat/{org_slug}"})
 

@@ -30,9 +30,9 @@ from starlette.types import Receive, Scope, Send
 
 from popdrop.core.errors import PopdropError
 from popdrop.web.context import AppContext
+from popdrop.web.security import NO_STORE
 
-NO_STORE = {"Cache-Control": "no-store"}
-SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {**NO_STORE, "X-Accel-Buffering": "no"}
 RETRY_AFTER_SECONDS = 30
 LIFETIME_JITTER = 0.1  # a stream lives between 90 % and 100 % of its lifetime
 
