@@ -1,0 +1,408 @@
+"""Waiting-list offers reach the person, end to end (docs/notifications.md).
+
+A full slot with a waiting list; a cancellation frees the place; the worker tick sends the
+next person an email (a real aiosmtpd peer) and an SMS (a local Twilio-format HTTP fake)
+with a claim link; the link's page claims the place; an unclaimed offer lapses at its
+deadline (controlled clock, worker tick) and the next person gets theirs. Erasing a person
+removes their pending notifications; a provider failure is retried with a backoff; an
+opt-out between enqueue and send stops the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from email.message import EmailMessage
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from aiosmtpd.controller import Controller
+from sqlalchemy import select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from popdrop.app import build_context, create_app
+from popdrop.core.clock import FrozenClock
+from popdrop.core.config import Settings
+from popdrop.outbound.outbox import Notification, NotificationStatus
+from popdrop.rsvp.models import WaitlistOffer
+from popdrop.usecases.notify import DEADLINE_FORMAT
+from popdrop.web.context import AppContext
+from popdrop.web.pagekit import local
+from popdrop.worker import Worker
+from tests.conftest import Tenant, make_tenant
+from tests.rsvp.helpers import make_slot, rsvp
+
+BASE_URL = "https://pop.example"
+SID = "ACbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+TOKEN = "fake-twilio-token"
+SMS_FROM = "+15005550006"
+LINK = re.compile(r"https://pop\.example(/w/[A-Za-z0-9_.\-]+)")
+
+
+# ---------------------------------------------------------------- the providers
+
+
+@dataclass
+class SmtpPeer:
+    """aiosmtpd handler: keeps every accepted message."""
+
+    messages: list[EmailMessage] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        self.messages.append(parsed)
+        return "250 2.0.0 Message accepted"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.messages if m["To"] == address]
+
+
+@dataclass
+class TwilioFake:
+    """Twilio's Messages endpoint on a real local HTTP server; `fail_next` answers 503."""
+
+    received: list[dict[str, str]] = field(default_factory=list)
+    fail_next: int = 0
+    url: str = ""
+
+    async def messages(self, request: Request) -> JSONResponse:
+        expected = "Basic " + base64.b64encode(f"{SID}:{TOKEN}".encode()).decode()
+        if request.headers.get("authorization") != expected:
+            return JSONResponse({"code": 20003, "message": "Authenticate"}, status_code=401)
+        if self.fail_next:
+            self.fail_next -= 1
+            return JSONResponse({"code": 20500, "message": "Internal error"}, status_code=503)
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        self.received.append(form)
+        sid = f"SM{len(self.received):032d}"
+        body = {"sid": sid, "status": "queued", "to": form["To"], "from": form["From"]}
+        return JSONResponse(body, status_code=201)
+
+    def to(self, number: str) -> list[str]:
+        return [m["Body"] for m in self.received if m["To"] == number]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def smtp_peer() -> Iterator[tuple[SmtpPeer, int]]:
+    peer = SmtpPeer()
+    port = _free_port()
+    controller = Controller(peer, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield peer, port
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+async def twilio_fake() -> AsyncIterator[TwilioFake]:
+    fake = TwilioFake()
+    path = f"/2010-04-01/Accounts/{SID}/Messages.json"
+    app = Starlette(routes=[Route(path, fake.messages, methods=["POST"])])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    fake.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    try:
+        yield fake
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@dataclass
+class Stack:
+    ctx: AppContext
+    settings: Settings
+    client: httpx.AsyncClient
+    tenant: Tenant
+    smtp: SmtpPeer
+    sms: TwilioFake
+    clock: FrozenClock
+    worker: Worker | None = None
+
+    def start_worker(self) -> Worker:
+        """The worker of this process: from now on a commit that enqueues a notice wakes
+        its drainer at once (before, only a tick finds the rows)."""
+        if self.worker is None:
+            self.worker = Worker(self.settings, self.ctx.db, self.ctx.signer, self.ctx.clock)
+        return self.worker
+
+    async def tick(self) -> None:
+        await self.start_worker().tick()
+
+
+@pytest.fixture
+async def stack(
+    settings: Settings,
+    clock: FrozenClock,
+    smtp_peer: tuple[SmtpPeer, int],
+    twilio_fake: TwilioFake,
+) -> AsyncIterator[Stack]:
+    """The app and a worker wired to the SMTP peer and the SMS fake (one database)."""
+    peer, port = smtp_peer
+    configured = settings.model_copy(
+        update={
+            "base_url": BASE_URL,
+            "mail_transport": "smtp",
+            "smtp_host": "127.0.0.1",
+            "smtp_port": port,
+            "smtp_pool_size": 1,
+            "sms_base_url": twilio_fake.url,
+            "sms_account_sid": SID,
+            "sms_auth_token": TOKEN,
+            "chat_sms_from": SMS_FROM,
+        }
+    )
+    ctx = build_context(configured, clock=clock)
+    transport = httpx.ASGITransport(app=create_app(ctx=ctx))
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+        stack = Stack(ctx, configured, client, await make_tenant(ctx), peer, twilio_fake, clock)
+        yield stack
+    if stack.worker is not None:
+        await stack.tick()  # a drain a commit kicked off ends before the database goes
+        await stack.worker.close()
+    await ctx.guard.counter.close()
+    await ctx.db.dispose()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _join(stack: Stack, event_id: int, slot_id: int, who: str, phone: str | None) -> int:
+    stack.clock.advance(timedelta(seconds=1))  # (FIFO by arrival)
+    response = await rsvp(
+        stack.client, event_id, slot_id, email=f"{who}@example.com", phone=phone, waitlist=True
+    )
+    assert response.status_code == 201, response.text
+    return int(response.json()["rsvp"]["id"])
+
+
+async def _cancel(stack: Stack, rsvp_id: int) -> None:
+    response = await stack.client.post(
+        f"/api/v1/rsvps/{rsvp_id}/cancel",
+        json={"reason": "can't come"},
+        headers=stack.tenant.headers,
+    )
+    assert response.status_code == 200, response.text
+
+
+async def _status(stack: Stack, rsvp_id: int) -> str:
+    response = await stack.client.get(f"/api/v1/rsvps/{rsvp_id}", headers=stack.tenant.headers)
+    return str(response.json()["status"])
+
+
+async def _notifications(stack: Stack, recipient: str) -> list[Notification]:
+    async with stack.ctx.db.reader() as session:
+        return list(
+            await session.scalars(
+                select(Notification)
+                .where(Notification.recipient == recipient)
+                .order_by(Notification.id)
+            )
+        )
+
+
+async def _open_offer(stack: Stack, rsvp_id: int) -> WaitlistOffer:
+    async with stack.ctx.db.reader() as session:
+        offer = await session.scalar(
+            select(WaitlistOffer).where(
+                WaitlistOffer.rsvp_id == rsvp_id, WaitlistOffer.status == "open"
+            )
+        )
+    assert offer is not None
+    return offer
+
+
+async def _claim_by_link(stack: Stack, path: str) -> httpx.Response:
+    page = await stack.client.get(path)
+    assert page.status_code == 200, page.text
+    assert "Claim my place" in page.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    return await stack.client.post(path, data={"csrf": csrf.group(1)})
+
+
+def _deadline(offer: WaitlistOffer) -> str:
+    return local(offer.expires_at, "Europe/Paris", DEADLINE_FORMAT)
+
+
+# ---------------------------------------------------------------- the journey
+
+
+async def test_offers_reach_the_next_person_who_claims_or_lets_it_lapse(stack: Stack) -> None:
+    stack.start_worker()  # as in `popdrop serve`: commits wake the drainer
+    event_id, slot_id = await make_slot(stack.ctx, stack.tenant, capacity=1)
+    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
+    assert holder.json()["rsvp"]["status"] == "confirmed"
+    ann = await _join(stack, event_id, slot_id, "ann", "+14155550101")
+    bob = await _join(stack, event_id, slot_id, "bob", "+14155550102")
+    cyd = await _join(stack, event_id, slot_id, "cyd", "+14155550103")
+
+    # A cancellation frees the place: Ann's offer and its two messages, one transaction.
+    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
+    assert await _status(stack, ann) == "offered"
+    assert len(await _notifications(stack, "ann@example.com")) == 1
+
+    await stack.tick()
+    offer = await _open_offer(stack, ann)
+    [mail] = stack.smtp.to("ann@example.com")
+    [text] = stack.sms.to("+14155550101")
+    body = mail.get_content()
+    assert mail["Subject"] == "A place is free for you: Pop-up"
+    # The deadline in the event's time zone (Europe/Paris), in both messages.
+    assert f"before {_deadline(offer)}" in body and f"by {_deadline(offer)}" in text
+    assert "CET" in _deadline(offer) or "CEST" in _deadline(offer)
+    mail_link, sms_link = LINK.search(body), LINK.search(text)
+    assert mail_link is not None and sms_link is not None
+    # The same offer (the signature's timestamp may differ by a second).
+    assert mail_link.group(1).split(".")[0] == sms_link.group(1).split(".")[0]
+    # Sent rows keep no copy of the code.
+    assert all(
+        n.status == "sent" and n.payload == "{}"
+        for n in await _notifications(stack, "ann@example.com")
+    )
+    # Nobody else heard anything yet.
+    assert stack.smtp.to("bob@example.com") == [] and stack.sms.to("+14155550102") == []
+
+    # The link claims the place: Ann is booked, with her ticket.
+    claimed = await _claim_by_link(stack, mail_link.group(1))
+    assert claimed.status_code == 200, claimed.text
+    assert "booked for you" in claimed.text and "/t/" in claimed.text
+    assert await _status(stack, ann) == "confirmed"
+    again = await stack.client.get(mail_link.group(1))
+    assert again.status_code == 410 and "already claimed" in again.text
+
+    # Ann cancels after all: Bob's turn, and Bob never answers.
+    await _cancel(stack, ann)
+    await stack.tick()
+    bob_offer = await _open_offer(stack, bob)
+    [bob_mail] = stack.smtp.to("bob@example.com")
+    assert f"before {_deadline(bob_offer)}" in bob_mail.get_content()
+    assert len(stack.sms.to("+14155550102")) == 1
+
+    # Past his deadline the tick lapses it and Cyd gets hers, on both channels.
+    stack.clock.advance(timedelta(hours=1, minutes=59))
+    await stack.tick()
+    assert await _status(stack, bob) == "offered" and stack.smtp.to("cyd@example.com") == []
+    stack.clock.advance(timedelta(minutes=1, seconds=1))
+    await stack.tick()
+    assert await _status(stack, bob) == "lapsed"
+    assert await _status(stack, cyd) == "offered"
+    [cyd_mail] = stack.smtp.to("cyd@example.com")
+    [cyd_text] = stack.sms.to("+14155550103")
+    cyd_link = LINK.search(cyd_text)
+    assert cyd_link is not None
+    assert cyd_link.group(0).split(".")[0] in cyd_mail.get_content()
+    # Bob's old link is dead; Cyd's works.
+    bob_link = LINK.search(bob_mail.get_content())
+    assert bob_link is not None
+    assert (await stack.client.get(bob_link.group(1))).status_code == 410
+    assert (await _claim_by_link(stack, cyd_link.group(1))).status_code == 200
+    assert await _status(stack, cyd) == "confirmed"
+
+
+async def test_erasing_a_person_removes_their_pending_notifications(stack: Stack) -> None:
+    event_id, slot_id = await make_slot(stack.ctx, stack.tenant, capacity=1)
+    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
+    dee = await _join(stack, event_id, slot_id, "dee", "+14155550104")
+    contact = await stack.client.post(
+        "/api/v1/contacts",
+        json={"email": "dee@example.com", "phone": "+14155550104"},
+        headers=stack.tenant.headers,
+    )
+    assert contact.status_code == 201, contact.text
+    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
+    assert await _status(stack, dee) == "offered"
+    [mail_row] = await _notifications(stack, "dee@example.com")
+    assert mail_row.status == NotificationStatus.PENDING  # no worker here yet
+    assert len(await _notifications(stack, "+14155550104")) == 1
+
+    erased = await stack.client.post(
+        f"/api/v1/contacts/{contact.json()['contact']['id']}/erase", headers=stack.tenant.headers
+    )
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["scrubbed"]["notifications"] == 2
+    assert await _notifications(stack, "dee@example.com") == []
+    assert await _notifications(stack, "+14155550104") == []
+    await stack.tick()
+    assert stack.smtp.messages == [] and stack.sms.received == []
+
+
+async def test_a_provider_failure_is_retried_after_a_backoff(stack: Stack) -> None:
+    event_id, slot_id = await make_slot(stack.ctx, stack.tenant, capacity=1)
+    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
+    response = await rsvp(
+        stack.client, event_id, slot_id, email=None, phone="+14155550105", waitlist=True
+    )
+    assert response.status_code == 201, response.text
+    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
+
+    stack.sms.fail_next = 1  # the provider answers 503 once
+    await stack.tick()
+    [row] = await _notifications(stack, "+14155550105")
+    assert row.status == "pending" and row.attempts == 1 and row.last_error
+    assert row.not_before == stack.ctx.clock.now() + timedelta(seconds=30)
+    await stack.tick()  # not due yet: nothing is sent
+    assert stack.sms.received == []
+
+    stack.clock.advance(timedelta(seconds=31))
+    await stack.tick()
+    [text] = stack.sms.to("+14155550105")
+    assert LINK.search(text) is not None
+    [row] = await _notifications(stack, "+14155550105")
+    assert row.status == "sent" and row.attempts == 2 and row.provider_id
+
+
+async def test_an_opt_out_after_enqueue_stops_the_message(stack: Stack) -> None:
+    event_id, slot_id = await make_slot(stack.ctx, stack.tenant, capacity=1)
+    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
+    eve = await _join(stack, event_id, slot_id, "eve", "+14155550106")
+    contact = await stack.client.post(
+        "/api/v1/contacts",
+        json={"email": "eve@example.com", "phone": "+14155550106"},
+        headers=stack.tenant.headers,
+    )
+    contact_id = contact.json()["contact"]["id"]
+    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
+    assert await _status(stack, eve) == "offered"
+
+    # Eve opts out of email after the offer's messages were enqueued, before the send.
+    for action in ("grant", "revoke"):
+        changed = await stack.client.post(
+            f"/api/v1/contacts/{contact_id}/consents",
+            json={"channel": "email", "action": action, "wording": "email news"},
+            headers=stack.tenant.headers,
+        )
+        assert changed.status_code == 200, changed.text
+    await stack.tick()
+    assert stack.smtp.to("eve@example.com") == []  # consent is read at send time
+    assert len(stack.sms.to("+14155550106")) == 1  # SMS: no opt-out there
+    [mail_row] = await _notifications(stack, "eve@example.com")
+    assert mail_row.status == "skipped" and mail_row.last_error in ("suppressed", "no_consent")
+    assert mail_row.payload == "{}"
