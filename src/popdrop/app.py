@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.inventory.api import router as inventory_api
     from popdrop.inventory.pages import router as event_pages
     from popdrop.rsvp.api import router as rsvp_api
+    from popdrop.rsvp.pages import router as rsvp_pages
     from popdrop.usecases.privacy_api import router as privacy_api
     from popdrop.usecases.privacy_pages import router as privacy_pages
     from popdrop.usecases.public_rsvp import router as public_rsvp
@@ -187,6 +188,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         inventory_public,
         public_rsvp,
         rsvp_api,
+        rsvp_pages,
         web_pages,
         voucher_pages,
         event_pages,

@@ -40,6 +40,9 @@ from popdrop.drops import service as drops
 from popdrop.drops.models import Drop, SendRow
 from popdrop.drops.pipeline import Sender
 from popdrop.outbound.factory import make_transports
+from popdrop.outbound.outbox import OUTBOX_TOPIC
+from popdrop.rsvp import tasks as rsvp_tasks
+from popdrop.usecases.notify import Notifier
 
 
 def make_broker(settings: Settings) -> AsyncBroker:
@@ -113,6 +116,30 @@ class Worker:
             return await self._send_drop(drop_id)
 
         self.send_drop = Kicker(self.broker.register_task(send_drop, task_name="popdrop.send_drop"))
+        # The notification outbox: drained by every tick, and at once after a transaction
+        # that enqueued a notice commits (its after-commit signal kicks this task).
+        self.notifier = Notifier(
+            db,
+            signer,
+            clock,
+            settings.base_url,
+            email=email,
+            sms=sms,
+            sms_from=settings.chat_sms_from,
+        )
+
+        async def drain_outbox(hint: int) -> int:
+            del hint  # the outbox rows are the truth; the kick only wakes the drainer
+            return sum((await self.notifier.drain()).values())
+
+        self.drain_outbox = Kicker(
+            self.broker.register_task(drain_outbox, task_name="popdrop.drain_outbox")
+        )
+
+        async def kick_outbox() -> None:
+            await self.drain_outbox.kiq(0)
+
+        db.on_commit_signal(OUTBOX_TOPIC, kick_outbox)
         self._busy = False
         self.chat_deps = ChatDeps(signer, settings.base_url)
         bot = None
@@ -148,7 +175,8 @@ class Worker:
 
     async def tick(self) -> list[int]:
         """Start due scheduled drops, decide A/B tests, close drained drops, kick every drop
-        with due rows (their ids are returned), then deliver due chat messages."""
+        with due rows (their ids are returned), lapse expired waiting-list offers, drain the
+        notification outbox, then deliver due chat messages."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             scheduled = (
@@ -187,6 +215,14 @@ class Worker:
             ).all()
         for drop_id in due:
             await self.send_drop.kiq(drop_id)
+        # Lapse the waiting-list offers past their deadline (the next person's offer is
+        # enqueued in the same transaction), then send what the outbox holds.
+        await rsvp_tasks.sweep_expired_offers(
+            self.db, self.notifier.signer, self.clock, audit_chains=self.settings.audit_chains
+        )
+        notified = await self.notifier.drain()
+        if notified:
+            log.info("notifications drained", **notified)
         sent = await chat_tasks.deliver_due(self.db, self.chat_deps, self.chat_channels, now=now)
         if sent:
             log.info("chat messages delivered", **sent)

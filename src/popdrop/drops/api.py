@@ -8,6 +8,7 @@ organization (`GET /api/v1/webhook-urls`), and each must also prove its origin (
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import service as audience
 from popdrop.core import links
+from popdrop.core.db import after_commit
 from popdrop.core.schemas import error_responses
 from popdrop.drops import content, outcomes, service
 from popdrop.drops.models import SendRow
@@ -130,8 +132,8 @@ async def start(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> DropOut:
     async with ctx.db.transaction() as session:
         drop = await service.start_drop(session, principal, drop_id, now=ctx.clock.now())
         out = await service.drop_out(session, drop)
-    if ctx.worker is not None and out.status == "sending":
-        await ctx.worker.send_drop.kiq(drop_id)
+        if ctx.worker is not None and out.status == "sending":
+            after_commit(session, partial(ctx.worker.send_drop.kiq, drop_id))
     return out
 
 

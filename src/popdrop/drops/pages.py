@@ -17,6 +17,7 @@ tracked links, so clicking one records the click and redirects, as in a mail cli
 
 from __future__ import annotations
 
+from functools import partial
 import json
 import math
 import re
@@ -33,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.audience.models import Segment
+from popdrop.core.db import after_commit
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.drops import abtest, outcomes, service
 from popdrop.drops.models import Drop, DropVariant
@@ -441,12 +443,12 @@ async def drop_start(request: Request, drop_id: ItemId, principal: Operator, ctx
         async with ctx.db.transaction() as session:
             drop = await service.start_drop(session, principal, drop_id, now=ctx.clock.now())
             status = drop.status
+            if ctx.worker is not None and status == "sending":  # `popdrop serve`: in-process
+                after_commit(session, partial(ctx.worker.send_drop.kiq, drop_id))
     except PopdropError as error:
         if not _shown(error):
             raise
         return await _drop_page(request, ctx, principal, drop_id, error=error)
-    if ctx.worker is not None and status == "sending":  # `popdrop serve`: send in-process
-        await ctx.worker.send_drop.kiq(drop_id)
     done = "started" if status == "sending" else "scheduled"
     return RedirectResponse(f"/drops/{drop_id}?done={done}", status_code=303)
 

@@ -16,8 +16,10 @@ Rules:
   out is swept by `expire_offers` (lazily at the start of every RSVP/cancel/claim of the
   event, and by the periodic task): its voucher is revoked, its RSVP `lapsed`, and its
   places pass to the next waiting entry that fits.
-- Plaintext voucher codes are never stored: the operation that makes an offer returns it
-  (`OfferMade.code`) for the messaging that delivers it.
+- Plaintext voucher codes are never stored with the offer: the operation that makes an
+  offer returns it (`OfferMade.code`) and, in the same transaction, puts the offer's
+  messages in the notification outbox (`outbound.outbox`; email and/or SMS, whatever the
+  RSVP gave), whose row holds the code only until the message is out.
 - Lock order, everywhere: offer row -> RSVP row -> slot row -> waiting RSVP rows ->
   voucher rows and their audit chains -> the event's audit chain (always last).
 """
@@ -41,6 +43,7 @@ from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.identity import normalize_email, normalize_phone
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event, TimeSlot
+from popdrop.outbound import outbox
 from popdrop.rsvp.models import Rsvp, WaitlistOffer
 from popdrop.rsvp.schemas import (
     OfferOut,
@@ -62,6 +65,7 @@ PUBLIC_ACTOR = "public:rsvp"
 NO_ORG = 0
 SYSTEM_ACTOR = "system:waitlist"
 SWEEP_LIMIT = 500
+OFFER_NOTICE = "waitlist_offer"  # the outbox kind of an offer's message
 
 
 @dataclass(frozen=True)
@@ -557,7 +561,26 @@ async def _offer_free_places(
             )
         )
         free -= places
+    await outbox.enqueue(session, [n for offer in made for n in offer_notices(offer)], now=now)
     return made
+
+
+def offer_notices(offer: OfferMade) -> list[outbox.Notice]:
+    """The messages that tell the person about an offer: by email and/or SMS, whatever the
+    RSVP gave. They carry the code (the claim link is built from it at send time)."""
+    payload = {
+        "offer": offer.offer_id,
+        "event": offer.event_id,
+        "places": offer.places,
+        "code": offer.code,
+    }
+    subject = f"offer:{offer.offer_id}"
+    points = ((outbox.Channel.EMAIL, offer.email), (outbox.Channel.SMS, offer.phone))
+    return [
+        outbox.Notice(offer.org_id, OFFER_NOTICE, subject, channel, address, payload)
+        for channel, address in points
+        if address
+    ]
 
 
 async def _audit_offers(

@@ -1,4 +1,4 @@
-"""Periodic work of the waiting list (to be scheduled by the worker; no broker needed)."""
+"""Periodic work of the waiting list, run by the worker tick (no broker needed)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from popdrop.rsvp.service import OfferMade
 async def sweep_expired_offers(
     db: Database, signer: Signer, clock: Clock, *, audit_chains: int
 ) -> list[OfferMade]:
-    """Expire every offer past its time and pass its places on; return the new offers
-    (with their plaintext codes, for the messaging that sends them)."""
+    """Expire every offer past its time and pass its places on; return the new offers.
+    Their messages are already in the notification outbox (same transaction)."""
     async with db.transaction() as session:
         return await service.expire_offers(
             session, signer, now=clock.now(), audit_chains=audit_chains

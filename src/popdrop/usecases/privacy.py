@@ -27,6 +27,7 @@ from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.idempotency import IdempotencyRecord
 from popdrop.core.signing import Signer
 from popdrop.inventory.models import Hold
+from popdrop.outbound import outbox
 from popdrop.outbound.models import MailboxMessage
 from popdrop.rsvp.models import Rsvp
 from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
@@ -181,6 +182,8 @@ async def erase_contact(
                 MailboxMessage.org_id == org_id, MailboxMessage.recipient.in_(clear)
             ),
         )
+        # Notifications to the person: unsent ones must never go out, sent ones name them.
+        scrubbed["notifications"] = await outbox.forget(session, org_id, clear)
     # Chats: the conversation's address, transcript and typed contact details.
     scrubbed["chat_conversations"] = await console.erase_person(
         session,
