@@ -327,24 +327,30 @@ async def test_offers_reach_the_next_person_who_claims_or_lets_it_lapse(stack: S
     assert await _status(stack, cyd) == "confirmed"
 
 
-async def test_erasing_a_person_removes_their_pending_notifications(stack: Stack) -> None:
+async def _offer_to_a_contact(stack: Stack, who: str, phone: str) -> tuple[int, int]:
+    """A known contact waits for a full slot and gets its freed place: (RSVP, contact)."""
     event_id, slot_id = await make_slot(stack.ctx, stack.tenant, capacity=1)
     holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
-    dee = await _join(stack, event_id, slot_id, "dee", "+14155550104")
+    waiting = await _join(stack, event_id, slot_id, who, phone)
     contact = await stack.client.post(
         "/api/v1/contacts",
-        json={"email": "dee@example.com", "phone": "+14155550104"},
+        json={"email": f"{who}@example.com", "phone": phone},
         headers=stack.tenant.headers,
     )
     assert contact.status_code == 201, contact.text
     await _cancel(stack, int(holder.json()["rsvp"]["id"]))
-    assert await _status(stack, dee) == "offered"
+    assert await _status(stack, waiting) == "offered"
+    return waiting, int(contact.json()["contact"]["id"])
+
+
+async def test_erasing_a_person_removes_their_pending_notifications(stack: Stack) -> None:
+    _dee, contact_id = await _offer_to_a_contact(stack, "dee", "+14155550104")
     [mail_row] = await _notifications(stack, "dee@example.com")
     assert mail_row.status == NotificationStatus.PENDING  # no worker here yet
     assert len(await _notifications(stack, "+14155550104")) == 1
 
     erased = await stack.client.post(
-        f"/api/v1/contacts/{contact.json()['contact']['id']}/erase", headers=stack.tenant.headers
+        f"/api/v1/contacts/{contact_id}/erase", headers=stack.tenant.headers
     )
     assert erased.status_code == 200, erased.text
     assert erased.json()["scrubbed"]["notifications"] == 2
@@ -380,17 +386,7 @@ async def test_a_provider_failure_is_retried_after_a_backoff(stack: Stack) -> No
 
 
 async def test_an_opt_out_after_enqueue_stops_the_message(stack: Stack) -> None:
-    event_id, slot_id = await make_slot(stack.ctx, stack.tenant, capacity=1)
-    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
-    eve = await _join(stack, event_id, slot_id, "eve", "+14155550106")
-    contact = await stack.client.post(
-        "/api/v1/contacts",
-        json={"email": "eve@example.com", "phone": "+14155550106"},
-        headers=stack.tenant.headers,
-    )
-    contact_id = contact.json()["contact"]["id"]
-    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
-    assert await _status(stack, eve) == "offered"
+    _eve, contact_id = await _offer_to_a_contact(stack, "eve", "+14155550106")
 
     # Eve opts out of email after the offer's messages were enqueued, before the send.
     for action in ("grant", "revoke"):
