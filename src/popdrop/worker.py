@@ -37,6 +37,7 @@ from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.drops import outcomes
 from popdrop.drops import service as drops
+from popdrop.drops.lifecycle import DropStatus, SendRowStatus
 from popdrop.drops.models import Drop, SendRow
 from popdrop.drops.pipeline import Sender
 from popdrop.outbound.factory import make_transports
@@ -179,18 +180,13 @@ class Worker:
         notification outbox, then deliver due chat messages."""
         now = self.clock.now()
         async with self.db.transaction() as session:
-            scheduled = (
-                await session.scalars(
-                    select(Drop).where(Drop.status == "scheduled", Drop.scheduled_at <= now)
-                )
-            ).all()
-            for drop in scheduled:
-                principal = drops.system_principal(drop.org_id)
-                await drops.freeze_recipients(session, principal, drop, now=now)
-                drop.status, drop.started_at, drop.updated_at = "sending", now, now
+            for drop_id in await drops.start_due_drops(session, now=now):
+                log.info("scheduled drop started", drop=drop_id)
             testing = (
                 await session.scalars(
-                    select(Drop).where(Drop.status == "sending", Drop.ab_decided_at.is_(None))
+                    select(Drop).where(
+                        Drop.status == DropStatus.SENDING, Drop.ab_decided_at.is_(None)
+                    )
                 )
             ).all()
             for drop in testing:
@@ -206,9 +202,11 @@ class Worker:
                     select(SendRow.drop_id)
                     .join(Drop, Drop.id == SendRow.drop_id)
                     .where(
-                        Drop.status == "sending",
-                        ((SendRow.status == "pending") & (SendRow.not_before <= now))
-                        | ((SendRow.status == "claimed") & (SendRow.claimed_at < stale)),
+                        Drop.status == DropStatus.SENDING,
+                        ((SendRow.status == SendRowStatus.PENDING) & (SendRow.not_before <= now))
+                        | (
+                            (SendRow.status == SendRowStatus.CLAIMED) & (SendRow.claimed_at < stale)
+                        ),
                     )
                     .distinct()
                 )

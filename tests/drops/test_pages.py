@@ -258,7 +258,8 @@ async def test_pause_resume_cancel_buttons_change_the_state(
     # A button that no longer applies (an old tab): the reason on the page, with a 409.
     again = await post_form(app_client, f"/drops/{drop_id}/resume", page.text)
     assert again.status_code == 409 and 'id="refusal"' in again.text
-    assert "Cannot resume a drop that is cancelled" in again.text and "conflict" in again.text
+    assert "Cannot resume a drop that is cancelled" in again.text
+    assert "invalid_transition" in again.text
     assert await status_of(ctx, drop_id) == "cancelled"
     # No CSRF field: refused, nothing changes.
     forged = await app_client.post(f"/drops/{drop_id}/pause", headers=HTML)

@@ -20,7 +20,7 @@ async def test_event_life_and_bad_moves(
     shop = await make_shop(app_client, tenant, clock.now(), status="draft")
     url = f"/api/v1/events/{shop.event_id}/status"
     skip = await app_client.post(url, json={"status": "live"}, headers=tenant.headers)
-    assert (skip.status_code, skip.json()["reason"]) == (409, "conflict")
+    assert (skip.status_code, skip.json()["reason"]) == (409, "invalid_transition")
     for status in ("published", "live", "closed"):
         moved = await app_client.post(url, json={"status": status}, headers=tenant.headers)
         assert moved.json()["status"] == status

@@ -27,26 +27,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from popdrop.audience.lifecycle import ConsentState, ImportJobStatus
 from popdrop.core.db import Base, BigId, UTCDateTime
-
-CHANNELS = ("email", "sms", "chat")
-CONSENT_STATES = ("none", "pending", "granted", "revoked")
-CONSENT_SOURCES = (
-    "form",
-    "chat_keyword",
-    "sms_keyword",
-    "import",
-    "double_opt_in",
-    "unsubscribe",
-    "preferences",
-    "operator",
-    "api",
-    "complaint",
-    "bounce",
-    "erase",
-)
-ACTIVITY_KINDS = ("click", "chat", "rsvp", "visit", "purchase")
-LABEL_KINDS = ("tag", "interest")
+from popdrop.core.lifecycle import status_check
 
 
 class Contact(Base):
@@ -55,6 +38,9 @@ class Contact(Base):
         UniqueConstraint("org_id", "email_hash"),
         UniqueConstraint("org_id", "phone_hash"),
         Index("ix_contacts_org_engaged", "org_id", "last_engaged_at"),
+        status_check(ConsentState, "consent_email"),
+        status_check(ConsentState, "consent_sms"),
+        status_check(ConsentState, "consent_chat"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -69,9 +55,9 @@ class Contact(Base):
     source: Mapped[str | None] = mapped_column(String(100), nullable=True)
     lat: Mapped[float | None] = mapped_column(Float, nullable=True)
     lon: Mapped[float | None] = mapped_column(Float, nullable=True)
-    consent_email: Mapped[str] = mapped_column(String(8), default="none")
-    consent_sms: Mapped[str] = mapped_column(String(8), default="none")
-    consent_chat: Mapped[str] = mapped_column(String(8), default="none")
+    consent_email: Mapped[str] = mapped_column(String(8), default=ConsentState.NONE)
+    consent_sms: Mapped[str] = mapped_column(String(8), default=ConsentState.NONE)
+    consent_chat: Mapped[str] = mapped_column(String(8), default=ConsentState.NONE)
     # Preferences: topics are interests the person chose; frequency caps what they get.
     frequency: Mapped[str] = mapped_column(String(8), default="all")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -89,7 +75,7 @@ class ContactLabel(Base):
     contact_id: Mapped[int] = mapped_column(
         ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True
     )
-    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # tag, interest
     value: Mapped[str] = mapped_column(String(64), primary_key=True)
     org_id: Mapped[int] = mapped_column(BigInteger)
 
@@ -105,6 +91,8 @@ class ConsentEvent(Base):
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id"))
     channel: Mapped[str] = mapped_column(String(8))
     action: Mapped[str] = mapped_column(String(8))  # grant, request, revoke
+    # form, chat_keyword, sms_keyword, import, double_opt_in, unsubscribe, preferences,
+    # operator, api, complaint, bounce, erase
     source: Mapped[str] = mapped_column(String(16))
     wording: Mapped[str] = mapped_column(Text, default="")
     proof: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -137,7 +125,7 @@ class ContactActivity(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # click, chat, rsvp, visit, purchase
     event_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -173,11 +161,12 @@ class ImportJob(Base):
     """A CSV import running in the background: progress and the row-level report."""
 
     __tablename__ = "contact_import_jobs"
+    __table_args__ = (status_check(ImportJobStatus),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     filename: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16))  # queued, running, done, failed
+    status: Mapped[str] = mapped_column(String(16))
     total_rows: Mapped[int] = mapped_column(Integer, default=0)
     processed_rows: Mapped[int] = mapped_column(Integer, default=0)
     created: Mapped[int] = mapped_column(Integer, default=0)

@@ -32,7 +32,8 @@ from starlette.datastructures import FormData, UploadFile
 from popdrop.accounts.models import Organization
 from popdrop.accounts.service import Principal
 from popdrop.audience import importer, service
-from popdrop.audience.models import CONSENT_STATES, Contact, ContactLabel
+from popdrop.audience.lifecycle import ConsentState
+from popdrop.audience.models import Contact, ContactLabel
 from popdrop.audience.schemas import (
     AudienceSettingsIn,
     AudienceSettingsOut,
@@ -113,7 +114,7 @@ async def overview_counts(
         tally(service.bucket_condition(b, now, settings.hot_days, settings.warm_days))
         for b in BUCKETS
     ]
-    pairs = [(ch, state) for ch in CHANNELS for state in CONSENT_STATES]
+    pairs = [(ch, state) for ch in CHANNELS for state in ConsentState]
     columns += [tally(getattr(Contact, service.CONSENT_COLUMN[ch]) == state) for ch, state in pairs]
     row = (
         await session.execute(

@@ -59,6 +59,7 @@ from popdrop.checkin.models import Ticket
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.schemas import is_clean_text
 from popdrop.events import service as events
+from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, TimeSlot
 from popdrop.events.schemas import SlotCreate
 from popdrop.inventory import service as inventory
@@ -70,7 +71,6 @@ from popdrop.rsvp.models import Rsvp
 BROADCAST_SPACING = timedelta(hours=12)
 BROADCAST_MAX = 1000  # text length
 DEFAULT_SLOT_LENGTH = timedelta(hours=1)
-OPEN_STATUSES = ("published", "live")
 QUEUED, SENT = "queued", "host"
 BQUEUED, BSENT = "bqueued", "bcast"
 
@@ -275,7 +275,7 @@ async def current_event(session: AsyncSession, org_id: int, now: datetime) -> Ev
             return event
     return await session.scalar(
         select(Event)
-        .where(Event.org_id == org_id, Event.status.in_(OPEN_STATUSES), Event.ends_at > now)
+        .where(Event.org_id == org_id, Event.status.in_(OPEN_EVENT_STATUSES), Event.ends_at > now)
         .order_by(Event.starts_at, Event.id)
         .limit(1)
     )

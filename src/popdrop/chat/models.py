@@ -29,17 +29,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from popdrop.chat.lifecycle import ConversationStatus
 from popdrop.core.db import Base, BigId, UTCDateTime
-
-CONVERSATION_STATUSES = (
-    "active",
-    "waiting_input",
-    "waiting_until",
-    "handed_off",
-    "done",
-    "expired",
-    "error",
-)
+from popdrop.core.lifecycle import status_check
 
 
 class FlowVersion(Base):
@@ -65,6 +57,7 @@ class Conversation(Base):
         Index("ix_chat_conversations_wake", "wake_at"),
         Index("ix_chat_conversations_recent", "org_id", "last_message_at"),
         Index("ix_chat_conversations_contact", "contact_id"),
+        status_check(ConversationStatus),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

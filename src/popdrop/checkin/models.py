@@ -16,10 +16,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from popdrop.checkin.lifecycle import TicketStatus
 from popdrop.core.db import Base, BigId, UTCDateTime
-
-SUBJECT_KINDS = ("rsvp", "hold", "manual")
-TICKET_STATUSES = ("valid", "cancelled", "revoked")
+from popdrop.core.lifecycle import status_check
 
 
 class EventKey(Base):
@@ -58,18 +57,19 @@ class Ticket(Base):
             "subject_kind",
             "subject_id",
             unique=True,
-            postgresql_where=text("status = 'valid'"),
-            sqlite_where=text("status = 'valid'"),
+            postgresql_where=text(f"status = '{TicketStatus.VALID}'"),
+            sqlite_where=text(f"status = '{TicketStatus.VALID}'"),
         ),
+        status_check(TicketStatus),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
     event_id: Mapped[int] = mapped_column(ForeignKey("events.id"))
-    subject_kind: Mapped[str] = mapped_column(String(16))
+    subject_kind: Mapped[str] = mapped_column(String(16))  # rsvp, hold, manual
     subject_id: Mapped[int] = mapped_column(BigInteger)
     holder_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="valid")
+    status: Mapped[str] = mapped_column(String(16), default=TicketStatus.VALID)
     generation: Mapped[int] = mapped_column(Integer, default=0)
     issued_epoch: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -17,6 +17,7 @@ REASON_STATUS: dict[str, int] = {
     "unknown": 404,
     "method_not_allowed": 405,
     "conflict": 409,
+    "invalid_transition": 409,  # a status move its lifecycle table does not allow
     "not_yet_valid": 409,
     "exhausted": 409,
     "contact_limit": 409,

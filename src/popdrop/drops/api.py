@@ -22,6 +22,7 @@ from popdrop.core import links
 from popdrop.core.db import after_commit
 from popdrop.core.schemas import error_responses
 from popdrop.drops import content, outcomes, service
+from popdrop.drops.lifecycle import DropStatus, SendRowStatus
 from popdrop.drops.models import SendRow
 from popdrop.drops.schemas import DropCreate, DropOut, SeedOverride, WarRoom
 from popdrop.outbound import feedback, twilio, webhooks
@@ -132,7 +133,7 @@ async def start(drop_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> DropOut:
     async with ctx.db.transaction() as session:
         drop = await service.start_drop(session, principal, drop_id, now=ctx.clock.now())
         out = await service.drop_out(session, drop)
-        if ctx.worker is not None and out.status == "sending":
+        if ctx.worker is not None and out.status == DropStatus.SENDING:
             after_commit(session, partial(ctx.worker.send_drop.kiq, drop_id))
     return out
 
@@ -254,9 +255,9 @@ async def _sms_status(
         return
     now = ctx.clock.now()
     if callback.delivered:
-        row.status, row.delivered_at = "delivered", now
+        row.status, row.delivered_at = SendRowStatus.DELIVERED, now
     elif callback.failed:
-        row.status = "failed"
+        row.status = SendRowStatus.FAILED
         # An undelivered number is not an opt-out: consent stays as it is.
         row.outcome = f"twilio {callback.status} {callback.error_code or ''}".strip()
 

@@ -14,28 +14,20 @@ from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Te
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime
-
-DROP_STATUSES = (
-    "draft",
-    "scheduled",
-    "sending",
-    "paused",
-    "done",
-    "cancelled",
-)
-SEED_STATUSES = ("untested", "passed", "failed", "overridden")
-ROW_STATUSES = ("pending", "held", "claimed", "sent", "delivered", "bounced", "failed", "skipped")
+from popdrop.core.lifecycle import status_check
+from popdrop.drops.lifecycle import DropStatus, SeedStatus, SendRowStatus
 
 
 class Drop(Base):
     __tablename__ = "drops"
+    __table_args__ = (status_check(DropStatus), status_check(SeedStatus, "seed_status"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id"), nullable=True)
     name: Mapped[str] = mapped_column(String(200))
     slug: Mapped[str] = mapped_column(String(64))  # utm_campaign
-    status: Mapped[str] = mapped_column(String(16), default="draft")
+    status: Mapped[str] = mapped_column(String(16), default=DropStatus.DRAFT)
     segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"), nullable=True)
     channels: Mapped[str] = mapped_column(String(32))  # "email sms"
     from_email: Mapped[str] = mapped_column(String(254), default="")
@@ -46,7 +38,7 @@ class Drop(Base):
         ForeignKey("voucher_batches.id"), nullable=True
     )
     seed_list: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of emails/phones
-    seed_status: Mapped[str] = mapped_column(String(16), default="untested")
+    seed_status: Mapped[str] = mapped_column(String(16), default=SeedStatus.UNTESTED)
     seed_report: Mapped[str] = mapped_column(Text, default="[]")
     ab_metric: Mapped[str] = mapped_column(String(8), default="click")
     ab_test_fraction: Mapped[float] = mapped_column(Float, default=1.0)
@@ -90,6 +82,7 @@ class SendRow(Base):
         Index("ix_send_rows_due", "drop_id", "status", "not_before"),
         Index("ix_send_rows_sent", "drop_id", "sent_at"),
         Index("ix_send_rows_contact", "contact_id", "channel", "sent_at"),  # frequency caps
+        status_check(SendRowStatus),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -98,7 +91,7 @@ class SendRow(Base):
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id"))
     channel: Mapped[str] = mapped_column(String(8))
     variant: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=SendRowStatus.PENDING)
     not_before: Mapped[datetime] = mapped_column(UTCDateTime)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -20,9 +20,10 @@ from popdrop.audience.schemas import ActivityIn, ConsentChange
 from popdrop.core.identity import identity_hash
 from popdrop.core.signing import Signer
 from popdrop.drops import abtest
+from popdrop.drops.lifecycle import SENT_ROW_STATUSES, DropAction, DropStatus, SendRowStatus
 from popdrop.drops.models import Drop, LinkClick, SendRow
 from popdrop.drops.schemas import MinuteStats, WarRoom
-from popdrop.drops.service import SENT_STATES, get_drop, variants_of
+from popdrop.drops.service import get_drop, move_drop, variants_of
 from popdrop.outbound.feedback import FeedbackEvent
 
 AUTO_PAUSE_WINDOW = timedelta(minutes=10)
@@ -78,10 +79,11 @@ async def apply_feedback(
         if row is not None:
             touched.add(row.drop_id)
             if event.kind == "delivered":
-                row.status = "delivered" if row.status == "sent" else row.status
+                if row.status == SendRowStatus.SENT:
+                    row.status = SendRowStatus.DELIVERED
                 row.delivered_at = row.delivered_at or now
             elif event.kind == "hard_bounce":
-                row.status, row.bounced_at = "bounced", now
+                row.status, row.bounced_at = SendRowStatus.BOUNCED, now
                 row.outcome = event.reason[:200]
             elif event.kind == "complaint":
                 row.complained_at = now
@@ -136,7 +138,7 @@ async def auto_pause(session: AsyncSession, drop_id: int, *, now: datetime) -> b
     """Pause a sending drop whose bounce or complaint rate over the last ten minutes is
     above its threshold; the reason is stored on the drop."""
     drop = await session.get(Drop, drop_id, populate_existing=True)
-    if drop is None or drop.status != "sending":
+    if drop is None or drop.status != DropStatus.SENDING:
         return False
     since = now - AUTO_PAUSE_WINDOW
     sent, bounced, complained = (
@@ -160,12 +162,11 @@ async def auto_pause(session: AsyncSession, drop_id: int, *, now: datetime) -> b
     ):
         rate = count / sent
         if rate > threshold:
-            drop.status = "paused"
-            drop.paused_reason = (
+            reason = (
                 f"auto-paused: {label} rate {rate:.1%} over the last 10 minutes "
                 f"({count} of {sent}) is above {threshold:.1%}"
             )
-            drop.updated_at = now
+            move_drop(drop, DropAction.PAUSE, DropStatus.PAUSED, now=now, paused_reason=reason)
             await session.flush()
             return True
     return False
@@ -173,7 +174,11 @@ async def auto_pause(session: AsyncSession, drop_id: int, *, now: datetime) -> b
 
 async def decide_ab(session: AsyncSession, drop: Drop, *, now: datetime) -> abtest.Decision | None:
     """When the test window is over: pick the winner, then release the held rows to it."""
-    if drop.ab_decided_at is not None or drop.started_at is None or drop.status != "sending":
+    if (
+        drop.ab_decided_at is not None
+        or drop.started_at is None
+        or drop.status != DropStatus.SENDING
+    ):
         return None
     variants = await variants_of(session, drop.id)
     if len(variants) < 2 or drop.started_at + timedelta(seconds=drop.ab_decide_after_seconds) > now:
@@ -184,7 +189,7 @@ async def decide_ab(session: AsyncSession, drop: Drop, *, now: datetime) -> abte
             select(func.count()).where(
                 SendRow.drop_id == drop.id,
                 SendRow.variant == variant.name,
-                SendRow.status.in_(SENT_STATES),
+                SendRow.status.in_(SENT_ROW_STATUSES),
             )
         )
         converted = await session.scalar(_converted(drop, variant.name))
@@ -213,13 +218,13 @@ async def decide_ab(session: AsyncSession, drop: Drop, *, now: datetime) -> abte
         }
     )
     released: dict[str, Any] = (
-        {"status": "pending", "variant": decision.winner, "not_before": now}
+        {"status": SendRowStatus.PENDING, "variant": decision.winner, "not_before": now}
         if decision.winner
-        else {"status": "skipped", "outcome": "no A/B winner"}
+        else {"status": SendRowStatus.SKIPPED, "outcome": "no A/B winner"}
     )
     await session.execute(
         update(SendRow)
-        .where(SendRow.drop_id == drop.id, SendRow.status == "held")
+        .where(SendRow.drop_id == drop.id, SendRow.status == SendRowStatus.HELD)
         .values(**released)
     )
     await session.flush()
@@ -234,7 +239,7 @@ def _converted(drop: Drop, variant: str) -> Any:
     return select(func.count(func.distinct(SendRow.contact_id))).where(
         SendRow.drop_id == drop.id,
         SendRow.variant == variant,
-        SendRow.status.in_(SENT_STATES),
+        SendRow.status.in_(SENT_ROW_STATUSES),
         select(ContactActivity.id)
         .where(
             ContactActivity.contact_id == SendRow.contact_id,
@@ -266,7 +271,9 @@ async def war_room(session: AsyncSession, principal: Principal, drop_id: int) ->
                 if at is not None:
                     _bump(minutes, totals, at, name)
         failed = await session.execute(
-            select(SendRow.claimed_at).where(SendRow.drop_id == drop.id, SendRow.status == "failed")
+            select(SendRow.claimed_at).where(
+                SendRow.drop_id == drop.id, SendRow.status == SendRowStatus.FAILED
+            )
         )
         for (at,) in failed:
             if at is not None and start <= at < end:
@@ -348,7 +355,7 @@ async def drop_counts(
             pending=t.get("pending", 0),
             held=t.get("held", 0),
             claimed=t.get("claimed", 0),
-            sent=sum(t.get(state, 0) for state in SENT_STATES),
+            sent=sum(t.get(state, 0) for state in SENT_ROW_STATUSES),
             delivered=t.get("delivered", 0),
             bounced=t.get("bounced", 0),
             failed=t.get("failed", 0),
@@ -371,7 +378,7 @@ async def variant_counts(
         .where(
             SendRow.drop_id == drop.id,
             SendRow.variant.is_not(None),
-            SendRow.status.in_(SENT_STATES),
+            SendRow.status.in_(SENT_ROW_STATUSES),
         )
         .group_by(SendRow.variant)
     )

@@ -37,6 +37,7 @@ from popdrop.audience.models import Segment
 from popdrop.core.db import after_commit
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.drops import abtest, outcomes, service
+from popdrop.drops.lifecycle import DropStatus, operator_actions
 from popdrop.drops.models import Drop, DropVariant
 from popdrop.drops.outcomes import DropCounts
 from popdrop.drops.schemas import ChannelContent, WarRoom
@@ -59,14 +60,6 @@ STATUS_BADGE = {
     "paused": "warn",
     "done": "good",
     "cancelled": "bad",
-}
-ACTIONS: dict[str, set[str]] = {  # which buttons a drop in each state offers
-    "draft": {"seed-test", "start", "cancel"},
-    "scheduled": {"seed-test", "start", "pause", "cancel"},
-    "sending": {"pause", "cancel"},
-    "paused": {"resume", "cancel"},
-    "done": set(),
-    "cancelled": set(),
 }
 _NOTICES: dict[str, tuple[str, str]] = {
     "started": ("good", "Started: the recipients are frozen and the messages are going out."),
@@ -414,7 +407,8 @@ async def _drop_page(
         "ab": _ab_view(drop, variants, counted),
         "zone": zone,
         "chart": build_chart(room, now=now, zone=zone, live=drop.status == "sending"),
-        "actions": ACTIONS.get(drop.status, set()),
+        # The buttons come from the action table: a button shows only where its move may go.
+        "actions": operator_actions(DropStatus(drop.status)),
         "can_write": "drops:write" in principal.scopes,
         "live": live,
         "error": error,

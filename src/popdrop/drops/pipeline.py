@@ -37,8 +37,9 @@ from popdrop.core.db import Database, UTCDateTime
 from popdrop.core.errors import PopdropError
 from popdrop.core.signing import Signer
 from popdrop.drops import content
+from popdrop.drops.lifecycle import SENT_ROW_STATUSES, DropStatus, SendRowStatus
 from popdrop.drops.models import Drop, DropVariant, SendRow
-from popdrop.drops.service import SENT_STATES, Claimed, claim_batch, quiet_until
+from popdrop.drops.service import Claimed, claim_batch, quiet_until
 from popdrop.events.models import Event
 from popdrop.outbound.transports import (
     EmailTransport,
@@ -178,7 +179,7 @@ class Sender:
             by_drop[row.drop_id].append(row)
         for drop_id, rows in by_drop.items():
             context = await self._drop(drop_id)
-            if context.drop.status != "sending":  # paused or cancelled since the claim
+            if context.drop.status != DropStatus.SENDING:  # paused or cancelled since the claim
                 await self._release(rows)
                 continue
             await self._send_rows(context, rows)
@@ -188,7 +189,7 @@ class Sender:
             await session.execute(
                 update(SendRow)
                 .where(SendRow.id.in_([r.id for r in rows]), SendRow.claimed_by == self.worker)
-                .values(status="pending", claimed_at=None, claimed_by=None)
+                .values(status=SendRowStatus.PENDING, claimed_at=None, claimed_by=None)
             )
 
     async def _send_rows(self, context: _DropContext, rows: list[Claimed]) -> None:
@@ -221,13 +222,18 @@ class Sender:
                 await session.execute(
                     update(SendRow)
                     .where(SendRow.id.in_(ids))
-                    .values(status="skipped", outcome=reason, claimed_by=None)
+                    .values(status=SendRowStatus.SKIPPED, outcome=reason, claimed_by=None)
                 )
             for opening, ids in deferred.items():
                 await session.execute(
                     update(SendRow)
                     .where(SendRow.id.in_(ids))
-                    .values(status="pending", not_before=opening, claimed_at=None, claimed_by=None)
+                    .values(
+                        status=SendRowStatus.PENDING,
+                        not_before=opening,
+                        claimed_at=None,
+                        claimed_by=None,
+                    )
                 )
             codes = await self._vouchers(session, context, to_send, now)
         gate = asyncio.Semaphore(self.concurrency)
@@ -261,7 +267,7 @@ class Sender:
                     .where(
                         SendRow.id.in_(ids),
                         SendRow.claimed_by == self.worker,
-                        SendRow.status == "claimed",
+                        SendRow.status == SendRowStatus.CLAIMED,
                     )
                     .values(claimed_at=self.clock.now())
                 )
@@ -287,7 +293,7 @@ class Sender:
                 select(SendRow.contact_id, SendRow.channel, func.count())
                 .where(
                     SendRow.contact_id.in_(ids),
-                    SendRow.status.in_(SENT_STATES),
+                    SendRow.status.in_(SENT_ROW_STATUSES),
                     SendRow.sent_at >= window,
                     SendRow.drop_id != drop.id,
                 )
@@ -408,7 +414,7 @@ class Sender:
             {
                 "row_id": row.id,
                 "worker": self.worker,
-                "status": "skipped",
+                "status": SendRowStatus.SKIPPED,
                 "message_id": None,
                 "voucher_id": None,
                 "sent_at": None,
@@ -438,13 +444,17 @@ class Sender:
             "outcome": None,
         }
         if result.ok:
-            params |= {"status": "sent", "sent_at": now, "provider_id": result.provider_id}
+            params |= {
+                "status": SendRowStatus.SENT,
+                "sent_at": now,
+                "provider_id": result.provider_id,
+            }
         elif result.permanent or row.attempts >= MAX_ATTEMPTS:
-            params |= {"status": "failed", "outcome": (result.error or "failed")[:200]}
+            params |= {"status": SendRowStatus.FAILED, "outcome": (result.error or "failed")[:200]}
         else:  # transient: back off and let any worker retry it
             delay = result.retry_after or min(300.0, 5.0 * 2 ** (row.attempts - 1))
             params |= {
-                "status": "pending",
+                "status": SendRowStatus.PENDING,
                 "not_before": now + timedelta(seconds=delay),
                 "outcome": (result.error or "retry")[:200],
             }

@@ -16,6 +16,9 @@ Rules:
   carries the same Message-ID and the same per-recipient voucher.
 - Pause, resume and cancel are idempotent state changes; workers read the drop's state
   before every batch.
+- Every change of a drop's status goes through `move_drop`, which asks the action table
+  (`drops.lifecycle.DROP_ACTIONS`) and refuses any other move with `invalid_transition`;
+  the set-based close of drained drops takes its WHERE from the same table.
 """
 
 from __future__ import annotations
@@ -38,6 +41,19 @@ from popdrop.audience.schemas import SegmentRules
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.signing import Signer
+from popdrop.drops.lifecycle import (
+    DROP_LIFECYCLE,
+    OPEN_ROW_STATUSES,
+    SEED_CLEARED,
+    UNSENT_ROW_STATUSES,
+    DropAction,
+    DropStatus,
+    SeedStatus,
+    SendRowStatus,
+    action_leads,
+    action_sources,
+    can_seed_test,
+)
 from popdrop.drops.models import Drop, DropVariant, SendRow
 from popdrop.drops.schemas import DropCreate, DropOut
 from popdrop.events.models import Event
@@ -48,7 +64,6 @@ from popdrop.vouchers.schemas import BatchCreate
 
 SPLIT_MODULUS = 10_000
 _SLUG = re.compile(r"[^a-z0-9]+")
-SENT_STATES = ("sent", "delivered", "bounced")
 _REDEEM = frozenset({"vouchers:redeem"})
 
 
@@ -138,7 +153,7 @@ async def create_drop(
         event_id=spec.event_id,
         name=spec.name,
         slug=slugify(spec.name),
-        status="draft",
+        status=DropStatus.DRAFT,
         segment_id=spec.segment_id,
         channels=" ".join(spec.channels),
         from_email=spec.from_email,
@@ -146,7 +161,7 @@ async def create_drop(
         sms_from=spec.sms_from,
         voucher_batch_id=batch_id,
         seed_list=json.dumps(spec.seed_list),
-        seed_status="untested",
+        seed_status=SeedStatus.UNTESTED,
         seed_report="[]",
         ab_metric=spec.ab_metric,
         ab_test_fraction=spec.ab_test_fraction if len(spec.variants) > 1 else 1.0,
@@ -246,7 +261,7 @@ async def override_seed(
     """An owner lets the drop go without a passing seed test (recorded with the reason)."""
     principal.require("tokens:write")  # owners only
     drop = await get_drop(session, principal, drop_id)
-    drop.seed_status = "overridden"
+    drop.seed_status = SeedStatus.OVERRIDDEN
     report = json.loads(drop.seed_report or "[]")
     report.append({"override": reason, "by": principal.actor, "at": now.isoformat()})
     drop.seed_report = json.dumps(report)
@@ -261,25 +276,74 @@ async def start_drop(
     """Freeze the recipients and start sending (or keep `scheduled` until `scheduled_at`)."""
     principal.require("drops:write")
     drop = await get_drop(session, principal, drop_id)
-    if drop.status not in ("draft", "scheduled"):
-        raise PopdropError("conflict", f"this drop is {drop.status}")
-    if drop.seed_status not in ("passed", "overridden"):
+    status = DropStatus(drop.status)
+    if not action_leads(DropAction.START, status):
+        raise DROP_LIFECYCLE.refusal(status, None, action=DropAction.START)
+    if drop.seed_status not in SEED_CLEARED:
         raise PopdropError(
             "seed_test_required",
             "run the seed test first (or an owner overrides it): "
             f"the seed test is {drop.seed_status}",
         )
     if drop.scheduled_at is not None and drop.scheduled_at > now:
-        drop.status = "scheduled"
-        drop.updated_at = now
+        if status is DropStatus.SCHEDULED:
+            drop.updated_at = now  # asked again before its time: it stays scheduled
+        else:
+            move_drop(drop, DropAction.START, DropStatus.SCHEDULED, now=now)
         await session.flush()
         return drop
-    await freeze_recipients(session, principal, drop, now=now)
-    drop.status = "sending"
-    drop.started_at = now
-    drop.updated_at = now
-    await session.flush()
+    await _start_sending(session, principal, drop, now=now)
     return drop
+
+
+async def start_due_drops(session: AsyncSession, *, now: datetime) -> list[int]:
+    """The worker tick's part: start every scheduled drop whose `scheduled_at` has come
+    (the operator's start already passed the seed-test gate), on the organization's
+    behalf. Returns the ids started."""
+    due = await session.scalars(
+        select(Drop)
+        .where(Drop.status == DropStatus.SCHEDULED, Drop.scheduled_at <= now)
+        .order_by(Drop.id)
+    )
+    started: list[int] = []
+    for drop in due.all():
+        await _start_sending(session, system_principal(drop.org_id), drop, now=now)
+        started.append(drop.id)
+    return started
+
+
+async def _start_sending(
+    session: AsyncSession, principal: Principal, drop: Drop, *, now: datetime
+) -> None:
+    # The move first: a refused start freezes no recipients.
+    move_drop(drop, DropAction.START, DropStatus.SENDING, now=now)
+    await freeze_recipients(session, principal, drop, now=now)
+    await session.flush()
+
+
+def move_drop(
+    drop: Drop,
+    action: DropAction,
+    target: DropStatus,
+    *,
+    now: datetime,
+    paused_reason: str | None = None,
+) -> None:
+    """The one writer of a drop's status (one drop in the session; `finish_drained` is the
+    set-based form of `finish`). The move must be one `action` may make from the drop's
+    status, else `invalid_transition`. Also keeps the fields that go with the status:
+    `paused_reason` only while paused, `started_at` on the first `sending`, `finished_at`
+    on a final status."""
+    source = DropStatus(drop.status)
+    if target not in action_leads(action, source):
+        raise DROP_LIFECYCLE.refusal(source, target, action=action)
+    drop.status = target
+    drop.paused_reason = paused_reason if target is DropStatus.PAUSED else None
+    drop.updated_at = now
+    if target is DropStatus.SENDING and drop.started_at is None:
+        drop.started_at = now
+    if target in DROP_LIFECYCLE.terminal:
+        drop.finished_at = now
 
 
 async def freeze_recipients(
@@ -304,9 +368,12 @@ async def freeze_recipients(
         case(*whens, else_=literal(None)) if len(variants) > 1 else literal(variants[0].name)
     )
     status_expr = (
-        case((bucket < sample, literal("pending")), else_=literal("held"))
+        case(
+            (bucket < sample, literal(SendRowStatus.PENDING)),
+            else_=literal(SendRowStatus.HELD),
+        )
         if len(variants) > 1
-        else literal("pending")
+        else literal(SendRowStatus.PENDING)
     )
     for channel in drop.channels.split():
         conditions = await audience.segment_conditions(
@@ -348,33 +415,36 @@ async def set_state(
     now: datetime,
     reason: str | None = None,
 ) -> Drop:
-    """pause / resume / cancel: idempotent (asking twice answers the same state)."""
+    """pause / resume / cancel: idempotent (asking twice answers the same state). A resume
+    leads back to `sending` when the drop had started, else to `scheduled`; a cancel skips
+    the rows not yet sent."""
     principal.require("drops:write")
     drop = await get_drop(session, principal, drop_id)
-    target = {"pause": "paused", "resume": "sending", "cancel": "cancelled"}[action]
+    action = DropAction(action)
+    if action not in _OPERATOR_STATE_ACTIONS:
+        raise PopdropError("invalid_request", f"{action} is not pause, resume or cancel")
+    target = _OPERATOR_STATE_ACTIONS[action]
     if drop.status == target:
         return drop
-    allowed = {
-        "pause": {"sending", "scheduled"},
-        "resume": {"paused"},
-        "cancel": {"draft", "scheduled", "sending", "paused"},
-    }[action]
-    if drop.status not in allowed:
-        raise PopdropError("conflict", f"cannot {action} a drop that is {drop.status}")
-    if action == "resume" and drop.started_at is None:
-        target = "scheduled"
-    drop.status = target
-    drop.paused_reason = reason if action == "pause" else None
-    drop.updated_at = now
-    if action == "cancel":
-        drop.finished_at = now
+    if action is DropAction.RESUME and drop.started_at is None:
+        target = DropStatus.SCHEDULED
+    move_drop(drop, action, target, now=now, paused_reason=reason)
+    if action is DropAction.CANCEL:
         await session.execute(
             update(SendRow)
-            .where(SendRow.drop_id == drop.id, SendRow.status.in_(("pending", "held")))
-            .values(status="skipped", outcome="cancelled")
+            .where(SendRow.drop_id == drop.id, SendRow.status.in_(UNSENT_ROW_STATUSES))
+            .values(status=SendRowStatus.SKIPPED, outcome="cancelled")
         )
     await session.flush()
     return drop
+
+
+# Where pause, resume and cancel lead (what "asking twice" compares with).
+_OPERATOR_STATE_ACTIONS: dict[DropAction, DropStatus] = {
+    DropAction.PAUSE: DropStatus.PAUSED,
+    DropAction.RESUME: DropStatus.SENDING,
+    DropAction.CANCEL: DropStatus.CANCELLED,
+}
 
 
 async def finish_drained(session: AsyncSession, *, now: datetime) -> list[int]:
@@ -382,13 +452,13 @@ async def finish_drained(session: AsyncSession, *, now: datetime) -> list[int]:
     for an A/B winner or claimed); delivery and click feedback keep arriving after."""
     open_rows = (
         select(SendRow.id)
-        .where(SendRow.drop_id == Drop.id, SendRow.status.in_(("pending", "held", "claimed")))
+        .where(SendRow.drop_id == Drop.id, SendRow.status.in_(OPEN_ROW_STATUSES))
         .exists()
     )
     finished = await session.execute(
         update(Drop)
-        .where(Drop.status == "sending", ~open_rows)
-        .values(status="done", finished_at=now, updated_at=now)
+        .where(Drop.status.in_(action_sources(DropAction.FINISH, DropStatus.DONE)), ~open_rows)
+        .values(status=DropStatus.DONE, finished_at=now, updated_at=now)
         .returning(Drop.id)
     )
     return [int(drop_id) for drop_id in finished.scalars()]
@@ -424,10 +494,10 @@ async def claim_batch(
         select(SendRow.id)
         .join(Drop, Drop.id == SendRow.drop_id)
         .where(
-            Drop.status == "sending",
+            Drop.status == DropStatus.SENDING,
             or_(
-                and_(SendRow.status == "pending", SendRow.not_before <= now),
-                and_(SendRow.status == "claimed", SendRow.claimed_at < stale),
+                and_(SendRow.status == SendRowStatus.PENDING, SendRow.not_before <= now),
+                and_(SendRow.status == SendRowStatus.CLAIMED, SendRow.claimed_at < stale),
             ),
         )
         .order_by(SendRow.id)
@@ -441,7 +511,7 @@ async def claim_batch(
         update(SendRow)
         .where(SendRow.id.in_(due.scalar_subquery()))
         .values(
-            status="claimed",
+            status=SendRowStatus.CLAIMED,
             claimed_at=now,
             claimed_by=worker,
             attempts=SendRow.attempts + 1,
@@ -516,7 +586,7 @@ async def run_seed_test(
     principal.require("drops:write")
     async with db.transaction() as session:
         drop = await get_drop(session, principal, drop_id)
-        if drop.status not in ("draft", "scheduled"):
+        if not can_seed_test(DropStatus(drop.status)):
             raise PopdropError("conflict", f"this drop is {drop.status}")
         seeds: list[str] = json.loads(drop.seed_list or "[]")
         if not seeds:
@@ -608,7 +678,8 @@ async def run_seed_test(
             )
         drop = await get_drop(session, principal, drop_id)
         drop.seed_report = json.dumps(report)
-        drop.seed_status = "passed" if report and all(e["ok"] for e in report) else "failed"
+        passed = bool(report) and all(e["ok"] for e in report)
+        drop.seed_status = SeedStatus.PASSED if passed else SeedStatus.FAILED
         drop.updated_at = now
         await session.flush()
         return drop

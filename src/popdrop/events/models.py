@@ -6,13 +6,13 @@ from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueCo
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime
-
-EVENT_STATUSES = ("draft", "published", "live", "closed")
+from popdrop.core.lifecycle import status_check
+from popdrop.events.lifecycle import EventStatus
 
 
 class Event(Base):
     __tablename__ = "events"
-    __table_args__ = (UniqueConstraint("org_id", "slug"),)
+    __table_args__ = (UniqueConstraint("org_id", "slug"), status_check(EventStatus))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
@@ -27,7 +27,7 @@ class Event(Base):
     starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ends_at: Mapped[datetime] = mapped_column(UTCDateTime)
     opens_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="draft")
+    status: Mapped[str] = mapped_column(String(16), default=EventStatus.DRAFT)
     hold_ttl_seconds: Mapped[int] = mapped_column(Integer, default=900)
     max_hold_renewals: Mapped[int] = mapped_column(Integer, default=2)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
 from zoneinfo import available_timezones
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from popdrop.core.schemas import StrictInput
+from popdrop.events.lifecycle import EventStatus
 
-EventStatus = Literal["draft", "published", "live", "closed"]
 _ZONES = available_timezones()
 
 

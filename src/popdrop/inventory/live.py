@@ -32,6 +32,7 @@ from popdrop.core.clock import Clock
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.logging import log
+from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event
 from popdrop.inventory import service
 
@@ -132,7 +133,7 @@ class _Publisher:
             if with_status:
                 status = await session.scalar(select(Event.status).where(Event.id == self.event_id))
                 self._status_due = time.monotonic() + STATUS_EVERY_SECONDS
-                if status not in service.OPEN_STATUSES:
+                if status not in OPEN_EVENT_STATUSES:
                     return False
             rows = await service.availability(session, self.event_id, hub.clock.now())
         self.reads += 1

@@ -6,6 +6,8 @@ from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, Uni
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime
+from popdrop.core.lifecycle import status_check
+from popdrop.inventory.lifecycle import HoldStatus
 
 
 class Product(Base):
@@ -53,6 +55,7 @@ class Hold(Base):
     __table_args__ = (
         Index("ix_holds_stock_active", "stock_id", "status", "expires_at"),
         Index("ix_holds_contact", "stock_id", "contact_ref"),
+        status_check(HoldStatus),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -64,7 +67,7 @@ class Hold(Base):
     slot_id: Mapped[int | None] = mapped_column(ForeignKey("time_slots.id"), nullable=True)
     qty: Mapped[int] = mapped_column(Integer)
     contact_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=HoldStatus.ACTIVE)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     renewals: Mapped[int] = mapped_column(Integer, default=0)

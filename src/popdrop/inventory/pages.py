@@ -32,6 +32,7 @@ from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.events import service
+from popdrop.events.lifecycle import EVENT_LIFECYCLE, OPEN_EVENT_STATUSES, EventStatus
 from popdrop.events.api import ICAL_PURPOSE
 from popdrop.events.models import Event, Lane, Partner, PickupWindow, StaffAssignment, TimeSlot
 from popdrop.events.schemas import (
@@ -285,7 +286,7 @@ def countdown_target(event: Event, now: datetime) -> tuple[str, datetime | None]
 async def public_event(request: Request, event_id: ItemId, ctx: Ctx) -> Response:
     async with ctx.db.reader() as session:
         event = await session.scalar(
-            select(Event).where(Event.id == event_id, Event.status.in_(inventory.OPEN_STATUSES))
+            select(Event).where(Event.id == event_id, Event.status.in_(OPEN_EVENT_STATUSES))
         )
     if event is None:
         raise not_found("event")
@@ -379,18 +380,19 @@ async def _detail_page(
         "lane_options": [(lane.id, lane.name) for lane in view.lanes],
         "person_options": [(u.id, f"{u.email} ({u.role})") for u in view.people],
         "slot_options": [(s.id, slot_name(s, event.timezone)) for s in view.slots],
-        "next_statuses": sorted(service.TRANSITIONS[event.status], key=_STATUS_ORDER.index),
+        "next_statuses": [
+            status
+            for status in EventStatus  # in the life's order
+            if EVENT_LIFECYCLE.allows(EventStatus(event.status), status)
+        ],
         "public_url": f"{base}/e/{event.id}",
         "ical_url": ical,
         "notice": _NOTICES.get(request.query_params.get("done", "")),
         "can_write": "vouchers:write" in principal.scopes,
         "can_stock": "inventory:write" in principal.scopes,
-        "live": event.status in inventory.OPEN_STATUSES,
+        "live": event.status in OPEN_EVENT_STATUSES,
     }
     return render(request, "events/detail.html", context, status=status if failed else 200)
-
-
-_STATUS_ORDER = ["draft", "published", "live", "closed"]
 
 
 @router.get("/events/{event_id}")
@@ -472,7 +474,7 @@ async def event_status(
 ) -> Response:
     form = await _posted(request, ctx, principal, "vouchers:write")
     target = form.values.get("status", "")
-    if target not in service.TRANSITIONS:
+    if target not in EVENT_LIFECYCLE.moves:
         raise PopdropError("invalid_request", "status: one of draft, published, live, closed")
     async with ctx.db.transaction() as session:
         await service.set_status(session, principal, event_id, target)

@@ -21,6 +21,7 @@ from popdrop.accounts.service import Principal
 from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
 from popdrop.inventory.models import Hold, Product, Stock, Variant
 from popdrop.inventory.schemas import (
@@ -34,7 +35,6 @@ from popdrop.inventory.schemas import (
     VariantOut,
 )
 
-OPEN_STATUSES = ("published", "live")
 _stock = table_of(Stock)
 _holds = table_of(Hold)
 _windows = table_of(PickupWindow)
@@ -63,7 +63,7 @@ _TAKE = (
         _stock.c.total - _stock.c.held - _stock.c.sold >= bindparam("s_qty"),
         # The event must be open, checked in the same statement as the take.
         select(_events.c.id)
-        .where(_events.c.id == bindparam("s_event"), _events.c.status.in_(OPEN_STATUSES))
+        .where(_events.c.id == bindparam("s_event"), _events.c.status.in_(OPEN_EVENT_STATUSES))
         .exists(),
     )
     .values(held=_stock.c.held + bindparam("s_qty"))
@@ -113,7 +113,7 @@ _ANY_EXPIRED = (
 # expired holds to give back first.
 _STATE = select(
     select(_events.c.id)
-    .where(_events.c.id == bindparam("e_id"), _events.c.status.in_(OPEN_STATUSES))
+    .where(_events.c.id == bindparam("e_id"), _events.c.status.in_(OPEN_EVENT_STATUSES))
     .exists()
     .label("open"),
     select(_stock.c.total - _stock.c.held - _stock.c.sold)
@@ -348,7 +348,7 @@ async def create_hold(
     target = await _target(session, principal, spec)
     conn = await session.connection()
     status, ttl_seconds = (await conn.execute(_EVENT_STATE, {"e_id": target.event_id})).one()
-    if status not in OPEN_STATUSES:
+    if status not in OPEN_EVENT_STATUSES:
         raise PopdropError("event_closed", "this event is not taking holds")
     if spec.slot_id is not None:
         slot = await session.scalar(

@@ -13,9 +13,8 @@ from sqlalchemy import ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime
-
-RSVP_STATUSES = ("confirmed", "waitlisted", "offered", "cancelled", "lapsed")
-OFFER_STATUSES = ("open", "claimed", "expired", "cancelled")
+from popdrop.core.lifecycle import status_check
+from popdrop.rsvp.lifecycle import OfferStatus, RsvpStatus
 
 
 class Rsvp(Base):
@@ -23,6 +22,7 @@ class Rsvp(Base):
     __table_args__ = (
         Index("ix_rsvps_event_status", "event_id", "status"),
         Index("ix_rsvps_waiting", "slot_id", "status", "created_at"),
+        status_check(RsvpStatus),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -48,7 +48,10 @@ class WaitlistOffer(Base):
     """
 
     __tablename__ = "waitlist_offers"
-    __table_args__ = (Index("ix_waitlist_offers_due", "status", "expires_at"),)
+    __table_args__ = (
+        Index("ix_waitlist_offers_due", "status", "expires_at"),
+        status_check(OfferStatus),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)

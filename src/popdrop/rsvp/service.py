@@ -42,6 +42,7 @@ from popdrop.core.db import CAPACITY_WRITE_ORDER, LateWriteLost, defer_write, ta
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.identity import normalize_email, normalize_phone
 from popdrop.core.signing import Signer
+from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, TimeSlot
 from popdrop.outbound import outbox
 from popdrop.rsvp.models import Rsvp, WaitlistOffer
@@ -59,7 +60,6 @@ from popdrop.vouchers.schemas import BatchCreate
 
 OFFER_TTL_SECONDS = 2 * 3600
 CANCEL_PURPOSE = "rsvp-cancel"
-OPEN_EVENT_STATUSES = frozenset({"published", "live"})
 PUBLIC_ACTOR = "public:rsvp"
 # The organization a forged cancel token is counted under by the guessing guard: none.
 NO_ORG = 0
