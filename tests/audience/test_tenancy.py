@@ -87,6 +87,8 @@ async def test_every_id_addressed_audience_route_answers_404_across_tenants(
 async def test_volunteer_and_partner_tokens_cannot_touch_the_audience(
     app_client: httpx.AsyncClient, ctx: AppContext
 ) -> None:
+    # A volunteer's scope, and `reports:read`: partner tokens made before that scope was
+    # retired still carry it, and it opens nothing.
     for scopes in ({"checkin"}, {"reports:read"}):
         other = await make_tenant(ctx, scopes=frozenset(scopes))
         for method, url, body in (

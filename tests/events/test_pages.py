@@ -208,7 +208,7 @@ async def test_forms_need_csrf_and_the_right_role(
     await login(app_client, ctx, tenant, "volunteer")
     for url in ("/events", f"/events/{shop.event_id}"):
         refused = await app_client.get(url, headers=HTML)
-        assert refused.status_code == 403 and "vouchers:read" in refused.text
+        assert refused.status_code == 403 and "events:read" in refused.text
         assert "Old Tram Depot" not in refused.text
     form = await app_client.get("/login", headers=HTML)
     token = csrf_of(form.text)

@@ -103,8 +103,9 @@ async def test_replay_by_another_principal_never_gets_the_stored_answer(
     again = await app_client.post(call.url, json=call.body, headers={**tenant.headers, **key})
     assert again.status_code == first.status_code and telltale in _compact(again.text)
 
-    # A token with only `reports:read`: refused by the scope check, the key never looked at.
-    reader = await _token(ctx, tenant, frozenset({"reports:read"}))
+    # A token with only `checkin` (a volunteer's): refused by the scope check, the key
+    # never looked at.
+    reader = await _token(ctx, tenant, frozenset({"checkin"}))
     replay = await app_client.post(call.url, json=call.body, headers={**reader, **key})
     assert replay.status_code == 403, replay.text
     assert replay.json()["reason"] == "forbidden"

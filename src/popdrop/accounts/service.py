@@ -34,6 +34,10 @@ from popdrop.core.schemas import is_clean_text
 from popdrop.core.signing import Signer
 
 _HOST = {
+    "events:read",
+    "events:write",
+    "rsvps:read",
+    "rsvps:write",
     "vouchers:read",
     "vouchers:write",
     "vouchers:redeem",
@@ -53,9 +57,19 @@ ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset({*_HOST, "tokens:write"}),
     "host": frozenset(_HOST),
     "volunteer": frozenset({"checkin"}),
-    "partner": frozenset({"reports:read"}),
+    # No scope yet: a partner logs in and sees the home page. `reports:read` was removed
+    # because it guarded nothing; the partner report brings its own scope with its route.
+    "partner": frozenset(),
 }
 SCOPES: frozenset[str] = frozenset().union(*ROLES.values())
+# Events and RSVPs were guarded by the voucher scopes before they had their own, so a
+# token holding `vouchers:read`/`vouchers:write` keeps reaching them: its scopes are
+# widened by this table whenever the token is resolved. Only this direction: a token with
+# `events:read` alone reads events and RSVPs' events, never vouchers.
+IMPLIED_SCOPES: dict[str, frozenset[str]] = {
+    "vouchers:read": frozenset({"events:read", "rsvps:read"}),
+    "vouchers:write": frozenset({"events:write", "rsvps:write"}),
+}
 TOKEN_PREFIX = "pd_"  # noqa: S105 (a public marker, not a secret)
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 _hasher = PasswordHasher()
@@ -73,6 +87,11 @@ class Principal:
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
             raise PopdropError("forbidden", f"this needs the {scope!r} permission")
+
+
+def with_implied(scopes: frozenset[str]) -> frozenset[str]:
+    """`scopes` plus every scope they imply (`IMPLIED_SCOPES`; one level, no chains)."""
+    return scopes.union(*(IMPLIED_SCOPES.get(scope, frozenset()) for scope in scopes))
 
 
 def principal_for_user(user: User) -> Principal:
@@ -327,9 +346,8 @@ async def resolve_token(
     )
     if token is None:
         raise PopdropError("unauthorized", "unknown or revoked API token")
-    principal = Principal(
-        token.org_id, f"token:{token.id}:{token.name}", "token", frozenset(token.scopes.split())
-    )
+    scopes = with_implied(frozenset(token.scopes.split()))
+    principal = Principal(token.org_id, f"token:{token.id}:{token.name}", "token", scopes)
     if cache_ttl > 0:
         TOKEN_CACHE.put(key, principal, cache_ttl)
     return principal

@@ -648,7 +648,7 @@ async def open_slot(
     )
     label = at.strftime("%H:%M")
     if existing is not None:
-        principal.require("vouchers:write")
+        principal.require("events:write")
         await session.execute(
             update(TimeSlot)
             .where(TimeSlot.id == existing.id)

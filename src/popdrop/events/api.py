@@ -162,7 +162,7 @@ class IcalLink(BaseModel):
 @router.get("/ical-link", response_model=IcalLink, responses=error_responses(401, 403))
 async def ical_link(principal: ApiPrincipal, ctx: Ctx) -> IcalLink:
     """A secret URL for calendar apps (they cannot send tokens)."""
-    principal.require("vouchers:read")
+    principal.require("events:read")
     return IcalLink(url=links.ical_url(ctx.signer, ctx.settings.base_url, principal.org_id))
 
 

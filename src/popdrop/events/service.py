@@ -49,7 +49,7 @@ async def _owned(session: AsyncSession, model: type[T], principal: Principal, it
 async def create_event(
     session: AsyncSession, principal: Principal, spec: EventCreate, *, now: datetime
 ) -> Event:
-    principal.require("vouchers:write")
+    principal.require("events:write")
     event = Event(
         org_id=principal.org_id, created_at=now, status=EventStatus.DRAFT, **spec.model_dump()
     )
@@ -62,12 +62,12 @@ async def create_event(
 
 
 async def get_event(session: AsyncSession, principal: Principal, event_id: int) -> Event:
-    principal.require("vouchers:read")
+    principal.require("events:read")
     return await _owned(session, Event, principal, event_id)
 
 
 async def list_events(session: AsyncSession, principal: Principal) -> list[Event]:
-    principal.require("vouchers:read")
+    principal.require("events:read")
     rows = await session.scalars(
         select(Event).where(Event.org_id == principal.org_id).order_by(Event.starts_at)
     )
@@ -78,7 +78,7 @@ async def update_event(
     session: AsyncSession, principal: Principal, event_id: int, spec: EventUpdate
 ) -> Event:
     """Change the details given. The hold TTL is not among them: holds cache it."""
-    principal.require("vouchers:write")
+    principal.require("events:write")
     event = await _owned(session, Event, principal, event_id)
     for name, value in spec.model_dump(exclude_unset=True).items():
         setattr(event, name, value)
@@ -93,7 +93,7 @@ async def set_status(
 ) -> Event:
     """The one writer of an event's status: asking for the status it has is a no-op; a
     move `EVENT_LIFECYCLE` does not allow is refused (`invalid_transition`)."""
-    principal.require("vouchers:write")
+    principal.require("events:write")
     event = await _owned(session, Event, principal, event_id)
     target, current = EventStatus(status), EventStatus(event.status)
     if target != current:
@@ -104,7 +104,7 @@ async def set_status(
 async def add_slot(
     session: AsyncSession, principal: Principal, event_id: int, spec: SlotCreate
 ) -> TimeSlot:
-    principal.require("vouchers:write")
+    principal.require("events:write")
     event = await _owned(session, Event, principal, event_id)
     slot = TimeSlot(org_id=principal.org_id, event_id=event.id, taken=0, **spec.model_dump())
     session.add(slot)
@@ -125,7 +125,7 @@ async def list_slots(session: AsyncSession, principal: Principal, event_id: int)
 async def add_lane(
     session: AsyncSession, principal: Principal, event_id: int, spec: LaneCreate
 ) -> Lane:
-    principal.require("vouchers:write")
+    principal.require("events:write")
     event = await _owned(session, Event, principal, event_id)
     lane = Lane(org_id=principal.org_id, event_id=event.id, **spec.model_dump())
     session.add(lane)
@@ -146,7 +146,7 @@ async def list_lanes(session: AsyncSession, principal: Principal, event_id: int)
 async def add_pickup_window(
     session: AsyncSession, principal: Principal, lane_id: int, spec: PickupWindowCreate
 ) -> PickupWindow:
-    principal.require("vouchers:write")
+    principal.require("events:write")
     lane = await _owned(session, Lane, principal, lane_id)
     slot = await _owned(session, TimeSlot, principal, spec.slot_id)
     if slot.event_id != lane.event_id:
@@ -165,7 +165,7 @@ async def add_pickup_window(
 async def add_partner(
     session: AsyncSession, principal: Principal, event_id: int, spec: PartnerCreate
 ) -> Partner:
-    principal.require("vouchers:write")
+    principal.require("events:write")
     event = await _owned(session, Event, principal, event_id)
     partner = Partner(org_id=principal.org_id, event_id=event.id, **spec.model_dump())
     session.add(partner)
@@ -176,7 +176,7 @@ async def add_partner(
 async def assign_staff(
     session: AsyncSession, principal: Principal, event_id: int, spec: StaffCreate
 ) -> StaffAssignment:
-    principal.require("vouchers:write")
+    principal.require("events:write")
     event = await _owned(session, Event, principal, event_id)
     await _owned(session, User, principal, spec.user_id)
     staff = StaffAssignment(

@@ -6,8 +6,8 @@ workspace is assembled where both are visible. Templates stay under `events/`.
 
 Handlers stay thin: read the form, build the pydantic schema, call the events and
 inventory services, render. The rules of the voucher pages hold here too (`PageRoute`):
-- every operator page needs a session and checks its scope (vouchers:read to look,
-  vouchers:write / inventory:write to change), so a volunteer gets a 403 page;
+- every operator page needs a session and checks its scope (events:read to look,
+  events:write / inventory:write to change), so a volunteer gets a 403 page;
 - every POST carries the double-submit CSRF field and calls `check_csrf` first;
 - a form that does not validate is shown again with its errors next to it (422).
 The public page reads published/live events only (404 otherwise); its stock numbers
@@ -318,14 +318,14 @@ async def _events_page(
         "principal": principal,
         "events": events,
         "form": form or Form(values=dict(EVENT_DEFAULTS)),
-        "can_write": "vouchers:write" in principal.scopes,
+        "can_write": "events:write" in principal.scopes,
     }
     return render(request, "events/list.html", context, status=422 if form else 200)
 
 
 @router.get("/events")
 async def events_list(request: Request, principal: Operator, ctx: Ctx) -> Response:
-    principal.require("vouchers:read")
+    principal.require("events:read")
     return await _events_page(request, ctx, principal)
 
 
@@ -333,7 +333,7 @@ async def events_list(request: Request, principal: Operator, ctx: Ctx) -> Respon
 async def event_create(request: Request, principal: Operator, ctx: Ctx) -> Response:
     data = await request.form()
     check_csrf(request, ctx, data)
-    principal.require("vouchers:write")
+    principal.require("events:write")
     form = form_of(data)
     spec = parse_event(form)
     if spec is not None:
@@ -388,7 +388,7 @@ async def _detail_page(
         "public_url": f"{base}/e/{event.id}",
         "ical_url": ical,
         "notice": _NOTICES.get(request.query_params.get("done", "")),
-        "can_write": "vouchers:write" in principal.scopes,
+        "can_write": "events:write" in principal.scopes,
         "can_stock": "inventory:write" in principal.scopes,
         "live": event.status in OPEN_EVENT_STATUSES,
     }
@@ -399,7 +399,7 @@ async def _detail_page(
 async def event_detail(
     request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
 ) -> Response:
-    principal.require("vouchers:read")
+    principal.require("events:read")
     return await _detail_page(request, ctx, principal, event_id)
 
 
@@ -461,7 +461,7 @@ async def _save(
 async def event_details(
     request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
 ) -> Response:
-    form = await _posted(request, ctx, principal, "vouchers:write")
+    form = await _posted(request, ctx, principal, "events:write")
     return await _save(
         request, ctx, principal, event_id, "details", form, parse_details(form),
         lambda session, spec: service.update_event(session, principal, event_id, spec),
@@ -472,7 +472,7 @@ async def event_details(
 async def event_status(
     request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
 ) -> Response:
-    form = await _posted(request, ctx, principal, "vouchers:write")
+    form = await _posted(request, ctx, principal, "events:write")
     target = form.values.get("status", "")
     if target not in EVENT_LIFECYCLE.moves:
         raise PopdropError("invalid_request", "status: one of draft, published, live, closed")
@@ -483,7 +483,7 @@ async def event_status(
 
 @router.post("/events/{event_id}/slots")
 async def slot_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
-    form = await _posted(request, ctx, principal, "vouchers:write")
+    form = await _posted(request, ctx, principal, "events:write")
     async with ctx.db.reader() as session:
         event = await service.get_event(session, principal, event_id)
     return await _save(
@@ -494,7 +494,7 @@ async def slot_add(request: Request, event_id: ItemId, principal: Operator, ctx:
 
 @router.post("/events/{event_id}/lanes")
 async def lane_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
-    form = await _posted(request, ctx, principal, "vouchers:write")
+    form = await _posted(request, ctx, principal, "events:write")
     data = {"name": form.values.get("name", ""), "pickup_point": form.values.get("pickup_point")}
     return await _save(
         request, ctx, principal, event_id, "lane", form, form.build(LaneCreate, data),
@@ -504,7 +504,7 @@ async def lane_add(request: Request, event_id: ItemId, principal: Operator, ctx:
 
 @router.post("/events/{event_id}/windows")
 async def window_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
-    form = await _posted(request, ctx, principal, "vouchers:write")
+    form = await _posted(request, ctx, principal, "events:write")
     lane_id = form.integer("lane_id")
     spec = form.build(
         PickupWindowCreate,
@@ -533,7 +533,7 @@ async def window_add(request: Request, event_id: ItemId, principal: Operator, ct
 async def partner_add(
     request: Request, event_id: ItemId, principal: Operator, ctx: Ctx
 ) -> Response:
-    form = await _posted(request, ctx, principal, "vouchers:write")
+    form = await _posted(request, ctx, principal, "events:write")
     data = {"name": form.values.get("name", ""), "contact_email": form.values.get("contact_email")}
     return await _save(
         request, ctx, principal, event_id, "partner", form, form.build(PartnerCreate, data),
@@ -543,7 +543,7 @@ async def partner_add(
 
 @router.post("/events/{event_id}/staff")
 async def staff_add(request: Request, event_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
-    form = await _posted(request, ctx, principal, "vouchers:write")
+    form = await _posted(request, ctx, principal, "events:write")
     data = {"user_id": form.integer("user_id"), "gate": form.values.get("gate") or "main"}
     return await _save(
         request, ctx, principal, event_id, "staff", form, form.build(StaffCreate, data),

@@ -6,7 +6,7 @@ Public routes (no token; guarded against guessing like voucher redemption):
                                                   moves the contact's engagement)
   POST /api/v1/public/rsvps/cancel                cancel with the signed cancel token
   POST /api/v1/public/waitlist/claim              claim an offer with its voucher code
-Operator routes (token; scopes vouchers:read / vouchers:write):
+Operator routes (token; scopes rsvps:read / rsvps:write; vouchers:* tokens imply them):
   GET  /api/v1/events/{event_id}/rsvps, GET /api/v1/events/{event_id}/waitlist,
   GET  /api/v1/rsvps/{rsvp_id}, POST /api/v1/rsvps/{rsvp_id}/cancel
 """
@@ -203,5 +203,5 @@ async def cancel_rsvp(
         return 200, service.rsvp_out(result.rsvp).model_dump(mode="json")
 
     return await respond_once(
-        ctx, request, principal, idempotency_key, body, operation, scope="vouchers:write"
+        ctx, request, principal, idempotency_key, body, operation, scope="rsvps:write"
     )

@@ -368,7 +368,7 @@ async def cancel_rsvp(
     audit_chains: int,
 ) -> CancelResult:
     """Operator cancel: frees the places (or leaves the waiting list)."""
-    principal.require("vouchers:write")
+    principal.require("rsvps:write")
     rsvp = await _load_rsvp(session, rsvp_id, principal.org_id)
     return await _cancel(
         session,
@@ -797,7 +797,7 @@ async def _event_of(session: AsyncSession, principal: Principal, event_id: int) 
 
 
 async def get_rsvp(session: AsyncSession, principal: Principal, rsvp_id: int) -> Rsvp:
-    principal.require("vouchers:read")
+    principal.require("rsvps:read")
     return await _load_rsvp(session, rsvp_id, principal.org_id)
 
 
@@ -810,7 +810,7 @@ async def list_rsvps(
     limit: int = 100,
     before_id: int | None = None,
 ) -> list[Rsvp]:
-    principal.require("vouchers:read")
+    principal.require("rsvps:read")
     await _event_of(session, principal, event_id)
     query = select(Rsvp).where(Rsvp.event_id == event_id, Rsvp.org_id == principal.org_id)
     if status is not None:
@@ -824,7 +824,7 @@ async def waitlist(
     session: AsyncSession, principal: Principal, event_id: int, *, limit: int = 500
 ) -> WaitlistOut:
     """Waiting and offered entries in order, with each offer's state (never its code)."""
-    principal.require("vouchers:read")
+    principal.require("rsvps:read")
     await _event_of(session, principal, event_id)
     rows = list(
         await session.scalars(
