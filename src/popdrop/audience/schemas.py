@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
@@ -285,7 +285,3 @@ class EraseResult(BaseModel):
 class PurgeResult(BaseModel):
     erased: int
     cutoff: datetime
-
-
-def model_dump_rules(rules: SegmentRules) -> dict[str, Any]:
-    return rules.model_dump(mode="json")

@@ -461,7 +461,6 @@ class _Action(_Node):
     """Asks the domain services for something; `next` on success, else `on_reason[reason]`
     or `on_fail` (variables `error_reason` and `error_message` say why)."""
 
-    AWAITS: ClassVar[bool] = True
     next: NodeId
     on_fail: NodeId | None = None
     on_reason: dict[Annotated[str, Field(max_length=40)], NodeId] = Field(default_factory=dict)
@@ -630,8 +629,6 @@ Node = Annotated[
     | EndNode,
     Field(discriminator="type"),
 ]
-INPUT_NODES = (ChoiceNode, EmailNode, PhoneNode, NumberNode, TextNode, SlotNode, SurveyNode)
-ACTION_NODES = (RsvpNode, HoldNode, IssueVoucherNode, CheckoutLinkNode, SendTicketNode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,13 +74,9 @@ def system_principal(org_id: int) -> Principal:
     )
 
 
-def split_bucket(contact_id: int, drop_id: int) -> int:
-    """A stable 0..9999 bucket per (drop, contact); the same formula runs in SQL below, so
-    the test sample and the variant are the same whichever side computes them."""
-    return (contact_id * 2654435761 + drop_id * 40503) % SPLIT_MODULUS
-
-
 def _bucket_sql(drop_id: int) -> Any:
+    """A stable 0..9999 bucket per (drop, contact), computed by the database, so the test
+    sample and the variants split the audience the same way on every run."""
     return (Contact.id * 2654435761 + drop_id * 40503) % SPLIT_MODULUS
 
 

@@ -276,15 +276,6 @@ def _voucher_until(
 # ---------------------------------------------------------------- redeem
 
 
-def _usable(now: datetime) -> list[Any]:
-    return [
-        Voucher.revoked_at.is_(None),
-        Voucher.uses < Voucher.max_uses,
-        or_(Voucher.valid_from.is_(None), Voucher.valid_from <= now),
-        or_(Voucher.valid_until.is_(None), Voucher.valid_until > now),
-    ]
-
-
 def _status(voucher: Voucher, now: datetime) -> str:
     if voucher.revoked_at is not None:
         return "revoked"

@@ -102,9 +102,6 @@ class ConnectionCaps:
     def open(self) -> int:
         return self._open
 
-    def open_for(self, address: str) -> int:
-        return self._by_address.get(address, 0)
-
     def admit(self, address: str) -> Lease:
         """A lease for one more connection, or a `PopdropError` saying which cap is full."""
         retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
