@@ -39,7 +39,6 @@ async def time_issue(url: str, quantity: int) -> float:
                 owner,
                 BatchCreate(name="bulk", quantity=quantity),
                 now=common.now(),
-                audit_chains=8,
             )
         seconds = time.perf_counter() - started
         assert len(set(codes)) == quantity

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import _common as common
 import _loadgen
+from popdrop.core.config import DEFAULT_AUDIT_CHAINS
 from popdrop.core.db import Database
 from popdrop.core.migrate import upgrade
 from popdrop.vouchers import service
 from popdrop.vouchers.schemas import BatchCreate
 
-AUDIT_CHAINS = 8  # Settings.audit_chains default
+AUDIT_CHAINS = DEFAULT_AUDIT_CHAINS  # the bench never configures the ledger: the default
 LIMIT_CODES = 10_000
 PGBENCH = "/usr/bin/pgbench"
 
@@ -113,13 +114,13 @@ async def seed(url: str, codes: int) -> Seeded:
             token = await common.seed_token(session, owner.org_id, frozenset({"vouchers:redeem"}))
             spec = BatchCreate(name="flash sale", quantity=codes)
             _, plaintext = await service.issue_batch(
-                session, common.SIGNER, owner, spec, now=common.now(), audit_chains=AUDIT_CHAINS
+                session, common.SIGNER, owner, spec, now=common.now()
             )
         async with db.transaction() as session:
             other = await common.seed_org(session, "bench-limit")
             spec = BatchCreate(name="limit", quantity=LIMIT_CODES, max_uses=1_000_000_000)
             batch, _ = await service.issue_batch(
-                session, common.SIGNER, other, spec, now=common.now(), audit_chains=AUDIT_CHAINS
+                session, common.SIGNER, other, spec, now=common.now()
             )
     finally:
         await db.dispose()

@@ -385,7 +385,6 @@ def vouchers_issue(
                     _cli_principal(organization.id),
                     spec,
                     now=now,
-                    audit_chains=settings.audit_chains,
                     progress=lambda done, total: progress.update(task, completed=done),
                 )
         expiry = batch.valid_until or now + timedelta(hours=ttl_hours or 8)
@@ -437,7 +436,6 @@ def vouchers_revoke(
             common: dict[str, Any] = {
                 "reason": reason,
                 "now": _now(),
-                "audit_chains": settings.audit_chains,
             }
             if code is not None:
                 count = await service.revoke_code(session, signer, principal, code=code, **common)

@@ -103,7 +103,6 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
                     discount_description="15% off anything at the pop-up",
                 ),
                 now=now,
-                audit_chains=settings.audit_chains,
             )
             await vouchers.issue_batch(
                 session,
@@ -121,7 +120,6 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
                     discount_description="a free tote bag with any purchase",
                 ),
                 now=now,
-                audit_chains=settings.audit_chains,
             )
             event_id = await _seed_event(session, signer, principal, settings, now)
             # The web chat widget (/chat/demo) runs the shipped flow on this event.

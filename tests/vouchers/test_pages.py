@@ -74,16 +74,13 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
                 session, org_id=org.id, email=email, password=PASSWORD, role=role, now=now
             )
         principal = Principal(org.id, "test:seed", "owner", ROLES["owner"])
-        batch, codes = await service.issue_batch(
-            session, ctx.signer, principal, spec, now=now, audit_chains=settings.audit_chains
-        )
+        batch, codes = await service.issue_batch(session, ctx.signer, principal, spec, now=now)
         other_batch, _ = await service.issue_batch(
             session,
             ctx.signer,
             Principal(other.id, "test:seed", "owner", ROLES["owner"]),
             spec.model_copy(update={"name": "Other tenant secret"}),
             now=now,
-            audit_chains=settings.audit_chains,
         )
     yield Site(app, ctx, principal, batch.id, codes, other_batch.id)
     await ctx.db.dispose()
@@ -432,7 +429,6 @@ async def test_rollback_and_revoke_batch_from_the_detail_page(
             contact_ref="c-1",
             order_ref="order-77",
             now=site.ctx.clock.now(),
-            audit_chains=site.ctx.settings.audit_chains,
         )
     detail = await owner.get(f"/vouchers/batches/{batch_id}")
     assert "order-77" in detail.text

@@ -87,7 +87,6 @@ async def issue_batch(
             principal,
             body,
             now=now,
-            audit_chains=ctx.settings.audit_chains,
         )
         shown["codes"] = codes
         if links:
@@ -145,7 +144,6 @@ async def revoke_batch(
             batch_id=batch_id,
             reason=body.reason,
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     return RevokeResult(revoked=count)
 
@@ -200,7 +198,6 @@ async def redeem(
             contact_ref=body.contact_ref,
             order_ref=body.order_ref,
             now=now,
-            audit_chains=ctx.settings.audit_chains,
         )
         return 200, result.model_dump(mode="json")
 
@@ -284,7 +281,6 @@ async def revoke_voucher(
             voucher_id=voucher_id,
             reason=body.reason,
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     return RevokeResult(revoked=count)
 
@@ -307,7 +303,6 @@ async def revoke_code(
                 code=body.code,
                 reason=body.reason,
                 now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
             )
 
     return RevokeResult(revoked=await guarded(ctx, request, principal, call))
@@ -327,7 +322,6 @@ async def revoke_tag(body: RevokeTagRequest, principal: ApiPrincipal, ctx: Ctx) 
             tag=body.tag,
             reason=body.reason,
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     return RevokeResult(revoked=count)
 
@@ -404,7 +398,6 @@ async def rollback(
             redemption_id=redemption_id,
             reason=body.reason,
             now=now,
-            audit_chains=ctx.settings.audit_chains,
         )
         return 200, result.model_dump(mode="json")
 

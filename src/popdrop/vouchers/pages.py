@@ -287,7 +287,6 @@ async def issue(request: Request, principal: Operator, ctx: Ctx) -> Response:
                     principal,
                     form.spec,
                     now=now,
-                    audit_chains=ctx.settings.audit_chains,
                 )
         except PopdropError as error:
             if error.reason != "invalid_request":  # e.g. valid_until already past
@@ -385,7 +384,6 @@ async def batch_revoke(
             batch_id=batch_id,
             reason=_reason(form, "revoked by operator"),
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     return RedirectResponse(f"/vouchers/batches/{batch_id}?done=batch_revoked", status_code=303)
 
@@ -403,7 +401,6 @@ async def redemption_rollback(
             redemption_id=redemption_id,
             reason=_reason(form, "rolled back by operator"),
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     return RedirectResponse(f"/vouchers/batches/{done.batch_id}?done=rolled_back", status_code=303)
 
@@ -424,7 +421,6 @@ async def code_revoke(request: Request, principal: Operator, ctx: Ctx) -> Respon
                 code=code,
                 reason=_reason(form, "revoked by operator"),
                 now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
             )
 
     try:

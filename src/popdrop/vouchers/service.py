@@ -127,8 +127,8 @@ async def issue_batch(
     spec: BatchCreate,
     *,
     now: datetime,
-    audit_chains: int,
     progress: Progress | None = None,
+    audit_chains: int | None = None,  # TEMP: ignored (the ledger is configured once)
 ) -> tuple[VoucherBatch, list[str]]:
     """Create a batch and its codes; return the plaintext codes (the only time they exist)."""
     principal.require("vouchers:write")
@@ -206,7 +206,6 @@ async def issue_batch(
             "code_hashes_sha256": digest.hexdigest(),
         },
         at=now,
-        chains=audit_chains,
     )
     return batch, [codes.format_code(c) for c in plaintext]
 
@@ -345,7 +344,7 @@ _redemptions = table_of(Redemption)
 _INSERT_REDEMPTION = insert(_redemptions).returning(_redemptions.c.id)
 
 # PostgreSQL: take the use, record the redemption and lock the audit chain head in one
-# round trip. The chain is voucher id % chains, as `audit.chain_for("voucher:<id>")`.
+# round trip. The chain is voucher id % audit.chain_count(), as `audit.chain_for("voucher:<id>")`.
 _taken = _TAKE_USE.cte("taken")
 _RECORDED_COLUMNS = [
     "org_id", "voucher_id", "batch_id", "contact_ref", "order_ref", "cost_minor",
@@ -404,7 +403,6 @@ async def _take_use(
     contact_ref: str | None,
     order_ref: str | None,
     now: datetime,
-    audit_chains: int,
 ) -> _Taken | None:
     if conn.dialect.name == "postgresql":
         row = (
@@ -417,7 +415,7 @@ async def _take_use(
                     "r_contact": contact_ref,
                     "r_order": order_ref,
                     "r_actor": principal.actor,
-                    "n_chains": audit_chains,
+                    "n_chains": audit.chain_count(),
                     "h_org": principal.org_id,
                 },
             )
@@ -464,7 +462,6 @@ async def redeem(
     contact_ref: str | None,
     order_ref: str | None,
     now: datetime,
-    audit_chains: int,
 ) -> RedeemResult:
     principal.require("vouchers:redeem")
     code_hash = signer.keyed_hash(codes.normalize(code))
@@ -477,13 +474,12 @@ async def redeem(
         contact_ref=contact_ref,
         order_ref=order_ref,
         now=now,
-        audit_chains=audit_chains,
     )
     if taken is None:
         raise _refuse(await _find(session, principal.org_id, code_hash), now)
     # Lock order, everywhere: voucher row -> audit chain head -> contact counter -> batch.
     subject = f"voucher:{taken.voucher_id}"
-    chain = audit.chain_for(subject, audit_chains)
+    chain = audit.chain_for(subject)
     seq, prev = taken.head or await audit.bump_head(conn, principal.org_id, chain)
     policy = await _policy(session, taken.batch_id)
     if policy.per_contact_limit is not None and contact_ref is not None:
@@ -607,7 +603,6 @@ async def rollback(
     redemption_id: int,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> RedemptionOut:
     """Give a use back (a return): the redemption stays on record, marked rolled back."""
     principal.require("vouchers:write")
@@ -637,7 +632,7 @@ async def rollback(
         update(_vouchers).where(_vouchers.c.id == row.voucher_id).values(uses=_vouchers.c.uses - 1)
     )
     subject = f"voucher:{row.voucher_id}"
-    chain = audit.chain_for(subject, audit_chains)
+    chain = audit.chain_for(subject)
     seq, prev = await audit.bump_head(conn, principal.org_id, chain)
     if row.contact_ref is not None:
         await conn.execute(
@@ -694,7 +689,6 @@ async def _revoke_where(
     subject: str,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> int:
     result = await session.execute(
         update(Voucher)
@@ -711,7 +705,6 @@ async def _revoke_where(
         subject=subject,
         payload={"revoked": count, "reason": reason},
         at=now,
-        chains=audit_chains,
     )
     return count
 
@@ -724,13 +717,10 @@ async def revoke_code(
     code: str,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> int:
     principal.require("vouchers:write")
     voucher = await _find(session, principal.org_id, signer.keyed_hash(codes.normalize(code)))
-    return await revoke_voucher(
-        session, principal, voucher_id=voucher.id, reason=reason, now=now, audit_chains=audit_chains
-    )
+    return await revoke_voucher(session, principal, voucher_id=voucher.id, reason=reason, now=now)
 
 
 async def revoke_voucher(
@@ -740,7 +730,6 @@ async def revoke_voucher(
     voucher_id: int,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> int:
     principal.require("vouchers:write")
     exists = await session.scalar(
@@ -755,7 +744,6 @@ async def revoke_voucher(
         subject=f"voucher:{voucher_id}",
         reason=reason,
         now=now,
-        audit_chains=audit_chains,
     )
 
 
@@ -766,7 +754,6 @@ async def revoke_batch(
     batch_id: int,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> int:
     principal.require("vouchers:write")
     await get_batch(session, principal, batch_id)
@@ -777,7 +764,6 @@ async def revoke_batch(
         subject=f"batch:{batch_id}",
         reason=reason,
         now=now,
-        audit_chains=audit_chains,
     )
     await _mark_batches_revoked(session, [_batches.c.id == batch_id], now)
     return count
@@ -799,7 +785,6 @@ async def revoke_tag(
     tag: str,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> int:
     principal.require("vouchers:write")
     batch_ids = select(VoucherBatch.id).where(
@@ -812,7 +797,6 @@ async def revoke_tag(
         subject=f"tag:{tag}",
         reason=reason,
         now=now,
-        audit_chains=audit_chains,
     )
     await _mark_batches_revoked(session, [_batches.c.id.in_(batch_ids)], now)
     return count
