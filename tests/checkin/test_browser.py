@@ -69,9 +69,7 @@ async def _seed(url: str) -> tuple[int, list[str]]:
                     subject_id=subject,
                     holder_ref=f"guest{subject}@example.test",
                 )
-                _, secret, _ = await service.issue_ticket(
-                    session, owner, spec, now=now, audit_chains=8
-                )
+                _, secret, _ = await service.issue_ticket(session, owner, spec, now=now)
                 secrets.append(secret)
             return event.id, secrets
     finally:

@@ -64,9 +64,7 @@ async def issue_ticket(
     now = ctx.clock.now()
 
     async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
-        ticket, secret, created = await service.issue_ticket(
-            session, principal, body, now=now, audit_chains=ctx.settings.audit_chains
-        )
+        ticket, secret, created = await service.issue_ticket(session, principal, body, now=now)
         answer = issued(ctx, ticket, secret, created)
         return (201 if created else 200), answer.model_dump(mode="json")
 
@@ -94,7 +92,6 @@ async def _change(ctx: AppContext, principal: Principal, ticket_id: int, action:
             ticket_id,
             action,
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     return issued(ctx, ticket, secret, False)
 
