@@ -215,9 +215,7 @@ class Worker:
             await self.send_drop.kiq(drop_id)
         # Lapse the waiting-list offers past their deadline (the next person's offer is
         # enqueued in the same transaction), then send what the outbox holds.
-        await rsvp_tasks.sweep_expired_offers(
-            self.db, self.notifier.signer, self.clock, audit_chains=self.settings.audit_chains
-        )
+        await rsvp_tasks.sweep_expired_offers(self.db, self.notifier.signer, self.clock)
         notified = await self.notifier.drain()
         if notified:
             log.info("notifications drained", **notified)

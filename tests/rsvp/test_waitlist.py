@@ -33,16 +33,13 @@ async def _cancel(ctx: AppContext, tenant: Tenant, rsvp_id: int) -> list[OfferMa
             rsvp_id=rsvp_id,
             reason="test",
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     assert result.rsvp.status == "cancelled"
     return result.offers
 
 
 async def _sweep(ctx: AppContext) -> list[OfferMade]:
-    return await tasks.sweep_expired_offers(
-        ctx.db, ctx.signer, ctx.clock, audit_chains=ctx.settings.audit_chains
-    )
+    return await tasks.sweep_expired_offers(ctx.db, ctx.signer, ctx.clock)
 
 
 async def _waitlist(client: httpx.AsyncClient, tenant: Tenant, event_id: int) -> dict[str, Any]:

@@ -97,7 +97,6 @@ async def cancel_by_token(body: CancelByToken, request: Request, ctx: Ctx) -> Rs
                 ctx.signer,
                 token=body.token,
                 now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
             )
 
         return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
@@ -123,7 +122,6 @@ async def claim(body: ClaimRequest, request: Request, ctx: Ctx) -> RsvpCreated:
                 event_id=body.event_id,
                 code=body.code,
                 now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
             )
 
         return await ctx.db.in_transaction(work)  # retried on a PostgreSQL deadlock
@@ -198,7 +196,6 @@ async def cancel_rsvp(
             rsvp_id=rsvp_id,
             reason=body.reason,
             now=now,
-            audit_chains=ctx.settings.audit_chains,
         )
         return 200, service.rsvp_out(result.rsvp).model_dump(mode="json")
 

@@ -110,7 +110,7 @@ def system_principal(org_id: int) -> Principal:
 
 
 async def _ticket_for(
-    session: AsyncSession, rsvp: Rsvp, *, now: datetime, audit_chains: int
+    session: AsyncSession, rsvp: Rsvp, *, now: datetime
 ) -> tuple[int, str] | tuple[None, None]:
     """A confirmed RSVP's QR ticket, id and secret (its check-in becomes the visit of this
     RSVP)."""
@@ -126,14 +126,11 @@ async def _ticket_for(
             holder_ref=rsvp.email or rsvp.phone,
         ),
         now=now,
-        audit_chains=audit_chains,
     )
     return ticket.id, secret
 
 
-async def _cancel_ticket(
-    session: AsyncSession, rsvp: Rsvp, *, now: datetime, audit_chains: int
-) -> None:
+async def _cancel_ticket(session: AsyncSession, rsvp: Rsvp, *, now: datetime) -> None:
     ticket_id = await session.scalar(
         select(Ticket.id).where(
             Ticket.org_id == rsvp.org_id,
@@ -149,7 +146,6 @@ async def _cancel_ticket(
             ticket_id,
             "cancel",
             now=now,
-            audit_chains=audit_chains,
         )
 
 
@@ -239,7 +235,6 @@ async def _audit(
     action: str,
     payload: dict[str, Any],
     now: datetime,
-    audit_chains: int,
 ) -> None:
     # One subject per event: its RSVP history stays in order on one chain.
     await audit.append(
@@ -250,7 +245,6 @@ async def _audit(
         subject=f"event:{event_id}",
         payload=payload,
         at=now,
-        chains=audit_chains,
     )
 
 
@@ -292,8 +286,8 @@ async def create_rsvp(
     event_id: int,
     spec: RsvpCreate,
     now: datetime,
-    audit_chains: int,
     actor: str = PUBLIC_ACTOR,
+    audit_chains: int | None = None,  # TEMP: ignored (the ledger is configured once)
 ) -> RsvpResult:
     """RSVP to a slot: confirmed if its places fit, else `slot_full` or the waiting list."""
     if not spec.consent:
@@ -314,9 +308,7 @@ async def create_rsvp(
         raise PopdropError(
             "invalid_request", f"places: this slot has {slot.capacity} places in all"
         )
-    offers = await expire_offers(
-        session, signer, now=now, audit_chains=audit_chains, event_id=event.id
-    )
+    offers = await expire_offers(session, signer, now=now, event_id=event.id)
     if await _take_places_late(session, slot, spec.places) or await _take_places(
         session, slot.id, spec.places
     ):
@@ -351,9 +343,8 @@ async def create_rsvp(
         action="rsvp.create" if status == "confirmed" else "waitlist.join",
         payload={"rsvp": rsvp.id, "slot": slot.id, "places": spec.places, "status": status},
         now=now,
-        audit_chains=audit_chains,
     )
-    ticket_id, secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
+    ticket_id, secret = await _ticket_for(session, rsvp, now=now)
     return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret, ticket_id)
 
 
@@ -365,7 +356,6 @@ async def cancel_rsvp(
     rsvp_id: int,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> CancelResult:
     """Operator cancel: frees the places (or leaves the waiting list)."""
     principal.require("rsvps:write")
@@ -377,12 +367,11 @@ async def cancel_rsvp(
         actor=principal.actor,
         reason=reason,
         now=now,
-        audit_chains=audit_chains,
     )
 
 
 async def cancel_by_token(
-    session: AsyncSession, signer: Signer, *, token: str, now: datetime, audit_chains: int
+    session: AsyncSession, signer: Signer, *, token: str, now: datetime
 ) -> CancelResult:
     """Guest cancel with the signed token handed out at RSVP time."""
     rsvp_id, org_id = read_cancel_token(signer, token)
@@ -394,7 +383,6 @@ async def cancel_by_token(
         actor=PUBLIC_ACTOR,
         reason="cancelled by the guest",
         now=now,
-        audit_chains=audit_chains,
     )
 
 
@@ -406,11 +394,8 @@ async def _cancel(
     actor: str,
     reason: str,
     now: datetime,
-    audit_chains: int,
 ) -> CancelResult:
-    offers = await expire_offers(
-        session, signer, now=now, audit_chains=audit_chains, event_id=rsvp.event_id
-    )
+    offers = await expire_offers(session, signer, now=now, event_id=rsvp.event_id)
     rsvp = await _load_rsvp(session, rsvp.id, rsvp.org_id)  # the sweep may have lapsed it
     old = rsvp.status
     if old in ("cancelled", "lapsed"):
@@ -436,7 +421,7 @@ async def _cancel(
     if done is None:
         raise PopdropError("conflict", "this RSVP changed meanwhile; try again")
     if old == "confirmed":
-        await _cancel_ticket(session, rsvp, now=now, audit_chains=audit_chains)
+        await _cancel_ticket(session, rsvp, now=now)
     freed = rsvp.places if old == "confirmed" else (offer.places if offer else 0)
     if freed:
         await _release_places(session, rsvp.slot_id, freed)
@@ -447,7 +432,6 @@ async def _cancel(
             voucher_id=offer.voucher_id,
             reason="waiting-list RSVP cancelled",
             now=now,
-            audit_chains=audit_chains,
         )
     if freed:
         offers += await _offer_free_places(
@@ -457,7 +441,6 @@ async def _cancel(
             event_id=rsvp.event_id,
             slot_id=rsvp.slot_id,
             now=now,
-            audit_chains=audit_chains,
         )
     await _audit(
         session,
@@ -467,9 +450,8 @@ async def _cancel(
         action="rsvp.cancel",
         payload={"rsvp": rsvp.id, "was": old, "freed": freed, "reason": reason},
         now=now,
-        audit_chains=audit_chains,
     )
-    await _audit_offers(session, offers, now=now, audit_chains=audit_chains)
+    await _audit_offers(session, offers, now=now)
     return CancelResult(await _load_rsvp(session, rsvp.id, rsvp.org_id), offers)
 
 
@@ -484,7 +466,6 @@ async def _offer_free_places(
     event_id: int,
     slot_id: int,
     now: datetime,
-    audit_chains: int,
     ttl_seconds: int = OFFER_TTL_SECONDS,
 ) -> list[OfferMade]:
     """Offer a slot's free places to its waiting list (skip entries that do not fit)."""
@@ -537,7 +518,6 @@ async def _offer_free_places(
                 discount_description=f"{places} place(s) from the waiting list",
             ),
             now=now,
-            audit_chains=audit_chains,
         )
         voucher_id = await session.scalar(select(Voucher.id).where(Voucher.batch_id == batch.id))
         assert voucher_id is not None
@@ -583,9 +563,7 @@ def offer_notices(offer: OfferMade) -> list[outbox.Notice]:
     ]
 
 
-async def _audit_offers(
-    session: AsyncSession, offers: list[OfferMade], *, now: datetime, audit_chains: int
-) -> None:
+async def _audit_offers(session: AsyncSession, offers: list[OfferMade], *, now: datetime) -> None:
     for made in offers:
         await _audit(
             session,
@@ -601,7 +579,6 @@ async def _audit_offers(
                 "expires_at": made.expires_at.isoformat(),
             },
             now=now,
-            audit_chains=audit_chains,
         )
 
 
@@ -610,7 +587,6 @@ async def expire_offers(
     signer: Signer,
     *,
     now: datetime,
-    audit_chains: int,
     event_id: int | None = None,
     limit: int = SWEEP_LIMIT,
 ) -> list[OfferMade]:
@@ -652,7 +628,6 @@ async def expire_offers(
             voucher_id=offer.voucher_id,
             reason="waiting-list offer expired",
             now=now,
-            audit_chains=audit_chains,
         )
         slots[offer.slot_id] = (offer.org_id, offer.event_id)
         expired.append(offer)
@@ -678,7 +653,6 @@ async def expire_offers(
             event_id=slot_event,
             slot_id=slot_id,
             now=now,
-            audit_chains=audit_chains,
         )
     for offer in expired:
         await _audit(
@@ -689,9 +663,8 @@ async def expire_offers(
             action="waitlist.offer_expired",
             payload={"offer": offer.id, "rsvp": offer.rsvp_id, "places": offer.places},
             now=now,
-            audit_chains=audit_chains,
         )
-    await _audit_offers(session, made, now=now, audit_chains=audit_chains)
+    await _audit_offers(session, made, now=now)
     return made
 
 
@@ -710,7 +683,6 @@ async def claim_offer(
     event_id: int,
     code: str,
     now: datetime,
-    audit_chains: int,
 ) -> RsvpResult:
     """Claim a waiting-list offer with its voucher code: the held places become a
     confirmed RSVP, and the voucher is redeemed in the same transaction."""
@@ -718,9 +690,7 @@ async def claim_offer(
     if event is None:
         raise not_found("event")
     code_hash = signer.keyed_hash(codes.normalize(code))
-    offers = await expire_offers(
-        session, signer, now=now, audit_chains=audit_chains, event_id=event.id
-    )
+    offers = await expire_offers(session, signer, now=now, event_id=event.id)
     offer = await session.scalar(
         select(WaitlistOffer)
         .join(Voucher, Voucher.id == WaitlistOffer.voucher_id)
@@ -757,7 +727,6 @@ async def claim_offer(
         contact_ref=f"rsvp:{offer.rsvp_id}",
         order_ref=f"waitlist-offer:{offer.id}",
         now=now,
-        audit_chains=audit_chains,
     )
     confirmed = (
         await session.execute(
@@ -777,10 +746,9 @@ async def claim_offer(
         action="waitlist.claim",
         payload={"offer": offer.id, "rsvp": offer.rsvp_id, "places": offer.places},
         now=now,
-        audit_chains=audit_chains,
     )
     rsvp = await _load_rsvp(session, offer.rsvp_id, event.org_id)
-    ticket_id, secret = await _ticket_for(session, rsvp, now=now, audit_chains=audit_chains)
+    ticket_id, secret = await _ticket_for(session, rsvp, now=now)
     return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret, ticket_id)
 
 

@@ -12,9 +12,7 @@ from popdrop.rsvp.models import WaitlistOffer
 from popdrop.rsvp.service import OfferMade
 
 
-async def sweep_expired_offers(
-    db: Database, signer: Signer, clock: Clock, *, audit_chains: int
-) -> list[OfferMade]:
+async def sweep_expired_offers(db: Database, signer: Signer, clock: Clock) -> list[OfferMade]:
     """Expire every offer past its time and pass its places on; return the new offers.
     Their messages are already in the notification outbox (same transaction). Runs every
     tick: a read first, so a tick with nothing due opens no write transaction."""
@@ -28,6 +26,4 @@ async def sweep_expired_offers(
     if due is None:
         return []
     async with db.transaction() as session:
-        return await service.expire_offers(
-            session, signer, now=now, audit_chains=audit_chains
-        )
+        return await service.expire_offers(session, signer, now=now)
