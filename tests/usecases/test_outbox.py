@@ -81,6 +81,14 @@ async def test_a_notice_is_kept_once_and_a_lapsed_lease_is_taken_again(
         await outbox.finish(session, again[0].id, NotificationStatus.SENT, now=clock.now())
     row = await _row(ctx, subject)
     assert row.status == "sent" and row.payload == "{}"
+    # A finished row never moves again (a late retry of a slow drainer changes nothing).
+    async with ctx.db.transaction() as session:
+        await outbox.finish(session, row.id, NotificationStatus.FAILED, now=clock.now())
+        assert await outbox.retry(session, row, now=clock.now(), error="late") in (
+            NotificationStatus.PENDING,
+            NotificationStatus.FAILED,
+        )
+    assert (await _row(ctx, subject)).status == "sent"
 
 
 async def test_transient_failures_back_off_until_the_attempts_run_out(

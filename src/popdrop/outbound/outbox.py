@@ -17,6 +17,9 @@ Rules:
   `retry`; a worker that crashed mid-send leaves it `sending`, and once the lease is over
   another drainer claims it again (at-least-once; `attempts` counts every claim).
 - `retry` puts a row back with exponential backoff until `max_attempts`, then `failed`.
+- The moves: `NOTIFICATION_LIFECYCLE` (pending → sending → sent | skipped | failed, or
+  back to pending; a lapsed lease is sending → sending); every write is a conditional
+  UPDATE from the statuses that table allows.
 - Consent and suppression are not this module's business (outbound sits below audience):
   the drainer in `popdrop.usecases.notify` checks them right before the provider call.
 - `forget` deletes a person's rows, unsent ones included (GDPR erase).
@@ -34,7 +37,6 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
-    CheckConstraint,
     ForeignKey,
     Index,
     Integer,
@@ -50,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime, dialect_insert, signal_after_commit, table_of
+from popdrop.core.lifecycle import Lifecycle, status_check
 
 OUTBOX_TOPIC = "outbox"
 MAX_ATTEMPTS = 6
@@ -66,16 +69,31 @@ class NotificationStatus(StrEnum):
     FAILED = "failed"  # a permanent provider refusal, or out of attempts
 
 
-UNSENT = (NotificationStatus.PENDING, NotificationStatus.SENDING)
+# A claim takes a pending row, or retakes one whose lease ran out (sending → sending).
+NOTIFICATION_LIFECYCLE: Lifecycle[NotificationStatus] = Lifecycle(
+    "notification",
+    NotificationStatus,
+    {
+        NotificationStatus.PENDING: frozenset({NotificationStatus.SENDING}),
+        NotificationStatus.SENDING: frozenset(
+            {
+                NotificationStatus.SENDING,
+                NotificationStatus.SENT,
+                NotificationStatus.SKIPPED,
+                NotificationStatus.FAILED,
+                NotificationStatus.PENDING,
+            }
+        ),
+        NotificationStatus.SENT: frozenset(),
+        NotificationStatus.SKIPPED: frozenset(),
+        NotificationStatus.FAILED: frozenset(),
+    },
+)
 
 
 class Channel(StrEnum):
     EMAIL = "email"
     SMS = "sms"
-
-
-def _one_of(column: str, values: Sequence[str]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
 class Notification(Base):
@@ -86,8 +104,8 @@ class Notification(Base):
         UniqueConstraint("kind", "subject", "channel", name="uq_notifications_dedup"),
         Index("ix_notifications_due", "status", "not_before"),
         Index("ix_notifications_recipient", "org_id", "recipient"),
-        CheckConstraint(_one_of("status", list(NotificationStatus)), name="status"),
-        CheckConstraint(_one_of("channel", list(Channel)), name="channel"),
+        status_check(NotificationStatus),
+        status_check(Channel, "channel"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -210,7 +228,10 @@ async def finish(
     is not kept once the message is out (or never will be)."""
     await session.execute(
         update(Notification)
-        .where(Notification.id == row_id, Notification.status == NotificationStatus.SENDING)
+        .where(
+            Notification.id == row_id,
+            Notification.status.in_(NOTIFICATION_LIFECYCLE.sources(status)),
+        )
         .values(
             status=status,
             finished_at=now,
@@ -244,7 +265,10 @@ async def retry(
     delay = backoff_seconds(row.attempts, retry_after)
     await session.execute(
         update(Notification)
-        .where(Notification.id == row.id, Notification.status == NotificationStatus.SENDING)
+        .where(
+            Notification.id == row.id,
+            Notification.status.in_(NOTIFICATION_LIFECYCLE.sources(NotificationStatus.PENDING)),
+        )
         .values(
             status=NotificationStatus.PENDING,
             claimed_at=None,

@@ -20,6 +20,7 @@ from popdrop.core.errors import PopdropError
 from popdrop.events.models import Event, TimeSlot
 from popdrop.rsvp import service
 from popdrop.rsvp.api import created, public_guarded
+from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
 from popdrop.rsvp.offer_link import read_offer_token
 from popdrop.vouchers import codes
@@ -58,7 +59,7 @@ async def _view(ctx: AppContext, token: str) -> dict[str, Any]:
     if row is None:
         raise PopdropError("link_invalid", "this link is not valid")
     offer, event, slot = row
-    is_open = offer.status == "open" and offer.expires_at > ctx.clock.now()
+    is_open = offer.status == OfferStatus.OPEN and offer.expires_at > ctx.clock.now()
     return {"offer": offer, "event": event, "slot": slot, "code": code, "open": is_open}
 
 
@@ -83,7 +84,7 @@ async def offer_page(request: Request, token: str, ctx: Ctx) -> Response:
     except PopdropError as error:
         return _trouble(request, error, None)
     if not view["open"]:
-        reason = "exhausted" if view["offer"].status == "claimed" else "expired"
+        reason = "exhausted" if view["offer"].status == OfferStatus.CLAIMED else "expired"
         return _trouble(request, PopdropError(reason, reason, status=410), view)
     return _page(request, view)
 

@@ -49,6 +49,7 @@ from popdrop.outbound.transports import (
     SendResult,
     SmsTransport,
 )
+from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
 from popdrop.rsvp.offer_link import offer_link
 from popdrop.rsvp.service import OFFER_NOTICE
@@ -94,7 +95,7 @@ async def render_waitlist_offer(
     if found is None:
         return None
     offer, event, slot = found
-    if offer.status != "open" or offer.expires_at <= ctx.now:
+    if offer.status != OfferStatus.OPEN or offer.expires_at <= ctx.now:
         return None
     link = offer_link(ctx.signer, ctx.base_url, event.id, str(payload["code"]))
     deadline = local(offer.expires_at, event.timezone, DEADLINE_FORMAT)
