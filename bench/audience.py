@@ -12,7 +12,7 @@
    `copy_records_to_table`. Ratios: import rate / COPY rate, and 120 s target / import time.
 3. Import the same file again: every row must come back unchanged (and it is timed).
 4. Give ~10 % of contacts a tag, spread `last_engaged_at` over ~400 days (some never),
-   and time `service.count_segment` for hot/warm/cold + that tag over every contact
+   and time `segments.count_segment` for hot/warm/cold + that tag over every contact
    (target < 2 s). The limit: `SELECT count(*) FROM contacts WHERE org_id = $1`.
 """
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import _common as common
-from popdrop.audience import importer, service
+from popdrop.audience import importer, segments
 from popdrop.audience.schemas import ImportReport, SegmentRules
 from popdrop.core.db import Database
 from popdrop.core.migrate import upgrade
@@ -208,7 +208,7 @@ async def segment_seconds(db: Database, org_id: int, repeats: int) -> tuple[floa
     for _ in range(repeats):
         async with db.reader() as session:
             started = time.perf_counter()
-            counted = await service.count_segment(session, owner, rules, now=common.now())
+            counted = await segments.count_segment(session, owner, rules, now=common.now())
             times.append(time.perf_counter() - started)
             total = counted.total
     return statistics.median(times), total

@@ -39,7 +39,7 @@ from sqlalchemy import func, select
 
 import _common as common
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import service as audience
+from popdrop.audience import settings, unsubscribe
 from popdrop.audience.models import Contact
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
@@ -206,7 +206,7 @@ async def render_share(
             assert variant_row is not None
             batch = await session.get(VoucherBatch, drop.voucher_batch_id)
             assert batch is not None
-            recency = await audience.get_settings(session, org_id)
+            recency = await settings.get_settings(session, org_id)
         variant = content.compile_variant(variant_row.content)
         rendered = 0
         size = 0
@@ -249,13 +249,13 @@ async def render_share(
                         ),
                     )
                 )
-                bucket = audience.bucket_of(
+                bucket = settings.bucket_of(
                     contact.last_engaged_at, now, recency.hot_days, recency.warm_days
                 )
                 links = content.Links(common.SIGNER, BASE_URL, drop, row_id, contact)
                 values = content.context_for(drop, contact, None, (0, code), links)
                 email = variant.render_email(bucket, values, links)
-                headers = audience.unsubscribe_headers_for(links.unsubscribe_url)
+                headers = unsubscribe.unsubscribe_headers_for(links.unsubscribe_url)
                 size += len(email.subject) + len(email.text) + len(email.html or "")
                 rendered += 1
                 if keep_samples and len(samples) < SAMPLES:

@@ -598,7 +598,7 @@ def contacts_export(
     segment: Annotated[int | None, typer.Option(help="Only this saved segment's.")] = None,
 ) -> None:
     """Export contacts as CSV with the minimal fields (erased contacts never appear)."""
-    from popdrop.audience import importer, service
+    from popdrop.audience import importer, segments
 
     if sendable not in (None, "email", "sms"):
         raise typer.BadParameter("--sendable: email or sms")
@@ -609,8 +609,8 @@ def contacts_export(
             principal = _cli_principal(organization.id)
             rules = None
             if segment is not None:
-                found = await service.get_segment(session, principal, segment)
-                rules = service.segment_out(found).rules
+                found = await segments.get_segment(session, principal, segment)
+                rules = segments.segment_out(found).rules
             chunks = await importer.export_contacts(
                 session,
                 principal,

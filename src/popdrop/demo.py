@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts import service as accounts
 from popdrop.accounts.models import Organization, User
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import service as audience
+from popdrop.audience import segments
+from popdrop.audience import settings as audience_settings
 from popdrop.audience.models import (
     ConsentEvent,
     Contact,
@@ -421,7 +422,7 @@ async def _seed_audience(
     if suppressions:
         await session.execute(insert(table_of(Suppression)), suppressions)
     await session.execute(insert(table_of(ContactActivity)), activity)
-    await audience.update_settings(
+    await audience_settings.update_settings(
         session,
         owner,
         AudienceSettingsIn(
@@ -443,12 +444,12 @@ async def _seed_audience(
             SegmentRules(interests_any=["sneakers"], near={"event_id": event_id, "km": 10}),
         ),
     ):
-        await audience.save_segment(session, owner, SegmentIn(name=name, rules=rules), now=now)
+        await segments.save_segment(session, owner, SegmentIn(name=name, rules=rules), now=now)
 
 
 async def _audience_summary(session: AsyncSession, owner: Principal, now: datetime) -> str:
     """One line for the demo summary: how the audience splits by recency."""
-    counted = await audience.count_segment(
+    counted = await segments.count_segment(
         session, owner, SegmentRules(channels=["email", "sms"]), now=now
     )
     total = await session.scalar(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from popdrop.audience import service
+from popdrop.audience import keywords, unsubscribe
 from popdrop.audience.models import ConsentEvent, Contact, Suppression
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, inbound, preview
@@ -202,7 +202,7 @@ async def test_rfc8058_headers_and_one_click_post_without_body(
     async with ctx.db.reader() as session:
         row = await session.get(Contact, contact["id"])
         assert row is not None
-        headers = service.unsubscribe_headers(ctx.signer, ctx.settings.base_url, row)
+        headers = unsubscribe.unsubscribe_headers(ctx.signer, ctx.settings.base_url, row)
     assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     url = headers["List-Unsubscribe"].strip("<>")
     assert url.startswith("https://") or url.startswith("http://")
@@ -262,8 +262,8 @@ async def test_bad_contact_points_are_refused_with_the_field(
 
 
 def test_parse_keyword_table() -> None:
-    assert service.parse_keyword(" Stop. ") == "stop"
-    assert service.parse_keyword("STOPALL") == "stopall"
-    assert service.parse_keyword("unstop") == "start"
-    assert service.parse_keyword("Info") == "help"
-    assert service.parse_keyword("stop please") is None
+    assert keywords.parse_keyword(" Stop. ") == "stop"
+    assert keywords.parse_keyword("STOPALL") == "stopall"
+    assert keywords.parse_keyword("unstop") == "start"
+    assert keywords.parse_keyword("Info") == "help"
+    assert keywords.parse_keyword("stop please") is None

@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import importer, service
+from popdrop.audience import consent, contact_points, importer
+from popdrop.audience import contacts as audience_contacts
 from popdrop.audience.models import ConsentEvent, Contact, ContactLabel, ImportJob
-from popdrop.audience.schemas import ImportReport, SegmentRules
+from popdrop.audience.schemas import ConsentChange, ImportReport, SegmentRules
 from popdrop.core.errors import PopdropError
 from popdrop.core.identity import normalize_email
 from popdrop.usecases import privacy
@@ -84,8 +85,8 @@ async def snapshot(ctx: AppContext, tenant: Tenant) -> dict[str, list[tuple[Any,
 
 async def contact_by_email(ctx: AppContext, tenant: Tenant, email: str) -> Contact | None:
     async with ctx.db.reader() as session:
-        return await service.find_contact(
-            session, tenant.org_id, service.contact_points(ctx.signer, email, None)
+        return await contact_points.find_contact(
+            session, tenant.org_id, contact_points.contact_points(ctx.signer, email, None)
         )
 
 
@@ -146,7 +147,9 @@ async def test_malformed_rows_are_reported_by_line_and_reason(
     for email in ("bob@shop.example", "fay@shop.example", "ivy@shop.example"):
         assert await contact_by_email(ctx, tenant, email) is None
     async with ctx.db.reader() as session:
-        labels = await service.contacts_out(session, tenant.org_id, [ann, gus], ctx.clock.now())
+        labels = await audience_contacts.contacts_out(
+            session, tenant.org_id, [ann, gus], ctx.clock.now()
+        )
     assert labels[0].tags == ["early", "vip"] and labels[1].tags == ["vip"]
     assert ann.consent_email == "none"  # no consent column: no consent
 
@@ -253,7 +256,9 @@ async def test_an_existing_contact_is_filled_and_merged_never_overwritten(
     assert ann is not None
     assert (ann.first_name, ann.phone, ann.locale) == ("Ann", "+33622222222", "fr-FR")
     async with ctx.db.reader() as session:
-        out = (await service.contacts_out(session, tenant.org_id, [ann], ctx.clock.now()))[0]
+        out = (
+            await audience_contacts.contacts_out(session, tenant.org_id, [ann], ctx.clock.now())
+        )[0]
     assert out.tags == ["press", "vip"] and out.interests == ["shoes"]
     # A phone that already belongs to a contact with another email is a conflict too.
     other = await run_import(ctx, tenant, "email,phone\ncat@shop.example,+33622222222\n")
@@ -343,12 +348,12 @@ async def test_an_opted_out_person_is_never_resubscribed_by_an_import(
     await inbound(app_client, tenant, "+33612345678", "STOP")
     await inbound(app_client, tenant, "+33699999999", "STOP")  # a stranger opts out
     async with ctx.db.transaction() as session:
-        contact = await service.get_contact(session, owner(tenant), ann["id"])
-        await service.change_consent(
+        contact = await contact_points.get_contact(session, owner(tenant), ann["id"])
+        await consent.change_consent(
             session,
             ctx.signer,
             contact,
-            service.ConsentChange(channel="email", action="revoke", wording="unsubscribe"),
+            ConsentChange(channel="email", action="revoke", wording="unsubscribe"),
             now=ctx.clock.now(),
         )
     before = await snapshot(ctx, tenant)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from popdrop.accounts import service as accounts
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import service
+from popdrop.audience import consent, contacts, segments, settings, unsubscribe
 from popdrop.audience.models import ConsentEvent, Contact
 from popdrop.audience.schemas import (
     ActivityIn,
@@ -84,7 +84,7 @@ async def seed(ctx: AppContext, tenant: Tenant, people: list[Person]) -> list[in
                 for ch, ok in (("email", p.email_ok), ("sms", p.sms_ok))
                 if ok
             ]
-            contact, _ = await service.upsert_contact(
+            contact, _ = await contacts.upsert_contact(
                 session,
                 ctx.signer,
                 owner_of(tenant),
@@ -98,7 +98,7 @@ async def seed(ctx: AppContext, tenant: Tenant, people: list[Person]) -> list[in
                 now=now,
             )
             if p.days_ago is not None:
-                await service.record_activity(
+                await contacts.record_activity(
                     session,
                     ctx.signer,
                     tenant.org_id,
@@ -220,7 +220,7 @@ async def test_settings_form_refuses_next_to_the_form(
     )
     assert good.status_code == 303
     async with ctx.db.reader() as session:
-        saved = await service.get_settings(session, tenant.org_id)
+        saved = await settings.get_settings(session, tenant.org_id)
     assert (saved.hot_days, saved.warm_days, saved.retention_months) == (10, 45, 24)
     assert saved.help_text == "Hi"
 
@@ -421,7 +421,7 @@ async def test_exports_stream_csv(
     ledger = await app_client.get("/audience/export/consent.csv", headers=HTML)
     assert ledger.status_code == 200 and WORDING in ledger.text
     async with ctx.db.transaction() as session:
-        segment = await service.save_segment(
+        segment = await segments.save_segment(
             session,
             owner_of(tenant),
             SegmentIn.model_validate(
@@ -442,7 +442,7 @@ async def _token_for(ctx: AppContext, contact_id: int) -> str:
     async with ctx.db.reader() as session:
         contact = await session.get(Contact, contact_id)
         assert contact is not None
-        return service.preferences_token(ctx.signer, contact)
+        return unsubscribe.preferences_token(ctx.signer, contact)
 
 
 async def test_preferences_page_round_trip(
@@ -519,14 +519,14 @@ async def test_double_opt_in_link_confirms(
     async with ctx.db.transaction() as session:
         contact = await session.get(Contact, ids[0])
         assert contact is not None
-        await service.change_consent(
+        await consent.change_consent(
             session,
             ctx.signer,
             contact,
             ConsentChange(channel="email", action="request", wording=WORDING, source="form"),
             now=clock.now(),
         )
-        token = service.double_opt_in_token(ctx.signer, contact, "email")
+        token = consent.double_opt_in_token(ctx.signer, contact, "email")
     page = await app_client.get(f"/c/{token}", headers=HTML)
     assert page.status_code == 200 and "Thanks, you're in" in page.text
     assert (await consent_of(ctx, ids[0]))["email"] == "granted"
@@ -540,7 +540,7 @@ async def test_unsubscribe_links_in_mail_sent_before_the_short_token_still_work(
     """Mail already in inboxes carries the older, JSON-payload token: it must keep working
     (an unsubscribe link is honoured months later), and a forged one must not."""
     ids = await seed(ctx, tenant, AUDIENCE[4:5])
-    legacy = ctx.signer.sign(service.PREFERENCES_PURPOSE, {"o": tenant.org_id, "c": ids[0]})
+    legacy = ctx.signer.sign(unsubscribe.PREFERENCES_PURPOSE, {"o": tenant.org_id, "c": ids[0]})
     assert legacy != await _token_for(ctx, ids[0])
     done = await app_client.post(f"/u/{legacy}")
     assert done.status_code == 200, done.text

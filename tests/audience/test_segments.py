@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, insert, select
 
 from popdrop.audience.models import Contact
-from popdrop.audience.service import bucket_condition, bucket_of
+from popdrop.audience.settings import bucket_condition, bucket_of
 from popdrop.core.clock import FrozenClock
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, preview

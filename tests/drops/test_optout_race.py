@@ -10,7 +10,7 @@ their message reached the peer; a message that reached the peer after the
 acknowledgement is a broken promise, and there must be none. The worst case (message
 time minus acknowledgement time, per channel) is printed.
 
-The guarantee rests on PostgreSQL row locks (`audience.hold_consent`), so the race runs
+The guarantee rests on PostgreSQL row locks (`audience.consent.hold_consent`), so the race runs
 on PostgreSQL; the per-message re-check itself is exercised on both backends below.
 """
 
@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from popdrop.audience import service as audience
+from popdrop.audience import unsubscribe
 from popdrop.audience.models import Contact
 from popdrop.core.identity import identity_hash
 from popdrop.drops.models import SendRow
@@ -268,7 +268,7 @@ async def test_no_message_reaches_anyone_after_their_opt_out_was_acknowledged(
         while peer.received() < place - LEAD:  # noqa: ASYNC110
             await asyncio.sleep(0.002)
         if channel == "email":
-            token = audience.preferences_token(ctx.signer, contact)
+            token = unsubscribe.preferences_token(ctx.signer, contact)
             await _unsubscribe(app_client, f"{base}/u/{token}")
             assert contact.email is not None
             acks[contact.email] = time.time()
@@ -369,7 +369,7 @@ async def test_an_opt_out_acknowledged_during_the_batch_skips_that_persons_messa
     async with ctx.db.reader() as session:
         contact = await session.get(Contact, last["id"])
         assert contact is not None
-        token = audience.preferences_token(ctx.signer, contact)
+        token = unsubscribe.preferences_token(ctx.signer, contact)
     provider = OptOutWhileSending(app_client, f"https://pop.example/u/{token}")
     # One at a time, so the opt-out is acknowledged before the last message is decided.
     one_by_one = sender(ctx, provider, org=tenant)  # type: ignore[arg-type]

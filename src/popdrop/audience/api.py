@@ -13,7 +13,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import importer, service
+from popdrop.audience import (
+    consent,
+    contact_points,
+    contacts,
+    importer,
+    keywords,
+    segments,
+    settings,
+)
 from popdrop.audience.schemas import (
     ActivityIn,
     AudienceSettingsIn,
@@ -34,6 +42,7 @@ from popdrop.audience.schemas import (
     SegmentOut,
     SegmentRules,
 )
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import error_responses, require_clean_text
 from popdrop.web.auth import ApiPrincipal
@@ -42,14 +51,13 @@ from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 from popdrop.web.streaming import csv_download
 
-from popdrop.core import links
 router = APIRouter(prefix="/api/v1", tags=["audience"])
 READ_ERRORS = error_responses(401, 403, 404, 422)
 WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
 
 
 async def _view(session: AsyncSession, ctx: AppContext, contact: Any) -> ContactOut:
-    return await service.contact_view(session, contact, ctx.clock.now())
+    return await contacts.contact_view(session, contact, ctx.clock.now())
 
 
 # ---------------------------------------------------------------- contacts
@@ -70,7 +78,7 @@ async def upsert_contact(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
-        contact, created = await service.upsert_contact(
+        contact, created = await contacts.upsert_contact(
             session, ctx.signer, principal, body, now=ctx.clock.now()
         )
         out = ContactCreated(contact=await _view(session, ctx, contact), created=created)
@@ -91,17 +99,19 @@ async def list_contacts(
     before: Before = None,
 ) -> ContactList:
     async with ctx.db.reader() as session:
-        found = await service.list_contacts(
+        found = await contacts.list_contacts(
             session, principal, query=q, tag=tag, limit=limit, before=before
         )
-        items = await service.contacts_out(session, principal.org_id, found, ctx.clock.now())
+        items = await contacts.contacts_out(session, principal.org_id, found, ctx.clock.now())
     return ContactList(items=items, next_before=found[-1].id if len(found) == limit else None)
 
 
 @router.get("/contacts/{contact_id}", response_model=ContactOut, responses=READ_ERRORS)
 async def get_contact(contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> ContactOut:
     async with ctx.db.reader() as session:
-        return await _view(session, ctx, await service.get_contact(session, principal, contact_id))
+        return await _view(
+            session, ctx, await contact_points.get_contact(session, principal, contact_id)
+        )
 
 
 @router.patch("/contacts/{contact_id}", response_model=ContactOut, responses=WRITE_ERRORS)
@@ -109,7 +119,7 @@ async def patch_contact(
     contact_id: ItemId, body: ContactPatch, principal: ApiPrincipal, ctx: Ctx
 ) -> ContactOut:
     async with ctx.db.transaction() as session:
-        contact = await service.patch_contact(
+        contact = await contacts.patch_contact(
             session, principal, contact_id, body, now=ctx.clock.now()
         )
         return await _view(session, ctx, contact)
@@ -125,10 +135,10 @@ async def change_consent(
     contact_id: ItemId, body: ConsentChange, principal: ApiPrincipal, ctx: Ctx
 ) -> ConsentChanged:
     async with ctx.db.transaction() as session:
-        event = await service.set_consent(
+        event = await consent.set_consent(
             session, ctx.signer, principal, contact_id, body, now=ctx.clock.now()
         )
-        contact = await service.get_contact(session, principal, contact_id)
+        contact = await contact_points.get_contact(session, principal, contact_id)
         confirm_url = None
         if body.action == "request" and body.channel == "email":
             confirm_url = links.consent_confirm_url(
@@ -136,7 +146,7 @@ async def change_consent(
             )
         return ConsentChanged(
             contact=await _view(session, ctx, contact),
-            event=service.consent_event_out(event) if event else None,
+            event=consent.consent_event_out(event) if event else None,
             confirm_url=confirm_url,
         )
 
@@ -151,8 +161,8 @@ async def consent_history(
     contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx
 ) -> list[ConsentEventOut]:
     async with ctx.db.reader() as session:
-        events = await service.consent_history(session, principal, contact_id)
-        return [service.consent_event_out(e) for e in events]
+        events = await consent.consent_history(session, principal, contact_id)
+        return [consent.consent_event_out(e) for e in events]
 
 
 @router.post(
@@ -163,7 +173,7 @@ async def consent_history(
 async def record_activity(body: ActivityIn, principal: ApiPrincipal, ctx: Ctx) -> dict[str, Any]:
     principal.require("audience:write")
     async with ctx.db.transaction() as session:
-        contact_id = await service.record_activity(
+        contact_id = await contacts.record_activity(
             session, ctx.signer, principal.org_id, body, now=ctx.clock.now()
         )
     return {"contact_id": contact_id, "recorded": contact_id is not None}
@@ -181,7 +191,7 @@ async def record_activity(body: ActivityIn, principal: ApiPrincipal, ctx: Ctx) -
 async def inbound(body: InboundMessage, principal: ApiPrincipal, ctx: Ctx) -> InboundResult:
     principal.require("audience:write")
     async with ctx.db.transaction() as session:
-        return await service.handle_inbound(
+        return await keywords.handle_inbound(
             session,
             ctx.signer,
             org_id=principal.org_id,
@@ -196,7 +206,7 @@ async def inbound(body: InboundMessage, principal: ApiPrincipal, ctx: Ctx) -> In
 async def get_settings(principal: ApiPrincipal, ctx: Ctx) -> AudienceSettingsOut:
     principal.require("audience:read")
     async with ctx.db.reader() as session:
-        return await service.get_settings(session, principal.org_id)
+        return await settings.get_settings(session, principal.org_id)
 
 
 @router.put("/audience/settings", response_model=AudienceSettingsOut, responses=WRITE_ERRORS)
@@ -204,7 +214,7 @@ async def put_settings(
     body: AudienceSettingsIn, principal: ApiPrincipal, ctx: Ctx
 ) -> AudienceSettingsOut:
     async with ctx.db.transaction() as session:
-        return await service.update_settings(session, principal, body)
+        return await settings.update_settings(session, principal, body)
 
 
 # ---------------------------------------------------------------- segments
@@ -213,20 +223,20 @@ async def put_settings(
 @router.get("/segments", response_model=list[SegmentOut], responses=READ_ERRORS)
 async def list_segments(principal: ApiPrincipal, ctx: Ctx) -> list[SegmentOut]:
     async with ctx.db.reader() as session:
-        return [service.segment_out(s) for s in await service.list_segments(session, principal)]
+        return [segments.segment_out(s) for s in await segments.list_segments(session, principal)]
 
 
 @router.post("/segments", status_code=201, response_model=SegmentOut, responses=WRITE_ERRORS)
 async def create_segment(body: SegmentIn, principal: ApiPrincipal, ctx: Ctx) -> SegmentOut:
     async with ctx.db.transaction() as session:
-        segment = await service.save_segment(session, principal, body, now=ctx.clock.now())
-        return service.segment_out(segment)
+        segment = await segments.save_segment(session, principal, body, now=ctx.clock.now())
+        return segments.segment_out(segment)
 
 
 @router.get("/segments/{segment_id}", response_model=SegmentOut, responses=READ_ERRORS)
 async def get_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> SegmentOut:
     async with ctx.db.reader() as session:
-        return service.segment_out(await service.get_segment(session, principal, segment_id))
+        return segments.segment_out(await segments.get_segment(session, principal, segment_id))
 
 
 @router.put("/segments/{segment_id}", response_model=SegmentOut, responses=WRITE_ERRORS)
@@ -234,16 +244,16 @@ async def update_segment(
     segment_id: ItemId, body: SegmentIn, principal: ApiPrincipal, ctx: Ctx
 ) -> SegmentOut:
     async with ctx.db.transaction() as session:
-        segment = await service.save_segment(
+        segment = await segments.save_segment(
             session, principal, body, now=ctx.clock.now(), segment_id=segment_id
         )
-        return service.segment_out(segment)
+        return segments.segment_out(segment)
 
 
 @router.delete("/segments/{segment_id}", status_code=204, responses=WRITE_ERRORS)
 async def delete_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> None:
     async with ctx.db.transaction() as session:
-        await service.delete_segment(session, principal, segment_id)
+        await segments.delete_segment(session, principal, segment_id)
 
 
 @router.post(
@@ -254,14 +264,14 @@ async def delete_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) 
 )
 async def preview_segment(body: SegmentRules, principal: ApiPrincipal, ctx: Ctx) -> SegmentCount:
     async with ctx.db.reader() as session:
-        return await service.count_segment(session, principal, body, now=ctx.clock.now())
+        return await segments.count_segment(session, principal, body, now=ctx.clock.now())
 
 
 @router.get("/segments/{segment_id}/count", response_model=SegmentCount, responses=READ_ERRORS)
 async def count_segment(segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> SegmentCount:
     async with ctx.db.reader() as session:
-        segment = service.segment_out(await service.get_segment(session, principal, segment_id))
-        return await service.count_segment(session, principal, segment.rules, now=ctx.clock.now())
+        segment = segments.segment_out(await segments.get_segment(session, principal, segment_id))
+        return await segments.count_segment(session, principal, segment.rules, now=ctx.clock.now())
 
 
 @router.get(
@@ -273,7 +283,7 @@ async def export_segment(
     segment_id: ItemId, principal: ApiPrincipal, ctx: Ctx
 ) -> StreamingResponse:
     async def open_export(session: AsyncSession) -> Any:
-        segment = service.segment_out(await service.get_segment(session, principal, segment_id))
+        segment = segments.segment_out(await segments.get_segment(session, principal, segment_id))
         return await importer.export_contacts(
             session, principal, now=ctx.clock.now(), rules=segment.rules
         )

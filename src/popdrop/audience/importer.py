@@ -16,7 +16,7 @@ Import rules:
   interests. Email and phone naming two different contacts is a `conflict`.
 - An identifier that was erased is refused (`suppressed`) and never comes back.
 - Consent needs `consent_proof` (else the contact lands without it). A grant is recorded
-  like `service.change_consent` records one (source `import`), never over a `revoked`
+  like `consent.change_consent` records one (source `import`), never over a `revoked`
   state nor for a suppressed identifier: an import never re-subscribes anyone.
 
 Exports stream CSV text a page at a time (keyset paging): contacts with the minimal fields
@@ -66,7 +66,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.audience import service
+from popdrop.audience import consent, segments
 from popdrop.audience.models import (
     ConsentEvent,
     Contact,
@@ -787,7 +787,7 @@ def _grant(
     suppressed: dict[bytes, dict[str, str]],
 ) -> bool:
     """Plan the row's consent grants; True when one changes the contact. Like
-    `service.change_consent` with an `import` source: never over an opt-out."""
+    `consent.change_consent` with an `import` source: never over an opt-out."""
     blocked: dict[str, str] = {}
     if suppressed:
         for digest in (target.email_hash, target.phone_hash):
@@ -795,7 +795,7 @@ def _grant(
                 blocked.update(suppressed.get(digest, {}))
     changed = False
     for channel in row.grants:
-        column = service.CONSENT_COLUMN[channel]
+        column = consent.CONSENT_COLUMN[channel]
         state = getattr(target, column)
         if channel in blocked or "all" in blocked or state == "revoked":
             notes.append(
@@ -1467,11 +1467,11 @@ async def export_contacts(
     Checks come first (await this), so a refusal is raised before anything streams."""
     principal.require("audience:read")
     if rules is not None:
-        conditions = await service.segment_conditions(session, principal.org_id, rules, now=now)
+        conditions = await segments.segment_conditions(session, principal.org_id, rules, now=now)
     else:
         conditions = [Contact.org_id == principal.org_id, Contact.erased_at.is_(None)]
     if sendable is not None:
-        conditions.append(service.sendable_condition(sendable))
+        conditions.append(segments.sendable_condition(sendable))
     return _contact_pages(session, conditions, batch_size)
 
 

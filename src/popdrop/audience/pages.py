@@ -8,7 +8,7 @@ render. The rules of the other operator pages hold (`PageRoute`):
 - every operator POST carries the double-submit CSRF field and calls `check_csrf` first;
 - a refusal is shown next to the form it belongs to (4xx), never a 500.
 
-Public pages take a signed token (`service.preferences_token`, the double opt-in token):
+Public pages take a signed token (`unsubscribe.preferences_token`, the double opt-in token):
 - `POST /u/{token}` is the RFC 8058 one-click endpoint: no login, no CSRF, any body (or
   none); a GET of the same URL only shows the preferences, because mail scanners
   prefetch links and must never unsubscribe anyone;
@@ -31,7 +31,11 @@ from starlette.datastructures import FormData, UploadFile
 
 from popdrop.accounts.models import Organization
 from popdrop.accounts.service import Principal
-from popdrop.audience import importer, service
+from popdrop.audience import consent as audience_consent
+from popdrop.audience import contacts as audience_contacts
+from popdrop.audience import importer, unsubscribe
+from popdrop.audience import segments as audience_segments
+from popdrop.audience import settings as audience_settings
 from popdrop.audience.lifecycle import ConsentState
 from popdrop.audience.models import Contact, ContactLabel
 from popdrop.audience.schemas import (
@@ -104,18 +108,20 @@ async def overview_counts(
 ) -> tuple[Overview, AudienceSettingsOut]:
     """Contacts per recency bucket and per consent state, in one pass over the audience."""
     principal.require("audience:read")
-    settings = await service.get_settings(session, principal.org_id)
+    settings = await audience_settings.get_settings(session, principal.org_id)
 
     def tally(condition: Any) -> Any:
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
     columns: list[Any] = [func.count()]
     columns += [
-        tally(service.bucket_condition(b, now, settings.hot_days, settings.warm_days))
+        tally(audience_settings.bucket_condition(b, now, settings.hot_days, settings.warm_days))
         for b in BUCKETS
     ]
     pairs = [(ch, state) for ch in CHANNELS for state in ConsentState]
-    columns += [tally(getattr(Contact, service.CONSENT_COLUMN[ch]) == state) for ch, state in pairs]
+    columns += [
+        tally(getattr(Contact, audience_consent.CONSENT_COLUMN[ch]) == state) for ch, state in pairs
+    ]
     row = (
         await session.execute(
             select(*columns)
@@ -167,10 +173,10 @@ async def _overview_page(
     now = ctx.clock.now()
     async with ctx.db.reader() as session:
         overview, settings = await overview_counts(session, principal, now)
-        found = await service.list_contacts(
+        found = await audience_contacts.list_contacts(
             session, principal, query=q or None, tag=tag or None, limit=CONTACTS_SHOWN
         )
-        contacts = await service.contacts_out(session, principal.org_id, found, now)
+        contacts = await audience_contacts.contacts_out(session, principal.org_id, found, now)
     context = {
         "principal": principal,
         "overview": overview,
@@ -211,7 +217,7 @@ async def settings_save(request: Request, principal: Operator, ctx: Ctx) -> Resp
     if spec is not None:
         try:
             async with ctx.db.transaction() as session:
-                await service.update_settings(session, principal, spec)
+                await audience_settings.update_settings(session, principal, spec)
         except PopdropError as error:
             if error.reason != "invalid_request":
                 raise
@@ -452,7 +458,9 @@ async def _count(
 ) -> tuple[SegmentCount | None, PopdropError | None]:
     try:
         async with ctx.db.reader() as session:
-            counted = await service.count_segment(session, principal, rules, now=ctx.clock.now())
+            counted = await audience_segments.count_segment(
+                session, principal, rules, now=ctx.clock.now()
+            )
     except PopdropError as error:
         if error.reason not in ("invalid_request", "not_found"):
             raise
@@ -470,9 +478,12 @@ async def _segments_page(
 ) -> Response:
     principal.require("audience:read")
     async with ctx.db.reader() as session:
-        segments = [service.segment_out(s) for s in await service.list_segments(session, principal)]
+        segments = [
+            audience_segments.segment_out(s)
+            for s in await audience_segments.list_segments(session, principal)
+        ]
         events = await _event_choices(session, principal.org_id)
-        settings = await service.get_settings(session, principal.org_id)
+        settings = await audience_settings.get_settings(session, principal.org_id)
     form = form or rules_form(SegmentRules())
     count, count_error = (None, None)
     if form.rules is not None:
@@ -512,7 +523,7 @@ async def _save_segment(
     if form.rules is not None and not form.errors:
         try:
             async with ctx.db.transaction() as session:
-                segment = await service.save_segment(
+                segment = await audience_segments.save_segment(
                     session,
                     principal,
                     SegmentIn(name=name, rules=form.rules),
@@ -563,9 +574,11 @@ async def _segment_page(
 ) -> Response:
     principal.require("audience:read")
     async with ctx.db.reader() as session:
-        segment = service.segment_out(await service.get_segment(session, principal, segment_id))
+        segment = audience_segments.segment_out(
+            await audience_segments.get_segment(session, principal, segment_id)
+        )
         events = await _event_choices(session, principal.org_id)
-        settings = await service.get_settings(session, principal.org_id)
+        settings = await audience_settings.get_settings(session, principal.org_id)
     form = form or rules_form(segment.rules, segment.name)
     count, count_error = (None, None)
     if form.rules is not None:
@@ -605,7 +618,7 @@ async def segment_delete(
 ) -> Response:
     check_csrf(request, ctx, await request.form())
     async with ctx.db.transaction() as session:
-        await service.delete_segment(session, principal, segment_id)
+        await audience_segments.delete_segment(session, principal, segment_id)
     return RedirectResponse("/audience/segments?done=deleted", status_code=303)
 
 
@@ -615,7 +628,9 @@ async def segment_count(
 ) -> Response:
     """The list's counts load one by one after the page (a segment is evaluated when used)."""
     async with ctx.db.reader() as session:
-        segment = service.segment_out(await service.get_segment(session, principal, segment_id))
+        segment = audience_segments.segment_out(
+            await audience_segments.get_segment(session, principal, segment_id)
+        )
     count, count_error = await _count(ctx, principal, segment.rules)
     return render(request, "audience/_count.html", {"count": count, "count_error": count_error})
 
@@ -623,7 +638,9 @@ async def segment_count(
 @router.get("/audience/segments/{segment_id}/export.csv")
 async def segment_export(segment_id: ItemId, principal: Operator, ctx: Ctx) -> Response:
     async def open_export(session: AsyncSession) -> AsyncIterator[str]:
-        segment = service.segment_out(await service.get_segment(session, principal, segment_id))
+        segment = audience_segments.segment_out(
+            await audience_segments.get_segment(session, principal, segment_id)
+        )
         return await importer.export_contacts(
             session, principal, now=ctx.clock.now(), rules=segment.rules
         )
@@ -696,8 +713,8 @@ async def _preferences_page(
 ) -> Response:
     try:
         async with ctx.db.reader() as session:
-            contact = await service.contact_from_token(session, ctx.signer, token)
-            view = await service.contact_view(session, contact, ctx.clock.now())
+            contact = await unsubscribe.contact_from_token(session, ctx.signer, token)
+            view = await audience_contacts.contact_view(session, contact, ctx.clock.now())
             topics = sorted({*await _topics(session, contact), *view.interests})
             org = await _org_name(session, contact.org_id)
     except PopdropError as error:
@@ -724,7 +741,7 @@ async def one_click_unsubscribe(request: Request, token: str, ctx: Ctx) -> Respo
     any content type works, and there is no CSRF check (the signed token is the key)."""
     try:
         async with ctx.db.transaction() as session:
-            contact = await service.one_click_unsubscribe(
+            contact = await unsubscribe.one_click_unsubscribe(
                 session, ctx.signer, token, now=ctx.clock.now()
             )
             org = await _org_name(session, contact.org_id)
@@ -759,7 +776,9 @@ async def preferences_save(request: Request, token: str, ctx: Ctx) -> Response:
         return await _preferences_page(request, ctx, token, problems=problems, status=422)
     try:
         async with ctx.db.transaction() as session:
-            await service.save_preferences(session, ctx.signer, token, prefs, now=ctx.clock.now())
+            await unsubscribe.save_preferences(
+                session, ctx.signer, token, prefs, now=ctx.clock.now()
+            )
     except PopdropError as error:
         if error.reason in ("link_invalid", "link_expired"):
             return _link_trouble(request, error)
@@ -776,11 +795,11 @@ async def confirm(request: Request, token: str, ctx: Ctx) -> Response:
     """The double opt-in link: pending → granted, then a thank-you page."""
     try:
         async with ctx.db.transaction() as session:
-            contact = await service.confirm_double_opt_in(
+            contact = await audience_consent.confirm_double_opt_in(
                 session, ctx.signer, token, now=ctx.clock.now()
             )
             org = await _org_name(session, contact.org_id)
-            prefs = service.preferences_token(ctx.signer, contact)
+            prefs = unsubscribe.preferences_token(ctx.signer, contact)
     except PopdropError as error:
         return _link_trouble(request, error)
     context = {"org": org, "token": prefs, "what": "confirmed"}

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.audience import service as audience
+from popdrop.audience import contact_points
 from popdrop.audience.models import Contact
 from popdrop.chat.engine import (
     ChatState,
@@ -249,7 +249,7 @@ async def _find_contact_id(
     phone: str | None = None,
 ) -> int | None:
     try:
-        points = audience.contact_points(signer, email, phone)
+        points = contact_points.contact_points(signer, email, phone)
     except PopdropError:
         return None
     for digest, column in (
@@ -315,8 +315,8 @@ async def _new_session(
     opted_out_at = None
     if channel == "sms":
         contact_id = await _find_contact_id(session, deps.signer, org_id, phone=address)
-        points = audience.contact_points(deps.signer, None, address)
-        suppressed = await audience.suppressed_channels(session, org_id, points)
+        points = contact_points.contact_points(deps.signer, None, address)
+        suppressed = await contact_points.suppressed_channels(session, org_id, points)
         if "sms" in suppressed or "all" in suppressed:
             opted_out_at = now  # they sent STOP before any flow: stay quiet until START
     values.update(

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
+from popdrop.audience import consent as audience_consent
+from popdrop.audience import contacts
 from popdrop.audience.models import Contact
 from popdrop.audience.schemas import (
     ActivityIn,
@@ -172,7 +173,7 @@ class _Effects:
             self.event(effect.kind, node=node, ref=effect.ref, value=effect.value)
             kind = _AUDIENCE_ACTIVITY.get(effect.kind)
             if kind is not None and conv.contact_id is not None:
-                await audience.record_activity(
+                await contacts.record_activity(
                     self.session,
                     self.deps.signer,
                     conv.org_id,
@@ -187,7 +188,7 @@ class _Effects:
             contact = await self.contact()
             if contact is not None:
                 labels = clean_labels(list(effect.tags))
-                await audience.add_labels(self.session, contact, "tag", labels)
+                await contacts.add_labels(self.session, contact, "tag", labels)
         elif isinstance(effect, engine.GrantConsentEffect):
             await _in_savepoint(self.session, lambda: self.consent(effect, node))
         elif isinstance(effect, engine.HandoffEffect):
@@ -241,7 +242,7 @@ class _Effects:
         )
         rsvp = result.rsvp
         await self._link_contact(rsvp.email, rsvp.phone)
-        await audience.record_activity(
+        await contacts.record_activity(
             self.session,
             self.deps.signer,
             conv.org_id,
@@ -452,7 +453,7 @@ class _Effects:
         if contact is None:
             email = state_vars.get("email")
             phone = state_vars.get("phone")
-            contact, _created = await audience.upsert_contact(
+            contact, _created = await contacts.upsert_contact(
                 self.session,
                 self.deps.signer,
                 self.principal,
@@ -465,7 +466,7 @@ class _Effects:
             )
             conv.contact_id = contact.id
         channel = effect.channel or consent_channel(conv.channel)
-        await audience.change_consent(
+        await audience_consent.change_consent(
             self.session,
             self.deps.signer,
             contact,

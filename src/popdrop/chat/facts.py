@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
+from popdrop.audience import segments
 from popdrop.audience.models import Contact, Segment
 from popdrop.audience.schemas import (
     SegmentRules,
@@ -230,7 +230,7 @@ async def _segments(
         if rules_text is None:
             continue
         rules = SegmentRules.model_validate(json.loads(rules_text))
-        conditions = await audience.segment_conditions(session, org_id, rules, now=now)
+        conditions = await segments.segment_conditions(session, org_id, rules, now=now)
         found = await session.scalar(
             select(Contact.id).where(Contact.id == contact_id, *conditions).limit(1)
         )

@@ -43,8 +43,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import ROLES, Principal
+from popdrop.audience.consent import CONSENT_COLUMN
 from popdrop.audience.models import Contact
-from popdrop.audience.service import CONSENT_COLUMN
 from popdrop.chat import console, conversations, facts, flow_store, turn
 from popdrop.chat.messages import OUT_MESSAGES, Card, OutMessage, Text
 from popdrop.chat.models import (

@@ -25,7 +25,7 @@ from xml.sax.saxutils import escape
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
+from popdrop.audience import contact_points, keywords
 from popdrop.chat import conversations, flow_store
 from popdrop.chat import inbound as chat_inbound
 from popdrop.chat.engine import Inbound
@@ -66,8 +66,8 @@ async def _opted_out(
 ) -> bool:
     """Whether this number is already on the SMS suppression list (a known contact's
     revoked SMS consent puts it there too)."""
-    points = audience.contact_points(deps.signer, None, phone)
-    suppressed = await audience.suppressed_channels(session, org_id, points)
+    points = contact_points.contact_points(deps.signer, None, phone)
+    suppressed = await contact_points.suppressed_channels(session, org_id, points)
     return CHANNEL in suppressed or "all" in suppressed
 
 
@@ -82,7 +82,7 @@ async def answer_sms(
     flow_key: str = flow_store.DEFAULT_FLOW_KEY,
 ) -> list[str]:
     """The texts to answer one inbound SMS with, in the caller's transaction."""
-    keyword = audience.parse_keyword(body)
+    keyword = keywords.parse_keyword(body)
     try:
         phone = normalize_phone(sender)
     except PopdropError:
@@ -90,7 +90,7 @@ async def answer_sms(
     stop = keyword in ("stop", "stopall")
     again = stop and phone is not None and await _opted_out(session, deps, org_id, phone)
     if phone is None or not await _has_flow(session, org_id, flow_key):
-        result = await audience.handle_inbound(
+        result = await keywords.handle_inbound(
             session, deps.signer, org_id=org_id, channel=CHANNEL, sender=sender, text=body, now=now
         )
         if again and result.action == "opted_out":

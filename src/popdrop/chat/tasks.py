@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
+from popdrop.audience import consent, contact_points
 from popdrop.chat import conversations, host, inbox, live, turn
 from popdrop.chat import telegram as tg
 from popdrop.chat.messages import capabilities_of, degrade, to_json
@@ -151,7 +151,7 @@ async def _refusal(
         return "opted_out"
     consent_channel = conversations.consent_channel(delivery.channel)
     if delivery.contact_id is not None:
-        contacts, busy = await audience.hold_consent(session, [delivery.contact_id])
+        contacts, busy = await consent.hold_consent(session, [delivery.contact_id])
         if busy:
             return _BUSY
         contact = contacts.get(delivery.contact_id)
@@ -161,10 +161,10 @@ async def _refusal(
             return "opted_out"
     if delivery.channel == "sms":
         try:
-            points = audience.contact_points(deps.signer, None, delivery.address)
+            points = contact_points.contact_points(deps.signer, None, delivery.address)
         except PopdropError:
             return None  # a short code or alphanumeric sender: no suppression to find
-        suppressed = await audience.suppressed_channels(session, delivery.org_id, points)
+        suppressed = await contact_points.suppressed_channels(session, delivery.org_id, points)
         if "sms" in suppressed or "all" in suppressed:
             return "opted_out"
     return None

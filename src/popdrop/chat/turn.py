@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
+from popdrop.audience import keywords
 from popdrop.chat import engine
 from popdrop.chat.conversations import (
     _INSERT_EVENTS,
@@ -202,9 +202,9 @@ async def _keyword_turn(
     now: datetime,
 ) -> TurnResult | None:
     """STOP / START / HELP (YES) through the audience domain; None when not a keyword."""
-    if inbound.kind != "text" or audience.parse_keyword(inbound.text) is None:
+    if inbound.kind != "text" or keywords.parse_keyword(inbound.text) is None:
         return None
-    answer = await audience.handle_inbound(
+    answer = await keywords.handle_inbound(
         session,
         deps.signer,
         org_id=org_id,

@@ -17,7 +17,8 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
+from popdrop.audience import contact_points
+from popdrop.audience import settings as audience_settings
 from popdrop.core import links
 from popdrop.core.db import after_commit
 from popdrop.core.schemas import error_responses
@@ -164,13 +165,15 @@ async def preview(
 ) -> dict[str, Any]:
     async with ctx.db.reader() as session:
         drop = await service.get_drop(session, principal, drop_id)
-        contact = await audience.get_contact(session, principal, contact_id)
+        contact = await contact_points.get_contact(session, principal, contact_id)
         variants = {v.name: v for v in await service.variants_of(session, drop.id)}
         chosen = variants.get(variant or "") or next(iter(variants.values()))
-        settings = await audience.get_settings(session, principal.org_id)
+        settings = await audience_settings.get_settings(session, principal.org_id)
     compiled = content.compile_variant(chosen.content)
     now = ctx.clock.now()
-    bucket = audience.bucket_of(contact.last_engaged_at, now, settings.hot_days, settings.warm_days)
+    bucket = audience_settings.bucket_of(
+        contact.last_engaged_at, now, settings.hot_days, settings.warm_days
+    )
     links = content.Links(ctx.signer, ctx.settings.base_url, drop, None, contact)
     values = content.context_for(drop, contact, None, (0, "PREVIEW-CODE"), links)
     answer: dict[str, Any] = {"variant": chosen.name, "bucket": bucket}

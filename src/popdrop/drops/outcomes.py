@@ -14,7 +14,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.audience import service as audience
+from popdrop.audience import consent, contact_points, contacts
 from popdrop.audience.models import Contact, ContactActivity
 from popdrop.audience.schemas import ActivityIn, ConsentChange
 from popdrop.core.identity import identity_hash
@@ -52,7 +52,7 @@ async def record_click(
         if row is not None and row.drop_id == drop_id:
             if row.clicked_at is None:
                 row.clicked_at = now
-            await audience.record_activity(
+            await contacts.record_activity(
                 session,
                 signer,
                 drop.org_id,
@@ -121,9 +121,9 @@ async def _stop_emailing(
         select(Contact).where(Contact.org_id == org_id, Contact.email_hash == digest)
     )
     reason = "bounce" if event.kind == "hard_bounce" else "complaint"
-    points = audience.ContactPoints(event.email.lower(), None, digest, None)
+    points = contact_points.ContactPoints(event.email.lower(), None, digest, None)
     if contact is not None and contact.consent_email in ("granted", "pending"):
-        await audience.change_consent(
+        await consent.change_consent(
             session,
             signer,
             contact,
@@ -131,7 +131,7 @@ async def _stop_emailing(
             now=now,
             source=reason,
         )
-    await audience.suppress(session, org_id, points, "email", reason, now)
+    await consent.suppress(session, org_id, points, "email", reason, now)
 
 
 async def auto_pause(session: AsyncSession, drop_id: int, *, now: datetime) -> bool:

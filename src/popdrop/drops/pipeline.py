@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, String, bindparam, func, select, text, update
 
-from popdrop.audience import service as audience
+from popdrop.audience import consent, settings, unsubscribe
 from popdrop.audience.models import Contact
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database, UTCDateTime
@@ -161,7 +161,7 @@ class Sender:
                 else None
             )
             event = await session.get(Event, drop.event_id) if drop.event_id else None
-            recency = await audience.get_settings(session, drop.org_id)
+            recency = await settings.get_settings(session, drop.org_id)
         context = _DropContext(
             drop,
             {v.name: content.compile_variant(v.content) for v in variants},
@@ -382,7 +382,7 @@ class Sender:
     ) -> OutboundEmail | OutboundSms:
         drop = context.drop
         variant = context.variants[row.variant or next(iter(context.variants))]
-        bucket = audience.bucket_of(
+        bucket = settings.bucket_of(
             contact.last_engaged_at, now, context.hot_days, context.warm_days
         )
         links = content.Links(self.signer, self.base_url, drop, row.id, contact)
@@ -398,7 +398,7 @@ class Sender:
                 subject=rendered.subject,
                 text=rendered.text,
                 html=rendered.html,
-                headers=audience.unsubscribe_headers_for(links.unsubscribe_url),
+                headers=unsubscribe.unsubscribe_headers_for(links.unsubscribe_url),
                 org_id=drop.org_id,
             )
         assert contact.phone is not None
@@ -518,7 +518,7 @@ class _ConsentGate:
     A send asks right before its provider call; whoever asks while a read is running
     joins the next one, so every answer comes from a read that started after the send
     was decided. On PostgreSQL the group's transaction stays open, its contact rows
-    share-locked (`audience.hold_consent`), until each member's provider call returned:
+    share-locked (`consent.hold_consent`), until each member's provider call returned:
     an opt-out's UPDATE of such a row waits, so the opt-out commits (and is acknowledged)
     after the call, never between the read and the call. At most `holds` groups keep
     their locks (and a connection each) at once; the next read waits for a slot.
@@ -567,7 +567,7 @@ class _ConsentGate:
     async def _hold(self, group: list[_Ask], read: asyncio.Future[None]) -> None:
         try:
             async with self._db.reader() as session:
-                found, busy = await audience.hold_consent(
+                found, busy = await consent.hold_consent(
                     session, [ask.row.contact_id for ask in group]
                 )
                 for ask in group:
@@ -603,11 +603,11 @@ class _Ask:
         self.done.set()
 
 
-def _refusal(row: Claimed, contact: Contact | audience.ConsentNow | None) -> str | None:
+def _refusal(row: Claimed, contact: Contact | consent.ConsentNow | None) -> str | None:
     """Why this row may not go out right now (consent is read at the last moment)."""
     if contact is None or contact.erased_at is not None:
         return "erased"
-    column = audience.CONSENT_COLUMN[row.channel]
+    column = consent.CONSENT_COLUMN[row.channel]
     if getattr(contact, column) != "granted":
         return "no_consent"
     if row.channel == "email" and not contact.email:

@@ -35,7 +35,7 @@ from sqlalchemy import and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.audience import service as audience
+from popdrop.audience import segments
 from popdrop.audience.models import Contact
 from popdrop.audience.schemas import SegmentRules
 from popdrop.core.db import Database
@@ -113,7 +113,7 @@ async def create_drop(
     for variant in spec.variants:
         content.validate(variant.content)
     if spec.segment_id is not None:
-        await audience.get_segment(session, principal, spec.segment_id)
+        await segments.get_segment(session, principal, spec.segment_id)
     if spec.event_id is not None:
         event = await session.scalar(
             select(Event).where(Event.id == spec.event_id, Event.org_id == principal.org_id)
@@ -347,8 +347,8 @@ async def freeze_recipients(
 ) -> None:
     rules = SegmentRules()
     if drop.segment_id is not None:
-        segment = audience.segment_out(
-            await audience.get_segment(session, principal, drop.segment_id)
+        segment = segments.segment_out(
+            await segments.get_segment(session, principal, drop.segment_id)
         )
         rules = segment.rules
     variants = await variants_of(session, drop.id)
@@ -372,7 +372,7 @@ async def freeze_recipients(
         else literal(SendRowStatus.PENDING)
     )
     for channel in drop.channels.split():
-        conditions = await audience.segment_conditions(
+        conditions = await segments.segment_conditions(
             session, principal.org_id, rules.model_copy(update={"channels": [channel]}), now=now
         )
         source = select(

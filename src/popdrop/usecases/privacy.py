@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.audience import service
+from popdrop.audience import consent, contact_points, contacts, settings
 from popdrop.audience.models import Contact, ContactActivity, ContactLabel
 from popdrop.audience.schemas import ConsentChange, EraseResult, PurgeResult
 from popdrop.chat import console
@@ -44,8 +44,8 @@ async def find_by_point(
     phone: str | None = None,
 ) -> Contact:
     principal.require("audience:read")
-    contact = await service.find_contact(
-        session, principal.org_id, service.contact_points(signer, email, phone)
+    contact = await contact_points.find_contact(
+        session, principal.org_id, contact_points.contact_points(signer, email, phone)
     )
     if contact is None:
         raise not_found("contact")
@@ -64,9 +64,9 @@ async def export_contact(
     session: AsyncSession, principal: Principal, contact_id: int, *, now: datetime
 ) -> dict[str, Any]:
     """Everything held about one person, as JSON-ready data (the right of access)."""
-    contact = await service.get_contact(session, principal, contact_id)
-    view = await service.contact_view(session, contact, now)
-    consents = await service.consent_history(session, principal, contact_id)
+    contact = await contact_points.get_contact(session, principal, contact_id)
+    view = await contacts.contact_view(session, contact, now)
+    consents = await consent.consent_history(session, principal, contact_id)
     activity = (
         await session.scalars(
             select(ContactActivity)
@@ -74,8 +74,8 @@ async def export_contact(
             .order_by(ContactActivity.at)
         )
     ).all()
-    suppressed = await service.suppressed_channels(
-        session, principal.org_id, service.points_of(contact)
+    suppressed = await contact_points.suppressed_channels(
+        session, principal.org_id, contact_points.points_of(contact)
     )
     rsvps: list[dict[str, Any]] = []
     tickets: list[dict[str, Any]] = []
@@ -98,7 +98,7 @@ async def export_contact(
     return {
         "exported_at": now.isoformat(),
         "contact": view.model_dump(mode="json"),
-        "consent_ledger": [service.consent_event_out(e).model_dump(mode="json") for e in consents],
+        "consent_ledger": [consent.consent_event_out(e).model_dump(mode="json") for e in consents],
         "activity": [_row(a, "kind", "event_id", "ref", "at") for a in activity],
         "suppressed_channels": suppressed,
         "rsvps": rsvps,
@@ -117,16 +117,16 @@ async def erase_contact(
 ) -> EraseResult:
     """Forget a person: PII gone everywhere, activity kept anonymous, suppression kept."""
     principal.require("audience:write")
-    contact = await service.get_contact(session, principal, contact_id)
+    contact = await contact_points.get_contact(session, principal, contact_id)
     if contact.erased_at is not None:
         raise PopdropError("conflict", "this contact is already erased")
     org_id = principal.org_id
-    points = service.points_of(contact)
+    points = contact_points.points_of(contact)
     clear = [p for p in (contact.email, contact.phone) if p]
     scrubbed: dict[str, int] = {}
-    for channel, column in service.CONSENT_COLUMN.items():
+    for channel, column in consent.CONSENT_COLUMN.items():
         if getattr(contact, column) in ("granted", "pending"):
-            await service.change_consent(
+            await consent.change_consent(
                 session,
                 signer,
                 contact,
@@ -134,7 +134,7 @@ async def erase_contact(
                 now=now,
                 source="erase",
             )
-    await service.suppress(session, org_id, points, "all", "erased", now)
+    await consent.suppress(session, org_id, points, "all", "erased", now)
     if clear:
         # An opaque stand-in keeps per-person counters (voucher limits) working.
         stand_in = f"erased:{signer.keyed_hash(f'erased:{contact.id}').hex()[:16]}"
@@ -276,7 +276,7 @@ async def purge_inactive(
     (default: the organization's retention rule)."""
     principal.require("audience:write")
     if months is None:
-        months = (await service.get_settings(session, principal.org_id)).retention_months
+        months = (await settings.get_settings(session, principal.org_id)).retention_months
     if months is None:
         raise PopdropError("invalid_request", "months: no retention rule is set for this audience")
     cutoff = now - timedelta(days=30 * months)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from popdrop.accounts.service import Principal
-from popdrop.audience import service
+from popdrop.audience import consent, contact_points, contacts
 from popdrop.core.errors import PopdropError
 from popdrop.usecases import privacy
 from popdrop.web.auth import check_csrf
@@ -45,9 +45,9 @@ async def _contact_page(
     principal.require("audience:read")
     now = ctx.clock.now()
     async with ctx.db.reader() as session:
-        contact = await service.get_contact(session, principal, contact_id)
-        view = await service.contact_view(session, contact, now)
-        ledger = await service.consent_history(session, principal, contact_id)
+        contact = await contact_points.get_contact(session, principal, contact_id)
+        view = await contacts.contact_view(session, contact, now)
+        ledger = await consent.consent_history(session, principal, contact_id)
         # The page shows exactly what the JSON download holds (the right of access).
         held = await privacy.export_contact(session, principal, contact_id, now=now)
     context = {

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience import service as audience
+from popdrop.audience import contacts
 from popdrop.audience.schemas import ActivityIn
 from popdrop.core.schemas import error_responses
 from popdrop.rsvp import api as rsvp_api
@@ -44,7 +44,7 @@ async def create_rsvp(
             )
             # An RSVP is engagement: a known contact's recency moves (same transaction).
             rsvp = result.rsvp
-            await audience.record_activity(
+            await contacts.record_activity(
                 session,
                 ctx.signer,
                 org_id,
