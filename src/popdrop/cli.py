@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import getpass
 import os
-import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -97,7 +96,8 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request (JSON).")] = True,
 ) -> None:
-    """Migrate the database, then serve the API and pages (uvicorn)."""
+    """Migrate the database, then serve the API and pages (uvicorn). Each server process
+    also runs the worker tick; without POPDROP_BROKER_URL it sends drops itself."""
     import uvicorn
 
     settings = Settings()
@@ -124,10 +124,11 @@ def serve(
 
 @app.command()
 def worker() -> None:
-    """Run a background worker: sends drops (claims due send rows) and runs the periodic
-    tick. With POPDROP_BROKER_URL=redis://… it also consumes the shared Redis stream, so
-    several workers share the work; killing one loses nothing (its rows are claimed again
-    when their lease runs out)."""
+    """Run a background worker: the periodic tick (start due scheduled drops, decide A/B
+    tests, lapse expired waiting-list offers, send the notification outbox, deliver due
+    chat messages) and drop sends. With POPDROP_BROKER_URL=redis://… it consumes the shared
+    Redis stream, so several workers share the work; killing one loses nothing (its rows
+    are claimed again when their lease runs out)."""
     from popdrop.core.clock import SystemClock
     from popdrop.worker import Worker
 
@@ -184,8 +185,8 @@ def demo(
         bool, typer.Option("--serve/--no-serve", help="Serve after seeding.")
     ] = True,
 ) -> None:
-    """Seed a demo organization: owner, vouchers and a weekend pop-up event (slots, lanes,
-    stock, RSVPs), then serve."""
+    """Seed a demo organization: owner, vouchers, a weekend pop-up event (slots, lanes,
+    stock, RSVPs), its chat flow, an audience and a drop, then serve."""
     from popdrop.demo import seed
 
     settings = Settings()
@@ -648,7 +649,8 @@ def contacts_erase(
     phone: Annotated[str | None, typer.Option(help="The person's phone (E.164).")] = None,
     contact_id: Annotated[int | None, typer.Option("--id", help="The contact id.")] = None,
 ) -> None:
-    """Erase a person: their email and phone leave every table; they stay suppressed."""
+    """Erase a person: their email and phone leave every table and their pending
+    notifications are dropped; they stay suppressed."""
     from popdrop.usecases import privacy
 
     if sum(x is not None for x in (email, phone, contact_id)) != 1:
@@ -710,7 +712,3 @@ def contacts_purge(
         )
 
     _run(go)
-
-
-def new_password() -> str:
-    return secrets.token_urlsafe(12)
