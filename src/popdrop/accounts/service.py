@@ -10,6 +10,13 @@ Password login keeps two more rules:
   same for an existing and an unknown email, so it does not reveal which accounts exist.
 - A session carries the user's `session_version`; logging out bumps it, which ends every
   session of that account (a replayed cookie is refused, not just forgotten by the browser).
+
+Scopes: a role's scopes are `ROLES[role]`; a token holds the scopes it was made with, never
+more than its creator's. Events and RSVPs have their own scopes (`events:*`, `rsvps:*`);
+a token holding `vouchers:read`/`vouchers:write` also gets them (`IMPLIED_SCOPES`,
+applied by `resolve_token`), because those routes were guarded by the voucher scopes
+before, and tokens made then must keep working. A role may have no scope at all (the
+partner, until its report exists): it still logs in and sees the home page.
 """
 
 from __future__ import annotations
