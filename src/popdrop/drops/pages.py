@@ -2,7 +2,7 @@
 the seed-test report, the A/B result and the start / pause / resume / cancel / seed-test
 buttons), and the development mailbox (`/mailbox`).
 
-Handlers stay thin: read the form, call `messaging.service` / `outcomes`, render. The
+Handlers stay thin: read the form, call `drops.service` / `outcomes`, render. The
 rules of the other operator pages hold (`PageRoute`):
 - every page needs a session and `drops:read` (`drops:write` to act), and shows only the
   operator's own organization: another organization's drop or message is a 404;
