@@ -406,7 +406,7 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
         async with db.transaction() as session:
             owner = await common.seed_org(session, "bench-drop")
             drop = await drops.create_drop(
-                session, common.SIGNER, owner, drop_spec(), now=common.now(), audit_chains=8
+                session, common.SIGNER, owner, drop_spec(), now=common.now()
             )
             await drops.override_seed(session, owner, drop.id, reason="bench", now=common.now())
             drop_id, from_email = drop.id, drop.from_email

@@ -67,9 +67,7 @@ def drop_spec(**overrides: Any) -> DropCreate:
 async def started_drop(ctx: AppContext, tenant: Tenant, spec: DropCreate) -> int:
     now = ctx.clock.now()
     async with ctx.db.transaction() as session:
-        drop = await drops.create_drop(
-            session, ctx.signer, owner(tenant), spec, now=now, audit_chains=8
-        )
+        drop = await drops.create_drop(session, ctx.signer, owner(tenant), spec, now=now)
         await drops.override_seed(session, owner(tenant), drop.id, reason="test", now=now)
         await drops.start_drop(session, owner(tenant), drop.id, now=now)
         return drop.id

@@ -180,9 +180,7 @@ async def _seed(db: Database, signer: Signer) -> tuple[int, dict[str, str]]:
                 for email in emails
             ],
         )
-        drop = await drops.create_drop(
-            session, signer, principal, drop_spec(), now=now, audit_chains=8
-        )
+        drop = await drops.create_drop(session, signer, principal, drop_spec(), now=now)
         await drops.override_seed(session, principal, drop.id, reason="crash test", now=now)
         await drops.start_drop(session, principal, drop.id, now=now)
         drop_id = drop.id

@@ -75,7 +75,6 @@ async def create_drop(ctx: AppContext, tenant: Tenant, **overrides: Any) -> int:
             owner(tenant),
             drop_spec(seed_list=[SEED], **overrides),
             now=ctx.clock.now(),
-            audit_chains=8,
         )
         return drop.id
 
@@ -273,7 +272,7 @@ async def test_a_seed_test_without_seeds_explains_itself(
 ) -> None:
     async with ctx.db.transaction() as session:
         drop = await drops.create_drop(
-            session, ctx.signer, owner(tenant), drop_spec(), now=ctx.clock.now(), audit_chains=8
+            session, ctx.signer, owner(tenant), drop_spec(), now=ctx.clock.now()
         )
     await login(app_client, ctx, tenant, "owner")
     page = await app_client.get(f"/drops/{drop.id}", headers=HTML)

@@ -51,7 +51,6 @@ async def create_drop(body: DropCreate, principal: ApiPrincipal, ctx: Ctx) -> Dr
             principal,
             body,
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
         return await service.drop_out(session, drop)
 

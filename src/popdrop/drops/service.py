@@ -105,7 +105,6 @@ async def create_drop(
     spec: DropCreate,
     *,
     now: datetime,
-    audit_chains: int,
 ) -> Drop:
     principal.require("drops:write")
     from popdrop.drops import content  # compiles templates; refuses bad ones with lines
@@ -141,7 +140,6 @@ async def create_drop(
                 tag=f"drop:{slugify(spec.name)}",
             ).model_copy(update={"quantity": 0}),  # codes come one per recipient at send time
             now=now,
-            audit_chains=audit_chains,
         )
         batch_id = batch.id
     drop = Drop(
