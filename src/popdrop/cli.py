@@ -672,7 +672,6 @@ def contacts_erase(
                 principal,
                 target,
                 now=_now(),
-                audit_chains=settings.audit_chains,
             )
         scrubbed = ", ".join(f"{k} {v}" for k, v in result.scrubbed.items() if v)
         console.print(
@@ -705,7 +704,6 @@ def contacts_purge(
                 _cli_principal(organization.id),
                 now=_now(),
                 months=months,
-                audit_chains=settings.audit_chains,
             )
         console.print(
             f"{result.erased} contact(s) not engaged since {result.cutoff:%Y-%m-%d} erased"

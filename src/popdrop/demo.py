@@ -240,7 +240,6 @@ async def _seed_event(
                 consent_text="Yes, send me my ticket and news about this pop-up.",
             ),
             now=now,
-            audit_chains=settings.audit_chains,
         )
     return event.id
 
@@ -595,7 +594,6 @@ async def _seed_drop(
             owner,
             demo_drop_spec(segment_id, event_id),
             now=clock.now(),
-            audit_chains=settings.audit_chains,
         )
         drop_id = drop.id
     guard = GuessGuard(

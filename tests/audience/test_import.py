@@ -323,7 +323,6 @@ async def test_an_erased_person_is_refused_as_suppressed(ctx: AppContext, tenant
             owner(tenant),
             erin.id,
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
     again = await run_import(ctx, tenant, text)
     assert reasons(again) == [(2, "suppressed")] and again.refused == 1
@@ -418,7 +417,6 @@ async def test_exports_honour_opt_outs_at_once_and_never_show_the_erased(
             principal,
             cat["id"],
             now=now,
-            audit_chains=ctx.settings.audit_chains,
         )
     for options in ({}, {"sendable": "email"}, {"rules": SegmentRules(channels=["email"])}):
         rows = await export(**options)

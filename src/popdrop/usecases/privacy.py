@@ -113,7 +113,6 @@ async def erase_contact(
     contact_id: int,
     *,
     now: datetime,
-    audit_chains: int,
 ) -> EraseResult:
     """Forget a person: PII gone everywhere, activity kept anonymous, suppression kept."""
     principal.require("audience:write")
@@ -223,7 +222,6 @@ async def erase_contact(
         subject=f"contact:{contact.id}",
         payload={"contact": contact.id, "scrubbed": scrubbed},
         at=now,
-        chains=audit_chains,
     )
     await session.flush()
     return EraseResult(contact_id=contact.id, scrubbed=scrubbed)
@@ -270,7 +268,6 @@ async def purge_inactive(
     *,
     now: datetime,
     months: int | None,
-    audit_chains: int,
 ) -> PurgeResult:
     """Retention: erase contacts with no activity (or, never engaged, no change) for `months`
     (default: the organization's retention rule)."""
@@ -300,8 +297,6 @@ async def purge_inactive(
         if not ids:
             break
         for contact_id in ids:
-            await erase_contact(
-                session, signer, principal, contact_id, now=now, audit_chains=audit_chains
-            )
+            await erase_contact(session, signer, principal, contact_id, now=now)
             erased += 1
     return PurgeResult(erased=erased, cutoff=cutoff)

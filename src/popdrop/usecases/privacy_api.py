@@ -45,7 +45,6 @@ async def erase_contact(contact_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -
             principal,
             contact_id,
             now=ctx.clock.now(),
-            audit_chains=ctx.settings.audit_chains,
         )
 
 
@@ -67,5 +66,4 @@ async def purge(body: PurgeRequest, principal: ApiPrincipal, ctx: Ctx) -> PurgeR
             principal,
             now=ctx.clock.now(),
             months=body.months,
-            audit_chains=ctx.settings.audit_chains,
         )

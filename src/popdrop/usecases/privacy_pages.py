@@ -102,7 +102,6 @@ async def erase(request: Request, contact_id: ItemId, principal: Operator, ctx: 
                 principal,
                 contact_id,
                 now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
             )
     except PopdropError as error:
         if error.reason != "conflict":  # e.g. already erased: shown on the page

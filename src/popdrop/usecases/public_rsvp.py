@@ -40,7 +40,6 @@ async def create_rsvp(
                 event_id=event_id,
                 spec=body,
                 now=ctx.clock.now(),
-                audit_chains=ctx.settings.audit_chains,
             )
             # An RSVP is engagement: a known contact's recency moves (same transaction).
             rsvp = result.rsvp
