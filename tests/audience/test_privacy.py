@@ -92,7 +92,7 @@ async def _person_everywhere(
         await flow_store.publish_default_flow(
             session, tenant.org_id, shop.event_id, now=ctx.clock.now()
         )
-    chat_deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    chat_deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url)
     for text in ("hi", email):
         await chat_inbound.handle(
             ctx.db,

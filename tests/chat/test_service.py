@@ -34,7 +34,7 @@ from tests.events.helpers import Shop, make_shop
 
 
 def deps(ctx: AppContext) -> conversations.ChatDeps:
-    return conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    return conversations.ChatDeps(ctx.signer, ctx.settings.base_url)
 
 
 async def publish(ctx: AppContext, tenant: Tenant, shop: Shop, source: str | None = None) -> int:

@@ -391,7 +391,7 @@ async def add_host(request: Request, principal: Operator, ctx: Ctx) -> Response:
     data = await request.form()
     check_csrf(request, ctx, data)
     principal.require("chat:write")
-    deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url)
     try:
         async with ctx.db.transaction() as session:
             await host.add_host(

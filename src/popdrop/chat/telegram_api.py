@@ -66,7 +66,7 @@ async def telegram_webhook(org_slug: str, request: Request, ctx: Ctx) -> dict[st
         result = await telegram.handle_update(
             ctx.db,
             ctx.clock,
-            ChatDeps(ctx.signer, settings.base_url, settings.audit_chains),
+            ChatDeps(ctx.signer, settings.base_url),
             bot,
             org_id=int(org_id),
             update=update,

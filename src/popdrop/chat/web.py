@@ -267,7 +267,7 @@ async def _serve(websocket: WebSocket, ctx: AppContext, org_slug: str) -> None:
 
 
 async def _converse(websocket: WebSocket, ctx: AppContext, org_id: int, visitor: str) -> None:
-    deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.audit_chains)
+    deps = conversations.ChatDeps(ctx.signer, ctx.settings.base_url)
     bucket = Bucket()
     refused = 0
     idle = ctx.settings.chat_idle_seconds

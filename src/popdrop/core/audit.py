@@ -135,7 +135,7 @@ def chain_count() -> int:
     return _configured_chains
 
 
-def chain_for(subject: str, _legacy_chains: int | None = None) -> int:  # TEMP: legacy arg
+def chain_for(subject: str) -> int:
     """`kind:<number>` subjects go to chain number % chain_count() (the database can
     compute that too, see vouchers.service); any other subject by a checksum."""
     chains = _configured_chains
@@ -195,7 +195,6 @@ async def append(
     subject: str,
     payload: dict[str, Any],
     at: datetime,
-    chains: int | None = None,  # TEMP: ignored, removed once every caller is converted
 ) -> None:
     """Append one entry inside the caller's transaction, on its subject's chain.
 
