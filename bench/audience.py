@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import _common as common
-from popdrop.audience import importer, segments
+from popdrop.audience import import_rows, importer, segments
 from popdrop.audience.schemas import ImportReport, SegmentRules
 from popdrop.core.db import Database
 from popdrop.core.migrate import upgrade
@@ -64,7 +64,7 @@ ZONES = ["Europe/Paris", "Europe/Brussels", "Europe/London", "Europe/Berlin"]
 # French mobile prefixes phonenumbers accepts as valid: 7 x 10^7 distinct numbers.
 MOBILE = ["60", "61", "62", "64", "65", "66", "67"]
 # The importer's columns but the optional phone_region (every number here is E.164).
-HEADER = [name for name in importer.COLUMNS if name != "phone_region"]
+HEADER = [name for name in import_rows.COLUMNS if name != "phone_region"]
 
 
 def _phone(i: int, rng: random.Random) -> str:

@@ -104,10 +104,10 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        from popdrop.audience import importer
+        from popdrop.audience import import_jobs
 
         # An import interrupted by a restart picks up after its last committed chunk.
-        await importer.resume_jobs(context.db, context.signer, context.clock)
+        await import_jobs.resume_jobs(context.db, context.signer, context.clock)
         from popdrop.chat import inbox
         from popdrop.worker import Worker
 

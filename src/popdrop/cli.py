@@ -599,7 +599,7 @@ def contacts_export(
     segment: Annotated[int | None, typer.Option(help="Only this saved segment's.")] = None,
 ) -> None:
     """Export contacts as CSV with the minimal fields (erased contacts never appear)."""
-    from popdrop.audience import importer, segments
+    from popdrop.audience import exports, segments
 
     if sendable not in (None, "email", "sms"):
         raise typer.BadParameter("--sendable: email or sms")
@@ -612,7 +612,7 @@ def contacts_export(
             if segment is not None:
                 found = await segments.get_segment(session, principal, segment)
                 rules = segments.segment_out(found).rules
-            chunks = await importer.export_contacts(
+            chunks = await exports.export_contacts(
                 session,
                 principal,
                 now=_now(),
@@ -630,12 +630,12 @@ def consent_export(
     org: OrgOption, out: Annotated[Path, typer.Option(help="CSV file to write.")]
 ) -> None:
     """Export the consent ledger (every grant and revoke, with wording and proof) as CSV."""
-    from popdrop.audience import importer
+    from popdrop.audience import exports
 
     async def go(settings: Settings, db: Database, signer: Signer) -> None:
         async with db.reader() as session:
             organization = await accounts.get_organization_by_slug(session, org)
-            chunks = await importer.export_consent(session, _cli_principal(organization.id))
+            chunks = await exports.export_consent(session, _cli_principal(organization.id))
             count = await _write_chunks(chunks, out)
         err.print(f"{count} consent events written to {out}")
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import consent, contact_points, importer
+from popdrop.audience import consent, contact_points, exports, import_jobs, import_rows, importer
 from popdrop.audience import contacts as audience_contacts
 from popdrop.audience.models import ConsentEvent, Contact, ContactLabel, ImportJob
 from popdrop.audience.schemas import ConsentChange, ImportReport, SegmentRules
@@ -394,7 +394,7 @@ async def test_exports_honour_opt_outs_at_once_and_never_show_the_erased(
 
     async def export(**options: Any) -> list[dict[str, str]]:
         async with ctx.db.reader() as session:
-            chunks = await importer.export_contacts(
+            chunks = await exports.export_contacts(
                 session, principal, now=now, batch_size=2, **options
             )
             return await _export(chunks)
@@ -404,7 +404,7 @@ async def test_exports_honour_opt_outs_at_once_and_never_show_the_erased(
     assert [r["id"] for r in await export(sendable="sms")] == [str(bob["id"])]
     assert len(await export(sendable="email")) == 3
     everyone = await export()
-    assert list(everyone[0]) == list(importer.CONTACT_FIELDS)
+    assert list(everyone[0]) == list(exports.CONTACT_FIELDS)
     assert everyone[0]["consent_sms"] == "revoked" and everyone[0]["tags"] == "vip"
     assert everyone[2]["first_name"] == "'=cmd()"  # no formula for a spreadsheet to run
     vip = await export(rules=SegmentRules(tags_any=["vip"], channels=["email"]))
@@ -424,8 +424,8 @@ async def test_exports_honour_opt_outs_at_once_and_never_show_the_erased(
         assert all("cat@" not in r["email"] for r in rows)
 
     async with ctx.db.reader() as session:
-        ledger = await _export(await importer.export_consent(session, principal, batch_size=3))
-    assert list(ledger[0]) == list(importer.CONSENT_FIELDS)
+        ledger = await _export(await exports.export_consent(session, principal, batch_size=3))
+    assert list(ledger[0]) == list(exports.CONSENT_FIELDS)
     assert ("sms", "revoke", "sms_keyword") in {
         (r["channel"], r["action"], r["source"])
         for r in ledger
@@ -433,7 +433,7 @@ async def test_exports_honour_opt_outs_at_once_and_never_show_the_erased(
     }
     assert len(ledger) == 7  # 5 grants, the STOP, the revoke of cat's email on erase
     with pytest.raises(PopdropError):
-        await importer.export_consent(session, Principal(tenant.org_id, "x", "volunteer"))
+        await exports.export_consent(session, Principal(tenant.org_id, "x", "volunteer"))
 
 
 async def test_a_background_job_reports_progress_and_clears_its_upload(
@@ -441,7 +441,7 @@ async def test_a_background_job_reports_progress_and_clears_its_upload(
 ) -> None:
     text = MALFORMED
     async with ctx.db.transaction() as session:
-        job = await importer.create_job(
+        job = await import_jobs.create_job(
             session,
             owner(tenant),
             filename="C:\\lists\\spring.csv",
@@ -449,16 +449,16 @@ async def test_a_background_job_reports_progress_and_clears_its_upload(
             now=ctx.clock.now(),
         )
     assert (job.status, job.total_rows, job.filename) == ("queued", 10, "spring.csv")
-    await importer.launch_job(ctx.db, ctx.signer, ctx.clock, job.id)
+    await import_jobs.launch_job(ctx.db, ctx.signer, ctx.clock, job.id)
     async with ctx.db.reader() as session:
-        done = importer.job_out(await importer.get_job(session, owner(tenant), job.id))
+        done = import_jobs.job_out(await import_jobs.get_job(session, owner(tenant), job.id))
         payload = await session.scalar(select(ImportJob.payload).where(ImportJob.id == job.id))
     assert done.status == "done" and payload is None
     assert (done.processed_rows, done.created, done.refused) == (10, 3, 7)
     assert [p.line for p in done.problems] == [3, 4, 5, 6, 7, 8, 13]
     with pytest.raises(PopdropError):
         async with ctx.db.transaction() as session:
-            await importer.create_job(
+            await import_jobs.create_job(
                 session, owner(tenant), filename="x.csv", payload="name\nx\n", now=ctx.clock.now()
             )
 
@@ -471,7 +471,7 @@ async def test_an_interrupted_job_resumes_where_it_stopped(
     ctx: AppContext, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     text = _rows(7) + "bad,,,,,,\n" + _rows(3, start=100).split("\n", 1)[1]
-    monkeypatch.setattr(importer, "JOB_CHUNK_SIZE", 3)
+    monkeypatch.setattr(import_jobs, "JOB_CHUNK_SIZE", 3)
     real = importer._write_plan
     calls = 0
 
@@ -484,22 +484,22 @@ async def test_an_interrupted_job_resumes_where_it_stopped(
 
     monkeypatch.setattr(importer, "_write_plan", crash_in_third_chunk)
     async with ctx.db.transaction() as session:
-        job = await importer.create_job(
+        job = await import_jobs.create_job(
             session, owner(tenant), filename="big.csv", payload=text, now=ctx.clock.now()
         )
     with pytest.raises(Crash):
-        await importer.run_job(ctx.db, ctx.signer, job.id, ctx.clock)
+        await import_jobs.run_job(ctx.db, ctx.signer, job.id, ctx.clock)
     async with ctx.db.reader() as session:
-        stuck = await importer.get_job(session, owner(tenant), job.id)
+        stuck = await import_jobs.get_job(session, owner(tenant), job.id)
     assert (stuck.status, stuck.processed_rows, stuck.created) == ("running", 6, 6)
     assert stuck.payload is not None
 
     monkeypatch.setattr(importer, "_write_plan", real)
-    resumed = await importer.resume_jobs(ctx.db, ctx.signer, ctx.clock)
+    resumed = await import_jobs.resume_jobs(ctx.db, ctx.signer, ctx.clock)
     assert job.id in resumed
-    await asyncio.gather(*importer._running.values())
+    await asyncio.gather(*import_jobs._running.values())
     async with ctx.db.reader() as session:
-        final = importer.job_out(await importer.get_job(session, owner(tenant), job.id))
+        final = import_jobs.job_out(await import_jobs.get_job(session, owner(tenant), job.id))
     assert final.status == "done"
     assert (final.processed_rows, final.created, final.unchanged, final.refused) == (11, 10, 0, 1)
     assert [(p.line, p.reason) for p in final.problems] == [(9, "bad_email")]
@@ -564,7 +564,7 @@ def _outcome(normalize: Any, raw: str) -> str:
 
 @pytest.mark.parametrize("raw", EMAILS)
 def test_the_fast_email_check_agrees_with_the_one_normaliser(raw: str) -> None:
-    fast = importer.EmailNormalizer()
+    fast = import_rows.EmailNormalizer()
     assert _outcome(fast, raw) == _outcome(normalize_email, raw)
     assert _outcome(fast, raw) == _outcome(fast, raw)  # the cached domain, second time
 
@@ -579,4 +579,4 @@ def test_the_fast_email_check_agrees_with_the_one_normaliser(raw: str) -> None:
 )
 def test_the_fast_email_check_agrees_on_generated_addresses(local: str, domain: str) -> None:
     raw = f"{local}@{domain}"
-    assert _outcome(importer.EmailNormalizer(), raw) == _outcome(normalize_email, raw)
+    assert _outcome(import_rows.EmailNormalizer(), raw) == _outcome(normalize_email, raw)

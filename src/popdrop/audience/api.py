@@ -17,7 +17,8 @@ from popdrop.audience import (
     consent,
     contact_points,
     contacts,
-    importer,
+    exports,
+    import_jobs,
     keywords,
     segments,
     settings,
@@ -284,7 +285,7 @@ async def export_segment(
 ) -> StreamingResponse:
     async def open_export(session: AsyncSession) -> Any:
         segment = segments.segment_out(await segments.get_segment(session, principal, segment_id))
-        return await importer.export_contacts(
+        return await exports.export_contacts(
             session, principal, now=ctx.clock.now(), rules=segment.rules
         )
 
@@ -322,11 +323,11 @@ async def start_import(
     require_clean_text(text, "file")
     require_clean_text(filename, "filename")
     async with ctx.db.transaction() as session:
-        job = await importer.create_job(
+        job = await import_jobs.create_job(
             session, principal, filename=filename, payload=text, now=ctx.clock.now()
         )
-        out = importer.job_out(job)
-    importer.launch_job(ctx.db, ctx.signer, ctx.clock, job.id)
+        out = import_jobs.job_out(job)
+    import_jobs.launch_job(ctx.db, ctx.signer, ctx.clock, job.id)
     return out
 
 
@@ -338,7 +339,7 @@ async def start_import(
 )
 async def get_import(job_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> ImportJobOut:
     async with ctx.db.reader() as session:
-        return importer.job_out(await importer.get_job(session, principal, job_id))
+        return import_jobs.job_out(await import_jobs.get_job(session, principal, job_id))
 
 
 @router.get(
@@ -350,7 +351,7 @@ async def export_contacts(
     principal: ApiPrincipal, ctx: Ctx, sendable: Literal["email", "sms"] | None = None
 ) -> StreamingResponse:
     async def open_export(session: AsyncSession) -> Any:
-        return await importer.export_contacts(
+        return await exports.export_contacts(
             session, principal, now=ctx.clock.now(), sendable=sendable
         )
 
@@ -365,6 +366,6 @@ async def export_contacts(
 )
 async def export_consents(principal: ApiPrincipal, ctx: Ctx) -> StreamingResponse:
     async def open_export(session: AsyncSession) -> Any:
-        return await importer.export_consent(session, principal)
+        return await exports.export_consent(session, principal)
 
     return await csv_download(ctx, open_export, "consent-ledger.csv")

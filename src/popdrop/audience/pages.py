@@ -33,7 +33,7 @@ from popdrop.accounts.models import Organization
 from popdrop.accounts.service import Principal
 from popdrop.audience import consent as audience_consent
 from popdrop.audience import contacts as audience_contacts
-from popdrop.audience import importer, unsubscribe
+from popdrop.audience import exports, import_jobs, importer, unsubscribe
 from popdrop.audience import segments as audience_segments
 from popdrop.audience import settings as audience_settings
 from popdrop.audience.lifecycle import ConsentState
@@ -247,7 +247,7 @@ async def import_upload(request: Request, principal: Operator, ctx: Ctx) -> Resp
         )
     try:
         async with ctx.db.transaction() as session:
-            job = await importer.create_job(
+            job = await import_jobs.create_job(
                 session, principal, filename=upload.filename, payload=text, now=ctx.clock.now()
             )
             job_id = job.id
@@ -255,7 +255,7 @@ async def import_upload(request: Request, principal: Operator, ctx: Ctx) -> Resp
         if error.reason not in ("invalid_request", "payload_too_large"):
             raise
         return await _import_refused(request, ctx, principal, error.message)
-    importer.launch_job(ctx.db, ctx.signer, ctx.clock, job_id)
+    import_jobs.launch_job(ctx.db, ctx.signer, ctx.clock, job_id)
     return RedirectResponse(f"/audience/imports/{job_id}", status_code=303)
 
 
@@ -270,7 +270,7 @@ async def import_job(request: Request, job_id: ItemId, principal: Operator, ctx:
     """The job panel; it polls itself (htmx) until the job is done or failed."""
     principal.require("audience:read")
     async with ctx.db.reader() as session:
-        job = importer.job_out(await importer.get_job(session, principal, job_id))
+        job = import_jobs.job_out(await import_jobs.get_job(session, principal, job_id))
     context = {"principal": principal, "job": job, "notes": importer.NOTES}
     name = "audience/_job.html" if is_htmx(request) else "audience/import.html"
     return render(request, name, context)
@@ -283,7 +283,7 @@ async def import_job(request: Request, job_id: ItemId, principal: Operator, ctx:
 async def export_contacts(principal: Operator, ctx: Ctx) -> Response:
     return await csv_download(
         ctx,
-        lambda session: importer.export_contacts(session, principal, now=ctx.clock.now()),
+        lambda session: exports.export_contacts(session, principal, now=ctx.clock.now()),
         "contacts.csv",
     )
 
@@ -292,7 +292,7 @@ async def export_contacts(principal: Operator, ctx: Ctx) -> Response:
 async def export_sendable_email(principal: Operator, ctx: Ctx) -> Response:
     return await csv_download(
         ctx,
-        lambda session: importer.export_contacts(
+        lambda session: exports.export_contacts(
             session, principal, now=ctx.clock.now(), sendable="email"
         ),
         "sendable-email.csv",
@@ -303,7 +303,7 @@ async def export_sendable_email(principal: Operator, ctx: Ctx) -> Response:
 async def export_sendable_sms(principal: Operator, ctx: Ctx) -> Response:
     return await csv_download(
         ctx,
-        lambda session: importer.export_contacts(
+        lambda session: exports.export_contacts(
             session, principal, now=ctx.clock.now(), sendable="sms"
         ),
         "sendable-sms.csv",
@@ -313,7 +313,7 @@ async def export_sendable_sms(principal: Operator, ctx: Ctx) -> Response:
 @router.get("/audience/export/consent.csv")
 async def export_consent(principal: Operator, ctx: Ctx) -> Response:
     return await csv_download(
-        ctx, lambda session: importer.export_consent(session, principal), "consent-ledger.csv"
+        ctx, lambda session: exports.export_consent(session, principal), "consent-ledger.csv"
     )
 
 
@@ -641,7 +641,7 @@ async def segment_export(segment_id: ItemId, principal: Operator, ctx: Ctx) -> R
         segment = audience_segments.segment_out(
             await audience_segments.get_segment(session, principal, segment_id)
         )
-        return await importer.export_contacts(
+        return await exports.export_contacts(
             session, principal, now=ctx.clock.now(), rules=segment.rules
         )
 

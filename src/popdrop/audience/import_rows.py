@@ -1,0 +1,379 @@
+"""Import row validation: the CSV header, and one row parsed into a contact (normalised
+email and phone, time zone, labels, flags, coordinates) or refused with a reason.
+
+Parsing is pure Python (no database), so large files are validated in a worker process.
+Reports never quote an email or a phone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import math
+import re
+import zoneinfo
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, NamedTuple
+
+import phonenumbers
+from phonenumbers import timezone as phone_timezones
+from phonenumbers.tzdata import TIMEZONE_DATA
+
+from popdrop.audience.schemas import (
+    clean_labels,
+)
+from popdrop.core.csvsafe import restore_cell
+from popdrop.core.errors import PopdropError
+from popdrop.core.identity import identity_hash, normalize_email, normalize_phone
+from popdrop.core.signing import Signer
+
+COLUMNS = (
+    "email",
+    "phone",
+    "first_name",
+    "locale",
+    "time_zone",
+    "tags",
+    "interests",
+    "source",
+    "lat",
+    "lon",
+    "consent_email",
+    "consent_sms",
+    "consent_wording",
+    "consent_proof",
+    "phone_region",
+)
+TRUE_WORDS = frozenset({"yes", "true", "1", "y"})
+FALSE_WORDS = frozenset({"no", "false", "0", "n", ""})
+MAX_LABELS = 50
+Opener = Callable[[], contextlib.AbstractContextManager[IO[str]]]
+_LABEL_SPLIT = re.compile(r"[;|]")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*\Z")
+_REGION = re.compile(r"[A-Za-z]{2}\Z")
+# RFC 5322 dot-atom: the local parts email-validator passes through unchanged.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
+
+
+# ---------------------------------------------------------------- row validation
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+        self.message = message
+
+
+class _Row(NamedTuple):
+    """A validated row (a tuple: it crosses from the validating process cheaply)."""
+
+    line: int
+    email: str | None
+    phone: str | None
+    email_hash: bytes | None
+    phone_hash: bytes | None
+    first_name: str | None
+    locale: str | None
+    time_zone: str | None
+    phone_zone: str | None
+    source: str | None
+    lat: float | None
+    lon: float | None
+    tags: list[str]
+    interests: list[str]
+    grants: tuple[str, ...]
+    wording: str
+    proof: str | None
+    without_proof: bool  # consent asked for, no proof given: imported without consent
+
+
+class EmailNormalizer:
+    """`core.identity.normalize_email`, fast for the common case.
+
+    Most of email-validator's time goes to the domain, and a list holds few domains: for an
+    ASCII dot-atom local part (which the validator returns unchanged) the domain is
+    validated once through `normalize_email` and remembered. Anything else, and every
+    error, goes through `normalize_email` itself, so results are the same."""
+
+    def __init__(self, max_domains: int = 50_000) -> None:
+        self._domains: dict[str, str | None] = {}
+        self._max = max_domains
+
+    def __call__(self, raw: str) -> str:
+        text = raw.strip()
+        local, _, domain = text.partition("@")
+        if (
+            domain
+            and len(text) <= 254
+            and len(local) <= 64
+            and text.isascii()
+            and "@" not in domain
+            and _DOT_ATOM.match(local)
+        ):
+            clean = self._domain(domain)
+            if clean is not None:
+                address = f"{local.lower()}@{clean}"
+                if len(address.encode()) <= 254:
+                    return address
+        return normalize_email(text)
+
+    def _domain(self, domain: str) -> str | None:
+        if domain in self._domains:
+            return self._domains[domain]
+        try:
+            clean: str | None = normalize_email(f"x@{domain}").partition("@")[2]
+        except PopdropError:
+            clean = None
+        if len(self._domains) < self._max:
+            self._domains[domain] = clean
+        return clean
+
+
+def phone_and_zone(raw: str, region: str | None, *, zone: bool = True) -> tuple[str, str | None]:
+    """`core.identity.normalize_phone` and `phone_time_zone` with one parse (the parse is
+    most of their cost): the E.164 number and (if `zone`) its time zone when it has one."""
+    try:
+        parsed = phonenumbers.parse(raw.strip(), region)
+    except phonenumbers.NumberParseException:
+        return normalize_phone(raw, region), None  # raises with the one message
+    if not phonenumbers.is_valid_number(parsed):
+        return normalize_phone(raw, region), None  # raises with the one message
+    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if not zone:
+        return e164, None
+    known, single = _country_zone(parsed.country_code)
+    if known:
+        return e164, single
+    zones = [z for z in phone_timezones.time_zones_for_number(parsed) if "/" in z]
+    return e164, zones[0] if len(zones) == 1 else None
+
+
+@functools.cache
+def _country_zone(country_code: int) -> tuple[bool, str | None]:
+    """(True, zone) when every valid number of this country code has the same zones in
+    phonenumbers' data (FR, DE ...): the lookup, which classifies the number again, is
+    then not needed. (False, None) when the zone depends on the number (US ...)."""
+    code = str(country_code)
+    related = {v for k, v in TIMEZONE_DATA.items() if k.startswith(code) or code.startswith(k)}
+    if code not in TIMEZONE_DATA or len(related) != 1:
+        return False, None
+    zones = [z for z in related.pop() if "/" in z]
+    return True, zones[0] if len(zones) == 1 else None
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())  # reads the tz database: once
+
+
+def _known_zone(name: str) -> bool:
+    return name in _zones()
+
+
+def _dedupe_key(digest: bytes) -> int:
+    # 8 bytes of a keyed hash: a third of the memory of the digests for a million rows;
+    # a false duplicate needs a 64-bit collision within one file.
+    return int.from_bytes(digest[:8], "big")
+
+
+def _flag(value: str, name: str) -> bool:
+    word = value.lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise _Refused("bad_value", name, f"{name}: use yes or no")
+
+
+def _text(value: str, name: str, limit: int) -> str | None:
+    if len(value) > limit:
+        raise _Refused("bad_value", name, f"{name}: at most {limit} characters")
+    return value or None
+
+
+def _labels_of(value: str, name: str) -> list[str]:
+    if not value:
+        return []
+    labels = clean_labels(_LABEL_SPLIT.split(value))
+    if len(labels) > MAX_LABELS:
+        raise _Refused("bad_value", name, f"{name}: at most {MAX_LABELS}")
+    return labels
+
+
+def _coordinate(value: str, name: str, bound: float) -> float | None:
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or abs(number) > bound:
+        raise _Refused("bad_value", name, f"{name}: a number between -{bound:g} and {bound:g}")
+    return number
+
+
+class RowParser:
+    """Validates rows and remembers, for duplicates, the first line of every email/phone."""
+
+    def __init__(
+        self, signer: Signer, header: list[str], *, region: str | None, filename: str
+    ) -> None:
+        self._signer = signer
+        self._width = len(header)
+        # Where each known column sits; a missing one points at the "" appended to each row.
+        self._at = {name: header.index(name) if name in header else -1 for name in COLUMNS}
+        self._region = region
+        self._emails = EmailNormalizer()
+        self._wording = f"Consent given before import (file {filename})"
+        self._seen_email: dict[int, int] = {}
+        self._seen_phone: dict[int, int] = {}
+
+    def parse(self, values: list[str], line: int) -> _Row:
+        """The row, or `_Refused`. A row that passes is remembered for duplicates."""
+        if len(values) > self._width:
+            raise _Refused("bad_value", None, "the row has more fields than the header")
+        cells = [restore_cell(v.strip()) for v in values]  # our own export's quotes undone
+        cells.extend([""] * (self._width - len(values) + 1))
+        at = self._at
+
+        def cell(_values: list[str], name: str) -> str:
+            return cells[at[name]]
+
+        raw_email, raw_phone = cell(values, "email"), cell(values, "phone")
+        email = phone = phone_zone = None
+        if raw_email:
+            try:
+                email = self._emails(raw_email)
+            except PopdropError as exc:
+                # A fixed message: the validator's may quote parts of the address.
+                raise _Refused("bad_email", "email", "email: not a valid email address") from exc
+        if raw_phone:
+            region = cell(values, "phone_region") or self._region
+            if region is not None and not _REGION.match(region):
+                raise _Refused("bad_value", "phone_region", "phone_region: two letters, e.g. FR")
+            try:
+                phone, phone_zone = phone_and_zone(
+                    raw_phone,
+                    region.upper() if region else None,
+                    zone=not cell(values, "time_zone"),
+                )
+            except PopdropError as exc:
+                raise _Refused("bad_phone", "phone", exc.message) from exc
+        if email is None and phone is None:
+            raise _Refused("missing_contact", "contact", "give an email or a phone number")
+        locale = _text(cell(values, "locale"), "locale", 16)
+        if locale is not None:
+            if not _LOCALE.match(locale):
+                raise _Refused("bad_value", "locale", "locale: a language tag, e.g. fr or fr-FR")
+            locale = locale.replace("_", "-")
+        time_zone = _text(cell(values, "time_zone"), "time_zone", 64)
+        if time_zone is not None and not _known_zone(time_zone):
+            raise _Refused("bad_value", "time_zone", "time_zone: an IANA name, e.g. Europe/Paris")
+        lat = _coordinate(cell(values, "lat"), "lat", 90)
+        lon = _coordinate(cell(values, "lon"), "lon", 180)
+        if (lat is None) != (lon is None):
+            raise _Refused("bad_value", "lat" if lat is None else "lon", "give both lat and lon")
+        wants: list[str] = []
+        if _flag(cell(values, "consent_email"), "consent_email"):
+            if email is None:
+                raise _Refused("bad_value", "consent_email", "consent_email: the row has no email")
+            wants.append("email")
+        if _flag(cell(values, "consent_sms"), "consent_sms"):
+            if phone is None:
+                raise _Refused("bad_value", "consent_sms", "consent_sms: the row has no phone")
+            wants.append("sms")
+        wording = _text(cell(values, "consent_wording"), "consent_wording", 2000)
+        proof = _text(cell(values, "consent_proof"), "consent_proof", 2000)
+        row = _Row(
+            line=line,
+            email=email,
+            phone=phone,
+            email_hash=identity_hash(self._signer, "email", email) if email else None,
+            phone_hash=identity_hash(self._signer, "phone", phone) if phone else None,
+            first_name=_text(cell(values, "first_name"), "first_name", 100),
+            locale=locale,
+            time_zone=time_zone,
+            phone_zone=phone_zone,
+            source=_text(cell(values, "source"), "source", 100),
+            lat=lat,
+            lon=lon,
+            tags=_labels_of(cell(values, "tags"), "tags"),
+            interests=_labels_of(cell(values, "interests"), "interests"),
+            grants=tuple(wants) if proof is not None else (),
+            wording=wording or self._wording,
+            proof=proof,
+            without_proof=bool(wants) and proof is None,
+        )
+        self._remember(row)
+        return row
+
+    def _remember(self, row: _Row) -> None:
+        ekey = _dedupe_key(row.email_hash) if row.email_hash else None
+        pkey = _dedupe_key(row.phone_hash) if row.phone_hash else None
+        if ekey is not None and (first := self._seen_email.get(ekey)) is not None:
+            raise _Refused("duplicate", "email", f"the same email address as line {first}")
+        if pkey is not None and (first := self._seen_phone.get(pkey)) is not None:
+            raise _Refused("duplicate", "phone", f"the same phone number as line {first}")
+        if ekey is not None:
+            self._seen_email[ekey] = row.line
+        if pkey is not None:
+            self._seen_phone[pkey] = row.line
+
+
+def read_header(first: list[str] | None) -> list[str]:
+    """The lower-cased column names; refuse unknown or repeated columns up front."""
+    if not first or not any(name.strip() for name in first):
+        raise PopdropError("invalid_request", "the file is empty: the first line names columns")
+    header = [name.strip().lower() for name in first]
+    unknown = sorted({name for name in header if name not in COLUMNS})
+    if unknown:
+        raise PopdropError(
+            "invalid_request",
+            f"unknown columns: {', '.join(repr(n) for n in unknown)}; "
+            f"known columns: {', '.join(COLUMNS)}",
+            detail={"field": "columns", "unknown": unknown},
+        )
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise PopdropError("invalid_request", f"columns named twice: {', '.join(repeated)}")
+    if "email" not in header and "phone" not in header:
+        raise PopdropError("invalid_request", "the file needs an email or a phone column")
+    return header
+
+
+def _blank(values: list[str]) -> bool:
+    return not any(v.strip() for v in values)
+
+
+@contextlib.contextmanager
+def _csv_errors() -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise PopdropError("invalid_request", "the file is not UTF-8 text") from exc
+    except csv.Error as exc:
+        raise PopdropError("invalid_request", f"not a readable CSV file: {exc}") from exc
+
+
+def check_file(opener: Opener) -> int:
+    """Read the whole file once: the header must be valid and every line readable CSV.
+    Returns the number of data rows (blank lines are not rows)."""
+    with _csv_errors(), opener() as stream:
+        reader = csv.reader(stream)
+        read_header(next(reader, None))
+        return sum(1 for values in reader if not _blank(values))
+
+
+def text_opener(text: str) -> Opener:
+    body = text.removeprefix("\ufeff")
+    return lambda: contextlib.nullcontext(io.StringIO(body, newline=""))
+
+
+def file_opener(path: Path) -> Opener:
+    return lambda: path.open(encoding="utf-8-sig", newline="")
