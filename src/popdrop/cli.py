@@ -8,7 +8,7 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -19,7 +19,7 @@ from rich.table import Table
 
 from popdrop.accounts import service as accounts
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.core import audit
+from popdrop.core import audit, links
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
 from popdrop.core.csvsafe import SafeWriter
@@ -79,7 +79,7 @@ def _run(make: Callable[[Settings, Database, Signer], Awaitable[T]]) -> T:
 
 
 def _cli_principal(org_id: int) -> Principal:
-    return Principal(org_id, f"cli:{getpass.getuser()}", "owner", ROLES["owner"])
+    return accounts.system_principal(org_id, f"cli:{getpass.getuser()}", role="owner")
 
 
 def _now() -> datetime:
@@ -199,7 +199,7 @@ def demo(
     console.rule("popdrop demo")
     # soft_wrap: long links and tokens must stay on one line to be copied whole.
     for line in (
-        f"Open     {settings.base_url.rstrip('/')}/login",
+        f"Open     {links.login_url(settings.base_url)}",
         f"Login    [bold]{info['email']}[/bold]  password [bold]{info['password']}[/bold]",
         f"API      Authorization: Bearer {info['token']}",
         f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})",
@@ -388,7 +388,7 @@ def vouchers_issue(
                     now=now,
                     progress=lambda done, total: progress.update(task, completed=done),
                 )
-        expiry = batch.valid_until or now + timedelta(hours=ttl_hours or 8)
+        expiry = service.link_expiry(batch, now)
         with out.open("w", newline="") as handle:
             writer = SafeWriter(handle)
             writer.writerow(["code", "link"] if links else ["code"])

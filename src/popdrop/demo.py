@@ -28,7 +28,7 @@ from popdrop.audience.models import (
 )
 from popdrop.audience.schemas import AudienceSettingsIn, SegmentIn, SegmentRules
 from popdrop.chat import flow_store
-from popdrop.core import audit
+from popdrop.core import audit, links
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database, table_of
@@ -81,7 +81,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
             created_by="demo",
             now=now,
         )
-        principal = Principal(org.id, "demo:seed", "owner", ROLES["owner"])
+        principal = accounts.system_principal(org.id, "demo:seed", role="owner")
         event_id: int | None = None
         if fresh:
             weekend = now + timedelta(days=3)
@@ -149,8 +149,8 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
     return {
         "audience": audience_line,
         "drop": drop_line,
-        "event_url": f"{settings.base_url.rstrip('/')}/e/{event.id}" if event else "",
-        "chat_url": f"{settings.base_url.rstrip('/')}/chat/{DEMO_ORG}",
+        "event_url": links.event_url(settings.base_url, event.id) if event else "",
+        "chat_url": links.chat_url(settings.base_url, DEMO_ORG),
         "email": DEMO_EMAIL,
         "password": password,
         "token": plaintext,
@@ -625,7 +625,7 @@ async def _drop_summary(session: AsyncSession, owner: Principal, base_url: str) 
     )
     if drop is None:
         return ""
-    base = base_url.rstrip("/")
+    base = links.root(base_url)
     frozen = await session.scalar(
         select(func.count()).select_from(SendRow).where(SendRow.drop_id == drop.id)
     )

@@ -28,6 +28,7 @@ def test_purpose_strings_never_change() -> None:
         "VOUCHER_LINK": "voucher-link",
         "VOUCHER_DERIVED": "voucher-derived",
         "RSVP_CANCEL": "rsvp-cancel",
+        "WAITLIST_OFFER": "waitlist-offer",
         "ICAL_FEED": "ical-feed",
         "PROVIDER_WEBHOOK": "provider-webhook",
         "CHAT_CHECKOUT": "chat-checkout",
@@ -76,6 +77,10 @@ def test_voucher_link_round_trip() -> None:
 
 def test_rsvp_ical_webhook_and_checkout_round_trip() -> None:
     assert links.read_rsvp_cancel(SIGNER, links.rsvp_cancel_token(SIGNER, 11, 4)) == (11, 4)
+
+    offer = links.waitlist_offer_url(SIGNER, BASE, 7, "ABCD-EFGH")
+    assert offer.startswith("https://pop.example/w/")
+    assert links.read_waitlist_offer(SIGNER, _token(offer)) == (7, "ABCD-EFGH")
 
     ical = links.ical_url(SIGNER, BASE, 4)
     assert ical.startswith("https://pop.example/ical/") and ical.endswith(".ics")
@@ -137,6 +142,7 @@ def test_click_round_trip_old_and_new_shapes() -> None:
         (links.read_preferences, links.click_token(SIGNER, 1, None, "https://x.example/")),
         (links.read_click, links.preferences_token(SIGNER, 4, 8)),
         (links.read_consent_confirm, links.rsvp_cancel_token(SIGNER, 1, 4)),
+        (links.read_waitlist_offer, links.rsvp_cancel_token(SIGNER, 1, 4)),
     ],
     ids=lambda value: getattr(value, "__name__", "token"),
 )

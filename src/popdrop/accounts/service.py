@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import ApiToken, Organization, User
+from popdrop.core.cache import ProcessCache
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.ratelimit import FailureCounter, address_key
 from popdrop.core.schemas import is_clean_text
@@ -99,6 +100,23 @@ class Principal:
 def with_implied(scopes: frozenset[str]) -> frozenset[str]:
     """`scopes` plus every scope they imply (`IMPLIED_SCOPES`; one level, no chains)."""
     return scopes.union(*(IMPLIED_SCOPES.get(scope, frozenset()) for scope in scopes))
+
+
+def system_principal(
+    org_id: int, actor: str, *, scopes: frozenset[str] | None = None, role: str = "system"
+) -> Principal:
+    """The one constructor for work done on an organization's behalf without a user
+    session or an API token: the worker, chat, the CLI, the demo, import jobs.
+
+    `actor` names the job in the audit ledger ("system:drops", "cli:alice"); `scopes`
+    default to those of `role` (so `role="owner"` gets what an owner gets), and the role
+    "system" has none of its own, so a system principal always lists what it may do.
+    """
+    if scopes is None:
+        if role not in ROLES:
+            raise ValueError(f"a {role!r} principal needs explicit scopes")
+        scopes = ROLES[role]
+    return Principal(org_id, actor, role, scopes)
 
 
 def principal_for_user(user: User) -> Principal:
@@ -307,31 +325,9 @@ async def revoke_token(session: AsyncSession, *, org_id: int, token_id: int, now
     TOKEN_CACHE.clear()
 
 
-class TokenCache:
-    """Resolved tokens for a couple of seconds, so a burst does not re-read the table.
-
-    Revocation in this process clears it at once; other processes notice within the TTL.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[bytes, tuple[float, Principal]] = {}
-
-    def get(self, key: bytes) -> Principal | None:
-        hit = self._entries.get(key)
-        if hit is None or hit[0] < time.monotonic():
-            return None
-        return hit[1]
-
-    def put(self, key: bytes, principal: Principal, ttl: float) -> None:
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        self._entries[key] = (time.monotonic() + ttl, principal)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-TOKEN_CACHE = TokenCache()
+# Resolved tokens (by keyed hash) for a couple of seconds, so a burst does not re-read the
+# table. Revocation in this process clears it at once; other processes notice within the TTL.
+TOKEN_CACHE: ProcessCache[bytes, Principal] = ProcessCache(maxsize=10_000)
 
 
 def cached_token(signer: Signer, plaintext: str) -> Principal | None:

@@ -54,12 +54,12 @@ from popdrop.web.context import AppContext
 from popdrop.web.forms import Form, form_of
 from popdrop.web.pagekit import Operator, PageRoute, is_htmx
 from popdrop.web.params import Ctx, ItemId
+from popdrop.web.security import NO_STORE
 from popdrop.web.streaming import csv_download
 from popdrop.web.templating import render, templates
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 public_router = APIRouter(include_in_schema=False, route_class=PageRoute)
-from popdrop.web.security import NO_STORE
 
 BUCKETS: tuple[Bucket, ...] = ("hot", "warm", "cold", "never")
 CHANNELS = ("email", "sms", "chat")

@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.accounts.service import ROLES, Principal
+from popdrop.accounts.service import Principal, system_principal
 from popdrop.audience.consent import CONSENT_COLUMN
 from popdrop.audience.models import Contact
 from popdrop.chat import console, conversations, facts, flow_store, turn
@@ -58,6 +58,7 @@ from popdrop.chat.models import (
 from popdrop.checkin.models import Ticket
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.schemas import is_clean_text
+from popdrop.core.tenancy import owned
 from popdrop.events import service as events
 from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, TimeSlot
@@ -218,11 +219,7 @@ def _masked(channel: str, address: str) -> str:
 
 
 async def remove_host(session: AsyncSession, org_id: int, host_id: int) -> None:
-    host = await session.scalar(
-        select(ChatHost).where(ChatHost.id == host_id, ChatHost.org_id == org_id)
-    )
-    if host is None:
-        raise not_found("host")
+    host = await owned(session, ChatHost, host_id, org_id, what="host")
     await session.delete(host)
     await session.flush()
 
@@ -251,7 +248,7 @@ async def find_host(
 
 
 def host_principal(org_id: int, actor: str) -> Principal:
-    return Principal(org_id, actor[:200], "host", ROLES["host"])
+    return system_principal(org_id, actor[:200], role="host")
 
 
 # ---------------------------------------------------------------- the event of the day
@@ -378,13 +375,7 @@ async def pin(
             await session.delete(row)
             await session.flush()
         return
-    product = await session.scalar(
-        select(Product).where(
-            Product.id == product_id, Product.org_id == org_id, Product.event_id == event_id
-        )
-    )
-    if product is None:
-        raise not_found("product")
+    await owned(session, Product, product_id, org_id, where=(Product.event_id == event_id,))
     if row is None:
         session.add(
             ChatPin(

@@ -56,6 +56,7 @@ from popdrop.core import audit
 from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import REASON_STATUS, PopdropError, not_found
+from popdrop.core.tenancy import owned
 from popdrop.events.models import Event
 
 ISSUE_SCOPE = "tickets:write"
@@ -144,12 +145,7 @@ async def event_signer(session: AsyncSession, event: Event, now: datetime) -> Ev
 
 
 async def get_event(session: AsyncSession, principal: Principal, event_id: int) -> Event:
-    event = await session.scalar(
-        select(Event).where(Event.id == event_id, Event.org_id == principal.org_id)
-    )
-    if event is None:
-        raise not_found("event")
-    return event
+    return await owned(session, Event, event_id, principal.org_id)
 
 
 def ticket_out(ticket: Ticket) -> TicketOut:

@@ -8,6 +8,7 @@ session           timed JSON   session_max_age (checked)  user, version / cookie
 csrf              timed JSON   bound to the session       nonce, binding / form + cookie
 voucher-link      timed JSON   its own expiry `e`         code / /v/{token}
 rsvp-cancel       timed JSON   forever                    rsvp, org / API answer
+waitlist-offer    timed JSON   the offer's deadline (DB)  event, code / /w/{token}
 ical-feed         timed JSON   forever                    org / /ical/{token}.ics
 provider-webhook  timed JSON   forever                    org / /api/v1/feedback|sms/…
 chat-checkout     timed JSON   forever (hold expires)     hold, org / /checkout/{token}
@@ -51,6 +52,7 @@ class Purpose(StrEnum):
     VOUCHER_LINK = "voucher-link"
     VOUCHER_DERIVED = "voucher-derived"  # MAC key
     RSVP_CANCEL = "rsvp-cancel"
+    WAITLIST_OFFER = "waitlist-offer"
     ICAL_FEED = "ical-feed"
     PROVIDER_WEBHOOK = "provider-webhook"
     CHAT_CHECKOUT = "chat-checkout"
@@ -190,6 +192,25 @@ def read_rsvp_cancel(signer: Signer, token: str) -> tuple[int, int]:
     if not isinstance(rsvp_id, int) or not isinstance(org_id, int):
         raise _invalid()
     return rsvp_id, org_id
+
+
+def waitlist_offer_url(signer: Signer, base_url: str, event_id: int, code: str) -> str:
+    """A waiting-list offer's claim link. It carries the voucher code (the link is the
+    code, as a claim link is) and does not expire by itself: the offer's own deadline,
+    kept in the database, decides, so message, page and API never disagree."""
+    token = signer.sign(Purpose.WAITLIST_OFFER, {"e": event_id, "c": code})
+    return absolute(base_url, f"/w/{token}")
+
+
+def read_waitlist_offer(signer: Signer, token: str) -> tuple[int, str]:
+    """(event id, voucher code) of an offer link, or `link_invalid`. Needs no database."""
+    payload: Any = signer.unsign(Purpose.WAITLIST_OFFER, token)
+    if not isinstance(payload, dict):
+        raise _invalid()
+    event_id, code = payload.get("e"), payload.get("c")
+    if not isinstance(event_id, int) or not isinstance(code, str):
+        raise _invalid()
+    return event_id, code
 
 
 # ---------------------------------------------------------------- calendar feed

@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import Principal
 from popdrop.audience.models import Segment
 from popdrop.core.db import after_commit
-from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.errors import PopdropError
+from popdrop.core.tenancy import owned
 from popdrop.drops import abtest, outcomes, service
 from popdrop.drops.lifecycle import DropStatus, operator_actions
 from popdrop.drops.models import Drop, DropVariant
@@ -47,10 +48,10 @@ from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
 from popdrop.web.pagekit import Operator, PageRoute
 from popdrop.web.params import Ctx, ItemId
+from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render, templates
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
-from popdrop.web.security import NO_STORE
 
 MAILBOX_PAGE = 50
 STATUS_BADGE = {
@@ -622,13 +623,7 @@ async def mailbox_message(
 ) -> Response:
     principal.require("drops:read")
     async with ctx.db.reader() as session:
-        message = await session.scalar(
-            select(MailboxMessage).where(
-                MailboxMessage.id == message_id, MailboxMessage.org_id == principal.org_id
-            )
-        )
-        if message is None:
-            raise not_found("message")
+        message = await owned(session, MailboxMessage, message_id, principal.org_id, what="message")
         (stored,) = await _stored(session, principal.org_id, [message])
         sender = (
             await session.scalar(

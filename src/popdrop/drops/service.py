@@ -35,12 +35,14 @@ from sqlalchemy import and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.accounts.service import system_principal as accounts_system_principal
 from popdrop.audience import segments
 from popdrop.audience.models import Contact
 from popdrop.audience.schemas import SegmentRules
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
 from popdrop.drops.lifecycle import (
     DROP_LIFECYCLE,
     OPEN_ROW_STATUSES,
@@ -69,8 +71,8 @@ _REDEEM = frozenset({"vouchers:redeem"})
 
 def system_principal(org_id: int) -> Principal:
     """Who starts a scheduled drop on the organization's behalf."""
-    return Principal(
-        org_id, "system:drops", "system", frozenset({"drops:read", "drops:write", "audience:read"})
+    return accounts_system_principal(
+        org_id, "system:drops", scopes=frozenset({"drops:read", "drops:write", "audience:read"})
     )
 
 
@@ -114,11 +116,7 @@ async def create_drop(
     if spec.segment_id is not None:
         await segments.get_segment(session, principal, spec.segment_id)
     if spec.event_id is not None:
-        event = await session.scalar(
-            select(Event).where(Event.id == spec.event_id, Event.org_id == principal.org_id)
-        )
-        if event is None:
-            raise not_found("event")
+        await owned(session, Event, spec.event_id, principal.org_id)
     if "email" in spec.channels and not spec.from_email:
         raise PopdropError("invalid_request", "from_email: needed to send email")
     if "sms" in spec.channels and not spec.sms_from:
@@ -189,14 +187,7 @@ async def create_drop(
 
 async def get_drop(session: AsyncSession, principal: Principal, drop_id: int) -> Drop:
     principal.require("drops:read")
-    drop = await session.scalar(
-        select(Drop)
-        .where(Drop.id == drop_id, Drop.org_id == principal.org_id)
-        .execution_options(populate_existing=True)
-    )
-    if drop is None:
-        raise not_found("drop")
-    return drop
+    return await owned(session, Drop, drop_id, principal.org_id, fresh=True)
 
 
 async def list_drops(session: AsyncSession, principal: Principal) -> list[Drop]:
@@ -653,7 +644,7 @@ async def run_seed_test(
                 entry["code"] = voucher[1]
             report.append(entry)
     async with db.transaction() as session:
-        checker = Principal(drop.org_id, "system:seed-test", "system", _REDEEM)
+        checker = accounts_system_principal(drop.org_id, "system:seed-test", scopes=_REDEEM)
         for entry in report:
             code = entry.pop("code", None)
             if code is not None:

@@ -30,10 +30,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
+from popdrop.core import links
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.tenancy import owned
 from popdrop.events import service
 from popdrop.events.lifecycle import EVENT_LIFECYCLE, OPEN_EVENT_STATUSES, EventStatus
-from popdrop.events.api import ICAL_PURPOSE
 from popdrop.events.models import Event, Lane, Partner, PickupWindow, StaffAssignment, TimeSlot
 from popdrop.events.schemas import (
     EventCreate,
@@ -52,6 +53,7 @@ from popdrop.web.context import AppContext
 from popdrop.web.forms import Form, M, form_of
 from popdrop.web.pagekit import Operator, PageRoute, local, zone_of
 from popdrop.web.params import Ctx, ItemId
+from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
@@ -302,7 +304,7 @@ async def public_event(request: Request, event_id: ItemId, ctx: Ctx) -> Response
         "consent_text": CONSENT_TEXT,
     }
     response = render(request, "events/public.html", context)
-    response.headers["Cache-Control"] = "no-store"
+    response.headers.update(NO_STORE)  # its URL may carry a voucher code (?code=)
     return response
 
 
@@ -362,8 +364,6 @@ async def _detail_page(
     async with ctx.db.reader() as session:
         event = await service.get_event(session, principal, event_id)
     view = await load_event(ctx, event)
-    base = ctx.settings.base_url.rstrip("/")
-    ical = f"{base}/ical/{ctx.signer.sign(ICAL_PURPOSE, principal.org_id)}.ics"
     forms = {
         name: Form() for name in ("slot", "lane", "window", "partner", "staff", "product", "stock")
     }
@@ -385,8 +385,8 @@ async def _detail_page(
             for status in EventStatus  # in the life's order
             if EVENT_LIFECYCLE.allows(EventStatus(event.status), status)
         ],
-        "public_url": f"{base}/e/{event.id}",
-        "ical_url": ical,
+        "public_url": links.event_url(ctx.settings.base_url, event.id),
+        "ical_url": links.ical_url(ctx.signer, ctx.settings.base_url, principal.org_id),
         "notice": _NOTICES.get(request.query_params.get("done", "")),
         "can_write": "events:write" in principal.scopes,
         "can_stock": "inventory:write" in principal.scopes,
@@ -516,13 +516,14 @@ async def window_add(request: Request, event_id: ItemId, principal: Operator, ct
         return await _refused(request, ctx, principal, event_id, "window", form)
     try:
         async with ctx.db.transaction() as session:
-            lane = await session.scalar(
-                select(Lane).where(
-                    Lane.id == lane_id, Lane.event_id == event_id, Lane.org_id == principal.org_id
-                )
+            lane = await owned(
+                session,
+                Lane,
+                lane_id,
+                principal.org_id,
+                what="lane of this event",
+                where=(Lane.event_id == event_id,),
             )
-            if lane is None:
-                raise not_found("lane of this event")
             await service.add_pickup_window(session, principal, lane.id, spec)
     except PopdropError as error:
         return await _refused(request, ctx, principal, event_id, "window", form, error)

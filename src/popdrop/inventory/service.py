@@ -21,6 +21,7 @@ from popdrop.accounts.service import Principal
 from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
 from popdrop.inventory.models import Hold, Product, Stock, Variant
@@ -131,12 +132,7 @@ _AVAILABLE = select(_stock.c.total - _stock.c.held - _stock.c.sold).where(
 
 
 async def _event_of_org(session: AsyncSession, principal: Principal, event_id: int) -> Event:
-    event = await session.scalar(
-        select(Event).where(Event.id == event_id, Event.org_id == principal.org_id)
-    )
-    if event is None:
-        raise not_found("event")
-    return event
+    return await owned(session, Event, event_id, principal.org_id)
 
 
 async def create_product(
@@ -196,14 +192,9 @@ async def set_stock(
 ) -> StockOut:
     """Set the units of a variant at a lane. Never below what is held or sold."""
     principal.require("inventory:write")
-    variant = await session.scalar(
-        select(Variant).where(Variant.id == spec.variant_id, Variant.org_id == principal.org_id)
-    )
-    lane = await session.scalar(
-        select(Lane).where(Lane.id == spec.lane_id, Lane.org_id == principal.org_id)
-    )
-    if variant is None or lane is None:
-        raise not_found("variant or lane")
+    missing = "variant or lane"  # one message: which of the two is not said
+    variant = await owned(session, Variant, spec.variant_id, principal.org_id, what=missing)
+    lane = await owned(session, Lane, spec.lane_id, principal.org_id, what=missing)
     product = await session.get(Product, variant.product_id)
     if product is None or product.event_id != lane.event_id:
         raise PopdropError("invalid_request", "the lane belongs to another event")
@@ -506,11 +497,7 @@ def _short(available: int, qty: int) -> PopdropError:
 async def _active_hold(
     session: AsyncSession, principal: Principal, hold_id: int, now: datetime
 ) -> Hold:
-    hold = await session.scalar(
-        select(Hold).where(Hold.id == hold_id, Hold.org_id == principal.org_id).with_for_update()
-    )
-    if hold is None:
-        raise not_found("hold")
+    hold = await owned(session, Hold, hold_id, principal.org_id, lock=True)
     if hold.status == "active" and hold.expires_at <= now:
         raise PopdropError("hold_expired", "this hold has expired")
     if hold.status != "active":
@@ -560,9 +547,4 @@ async def end_hold(
 
 async def get_hold(session: AsyncSession, principal: Principal, hold_id: int) -> HoldOut:
     principal.require("holds:write")
-    hold = await session.scalar(
-        select(Hold).where(Hold.id == hold_id, Hold.org_id == principal.org_id)
-    )
-    if hold is None:
-        raise not_found("hold")
-    return hold_out(hold)
+    return hold_out(await owned(session, Hold, hold_id, principal.org_id))

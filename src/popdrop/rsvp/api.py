@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
@@ -42,7 +43,7 @@ from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
 def created(ctx: AppContext, result: service.RsvpResult) -> RsvpCreated:
     ticket_url = None
     if result.ticket_secret is not None:
-        ticket_url = f"{ctx.settings.base_url.rstrip('/')}/t/{result.ticket_secret}"
+        ticket_url = links.ticket_url(ctx.settings.base_url, result.ticket_secret)
     return RsvpCreated(
         rsvp=service.rsvp_out(result.rsvp), cancel_token=result.cancel_token, ticket_url=ticket_url
     )
@@ -84,7 +85,7 @@ async def event_org(ctx: AppContext, event_id: int) -> int:
 )
 async def cancel_by_token(body: CancelByToken, request: Request, ctx: Ctx) -> RsvpOut:
     try:
-        _rsvp_id, org_id = service.read_cancel_token(ctx.signer, body.token)
+        _rsvp_id, org_id = links.read_rsvp_cancel(ctx.signer, body.token)
     except PopdropError:
         # A forged token names no organization, but it is a guess all the same: it goes
         # through the guard (refused, then counted against the address) like any other.

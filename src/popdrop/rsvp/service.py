@@ -34,14 +34,16 @@ from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.accounts.service import system_principal as system_principal_for
 from popdrop.checkin import service as checkin
 from popdrop.checkin.models import Ticket
 from popdrop.checkin.schemas import TicketCreate
-from popdrop.core import audit
+from popdrop.core import audit, links
 from popdrop.core.db import CAPACITY_WRITE_ORDER, LateWriteLost, defer_write, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.identity import normalize_email, normalize_phone
 from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, TimeSlot
 from popdrop.outbound import outbox
@@ -59,7 +61,6 @@ from popdrop.vouchers.models import Voucher
 from popdrop.vouchers.schemas import BatchCreate
 
 OFFER_TTL_SECONDS = 2 * 3600
-CANCEL_PURPOSE = "rsvp-cancel"
 PUBLIC_ACTOR = "public:rsvp"
 # The organization a forged cancel token is counted under by the guessing guard: none.
 NO_ORG = 0
@@ -101,7 +102,7 @@ class CancelResult:
 
 def system_principal(org_id: int) -> Principal:
     """Who issues, revokes and redeems waiting-list vouchers on the organization's behalf."""
-    return Principal(
+    return system_principal_for(
         org_id,
         SYSTEM_ACTOR,
         "system",
@@ -162,18 +163,7 @@ def normalize_contact(email: str | None, phone: str | None) -> tuple[str | None,
 
 
 def cancel_token(signer: Signer, rsvp: Rsvp) -> str:
-    return signer.sign(CANCEL_PURPOSE, {"r": rsvp.id, "o": rsvp.org_id})
-
-
-def read_cancel_token(signer: Signer, token: str) -> tuple[int, int]:
-    """(rsvp id, org id) of a cancel token, or `link_invalid`. Needs no database."""
-    payload: Any = signer.unsign(CANCEL_PURPOSE, token)
-    if not isinstance(payload, dict):
-        raise PopdropError("link_invalid", "this link is not valid")
-    rsvp_id, org_id = payload.get("r"), payload.get("o")
-    if not isinstance(rsvp_id, int) or not isinstance(org_id, int):
-        raise PopdropError("link_invalid", "this link is not valid")
-    return rsvp_id, org_id
+    return links.rsvp_cancel_token(signer, rsvp.id, rsvp.org_id)
 
 
 _slots = table_of(TimeSlot)
@@ -249,14 +239,7 @@ async def _audit(
 
 
 async def _load_rsvp(session: AsyncSession, rsvp_id: int, org_id: int) -> Rsvp:
-    rsvp = await session.scalar(
-        select(Rsvp)
-        .where(Rsvp.id == rsvp_id, Rsvp.org_id == org_id)
-        .execution_options(populate_existing=True)
-    )
-    if rsvp is None:
-        raise not_found("RSVP")
-    return rsvp
+    return await owned(session, Rsvp, rsvp_id, org_id, what="RSVP", fresh=True)
 
 
 async def event_org(session: AsyncSession, event_id: int) -> int:
@@ -374,7 +357,7 @@ async def cancel_by_token(
     session: AsyncSession, signer: Signer, *, token: str, now: datetime
 ) -> CancelResult:
     """Guest cancel with the signed token handed out at RSVP time."""
-    rsvp_id, org_id = read_cancel_token(signer, token)
+    rsvp_id, org_id = links.read_rsvp_cancel(signer, token)
     rsvp = await _load_rsvp(session, rsvp_id, org_id)
     return await _cancel(
         session,
@@ -756,12 +739,7 @@ async def claim_offer(
 
 
 async def _event_of(session: AsyncSession, principal: Principal, event_id: int) -> Event:
-    event = await session.scalar(
-        select(Event).where(Event.id == event_id, Event.org_id == principal.org_id)
-    )
-    if event is None:
-        raise not_found("event")
-    return event
+    return await owned(session, Event, event_id, principal.org_id)
 
 
 async def get_rsvp(session: AsyncSession, principal: Principal, rsvp_id: int) -> Rsvp:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, String, bindparam, func, insert, or_, select, true, update
@@ -23,6 +23,7 @@ from popdrop.core.cache import ProcessCache
 from popdrop.core.db import UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
 from popdrop.vouchers import codes
 from popdrop.vouchers.models import Redemption, Voucher, VoucherBatch, VoucherContactUse
 from popdrop.vouchers.schemas import (
@@ -619,13 +620,7 @@ async def rollback(
         )
     ).scalar_one_or_none()
     if row is None:
-        existing = await session.scalar(
-            select(Redemption).where(
-                Redemption.id == redemption_id, Redemption.org_id == principal.org_id
-            )
-        )
-        if existing is None:
-            raise not_found("redemption")
+        await owned(session, Redemption, redemption_id, principal.org_id)
         raise PopdropError("already_rolled_back", "this redemption was already rolled back")
     conn = await session.connection()
     await conn.execute(
@@ -732,11 +727,7 @@ async def revoke_voucher(
     now: datetime,
 ) -> int:
     principal.require("vouchers:write")
-    exists = await session.scalar(
-        select(Voucher.id).where(Voucher.id == voucher_id, Voucher.org_id == principal.org_id)
-    )
-    if exists is None:
-        raise not_found("voucher")
+    await owned(session, Voucher, voucher_id, principal.org_id)
     return await _revoke_where(
         session,
         principal,
@@ -807,14 +798,7 @@ async def revoke_tag(
 
 async def get_batch(session: AsyncSession, principal: Principal, batch_id: int) -> VoucherBatch:
     principal.require("vouchers:read")
-    batch = await session.scalar(
-        select(VoucherBatch).where(
-            VoucherBatch.id == batch_id, VoucherBatch.org_id == principal.org_id
-        )
-    )
-    if batch is None:
-        raise not_found("batch")
-    return batch
+    return await owned(session, VoucherBatch, batch_id, principal.org_id, what="batch")
 
 
 async def list_batches(
@@ -869,11 +853,7 @@ async def get_voucher(
     session: AsyncSession, principal: Principal, voucher_id: int, now: datetime
 ) -> VoucherOut:
     principal.require("vouchers:read")
-    voucher = await session.scalar(
-        select(Voucher).where(Voucher.id == voucher_id, Voucher.org_id == principal.org_id)
-    )
-    if voucher is None:
-        raise not_found("voucher")
+    voucher = await owned(session, Voucher, voucher_id, principal.org_id)
     return voucher_out(voucher, await _policy(session, voucher.batch_id), now)
 
 
@@ -910,21 +890,6 @@ async def export_vouchers(
     )
     return [
         {
-DEFAULT_LINK_HOURS = 8  # a claim link's life when its batch has no end and no TTL
-
-
-def link_expiry(batch: VoucherBatch, now: datetime) -> datetime:
-    """When a batch's claim links expire: the one rule for the API, the pages and the CLI.
-
-    A link lives as long as its code: the batch end or the TTL counted from `now`,
-    whichever comes first; a batch with neither gets a working day.
-    """
-    ends = [batch.valid_until] if batch.valid_until else []
-    if batch.ttl_seconds:
-        ends.append(now + timedelta(seconds=batch.ttl_seconds))
-    return min(ends) if ends else now + timedelta(hours=DEFAULT_LINK_HOURS)
-
-
             "voucher_id": v.id,
             "status": _status(v, now),
             "uses": v.uses,
@@ -939,6 +904,21 @@ def link_expiry(batch: VoucherBatch, now: datetime) -> datetime:
 
 
 # ---------------------------------------------------------------- links
+
+
+DEFAULT_LINK_HOURS = 8  # a claim link's life when its batch has no end and no TTL
+
+
+def link_expiry(batch: VoucherBatch, now: datetime) -> datetime:
+    """When a batch's claim links expire: the one rule for the API, the pages and the CLI.
+
+    A link lives as long as its code: the batch end or the TTL counted from `now`,
+    whichever comes first; a batch with neither gets a working day.
+    """
+    ends = [batch.valid_until] if batch.valid_until else []
+    if batch.ttl_seconds:
+        ends.append(now + timedelta(seconds=batch.ttl_seconds))
+    return min(ends) if ends else now + timedelta(hours=DEFAULT_LINK_HOURS)
 
 
 def make_link(
@@ -961,7 +941,7 @@ async def open_link(session: AsyncSession, signer: Signer, token: str, now: date
     expires_at = link.expires_at
     if expires_at <= now:
         raise PopdropError("link_expired", "this link has expired")
-    normalized = codes.normalize(payload["c"])
+    normalized = codes.normalize(link.code)
     voucher = await session.scalar(
         select(Voucher).where(Voucher.code_hash == signer.keyed_hash(normalized))
     )
