@@ -8,13 +8,11 @@ slots are read live on every turn that needs them.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import bindparam, func, select, union_all
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import segments
@@ -38,9 +36,11 @@ from popdrop.chat.messages import (
 from popdrop.chat.models import (
     ChatPin,
 )
+from popdrop.core.cache import ProcessCache
 from popdrop.core.db import UTCDateTime, table_of
 from popdrop.events.models import Event, TimeSlot
-from popdrop.inventory.models import Hold, Product, Stock, Variant
+from popdrop.inventory import service as inventory
+from popdrop.inventory.models import Product, Variant
 
 # ---------------------------------------------------------------- facts
 
@@ -48,52 +48,20 @@ from popdrop.inventory.models import Hold, Product, Stock, Variant
 # Event details and product catalogues change rarely: each process keeps them a few seconds.
 # Availability and slots are read live on every turn that needs them.
 CACHE_SECONDS = 5.0
-_EVENTS: dict[tuple[str, int], tuple[float, EventFact | None]] = {}
-_CATALOGS: dict[tuple[str, int, int], tuple[float, list[ProductFact]]] = {}
 _CACHE_MAX = 10_000
+_EVENTS: ProcessCache[tuple[str, int], EventFact | None] = ProcessCache(
+    maxsize=_CACHE_MAX, ttl=CACHE_SECONDS
+)
+_CATALOGS: ProcessCache[tuple[str, int, int], list[ProductFact]] = ProcessCache(
+    maxsize=_CACHE_MAX, ttl=CACHE_SECONDS
+)
 
-_products_t = table_of(Product)
-_variants_t = table_of(Variant)
-_stock_t = table_of(Stock)
-_holds_t = table_of(Hold)
 _now_param = bindparam("now", type_=UTCDateTime())
-_free = union_all(
-    select(
-        _variants_t.c.product_id.label("product_id"),
-        (_stock_t.c.total - _stock_t.c.sold).label("n"),
-    )
-    .join(_stock_t, _stock_t.c.variant_id == _variants_t.c.id)
-    .join(_products_t, _products_t.c.id == _variants_t.c.product_id)
-    .where(_products_t.c.event_id == bindparam("e_id"), _products_t.c.org_id == bindparam("o_id")),
-    select(_variants_t.c.product_id, -_holds_t.c.qty)
-    .join(_variants_t, _variants_t.c.id == _holds_t.c.variant_id)
-    .where(
-        _holds_t.c.event_id == bindparam("e_id"),
-        _holds_t.c.status == "active",
-        _holds_t.c.expires_at > _now_param,
-    ),
-).subquery()
-# Units left per product of an event: total - sold - unexpired active holds (as
-# inventory.availability counts them), in one round trip.
-_AVAILABLE = select(_free.c.product_id, func.sum(_free.c.n)).group_by(_free.c.product_id)
-
-
-def _cached(cache: dict[Any, tuple[float, Any]], key: Any) -> Any:
-    hit = cache.get(key)
-    if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
-        return hit[1]
-    return None
-
-
-def _remember(cache: dict[Any, tuple[float, Any]], key: Any, value: Any) -> None:
-    if len(cache) >= _CACHE_MAX:
-        cache.clear()
-    cache[key] = (time.monotonic(), value)
 
 
 async def _event_fact(session: AsyncSession, event_id: int) -> EventFact | None:
     key = (_db_key(session), event_id)
-    cached: EventFact | None = _cached(_EVENTS, key)
+    cached = _EVENTS.get(key)
     if cached is not None:
         return cached
     row = (
@@ -120,13 +88,13 @@ async def _event_fact(session: AsyncSession, event_id: int) -> EventFact | None:
             venue=row.venue_name,
             status=row.status,
         )
-    _remember(_EVENTS, key, fact)
+    _EVENTS.put(key, fact)
     return fact
 
 
 async def _catalog(session: AsyncSession, org_id: int, event_id: int) -> list[ProductFact]:
     key = (_db_key(session), org_id, event_id)
-    cached: list[ProductFact] | None = _cached(_CATALOGS, key)
+    cached = _CATALOGS.get(key)
     if cached is not None:
         return cached
     rows = (
@@ -164,7 +132,7 @@ async def _catalog(session: AsyncSession, org_id: int, event_id: int) -> list[Pr
         )
         for r in rows
     ]
-    _remember(_CATALOGS, key, catalog)
+    _CATALOGS.put(key, catalog)
     return catalog
 
 
@@ -175,14 +143,8 @@ async def _products(
     catalog = await _catalog(session, org_id, event_id)
     if not catalog:
         return []
-    conn = await session.connection()
-    left = {
-        int(product_id): int(n or 0)
-        for product_id, n in await conn.execute(
-            _AVAILABLE, {"e_id": event_id, "o_id": org_id, "now": now}
-        )
-    }
-    return [replace(p, available=max(left.get(p.id, 0), 0)) for p in catalog]
+    left = await inventory.units_left_by_product(session, org_id, event_id, now)
+    return [replace(p, available=left.get(p.id, 0)) for p in catalog]
 
 
 _slots_t = table_of(TimeSlot)
