@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from popdrop.accounts import service as accounts
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import consent, contacts, segments, settings, unsubscribe
+from popdrop.audience import consent, contacts, segments, settings
 from popdrop.audience.models import ConsentEvent, Contact
 from popdrop.audience.schemas import (
     ActivityIn,
@@ -26,6 +26,7 @@ from popdrop.audience.schemas import (
     ContactIn,
     SegmentIn,
 )
+from popdrop.core import links
 from popdrop.core.clock import FrozenClock
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant
@@ -442,7 +443,7 @@ async def _token_for(ctx: AppContext, contact_id: int) -> str:
     async with ctx.db.reader() as session:
         contact = await session.get(Contact, contact_id)
         assert contact is not None
-        return unsubscribe.preferences_token(ctx.signer, contact)
+        return links.preferences_token(ctx.signer, contact.org_id, contact.id)
 
 
 async def test_preferences_page_round_trip(
@@ -526,11 +527,11 @@ async def test_double_opt_in_link_confirms(
             ConsentChange(channel="email", action="request", wording=WORDING, source="form"),
             now=clock.now(),
         )
-        token = consent.double_opt_in_token(ctx.signer, contact, "email")
-    page = await app_client.get(f"/c/{token}", headers=HTML)
+        confirm = links.consent_confirm_url(ctx.signer, "", contact.org_id, contact.id, "email")
+    page = await app_client.get(confirm, headers=HTML)
     assert page.status_code == 200 and "Thanks, you're in" in page.text
     assert (await consent_of(ctx, ids[0]))["email"] == "granted"
-    twice = await app_client.get(f"/c/{token}", headers=HTML)  # a second click is harmless
+    twice = await app_client.get(confirm, headers=HTML)  # a second click is harmless
     assert twice.status_code == 200
 
 
@@ -540,7 +541,7 @@ async def test_unsubscribe_links_in_mail_sent_before_the_short_token_still_work(
     """Mail already in inboxes carries the older, JSON-payload token: it must keep working
     (an unsubscribe link is honoured months later), and a forged one must not."""
     ids = await seed(ctx, tenant, AUDIENCE[4:5])
-    legacy = ctx.signer.sign(unsubscribe.PREFERENCES_PURPOSE, {"o": tenant.org_id, "c": ids[0]})
+    legacy = ctx.signer.sign(links.Purpose.PREFERENCES, {"o": tenant.org_id, "c": ids[0]})
     assert legacy != await _token_for(ctx, ids[0])
     done = await app_client.post(f"/u/{legacy}")
     assert done.status_code == 200, done.text

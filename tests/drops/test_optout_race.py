@@ -36,8 +36,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from popdrop.audience import unsubscribe
 from popdrop.audience.models import Contact
+from popdrop.core import links
 from popdrop.core.identity import identity_hash
 from popdrop.drops.models import SendRow
 from popdrop.drops.pipeline import Sender
@@ -268,7 +268,7 @@ async def test_no_message_reaches_anyone_after_their_opt_out_was_acknowledged(
         while peer.received() < place - LEAD:  # noqa: ASYNC110
             await asyncio.sleep(0.002)
         if channel == "email":
-            token = unsubscribe.preferences_token(ctx.signer, contact)
+            token = links.preferences_token(ctx.signer, contact.org_id, contact.id)
             await _unsubscribe(app_client, f"{base}/u/{token}")
             assert contact.email is not None
             acks[contact.email] = time.time()
@@ -369,7 +369,7 @@ async def test_an_opt_out_acknowledged_during_the_batch_skips_that_persons_messa
     async with ctx.db.reader() as session:
         contact = await session.get(Contact, last["id"])
         assert contact is not None
-        token = unsubscribe.preferences_token(ctx.signer, contact)
+        token = links.preferences_token(ctx.signer, contact.org_id, contact.id)
     provider = OptOutWhileSending(app_client, f"https://pop.example/u/{token}")
     # One at a time, so the opt-out is acknowledged before the last message is decided.
     one_by_one = sender(ctx, provider, org=tenant)  # type: ignore[arg-type]

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import (
     delete,
@@ -45,6 +44,7 @@ from popdrop.audience.schemas import (
     ConsentChange,
     ConsentEventOut,
 )
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.signing import Signer
 
@@ -53,8 +53,6 @@ CONSENT_COLUMN = {"email": "consent_email", "sms": "consent_sms", "chat": "conse
 CHANNEL_POINT = {"email": "email", "sms": "phone", "chat": "phone"}
 # Sources that are the person's own fresh act: only these lift an opt-out suppression.
 SELF_SOURCES = frozenset({"form", "double_opt_in", "sms_keyword", "chat_keyword", "preferences"})
-DOUBLE_OPT_IN_PURPOSE = "consent-confirm"
-DOUBLE_OPT_IN_MAX_AGE = 7 * 24 * 3600
 
 
 # ---------------------------------------------------------------- consent
@@ -201,17 +199,12 @@ async def consent_history(
     )
 
 
-def double_opt_in_token(signer: Signer, contact: Contact, channel: str) -> str:
-    return signer.sign(DOUBLE_OPT_IN_PURPOSE, {"o": contact.org_id, "c": contact.id, "ch": channel})
-
-
 async def confirm_double_opt_in(
     session: AsyncSession, signer: Signer, token: str, *, now: datetime
 ) -> Contact:
     """The person clicked the confirmation link: pending → granted (source double_opt_in)."""
-    payload: Any = signer.unsign(DOUBLE_OPT_IN_PURPOSE, token, max_age=DOUBLE_OPT_IN_MAX_AGE)
-    contact = await _contact_from_payload(session, payload)
-    channel = payload.get("ch")
+    ref, channel = links.read_consent_confirm(signer, token)  # `link_expired` after a week
+    contact = await contact_of_link(session, ref)
     if channel not in CONSENT_COLUMN:
         raise PopdropError("link_invalid", "this link is not valid")
     state = getattr(contact, CONSENT_COLUMN[channel])
@@ -239,12 +232,11 @@ async def _pending_wording(session: AsyncSession, contact_id: int, channel: str)
     return wording or ""
 
 
-async def _contact_from_payload(session: AsyncSession, payload: Any) -> Contact:
-    if not isinstance(payload, dict) or not isinstance(payload.get("c"), int):
-        raise PopdropError("link_invalid", "this link is not valid")
+async def contact_of_link(session: AsyncSession, ref: links.ContactRef) -> Contact:
+    """The live contact a signed link names (`core.links`), or `link_invalid`."""
     contact = await session.scalar(
         select(Contact)
-        .where(Contact.id == payload["c"], Contact.org_id == payload.get("o"))
+        .where(Contact.id == ref.contact_id, Contact.org_id == ref.org_id)
         .execution_options(populate_existing=True)
     )
     if contact is None or contact.erased_at is not None:

@@ -20,13 +20,14 @@ from popdrop.audience.models import (
     Contact,
     Suppression,
 )
-from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.errors import PopdropError
 from popdrop.core.identity import (
     identity_hash,
     normalize_email,
     normalize_phone,
 )
 from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
 
 # ---------------------------------------------------------------- contact points
 
@@ -66,14 +67,7 @@ def contact_points(
 
 async def get_contact(session: AsyncSession, principal: Principal, contact_id: int) -> Contact:
     principal.require("audience:read")
-    contact = await session.scalar(
-        select(Contact)
-        .where(Contact.id == contact_id, Contact.org_id == principal.org_id)
-        .execution_options(populate_existing=True)
-    )
-    if contact is None:
-        raise not_found("contact")
-    return contact
+    return await owned(session, Contact, contact_id, principal.org_id, fresh=True)
 
 
 async def find_contact(session: AsyncSession, org_id: int, points: ContactPoints) -> Contact | None:

@@ -42,12 +42,13 @@ from popdrop.audience.schemas import (
 )
 from popdrop.audience.segments import _has_label
 from popdrop.audience.settings import bucket_of, get_settings
-from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.errors import PopdropError
 from popdrop.core.identity import (
     phone_time_zone,
 )
 from popdrop.core.schemas import require_clean_text
 from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
 
 # ---------------------------------------------------------------- contacts
 
@@ -284,13 +285,8 @@ async def record_activity(
                 )
         if contact_id is None:
             return None
-    elif (
-        await session.scalar(
-            select(Contact.id).where(Contact.id == contact_id, Contact.org_id == org_id)
-        )
-        is None
-    ):
-        raise not_found("contact")
+    else:
+        await owned(session, Contact, contact_id, org_id)
     session.add(
         ContactActivity(
             org_id=org_id,

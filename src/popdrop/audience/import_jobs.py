@@ -17,7 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.accounts.service import Principal
+from popdrop.accounts.service import Principal, system_principal
 from popdrop.audience.import_rows import check_file, text_opener
 from popdrop.audience.import_writer import Totals
 from popdrop.audience.importer import _import, _TakenOver
@@ -30,8 +30,9 @@ from popdrop.audience.schemas import (
 )
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
-from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.errors import PopdropError
 from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
 
 log = logging.getLogger(__name__)
 # A job stores at most this many report lines (counters stay exact); the CLI keeps all.
@@ -95,7 +96,9 @@ async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> No
         start = Totals(job.processed_rows, job.created, job.updated, job.unchanged, job.refused)
         problems = [ImportRowProblem.model_validate(p) for p in json.loads(job.report or "[]")]
         total = job.total_rows
-    principal = Principal(org_id, f"import-job:{job_id}", "owner", frozenset({"audience:write"}))
+    principal = system_principal(
+        org_id, f"import-job:{job_id}", role="owner", scopes=frozenset({"audience:write"})
+    )
 
     async def on_commit(
         session: AsyncSession, before: Totals, after: Totals, found: list[ImportRowProblem]
@@ -195,14 +198,7 @@ async def resume_jobs(db: Database, signer: Signer, clock: Clock) -> list[int]:
 
 async def get_job(session: AsyncSession, principal: Principal, job_id: int) -> ImportJob:
     principal.require("audience:read")
-    job = await session.scalar(
-        select(ImportJob)
-        .where(ImportJob.id == job_id, ImportJob.org_id == principal.org_id)
-        .execution_options(populate_existing=True)
-    )
-    if job is None:
-        raise not_found("import job")
-    return job
+    return await owned(session, ImportJob, job_id, principal.org_id, what="import job", fresh=True)
 
 
 def job_out(job: ImportJob) -> ImportJobOut:

@@ -8,7 +8,7 @@ render. The rules of the other operator pages hold (`PageRoute`):
 - every operator POST carries the double-submit CSRF field and calls `check_csrf` first;
 - a refusal is shown next to the form it belongs to (4xx), never a 500.
 
-Public pages take a signed token (`unsubscribe.preferences_token`, the double opt-in token):
+Public pages take a signed token (`core.links.preferences_token`, the double opt-in token):
 - `POST /u/{token}` is the RFC 8058 one-click endpoint: no login, no CSRF, any body (or
   none); a GET of the same URL only shows the preferences, because mail scanners
   prefetch links and must never unsubscribe anyone;
@@ -47,6 +47,7 @@ from popdrop.audience.schemas import (
     SegmentIn,
     SegmentRules,
 )
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.events.models import Event
 from popdrop.web.auth import check_csrf
@@ -799,7 +800,7 @@ async def confirm(request: Request, token: str, ctx: Ctx) -> Response:
                 session, ctx.signer, token, now=ctx.clock.now()
             )
             org = await _org_name(session, contact.org_id)
-            prefs = unsubscribe.preferences_token(ctx.signer, contact)
+            prefs = links.preferences_token(ctx.signer, contact.org_id, contact.id)
     except PopdropError as error:
         return _link_trouble(request, error)
     context = {"org": org, "token": prefs, "what": "confirmed"}

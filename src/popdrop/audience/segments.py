@@ -42,6 +42,7 @@ from popdrop.audience.schemas import (
 from popdrop.audience.settings import bucket_condition, get_settings
 from popdrop.checkin.models import Visit
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.tenancy import owned
 from popdrop.events.models import Event
 from popdrop.rsvp.models import Rsvp
 
@@ -250,12 +251,7 @@ async def save_segment(
 
 async def get_segment(session: AsyncSession, principal: Principal, segment_id: int) -> Segment:
     principal.require("audience:read")
-    segment = await session.scalar(
-        select(Segment).where(Segment.id == segment_id, Segment.org_id == principal.org_id)
-    )
-    if segment is None:
-        raise not_found("segment")
-    return segment
+    return await owned(session, Segment, segment_id, principal.org_id)
 
 
 async def list_segments(session: AsyncSession, principal: Principal) -> list[Segment]:

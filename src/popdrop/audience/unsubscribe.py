@@ -8,14 +8,13 @@ An opt-out is acknowledged (the one-click 200) only after its commit (see
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import (
     delete,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.audience.consent import CONSENT_COLUMN, _contact_from_payload, change_consent
+from popdrop.audience.consent import CONSENT_COLUMN, change_consent, contact_of_link
 from popdrop.audience.contacts import add_labels
 from popdrop.audience.models import (
     Contact,
@@ -25,24 +24,19 @@ from popdrop.audience.schemas import (
     ConsentChange,
     PreferencesIn,
 )
-from popdrop.core.errors import PopdropError
+from popdrop.core import links
 from popdrop.core.signing import Signer
-
-PREFERENCES_PURPOSE = "preferences"
-
 
 # ---------------------------------------------------------------- email unsubscribe
 
 
-def preferences_token(signer: Signer, contact: Contact) -> str:
-    """A signed, non-expiring token naming one contact: the one-click unsubscribe URL and the
-    preferences page both take it (an unsubscribe link must work months later)."""
-    return signer.sign_text(PREFERENCES_PURPOSE, f"{contact.org_id}:{contact.id}")
-
-
 def unsubscribe_headers(signer: Signer, base_url: str, contact: Contact) -> dict[str, str]:
-    """RFC 8058 headers for an email to this contact (RFC 2369 List-Unsubscribe + one-click)."""
-    return unsubscribe_headers_for(f"{base_url.rstrip('/')}/u/{preferences_token(signer, contact)}")
+    """RFC 8058 headers for an email to this contact (RFC 2369 List-Unsubscribe + one-click).
+    The URL's token (`core.links.preferences_token`) never expires: an unsubscribe link
+    must work months later."""
+    return unsubscribe_headers_for(
+        links.unsubscribe_url(signer, base_url, contact.org_id, contact.id)
+    )
 
 
 def unsubscribe_headers_for(url: str | None) -> dict[str, str]:
@@ -55,14 +49,7 @@ def unsubscribe_headers_for(url: str | None) -> dict[str, str]:
 
 
 async def contact_from_token(session: AsyncSession, signer: Signer, token: str) -> Contact:
-    payload: Any
-    try:
-        org, _sep, contact = signer.unsign_text(PREFERENCES_PURPOSE, token).partition(":")
-        payload = {"o": int(org), "c": int(contact)}
-    except (PopdropError, ValueError):
-        # Links in mail sent before the short token still work.
-        payload = signer.unsign(PREFERENCES_PURPOSE, token)
-    return await _contact_from_payload(session, payload)
+    return await contact_of_link(session, links.read_preferences(signer, token))
 
 
 async def one_click_unsubscribe(

@@ -31,9 +31,10 @@ from popdrop.chat.models import (
 )
 from popdrop.chat.turn import _message_row
 from popdrop.core.db import table_of
-from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import is_clean_text
 from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
 
 _web_inbox = table_of(WebInbox)
 
@@ -44,14 +45,7 @@ _web_inbox = table_of(WebInbox)
 async def get_conversation(
     session: AsyncSession, org_id: int, conversation_id: int
 ) -> Conversation:
-    conv = await session.scalar(
-        select(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.org_id == org_id)
-        .execution_options(populate_existing=True)
-    )
-    if conv is None:
-        raise not_found("conversation")
-    return conv
+    return await owned(session, Conversation, conversation_id, org_id, fresh=True)
 
 
 async def take_over(

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.accounts.service import Principal
+from popdrop.accounts.service import Principal, system_principal
 from popdrop.audience import contact_points
 from popdrop.audience.models import Contact
 from popdrop.chat.engine import (
@@ -61,7 +61,7 @@ class ChatDeps:
 
 def chat_principal(org_id: int) -> Principal:
     """Who acts for a customer's conversation (RSVP, hold, voucher, ticket, consent)."""
-    return Principal(org_id, CHAT_ACTOR, "system", CHAT_SCOPES)
+    return system_principal(org_id, CHAT_ACTOR, scopes=CHAT_SCOPES)
 
 
 # ---------------------------------------------------------------- addresses

@@ -44,7 +44,9 @@ from popdrop.chat.models import (
 )
 from popdrop.checkin import service as checkin
 from popdrop.checkin.schemas import TicketCreate
+from popdrop.core import links
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.tenancy import owned
 from popdrop.events.models import Event
 from popdrop.inventory import service as inventory
 from popdrop.inventory.models import Hold, Product, Stock, Variant
@@ -56,7 +58,6 @@ from popdrop.vouchers import service as vouchers
 from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import BatchCreate
 
-CHECKOUT_PURPOSE = "chat-checkout"
 # Engine activity kinds that are engagement for the audience domain's recency.
 _AUDIENCE_ACTIVITY = {"chat_started": "chat"}
 
@@ -208,9 +209,6 @@ class _Effects:
     ) -> EffectResult:
         return EffectResult(ok=True, data=data, secrets=secrets or {})
 
-    def _ticket_url(self, secret: str) -> str:
-        return f"{self.deps.base_url.rstrip('/')}/t/{secret}"
-
     async def _link_contact(self, email: str | None, phone: str | None) -> None:
         conv = self.conv
         if conv.contact_id is None:
@@ -253,7 +251,7 @@ class _Effects:
         if result.ticket_secret is not None:
             secrets = {
                 "ticket_secret": result.ticket_secret,
-                "ticket_url": self._ticket_url(result.ticket_secret),
+                "ticket_url": links.ticket_url(self.deps.base_url, result.ticket_secret),
             }
             if result.ticket_id is not None:
                 self.issued_tickets[("rsvp", rsvp.id)] = (result.ticket_id, result.ticket_secret)
@@ -268,15 +266,14 @@ class _Effects:
 
     async def hold(self, effect: engine.HoldEffect) -> EffectResult:
         conv = self.conv
-        product = await self.session.scalar(
-            select(Product).where(
-                Product.id == effect.product_id,
-                Product.org_id == conv.org_id,
-                Product.event_id == conv.event_id,
-            )
+        product = await owned(
+            self.session,
+            Product,
+            effect.product_id,
+            conv.org_id,
+            what="product of this event",
+            where=(Product.event_id == conv.event_id,),
         )
-        if product is None:
-            raise not_found("product of this event")
         variants = list(
             await self.session.scalars(
                 select(Variant).where(Variant.product_id == product.id).order_by(Variant.id)
@@ -433,7 +430,7 @@ class _Effects:
     async def _ticket_result(self, ticket_id: int, secret: str) -> EffectResult:
         return await self._ok(
             {"ticket_id": ticket_id},
-            {"ticket_secret": secret, "ticket_url": self._ticket_url(secret)},
+            {"ticket_secret": secret, "ticket_url": links.ticket_url(self.deps.base_url, secret)},
         )
 
     async def checkout(self, effect: engine.CheckoutLinkEffect) -> EffectResult:
@@ -442,8 +439,7 @@ class _Effects:
             raise not_found("hold")
         if hold.status != "active" or hold.expires_at <= self.now:
             raise PopdropError("hold_expired", "this reservation has expired")
-        token = self.deps.signer.sign(CHECKOUT_PURPOSE, {"h": hold.id, "o": hold.org_id})
-        url = f"{self.deps.base_url.rstrip('/')}/checkout/{token}"
+        url = links.checkout_url(self.deps.signer, self.deps.base_url, hold.id, hold.org_id)
         return await self._ok({"checkout_hold_id": hold.id}, {"checkout_url": url})
 
     async def consent(self, effect: engine.GrantConsentEffect, node: str) -> EffectResult:

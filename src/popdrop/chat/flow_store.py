@@ -19,6 +19,7 @@ from popdrop.chat.flow import Flow, load_compiled, load_flow, shipped_source
 from popdrop.chat.models import (
     FlowVersion,
 )
+from popdrop.core.cache import ProcessCache
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.schemas import is_clean_text
 from popdrop.events.models import Event
@@ -30,7 +31,9 @@ _KEY = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 # ---------------------------------------------------------------- flows
 
 # (database, org, key, version) -> (flow, bound event): versions never change once stored.
-_FLOWS: dict[tuple[str, int, str, int], tuple[Flow, int | None]] = {}
+_FLOWS: ProcessCache[tuple[str, int, str, int], tuple[Flow, int | None]] = ProcessCache(
+    maxsize=2_048
+)
 
 
 def _db_key(session: AsyncSession) -> str:
@@ -81,7 +84,7 @@ async def publish_flow(
                 await session.flush()
         except IntegrityError:
             continue  # a concurrent publish took this number
-        _FLOWS[(_db_key(session), org_id, key, row.version)] = (flow, event_id)
+        _FLOWS.put((_db_key(session), org_id, key, row.version), (flow, event_id))
         return row
     raise PopdropError("conflict", "this flow is being published by someone else; try again")
 
@@ -114,7 +117,7 @@ async def get_flow(
     if row is None:
         raise not_found(f"chat flow {key} version {version}")
     loaded = (load_compiled(json.loads(row.compiled)), row.event_id)
-    _FLOWS[cache_key] = loaded
+    _FLOWS.put(cache_key, loaded)
     return loaded
 
 

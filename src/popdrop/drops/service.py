@@ -40,7 +40,7 @@ from popdrop.audience import segments
 from popdrop.audience.models import Contact
 from popdrop.audience.schemas import SegmentRules
 from popdrop.core.db import Database
-from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.errors import PopdropError
 from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.drops.lifecycle import (
