@@ -231,12 +231,7 @@ async def _valid_ticket_of(
 
 
 async def get_ticket(session: AsyncSession, principal: Principal, ticket_id: int) -> Ticket:
-    ticket = await session.scalar(
-        select(Ticket).where(Ticket.id == ticket_id, Ticket.org_id == principal.org_id)
-    )
-    if ticket is None:
-        raise not_found("ticket")
-    return ticket
+    return await owned(session, Ticket, ticket_id, principal.org_id)
 
 
 async def ticket_secret(session: AsyncSession, ticket: Ticket, now: datetime) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -11,7 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
-from popdrop.core.errors import PopdropError, not_found
+from popdrop.core import links
+from popdrop.core.errors import PopdropError
+from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import EVENT_LIFECYCLE, EventStatus
 from popdrop.events.models import (
     Event,
@@ -31,20 +33,6 @@ from popdrop.events.schemas import (
     StaffCreate,
 )
 
-T = TypeVar("T")
-
-
-async def _owned(session: AsyncSession, model: type[T], principal: Principal, item_id: int) -> T:
-    """The row of this organization with that id, or 404 (also for other tenants' rows)."""
-    columns: Any = model
-    row = await session.scalar(
-        select(columns).where(columns.id == item_id, columns.org_id == principal.org_id)
-    )
-    if row is None:
-        raise not_found(model.__name__.lower())
-    found: T = row
-    return found
-
 
 async def create_event(
     session: AsyncSession, principal: Principal, spec: EventCreate, *, now: datetime
@@ -63,7 +51,7 @@ async def create_event(
 
 async def get_event(session: AsyncSession, principal: Principal, event_id: int) -> Event:
     principal.require("events:read")
-    return await _owned(session, Event, principal, event_id)
+    return await owned(session, Event, event_id, principal.org_id)
 
 
 async def list_events(session: AsyncSession, principal: Principal) -> list[Event]:
@@ -79,7 +67,7 @@ async def update_event(
 ) -> Event:
     """Change the details given. The hold TTL is not among them: holds cache it."""
     principal.require("events:write")
-    event = await _owned(session, Event, principal, event_id)
+    event = await owned(session, Event, event_id, principal.org_id)
     for name, value in spec.model_dump(exclude_unset=True).items():
         setattr(event, name, value)
     if event.ends_at <= event.starts_at:
@@ -94,7 +82,7 @@ async def set_status(
     """The one writer of an event's status: asking for the status it has is a no-op; a
     move `EVENT_LIFECYCLE` does not allow is refused (`invalid_transition`)."""
     principal.require("events:write")
-    event = await _owned(session, Event, principal, event_id)
+    event = await owned(session, Event, event_id, principal.org_id)
     target, current = EventStatus(status), EventStatus(event.status)
     if target != current:
         event.status = EVENT_LIFECYCLE.check(current, target)
@@ -105,7 +93,7 @@ async def add_slot(
     session: AsyncSession, principal: Principal, event_id: int, spec: SlotCreate
 ) -> TimeSlot:
     principal.require("events:write")
-    event = await _owned(session, Event, principal, event_id)
+    event = await owned(session, Event, event_id, principal.org_id)
     slot = TimeSlot(org_id=principal.org_id, event_id=event.id, taken=0, **spec.model_dump())
     session.add(slot)
     await session.flush()
@@ -126,7 +114,7 @@ async def add_lane(
     session: AsyncSession, principal: Principal, event_id: int, spec: LaneCreate
 ) -> Lane:
     principal.require("events:write")
-    event = await _owned(session, Event, principal, event_id)
+    event = await owned(session, Event, event_id, principal.org_id)
     lane = Lane(org_id=principal.org_id, event_id=event.id, **spec.model_dump())
     session.add(lane)
     await session.flush()
@@ -147,8 +135,8 @@ async def add_pickup_window(
     session: AsyncSession, principal: Principal, lane_id: int, spec: PickupWindowCreate
 ) -> PickupWindow:
     principal.require("events:write")
-    lane = await _owned(session, Lane, principal, lane_id)
-    slot = await _owned(session, TimeSlot, principal, spec.slot_id)
+    lane = await owned(session, Lane, lane_id, principal.org_id)
+    slot = await owned(session, TimeSlot, spec.slot_id, principal.org_id)
     if slot.event_id != lane.event_id:
         raise PopdropError("invalid_request", "the slot belongs to another event")
     window = PickupWindow(
@@ -166,7 +154,7 @@ async def add_partner(
     session: AsyncSession, principal: Principal, event_id: int, spec: PartnerCreate
 ) -> Partner:
     principal.require("events:write")
-    event = await _owned(session, Event, principal, event_id)
+    event = await owned(session, Event, event_id, principal.org_id)
     partner = Partner(org_id=principal.org_id, event_id=event.id, **spec.model_dump())
     session.add(partner)
     await session.flush()
@@ -177,8 +165,8 @@ async def assign_staff(
     session: AsyncSession, principal: Principal, event_id: int, spec: StaffCreate
 ) -> StaffAssignment:
     principal.require("events:write")
-    event = await _owned(session, Event, principal, event_id)
-    await _owned(session, User, principal, spec.user_id)
+    event = await owned(session, Event, event_id, principal.org_id)
+    await owned(session, User, spec.user_id, principal.org_id)
     staff = StaffAssignment(
         org_id=principal.org_id, event_id=event.id, user_id=spec.user_id, gate=spec.gate
     )
@@ -238,7 +226,7 @@ def ical_feed(events: list[Event], *, name: str, base_url: str, now: datetime) -
                 _ics_text(", ".join(p for p in (event.venue_name, event.venue_address) if p)),
             ),
             ("STATUS", "CONFIRMED"),
-            ("URL", f"{base_url.rstrip('/')}/e/{event.id}"),
+            ("URL", links.event_url(base_url, event.id)),
         ]
         if event.latitude is not None and event.longitude is not None:
             fields.append(("GEO", f"{event.latitude};{event.longitude}"))
