@@ -3,8 +3,8 @@
 GET shows the offer (places, slot, the deadline in the event's time zone) and a Claim
 button; POST claims it (the same `claim_offer` as `POST /api/v1/public/waitlist/claim`,
 under the same guessing guard) and links the QR ticket. Works without JavaScript, on a
-phone first. The token is signed (`offer_link`), so it cannot be guessed; a bad one gets
-a plain "this link doesn't look right" page.
+phone first. The token is signed (`core.links.waitlist_offer_url`), so it cannot be
+guessed; a bad one gets a plain "this link doesn't look right" page.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.events.models import Event, TimeSlot
 from popdrop.rsvp import service
 from popdrop.rsvp.api import created, public_guarded
 from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
-from popdrop.rsvp.offer_link import read_offer_token
 from popdrop.vouchers import codes
 from popdrop.vouchers.models import Voucher
 from popdrop.web.auth import check_csrf
@@ -44,7 +44,7 @@ _TROUBLE = {
 
 async def _view(ctx: AppContext, token: str) -> dict[str, Any]:
     """The offer behind a link: event, slot and offer (`link_invalid` when none)."""
-    event_id, code = read_offer_token(ctx.signer, token)
+    event_id, code = links.read_waitlist_offer(ctx.signer, token)
     code_hash = ctx.signer.keyed_hash(codes.normalize(code))
     async with ctx.db.reader() as session:
         row = (

@@ -35,6 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import consent, contact_points
+from popdrop.core import links
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
 from popdrop.core.logging import log
@@ -51,7 +52,6 @@ from popdrop.outbound.transports import (
 )
 from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
-from popdrop.rsvp.offer_link import offer_link
 from popdrop.rsvp.service import OFFER_NOTICE
 from popdrop.web.pagekit import local
 
@@ -97,7 +97,7 @@ async def render_waitlist_offer(
     offer, event, slot = found
     if offer.status != OfferStatus.OPEN or offer.expires_at <= ctx.now:
         return None
-    link = offer_link(ctx.signer, ctx.base_url, event.id, str(payload["code"]))
+    link = links.waitlist_offer_url(ctx.signer, ctx.base_url, event.id, str(payload["code"]))
     deadline = local(offer.expires_at, event.timezone, DEADLINE_FORMAT)
     when = local(slot.starts_at, event.timezone, DEADLINE_FORMAT)
     places = f"{offer.places} place{'s' if offer.places != 1 else ''}"
