@@ -69,6 +69,17 @@ def _invalid(message: str = "this link is not valid") -> PopdropError:
     return PopdropError("link_invalid", message)
 
 
+def _id_and(payload: Any, id_key: str, other_key: str, other_type: type) -> tuple[int, Any]:
+    """(payload[id_key], payload[other_key]) of a JSON token: an int id and a value of
+    `other_type`; anything else (an older or foreign shape) is `link_invalid`."""
+    if not isinstance(payload, dict):
+        raise _invalid()
+    first, second = payload.get(id_key), payload.get(other_key)
+    if not isinstance(first, int) or not isinstance(second, other_type):
+        raise _invalid()
+    return first, second
+
+
 # ---------------------------------------------------------------- URLs
 
 
@@ -185,13 +196,7 @@ def rsvp_cancel_token(signer: Signer, rsvp_id: int, org_id: int) -> str:
 
 def read_rsvp_cancel(signer: Signer, token: str) -> tuple[int, int]:
     """(rsvp id, org id) of a cancel token, or `link_invalid`. Needs no database."""
-    payload: Any = signer.unsign(Purpose.RSVP_CANCEL, token)
-    if not isinstance(payload, dict):
-        raise _invalid()
-    rsvp_id, org_id = payload.get("r"), payload.get("o")
-    if not isinstance(rsvp_id, int) or not isinstance(org_id, int):
-        raise _invalid()
-    return rsvp_id, org_id
+    return _id_and(signer.unsign(Purpose.RSVP_CANCEL, token), "r", "o", int)
 
 
 def waitlist_offer_url(signer: Signer, base_url: str, event_id: int, code: str) -> str:
@@ -204,13 +209,7 @@ def waitlist_offer_url(signer: Signer, base_url: str, event_id: int, code: str) 
 
 def read_waitlist_offer(signer: Signer, token: str) -> tuple[int, str]:
     """(event id, voucher code) of an offer link, or `link_invalid`. Needs no database."""
-    payload: Any = signer.unsign(Purpose.WAITLIST_OFFER, token)
-    if not isinstance(payload, dict):
-        raise _invalid()
-    event_id, code = payload.get("e"), payload.get("c")
-    if not isinstance(event_id, int) or not isinstance(code, str):
-        raise _invalid()
-    return event_id, code
+    return _id_and(signer.unsign(Purpose.WAITLIST_OFFER, token), "e", "c", str)
 
 
 # ---------------------------------------------------------------- calendar feed
@@ -266,13 +265,7 @@ def checkout_url(signer: Signer, base_url: str, hold_id: int, org_id: int) -> st
 
 def read_checkout(signer: Signer, token: str) -> tuple[int, int]:
     """(hold id, org id) of a checkout token, or `link_invalid`."""
-    payload: Any = signer.unsign(Purpose.CHAT_CHECKOUT, token)
-    if not isinstance(payload, dict):
-        raise _invalid()
-    hold_id, org_id = payload.get("h"), payload.get("o")
-    if not isinstance(hold_id, int) or not isinstance(org_id, int):
-        raise _invalid()
-    return hold_id, org_id
+    return _id_and(signer.unsign(Purpose.CHAT_CHECKOUT, token), "h", "o", int)
 
 
 def visitor_token(signer: Signer, org_id: int, visitor: str) -> str:
