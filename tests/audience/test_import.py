@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from popdrop.accounts.service import ROLES, Principal
-from popdrop.audience import consent, contact_points, exports, import_jobs, import_rows, importer
+from popdrop.audience import consent, contact_points, exports, import_jobs, importer
 from popdrop.audience import contacts as audience_contacts
 from popdrop.audience.models import ConsentEvent, Contact, ContactLabel, ImportJob
 from popdrop.audience.schemas import ConsentChange, ImportReport, SegmentRules
 from popdrop.core.errors import PopdropError
-from popdrop.core.identity import normalize_email
+from popdrop.core.identity import EmailNormalizer, normalize_email
 from popdrop.usecases import privacy
 from popdrop.web.context import AppContext
 from tests.audience.helpers import add_contact, inbound
@@ -564,7 +564,7 @@ def _outcome(normalize: Any, raw: str) -> str:
 
 @pytest.mark.parametrize("raw", EMAILS)
 def test_the_fast_email_check_agrees_with_the_one_normaliser(raw: str) -> None:
-    fast = import_rows.EmailNormalizer()
+    fast = EmailNormalizer()
     assert _outcome(fast, raw) == _outcome(normalize_email, raw)
     assert _outcome(fast, raw) == _outcome(fast, raw)  # the cached domain, second time
 
@@ -579,4 +579,4 @@ def test_the_fast_email_check_agrees_with_the_one_normaliser(raw: str) -> None:
 )
 def test_the_fast_email_check_agrees_on_generated_addresses(local: str, domain: str) -> None:
     raw = f"{local}@{domain}"
-    assert _outcome(import_rows.EmailNormalizer(), raw) == _outcome(normalize_email, raw)
+    assert _outcome(EmailNormalizer(), raw) == _outcome(normalize_email, raw)

@@ -18,16 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
 
-import phonenumbers
-from phonenumbers import timezone as phone_timezones
-from phonenumbers.tzdata import TIMEZONE_DATA
-
 from popdrop.audience.schemas import (
     clean_labels,
 )
 from popdrop.core.csvsafe import restore_cell
 from popdrop.core.errors import PopdropError
-from popdrop.core.identity import identity_hash, normalize_email, normalize_phone
+from popdrop.core.identity import EmailNormalizer, identity_hash, phone_and_zone
 from popdrop.core.signing import Signer
 
 COLUMNS = (
@@ -54,9 +50,6 @@ Opener = Callable[[], contextlib.AbstractContextManager[IO[str]]]
 _LABEL_SPLIT = re.compile(r"[;|]")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*\Z")
 _REGION = re.compile(r"[A-Za-z]{2}\Z")
-# RFC 5322 dot-atom: the local parts email-validator passes through unchanged.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 
 
 # ---------------------------------------------------------------- row validation
@@ -91,80 +84,6 @@ class _Row(NamedTuple):
     wording: str
     proof: str | None
     without_proof: bool  # consent asked for, no proof given: imported without consent
-
-
-class EmailNormalizer:
-    """`core.identity.normalize_email`, fast for the common case.
-
-    Most of email-validator's time goes to the domain, and a list holds few domains: for an
-    ASCII dot-atom local part (which the validator returns unchanged) the domain is
-    validated once through `normalize_email` and remembered. Anything else, and every
-    error, goes through `normalize_email` itself, so results are the same."""
-
-    def __init__(self, max_domains: int = 50_000) -> None:
-        self._domains: dict[str, str | None] = {}
-        self._max = max_domains
-
-    def __call__(self, raw: str) -> str:
-        text = raw.strip()
-        local, _, domain = text.partition("@")
-        if (
-            domain
-            and len(text) <= 254
-            and len(local) <= 64
-            and text.isascii()
-            and "@" not in domain
-            and _DOT_ATOM.match(local)
-        ):
-            clean = self._domain(domain)
-            if clean is not None:
-                address = f"{local.lower()}@{clean}"
-                if len(address.encode()) <= 254:
-                    return address
-        return normalize_email(text)
-
-    def _domain(self, domain: str) -> str | None:
-        if domain in self._domains:
-            return self._domains[domain]
-        try:
-            clean: str | None = normalize_email(f"x@{domain}").partition("@")[2]
-        except PopdropError:
-            clean = None
-        if len(self._domains) < self._max:
-            self._domains[domain] = clean
-        return clean
-
-
-def phone_and_zone(raw: str, region: str | None, *, zone: bool = True) -> tuple[str, str | None]:
-    """`core.identity.normalize_phone` and `phone_time_zone` with one parse (the parse is
-    most of their cost): the E.164 number and (if `zone`) its time zone when it has one."""
-    try:
-        parsed = phonenumbers.parse(raw.strip(), region)
-    except phonenumbers.NumberParseException:
-        return normalize_phone(raw, region), None  # raises with the one message
-    if not phonenumbers.is_valid_number(parsed):
-        return normalize_phone(raw, region), None  # raises with the one message
-    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    if not zone:
-        return e164, None
-    known, single = _country_zone(parsed.country_code)
-    if known:
-        return e164, single
-    zones = [z for z in phone_timezones.time_zones_for_number(parsed) if "/" in z]
-    return e164, zones[0] if len(zones) == 1 else None
-
-
-@functools.cache
-def _country_zone(country_code: int) -> tuple[bool, str | None]:
-    """(True, zone) when every valid number of this country code has the same zones in
-    phonenumbers' data (FR, DE ...): the lookup, which classifies the number again, is
-    then not needed. (False, None) when the zone depends on the number (US ...)."""
-    code = str(country_code)
-    related = {v for k, v in TIMEZONE_DATA.items() if k.startswith(code) or code.startswith(k)}
-    if code not in TIMEZONE_DATA or len(related) != 1:
-        return False, None
-    zones = [z for z in related.pop() if "/" in z]
-    return True, zones[0] if len(zones) == 1 else None
 
 
 @functools.cache
