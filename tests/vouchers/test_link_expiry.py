@@ -28,9 +28,7 @@ def _batch(valid_until: datetime | None, ttl_seconds: int | None) -> VoucherBatc
 def test_a_link_lives_until_the_batch_end_or_the_ttl_whichever_comes_first() -> None:
     week = NOW + timedelta(days=7)
     assert link_expiry(_batch(week, 3600), NOW) == NOW + timedelta(hours=1)
-    assert link_expiry(_batch(NOW + timedelta(minutes=5), 3600), NOW) == NOW + timedelta(
-        minutes=5
-    )
+    assert link_expiry(_batch(NOW + timedelta(minutes=5), 3600), NOW) == NOW + timedelta(minutes=5)
     assert link_expiry(_batch(week, None), NOW) == week
     assert link_expiry(_batch(None, 600), NOW) == NOW + timedelta(minutes=10)
     assert link_expiry(_batch(None, None), NOW) == NOW + timedelta(hours=DEFAULT_LINK_HOURS)
