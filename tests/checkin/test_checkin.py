@@ -419,7 +419,7 @@ async def test_bad_ticket_input(app_client: Client, tenant: Tenant, ctx: AppCont
     path = f"/api/v1/tickets/{ticket['ticket']['id']}"
     assert (await app_client.post(f"{path}/cancel", headers=tenant.headers)).status_code == 200
     again = await app_client.post(f"{path}/revoke", headers=tenant.headers)
-    assert again.status_code == 409 and again.json()["reason"] == "conflict"
+    assert again.status_code == 409 and again.json()["reason"] == "invalid_transition"
     batch = await app_client.post(
         "/api/v1/checkins/batch", json={"scans": []}, headers=tenant.headers
     )

@@ -21,6 +21,11 @@ from popdrop.accounts.service import Principal, system_principal
 from popdrop.audience.import_rows import check_file, text_opener
 from popdrop.audience.import_writer import Totals
 from popdrop.audience.importer import _import, _TakenOver
+from popdrop.audience.lifecycle import (
+    IMPORT_JOB_LIFECYCLE,
+    UNFINISHED_IMPORT_STATUSES,
+    ImportJobStatus,
+)
 from popdrop.audience.models import (
     ImportJob,
 )
@@ -61,7 +66,7 @@ async def create_job(
     job = ImportJob(
         org_id=principal.org_id,
         filename=_upload_name(filename),
-        status="queued",
+        status=ImportJobStatus.QUEUED,
         total_rows=total,
         processed_rows=0,
         created=0,
@@ -86,12 +91,16 @@ async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> No
     chunk, so a resumed job skips the rows already written and its counters stay exact."""
     async with db.transaction() as session:
         job = await session.get(ImportJob, job_id)
-        if job is None or job.status not in ("queued", "running"):
+        if job is None or job.status not in UNFINISHED_IMPORT_STATUSES:
             return
+        # Status writes go through IMPORT_JOB_LIFECYCLE (a resumed job stays running).
+        status = ImportJobStatus(job.status)
         if job.payload is None:
-            job.status, job.error, job.finished_at = "failed", "the upload is gone", clock.now()
+            job.status = IMPORT_JOB_LIFECYCLE.check(status, ImportJobStatus.FAILED)
+            job.error, job.finished_at = "the upload is gone", clock.now()
             return
-        job.status = "running"
+        if status is not ImportJobStatus.RUNNING:
+            job.status = IMPORT_JOB_LIFECYCLE.check(status, ImportJobStatus.RUNNING)
         payload, org_id, filename = job.payload, job.org_id, job.filename
         start = Totals(job.processed_rows, job.created, job.updated, job.unchanged, job.refused)
         problems = [ImportRowProblem.model_validate(p) for p in json.loads(job.report or "[]")]
@@ -116,7 +125,7 @@ async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> No
             update(ImportJob)
             .where(
                 ImportJob.id == job_id,
-                ImportJob.status == "running",
+                ImportJob.status == ImportJobStatus.RUNNING,
                 ImportJob.processed_rows == before.rows,
             )
             .values(**values)
@@ -145,19 +154,28 @@ async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> No
     except _TakenOver:
         return
     except PopdropError as exc:
-        await _finish(db, job_id, clock, "failed", f"{exc.reason}: {exc.message}")
+        await _finish(db, job_id, clock, ImportJobStatus.FAILED, f"{exc.reason}: {exc.message}")
     except Exception:
         log.exception("contact import job %s failed", job_id)
-        await _finish(db, job_id, clock, "failed", "the import stopped on an internal error")
+        await _finish(
+            db, job_id, clock, ImportJobStatus.FAILED, "the import stopped on an internal error"
+        )
     else:
-        await _finish(db, job_id, clock, "done", None)
+        await _finish(db, job_id, clock, ImportJobStatus.DONE, None)
 
 
-async def _finish(db: Database, job_id: int, clock: Clock, status: str, error: str | None) -> None:
+async def _finish(
+    db: Database, job_id: int, clock: Clock, status: ImportJobStatus, error: str | None
+) -> None:
+    """The job's last status write (`done` or `failed`): only from a status the lifecycle
+    lets end there, so a job that ended meanwhile keeps its outcome."""
     async with db.transaction() as session:
         await session.execute(
             update(ImportJob)
-            .where(ImportJob.id == job_id)
+            .where(
+                ImportJob.id == job_id,
+                ImportJob.status.in_(sorted(IMPORT_JOB_LIFECYCLE.sources(status))),
+            )
             .values(status=status, error=error, payload=None, finished_at=clock.now())
         )
 
@@ -186,7 +204,7 @@ async def resume_jobs(db: Database, signer: Signer, clock: Clock) -> list[int]:
             (
                 await session.scalars(
                     select(ImportJob.id)
-                    .where(ImportJob.status.in_(("queued", "running")))
+                    .where(ImportJob.status.in_(UNFINISHED_IMPORT_STATUSES))
                     .order_by(ImportJob.id)
                 )
             ).all()

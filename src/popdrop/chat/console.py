@@ -20,7 +20,9 @@ from popdrop.chat.conversations import (
     _messages,
     _save,
     address_hash,
+    move_conversation,
 )
+from popdrop.chat.lifecycle import ConversationStatus
 from popdrop.chat.messages import (
     Text,
 )
@@ -54,10 +56,9 @@ async def take_over(
     """A host takes the conversation: the flow pauses (handed_off) until `hand_back`."""
     conv = await get_conversation(session, org_id, conversation_id)
     flow, state = await _load_state(session, conv)
-    state.status = "handed_off"
+    move_conversation(conv, state, ConversationStatus.HANDED_OFF)
     state.wake_at = None
     conv.state = state.model_dump_json()
-    conv.status = "handed_off"
     conv.wake_at = None
     conv.host_ref = host_ref[:200]
     conv.taken_over_at = now
@@ -83,11 +84,10 @@ async def hand_back(
     current = flow.nodes.get(state.node)
     resume = node or getattr(current, "next", None) or flow.start
     state.node = resume
-    state.status = "active"
+    move_conversation(conv, state, ConversationStatus.ACTIVE)
     state.tries = 0
     conv.state = state.model_dump_json()
     conv.node = resume
-    conv.status = "active"
     conv.host_ref = None
     conv.taken_over_at = None
     conv.expires_at = _expiry(flow, now, None)
@@ -170,10 +170,9 @@ async def erase_person(
         conv = _conv_of(row)
         _flow, state = await _load_state(session, conv)
         state.vars = {}
-        state.status = "expired"
+        move_conversation(conv, state, ConversationStatus.EXPIRED)
         state.wake_at = None
         conv.state = state.model_dump_json()
-        conv.status = "expired"
         conv.wake_at = None
         conv.address = None
         conv.contact_id = None

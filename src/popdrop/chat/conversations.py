@@ -29,6 +29,7 @@ from popdrop.chat.engine import (
 )
 from popdrop.chat.flow import Flow
 from popdrop.chat.flow_store import get_flow, latest_version
+from popdrop.chat.lifecycle import CONVERSATION_LIFECYCLE, ConversationStatus
 from popdrop.chat.models import (
     ChatEvent,
     ChatMessage,
@@ -361,3 +362,16 @@ def _session_over(conv: ConversationRow, state: ChatState, inbound: Inbound, now
     if state.status == "handed_off":
         return False
     return conv.expires_at <= now
+
+
+def move_conversation(
+    conv: ConversationRow | Conversation, state: ChatState, target: ConversationStatus
+) -> None:
+    """The one writer of a conversation's status: the row and its engine state move
+    together, along `CONVERSATION_LIFECYCLE` (staying is not a move); any other move is
+    refused (`invalid_transition`)."""
+    current = ConversationStatus(conv.status)
+    if target != current:
+        CONVERSATION_LIFECYCLE.check(current, target)
+    state.status = target
+    conv.status = target

@@ -27,11 +27,12 @@ import string
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from popdrop.chat import flow as f
+from popdrop.chat.lifecycle import ConversationStatus
 from popdrop.chat.messages import (
     Button,
     Buttons,
@@ -53,10 +54,7 @@ MAX_STEPS = 64
 MAX_INPUT = 2000
 # Kept when a finished conversation starts over: the customer already told us.
 PERSISTENT_VARS = ("email", "phone", "first_name")
-Status = Literal[
-    "active", "waiting_input", "waiting_until", "handed_off", "done", "expired", "error"
-]
-STATUSES: tuple[str, ...] = get_args(Status)
+STATUSES: tuple[str, ...] = tuple(ConversationStatus)
 Scalar = str | int | float | bool | None
 
 
@@ -68,7 +66,7 @@ class ChatState(BaseModel):
     flow_key: str
     flow_version: int
     node: str
-    status: Status = "active"
+    status: ConversationStatus = ConversationStatus.ACTIVE
     vars: dict[str, Scalar] = Field(default_factory=dict)
     tries: int = 0
     pending: str | None = None  # key of the action effect whose result the engine awaits
@@ -654,7 +652,7 @@ class _Turn:
 
     def fail(self, why: str, message: str | None = None) -> None:
         state = self.state
-        state.status = "error"
+        state.status = ConversationStatus.ERROR
         state.pending = None
         state.wake_at = None
         self.out.append(Text(text=message or self.render(self.flow.error_text)))
@@ -664,7 +662,7 @@ class _Turn:
         state = self.state
         keep = {k: state.vars[k] for k in PERSISTENT_VARS if state.vars.get(k) is not None}
         state.vars = {**self.flow.vars, **keep}
-        state.status = "active"
+        state.status = ConversationStatus.ACTIVE
         state.tries = 0
         state.pending = None
         state.wake_at = None
@@ -677,7 +675,7 @@ class _Turn:
         self.effects.append(ScheduleEffect(at, reason))
 
     def wait_for_input(self, node: f._Input) -> None:
-        self.state.status = "waiting_input"
+        self.state.status = ConversationStatus.WAITING_INPUT
         if node.timeout is not None:
             self.schedule(self.facts.now + timedelta(seconds=node.timeout.seconds), "timeout")
 
@@ -690,7 +688,7 @@ class _Turn:
         state.node = node_id
         state.tries = 0
         state.wake_at = None
-        state.status = "active"
+        state.status = ConversationStatus.ACTIVE
         self.visited.append(node_id)
         if isinstance(node, f.MessageNode):
             self.prompt(node_id, node)
@@ -698,7 +696,7 @@ class _Turn:
                 self.wait_for_input(node)
                 return None
             if node.next is None:
-                state.status = "done"
+                state.status = ConversationStatus.DONE
             return node.next
         if isinstance(node, f.SlotNode):
             if not self.open_slots(node):
@@ -742,7 +740,7 @@ class _Turn:
             self.say(node.say, node_id, None)
             self.effects.append(HandoffEffect(node.reason))
             self.effects.append(RecordActivityEffect("handoff", ref=node.reason or None))
-            state.status = "handed_off"
+            state.status = ConversationStatus.HANDED_OFF
             return None
         if isinstance(node, f.WaitNode):
             self.say(node.say, node_id, None)
@@ -754,12 +752,12 @@ class _Turn:
                 at = base + timedelta(seconds=node.offset) if base is not None else None
             if at is None or at <= self.facts.now:
                 return node.next  # an unknown or past time: nothing to wait for
-            state.status = "waiting_until"
+            state.status = ConversationStatus.WAITING_UNTIL
             self.schedule(at, "wait")
             return None
         if isinstance(node, f.EndNode):
             self.say(node.say, node_id, None)
-            state.status = "done"
+            state.status = ConversationStatus.DONE
             return None
         self.fail("unknown_node_type")
         return None
@@ -951,7 +949,7 @@ class _Turn:
             vars_[node.save_as] = score
             self.effects.append(SurveyAnswerEffect(node.name, score, str(score)))
             if node.next is None:
-                self.state.status = "done"
+                self.state.status = ConversationStatus.DONE
             return node.next
         if button is not None:
             return _RETRY
@@ -1053,7 +1051,7 @@ class _Turn:
             vars_[node.save_as] = spec.value if spec.value is not None else self.render(spec.label)
         target = spec.next or node.next
         if target is None:
-            self.state.status = "done"
+            self.state.status = ConversationStatus.DONE
         return target
 
     def on_wake(self) -> object:

@@ -54,6 +54,7 @@ from popdrop.chat.conversations import (
     _session_over,
     address_hash,
     consent_channel,
+    move_conversation,
     normalize_address,
 )
 from popdrop.chat.effects import _Applied, _Effects, _event_row
@@ -64,6 +65,7 @@ from popdrop.chat.engine import (
 from popdrop.chat.facts import _facts, pinned_card
 from popdrop.chat.flow import Flow
 from popdrop.chat.flow_store import DEFAULT_FLOW_KEY
+from popdrop.chat.lifecycle import EXPIRING_CONVERSATION_STATUSES, ConversationStatus
 from popdrop.chat.messages import (
     OUT_MESSAGES,
     Capabilities,
@@ -161,7 +163,7 @@ async def _persist(
 ) -> None:
     conv.state = state.model_dump_json()
     conv.node = state.node
-    conv.status = state.status
+    move_conversation(conv, state, state.status)  # where the engine's turn led
     conv.wake_at = state.wake_at
     conv.last_message_at = now
     conv.expires_at = _expiry(flow, now, state.wake_at)
@@ -399,7 +401,7 @@ async def expire_sessions(
     their next message starts fresh either way. Handed-off and waiting ones are left."""
     query = select(Conversation.id).where(
         Conversation.expires_at <= now,
-        Conversation.status.in_(("active", "waiting_input")),
+        Conversation.status.in_(EXPIRING_CONVERSATION_STATUSES),
     )
     if org_id is not None:
         query = query.where(Conversation.org_id == org_id)
@@ -407,13 +409,16 @@ async def expire_sessions(
     count = 0
     for (conv_id,) in rows:
         conv = await session.get(Conversation, conv_id, populate_existing=True)
-        if conv is None or conv.expires_at > now or conv.status not in ("active", "waiting_input"):
+        if (
+            conv is None
+            or conv.expires_at > now
+            or conv.status not in EXPIRING_CONVERSATION_STATUSES
+        ):
             continue
         _flow, state = await _load_state(session, conv)
-        state.status = "expired"
+        move_conversation(conv, state, ConversationStatus.EXPIRED)
         state.wake_at = None
         conv.state = state.model_dump_json()
-        conv.status = "expired"
         conv.wake_at = None
         await _insert(session, _INSERT_EVENTS, [_event_row(conv, "expired", now, conv.node)])
         count += 1

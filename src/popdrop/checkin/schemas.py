@@ -5,10 +5,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from popdrop.checkin.lifecycle import TicketStatus
 from popdrop.core.schemas import StrictInput
 
 SubjectKind = Literal["rsvp", "hold", "manual"]
-TicketStatus = Literal["valid", "cancelled", "revoked"]
 ScanResult = Literal[
     "ok", "invalid", "revoked", "wrong_event", "already_checked_in", "outside_window", "cancelled"
 ]

@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.checkin import tickets
+from popdrop.checkin.lifecycle import TICKET_LIFECYCLE, TicketStatus
 from popdrop.checkin.models import EventKey, Scan, Ticket, Visit
 from popdrop.checkin.schemas import (
     CheckinKey,
@@ -195,7 +196,7 @@ async def issue_ticket(
         subject_kind=spec.subject_kind,
         subject_id=spec.subject_id,
         holder_ref=spec.holder_ref,
-        status="valid",
+        status=TicketStatus.VALID,
         generation=0,
         issued_epoch=int(now.timestamp()),
         created_at=now,
@@ -261,16 +262,15 @@ async def change_ticket(
     )
     if ticket is None:
         raise not_found("ticket")
-    if ticket.status != "valid":
-        raise PopdropError(
-            "conflict",
-            f"this ticket is already {ticket.status}",
-            detail={"status": ticket.status},
-        )
+    # The ticket's one status writer: cancel and revoke are moves of TICKET_LIFECYCLE; a
+    # re-issue keeps the status but needs a ticket that can still move (a valid one).
+    current = TicketStatus(ticket.status)
     if action == "cancel":
-        ticket.status = "cancelled"
+        ticket.status = TICKET_LIFECYCLE.check(current, TicketStatus.CANCELLED, action=action)
     elif action == "revoke":
-        ticket.status = "revoked"
+        ticket.status = TICKET_LIFECYCLE.check(current, TicketStatus.REVOKED, action=action)
+    elif current in TICKET_LIFECYCLE.terminal:
+        raise TICKET_LIFECYCLE.refusal(current, None, action=action)
     else:
         ticket.generation += 1
         ticket.issued_epoch = int(now.timestamp())

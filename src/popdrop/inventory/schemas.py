@@ -5,11 +5,12 @@ distinct (ignoring case), since a guest picks a variant by its name; every integ
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from popdrop.core.schemas import StrictInput
+from popdrop.inventory.lifecycle import HoldStatus
 
 Id = Field(ge=1, le=2**62)
 # Stored in variants.name (100 characters); blanks around a name are not part of it.
@@ -87,7 +88,7 @@ class HoldOut(BaseModel):
     slot_id: int | None
     qty: int
     contact_ref: str | None
-    status: Literal["active", "released", "converted", "expired"]
+    status: HoldStatus
     created_at: datetime
     expires_at: datetime
     renewals: int

@@ -24,6 +24,7 @@ from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
+from popdrop.inventory.lifecycle import HOLD_LIFECYCLE, HoldStatus
 from popdrop.inventory.models import Hold, Product, Stock, Variant
 from popdrop.inventory.schemas import (
     Availability,
@@ -45,10 +46,10 @@ _EXPIRE = (
     update(_holds)
     .where(
         _holds.c.stock_id == bindparam("h_stock"),
-        _holds.c.status == "active",
+        _holds.c.status == HoldStatus.ACTIVE,
         _holds.c.expires_at <= _now,
     )
-    .values(status="expired", ended_at=_now)
+    .values(status=HoldStatus.EXPIRED, ended_at=_now)
     .returning(_holds.c.qty, _holds.c.slot_id, _holds.c.lane_id)
 )
 _GIVE_BACK = (
@@ -105,7 +106,7 @@ _ANY_EXPIRED = (
     select(_holds.c.id)
     .where(
         _holds.c.stock_id == bindparam("h_stock"),
-        _holds.c.status == "active",
+        _holds.c.status == HoldStatus.ACTIVE,
         _holds.c.expires_at <= _now,
     )
     .limit(1)
@@ -229,7 +230,7 @@ async def set_stock(
 async def _active_held(session: AsyncSession, stock_id: int, now: datetime) -> int:
     held = await session.scalar(
         select(func.coalesce(func.sum(Hold.qty), 0)).where(
-            Hold.stock_id == stock_id, Hold.status == "active", Hold.expires_at > now
+            Hold.stock_id == stock_id, Hold.status == HoldStatus.ACTIVE, Hold.expires_at > now
         )
     )
     return int(held or 0)
@@ -241,7 +242,7 @@ async def availability(
     """Live stock of an event: total - sold - unexpired active holds, per variant and lane."""
     active = (
         select(Hold.stock_id, func.sum(Hold.qty).label("held"))
-        .where(Hold.event_id == event_id, Hold.status == "active", Hold.expires_at > now)
+        .where(Hold.event_id == event_id, Hold.status == HoldStatus.ACTIVE, Hold.expires_at > now)
         .group_by(Hold.stock_id)
         .subquery()
     )
@@ -364,8 +365,8 @@ async def create_hold(
                 Variant.product_id == target.product_id,
                 Hold.contact_ref == spec.contact_ref,
                 or_(
-                    Hold.status == "converted",
-                    and_(Hold.status == "active", Hold.expires_at > now),
+                    Hold.status == HoldStatus.CONVERTED,
+                    and_(Hold.status == HoldStatus.ACTIVE, Hold.expires_at > now),
                 ),
             )
         )
@@ -450,7 +451,7 @@ def _hold_values(
         "slot_id": spec.slot_id,
         "qty": spec.qty,
         "contact_ref": spec.contact_ref,
-        "status": "active",
+        "status": HoldStatus.ACTIVE,
         "created_at": now,
         "expires_at": now + timedelta(seconds=ttl_seconds),
         "renewals": 0,
@@ -498,9 +499,9 @@ async def _active_hold(
     session: AsyncSession, principal: Principal, hold_id: int, now: datetime
 ) -> Hold:
     hold = await owned(session, Hold, hold_id, principal.org_id, lock=True)
-    if hold.status == "active" and hold.expires_at <= now:
+    if hold.status == HoldStatus.ACTIVE and hold.expires_at <= now:
         raise PopdropError("hold_expired", "this hold has expired")
-    if hold.status != "active":
+    if hold.status != HoldStatus.ACTIVE:
         raise PopdropError("conflict", f"this hold is {hold.status}")
     return hold
 
@@ -539,7 +540,9 @@ async def end_hold(
         await conn.execute(
             _WINDOW_GIVE_BACK, {"w_lane": hold.lane_id, "w_slot": hold.slot_id, "w_qty": hold.qty}
         )
-    hold.status = "converted" if convert else "released"
+    # The hold's one status writer: an active hold ends converted or released.
+    target = HoldStatus.CONVERTED if convert else HoldStatus.RELEASED
+    hold.status = HOLD_LIFECYCLE.check(HoldStatus(hold.status), target)
     hold.ended_at = now
     await session.flush()
     return hold_out(hold)

@@ -25,13 +25,13 @@ from popdrop.core.errors import PopdropError
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
 from popdrop.rsvp import service
+from popdrop.rsvp.lifecycle import RsvpStatus
 from popdrop.rsvp.schemas import (
     CancelByToken,
     CancelRequest,
     ClaimRequest,
     RsvpCreated,
     RsvpOut,
-    RsvpStatus,
     WaitlistOut,
 )
 from popdrop.web.auth import ApiPrincipal

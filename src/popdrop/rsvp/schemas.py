@@ -1,16 +1,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from popdrop.core.schemas import StrictInput
+from popdrop.rsvp.lifecycle import OfferStatus, RsvpStatus
 
 MAX_PLACES = 10
 SlotId = Field(ge=1, le=2**62)
-RsvpStatus = Literal["confirmed", "waitlisted", "offered", "cancelled", "lapsed"]
-OfferStatus = Literal["open", "claimed", "expired", "cancelled"]
 
 
 class RsvpCreate(StrictInput):

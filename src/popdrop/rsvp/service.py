@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import ColumnElement, Update, bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.accounts.service import system_principal as system_principal_for
 from popdrop.checkin import service as checkin
+from popdrop.checkin.lifecycle import TicketStatus
 from popdrop.checkin.models import Ticket
 from popdrop.checkin.schemas import TicketCreate
 from popdrop.core import audit, links
@@ -47,6 +48,13 @@ from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, TimeSlot
 from popdrop.outbound import outbox
+from popdrop.rsvp.lifecycle import (
+    OFFER_LIFECYCLE,
+    RSVP_LIFECYCLE,
+    WAITING_RSVP_STATUSES,
+    OfferStatus,
+    RsvpStatus,
+)
 from popdrop.rsvp.models import Rsvp, WaitlistOffer
 from popdrop.rsvp.schemas import (
     OfferOut,
@@ -115,7 +123,7 @@ async def _ticket_for(
 ) -> tuple[int, str] | tuple[None, None]:
     """A confirmed RSVP's QR ticket, id and secret (its check-in becomes the visit of this
     RSVP)."""
-    if rsvp.status != "confirmed":
+    if rsvp.status != RsvpStatus.CONFIRMED:
         return None, None
     ticket, secret, _created = await checkin.issue_ticket(
         session,
@@ -137,7 +145,7 @@ async def _cancel_ticket(session: AsyncSession, rsvp: Rsvp, *, now: datetime) ->
             Ticket.org_id == rsvp.org_id,
             Ticket.subject_kind == "rsvp",
             Ticket.subject_id == rsvp.id,
-            Ticket.status == "valid",
+            Ticket.status == TicketStatus.VALID,
         )
     )
     if ticket_id is not None:
@@ -182,6 +190,28 @@ _RELEASE_PLACES = (
     .where(_slots.c.id == bindparam("s_id"))
     .values(taken=_slots.c.taken - bindparam("n"))
 )
+
+
+def _move_rsvps(
+    source: RsvpStatus, target: RsvpStatus, *where: ColumnElement[bool], **values: Any
+) -> Update:
+    """The one writer of RSVP statuses: the conditional UPDATE of the RSVPs still in
+    `source` (and `where`) to `target`. The move must be in `RSVP_LIFECYCLE`; asking for
+    another is a bug, refused (`invalid_transition`) before any row is touched."""
+    RSVP_LIFECYCLE.check(source, target)
+    return update(Rsvp).where(Rsvp.status == source, *where).values(status=target, **values)
+
+
+def _move_offers(
+    source: OfferStatus, target: OfferStatus, *where: ColumnElement[bool], **values: Any
+) -> Update:
+    """The one writer of waiting-list offer statuses, like `_move_rsvps`."""
+    OFFER_LIFECYCLE.check(source, target)
+    return (
+        update(WaitlistOffer)
+        .where(WaitlistOffer.status == source, *where)
+        .values(status=target, **values)
+    )
 
 
 async def _take_places(session: AsyncSession, slot_id: int, places: int) -> bool:
@@ -295,9 +325,9 @@ async def create_rsvp(
     if await _take_places_late(session, slot, spec.places) or await _take_places(
         session, slot.id, spec.places
     ):
-        status = "confirmed"
+        status = RsvpStatus.CONFIRMED
     elif spec.waitlist:
-        status = "waitlisted"
+        status = RsvpStatus.WAITLISTED
     else:
         raise PopdropError(
             "slot_full",
@@ -314,7 +344,7 @@ async def create_rsvp(
         consent_text=spec.consent_text,
         status=status,
         created_at=now,
-        confirmed_at=now if status == "confirmed" else None,
+        confirmed_at=now if status == RsvpStatus.CONFIRMED else None,
     )
     session.add(rsvp)
     await session.flush()
@@ -323,7 +353,7 @@ async def create_rsvp(
         org_id=event.org_id,
         event_id=event.id,
         actor=actor,
-        action="rsvp.create" if status == "confirmed" else "waitlist.join",
+        action="rsvp.create" if status == RsvpStatus.CONFIRMED else "waitlist.join",
         payload={"rsvp": rsvp.id, "slot": slot.id, "places": spec.places, "status": status},
         now=now,
     )
@@ -380,32 +410,37 @@ async def _cancel(
 ) -> CancelResult:
     offers = await expire_offers(session, signer, now=now, event_id=rsvp.event_id)
     rsvp = await _load_rsvp(session, rsvp.id, rsvp.org_id)  # the sweep may have lapsed it
-    old = rsvp.status
-    if old in ("cancelled", "lapsed"):
+    old = RsvpStatus(rsvp.status)
+    if old in RSVP_LIFECYCLE.terminal:
         raise PopdropError("already_cancelled", f"this RSVP is already {old}")
     offer: WaitlistOffer | None = None
-    if old == "offered":
+    if old == RsvpStatus.OFFERED:
         offer = (
             await session.execute(
-                update(WaitlistOffer)
-                .where(WaitlistOffer.rsvp_id == rsvp.id, WaitlistOffer.status == "open")
-                .values(status="cancelled", closed_at=now)
-                .returning(WaitlistOffer)
+                _move_offers(
+                    OfferStatus.OPEN,
+                    OfferStatus.CANCELLED,
+                    WaitlistOffer.rsvp_id == rsvp.id,
+                    closed_at=now,
+                ).returning(WaitlistOffer)
             )
         ).scalar_one_or_none()
     done = (
         await session.execute(
-            update(Rsvp)
-            .where(Rsvp.id == rsvp.id, Rsvp.status == old)
-            .values(status="cancelled", cancelled_at=now, cancel_reason=reason)
-            .returning(Rsvp.id)
+            _move_rsvps(
+                old,
+                RsvpStatus.CANCELLED,
+                Rsvp.id == rsvp.id,
+                cancelled_at=now,
+                cancel_reason=reason,
+            ).returning(Rsvp.id)
         )
     ).first()
     if done is None:
         raise PopdropError("conflict", "this RSVP changed meanwhile; try again")
-    if old == "confirmed":
+    if old == RsvpStatus.CONFIRMED:
         await _cancel_ticket(session, rsvp, now=now)
-    freed = rsvp.places if old == "confirmed" else (offer.places if offer else 0)
+    freed = rsvp.places if old == RsvpStatus.CONFIRMED else (offer.places if offer else 0)
     if freed:
         await _release_places(session, rsvp.slot_id, freed)
     if offer is not None:
@@ -460,7 +495,7 @@ async def _offer_free_places(
                 select(Rsvp.id, Rsvp.places, Rsvp.email, Rsvp.phone)
                 .where(
                     Rsvp.slot_id == slot_id,
-                    Rsvp.status == "waitlisted",
+                    Rsvp.status == RsvpStatus.WAITLISTED,
                     Rsvp.places <= free,
                 )
                 .order_by(Rsvp.created_at, Rsvp.id)
@@ -475,10 +510,9 @@ async def _offer_free_places(
             break
         marked = (
             await session.execute(
-                update(Rsvp)
-                .where(Rsvp.id == rsvp_id, Rsvp.status == "waitlisted")
-                .values(status="offered")
-                .returning(Rsvp.id)
+                _move_rsvps(
+                    RsvpStatus.WAITLISTED, RsvpStatus.OFFERED, Rsvp.id == rsvp_id
+                ).returning(Rsvp.id)
             )
         ).first()
         if marked is None:  # left the list meanwhile: give the places back, look again
@@ -512,7 +546,7 @@ async def _offer_free_places(
             rsvp_id=rsvp_id,
             voucher_id=voucher_id,
             places=places,
-            status="open",
+            status=OfferStatus.OPEN,
             offered_at=now,
             expires_at=expires_at,
         )
@@ -577,7 +611,7 @@ async def expire_offers(
     their RSVPs and pass their places on. With an event, also offer any free places a
     waiting entry fits (e.g. after capacity grew). Returns the offers made."""
     due = select(WaitlistOffer.id).where(
-        WaitlistOffer.status == "open", WaitlistOffer.expires_at <= now
+        WaitlistOffer.status == OfferStatus.OPEN, WaitlistOffer.expires_at <= now
     )
     if event_id is not None:
         due = due.where(WaitlistOffer.event_id == event_id)
@@ -587,22 +621,19 @@ async def expire_offers(
     for offer_id in offer_ids:
         offer = (
             await session.execute(
-                update(WaitlistOffer)
-                .where(
+                _move_offers(
+                    OfferStatus.OPEN,
+                    OfferStatus.EXPIRED,
                     WaitlistOffer.id == offer_id,
-                    WaitlistOffer.status == "open",
                     WaitlistOffer.expires_at <= now,
-                )
-                .values(status="expired", closed_at=now)
-                .returning(WaitlistOffer)
+                    closed_at=now,
+                ).returning(WaitlistOffer)
             )
         ).scalar_one_or_none()
         if offer is None:  # claimed or swept meanwhile
             continue
         await session.execute(
-            update(Rsvp)
-            .where(Rsvp.id == offer.rsvp_id, Rsvp.status == "offered")
-            .values(status="lapsed")
+            _move_rsvps(RsvpStatus.OFFERED, RsvpStatus.LAPSED, Rsvp.id == offer.rsvp_id)
         )
         await _release_places(session, offer.slot_id, offer.places)
         await vouchers.revoke_voucher(
@@ -618,7 +649,7 @@ async def expire_offers(
         fitting = exists(
             select(Rsvp.id).where(
                 Rsvp.slot_id == TimeSlot.id,
-                Rsvp.status == "waitlisted",
+                Rsvp.status == RsvpStatus.WAITLISTED,
                 Rsvp.places <= TimeSlot.capacity - TimeSlot.taken,
             )
         )
@@ -652,10 +683,10 @@ async def expire_offers(
 
 
 _CLOSED_OFFER = {
-    "claimed": ("exhausted", "this offer was already claimed"),
-    "expired": ("expired", "this offer has expired"),
-    "cancelled": ("revoked", "this offer was withdrawn"),
-    "open": ("expired", "this offer has expired"),
+    OfferStatus.CLAIMED: ("exhausted", "this offer was already claimed"),
+    OfferStatus.EXPIRED: ("expired", "this offer has expired"),
+    OfferStatus.CANCELLED: ("revoked", "this offer was withdrawn"),
+    OfferStatus.OPEN: ("expired", "this offer has expired"),
 }
 
 
@@ -689,18 +720,19 @@ async def claim_offer(
     _require_open(event, None, now)
     claimed = (
         await session.execute(
-            update(WaitlistOffer)
-            .where(
+            _move_offers(
+                OfferStatus.OPEN,
+                OfferStatus.CLAIMED,
                 WaitlistOffer.id == offer.id,
-                WaitlistOffer.status == "open",
                 WaitlistOffer.expires_at > now,
-            )
-            .values(status="claimed", closed_at=now)
-            .returning(WaitlistOffer.id)
+                closed_at=now,
+            ).returning(WaitlistOffer.id)
         )
     ).first()
     if claimed is None:
-        reason, message = _CLOSED_OFFER.get(offer.status, ("expired", "this offer has expired"))
+        reason, message = _CLOSED_OFFER.get(
+            OfferStatus(offer.status), ("expired", "this offer has expired")
+        )
         raise PopdropError(reason, message)
     await vouchers.redeem(
         session,
@@ -713,10 +745,12 @@ async def claim_offer(
     )
     confirmed = (
         await session.execute(
-            update(Rsvp)
-            .where(Rsvp.id == offer.rsvp_id, Rsvp.status == "offered")
-            .values(status="confirmed", confirmed_at=now)
-            .returning(Rsvp.id)
+            _move_rsvps(
+                RsvpStatus.OFFERED,
+                RsvpStatus.CONFIRMED,
+                Rsvp.id == offer.rsvp_id,
+                confirmed_at=now,
+            ).returning(Rsvp.id)
         )
     ).first()
     if confirmed is None:
@@ -778,7 +812,7 @@ async def waitlist(
             .where(
                 Rsvp.event_id == event_id,
                 Rsvp.org_id == principal.org_id,
-                Rsvp.status.in_(("waitlisted", "offered")),
+                Rsvp.status.in_(WAITING_RSVP_STATUSES),
             )
             .order_by(Rsvp.slot_id, Rsvp.created_at, Rsvp.id)
             .limit(limit)
@@ -790,7 +824,7 @@ async def waitlist(
             select(WaitlistOffer).where(
                 WaitlistOffer.event_id == event_id,
                 WaitlistOffer.org_id == principal.org_id,
-                WaitlistOffer.status == "open",
+                WaitlistOffer.status == OfferStatus.OPEN,
             )
         )
     }
@@ -798,7 +832,7 @@ async def waitlist(
     entries: list[WaitlistEntryOut] = []
     for rsvp in rows:
         position = None
-        if rsvp.status == "waitlisted":
+        if rsvp.status == RsvpStatus.WAITLISTED:
             position = positions[rsvp.slot_id] = positions.get(rsvp.slot_id, 0) + 1
         offer = offers.get(rsvp.id)
         entries.append(

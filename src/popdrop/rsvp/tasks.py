@@ -8,6 +8,7 @@ from popdrop.core.clock import Clock
 from popdrop.core.db import Database
 from popdrop.core.signing import Signer
 from popdrop.rsvp import service
+from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
 from popdrop.rsvp.service import OfferMade
 
@@ -20,7 +21,7 @@ async def sweep_expired_offers(db: Database, signer: Signer, clock: Clock) -> li
     async with db.reader() as session:
         due = await session.scalar(
             select(WaitlistOffer.id)
-            .where(WaitlistOffer.status == "open", WaitlistOffer.expires_at <= now)
+            .where(WaitlistOffer.status == OfferStatus.OPEN, WaitlistOffer.expires_at <= now)
             .limit(1)
         )
     if due is None:
