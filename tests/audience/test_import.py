@@ -207,7 +207,7 @@ async def test_a_failed_chunk_leaves_nothing_half_written_and_a_rerun_completes(
     ctx: AppContext, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     text = _rows(9)
-    real = importer._write_plan
+    real = importer.write_plan
     calls = 0
 
     async def crash_in_second_chunk(*args: Any) -> None:
@@ -217,7 +217,7 @@ async def test_a_failed_chunk_leaves_nothing_half_written_and_a_rerun_completes(
         if calls == 2:
             raise RuntimeError("power cut")  # ... and then the transaction dies
 
-    monkeypatch.setattr(importer, "_write_plan", crash_in_second_chunk)
+    monkeypatch.setattr(importer, "write_plan", crash_in_second_chunk)
     with pytest.raises(RuntimeError):
         await run_import(ctx, tenant, text, chunk_size=4)
     half = await snapshot(ctx, tenant)
@@ -228,7 +228,7 @@ async def test_a_failed_chunk_leaves_nothing_half_written_and_a_rerun_completes(
     assert all(chunk <= landed or not chunk & landed for chunk in chunks)
     assert len(landed) < 9
     assert len(half["labels"]) == len(half["events"]) == 2 * len(landed)
-    monkeypatch.setattr(importer, "_write_plan", real)
+    monkeypatch.setattr(importer, "write_plan", real)
     rerun = await run_import(ctx, tenant, text, chunk_size=4)
     assert (rerun.created, rerun.unchanged) == (9 - len(landed), len(landed))
     done = await snapshot(ctx, tenant)
@@ -472,7 +472,7 @@ async def test_an_interrupted_job_resumes_where_it_stopped(
 ) -> None:
     text = _rows(7) + "bad,,,,,,\n" + _rows(3, start=100).split("\n", 1)[1]
     monkeypatch.setattr(import_jobs, "JOB_CHUNK_SIZE", 3)
-    real = importer._write_plan
+    real = importer.write_plan
     calls = 0
 
     async def crash_in_third_chunk(*args: Any) -> None:
@@ -482,7 +482,7 @@ async def test_an_interrupted_job_resumes_where_it_stopped(
             raise Crash
         await real(*args)
 
-    monkeypatch.setattr(importer, "_write_plan", crash_in_third_chunk)
+    monkeypatch.setattr(importer, "write_plan", crash_in_third_chunk)
     async with ctx.db.transaction() as session:
         job = await import_jobs.create_job(
             session, owner(tenant), filename="big.csv", payload=text, now=ctx.clock.now()
@@ -494,7 +494,7 @@ async def test_an_interrupted_job_resumes_where_it_stopped(
     assert (stuck.status, stuck.processed_rows, stuck.created) == ("running", 6, 6)
     assert stuck.payload is not None
 
-    monkeypatch.setattr(importer, "_write_plan", real)
+    monkeypatch.setattr(importer, "write_plan", real)
     resumed = await import_jobs.resume_jobs(ctx.db, ctx.signer, ctx.clock)
     assert job.id in resumed
     await asyncio.gather(*import_jobs._running.values())

@@ -30,8 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import Principal
 from popdrop.audience.contact_points import (
     ContactPoints,
-    _is_erased,
     get_contact,
+    is_erased,
     points_of,
     suppressed_channels,
 )
@@ -117,7 +117,7 @@ async def change_consent(
             raise PopdropError("invalid_request", "this contact has no phone number")
         suppressed = await suppressed_channels(session, contact.org_id, points)
         if change.channel in suppressed or "all" in suppressed:
-            if source not in SELF_SOURCES or _is_erased(suppressed):
+            if source not in SELF_SOURCES or is_erased(suppressed):
                 raise PopdropError(
                     "suppressed",
                     f"this person opted out of {change.channel}; only they can opt back in",

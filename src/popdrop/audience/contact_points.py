@@ -107,7 +107,7 @@ async def suppressed_channels(
     return {channel: reason for channel, reason in rows}
 
 
-def _is_erased(suppressions: dict[str, str]) -> bool:
+def is_erased(suppressions: dict[str, str]) -> bool:
     return suppressions.get("all") == "erased"
 
 

@@ -21,10 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import Principal
 from popdrop.audience.consent import CONSENT_COLUMN, change_consent
 from popdrop.audience.contact_points import (
-    _is_erased,
     contact_points,
     find_contact,
     get_contact,
+    is_erased,
     suppressed_channels,
 )
 from popdrop.audience.models import (
@@ -40,7 +40,7 @@ from popdrop.audience.schemas import (
     ContactOut,
     ContactPatch,
 )
-from popdrop.audience.segments import _has_label
+from popdrop.audience.segments import has_label
 from popdrop.audience.settings import bucket_of, get_settings
 from popdrop.core.errors import PopdropError
 from popdrop.core.identity import (
@@ -119,7 +119,7 @@ async def upsert_contact(
     principal.require("audience:write")
     points = contact_points(signer, spec.email, spec.phone, spec.phone_region)
     suppressions = await suppressed_channels(session, principal.org_id, points)
-    if _is_erased(suppressions):
+    if is_erased(suppressions):
         raise PopdropError(
             "suppressed", "this person asked to be erased; they cannot be added again"
         )
@@ -252,7 +252,7 @@ async def list_contacts(
             )
         )
     if tag:
-        stmt = stmt.where(_has_label("tag", [tag.strip().lower()]))
+        stmt = stmt.where(has_label("tag", [tag.strip().lower()]))
     return list((await session.scalars(stmt.order_by(Contact.id.desc()).limit(limit))).all())
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import Principal, system_principal
 from popdrop.audience.import_rows import check_file, text_opener
 from popdrop.audience.import_writer import Totals
-from popdrop.audience.importer import _import, _TakenOver
+from popdrop.audience.importer import TakenOver, run_import
 from popdrop.audience.lifecycle import (
     IMPORT_JOB_LIFECYCLE,
     UNFINISHED_IMPORT_STATUSES,
@@ -131,11 +131,11 @@ async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> No
             .values(**values)
         )
         if getattr(moved, "rowcount", 0) != 1:
-            raise _TakenOver
+            raise TakenOver
         problems[:] = found[:MAX_STORED_PROBLEMS]
 
     try:
-        await _import(
+        await run_import(
             db,
             signer,
             principal,
@@ -151,7 +151,7 @@ async def run_job(db: Database, signer: Signer, job_id: int, clock: Clock) -> No
             problems=problems,
             on_commit=on_commit,
         )
-    except _TakenOver:
+    except TakenOver:
         return
     except PopdropError as exc:
         await _finish(db, job_id, clock, ImportJobStatus.FAILED, f"{exc.reason}: {exc.message}")

@@ -49,13 +49,13 @@ MAX_LABELS = 50
 Opener = Callable[[], contextlib.AbstractContextManager[IO[str]]]
 _LABEL_SPLIT = re.compile(r"[;|]")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*\Z")
-_REGION = re.compile(r"[A-Za-z]{2}\Z")
+REGION_CODE = re.compile(r"[A-Za-z]{2}\Z")
 
 
 # ---------------------------------------------------------------- row validation
 
 
-class _Refused(Exception):
+class RowRefused(Exception):
     def __init__(self, reason: str, field: str | None, message: str) -> None:
         super().__init__(message)
         self.reason = reason
@@ -63,7 +63,7 @@ class _Refused(Exception):
         self.message = message
 
 
-class _Row(NamedTuple):
+class ParsedRow(NamedTuple):
     """A validated row (a tuple: it crosses from the validating process cheaply)."""
 
     line: int
@@ -107,12 +107,12 @@ def _flag(value: str, name: str) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise _Refused("bad_value", name, f"{name}: use yes or no")
+    raise RowRefused("bad_value", name, f"{name}: use yes or no")
 
 
 def _text(value: str, name: str, limit: int) -> str | None:
     if len(value) > limit:
-        raise _Refused("bad_value", name, f"{name}: at most {limit} characters")
+        raise RowRefused("bad_value", name, f"{name}: at most {limit} characters")
     return value or None
 
 
@@ -121,7 +121,7 @@ def _labels_of(value: str, name: str) -> list[str]:
         return []
     labels = clean_labels(_LABEL_SPLIT.split(value))
     if len(labels) > MAX_LABELS:
-        raise _Refused("bad_value", name, f"{name}: at most {MAX_LABELS}")
+        raise RowRefused("bad_value", name, f"{name}: at most {MAX_LABELS}")
     return labels
 
 
@@ -133,7 +133,7 @@ def _coordinate(value: str, name: str, bound: float) -> float | None:
     except ValueError:
         number = math.nan
     if not math.isfinite(number) or abs(number) > bound:
-        raise _Refused("bad_value", name, f"{name}: a number between -{bound:g} and {bound:g}")
+        raise RowRefused("bad_value", name, f"{name}: a number between -{bound:g} and {bound:g}")
     return number
 
 
@@ -153,10 +153,10 @@ class RowParser:
         self._seen_email: dict[int, int] = {}
         self._seen_phone: dict[int, int] = {}
 
-    def parse(self, values: list[str], line: int) -> _Row:
-        """The row, or `_Refused`. A row that passes is remembered for duplicates."""
+    def parse(self, values: list[str], line: int) -> ParsedRow:
+        """The row, or `RowRefused`. A row that passes is remembered for duplicates."""
         if len(values) > self._width:
-            raise _Refused("bad_value", None, "the row has more fields than the header")
+            raise RowRefused("bad_value", None, "the row has more fields than the header")
         cells = [restore_cell(v.strip()) for v in values]  # our own export's quotes undone
         cells.extend([""] * (self._width - len(values) + 1))
         at = self._at
@@ -171,11 +171,11 @@ class RowParser:
                 email = self._emails(raw_email)
             except PopdropError as exc:
                 # A fixed message: the validator's may quote parts of the address.
-                raise _Refused("bad_email", "email", "email: not a valid email address") from exc
+                raise RowRefused("bad_email", "email", "email: not a valid email address") from exc
         if raw_phone:
             region = cell(values, "phone_region") or self._region
-            if region is not None and not _REGION.match(region):
-                raise _Refused("bad_value", "phone_region", "phone_region: two letters, e.g. FR")
+            if region is not None and not REGION_CODE.match(region):
+                raise RowRefused("bad_value", "phone_region", "phone_region: two letters, e.g. FR")
             try:
                 phone, phone_zone = phone_and_zone(
                     raw_phone,
@@ -183,33 +183,35 @@ class RowParser:
                     zone=not cell(values, "time_zone"),
                 )
             except PopdropError as exc:
-                raise _Refused("bad_phone", "phone", exc.message) from exc
+                raise RowRefused("bad_phone", "phone", exc.message) from exc
         if email is None and phone is None:
-            raise _Refused("missing_contact", "contact", "give an email or a phone number")
+            raise RowRefused("missing_contact", "contact", "give an email or a phone number")
         locale = _text(cell(values, "locale"), "locale", 16)
         if locale is not None:
             if not _LOCALE.match(locale):
-                raise _Refused("bad_value", "locale", "locale: a language tag, e.g. fr or fr-FR")
+                raise RowRefused("bad_value", "locale", "locale: a language tag, e.g. fr or fr-FR")
             locale = locale.replace("_", "-")
         time_zone = _text(cell(values, "time_zone"), "time_zone", 64)
         if time_zone is not None and not _known_zone(time_zone):
-            raise _Refused("bad_value", "time_zone", "time_zone: an IANA name, e.g. Europe/Paris")
+            raise RowRefused("bad_value", "time_zone", "time_zone: an IANA name, e.g. Europe/Paris")
         lat = _coordinate(cell(values, "lat"), "lat", 90)
         lon = _coordinate(cell(values, "lon"), "lon", 180)
         if (lat is None) != (lon is None):
-            raise _Refused("bad_value", "lat" if lat is None else "lon", "give both lat and lon")
+            raise RowRefused("bad_value", "lat" if lat is None else "lon", "give both lat and lon")
         wants: list[str] = []
         if _flag(cell(values, "consent_email"), "consent_email"):
             if email is None:
-                raise _Refused("bad_value", "consent_email", "consent_email: the row has no email")
+                raise RowRefused(
+                    "bad_value", "consent_email", "consent_email: the row has no email"
+                )
             wants.append("email")
         if _flag(cell(values, "consent_sms"), "consent_sms"):
             if phone is None:
-                raise _Refused("bad_value", "consent_sms", "consent_sms: the row has no phone")
+                raise RowRefused("bad_value", "consent_sms", "consent_sms: the row has no phone")
             wants.append("sms")
         wording = _text(cell(values, "consent_wording"), "consent_wording", 2000)
         proof = _text(cell(values, "consent_proof"), "consent_proof", 2000)
-        row = _Row(
+        row = ParsedRow(
             line=line,
             email=email,
             phone=phone,
@@ -232,13 +234,13 @@ class RowParser:
         self._remember(row)
         return row
 
-    def _remember(self, row: _Row) -> None:
+    def _remember(self, row: ParsedRow) -> None:
         ekey = _dedupe_key(row.email_hash) if row.email_hash else None
         pkey = _dedupe_key(row.phone_hash) if row.phone_hash else None
         if ekey is not None and (first := self._seen_email.get(ekey)) is not None:
-            raise _Refused("duplicate", "email", f"the same email address as line {first}")
+            raise RowRefused("duplicate", "email", f"the same email address as line {first}")
         if pkey is not None and (first := self._seen_phone.get(pkey)) is not None:
-            raise _Refused("duplicate", "phone", f"the same phone number as line {first}")
+            raise RowRefused("duplicate", "phone", f"the same phone number as line {first}")
         if ekey is not None:
             self._seen_email[ekey] = row.line
         if pkey is not None:
@@ -266,12 +268,12 @@ def read_header(first: list[str] | None) -> list[str]:
     return header
 
 
-def _blank(values: list[str]) -> bool:
+def is_blank_row(values: list[str]) -> bool:
     return not any(v.strip() for v in values)
 
 
 @contextlib.contextmanager
-def _csv_errors() -> Iterator[None]:
+def csv_errors() -> Iterator[None]:
     try:
         yield
     except UnicodeDecodeError as exc:
@@ -283,10 +285,10 @@ def _csv_errors() -> Iterator[None]:
 def check_file(opener: Opener) -> int:
     """Read the whole file once: the header must be valid and every line readable CSV.
     Returns the number of data rows (blank lines are not rows)."""
-    with _csv_errors(), opener() as stream:
+    with csv_errors(), opener() as stream:
         reader = csv.reader(stream)
         read_header(next(reader, None))
-        return sum(1 for values in reader if not _blank(values))
+        return sum(1 for values in reader if not is_blank_row(values))
 
 
 def text_opener(text: str) -> Opener:

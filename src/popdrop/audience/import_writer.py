@@ -28,7 +28,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from popdrop.audience import consent
-from popdrop.audience.import_rows import _Row
+from popdrop.audience.import_rows import ParsedRow
 from popdrop.audience.models import (
     ConsentEvent,
     Contact,
@@ -66,11 +66,11 @@ class Totals:
 
 
 @dataclass
-class _Parsed:
+class ParsedChunk:
     """One chunk after validation: `rows` data rows read, the good ones, the refusals."""
 
     rows: int
-    good: list[_Row]
+    good: list[ParsedRow]
     refusals: list[ImportRowProblem]
 
 
@@ -100,7 +100,7 @@ class _Known:
 _FILLED = ("first_name", "locale", "source")
 
 
-def _fill(known: _Known, row: _Row) -> bool:
+def _fill(known: _Known, row: ParsedRow) -> bool:
     """Fill what the contact lacks from the row; True when anything changed."""
     changed = False
     if known.email is None and row.email is not None:
@@ -124,7 +124,7 @@ def _fill(known: _Known, row: _Row) -> bool:
     return changed
 
 
-def _problem(row: _Row, reason: str, field: str | None, message: str) -> ImportRowProblem:
+def _problem(row: ParsedRow, reason: str, field: str | None, message: str) -> ImportRowProblem:
     return ImportRowProblem(line=row.line, reason=reason, field=field, message=message)
 
 
@@ -135,7 +135,7 @@ class _Plan:
     new: list[_Known]
     changed: list[_Known]
     labels: list[tuple[_Known, str, str]]
-    grants: list[tuple[_Known, _Row, str]]
+    grants: list[tuple[_Known, ParsedRow, str]]
 
 
 def _keyed(
@@ -156,8 +156,8 @@ def _keyed(
     return select_.where(column.in_(values))
 
 
-async def _load(
-    conn: AsyncConnection, org_id: int, rows: list[_Row]
+async def load_known(
+    conn: AsyncConnection, org_id: int, rows: list[ParsedRow]
 ) -> tuple[dict[bytes, dict[str, str]], list[_Known]]:
     dialect = conn.dialect.name
     emails = [r.email_hash for r in rows if r.email_hash is not None]
@@ -233,7 +233,9 @@ async def _load(
     return suppressed, list(found.values())
 
 
-def _plan(rows: list[_Row], suppressed: dict[bytes, dict[str, str]], known: list[_Known]) -> _Plan:
+def plan_chunk(
+    rows: list[ParsedRow], suppressed: dict[bytes, dict[str, str]], known: list[_Known]
+) -> _Plan:
     plan = _Plan(Totals(), [], [], [], [], [])
     by_email = {k.email_hash: k for k in known if k.email_hash is not None}
     by_phone = {k.phone_hash: k for k in known if k.phone_hash is not None}
@@ -260,7 +262,7 @@ _WITHOUT_PROOF = (
 )
 
 
-def _refuse(plan: _Plan, row: _Row, reason: str, field: str | None, message: str) -> str:
+def _refuse(plan: _Plan, row: ParsedRow, reason: str, field: str | None, message: str) -> str:
     plan.problems.append(_problem(row, reason, field, message))
     return "refused"
 
@@ -270,7 +272,7 @@ _ERASED = "this person was erased; they are not added again"
 
 def _plan_row(
     plan: _Plan,
-    row: _Row,
+    row: ParsedRow,
     notes: list[ImportRowProblem],
     suppressed: dict[bytes, dict[str, str]],
     by_email: dict[bytes, _Known],
@@ -326,7 +328,10 @@ def _plan_row(
 
 
 def _plan_new(
-    plan: _Plan, row: _Row, notes: list[ImportRowProblem], suppressed: dict[bytes, dict[str, str]]
+    plan: _Plan,
+    row: ParsedRow,
+    notes: list[ImportRowProblem],
+    suppressed: dict[bytes, dict[str, str]],
 ) -> str:
     target = _Known(
         0,
@@ -357,7 +362,7 @@ def _plan_new(
 def _grant(
     plan: _Plan,
     target: _Known,
-    row: _Row,
+    row: ParsedRow,
     notes: list[ImportRowProblem],
     suppressed: dict[bytes, dict[str, str]],
 ) -> bool:
@@ -441,7 +446,7 @@ async def _bulk_insert(
     return []
 
 
-async def _write_plan(
+async def write_plan(
     conn: AsyncConnection, dialect: str, org_id: int, plan: _Plan, now: datetime
 ) -> None:
     if plan.new:

@@ -41,18 +41,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.audience.import_rows import (
-    _REGION,
+    REGION_CODE,
     Opener,
     RowParser,
-    _blank,
-    _csv_errors,
-    _Refused,
+    RowRefused,
     check_file,
+    csv_errors,
     file_opener,
+    is_blank_row,
     read_header,
     text_opener,
 )
-from popdrop.audience.import_writer import Totals, _load, _Parsed, _plan, _write_plan
+from popdrop.audience.import_writer import ParsedChunk, Totals, load_known, plan_chunk, write_plan
 from popdrop.audience.schemas import (
     ImportReport,
     ImportRowProblem,
@@ -76,7 +76,7 @@ Progress = Callable[[int, int], None]
 # ---------------------------------------------------------------- the import
 
 
-class _TakenOver(Exception):
+class TakenOver(Exception):
     """Another runner moved this job on: this one stops (its chunk is rolled back)."""
 
 
@@ -95,7 +95,7 @@ def _batches(reader: Any, chunk_size: int, skip: int) -> Iterator[tuple[Batch, b
     end = reader.line_num  # a csv reader, past the header
     for values in reader:
         line, end = end + 1, reader.line_num  # a quoted field may span lines: its first one
-        if _blank(values):
+        if is_blank_row(values):
             continue
         seen += 1
         batch.append((line, values))
@@ -106,12 +106,12 @@ def _batches(reader: Any, chunk_size: int, skip: int) -> Iterator[tuple[Batch, b
         yield batch, seen > skip
 
 
-def _parse_batch(parser: RowParser, batch: Batch, keep: bool) -> _Parsed:
-    parsed = _Parsed(len(batch) if keep else 0, [], [])
+def _parse_batch(parser: RowParser, batch: Batch, keep: bool) -> ParsedChunk:
+    parsed = ParsedChunk(len(batch) if keep else 0, [], [])
     for line, values in batch:
         try:
             row = parser.parse(values, line)
-        except _Refused as refusal:
+        except RowRefused as refusal:
             if keep:
                 parsed.refusals.append(
                     ImportRowProblem(
@@ -135,7 +135,7 @@ def _start_worker(signer: Signer, header: list[str], region: str | None, filenam
     _worker["parser"] = RowParser(signer, header, region=region, filename=filename)
 
 
-def _parse_in_worker(batch: Batch, keep: bool) -> _Parsed:
+def _parse_in_worker(batch: Batch, keep: bool) -> ParsedChunk:
     return _parse_batch(_worker["parser"], batch, keep)
 
 
@@ -156,7 +156,7 @@ class _Validator:
         parallel: bool,
     ) -> None:
         reader = csv.reader(stream)
-        with _csv_errors():
+        with csv_errors():
             header = read_header(next(reader, None))
         self._batches = _batches(reader, chunk_size, skip)
         self._parser = RowParser(signer, header, region=region, filename=filename)
@@ -170,17 +170,17 @@ class _Validator:
             )
 
     def _next_batch(self) -> tuple[Batch, bool] | None:
-        with _csv_errors():
+        with csv_errors():
             return next(self._batches, None)
 
-    def _next_in_thread(self) -> _Parsed | None:
+    def _next_in_thread(self) -> ParsedChunk | None:
         while (batch := self._next_batch()) is not None:
             parsed = _parse_batch(self._parser, *batch)
             if batch[1]:
                 return parsed
         return None
 
-    async def next(self) -> _Parsed | None:
+    async def next(self) -> ParsedChunk | None:
         if self._pool is None:
             return await asyncio.to_thread(self._next_in_thread)
         while (batch := await asyncio.to_thread(self._next_batch)) is not None:
@@ -197,7 +197,7 @@ class _Validator:
 async def _apply(
     db: Database,
     org_id: int,
-    parsed: _Parsed,
+    parsed: ParsedChunk,
     now: datetime,
     before: Totals,
     problems_before: list[ImportRowProblem],
@@ -213,9 +213,9 @@ async def _apply(
                 totals = Totals(rows=parsed.rows, refused=len(parsed.refusals))
                 problems = list(parsed.refusals)
                 if parsed.good:
-                    suppressed, known = await _load(conn, org_id, parsed.good)
-                    plan = _plan(parsed.good, suppressed, known)
-                    await _write_plan(conn, db.dialect, org_id, plan, now)
+                    suppressed, known = await load_known(conn, org_id, parsed.good)
+                    plan = plan_chunk(parsed.good, suppressed, known)
+                    await write_plan(conn, db.dialect, org_id, plan, now)
                     totals.add(plan.totals)
                     problems.extend(plan.problems)
                     problems.sort(key=lambda p: p.line)
@@ -237,7 +237,7 @@ async def _apply(
     raise AssertionError("unreachable")
 
 
-async def _import(
+async def run_import(
     db: Database,
     signer: Signer,
     principal: Principal,
@@ -319,7 +319,7 @@ async def _import(
 def _region(region: str | None) -> str | None:
     if region is None or not region.strip():
         return None
-    if not _REGION.match(region.strip()):
+    if not REGION_CODE.match(region.strip()):
         raise PopdropError("invalid_request", "region: two letters, e.g. FR")
     return region.strip().upper()
 
@@ -340,7 +340,7 @@ async def import_file(
     validate in a worker process (default: from `PARALLEL_MIN_ROWS` rows)."""
     if not await asyncio.to_thread(path.is_file):
         raise PopdropError("invalid_request", f"{path}: no such file")
-    return await _import(
+    return await run_import(
         db,
         signer,
         principal,
@@ -367,7 +367,7 @@ async def import_text(
     chunk_size: int = CHUNK_SIZE,
 ) -> ImportReport:
     """Import CSV text already in memory (an upload)."""
-    return await _import(
+    return await run_import(
         db,
         signer,
         principal,

@@ -52,7 +52,7 @@ KM_PER_DEGREE = 111.32
 # ---------------------------------------------------------------- segments
 
 
-def _has_label(kind: str, values: Sequence[str]) -> ColumnElement[bool]:
+def has_label(kind: str, values: Sequence[str]) -> ColumnElement[bool]:
     return exists(
         select(literal(1)).where(
             ContactLabel.contact_id == Contact.id,
@@ -103,13 +103,13 @@ async def segment_conditions(
             )
         )
     if rules.tags_any:
-        conditions.append(_has_label("tag", rules.tags_any))
+        conditions.append(has_label("tag", rules.tags_any))
     for tag in rules.tags_all:
-        conditions.append(_has_label("tag", [tag]))
+        conditions.append(has_label("tag", [tag]))
     if rules.tags_none:
-        conditions.append(~_has_label("tag", rules.tags_none))
+        conditions.append(~has_label("tag", rules.tags_none))
     if rules.interests_any:
-        conditions.append(_has_label("interest", rules.interests_any))
+        conditions.append(has_label("interest", rules.interests_any))
     if rules.locales:
         lowered = [loc.lower() for loc in rules.locales]
         prefixes = [

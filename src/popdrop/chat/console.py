@@ -10,17 +10,17 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.chat.conversations import (
-    _INSERT_MESSAGES,
-    _SELECT_CONV,
-    _conv_of,
-    _conversations,
-    _expiry,
-    _insert,
-    _load_state,
-    _messages,
-    _save,
+    INSERT_MESSAGES,
+    SELECT_CONVERSATION,
     address_hash,
+    conversation_of,
+    conversations_table,
+    insert_rows,
+    load_state,
+    messages_table,
     move_conversation,
+    save_conversation,
+    session_expiry,
 )
 from popdrop.chat.lifecycle import ConversationStatus
 from popdrop.chat.messages import (
@@ -31,7 +31,7 @@ from popdrop.chat.models import (
     Conversation,
     WebInbox,
 )
-from popdrop.chat.turn import _message_row
+from popdrop.chat.turn import message_row
 from popdrop.core.db import table_of
 from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import is_clean_text
@@ -55,14 +55,14 @@ async def take_over(
 ) -> Conversation:
     """A host takes the conversation: the flow pauses (handed_off) until `hand_back`."""
     conv = await get_conversation(session, org_id, conversation_id)
-    flow, state = await _load_state(session, conv)
+    flow, state = await load_state(session, conv)
     move_conversation(conv, state, ConversationStatus.HANDED_OFF)
     state.wake_at = None
     conv.state = state.model_dump_json()
     conv.wake_at = None
     conv.host_ref = host_ref[:200]
     conv.taken_over_at = now
-    conv.expires_at = _expiry(flow, now, None)
+    conv.expires_at = session_expiry(flow, now, None)
     await session.flush()
     return conv
 
@@ -78,7 +78,7 @@ async def hand_back(
     """Give the conversation back to its flow: at `node`, the handoff node's `next`, or the
     start. The flow resumes with the customer's next message."""
     conv = await get_conversation(session, org_id, conversation_id)
-    flow, state = await _load_state(session, conv)
+    flow, state = await load_state(session, conv)
     if node is not None and node not in flow.nodes:
         raise PopdropError("invalid_request", f"node: the flow has no node {node!r}")
     current = flow.nodes.get(state.node)
@@ -90,7 +90,7 @@ async def hand_back(
     conv.node = resume
     conv.host_ref = None
     conv.taken_over_at = None
-    conv.expires_at = _expiry(flow, now, None)
+    conv.expires_at = session_expiry(flow, now, None)
     await session.flush()
     return conv
 
@@ -104,10 +104,10 @@ async def host_message(
     conv = await get_conversation(session, org_id, conversation_id)
     message = Text(text=text)
     conv.last_message_at = now
-    await _insert(
+    await insert_rows(
         session,
-        _INSERT_MESSAGES,
-        [_message_row(conv, "host", message.model_dump(mode="json"), now)],
+        INSERT_MESSAGES,
+        [message_row(conv, "host", message.model_dump(mode="json"), now)],
     )
     return message
 
@@ -150,7 +150,7 @@ async def erase_person(
     address, the contact link, the transcript, kept web messages and the state's
     variables (an email or phone they typed); funnel events stay, anonymous. Returns the
     conversations scrubbed."""
-    c = _conversations.c
+    c = conversations_table.c
     conditions = []
     if contact_id is not None:
         conditions.append(c.contact_id == contact_id)
@@ -165,10 +165,12 @@ async def erase_person(
     if not conditions:
         return 0
     conn = await session.connection()
-    rows = (await conn.execute(_SELECT_CONV.where(c.org_id == org_id, or_(*conditions)))).all()
+    rows = (
+        await conn.execute(SELECT_CONVERSATION.where(c.org_id == org_id, or_(*conditions)))
+    ).all()
     for row in rows:
-        conv = _conv_of(row)
-        _flow, state = await _load_state(session, conv)
+        conv = conversation_of(row)
+        _flow, state = await load_state(session, conv)
         state.vars = {}
         move_conversation(conv, state, ConversationStatus.EXPIRED)
         state.wake_at = None
@@ -177,7 +179,9 @@ async def erase_person(
         conv.address = None
         conv.contact_id = None
         conv.expires_at = now
-        await _save(session, conv)
-        await conn.execute(delete(_messages).where(_messages.c.conversation_id == conv.id))
+        await save_conversation(session, conv)
+        await conn.execute(
+            delete(messages_table).where(messages_table.c.conversation_id == conv.id)
+        )
         await conn.execute(delete(_web_inbox).where(_web_inbox.c.conversation_id == conv.id))
     return len(rows)

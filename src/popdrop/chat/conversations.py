@@ -46,9 +46,9 @@ CHAT_SCOPES = frozenset(
     {"holds:write", "tickets:write", "vouchers:write", "audience:read", "audience:write"}
 )
 
-_conversations = table_of(Conversation)
-_messages = table_of(ChatMessage)
-_events = table_of(ChatEvent)
+conversations_table = table_of(Conversation)
+messages_table = table_of(ChatMessage)
+chat_events_table = table_of(ChatEvent)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def consent_channel(channel: str) -> str:
     return "sms" if channel == "sms" else "chat"
 
 
-def _clean_inbound(inbound: Inbound) -> Inbound:
+def clean_inbound(inbound: Inbound) -> Inbound:
     text = inbound.text
     if not is_clean_text(text):
         text = text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
@@ -107,7 +107,7 @@ def _clean_inbound(inbound: Inbound) -> Inbound:
 @dataclass
 class ConversationRow:
     """A `chat_conversations` row as the turn reads and writes it (Core, no ORM: this is
-    the hot path). `_save` writes every mutable column back in one UPDATE."""
+    the hot path). `save_conversation` writes every mutable column back in one UPDATE."""
 
     id: int
     org_id: int
@@ -135,25 +135,28 @@ _CONV_FIELDS = tuple(f.name for f in fields(ConversationRow))
 _CONV_MUTABLE = tuple(
     n for n in _CONV_FIELDS if n not in ("id", "org_id", "channel", "address_hash")
 )
-_SELECT_CONV = select(*(_conversations.c[name] for name in _CONV_FIELDS))
-_BY_ADDRESS = _SELECT_CONV.where(
-    _conversations.c.org_id == bindparam("o_id"),
-    _conversations.c.channel == bindparam("o_channel"),
-    _conversations.c.address_hash == bindparam("o_hash"),
+SELECT_CONVERSATION = select(*(conversations_table.c[name] for name in _CONV_FIELDS))
+_BY_ADDRESS = SELECT_CONVERSATION.where(
+    conversations_table.c.org_id == bindparam("o_id"),
+    conversations_table.c.channel == bindparam("o_channel"),
+    conversations_table.c.address_hash == bindparam("o_hash"),
 )
 _BY_ADDRESS_LOCKED = _BY_ADDRESS.with_for_update()
 _SAVE_CONV = (
-    update(_conversations)
-    .where(_conversations.c.id == bindparam("c_id"))
+    update(conversations_table)
+    .where(conversations_table.c.id == bindparam("c_id"))
     .values(
-        {name: bindparam(f"v_{name}", type_=_conversations.c[name].type) for name in _CONV_MUTABLE}
+        {
+            name: bindparam(f"v_{name}", type_=conversations_table.c[name].type)
+            for name in _CONV_MUTABLE
+        }
     )
 )
-_INSERT_CONV = insert(_conversations).returning(_conversations.c.id)
-_INSERT_MESSAGES = insert(_messages)
-_INSERT_EVENTS = insert(_events)
-_MESSAGE_COLUMNS = tuple(c.name for c in _messages.c if c.name != "id")
-_EVENT_COLUMNS = tuple(c.name for c in _events.c if c.name != "id")
+_INSERT_CONV = insert(conversations_table).returning(conversations_table.c.id)
+INSERT_MESSAGES = insert(messages_table)
+INSERT_EVENTS = insert(chat_events_table)
+_MESSAGE_COLUMNS = tuple(c.name for c in messages_table.c if c.name != "id")
+_EVENT_COLUMNS = tuple(c.name for c in chat_events_table.c if c.name != "id")
 
 
 def _unnest(table: Any, columns: tuple[str, ...], prefix: str) -> Any:
@@ -169,30 +172,30 @@ def _unnest(table: Any, columns: tuple[str, ...], prefix: str) -> Any:
 # The end of a turn on PostgreSQL, one round trip: the conversation row, the transcript
 # lines and the funnel events (data-modifying CTEs always run).
 _PERSIST_FUSED = (
-    insert(_events)
-    .from_select(_EVENT_COLUMNS, _unnest(_events, _EVENT_COLUMNS, "e_"))
+    insert(chat_events_table)
+    .from_select(_EVENT_COLUMNS, _unnest(chat_events_table, _EVENT_COLUMNS, "e_"))
     .add_cte(_SAVE_CONV.cte("saved"))
     .add_cte(
-        insert(_messages)
-        .from_select(_MESSAGE_COLUMNS, _unnest(_messages, _MESSAGE_COLUMNS, "m_"))
+        insert(messages_table)
+        .from_select(_MESSAGE_COLUMNS, _unnest(messages_table, _MESSAGE_COLUMNS, "m_"))
         .cte("said")
     )
 )
 
 
-async def _insert(session: AsyncSession, statement: Any, rows: list[dict[str, Any]]) -> None:
+async def insert_rows(session: AsyncSession, statement: Any, rows: list[dict[str, Any]]) -> None:
     if rows:
         conn = await session.connection()
         await conn.execute(statement, rows)
 
 
-def _conv_of(row: Any) -> ConversationRow:
+def conversation_of(row: Any) -> ConversationRow:
     values = dict(zip(_CONV_FIELDS, row, strict=True))
     values["address_hash"] = bytes(values["address_hash"])
     return ConversationRow(**values)
 
 
-async def _locked(
+async def locked_conversation(
     session: AsyncSession, org_id: int, channel: str, digest: bytes
 ) -> ConversationRow | None:
     """The conversation of an address, locked for this transaction (FOR UPDATE on
@@ -202,7 +205,7 @@ async def _locked(
     row = (
         await conn.execute(query, {"o_id": org_id, "o_channel": channel, "o_hash": digest})
     ).first()
-    return _conv_of(row) if row is not None else None
+    return conversation_of(row) if row is not None else None
 
 
 def _save_params(conv: ConversationRow) -> dict[str, Any]:
@@ -211,7 +214,7 @@ def _save_params(conv: ConversationRow) -> dict[str, Any]:
     return params
 
 
-async def _save(session: AsyncSession, conv: ConversationRow) -> None:
+async def save_conversation(session: AsyncSession, conv: ConversationRow) -> None:
     conn = await session.connection()
     await conn.execute(_SAVE_CONV, _save_params(conv))
 
@@ -222,7 +225,7 @@ def _as_arrays(
     return {f"{prefix}{name}": [row[name] for row in rows] for name in columns}
 
 
-async def _save_all(
+async def save_turn(
     session: AsyncSession,
     conv: ConversationRow,
     messages: list[dict[str, Any]],
@@ -232,8 +235,8 @@ async def _save_all(
     conn = await session.connection()
     if conn.dialect.name != "postgresql":
         await conn.execute(_SAVE_CONV, _save_params(conv))
-        await _insert(session, _INSERT_MESSAGES, messages)
-        await _insert(session, _INSERT_EVENTS, events)
+        await insert_rows(session, INSERT_MESSAGES, messages)
+        await insert_rows(session, INSERT_EVENTS, events)
         return
     params = _save_params(conv)
     params |= _as_arrays("m_", _MESSAGE_COLUMNS, messages)
@@ -241,7 +244,7 @@ async def _save_all(
     await conn.execute(_PERSIST_FUSED, params)
 
 
-async def _find_contact_id(
+async def find_contact_id(
     session: AsyncSession,
     signer: Signer,
     org_id: int,
@@ -269,12 +272,12 @@ async def _find_contact_id(
     return None
 
 
-def _expiry(flow: Flow, now: datetime, wake_at: datetime | None) -> datetime:
+def session_expiry(flow: Flow, now: datetime, wake_at: datetime | None) -> datetime:
     base = max(now, wake_at) if wake_at is not None else now
     return base + timedelta(seconds=flow.session_ttl)
 
 
-async def _new_session(
+async def new_session(
     session: AsyncSession,
     deps: ChatDeps,
     conv: ConversationRow | None,
@@ -302,7 +305,7 @@ async def _new_session(
         "state": state.model_dump_json(),
         "started_at": now,
         "last_message_at": now,
-        "expires_at": _expiry(flow, now, None),
+        "expires_at": session_expiry(flow, now, None),
         "wake_at": None,
         "host_ref": None,
         "taken_over_at": None,
@@ -315,7 +318,7 @@ async def _new_session(
     contact_id = None
     opted_out_at = None
     if channel == "sms":
-        contact_id = await _find_contact_id(session, deps.signer, org_id, phone=address)
+        contact_id = await find_contact_id(session, deps.signer, org_id, phone=address)
         points = contact_points.contact_points(deps.signer, None, address)
         suppressed = await contact_points.suppressed_channels(session, org_id, points)
         if "sms" in suppressed or "all" in suppressed:
@@ -334,14 +337,14 @@ async def _new_session(
             new_id = (await conn.execute(_INSERT_CONV, values)).scalar_one()
     except IntegrityError:
         # The same address's first message raced us: continue on the row it created.
-        found = await _locked(session, org_id, channel, digest)
+        found = await locked_conversation(session, org_id, channel, digest)
         if found is None:
             raise
-        return found, *(await _load_state(session, found))
+        return found, *(await load_state(session, found))
     return ConversationRow(id=int(new_id), **values), flow, state
 
 
-async def _load_state(
+async def load_state(
     session: AsyncSession, conv: ConversationRow | Conversation
 ) -> tuple[Flow, ChatState]:
     flow, _event = await get_flow(session, conv.org_id, conv.flow_key, conv.flow_version)
@@ -352,7 +355,7 @@ async def _load_state(
     return flow, state
 
 
-def _session_over(conv: ConversationRow, state: ChatState, inbound: Inbound, now: datetime) -> bool:
+def session_over(conv: ConversationRow, state: ChatState, inbound: Inbound, now: datetime) -> bool:
     if inbound.kind == "wake":
         return False
     if inbound.kind == "start":

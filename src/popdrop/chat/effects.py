@@ -28,9 +28,9 @@ from popdrop.chat import engine
 from popdrop.chat.conversations import (
     ChatDeps,
     ConversationRow,
-    _find_contact_id,
     chat_principal,
     consent_channel,
+    find_contact_id,
 )
 from popdrop.chat.engine import (
     EffectResult,
@@ -66,14 +66,14 @@ _AUDIENCE_ACTIVITY = {"chat_started": "chat"}
 
 
 @dataclass
-class _Applied:
+class AppliedEffects:
     """What applying a turn's effects left behind for persistence."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
     secrets: set[str] = field(default_factory=set)
 
 
-def _event_row(
+def event_row(
     conv: ConversationRow | Conversation,
     kind: str,
     at: datetime,
@@ -120,7 +120,7 @@ async def _in_savepoint(session: AsyncSession, work: Any) -> EffectResult:
         return EffectResult(ok=False, reason="invalid_request", message=f"{where}: {first['msg']}")
 
 
-class _Effects:
+class Effects:
     def __init__(
         self, session: AsyncSession, deps: ChatDeps, conv: ConversationRow, now: datetime
     ) -> None:
@@ -129,7 +129,7 @@ class _Effects:
         self.conv = conv
         self.now = now
         self.principal = chat_principal(conv.org_id)
-        self.applied = _Applied()
+        self.applied = AppliedEffects()
         self.event_tz: str | None = None
         self.state_vars: dict[str, Any] = {}
         # Tickets this turn's RSVPs issued, (subject kind, id) → (ticket id, secret): the
@@ -144,7 +144,7 @@ class _Effects:
         ref: str | None = None,
         value: int | None = None,
     ) -> None:
-        self.applied.events.append(_event_row(self.conv, kind, self.now, node, ref, value))
+        self.applied.events.append(event_row(self.conv, kind, self.now, node, ref, value))
 
     async def apply(self, effect: engine.Effect, node: str) -> EffectResult | None:
         """Apply one effect; an awaited (action) effect returns its result."""
@@ -212,7 +212,7 @@ class _Effects:
     async def _link_contact(self, email: str | None, phone: str | None) -> None:
         conv = self.conv
         if conv.contact_id is None:
-            conv.contact_id = await _find_contact_id(
+            conv.contact_id = await find_contact_id(
                 self.session, self.deps.signer, conv.org_id, email=email, phone=phone
             )
 

@@ -29,7 +29,7 @@ from popdrop.chat.engine import (
     SlotFact,
 )
 from popdrop.chat.flow import Needs
-from popdrop.chat.flow_store import _db_key
+from popdrop.chat.flow_store import db_key
 from popdrop.chat.messages import (
     Card,
 )
@@ -60,7 +60,7 @@ _now_param = bindparam("now", type_=UTCDateTime())
 
 
 async def _event_fact(session: AsyncSession, event_id: int) -> EventFact | None:
-    key = (_db_key(session), event_id)
+    key = (db_key(session), event_id)
     cached = _EVENTS.get(key)
     if cached is not None:
         return cached
@@ -93,7 +93,7 @@ async def _event_fact(session: AsyncSession, event_id: int) -> EventFact | None:
 
 
 async def _catalog(session: AsyncSession, org_id: int, event_id: int) -> list[ProductFact]:
-    key = (_db_key(session), org_id, event_id)
+    key = (db_key(session), org_id, event_id)
     cached = _CATALOGS.get(key)
     if cached is not None:
         return cached
@@ -201,7 +201,7 @@ async def _segments(
     return frozenset(member)
 
 
-async def _facts(
+async def read_facts(
     session: AsyncSession, conv: ConversationRow, needs: Needs, now: datetime
 ) -> Facts:
     facts = Facts(now=now, channel=conv.channel)

@@ -36,7 +36,7 @@ _FLOWS: ProcessCache[tuple[str, int, str, int], tuple[Flow, int | None]] = Proce
 )
 
 
-def _db_key(session: AsyncSession) -> str:
+def db_key(session: AsyncSession) -> str:
     return str(session.get_bind().engine.url)
 
 
@@ -84,7 +84,7 @@ async def publish_flow(
                 await session.flush()
         except IntegrityError:
             continue  # a concurrent publish took this number
-        _FLOWS.put((_db_key(session), org_id, key, row.version), (flow, event_id))
+        _FLOWS.put((db_key(session), org_id, key, row.version), (flow, event_id))
         return row
     raise PopdropError("conflict", "this flow is being published by someone else; try again")
 
@@ -101,7 +101,7 @@ async def publish_default_flow(
 async def get_flow(
     session: AsyncSession, org_id: int, key: str, version: int
 ) -> tuple[Flow, int | None]:
-    cache_key = (_db_key(session), org_id, key, version)
+    cache_key = (db_key(session), org_id, key, version)
     cached = _FLOWS.get(cache_key)
     if cached is not None:
         return cached

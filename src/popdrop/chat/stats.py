@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.chat.conversations import _conversations, _events
+from popdrop.chat.conversations import chat_events_table, conversations_table
 
 # ---------------------------------------------------------------- measurement
 
@@ -24,27 +24,27 @@ async def node_dropoff(
 ) -> list[NodeStat]:
     """Per node of a flow version: sessions that entered it, and sessions that stopped
     there (their conversation's current node, not finished) — the drop-off."""
-    session_key = _events.c.conversation_id * 1_000_000 + _events.c.session_no
+    session_key = chat_events_table.c.conversation_id * 1_000_000 + chat_events_table.c.session_no
     entered = await session.execute(
-        select(_events.c.node, func.count(func.distinct(session_key)))
+        select(chat_events_table.c.node, func.count(func.distinct(session_key)))
         .where(
-            _events.c.org_id == org_id,
-            _events.c.flow_key == key,
-            _events.c.flow_version == version,
-            _events.c.kind == "node",
+            chat_events_table.c.org_id == org_id,
+            chat_events_table.c.flow_key == key,
+            chat_events_table.c.flow_version == version,
+            chat_events_table.c.kind == "node",
         )
-        .group_by(_events.c.node)
+        .group_by(chat_events_table.c.node)
     )
     counts = {str(node): int(n) for node, n in entered}
     stopped_rows = await session.execute(
-        select(_conversations.c.node, func.count())
+        select(conversations_table.c.node, func.count())
         .where(
-            _conversations.c.org_id == org_id,
-            _conversations.c.flow_key == key,
-            _conversations.c.flow_version == version,
-            _conversations.c.status.not_in(("done",)),
+            conversations_table.c.org_id == org_id,
+            conversations_table.c.flow_key == key,
+            conversations_table.c.flow_version == version,
+            conversations_table.c.status.not_in(("done",)),
         )
-        .group_by(_conversations.c.node)
+        .group_by(conversations_table.c.node)
     )
     stopped = {str(node): int(n) for node, n in stopped_rows}
     return [
@@ -58,12 +58,12 @@ async def funnel(
 ) -> dict[str, int]:
     """Sessions per funnel step (chat_started, card_viewed, rsvp, hold, voucher_issued,
     checkout_started, ticket_sent, survey): Chat→RSVP is rsvp / chat_started."""
-    session_key = _events.c.conversation_id * 1_000_000 + _events.c.session_no
+    session_key = chat_events_table.c.conversation_id * 1_000_000 + chat_events_table.c.session_no
     query = (
-        select(_events.c.kind, func.count(func.distinct(session_key)))
-        .where(_events.c.org_id == org_id, _events.c.kind != "node")
-        .group_by(_events.c.kind)
+        select(chat_events_table.c.kind, func.count(func.distinct(session_key)))
+        .where(chat_events_table.c.org_id == org_id, chat_events_table.c.kind != "node")
+        .group_by(chat_events_table.c.kind)
     )
     if event_id is not None:
-        query = query.where(_events.c.event_id == event_id)
+        query = query.where(chat_events_table.c.event_id == event_id)
     return {str(kind): int(n) for kind, n in await session.execute(query)}

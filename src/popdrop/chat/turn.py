@@ -36,33 +36,33 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.audience import keywords
 from popdrop.chat import engine
 from popdrop.chat.conversations import (
-    _INSERT_EVENTS,
-    _INSERT_MESSAGES,
-    _SELECT_CONV,
+    INSERT_EVENTS,
+    INSERT_MESSAGES,
+    SELECT_CONVERSATION,
     ChatDeps,
     ConversationRow,
-    _clean_inbound,
-    _conv_of,
-    _conversations,
-    _expiry,
-    _insert,
-    _load_state,
-    _locked,
-    _new_session,
-    _save,
-    _save_all,
-    _session_over,
     address_hash,
+    clean_inbound,
     consent_channel,
+    conversation_of,
+    conversations_table,
+    insert_rows,
+    load_state,
+    locked_conversation,
     move_conversation,
+    new_session,
     normalize_address,
+    save_conversation,
+    save_turn,
+    session_expiry,
+    session_over,
 )
-from popdrop.chat.effects import _Applied, _Effects, _event_row
+from popdrop.chat.effects import AppliedEffects, Effects, event_row
 from popdrop.chat.engine import (
     ChatState,
     Inbound,
 )
-from popdrop.chat.facts import _facts, pinned_card
+from popdrop.chat.facts import pinned_card, read_facts
 from popdrop.chat.flow import Flow
 from popdrop.chat.flow_store import DEFAULT_FLOW_KEY
 from popdrop.chat.lifecycle import EXPIRING_CONVERSATION_STATUSES, ConversationStatus
@@ -125,9 +125,9 @@ async def _run_engine(
     state: ChatState,
     inbound: Inbound | None,
     now: datetime,
-) -> tuple[ChatState, list[OutMessage], _Applied]:
-    facts = await _facts(session, conv, engine.needs(flow, state, inbound), now)
-    effects = _Effects(session, deps, conv, now)
+) -> tuple[ChatState, list[OutMessage], AppliedEffects]:
+    facts = await read_facts(session, conv, engine.needs(flow, state, inbound), now)
+    effects = Effects(session, deps, conv, now)
     outbound: list[OutMessage] = []
     result = engine.step(flow, state, inbound, facts)
     for _round in range(MAX_ROUNDS):
@@ -158,7 +158,7 @@ async def _persist(
     state: ChatState,
     inbound: Inbound | None,
     messages: list[OutMessage],
-    applied: _Applied,
+    applied: AppliedEffects,
     now: datetime,
 ) -> None:
     conv.state = state.model_dump_json()
@@ -166,19 +166,19 @@ async def _persist(
     move_conversation(conv, state, state.status)  # where the engine's turn led
     conv.wake_at = state.wake_at
     conv.last_message_at = now
-    conv.expires_at = _expiry(flow, now, state.wake_at)
+    conv.expires_at = session_expiry(flow, now, state.wake_at)
     rows: list[dict[str, Any]] = []
     if inbound is not None and inbound.kind != "wake":
-        rows.append(_message_row(conv, "in", inbound.model_dump(mode="json"), now))
+        rows.append(message_row(conv, "in", inbound.model_dump(mode="json"), now))
     for body in OUT_MESSAGES.dump_python(messages, mode="json"):
         text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
         if applied.secrets:
             text = _redact(text, applied.secrets)
-        rows.append(_message_row(conv, "out", text, now))
-    await _save_all(session, conv, rows, applied.events)
+        rows.append(message_row(conv, "out", text, now))
+    await save_turn(session, conv, rows, applied.events)
 
 
-def _message_row(
+def message_row(
     conv: ConversationRow | Conversation, direction: str, body: Any, now: datetime
 ) -> dict[str, Any]:
     text = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
@@ -229,14 +229,14 @@ async def _keyword_turn(
     if conv.contact_id is None and answer.contact_id is not None:
         conv.contact_id = answer.contact_id
     conv.last_message_at = now
-    await _save(session, conv)
-    rows = [_message_row(conv, "in", inbound.model_dump(mode="json"), now)]
-    rows += [_message_row(conv, "out", m.model_dump(mode="json"), now) for m in messages]
-    await _insert(session, _INSERT_MESSAGES, rows)
-    await _insert(
+    await save_conversation(session, conv)
+    rows = [message_row(conv, "in", inbound.model_dump(mode="json"), now)]
+    rows += [message_row(conv, "out", m.model_dump(mode="json"), now) for m in messages]
+    await insert_rows(session, INSERT_MESSAGES, rows)
+    await insert_rows(
         session,
-        _INSERT_EVENTS,
-        [_event_row(conv, f"keyword_{answer.keyword}", now, ref=answer.action)],
+        INSERT_EVENTS,
+        [event_row(conv, f"keyword_{answer.keyword}", now, ref=answer.action)],
     )
     return TurnResult(
         conv.id, conv.session_no, conv.status, conv.node, messages, conv.contact_id, answer.keyword
@@ -256,10 +256,10 @@ async def run_turn(
     capabilities: Capabilities | None = None,
 ) -> TurnResult:
     """One inbound message of a conversation, in the caller's transaction (module doc)."""
-    inbound = _clean_inbound(inbound)
+    inbound = clean_inbound(inbound)
     address = normalize_address(channel, address)
     digest = address_hash(deps.signer, channel, address)
-    conv = await _locked(session, org_id, channel, digest)
+    conv = await locked_conversation(session, org_id, channel, digest)
     keyword = await _keyword_turn(
         session,
         deps,
@@ -276,7 +276,7 @@ async def run_turn(
     if conv is None:
         if inbound.kind == "wake":
             return TurnResult(None, 0, "none", None, [])
-        conv, flow, state = await _new_session(
+        conv, flow, state = await new_session(
             session,
             deps,
             None,
@@ -288,14 +288,14 @@ async def run_turn(
             now=now,
         )
     else:
-        flow, state = await _load_state(session, conv)
-        fresh = conv.opted_out_at is None and _session_over(conv, state, inbound, now)
+        flow, state = await load_state(session, conv)
+        fresh = conv.opted_out_at is None and session_over(conv, state, inbound, now)
         if fresh:
             if state.status in ("active", "waiting_input", "waiting_until"):
-                await _insert(
-                    session, _INSERT_EVENTS, [_event_row(conv, "expired", now, state.node)]
+                await insert_rows(
+                    session, INSERT_EVENTS, [event_row(conv, "expired", now, state.node)]
                 )
-            conv, flow, state = await _new_session(
+            conv, flow, state = await new_session(
                 session,
                 deps,
                 conv,
@@ -308,10 +308,10 @@ async def run_turn(
             )
     if conv.opted_out_at is not None:
         # Opted out (STOP, or a suppressed number): nothing is sent until START.
-        await _insert(
+        await insert_rows(
             session,
-            _INSERT_MESSAGES,
-            [_message_row(conv, "in", inbound.model_dump(mode="json"), now)],
+            INSERT_MESSAGES,
+            [message_row(conv, "in", inbound.model_dump(mode="json"), now)],
         )
         return TurnResult(conv.id, conv.session_no, conv.status, conv.node, [], conv.contact_id)
     return await _turn(session, deps, conv, flow, state, inbound, now, capabilities, fresh)
@@ -333,7 +333,7 @@ async def _turn(
         pinned = await pinned_card(session, conv.org_id, conv.event_id, now)
         if pinned is not None:
             outbound.insert(0, pinned)
-            applied.events.append(_event_row(conv, "card_viewed", now, ref=str(pinned.product_id)))
+            applied.events.append(event_row(conv, "card_viewed", now, ref=str(pinned.product_id)))
     caps = capabilities or capabilities_of(conv.channel)
     messages = degrade(outbound, caps, now=now)
     if messages:
@@ -356,9 +356,9 @@ async def wake_due(
     """Run the waits and input timeouts that are due (reminders, the day-after survey):
     each conversation takes one wake step; the caller's channels deliver the messages
     (after their own last-moment consent check)."""
-    c = _conversations.c
+    c = conversations_table.c
     query = (
-        _SELECT_CONV.where(
+        SELECT_CONVERSATION.where(
             c.wake_at.is_not(None),
             c.wake_at <= now,
             c.opted_out_at.is_(None),
@@ -374,12 +374,12 @@ async def wake_due(
         query = query.with_for_update(skip_locked=True)
     deliveries: list[Delivery] = []
     for row in (await conn.execute(query)).all():
-        conv = _conv_of(row)
-        flow, state = await _load_state(session, conv)
+        conv = conversation_of(row)
+        flow, state = await load_state(session, conv)
         result = await _turn(session, deps, conv, flow, state, Inbound.wake(), now, None)
         if conv.wake_at is not None and conv.wake_at <= now:
             conv.wake_at = None  # a wake that did not move the conversation: not again
-            await _save(session, conv)
+            await save_conversation(session, conv)
         if result.messages and conv.address is not None:
             deliveries.append(
                 Delivery(
@@ -415,12 +415,12 @@ async def expire_sessions(
             or conv.status not in EXPIRING_CONVERSATION_STATUSES
         ):
             continue
-        _flow, state = await _load_state(session, conv)
+        _flow, state = await load_state(session, conv)
         move_conversation(conv, state, ConversationStatus.EXPIRED)
         state.wake_at = None
         conv.state = state.model_dump_json()
         conv.wake_at = None
-        await _insert(session, _INSERT_EVENTS, [_event_row(conv, "expired", now, conv.node)])
+        await insert_rows(session, INSERT_EVENTS, [event_row(conv, "expired", now, conv.node)])
         count += 1
     await session.flush()
     return count
