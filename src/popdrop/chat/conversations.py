@@ -57,7 +57,6 @@ class ChatDeps:
 
     signer: Signer
     base_url: str = "http://127.0.0.1:8000"
-    audit_chains: int = 8
 
 
 def chat_principal(org_id: int) -> Principal:

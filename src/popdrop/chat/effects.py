@@ -235,7 +235,6 @@ class Effects:
             event_id=conv.event_id,
             spec=spec,
             now=self.now,
-            audit_chains=self.deps.audit_chains,
             actor=f"chat:{conv.id}",
         )
         rsvp = result.rsvp
@@ -375,7 +374,6 @@ class Effects:
                 offer_ref=f"chat:{conv.flow_key}",
             ),
             now=self.now,
-            audit_chains=self.deps.audit_chains,
         )
         return made
 
@@ -423,7 +421,6 @@ class Effects:
                 holder_ref=holder,
             ),
             now=self.now,
-            audit_chains=self.deps.audit_chains,
         )
         return await self._ticket_result(ticket.id, secret)
 

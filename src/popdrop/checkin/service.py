@@ -181,7 +181,6 @@ async def issue_ticket(
     spec: TicketCreate,
     *,
     now: datetime,
-    audit_chains: int | None = None,  # TEMP: ignored (the ledger is configured once)
 ) -> tuple[Ticket, str, bool]:
     """A ticket for a subject; the subject's valid ticket if it has one (created=False)."""
     principal.require(ISSUE_SCOPE)

@@ -300,7 +300,6 @@ async def create_rsvp(
     spec: RsvpCreate,
     now: datetime,
     actor: str = PUBLIC_ACTOR,
-    audit_chains: int | None = None,  # TEMP: ignored (the ledger is configured once)
 ) -> RsvpResult:
     """RSVP to a slot: confirmed if its places fit, else `slot_full` or the waiting list."""
     if not spec.consent:

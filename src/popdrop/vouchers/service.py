@@ -129,7 +129,6 @@ async def issue_batch(
     *,
     now: datetime,
     progress: Progress | None = None,
-    audit_chains: int | None = None,  # TEMP: ignored (the ledger is configured once)
 ) -> tuple[VoucherBatch, list[str]]:
     """Create a batch and its codes; return the plaintext codes (the only time they exist)."""
     principal.require("vouchers:write")
