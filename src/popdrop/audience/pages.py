@@ -1,8 +1,9 @@
 """Audience pages: the operator's overview, contact, segment and import pages (`/audience`),
 and the public preference / one-click unsubscribe / double opt-in pages.
 
-Handlers stay thin: read the form, call `audience.service` / `privacy` / `importer`,
-render. The rules of the other operator pages hold (`PageRoute`):
+Handlers stay thin: read the form, call the audience modules (contacts, consent,
+segments, settings, imports and exports), render; a person's page and erasure are in
+`usecases.privacy_pages`. The rules of the other operator pages hold (`PageRoute`):
 - every operator page needs a session and `audience:read` (`audience:write` to change),
   so a volunteer or a partner gets a 403 page and never a contact;
 - every operator POST carries the double-submit CSRF field and calls `check_csrf` first;

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Select,
     and_,
     case,
     exists,
@@ -183,33 +182,6 @@ async def count_segment(
     channel_counts = dict(zip(rules.channels, values[1 : 1 + len(rules.channels)], strict=True))
     bucket_counts = dict(zip(buckets, values[1 + len(rules.channels) :], strict=True))
     return SegmentCount(total=values[0], by_channel=channel_counts, by_bucket=bucket_counts)
-
-
-async def segment_query(
-    session: AsyncSession, principal: Principal, rules: SegmentRules, *, now: datetime
-) -> Select[Any]:
-    principal.require("audience:read")
-    conditions = await segment_conditions(session, principal.org_id, rules, now=now)
-    return select(Contact).where(*conditions).order_by(Contact.id)
-
-
-async def iter_segment(
-    session: AsyncSession,
-    principal: Principal,
-    rules: SegmentRules,
-    *,
-    now: datetime,
-    batch_size: int = 2000,
-) -> AsyncIterator[list[Contact]]:
-    """The segment's contacts in id order, a page at a time (keyset paging, bounded memory)."""
-    base = await segment_query(session, principal, rules, now=now)
-    after = 0
-    while True:
-        page = list((await session.scalars(base.where(Contact.id > after).limit(batch_size))).all())
-        if not page:
-            return
-        yield page
-        after = page[-1].id
 
 
 def segment_out(segment: Segment) -> SegmentOut:

@@ -130,12 +130,3 @@ async def latest_version(session: AsyncSession, org_id: int, key: str) -> int:
     if version is None:
         raise PopdropError("not_found", f"no chat flow {key!r} is published")
     return int(version)
-
-
-async def list_flow_versions(
-    session: AsyncSession, org_id: int, key: str | None = None
-) -> list[FlowVersion]:
-    query = select(FlowVersion).where(FlowVersion.org_id == org_id)
-    if key is not None:
-        query = query.where(FlowVersion.key == key)
-    return list(await session.scalars(query.order_by(FlowVersion.key, FlowVersion.version)))

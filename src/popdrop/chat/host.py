@@ -12,7 +12,7 @@ addresses) whose text starts with `/` is a command, not a flow turn:
   the next card shows it sold out and offers no Reserve;
 - `/stats` — today's RSVPs, check-ins, holds, vouchers issued in chat and chat sessions;
 - `/pin SKU` (`/pin off`) — the product card pinned for the event's customers: every
-  new session's first answer starts with it (`chat.service.pinned_card`);
+  new session's first answer starts with it (`chat.facts.pinned_card`);
 - `/broadcast <text>` — to the event's chat audience: per conversation, the consent of
   the contact on that channel is checked, opted-out conversations are skipped, and a
   conversation gets at most one broadcast per `BROADCAST_SPACING`;

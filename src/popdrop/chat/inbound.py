@@ -2,7 +2,7 @@
 
 A `/command` from an address registered as a host of the organization runs as a host
 command (`popdrop.chat.host`); anything else, from anyone, is a flow turn
-(`popdrop.chat.service.run_turn`). Keeping this choice here, above both, keeps the flow
+(`popdrop.chat.turn.run_turn`). Keeping this choice here, above both, keeps the flow
 service free of the host side.
 """
 

@@ -1,10 +1,10 @@
 """Two-way SMS chat: a Twilio inbound message in, TwiML `<Message>` replies out.
 
-The Twilio webhook (`messaging.api.sms_inbound`, signature checked there) hands the
+The Twilio webhook (`chat.sms_api.sms_inbound`, signature checked there) hands the
 message to `reply_to`:
 
 1. STOP / START / HELP (and YES) are answered through the audience domain, the one
-   implementation shared with SMS drops and every chat channel (`chat.service` runs them
+   implementation shared with SMS drops and every chat channel (`chat.turn` runs them
    before any flow). A STOP from a number that is already opted out changes nothing and
    is not confirmed again: one confirmation per opt-out.
 2. Anything else is a chat turn (`chat.inbound.turn`, channel `sms`): cards and
