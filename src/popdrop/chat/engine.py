@@ -11,9 +11,10 @@ results of effects already applied). The engine enters nodes until it needs the 
 `MAX_STEPS` nodes: a flow that loops without waiting ends in the `error` status with the
 flow's `error_text`, it never hangs.
 
-Effects are plain data applied by the caller (chat.service) in one transaction. Secrets
-an effect returns (voucher code, ticket secret, checkout link) live in `state.secrets`
-for the rest of the turn only: they are never serialised with the state.
+Effects are plain data applied by the caller (`chat.turn`, through `chat.effects`) in one
+transaction. Secrets an effect returns (voucher code, ticket secret, checkout link) live
+in `state.secrets` for the rest of the turn only: they are never serialised with the
+state.
 
 Over 900 lines on purpose: it is one concern, the step function, and the vocabulary it
 reads and writes (facts, effects, templates) must change together with it; splitting it
