@@ -29,7 +29,11 @@ from popdrop.chat.engine import (
 )
 from popdrop.chat.flow import Flow
 from popdrop.chat.flow_store import get_flow, latest_version
-from popdrop.chat.lifecycle import CONVERSATION_LIFECYCLE, ConversationStatus
+from popdrop.chat.lifecycle import (
+    CONVERSATION_LIFECYCLE,
+    ENDED_CONVERSATION_STATUSES,
+    ConversationStatus,
+)
 from popdrop.chat.models import (
     ChatEvent,
     ChatMessage,
@@ -359,7 +363,7 @@ def session_over(conv: ConversationRow, state: ChatState, inbound: Inbound, now:
         return False
     if inbound.kind == "start":
         return state.turns > 0  # a deep link / QR scan opens a session of its own
-    if state.status in ("done", "expired", "error"):
+    if state.status in ENDED_CONVERSATION_STATUSES:
         return True
     if state.status == "handed_off":
         return False

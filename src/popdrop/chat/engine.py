@@ -33,7 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from popdrop.chat import flow as f
-from popdrop.chat.lifecycle import ConversationStatus
+from popdrop.chat.lifecycle import ENDED_CONVERSATION_STATUSES, ConversationStatus
 from popdrop.chat.messages import (
     Button,
     Buttons,
@@ -1083,7 +1083,7 @@ def needs(flow: f.Flow, state: ChatState, inbound: Inbound | None) -> f.Needs:
     (the same snapshot then serves the continuations after each action)."""
     restart = (
         state.node not in flow.nodes
-        or state.status in ("done", "error", "expired")
+        or state.status in ENDED_CONVERSATION_STATUSES
         or (inbound is not None and inbound.kind == "start")
     )
     if restart:
@@ -1157,7 +1157,7 @@ def step(flow: f.Flow, state: ChatState, inbound: Inbound | None, facts: Facts) 
     if status == "handed_off":
         return StepResult(state, turn.out, turn.effects, turn.visited)
     keyword = flow.keyword_target(inbound.text) if inbound.kind == "text" else None
-    if status in ("done", "error", "expired"):
+    if status in ENDED_CONVERSATION_STATUSES:
         turn.run(turn.restart(keyword or flow.start))
     elif keyword is not None:
         if first:
