@@ -254,13 +254,7 @@ async def change_ticket(
     subject changed) keeps the ticket valid under a new secret.
     """
     principal.require(ISSUE_SCOPE)
-    ticket = await session.scalar(
-        select(Ticket)
-        .where(Ticket.id == ticket_id, Ticket.org_id == principal.org_id)
-        .with_for_update()
-    )
-    if ticket is None:
-        raise not_found("ticket")
+    ticket = await owned(session, Ticket, ticket_id, principal.org_id, lock=True)
     # The ticket's one status writer: cancel and revoke are moves of TICKET_LIFECYCLE; a
     # re-issue keeps the status but needs a ticket that can still move (a valid one).
     current = TicketStatus(ticket.status)
