@@ -38,7 +38,7 @@ def test_an_import_up_a_floor_breaks_the_build(tmp_path: Path) -> None:
     service = tmp_path / "popdrop" / "vouchers" / "service.py"
     service.write_text(service.read_text() + "\nimport fastapi  # HTTP in a service\n")
     events = tmp_path / "popdrop" / "events" / "service.py"
-    events.write_text(events.read_text() + "\nimport popdrop.inventory.service  # a lower domain up\n")
+    events.write_text(events.read_text() + "\nimport popdrop.inventory.service  # up a floor\n")
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "the floor plan" in result.stdout and "BROKEN" in result.stdout

@@ -35,11 +35,11 @@ from starlette.routing import Route
 from popdrop.app import build_context, create_app
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
+from popdrop.core.localtime import local
 from popdrop.outbound.outbox import Notification, NotificationStatus
 from popdrop.rsvp.models import WaitlistOffer
 from popdrop.usecases.notify import DEADLINE_FORMAT
 from popdrop.web.context import AppContext
-from popdrop.web.pagekit import local
 from popdrop.worker import Worker
 from tests.conftest import Tenant, make_tenant
 from tests.rsvp.helpers import make_slot, rsvp

@@ -32,6 +32,7 @@ from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
 from popdrop.core import links
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.localtime import local, zone_of
 from popdrop.core.tenancy import owned
 from popdrop.events import service
 from popdrop.events.lifecycle import EVENT_LIFECYCLE, OPEN_EVENT_STATUSES, EventStatus
@@ -51,7 +52,7 @@ from popdrop.inventory.schemas import Availability, ProductCreate, StockSet
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
 from popdrop.web.forms import Form, M, form_of
-from popdrop.web.pagekit import Operator, PageRoute, local, zone_of
+from popdrop.web.pagekit import Operator, PageRoute
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render

@@ -38,6 +38,7 @@ from popdrop.audience import consent, contact_points
 from popdrop.core import links
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
+from popdrop.core.localtime import local
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event, TimeSlot
@@ -53,7 +54,6 @@ from popdrop.outbound.transports import (
 from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
 from popdrop.rsvp.service import OFFER_NOTICE
-from popdrop.web.pagekit import local
 
 DEADLINE_FORMAT = "%a %d %b, %H:%M"
 

@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import segno
 from fastapi import Depends, Request
@@ -25,6 +23,7 @@ from markupsafe import Markup
 
 from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError
+from popdrop.core.localtime import local
 from popdrop.core.money import Money
 from popdrop.web.auth import LoginRequired, PagePrincipal
 from popdrop.web.templating import render, templates
@@ -103,26 +102,6 @@ def qr_svg(code: str) -> Markup:
 templates.env.filters["money"] = money
 templates.env.filters["percent"] = percent
 templates.env.filters["intcomma"] = intcomma
-
-
-def zone_of(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
-def local(
-    value: datetime | None, timezone: str, fmt: str = "%a %d %b %Y, %H:%M", zone: bool = True
-) -> str:
-    """A moment in the event's own time zone (with its abbreviation unless told not to)."""
-    if value is None:
-        return "—"
-    try:
-        value = value.astimezone(zone_of(timezone))
-    except OverflowError:  # year 1 or 9999 pushed past the calendar: show it in UTC
-        value = value.astimezone(UTC)
-    return value.strftime(f"{fmt} %Z" if zone else fmt)
 
 
 def price(amount_minor: int, currency: str) -> str:
