@@ -17,12 +17,12 @@ tracked links, so clicking one records the click and redirects, as in a mail cli
 
 from __future__ import annotations
 
-from functools import partial
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 

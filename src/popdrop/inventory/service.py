@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -267,6 +267,42 @@ async def availability(
         )
         for stock, held in rows
     ]
+
+
+_products = table_of(Product)
+_variants = table_of(Variant)
+# Per product of an event: + (total - sold) of each stock row, - qty of each unexpired
+# active hold; summed, that is `availability`'s rule added up over variants and lanes.
+_UNIT_MOVES = union_all(
+    select(
+        _variants.c.product_id.label("product_id"),
+        (_stock.c.total - _stock.c.sold).label("n"),
+    )
+    .join(_stock, _stock.c.variant_id == _variants.c.id)
+    .join(_products, _products.c.id == _variants.c.product_id)
+    .where(_products.c.event_id == bindparam("e_id"), _products.c.org_id == bindparam("o_id")),
+    select(_variants.c.product_id, -_holds.c.qty)
+    .join(_variants, _variants.c.id == _holds.c.variant_id)
+    .where(
+        _holds.c.event_id == bindparam("e_id"),
+        _holds.c.status == HoldStatus.ACTIVE,
+        _holds.c.expires_at > _now,
+    ),
+).subquery()
+_UNITS_LEFT = select(_UNIT_MOVES.c.product_id, func.sum(_UNIT_MOVES.c.n)).group_by(
+    _UNIT_MOVES.c.product_id
+)
+
+
+async def units_left_by_product(
+    session: AsyncSession, org_id: int, event_id: int, now: datetime
+) -> dict[int, int]:
+    """Units left per product of an event, in one round trip: total - sold - unexpired
+    active holds (the rule of `availability`), summed over the product's variants and
+    lanes, never below 0. A product without stock is absent (read it as 0)."""
+    conn = await session.connection()
+    rows = await conn.execute(_UNITS_LEFT, {"e_id": event_id, "o_id": org_id, "now": now})
+    return {int(product_id): max(int(n or 0), 0) for product_id, n in rows}
 
 
 # ---------------------------------------------------------------- holds

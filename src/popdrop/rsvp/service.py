@@ -113,8 +113,7 @@ def system_principal(org_id: int) -> Principal:
     return system_principal_for(
         org_id,
         SYSTEM_ACTOR,
-        "system",
-        frozenset({"vouchers:write", "vouchers:redeem", "tickets:write"}),
+        scopes=frozenset({"vouchers:write", "vouchers:redeem", "tickets:write"}),
     )
 
 
