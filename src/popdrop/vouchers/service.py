@@ -4,6 +4,11 @@ Consuming a use is one conditional `UPDATE vouchers SET uses = uses + 1 WHERE â€
 uses < max_uses â€¦ RETURNING`: the database serialises concurrent redemptions on the row,
 so a code can never be spent more often than `max_uses`. Per-contact limits and budgets
 are further conditional updates in the same transaction; any refusal rolls back all.
+
+Over 900 lines on purpose: it is one aggregate, the vault. Issue, redeem, rollback, revoke,
+reads and claim links share the batch policy cache, the code lookup and the status rules
+(`_find`, `_status`, `_refuse`, `_policy`); splitting them would export those internals
+and let a second copy of a redemption rule grow elsewhere.
 """
 
 from __future__ import annotations
