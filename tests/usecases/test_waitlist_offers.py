@@ -14,6 +14,7 @@ import asyncio
 import base64
 import email
 import email.policy
+import json
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -33,11 +34,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from popdrop.app import build_context, create_app
+from popdrop.chat import console, conversations, flow_store
+from popdrop.chat import inbound as chat_inbound
+from popdrop.chat.engine import Inbound
+from popdrop.chat.flow import shipped_source
+from popdrop.chat.messages import Buttons, OutMessage
+from popdrop.chat.models import Conversation
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.core.localtime import local
 from popdrop.outbound.outbox import Notification, NotificationStatus
-from popdrop.rsvp.models import WaitlistOffer
+from popdrop.rsvp import service as rsvp_service
+from popdrop.rsvp.models import Rsvp, WaitlistOffer
+from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.usecases.notify import DEADLINE_FORMAT
 from popdrop.web.context import AppContext
 from popdrop.worker import Worker
@@ -402,3 +411,134 @@ async def test_an_opt_out_after_enqueue_stops_the_message(stack: Stack) -> None:
     [mail_row] = await _notifications(stack, "eve@example.com")
     assert mail_row.status == "skipped" and mail_row.last_error in ("suppressed", "no_consent")
     assert mail_row.payload == "{}"
+
+
+# ---------------------------------------------------------------- an RSVP made in chat
+
+# The shipped flow, its RSVP node joining the waiting list when the slot is full (and
+# back to the menu after, instead of the voucher and ticket of a confirmed booking).
+WAITLIST_FLOW = shipped_source("popup_drop").replace(
+    "  rsvp:\n    type: rsvp\n", "  rsvp:\n    type: rsvp\n    waitlist: true\n", 1
+)
+
+
+def _buttons(messages: list[OutMessage]) -> dict[str, str]:
+    return {
+        button.label: button.payload
+        for message in messages
+        if isinstance(message, Buttons)
+        for button in message.buttons
+        if button.payload
+    }
+
+
+async def _chat_slot(stack: Stack) -> tuple[int, int]:
+    """A one-place slot whose event's chat runs `WAITLIST_FLOW`."""
+    event_id, slot_id = await make_slot(stack.ctx, stack.tenant, capacity=1)
+    async with stack.ctx.db.transaction() as session:
+        await flow_store.publish_flow(
+            session,
+            stack.tenant.org_id,
+            flow_store.DEFAULT_FLOW_KEY,
+            WAITLIST_FLOW,
+            now=stack.clock.now(),
+            event_id=event_id,
+        )
+    return event_id, slot_id
+
+
+async def _say(stack: Stack, address: str, inbound: Inbound) -> list[OutMessage]:
+    """One message from a web chat visitor; the replies."""
+    result = await chat_inbound.handle(
+        stack.ctx.db,
+        conversations.ChatDeps(stack.ctx.signer, BASE_URL),
+        org_id=stack.tenant.org_id,
+        channel="web",
+        address=address,
+        inbound=inbound,
+        now=stack.clock.now(),
+    )
+    return result.messages
+
+
+async def test_an_offer_for_an_rsvp_made_in_chat_reaches_the_conversation(stack: Stack) -> None:
+    ctx, tenant = stack.ctx, stack.tenant
+    event_id, slot_id = await _chat_slot(stack)
+
+    async def say(inbound: Inbound) -> list[OutMessage]:
+        return await _say(stack, "widget-ann", inbound)
+
+    # Ann picks the slot in the web chat; meanwhile someone else takes its one place.
+    menu = await say(Inbound.of_text("hi"))
+    slots = await say(Inbound.button(_buttons(menu)["RSVP a time slot"]))
+    await say(Inbound.button(next(iter(_buttons(slots).values()))))
+    confirm = await say(Inbound.of_text("ann@example.com"))
+    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
+    assert holder.json()["rsvp"]["status"] == "confirmed"
+    await say(Inbound.button(_buttons(confirm)["Yes, book it"]))
+    async with ctx.db.reader() as session:
+        ann = await session.scalar(
+            select(Rsvp).where(Rsvp.event_id == event_id, Rsvp.email == "ann@example.com")
+        )
+        conversation_id = await session.scalar(
+            select(Conversation.id).where(Conversation.org_id == tenant.org_id)
+        )
+    assert ann is not None and ann.status == "waitlisted"
+    assert ann.source == f"chat:{conversation_id}"
+
+    # The holder cancels: Ann's offer goes by email and into her conversation.
+    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
+    assert await _status(stack, ann.id) == "offered"
+    [queued] = await _notifications(stack, f"chat:{conversation_id}")
+    assert queued.channel == "chat" and queued.status == "pending"
+
+    await stack.tick()  # the notifier queues it in the chat, the chat tick delivers it
+    offer = await _open_offer(stack, ann.id)
+    assert len(stack.smtp.to("ann@example.com")) == 1
+    [sent] = await _notifications(stack, f"chat:{conversation_id}")
+    assert sent.status == "sent" and sent.payload == "{}"
+    async with ctx.db.reader() as session:
+        rows = await console.transcript(session, tenant.org_id, conversation_id or 0)
+    [message] = [row for row in rows if "freed up for you" in row.body]
+    assert message.direction == "host"  # taken by the chat tick (kept in the web inbox)
+    text = json.loads(message.body)["text"]
+    assert f"Claim by {_deadline(offer)}" in text
+    link = LINK.search(text)
+    assert link is not None
+    claimed = await _claim_by_link(stack, link.group(1))
+    assert claimed.status_code == 200, claimed.text
+    assert await _status(stack, ann.id) == "confirmed"
+
+
+async def test_no_chat_offer_after_the_conversation_said_stop(stack: Stack) -> None:
+    ctx, tenant = stack.ctx, stack.tenant
+    event_id, slot_id = await _chat_slot(stack)
+    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
+    # Bea joins the waiting list from her chat (as chat.effects would), then says STOP.
+    await _say(stack, "widget-bea", Inbound.of_text("hi"))
+    async with ctx.db.transaction() as session:
+        conversation = await session.scalar(
+            select(Conversation).where(Conversation.org_id == tenant.org_id)
+        )
+        assert conversation is not None
+        spec = RsvpCreate(
+            slot_id=slot_id,
+            email="bea@example.com",
+            consent=True,
+            consent_text="I agree to be contacted about this event.",
+            waitlist=True,
+        )
+        await rsvp_service.create_rsvp(
+            session,
+            ctx.signer,
+            event_id=event_id,
+            spec=spec,
+            now=ctx.clock.now(),
+            actor=f"chat:{conversation.id}",
+        )
+    await _say(stack, "widget-bea", Inbound.of_text("STOP"))
+    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
+    await stack.tick()
+    [skipped] = await _notifications(stack, f"chat:{conversation.id}")
+    assert skipped.status == "skipped" and skipped.last_error == "opted_out"
+    assert len(stack.smtp.to("bea@example.com")) == 1  # the email still goes

@@ -94,6 +94,7 @@ NOTIFICATION_LIFECYCLE: Lifecycle[NotificationStatus] = Lifecycle(
 class Channel(StrEnum):
     EMAIL = "email"
     SMS = "sms"
+    CHAT = "chat"  # into a chat conversation; the recipient is `chat:<conversation id>`
 
 
 class Notification(Base):
@@ -113,7 +114,8 @@ class Notification(Base):
     kind: Mapped[str] = mapped_column(String(40))  # what renders it, e.g. "waitlist_offer"
     subject: Mapped[str] = mapped_column(String(80))  # what it is about, e.g. "offer:12"
     channel: Mapped[str] = mapped_column(String(8))
-    recipient: Mapped[str] = mapped_column(String(254))  # email address or E.164 number
+    # An email address, an E.164 number, or `chat:<conversation id>`.
+    recipient: Mapped[str] = mapped_column(String(254))
     payload: Mapped[str] = mapped_column(Text, default="{}")
     status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -38,6 +38,9 @@ class Rsvp(Base):
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancel_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Who made it (the actor: `public:rsvp`, `chat:<conversation id>`, an operator); an
+    # offer for an RSVP made in a chat conversation also goes into that conversation.
+    source: Mapped[str | None] = mapped_column(String(80), nullable=True)
 
 
 class WaitlistOffer(Base):

@@ -75,6 +75,16 @@ NO_ORG = 0
 SYSTEM_ACTOR = "system:waitlist"
 SWEEP_LIMIT = 500
 OFFER_NOTICE = "waitlist_offer"  # the outbox kind of an offer's message
+# The actor (and `Rsvp.source`) of an RSVP made in a chat conversation: `chat:<id>`.
+CHAT_SOURCE = "chat:"
+
+
+def chat_conversation_of(source: str | None) -> int | None:
+    """The chat conversation an RSVP source (or a chat notice's recipient) names, or None."""
+    if source is None or not source.startswith(CHAT_SOURCE):
+        return None
+    ref = source.removeprefix(CHAT_SOURCE)
+    return int(ref) if ref.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class OfferMade:
     expires_at: datetime
     email: str | None
     phone: str | None
+    source: str | None = None  # the RSVP's source: `chat:<id>` sends it there too
 
 
 @dataclass
@@ -343,6 +354,7 @@ async def create_rsvp(
         status=status,
         created_at=now,
         confirmed_at=now if status == RsvpStatus.CONFIRMED else None,
+        source=actor[:80],
     )
     session.add(rsvp)
     await session.flush()
@@ -490,7 +502,7 @@ async def _offer_free_places(
     while free > 0:
         waiting = (
             await session.execute(
-                select(Rsvp.id, Rsvp.places, Rsvp.email, Rsvp.phone)
+                select(Rsvp.id, Rsvp.places, Rsvp.email, Rsvp.phone, Rsvp.source)
                 .where(
                     Rsvp.slot_id == slot_id,
                     Rsvp.status == RsvpStatus.WAITLISTED,
@@ -502,7 +514,7 @@ async def _offer_free_places(
         ).first()
         if waiting is None:
             break
-        rsvp_id, places, email, phone = waiting
+        rsvp_id, places, email, phone, source = waiting
         # Slot row before the waiting RSVP row (the lock order).
         if not await _take_places(session, slot_id, places):
             break
@@ -552,7 +564,17 @@ async def _offer_free_places(
         await session.flush()
         made.append(
             OfferMade(
-                offer.id, rsvp_id, org_id, event_id, slot_id, places, code, expires_at, email, phone
+                offer.id,
+                rsvp_id,
+                org_id,
+                event_id,
+                slot_id,
+                places,
+                code,
+                expires_at,
+                email,
+                phone,
+                source,
             )
         )
         free -= places
@@ -562,7 +584,8 @@ async def _offer_free_places(
 
 def offer_notices(offer: OfferMade) -> list[outbox.Notice]:
     """The messages that tell the person about an offer: by email and/or SMS, whatever the
-    RSVP gave. They carry the code (the claim link is built from it at send time)."""
+    RSVP gave, and into the chat conversation the RSVP was made in (if it was). They carry
+    the code (the claim link is built from it at send time)."""
     payload = {
         "offer": offer.offer_id,
         "event": offer.event_id,
@@ -570,7 +593,12 @@ def offer_notices(offer: OfferMade) -> list[outbox.Notice]:
         "code": offer.code,
     }
     subject = f"offer:{offer.offer_id}"
-    points = ((outbox.Channel.EMAIL, offer.email), (outbox.Channel.SMS, offer.phone))
+    conversation_id = chat_conversation_of(offer.source)
+    points = (
+        (outbox.Channel.EMAIL, offer.email),
+        (outbox.Channel.SMS, offer.phone),
+        (outbox.Channel.CHAT, f"{CHAT_SOURCE}{conversation_id}" if conversation_id else None),
+    )
     return [
         outbox.Notice(offer.org_id, OFFER_NOTICE, subject, channel, address, payload)
         for channel, address in points

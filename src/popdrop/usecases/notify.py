@@ -16,6 +16,12 @@ Rules:
   outbox's attempt bound; a permanent refusal fails the row at once. A drainer killed
   mid-send leaves its rows `sending`; once their lease is over the next drain takes them
   again (at least once: the email keeps one Message-ID across attempts).
+- Channel `chat` (an offer for an RSVP made in a chat conversation; the recipient is
+  `chat:<conversation id>`): "sending" queues the text in that conversation
+  (`chat.host.queue_reply`, the way a host's console reply is queued), so it is in the
+  transcript at once and the chat tick (`chat.tasks.deliver_due`) delivers it on the
+  conversation's channel (web inbox/socket, SMS, Telegram) with the chat's own consent
+  checks: an opted-out (STOP) conversation is skipped here and again by that tick.
 - Kinds: `waitlist_offer` (the offer, with its claim link and its deadline in the event's
   time zone). A kind without a renderer fails its row (a deployment mismatch, not a
   reason to retry forever).
@@ -35,9 +41,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import consent, contact_points
+from popdrop.chat import host
+from popdrop.chat.models import Conversation
 from popdrop.core import links
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
+from popdrop.core.errors import PopdropError
 from popdrop.core.localtime import local
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
@@ -53,7 +62,7 @@ from popdrop.outbound.transports import (
 )
 from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
-from popdrop.rsvp.service import OFFER_NOTICE
+from popdrop.rsvp.service import OFFER_NOTICE, chat_conversation_of
 
 DEADLINE_FORMAT = "%a %d %b, %H:%M"
 
@@ -101,7 +110,7 @@ async def render_waitlist_offer(
     deadline = local(offer.expires_at, event.timezone, DEADLINE_FORMAT)
     when = local(slot.starts_at, event.timezone, DEADLINE_FORMAT)
     places = f"{offer.places} place{'s' if offer.places != 1 else ''}"
-    if row.channel == Channel.SMS:
+    if row.channel in (Channel.SMS, Channel.CHAT):
         text = f"{event.title}: {places} freed up for you ({when}). Claim by {deadline}: {link}"
         return Message(subject="", text=text)
     text = (
@@ -119,6 +128,8 @@ RENDERERS: dict[str, Renderer] = {OFFER_NOTICE: render_waitlist_offer}
 
 async def refusal(session: AsyncSession, signer: Signer, row: Notification) -> str | None:
     """Why this row may not go out now (read at the last moment), or None."""
+    if row.channel == Channel.CHAT:
+        return await _chat_refusal(session, row)
     if row.channel == Channel.EMAIL:
         points = contact_points.contact_points(signer, row.recipient, None)
     else:
@@ -132,6 +143,26 @@ async def refusal(session: AsyncSession, signer: Signer, row: Notification) -> s
             return "erased"
         if getattr(contact, consent.CONSENT_COLUMN[row.channel]) == "revoked":
             return "no_consent"
+    return None
+
+
+async def _chat_refusal(session: AsyncSession, row: Notification) -> str | None:
+    """A chat notice goes to a conversation that still exists (not erased) and has not
+    opted out (STOP); the chat tick checks the contact's consent again before the call."""
+    conversation_id = chat_conversation_of(row.recipient)
+    if conversation_id is None:
+        return "erased"
+    found = (
+        await session.execute(
+            select(Conversation.opted_out_at, Conversation.address).where(
+                Conversation.id == conversation_id, Conversation.org_id == row.org_id
+            )
+        )
+    ).first()
+    if found is None or found.address is None:
+        return "erased"
+    if found.opted_out_at is not None:
+        return "opted_out"
     return None
 
 
@@ -226,7 +257,23 @@ class Notifier:
         log.info("notification not sent", id=row.id, error=result.error, then=str(status))
         return "retry" if status == NotificationStatus.PENDING else str(status)
 
+    async def _to_chat(self, row: Notification, message: Message) -> SendResult:
+        """Queue the text in the conversation; the chat tick delivers it on its channel."""
+        conversation_id = chat_conversation_of(row.recipient)
+        if conversation_id is None:
+            return SendResult(ok=False, permanent=True, error="not a chat conversation")
+        try:
+            async with self.db.transaction() as session:
+                await host.queue_reply(
+                    session, row.org_id, conversation_id, text=message.text, now=self.clock.now()
+                )
+        except PopdropError as exc:  # erased meanwhile: no conversation to queue in
+            return SendResult(ok=False, permanent=True, error=exc.reason)
+        return SendResult(ok=True, provider_id=row.recipient)
+
     async def _send(self, row: Notification, message: Message) -> SendResult:
+        if row.channel == Channel.CHAT:
+            return await self._to_chat(row, message)
         if row.channel == Channel.EMAIL:
             return await self.email.send(
                 OutboundEmail(
