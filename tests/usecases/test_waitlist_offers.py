@@ -542,3 +542,39 @@ async def test_no_chat_offer_after_the_conversation_said_stop(stack: Stack) -> N
     [skipped] = await _notifications(stack, f"chat:{conversation.id}")
     assert skipped.status == "skipped" and skipped.last_error == "opted_out"
     assert len(stack.smtp.to("bea@example.com")) == 1  # the email still goes
+
+
+async def test_erasing_a_person_also_drops_the_offer_queued_for_their_chat(stack: Stack) -> None:
+    ctx, tenant = stack.ctx, stack.tenant
+    event_id, slot_id = await _chat_slot(stack)
+
+    async def say(inbound: Inbound) -> list[OutMessage]:
+        return await _say(stack, "widget-cy", inbound)
+
+    # Cy books in the web chat (typing her email), lands on the waiting list, is offered.
+    menu = await say(Inbound.of_text("hi"))
+    slots = await say(Inbound.button(_buttons(menu)["RSVP a time slot"]))
+    await say(Inbound.button(next(iter(_buttons(slots).values()))))
+    confirm = await say(Inbound.of_text("cy@example.com"))
+    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
+    await say(Inbound.button(_buttons(confirm)["Yes, book it"]))
+    async with ctx.db.reader() as session:
+        conversation_id = await session.scalar(
+            select(Conversation.id).where(Conversation.org_id == tenant.org_id)
+        )
+    contact = await stack.client.post(
+        "/api/v1/contacts", json={"email": "cy@example.com"}, headers=tenant.headers
+    )
+    assert contact.status_code == 201, contact.text
+    await _cancel(stack, int(holder.json()["rsvp"]["id"]))
+    assert len(await _notifications(stack, f"chat:{conversation_id}")) == 1
+
+    erased = await stack.client.post(
+        f"/api/v1/contacts/{contact.json()['contact']['id']}/erase", headers=tenant.headers
+    )
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["scrubbed"]["chat_conversations"] == 1
+    assert erased.json()["scrubbed"]["notifications"] == 2  # the email and the chat notice
+    assert await _notifications(stack, f"chat:{conversation_id}") == []
+    await stack.tick()
+    assert stack.smtp.messages == []

@@ -145,11 +145,11 @@ async def erase_person(
     email: str | None = None,
     phone: str | None = None,
     now: datetime,
-) -> int:
+) -> list[int]:
     """Forget a person's chats (for audience erase): their conversations lose the clear
     address, the contact link, the transcript, kept web messages and the state's
     variables (an email or phone they typed); funnel events stay, anonymous. Returns the
-    conversations scrubbed."""
+    ids of the conversations scrubbed (so notices queued for them can go too)."""
     c = conversations_table.c
     conditions = []
     if contact_id is not None:
@@ -163,7 +163,7 @@ async def erase_person(
         digest = address_hash(signer, "sms", phone)
         conditions.append((c.channel == "sms") & (c.address_hash == digest))
     if not conditions:
-        return 0
+        return []
     conn = await session.connection()
     rows = (
         await conn.execute(SELECT_CONVERSATION.where(c.org_id == org_id, or_(*conditions)))
@@ -184,4 +184,4 @@ async def erase_person(
             delete(messages_table).where(messages_table.c.conversation_id == conv.id)
         )
         await conn.execute(delete(_web_inbox).where(_web_inbox.c.conversation_id == conv.id))
-    return len(rows)
+    return [int(row.id) for row in rows]

@@ -235,7 +235,7 @@ class Effects:
             event_id=conv.event_id,
             spec=spec,
             now=self.now,
-            actor=f"chat:{conv.id}",
+            actor=f"{rsvp_service.CHAT_SOURCE}{conv.id}",
         )
         rsvp = result.rsvp
         await self._link_contact(rsvp.email, rsvp.phone)

@@ -30,6 +30,7 @@ from popdrop.inventory.models import Hold
 from popdrop.outbound import outbox
 from popdrop.outbound.models import MailboxMessage
 from popdrop.rsvp.models import Rsvp
+from popdrop.rsvp.service import CHAT_SOURCE
 from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
 
 PURGE_BATCH = 500
@@ -184,7 +185,7 @@ async def erase_contact(
         # Notifications to the person: unsent ones must never go out, sent ones name them.
         scrubbed["notifications"] = await outbox.forget(session, org_id, clear)
     # Chats: the conversation's address, transcript and typed contact details.
-    scrubbed["chat_conversations"] = await console.erase_person(
+    chats = await console.erase_person(
         session,
         signer,
         org_id,
@@ -192,6 +193,12 @@ async def erase_contact(
         email=contact.email,
         phone=contact.phone,
         now=now,
+    )
+    scrubbed["chat_conversations"] = len(chats)
+    # Waiting-list notices queued for those conversations (the offer's code) go too.
+    chat_notices = [f"{CHAT_SOURCE}{conversation_id}" for conversation_id in chats]
+    scrubbed["notifications"] = scrubbed.get("notifications", 0) + await outbox.forget(
+        session, org_id, chat_notices
     )
     scrubbed["labels"] = await _count(
         session, delete(ContactLabel).where(ContactLabel.contact_id == contact.id)
