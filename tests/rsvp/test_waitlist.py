@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from popdrop.core.clock import FrozenClock
 from popdrop.rsvp import service, tasks
-from popdrop.rsvp.service import OfferMade
+from popdrop.rsvp.notices import OfferMade
 from popdrop.vouchers import codes
 from popdrop.vouchers.models import Voucher
 from popdrop.web.context import AppContext

@@ -53,6 +53,7 @@ from popdrop.inventory.models import Hold, Product, Stock, Variant
 from popdrop.inventory.schemas import HoldCreate
 from popdrop.rsvp import service as rsvp_service
 from popdrop.rsvp.models import Rsvp
+from popdrop.rsvp.notices import CHAT_SOURCE
 from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.vouchers import service as vouchers
 from popdrop.vouchers.models import VoucherBatch
@@ -235,7 +236,7 @@ class Effects:
             event_id=conv.event_id,
             spec=spec,
             now=self.now,
-            actor=f"{rsvp_service.CHAT_SOURCE}{conv.id}",
+            actor=f"{CHAT_SOURCE}{conv.id}",
         )
         rsvp = result.rsvp
         await self._link_contact(rsvp.email, rsvp.phone)

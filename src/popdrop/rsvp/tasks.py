@@ -10,7 +10,7 @@ from popdrop.core.signing import Signer
 from popdrop.rsvp import service
 from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
-from popdrop.rsvp.service import OfferMade
+from popdrop.rsvp.notices import OfferMade
 
 
 async def sweep_expired_offers(db: Database, signer: Signer, clock: Clock) -> list[OfferMade]:

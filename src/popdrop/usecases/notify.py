@@ -62,7 +62,7 @@ from popdrop.outbound.transports import (
 )
 from popdrop.rsvp.lifecycle import OfferStatus
 from popdrop.rsvp.models import WaitlistOffer
-from popdrop.rsvp.service import OFFER_NOTICE, chat_conversation_of
+from popdrop.rsvp.notices import OFFER_NOTICE, chat_conversation_of
 
 DEADLINE_FORMAT = "%a %d %b, %H:%M"
 

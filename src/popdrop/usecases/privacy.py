@@ -30,7 +30,7 @@ from popdrop.inventory.models import Hold
 from popdrop.outbound import outbox
 from popdrop.outbound.models import MailboxMessage
 from popdrop.rsvp.models import Rsvp
-from popdrop.rsvp.service import CHAT_SOURCE
+from popdrop.rsvp.notices import CHAT_SOURCE
 from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
 
 PURGE_BATCH = 500
