@@ -461,21 +461,32 @@ async def _say(stack: Stack, address: str, inbound: Inbound) -> list[OutMessage]
     return result.messages
 
 
-async def test_an_offer_for_an_rsvp_made_in_chat_reaches_the_conversation(stack: Stack) -> None:
-    ctx, tenant = stack.ctx, stack.tenant
+async def _book_in_chat_after_the_last_place_went(
+    stack: Stack, visitor: str, email: str
+) -> tuple[int, httpx.Response]:
+    """The visitor picks the one-place slot in the web chat and types their email;
+    meanwhile someone else takes the place, so their booking joins the waiting list.
+    Returns the event and the holder's RSVP answer."""
     event_id, slot_id = await _chat_slot(stack)
 
     async def say(inbound: Inbound) -> list[OutMessage]:
-        return await _say(stack, "widget-ann", inbound)
+        return await _say(stack, visitor, inbound)
 
-    # Ann picks the slot in the web chat; meanwhile someone else takes its one place.
     menu = await say(Inbound.of_text("hi"))
     slots = await say(Inbound.button(_buttons(menu)["RSVP a time slot"]))
     await say(Inbound.button(next(iter(_buttons(slots).values()))))
-    confirm = await say(Inbound.of_text("ann@example.com"))
+    confirm = await say(Inbound.of_text(email))
     holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
     assert holder.json()["rsvp"]["status"] == "confirmed"
     await say(Inbound.button(_buttons(confirm)["Yes, book it"]))
+    return event_id, holder
+
+
+async def test_an_offer_for_an_rsvp_made_in_chat_reaches_the_conversation(stack: Stack) -> None:
+    ctx, tenant = stack.ctx, stack.tenant
+    event_id, holder = await _book_in_chat_after_the_last_place_went(
+        stack, "widget-ann", "ann@example.com"
+    )
     async with ctx.db.reader() as session:
         ann = await session.scalar(
             select(Rsvp).where(Rsvp.event_id == event_id, Rsvp.email == "ann@example.com")
@@ -546,18 +557,10 @@ async def test_no_chat_offer_after_the_conversation_said_stop(stack: Stack) -> N
 
 async def test_erasing_a_person_also_drops_the_offer_queued_for_their_chat(stack: Stack) -> None:
     ctx, tenant = stack.ctx, stack.tenant
-    event_id, slot_id = await _chat_slot(stack)
-
-    async def say(inbound: Inbound) -> list[OutMessage]:
-        return await _say(stack, "widget-cy", inbound)
-
     # Cy books in the web chat (typing her email), lands on the waiting list, is offered.
-    menu = await say(Inbound.of_text("hi"))
-    slots = await say(Inbound.button(_buttons(menu)["RSVP a time slot"]))
-    await say(Inbound.button(next(iter(_buttons(slots).values()))))
-    confirm = await say(Inbound.of_text("cy@example.com"))
-    holder = await rsvp(stack.client, event_id, slot_id, email="holder@example.com")
-    await say(Inbound.button(_buttons(confirm)["Yes, book it"]))
+    _event_id, holder = await _book_in_chat_after_the_last_place_went(
+        stack, "widget-cy", "cy@example.com"
+    )
     async with ctx.db.reader() as session:
         conversation_id = await session.scalar(
             select(Conversation.id).where(Conversation.org_id == tenant.org_id)
