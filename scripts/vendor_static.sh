@@ -5,6 +5,7 @@
 set -euo pipefail
 
 HTMX_VERSION="2.0.4"
+SWAGGER_UI_VERSION="5.35.0"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 vendor="$root/src/popdrop/web/static/vendor"
@@ -25,3 +26,12 @@ cp "$work/htmx.org/package/LICENSE" "$vendor/htmx/LICENSE"
 echo "htmx.org@$HTMX_VERSION" > "$vendor/htmx/VERSION"
 
 echo "vendored htmx.org@$HTMX_VERSION into ${vendor#"$root"/}/htmx"
+
+# Swagger UI for /api/docs (served from here, so the docs work offline and under our CSP).
+fetch swagger-ui-dist "$SWAGGER_UI_VERSION"
+mkdir -p "$vendor/swagger-ui"
+for file in swagger-ui-bundle.js swagger-ui.css LICENSE; do
+    cp "$work/swagger-ui-dist/package/$file" "$vendor/swagger-ui/$file"
+done
+echo "swagger-ui-dist@$SWAGGER_UI_VERSION" > "$vendor/swagger-ui/VERSION"
+echo "vendored swagger-ui-dist@$SWAGGER_UI_VERSION into ${vendor#"$root"/}/swagger-ui"

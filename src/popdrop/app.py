@@ -20,7 +20,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
@@ -51,6 +58,24 @@ from popdrop.web.context import AppContext, ForwardedMiddleware, parse_proxies
 from popdrop.web.edge import EdgeMiddleware
 
 STATIC_DIR = Path(__file__).resolve().parent / "web" / "static"
+OPENAPI_URL = "/api/openapi.json"
+# Swagger UI from the vendored files (scripts/vendor_static.sh), started by a script file:
+# /api/docs works offline and runs under the ordinary page policy (no inline script).
+_DOCS_PAGE = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>popdrop API</title>
+<link rel="icon" href="/favicon.ico">
+<link rel="stylesheet" href="/static/vendor/swagger-ui/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui" data-spec="{OPENAPI_URL}"></div>
+<script src="/static/vendor/swagger-ui/swagger-ui-bundle.js"></script>
+<script src="/static/api-docs.js"></script>
+</body>
+</html>
+"""
 _STATUS_REASON = {
     400: "invalid_request",
     401: "unauthorized",
@@ -143,18 +168,21 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         version=__version__,
         description="Micro-events with chat as the control plane. Errors are "
         '`{"reason": "...", "message": "..."}` with a machine-readable reason.',
-        docs_url="/api/docs",
-        openapi_url="/api/openapi.json",
+        docs_url=None,  # served by _install_docs, from the vendored Swagger UI
+        openapi_url=OPENAPI_URL,
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.ctx = context
     _install_error_handlers(app)
     _install_health(app)
+    _install_docs(app)
 
     from popdrop.audience.api import router as audience_api
     from popdrop.audience.pages import public_router as audience_public_pages
     from popdrop.audience.pages import router as audience_pages
+    from popdrop.chat.flow_pages import router as chat_flow_pages
+    from popdrop.chat.flows_api import router as chat_flows_api
     from popdrop.chat.pages import router as chat_pages
     from popdrop.chat.sms_api import router as chat_sms_api
     from popdrop.chat.telegram_api import router as telegram_api
@@ -166,6 +194,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.drops.pages import router as drops_pages
     from popdrop.events.api import public_router as events_public
     from popdrop.events.api import router as events_api
+    from popdrop.events.home_pages import router as home_pages
     from popdrop.inventory.api import public_router as inventory_public
     from popdrop.inventory.api import router as inventory_api
     from popdrop.inventory.pages import router as event_pages
@@ -190,6 +219,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         rsvp_api,
         rsvp_pages,
         web_pages,
+        home_pages,
         voucher_pages,
         event_pages,
         checkin_api,
@@ -202,6 +232,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         drops_api,
         drops_public,
         drops_pages,
+        chat_flows_api,
+        chat_flow_pages,
         chat_pages,  # before chat_web: /chat/console is not an organization's widget page
         chat_sms_api,
         telegram_api,
@@ -445,6 +477,16 @@ def _install_health(app: FastAPI) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _install_docs(app: FastAPI) -> None:
+    @app.get("/api/docs", include_in_schema=False)
+    async def api_docs() -> HTMLResponse:
+        return HTMLResponse(_DOCS_PAGE)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
 
 
 def _probes(app: FastAPI) -> dict[str, Redis]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from popdrop.accounts import service as accounts
 from popdrop.accounts.models import User
@@ -33,18 +34,27 @@ class LoginRequired(Exception):
     """Raised by page dependencies; answered with a redirect to /login."""
 
 
+# The OpenAPI security scheme of every route taking an `ApiPrincipal` (Swagger's
+# Authorize button). Not auto_error: a missing token answers popdrop's own 401.
+BEARER = HTTPBearer(
+    scheme_name="bearer",
+    bearerFormat="pd_…",
+    description="An API token (`popdrop token create`), sent as `Authorization: Bearer pd_…`.",
+    auto_error=False,
+)
+
+
 async def api_principal(
-    request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]
+    ctx: Annotated[AppContext, Depends(get_ctx)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if credentials is None:
         raise PopdropError(
             "unauthorized",
             "send an API token: Authorization: Bearer pd_…",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    token = token.strip()
+    token = credentials.credentials.strip()
     cached = accounts.cached_token(ctx.signer, token)
     if cached is not None:  # the burst path: no pool checkout for a known token
         return cached

@@ -74,7 +74,7 @@ class EdgeMiddleware:
 
     def _headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         route = getattr(scope.get("route"), "path", None)
-        return security_headers(scope["path"], route, https=self.https)
+        return security_headers(route, https=self.https)
 
     def _record(self, scope: Scope, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started

@@ -8,8 +8,8 @@ Rules this module keeps:
   except the public chat page `/chat/{org_slug}`, which any site may embed in an iframe.
   The widget script itself (/static/chat-widget.js) is loaded cross-site by a script tag,
   which framing rules do not touch.
-- /api/docs (Swagger UI from a CDN, with an inline bootstrap script) gets a policy of its
-  own that allows exactly that.
+- /api/docs is a page like the others: Swagger UI is vendored under /static and started
+  by a script file, so it needs no exception (and works offline).
 - HSTS only when the base URL is https (over plain http it would be ignored, and a
   development server on 127.0.0.1 must not be pinned to https).
 - A header a route set itself is left as it is.
@@ -38,33 +38,15 @@ PAGE_CSP = "; ".join(
     )
 )
 EMBEDDABLE_CSP = PAGE_CSP.replace("frame-ancestors 'none'", "frame-ancestors *")
-DOCS_CDN = "https://cdn.jsdelivr.net"
-DOCS_CSP = "; ".join(
-    (
-        "default-src 'self'",
-        f"script-src 'self' 'unsafe-inline' {DOCS_CDN}",
-        f"style-src 'self' 'unsafe-inline' {DOCS_CDN}",
-        "img-src 'self' data: https:",
-        "connect-src 'self'",
-        "object-src 'none'",
-        "base-uri 'none'",
-        "frame-ancestors 'none'",
-    )
-)
 HSTS = "max-age=31536000"
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 # Route templates (as matched by the router) whose pages other sites may frame.
 EMBEDDABLE_ROUTES = frozenset({"/chat/{org_slug}"})
 
 
-def security_headers(path: str, route: str | None, *, https: bool) -> list[tuple[bytes, bytes]]:
-    """The headers for a response to `path` (matched as `route`, if it matched one)."""
-    if path == "/api/docs" or path.startswith("/api/docs/"):
-        csp = DOCS_CSP
-    elif route in EMBEDDABLE_ROUTES:
-        csp = EMBEDDABLE_CSP
-    else:
-        csp = PAGE_CSP
+def security_headers(route: str | None, *, https: bool) -> list[tuple[bytes, bytes]]:
+    """The headers for a response whose request matched `route` (None: no route)."""
+    csp = EMBEDDABLE_CSP if route in EMBEDDABLE_ROUTES else PAGE_CSP
     headers: list[tuple[bytes, bytes]] = [
         (b"content-security-policy", csp.encode()),
         (b"x-content-type-options", b"nosniff"),
