@@ -9,10 +9,19 @@ without awaiting when one is free.
 `build_message` returns the same message as an `EmailMessage` (parsed from those exact
 bytes, so what tests and previews see is what goes on the wire).
 
+Every connection greets the server (EHLO, HELO when EHLO is refused) before its first
+transaction, whatever the TLS and login settings: aiosmtplib only greets as part of
+STARTTLS or AUTH, and a plain relay (`start_tls=False`, no login) otherwise answers
+`503 send HELO first` to every MAIL. STARTTLS resets the greeting, so the check runs
+after it.
+
 Failure classes (`SendResult.permanent`): a 5xx reply to MAIL/RCPT/DATA is permanent and
-keeps the server's text; a 4xx reply, a dropped connection, a timeout, or a failure while
-*opening* a connection (connect, EHLO, STARTTLS, AUTH) is transient — the latter says
-nothing about the recipient, so it must never mark an address as undeliverable.
+keeps the server's text, unless the reply is about the session rather than the message
+(`SESSION_CODES`: bad sequence, command unknown, authentication required), which is
+transient and retires the connection; a 4xx reply, a dropped connection, a timeout, or a
+failure while *opening* a connection (connect, EHLO, STARTTLS, AUTH) is transient too —
+none of these says anything about the recipient, so none may mark an address as
+undeliverable.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from email.utils import formataddr, formatdate
 import aiosmtplib
 from aiosmtplib.errors import (
     SMTPException,
+    SMTPHeloError,
     SMTPRecipientRefused,
     SMTPRecipientsRefused,
     SMTPResponseException,
@@ -57,6 +67,11 @@ _RESERVED = frozenset(
 )
 # RFC 5322 §2.1.1: 998 octets per line is a MUST; past that we fold.
 _MAX_LINE = 998
+# 5xx replies about the SMTP session, not the message or its recipient (RFC 5321 §4.2.4,
+# RFC 4954 §6): command unrecognised or not implemented, bad sequence of commands (503
+# "send HELO first"), parameter not implemented, authentication required, too weak,
+# failed or needing encryption.
+SESSION_CODES = frozenset({500, 502, 503, 504, 530, 534, 535, 538})
 
 
 class MessageError(ValueError):
@@ -211,6 +226,13 @@ def build_message(message: OutboundEmail) -> EmailMessage:
     return parsed
 
 
+def _replied(code: int, message: str) -> SendResult:
+    # 421 ("closing channel") is 4xx, hence transient like every other 4xx; a session
+    # error is the connection's fault, so it is transient as well.
+    permanent = 500 <= code < 600 and code not in SESSION_CODES
+    return SendResult(ok=False, permanent=permanent, error=f"{code} {message}")
+
+
 def classify(exc: BaseException) -> SendResult:
     """Map an aiosmtplib failure during a mail transaction to a `SendResult`."""
     if isinstance(exc, SMTPRecipientsRefused):
@@ -218,15 +240,25 @@ def classify(exc: BaseException) -> SendResult:
         first = exc.recipients[0] if exc.recipients else None
         if first is None:
             return SendResult(ok=False, permanent=False, error="recipient refused")
-        return SendResult(
-            ok=False, permanent=500 <= first.code < 600, error=f"{first.code} {first.message}"
-        )
+        return _replied(first.code, first.message)
     if isinstance(exc, SMTPResponseException):
-        # 421 ("closing channel") is 4xx, hence transient like every other 4xx.
-        return SendResult(
-            ok=False, permanent=500 <= exc.code < 600, error=f"{exc.code} {exc.message}"
-        )
+        return _replied(exc.code, exc.message)
     return SendResult(ok=False, permanent=False, error=f"{type(exc).__name__}: {exc}")
+
+
+_BEFORE_DATA = (SMTPSenderRefused, SMTPRecipientRefused)
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO (HELO when EHLO is refused) unless STARTTLS or AUTH already greeted."""
+    if not client.is_ehlo_or_helo_needed:
+        return
+    try:
+        await client.ehlo()
+    except SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()
 
 
 class SmtpPool:
@@ -274,8 +306,14 @@ class SmtpPool:
             timeout=self._timeout,
             validate_certs=self._validate_certs,
         )
-        # connect() performs EHLO, STARTTLS and AUTH once for the connection's life.
+        # connect() performs STARTTLS and AUTH (each greeting first) once for the
+        # connection's life; a plain connection is greeted here.
         await client.connect()
+        try:
+            await _greet(client)
+        except BaseException:
+            client.close()
+            raise
         self.connections_opened += 1
         return client
 
@@ -312,8 +350,9 @@ class SmtpPool:
             recipient = _envelope_address(message.to)
         except MessageError as exc:
             return SendResult(ok=False, permanent=True, error=str(exc))
-        # A reused connection may have been closed by the server while idle; the message
-        # then never reached DATA, so one retry on a fresh connection is safe.
+        # A reused connection may have been closed by the server while idle, or its session
+        # refused (a session-level reply to MAIL or RCPT); the message then never reached
+        # DATA, so one retry on a fresh connection is safe.
         for attempt in range(2):
             try:
                 client, reused = await self._acquire()
@@ -328,11 +367,17 @@ class SmtpPool:
                 return classify(exc)
             except SMTPResponseException as exc:
                 # _transaction has sent RSET; the connection stays usable unless the server
-                # announced it is closing (421) or the RSET found it gone.
-                if exc.code == 421 or not client.is_connected:
+                # announced it is closing (421), the RSET found it gone, or the server
+                # finds fault with the session itself (a fresh connection starts clean).
+                session_fault = exc.code in SESSION_CODES
+                if exc.code == 421 or session_fault or not client.is_connected:
                     self._discard(client)
                 else:
                     self._release(client)
+                # Refused at MAIL or RCPT, the message never reached DATA: one more try on
+                # a fresh connection is safe.
+                if session_fault and attempt == 0 and isinstance(exc, _BEFORE_DATA):
+                    continue
                 return classify(exc)
             except (SMTPException, OSError, TimeoutError) as exc:
                 # Protocol state unknown after a timeout or socket error: drop it.
