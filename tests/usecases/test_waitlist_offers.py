@@ -231,7 +231,10 @@ async def _notifications(stack: Stack, recipient: str) -> list[Notification]:
         return list(
             await session.scalars(
                 select(Notification)
-                .where(Notification.recipient == recipient)
+                .where(
+                    Notification.org_id == stack.tenant.org_id,
+                    Notification.recipient == recipient,
+                )
                 .order_by(Notification.id)
             )
         )
