@@ -710,3 +710,99 @@ def contacts_purge(
         )
 
     _run(go)
+
+
+# ---------------------------------------------------------------- chat
+
+chat_app = typer.Typer(
+    help="Chat flows: publish a version, list the versions.", no_args_is_help=True
+)
+app.add_typer(chat_app, name="chat")
+
+
+@chat_app.command("publish")
+def chat_publish(
+    file: Annotated[Path, typer.Argument(help="The flow file (YAML; format: docs/chat.md).")],
+    org: OrgOption,
+    event: Annotated[
+        int | None,
+        typer.Option(help="Bind to this event id (default: each session's next open event)."),
+    ] = None,
+    key: Annotated[str, typer.Option(help="The flow key.")] = "popup_drop",
+    check: Annotated[bool, typer.Option("--check", help="Validate only; store nothing.")] = False,
+) -> None:
+    """Validate a flow file and publish it as the next version (new conversations start on
+    it; running ones keep theirs). Problems are listed with their line and field."""
+    from popdrop.chat import flow_store
+    from popdrop.chat.flow import FlowError, load_flow
+
+    try:
+        source = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        err.print(f"[red]invalid_request[/red]: {file}: {error}")
+        raise typer.Exit(2) from error
+
+    async def publish(db: Database) -> None:
+        if check:
+            flow = load_flow(source)
+            console.print(f"{file}: valid ({flow.title or key}, {len(flow.nodes)} nodes)")
+            return
+        async with db.transaction() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            row = await flow_store.publish_flow(
+                session,
+                organization.id,
+                key,
+                source,
+                now=_now(),
+                event_id=event,
+                created_by=f"cli:{getpass.getuser()}",
+            )
+        bound = f"event {row.event_id}" if row.event_id else "the next open event"
+        console.print(f"{key} version {row.version} published ({row.title or 'untitled'}, {bound})")
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        try:
+            await publish(db)
+        except FlowError as error:
+            err.print(f"[red]invalid_flow[/red]: {file} is not published", highlight=False)
+            for problem in error.errors:
+                where = f"{file}:{problem['line']}" if problem.get("line") else str(file)
+                field = f" {problem['field']}:" if problem.get("field") else ""
+                err.print(
+                    f"  {where}:{field} {problem['message']}", soft_wrap=True, highlight=False
+                )
+            raise typer.Exit(2) from error
+
+    _run(go)
+
+
+@chat_app.command("flows")
+def chat_flows(
+    org: OrgOption,
+    key: Annotated[str, typer.Option(help="The flow key.")] = "popup_drop",
+) -> None:
+    """The published versions of a flow, newest first (the first is what new sessions use)."""
+    from popdrop.chat import flow_store
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.reader() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            rows = await flow_store.list_versions(
+                session, organization.id, flow_store.check_key(key)
+            )
+        if not rows:
+            console.print(f"no {key} version published: new conversations use the shipped flow")
+            return
+        table = Table("version", "title", "event", "published", "by")
+        for row in rows:
+            table.add_row(
+                str(row.version),
+                row.title,
+                str(row.event_id) if row.event_id else "next open",
+                f"{row.created_at:%Y-%m-%d %H:%M} UTC",
+                row.created_by,
+            )
+        console.print(table)
+
+    _run(go)

@@ -1,14 +1,17 @@
 """The host console's side of conversations: list, read the transcript, take over, reply
-as the host, hand back to the flow, and erase a person's conversations.
+as the host, hand back to the flow, who the person is, and erase a person's conversations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.audience.models import Contact
 from popdrop.chat.conversations import (
     INSERT_MESSAGES,
     SELECT_CONVERSATION,
@@ -37,6 +40,8 @@ from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import is_clean_text
 from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
+from popdrop.rsvp.models import Rsvp
+from popdrop.rsvp.notices import CHAT_SOURCE, chat_conversation_of
 
 _web_inbox = table_of(WebInbox)
 
@@ -134,6 +139,53 @@ async def list_conversations(
     return list(
         await session.scalars(query.order_by(Conversation.last_message_at.desc()).limit(limit))
     )
+
+
+@dataclass(frozen=True)
+class Person:
+    """Who a conversation is with, as far as the host may know: the linked contact, else
+    the RSVP the conversation booked, else an SMS number."""
+
+    name: str | None = None
+    email: str | None = None
+    phone: str | None = None
+
+    def label(self) -> str:
+        shown = [part for part in (self.name, self.email, self.phone) if part]
+        return " · ".join(shown) if shown else "anonymous"
+
+
+async def people(
+    session: AsyncSession, org_id: int, convs: Sequence[Conversation]
+) -> dict[int, Person]:
+    """The `Person` of each conversation (by id), in two queries whatever their number."""
+    contact_ids = {c.contact_id for c in convs if c.contact_id is not None}
+    contacts: dict[int, tuple[str | None, str | None, str | None]] = {}
+    if contact_ids:
+        contact_rows = await session.execute(
+            select(Contact.id, Contact.first_name, Contact.email, Contact.phone).where(
+                Contact.org_id == org_id, Contact.id.in_(contact_ids), Contact.erased_at.is_(None)
+            )
+        )
+        contacts = {int(r[0]): (r[1], r[2], r[3]) for r in contact_rows}
+    booked: dict[int, tuple[str | None, str | None]] = {}
+    if convs:
+        rsvp_rows = await session.execute(
+            select(Rsvp.source, Rsvp.email, Rsvp.phone)
+            .where(Rsvp.org_id == org_id, Rsvp.source.in_([f"{CHAT_SOURCE}{c.id}" for c in convs]))
+            .order_by(Rsvp.id)
+        )
+        for source, email, phone in rsvp_rows:
+            conv_id = chat_conversation_of(source)
+            if conv_id is not None and (email or phone):
+                booked[conv_id] = (email, phone)  # the latest booking wins
+    found: dict[int, Person] = {}
+    for conv in convs:
+        name, email, phone = contacts.get(conv.contact_id or 0, (None, None, None))
+        rsvp_email, rsvp_phone = booked.get(conv.id, (None, None))
+        sms = conv.address if conv.channel == "sms" else None
+        found[conv.id] = Person(name, email or rsvp_email, phone or rsvp_phone or sms)
+    return found
 
 
 async def erase_person(

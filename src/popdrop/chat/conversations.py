@@ -28,7 +28,7 @@ from popdrop.chat.engine import (
     Inbound,
 )
 from popdrop.chat.flow import Flow
-from popdrop.chat.flow_store import get_flow, latest_version
+from popdrop.chat.flow_store import get_flow, session_flow
 from popdrop.chat.lifecycle import (
     CONVERSATION_LIFECYCLE,
     ENDED_CONVERSATION_STATUSES,
@@ -292,9 +292,9 @@ async def new_session(
     flow_key: str,
     now: datetime,
 ) -> tuple[ConversationRow, Flow, ChatState]:
-    """Start (or restart, on the same row) a session on the latest flow version."""
-    version = await latest_version(session, org_id, flow_key)
-    flow, event_id = await get_flow(session, org_id, flow_key, version)
+    """Start (or restart, on the same row) a session on the latest flow version (an unbound
+    version binds the org's next open event; the shipped flow when none: flow_store)."""
+    version, flow, event_id = await session_flow(session, org_id, flow_key, now)
     state = ChatState.initial(flow, flow_key, version)
     if channel == "sms":
         state.vars.setdefault("phone", address)

@@ -255,14 +255,11 @@ def host_principal(org_id: int, actor: str) -> Principal:
 
 
 async def current_event(session: AsyncSession, org_id: int, now: datetime) -> Event | None:
-    """The event the default flow is bound to (latest version), else the next open one."""
+    """The event the default flow's latest version is bound to, else the next open one
+    (what an unbound version offers a new session)."""
     bound = await session.scalar(
         select(FlowVersion.event_id)
-        .where(
-            FlowVersion.org_id == org_id,
-            FlowVersion.key == flow_store.DEFAULT_FLOW_KEY,
-            FlowVersion.event_id.is_not(None),
-        )
+        .where(FlowVersion.org_id == org_id, FlowVersion.key == flow_store.DEFAULT_FLOW_KEY)
         .order_by(FlowVersion.version.desc())
         .limit(1)
     )

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import Principal
 from popdrop.chat import console as chat_console
 from popdrop.chat import conversations, flow_store, host, stats
-from popdrop.chat.models import ChatMessage, Conversation
+from popdrop.chat.models import ChatMessage
 from popdrop.core.errors import PopdropError
 from popdrop.inventory.models import Product
 from popdrop.web.auth import check_csrf
@@ -130,21 +130,16 @@ async def _last_lines(
     return last
 
 
-def _contact_label(conv: Conversation) -> str:
-    if conv.contact_id is not None:
-        return f"contact #{conv.contact_id}"
-    return "anonymous"
-
-
 async def _list_context(session: AsyncSession, principal: Principal) -> dict[str, Any]:
     convs = await chat_console.list_conversations(session, principal.org_id, limit=SHOWN)
     last = await _last_lines(session, principal.org_id, [c.id for c in convs])
+    people = await chat_console.people(session, principal.org_id, convs)
     return {
         "conversations": [
             {
                 "id": c.id,
                 "channel": c.channel,
-                "contact": _contact_label(c),
+                "contact": people[c.id].label(),
                 "node": c.node,
                 "status": c.status,
                 "last": last.get(c.id, ""),
@@ -225,9 +220,11 @@ async def _conversation_context(
         )
         for m in rows
     ]
+    person = (await chat_console.people(session, principal.org_id, [conv]))[conv.id]
     return {
         "conv": conv,
-        "contact": _contact_label(conv),
+        "contact": person.label(),
+        "person": person,
         "lines": lines,
     }
 

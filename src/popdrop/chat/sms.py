@@ -22,7 +22,6 @@ from __future__ import annotations
 from datetime import datetime
 from xml.sax.saxutils import escape
 
-from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import contact_points, keywords
@@ -30,7 +29,6 @@ from popdrop.chat import conversations, flow_store
 from popdrop.chat import inbound as chat_inbound
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import SMS, OutMessage, Text
-from popdrop.chat.models import FlowVersion
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError
 from popdrop.core.identity import normalize_phone
@@ -50,15 +48,6 @@ def twiml(replies: list[str]) -> str:
     """A TwiML answer with one `<Message>` per reply (none: an empty `<Response/>`)."""
     body = "".join(f"<Message>{escape(reply)}</Message>" for reply in replies if reply)
     return f'<?xml version="1.0" encoding="UTF-8"?><Response>{body}</Response>'
-
-
-async def _has_flow(session: AsyncSession, org_id: int, flow_key: str) -> bool:
-    found = await session.scalar(
-        select(func.count())
-        .select_from(FlowVersion)
-        .where(FlowVersion.org_id == org_id, FlowVersion.key == flow_key)
-    )
-    return bool(found)
 
 
 async def _opted_out(
@@ -89,7 +78,7 @@ async def answer_sms(
         phone = None  # a short code or an alphanumeric sender: keywords only, as before
     stop = keyword in ("stop", "stopall")
     again = stop and phone is not None and await _opted_out(session, deps, org_id, phone)
-    if phone is None or not await _has_flow(session, org_id, flow_key):
+    if phone is None or not await flow_store.flow_available(session, org_id, flow_key, now):
         result = await keywords.handle_inbound(
             session, deps.signer, org_id=org_id, channel=CHANNEL, sender=sender, text=body, now=now
         )
