@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -14,6 +15,8 @@ from popdrop.web.context import AppContext
 from tests.conftest import Tenant
 
 CONSENT = "I agree to be contacted about this event."
+# A person has one active RSVP per slot: each call is another guest unless told.
+_guests = itertools.count(1)
 
 
 async def make_slot(
@@ -62,7 +65,7 @@ async def rsvp(
 ) -> httpx.Response:
     body: dict[str, Any] = {
         "slot_id": slot_id,
-        "email": "guest@example.com",
+        "email": f"guest{next(_guests)}@example.com",
         "consent": True,
         "consent_text": CONSENT,
         **fields,

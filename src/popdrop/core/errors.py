@@ -36,6 +36,8 @@ REASON_STATUS: dict[str, int] = {
     "insufficient_stock": 409,
     "slot_full": 409,
     "event_closed": 409,
+    "not_open_yet": 409,  # before the event's opens_at
+    "already_rsvped": 409,  # one active RSVP per person and slot
     "limit_per_contact": 409,
     "renewals_exhausted": 409,
     "hold_expired": 410,

@@ -55,6 +55,7 @@ class Hold(Base):
     __table_args__ = (
         Index("ix_holds_stock_active", "stock_id", "status", "expires_at"),
         Index("ix_holds_contact", "stock_id", "contact_ref"),
+        Index("ix_holds_person", "event_id", "contact_ref"),  # limits across lanes
         status_check(HoldStatus),
     )
 

@@ -5,16 +5,21 @@ total - held - sold >= :qty`: the stock row serialises concurrent holds of a var
 lane. `held` counts holds marked active; holds past `expires_at` are marked expired and
 given back by the next hold on the same stock (in the same transaction, before the
 check), and availability reads count only unexpired holds, so no sweeper is needed for
-correctness. Lock order everywhere: hold rows -> stock row -> pickup window.
+correctness. Nothing is taken before the event's `opens_at` (`not_open_yet`): the take's
+condition is `events.lifecycle.open_clause`. A product's per-person limit counts every
+lane; on PostgreSQL one person's holds of a product queue on an advisory lock keyed by
+(product, person), taken first. Lock order everywhere: the person's advisory lock -> hold
+rows -> stock row -> pickup window.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, union_all, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -22,7 +27,7 @@ from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.tenancy import owned
-from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
+from popdrop.events.lifecycle import open_clause, require_open
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
 from popdrop.inventory.lifecycle import HOLD_LIFECYCLE, HoldStatus
 from popdrop.inventory.models import Hold, Product, Stock, Variant
@@ -58,14 +63,16 @@ _GIVE_BACK = (
     .values(held=_stock.c.held - bindparam("s_qty"))
 )
 _events = table_of(Event)
+_EVENT_TAKES_HOLDS = open_clause(_events.c.status, _events.c.opens_at, _now)
 _TAKE = (
     update(_stock)
     .where(
         _stock.c.id == bindparam("s_id"),
         _stock.c.total - _stock.c.held - _stock.c.sold >= bindparam("s_qty"),
-        # The event must be open, checked in the same statement as the take.
+        # The event must take holds (open, opens_at reached), checked in the same
+        # statement as the take.
         select(_events.c.id)
-        .where(_events.c.id == bindparam("s_event"), _events.c.status.in_(OPEN_EVENT_STATUSES))
+        .where(_events.c.id == bindparam("s_event"), _EVENT_TAKES_HOLDS)
         .exists(),
     )
     .values(held=_stock.c.held + bindparam("s_qty"))
@@ -115,7 +122,7 @@ _ANY_EXPIRED = (
 # expired holds to give back first.
 _STATE = select(
     select(_events.c.id)
-    .where(_events.c.id == bindparam("e_id"), _events.c.status.in_(OPEN_EVENT_STATUSES))
+    .where(_events.c.id == bindparam("e_id"), _EVENT_TAKES_HOLDS)
     .exists()
     .label("open"),
     select(_stock.c.total - _stock.c.held - _stock.c.sold)
@@ -319,7 +326,9 @@ class _Target:
 
 # (database, org, variant, lane) -> target: the mapping never changes once stock exists.
 _TARGETS: ProcessCache[tuple[str, int, int, int], _Target] = ProcessCache(maxsize=16_384)
-_EVENT_STATE = select(Event.status, Event.hold_ttl_seconds).where(Event.id == bindparam("e_id"))
+_EVENT_STATE = select(Event.status, Event.opens_at, Event.timezone, Event.hold_ttl_seconds).where(
+    Event.id == bindparam("e_id")
+)
 
 
 def _target_key(url: str, principal: Principal, spec: HoldCreate) -> tuple[str, int, int, int]:
@@ -369,15 +378,32 @@ async def _reclaim_expired(conn: AsyncConnection, stock_id: int, now: datetime) 
             )
 
 
+async def _require_open(conn: AsyncConnection, event_id: int, now: datetime) -> int:
+    """Refuse unless the event takes holds at `now` (`events.lifecycle.require_open`:
+    `event_closed`, `not_open_yet`); the event's hold TTL in seconds."""
+    event = (await conn.execute(_EVENT_STATE, {"e_id": event_id})).one()
+    require_open(event, now, takes="holds")
+    return int(event.hold_ttl_seconds)
+
+
+_PERSON_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+
+
+def _person_key(target: _Target, spec: HoldCreate) -> int:
+    """The advisory lock key of one person's holds of one product (signed 64 bits)."""
+    digest = hashlib.blake2b(
+        f"hold-limit:{target.product_id}:{spec.contact_ref}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 async def create_hold(
     session: AsyncSession, principal: Principal, spec: HoldCreate, *, now: datetime
 ) -> HoldOut:
     principal.require("holds:write")
     target = await _target(session, principal, spec)
     conn = await session.connection()
-    status, ttl_seconds = (await conn.execute(_EVENT_STATE, {"e_id": target.event_id})).one()
-    if status not in OPEN_EVENT_STATUSES:
-        raise PopdropError("event_closed", "this event is not taking holds")
+    ttl_seconds = await _require_open(conn, target.event_id, now)
     if spec.slot_id is not None:
         slot = await session.scalar(
             select(TimeSlot.id).where(
@@ -386,6 +412,11 @@ async def create_hold(
         )
         if slot is None:
             raise not_found("slot of this event")
+    limit = target.limit_per_contact if spec.contact_ref is not None else None
+    if limit is not None and conn.dialect.name == "postgresql":
+        # One person's holds of a product queue here, whichever lane they take from, so
+        # the count below sees the previous one committed (SQLite writers queue anyway).
+        await conn.execute(_PERSON_LOCK, {"key": _person_key(target, spec)})
     await _reclaim_expired(conn, target.stock_id, now)
     values = _hold_values(principal, target, spec, now, ttl_seconds)
     hold_id = await _take_and_record(conn, target, spec.qty, values)
@@ -393,11 +424,12 @@ async def create_hold(
         raise await _refusal(conn, target.stock_id, spec.qty)
     # Whatever follows runs under the stock row lock: keep it short. A refusal below rolls
     # the whole transaction back, the units taken above included.
-    if target.limit_per_contact is not None and spec.contact_ref is not None:
+    if limit is not None:
         mine = await session.scalar(
             select(func.coalesce(func.sum(Hold.qty), 0))
             .join(Variant, Variant.id == Hold.variant_id)
             .where(
+                Hold.event_id == target.event_id,
                 Variant.product_id == target.product_id,
                 Hold.contact_ref == spec.contact_ref,
                 or_(
@@ -406,10 +438,10 @@ async def create_hold(
                 ),
             )
         )
-        if int(mine or 0) > target.limit_per_contact:  # this hold is already counted
+        if int(mine or 0) > limit:  # this hold is already counted
             raise PopdropError(
                 "limit_per_contact",
-                f"at most {target.limit_per_contact} per person for this product",
+                f"at most {limit} per person for this product",
             )
     if spec.slot_id is not None:
         window = await conn.execute(
@@ -451,7 +483,8 @@ async def take_hold(
                     state = (await conn.execute(_STATE, _state_params(target, now))).one()
         if hold_id is None:
             if not state.open:
-                raise PopdropError("event_closed", "this event is not taking holds")
+                await _require_open(conn, target.event_id, now)
+                raise PopdropError("conflict", "this event changed meanwhile; try again")
             raise _short(state.available, spec.qty)
     return HoldOut(id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields})
 
@@ -500,7 +533,12 @@ async def _take_and_record(
 ) -> int | None:
     """Take `qty` units and insert the hold; None when the units are not there (or the
     event is not open)."""
-    take = {"s_id": target.stock_id, "s_qty": qty, "s_event": target.event_id}
+    take = {
+        "s_id": target.stock_id,
+        "s_qty": qty,
+        "s_event": target.event_id,
+        "now": values["created_at"],
+    }
     if conn.dialect.name == "postgresql":
         # One statement: the stock row is locked for the shortest time (until COMMIT).
         row = await conn.execute(_TAKE_AND_INSERT, {**take, **_hold_params(values)})

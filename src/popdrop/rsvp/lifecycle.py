@@ -14,6 +14,8 @@ Rules:
 - A confirmed RSVP's places count in the slot's `taken`; an offered one's places are held
   there by its open offer until claimed (they stay) or expired/cancelled (they go back).
 - `cancelled` and `lapsed` are final: a lapsed person joins the list again with a new RSVP.
+- One active RSVP (confirmed, waitlisted or offered) per person and slot: a second one
+  with the same email or phone is refused (`already_rsvped`).
 
 Pure: no I/O; pages and tests import it.
 """
@@ -49,6 +51,9 @@ RSVP_LIFECYCLE: Lifecycle[RsvpStatus] = Lifecycle(
 
 # RSVPs still waiting for a place (on the list, or holding an open offer).
 WAITING_RSVP_STATUSES = (RsvpStatus.WAITLISTED, RsvpStatus.OFFERED)
+# RSVPs that hold or wait for a place: a person (an email, a phone number) has at most
+# one of these per slot. `cancelled` and `lapsed` ones never block a new RSVP.
+ACTIVE_RSVP_STATUSES = (RsvpStatus.CONFIRMED, *WAITING_RSVP_STATUSES)
 
 
 class OfferStatus(StrEnum):

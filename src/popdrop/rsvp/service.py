@@ -5,6 +5,11 @@ Rules:
   places is one conditional `UPDATE time_slots SET taken = taken + n WHERE id = :slot AND
   taken + n <= capacity RETURNING`, in the same transaction as the RSVP insert, so a slot
   is never oversold.
+- Nothing is taken before the event's `opens_at` (`not_open_yet`), nor once it is not
+  open (`event_closed`): `events.lifecycle.require_open`, also for waiting-list claims.
+- One active RSVP per person (email or phone) and slot: a second is `already_rsvped`,
+  naming the first. Partial unique indexes make it race-free (the insert is `ON CONFLICT
+  DO NOTHING`); cancelled and lapsed RSVPs do not count.
 - Full slot: the request is refused with `slot_full` (and the answer says the waiting
   list is open), or, when it asked to, it joins the waiting list (status `waitlisted`).
 - Freed places (a cancel, an expired offer) go to the waiting list at once, in the same
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, bindparam, exists, select, update
+from sqlalchemy import ColumnElement, Update, bindparam, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -40,15 +45,22 @@ from popdrop.checkin.lifecycle import TicketStatus
 from popdrop.checkin.models import Ticket
 from popdrop.checkin.schemas import TicketCreate
 from popdrop.core import audit, links
-from popdrop.core.db import CAPACITY_WRITE_ORDER, LateWriteLost, defer_write, table_of
+from popdrop.core.db import (
+    CAPACITY_WRITE_ORDER,
+    LateWriteLost,
+    defer_write,
+    dialect_insert,
+    table_of,
+)
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.identity import normalize_email, normalize_phone
 from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
-from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
+from popdrop.events.lifecycle import require_open
 from popdrop.events.models import Event, TimeSlot
 from popdrop.outbound import outbox
 from popdrop.rsvp.lifecycle import (
+    ACTIVE_RSVP_STATUSES,
     OFFER_LIFECYCLE,
     RSVP_LIFECYCLE,
     WAITING_RSVP_STATUSES,
@@ -264,12 +276,36 @@ async def event_org(session: AsyncSession, event_id: int) -> int:
 
 
 def _require_open(event: Event, slot: TimeSlot | None, now: datetime) -> None:
-    if event.status not in OPEN_EVENT_STATUSES:
-        raise PopdropError(
-            "event_closed", "this event does not take RSVPs", detail={"status": event.status}
-        )
+    require_open(event, now, takes="RSVPs")
     if slot is not None and slot.ends_at <= now:
         raise PopdropError("event_closed", "this time slot is over")
+
+
+async def _refuse_second_rsvp(
+    session: AsyncSession, slot_id: int, email: str | None, phone: str | None
+) -> None:
+    """`already_rsvped` (naming the RSVP) when this person has an active RSVP for the slot."""
+    same_person = [Rsvp.email == email] if email else []
+    same_person += [Rsvp.phone == phone] if phone else []
+    row = (
+        await session.execute(
+            select(Rsvp.id, Rsvp.status)
+            .where(
+                Rsvp.slot_id == slot_id,
+                Rsvp.status.in_(ACTIVE_RSVP_STATUSES),
+                or_(*same_person),
+            )
+            .order_by(Rsvp.id)
+            .limit(1)
+        )
+    ).first()
+    if row is not None:
+        raise PopdropError(
+            "already_rsvped",
+            f"you already have an RSVP for this time slot ({row.status}); "
+            "cancel it first to change it",
+            detail={"rsvp_id": row.id, "status": row.status},
+        )
 
 
 # ---------------------------------------------------------------- RSVP
@@ -311,26 +347,35 @@ async def create_rsvp(
     elif spec.waitlist:
         status = RsvpStatus.WAITLISTED
     else:
+        await _refuse_second_rsvp(session, slot.id, email, phone)
         raise PopdropError(
             "slot_full",
             "this slot is full; you can join its waiting list (send waitlist: true)",
             detail={"waitlist": True, "free_places": await _free_places(session, slot.id)},
         )
-    rsvp = Rsvp(
-        org_id=event.org_id,
-        event_id=event.id,
-        slot_id=slot.id,
-        email=email,
-        phone=phone,
-        places=spec.places,
-        consent_text=spec.consent_text,
-        status=status,
-        created_at=now,
-        confirmed_at=now if status == RsvpStatus.CONFIRMED else None,
-        source=actor[:80],
+    # One statement, race-free: the partial unique indexes of active RSVPs per person and
+    # slot turn a second RSVP into no row (a refusal rolls back the places taken above).
+    rsvp = await session.scalar(
+        dialect_insert(session.get_bind().dialect.name, Rsvp)
+        .values(
+            org_id=event.org_id,
+            event_id=event.id,
+            slot_id=slot.id,
+            email=email,
+            phone=phone,
+            places=spec.places,
+            consent_text=spec.consent_text,
+            status=status,
+            created_at=now,
+            confirmed_at=now if status == RsvpStatus.CONFIRMED else None,
+            source=actor[:80],
+        )
+        .on_conflict_do_nothing()
+        .returning(Rsvp)
     )
-    session.add(rsvp)
-    await session.flush()
+    if rsvp is None:
+        await _refuse_second_rsvp(session, slot.id, email, phone)
+        raise PopdropError("conflict", "this RSVP could not be recorded; try again")
     await _audit(
         session,
         org_id=event.org_id,
