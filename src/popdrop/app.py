@@ -56,6 +56,7 @@ from popdrop.core.signing import Signer
 from popdrop.web.auth import LoginRequired
 from popdrop.web.context import AppContext, ForwardedMiddleware, parse_proxies
 from popdrop.web.edge import EdgeMiddleware
+from popdrop.web.revocation import TokenRevocations
 
 STATIC_DIR = Path(__file__).resolve().parent / "web" / "static"
 OPENAPI_URL = "/api/openapi.json"
@@ -150,11 +151,20 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
                 return await inbox.hand_over(context.db, context.signer, org_id, address, inbox_id)
 
             listening = asyncio.create_task(relay.listen(hand_over))
+        # With Redis, a token revoked in any process is refused here at once.
+        revocations = TokenRevocations(settings.redis_url) if settings.redis_url else None
+        watching = None
+        if revocations is not None:
+            revocations.publish_on_commit(context.db)
+            watching = asyncio.create_task(revocations.listen())
         yield
-        if listening is not None:
-            listening.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listening
+        for task in (listening, watching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if revocations is not None:
+            await revocations.close()
         stop.set()
         await background
         await context.worker.close()

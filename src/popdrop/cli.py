@@ -266,12 +266,22 @@ def user_create(
 def token_create(
     org: OrgOption,
     name: Annotated[str, typer.Option(help="What the token is for, e.g. 'pos-terminal-1'.")],
+    role: Annotated[
+        str | None,
+        typer.Option(help=f"Every scope of this role: {', '.join(ROLES)}."),
+    ] = None,
     scope: Annotated[
-        list[str],
-        typer.Option(help=f"Repeat for each scope: {', '.join(sorted(accounts.SCOPES))}."),
-    ],
+        list[str] | None,
+        typer.Option(
+            help=f"Repeat for each scope (added to --role's): {', '.join(sorted(accounts.SCOPES))}."
+        ),
+    ] = None,
 ) -> None:
-    """Create an API token; it is printed once and stored only as a keyed hash."""
+    """Create an API token from a role's scopes and/or single scopes; it is printed once
+    and stored only as a keyed hash."""
+    if role is not None and role not in ROLES:
+        raise typer.BadParameter(f"one of {', '.join(ROLES)}", param_hint="--role")
+    chosen = [*(ROLES[role] if role else ()), *(scope or ())]
 
     async def go(settings: Settings, db: Database, signer: Signer) -> None:
         async with db.transaction() as session:
@@ -281,7 +291,7 @@ def token_create(
                 signer,
                 org_id=organization.id,
                 name=name,
-                scopes=accounts.parse_scopes(scope),
+                scopes=accounts.parse_scopes(chosen),
                 created_by=f"cli:{getpass.getuser()}",
                 now=_now(),
             )
@@ -291,18 +301,56 @@ def token_create(
     _run(go)
 
 
+@token_app.command("list")
+def token_list(org: OrgOption) -> None:
+    """List an organization's API tokens, newest first (never the token itself)."""
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> None:
+        async with db.reader() as session:
+            organization = await accounts.get_organization_by_slug(session, org)
+            tokens = await accounts.list_tokens(session, organization.id)
+        table = Table("id", "name", "prefix", "scopes", "created", "by", "revoked")
+        for t in tokens:
+            table.add_row(
+                str(t.id),
+                t.name,
+                f"{t.prefix}…",
+                _scopes_label(frozenset(t.scopes.split())),
+                f"{t.created_at:%Y-%m-%d %H:%M} UTC",
+                t.created_by,
+                f"{t.revoked_at:%Y-%m-%d %H:%M} UTC" if t.revoked_at else "",
+            )
+        console.print(table)
+
+    _run(go)
+
+
+def _scopes_label(scopes: frozenset[str]) -> str:
+    """A role's name when the scopes are exactly that role's, else the scopes."""
+    role = next((name for name, its in ROLES.items() if its and its == scopes), None)
+    return f"role {role}" if role else ", ".join(sorted(scopes))
+
+
 @token_app.command("revoke")
 def token_revoke(
     org: OrgOption, token_id: Annotated[int, typer.Argument(help="Token id.")]
 ) -> None:
-    """Revoke an API token."""
+    """Revoke an API token (refused at once by every server when Redis is configured)."""
+    from popdrop.web.revocation import TokenRevocations
 
     async def go(settings: Settings, db: Database, signer: Signer) -> None:
-        async with db.transaction() as session:
-            organization = await accounts.get_organization_by_slug(session, org)
-            await accounts.revoke_token(
-                session, org_id=organization.id, token_id=token_id, now=_now()
-            )
+        revocations = TokenRevocations(settings.redis_url) if settings.redis_url else None
+        if revocations is not None:
+            revocations.publish_on_commit(db)
+        try:
+            async with db.transaction() as session:
+                organization = await accounts.get_organization_by_slug(session, org)
+                await accounts.revoke_token(
+                    session, org_id=organization.id, token_id=token_id, now=_now()
+                )
+        finally:
+            if revocations is not None:
+                await revocations.close()
         console.print(f"token {token_id} revoked")
 
     _run(go)

@@ -17,6 +17,11 @@ a token holding `vouchers:read`/`vouchers:write` also gets them (`IMPLIED_SCOPES
 applied by `resolve_token`), because those routes were guarded by the voucher scopes
 before, and tokens made then must keep working. A role may have no scope at all (the
 partner, until its report exists): it still logs in and sees the home page.
+
+A revoked token is refused at once: resolved tokens are cached per process for
+`token_cache_seconds`, and `revoke_token` empties that cache here and signals
+`TOKENS_REVOKED` after commit, which `web.revocation` relays to every server process over
+Redis when it is configured.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import ApiToken, Organization, User
 from popdrop.core.cache import ProcessCache
+from popdrop.core.db import after_commit, signal_after_commit
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.ratelimit import FailureCounter, address_key
 from popdrop.core.schemas import is_clean_text
@@ -322,12 +328,28 @@ async def revoke_token(session: AsyncSession, *, org_id: int, token_id: int, now
     )
     if result.first() is None:
         raise not_found("token")
-    TOKEN_CACHE.clear()
+    forget_tokens()
+    # Again once committed (a request resolving the token meanwhile still saw it live),
+    # and every other process through the topic's listeners (web.revocation, over Redis).
+    after_commit(session, _forget_tokens_now, key=TOKENS_REVOKED)
+    signal_after_commit(session, TOKENS_REVOKED)
 
 
 # Resolved tokens (by keyed hash) for a couple of seconds, so a burst does not re-read the
-# table. Revocation in this process clears it at once; other processes notice within the TTL.
+# table. A revocation empties it in this process at once and, through `TOKENS_REVOKED`
+# (relayed over Redis when configured), in every other; without Redis, other processes
+# notice within the TTL.
 TOKEN_CACHE: ProcessCache[bytes, Principal] = ProcessCache(maxsize=10_000)
+TOKENS_REVOKED = "accounts.tokens_revoked"  # after-commit topic of revoke_token
+
+
+def forget_tokens() -> None:
+    """Drop every resolved token of this process: the next call of each reads the table."""
+    TOKEN_CACHE.clear()
+
+
+async def _forget_tokens_now() -> None:
+    forget_tokens()
 
 
 def cached_token(signer: Signer, plaintext: str) -> Principal | None:
