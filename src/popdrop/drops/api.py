@@ -14,8 +14,6 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import contact_points
 from popdrop.audience import settings as audience_settings
@@ -23,8 +21,7 @@ from popdrop.core import links
 from popdrop.core.db import after_commit
 from popdrop.core.schemas import error_responses
 from popdrop.drops import content, outcomes, service
-from popdrop.drops.lifecycle import DropStatus, SendRowStatus
-from popdrop.drops.models import SendRow
+from popdrop.drops.lifecycle import DropStatus
 from popdrop.drops.schemas import DropCreate, DropOut, SeedOverride, WarRoom
 from popdrop.outbound import feedback, twilio, webhooks
 from popdrop.outbound.factory import make_transports
@@ -243,25 +240,8 @@ async def sms_status(token: str, request: Request, ctx: Ctx) -> Response:
     org_id = links.read_webhook(ctx.signer, token)
     callback = twilio.parse_status_callback(await webhooks.twilio_params(ctx.settings, request))
     async with ctx.db.transaction() as session:
-        await _sms_status(session, org_id, callback, ctx)
+        await outcomes.apply_sms_status(session, org_id, callback, now=ctx.clock.now())
     return Response(status_code=204)
-
-
-async def _sms_status(
-    session: AsyncSession, org_id: int, callback: twilio.StatusCallback, ctx: AppContext
-) -> None:
-    row = await session.scalar(
-        select(SendRow).where(SendRow.org_id == org_id, SendRow.provider_id == callback.message_sid)
-    )
-    if row is None:
-        return
-    now = ctx.clock.now()
-    if callback.delivered:
-        row.status, row.delivered_at = SendRowStatus.DELIVERED, now
-    elif callback.failed:
-        row.status = SendRowStatus.FAILED
-        # An undelivered number is not an opt-out: consent stays as it is.
-        row.outcome = f"twilio {callback.status} {callback.error_code or ''}".strip()
 
 
 @public_router.get("/r/{token}")

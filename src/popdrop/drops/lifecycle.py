@@ -22,7 +22,8 @@ Rules:
 - The seed test runs while the drop can still be started (it gates the start).
 
 Send rows: `pending` (due at `not_before`), `held` (outside an A/B sample until the
-winner is known), `claimed` (leased by a worker), then `sent`, `failed` or `skipped`;
+winner is known), `claimed` (leased by a worker), then `sent`, `failed` or `skipped`
+(`delivered` at once when the transport delivers by itself: the development mailbox);
 provider feedback turns a sent row `delivered` or `bounced`.
 
 Pure: no I/O; pages and tests import it.
@@ -158,6 +159,7 @@ SEND_ROW_LIFECYCLE: Lifecycle[SendRowStatus] = Lifecycle(
             {
                 SendRowStatus.PENDING,
                 SendRowStatus.SENT,
+                SendRowStatus.DELIVERED,  # a transport that delivers at once (the mailbox)
                 SendRowStatus.FAILED,
                 SendRowStatus.SKIPPED,
             }

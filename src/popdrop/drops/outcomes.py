@@ -1,6 +1,9 @@
 """What happened after the send: clicks, provider feedback (delivered, bounces,
-complaints) with suppression and auto-pause, the A/B decision, and per-minute war-room
-figures."""
+complaints) with suppression and auto-pause, SMS delivery reports, the A/B decision, and
+per-minute war-room figures.
+
+Auto-pause looks at each channel on its own: an email hard bounce and an SMS the carrier
+could not deliver (Twilio `undelivered` / `failed`) are both bounces of their channel."""
 
 from __future__ import annotations
 
@@ -20,11 +23,18 @@ from popdrop.audience.schemas import ActivityIn, ConsentChange
 from popdrop.core.identity import identity_hash
 from popdrop.core.signing import Signer
 from popdrop.drops import abtest
-from popdrop.drops.lifecycle import SENT_ROW_STATUSES, DropAction, DropStatus, SendRowStatus
+from popdrop.drops.lifecycle import (
+    SEND_ROW_LIFECYCLE,
+    SENT_ROW_STATUSES,
+    DropAction,
+    DropStatus,
+    SendRowStatus,
+)
 from popdrop.drops.models import Drop, LinkClick, SendRow
 from popdrop.drops.schemas import MinuteStats, WarRoom
 from popdrop.drops.service import get_drop, move_drop, variants_of
 from popdrop.outbound.feedback import FeedbackEvent
+from popdrop.outbound.twilio import StatusCallback
 
 AUTO_PAUSE_WINDOW = timedelta(minutes=10)
 AUTO_PAUSE_MIN_SENT = 100  # no verdict on a handful of messages
@@ -98,6 +108,38 @@ async def apply_feedback(
     return counts
 
 
+async def apply_sms_status(
+    session: AsyncSession, org_id: int, callback: StatusCallback, *, now: datetime
+) -> str | None:
+    """A Twilio status callback for one of this organization's drop messages: `delivered`
+    marks the row delivered; `undelivered` / `failed` mark it bounced with the carrier's
+    error code, which counts toward the drop's bounce auto-pause (the number's consent
+    stays as it is: an undelivered message is not an opt-out). Interim statuses (queued,
+    sent, …) change nothing, and a repeated callback changes nothing again. Returns the
+    row's status, or None when no drop message has this sid."""
+    row = await session.scalar(
+        select(SendRow)
+        .where(
+            SendRow.org_id == org_id,
+            SendRow.channel == "sms",
+            SendRow.provider_id == callback.message_sid,
+        )
+        .limit(1)
+    )
+    if row is None:
+        return None
+    status = SendRowStatus(row.status)
+    if callback.delivered and SEND_ROW_LIFECYCLE.allows(status, SendRowStatus.DELIVERED):
+        row.status, row.delivered_at = SendRowStatus.DELIVERED, row.delivered_at or now
+    elif callback.failed and SEND_ROW_LIFECYCLE.allows(status, SendRowStatus.BOUNCED):
+        row.status, row.bounced_at = SendRowStatus.BOUNCED, now
+        code = f" {callback.error_code}" if callback.error_code is not None else ""
+        row.outcome = f"twilio {callback.status}{code}"
+        await session.flush()
+        await auto_pause(session, row.drop_id, now=now)
+    return str(row.status)
+
+
 async def _row_for(session: AsyncSession, org_id: int, event: FeedbackEvent) -> SendRow | None:
     ids = [i for i in (event.message_id, event.provider_message_id) if i]
     if not ids:
@@ -135,40 +177,40 @@ async def _stop_emailing(
 
 
 async def auto_pause(session: AsyncSession, drop_id: int, *, now: datetime) -> bool:
-    """Pause a sending drop whose bounce or complaint rate over the last ten minutes is
-    above its threshold; the reason is stored on the drop."""
+    """Pause a sending drop whose bounce or complaint rate over the last ten minutes, on
+    one channel, is above its threshold; the reason is stored on the drop."""
     drop = await session.get(Drop, drop_id, populate_existing=True)
     if drop is None or drop.status != DropStatus.SENDING:
         return False
     since = now - AUTO_PAUSE_WINDOW
-    sent, bounced, complained = (
-        await session.execute(
-            select(
-                func.count(),
-                func.count(SendRow.bounced_at),
-                func.count(SendRow.complained_at),
-            ).where(
-                SendRow.drop_id == drop_id,
-                SendRow.channel == "email",
-                SendRow.sent_at >= since,
-            )
+    by_channel = await session.execute(
+        select(
+            SendRow.channel,
+            func.count(),
+            func.count(SendRow.bounced_at),
+            func.count(SendRow.complained_at),
         )
-    ).one()
-    if sent < AUTO_PAUSE_MIN_SENT:
-        return False
-    for label, count, threshold in (
-        ("bounce", bounced, drop.bounce_threshold),
-        ("complaint", complained, drop.complaint_threshold),
-    ):
-        rate = count / sent
-        if rate > threshold:
-            reason = (
-                f"auto-paused: {label} rate {rate:.1%} over the last 10 minutes "
-                f"({count} of {sent}) is above {threshold:.1%}"
-            )
-            move_drop(drop, DropAction.PAUSE, DropStatus.PAUSED, now=now, paused_reason=reason)
-            await session.flush()
-            return True
+        .where(SendRow.drop_id == drop_id, SendRow.sent_at >= since)
+        .group_by(SendRow.channel)
+        .order_by(SendRow.channel)
+    )
+    for channel, sent, bounced, complained in by_channel:
+        if sent < AUTO_PAUSE_MIN_SENT:
+            continue
+        for label, count, threshold in (
+            ("bounce", bounced, drop.bounce_threshold),
+            ("complaint", complained, drop.complaint_threshold),
+        ):
+            rate = count / sent
+            if rate > threshold:
+                what = label if channel == "email" else f"{channel} {label}"
+                reason = (
+                    f"auto-paused: {what} rate {rate:.1%} over the last 10 minutes "
+                    f"({count} of {sent}) is above {threshold:.1%}"
+                )
+                move_drop(drop, DropAction.PAUSE, DropStatus.PAUSED, now=now, paused_reason=reason)
+                await session.flush()
+                return True
     return False
 
 

@@ -32,6 +32,8 @@ from sqlalchemy import BigInteger, String, bindparam, func, select, text, update
 
 from popdrop.audience import consent, settings, unsubscribe
 from popdrop.audience.models import Contact
+from popdrop.core import links as signed_links
+from popdrop.core import metrics
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database, UTCDateTime
 from popdrop.core.errors import PopdropError
@@ -65,6 +67,9 @@ _CHECKPOINT = (
         message_id=bindparam("message_id"),
         voucher_id=func.coalesce(bindparam("voucher_id", type_=BigInteger), SendRow.voucher_id),
         sent_at=func.coalesce(bindparam("sent_at", type_=UTCDateTime), SendRow.sent_at),
+        delivered_at=func.coalesce(
+            bindparam("delivered_at", type_=UTCDateTime), SendRow.delivered_at
+        ),
         provider_id=func.coalesce(bindparam("provider_id", type_=String), SendRow.provider_id),
         not_before=func.coalesce(bindparam("not_before", type_=UTCDateTime), SendRow.not_before),
         outcome=func.coalesce(bindparam("outcome", type_=String), SendRow.outcome),
@@ -88,6 +93,8 @@ class _DropContext:
     event: Event | None
     hot_days: int
     warm_days: int
+    # Where the SMS provider reports each message's fate (Twilio's StatusCallback).
+    sms_status_url: str
 
 
 @dataclass
@@ -169,6 +176,7 @@ class Sender:
             event,
             recency.hot_days,
             recency.warm_days,
+            signed_links.webhook_urls(self.signer, self.base_url, drop.org_id, ())["twilio_status"],
         )
         self._drops[drop_id] = context
         return context
@@ -404,7 +412,11 @@ class Sender:
         assert contact.phone is not None
         rendered_sms = variant.render_sms(bucket, values, links)
         return OutboundSms(
-            to=contact.phone, from_number=drop.sms_from, body=rendered_sms.body, org_id=drop.org_id
+            to=contact.phone,
+            from_number=drop.sms_from,
+            body=rendered_sms.body,
+            status_callback=context.sms_status_url,
+            org_id=drop.org_id,
         )
 
     async def _skip(self, row: Claimed, reason: str) -> None:
@@ -418,11 +430,13 @@ class Sender:
                 "message_id": None,
                 "voucher_id": None,
                 "sent_at": None,
+                "delivered_at": None,
                 "provider_id": None,
                 "not_before": None,
                 "outcome": reason,
             }
         )
+        metrics.drop_message(row.channel, SendRowStatus.SKIPPED)
 
     async def _checkpoint(
         self,
@@ -439,14 +453,18 @@ class Sender:
             "message_id": message_id,
             "voucher_id": voucher[0] if voucher else None,
             "sent_at": None,
+            "delivered_at": None,
             "provider_id": None,
             "not_before": None,
             "outcome": None,
         }
         if result.ok:
+            # A transport that knows the message arrived (the development mailbox) says
+            # so; any other delivery is reported later by the provider's feedback.
             params |= {
-                "status": SendRowStatus.SENT,
+                "status": SendRowStatus.DELIVERED if result.delivered else SendRowStatus.SENT,
                 "sent_at": now,
+                "delivered_at": now if result.delivered else None,
                 "provider_id": result.provider_id,
             }
         elif result.permanent or row.attempts >= MAX_ATTEMPTS:
@@ -460,6 +478,7 @@ class Sender:
             }
         assert self._checkpoints is not None
         await self._checkpoints.write(params)
+        metrics.drop_message(row.channel, params["status"])
 
 
 class _GroupCommit:

@@ -1,5 +1,6 @@
 """The development transport: messages are stored in the database and shown on the
-operator's mailbox page, so the demo sends drops without an SMTP server or SMS provider."""
+operator's mailbox page, so the demo sends drops without an SMTP server or SMS provider.
+A stored message is a delivered one (`SendResult.delivered`): no provider report follows."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class Mailbox:
                     at=self.clock.now(),
                 )
             session.add(row)
-        return SendResult(ok=True, provider_id=f"mailbox-{uuid.uuid4().hex[:12]}")
+        # Stored is delivered: the mailbox is the recipient's inbox in development.
+        return SendResult(ok=True, provider_id=f"mailbox-{uuid.uuid4().hex[:12]}", delivered=True)
 
     async def close(self) -> None:
         return None

@@ -35,14 +35,17 @@ class OutboundSms:
 
 @dataclass(frozen=True)
 class SendResult:
-    """`ok`: the provider accepted it. Otherwise `permanent` says whether a retry can help
-    (a 5xx SMTP reply, an invalid number) or not (a timeout, a 4xx reply, HTTP 429/5xx)."""
+    """`ok`: the provider accepted it; `delivered`: and it is already where it was going
+    (the development mailbox stores it), so no delivery report will follow. Otherwise
+    `permanent` says whether a retry cannot help (a 5xx SMTP reply, an invalid number) or
+    can (a timeout, a 4xx reply, HTTP 429/5xx)."""
 
     ok: bool
     provider_id: str | None = None
     permanent: bool = False
     error: str | None = None
     retry_after: float | None = None
+    delivered: bool = False
 
 
 class EmailTransport(Protocol):
