@@ -40,6 +40,8 @@ REASON_STATUS: dict[str, int] = {
     "already_rsvped": 409,  # one active RSVP per person and slot
     "limit_per_contact": 409,
     "renewals_exhausted": 409,
+    "capacity_below_taken": 409,  # an edit would leave less capacity than is taken
+    "in_use": 409,  # a removal of something that is still used
     "hold_expired": 410,
     "invalid": 422,
     "wrong_event": 409,

@@ -18,15 +18,20 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.core.schemas import error_responses
-from popdrop.inventory import live, service
+from popdrop.events.schemas import LaneOut, PickupWindowOut, SlotOut
+from popdrop.inventory import live, parts, service
 from popdrop.inventory.schemas import (
     Availability,
     HoldCreate,
     HoldOut,
+    LaneUpdate,
     ProductCreate,
     ProductOut,
+    ProductUpdate,
+    SlotUpdate,
     StockOut,
     StockSet,
+    WindowUpdate,
 )
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext, client_address
@@ -46,6 +51,8 @@ from popdrop.web.streaming import (
 router = APIRouter(prefix="/api/v1", tags=["inventory"])
 public_router = APIRouter(include_in_schema=False)
 HOLD_REFUSALS = error_responses(401, 403, 404, 409, 410, 422)
+EDIT_REFUSALS = error_responses(401, 403, 404, 409, 422)
+REMOVAL_REFUSALS = error_responses(401, 403, 404, 409)
 RETRY_MS = 2000  # how long EventSource waits before reconnecting after a stream ends
 
 
@@ -163,6 +170,80 @@ async def convert_hold(
         )
     _stock_hub(request, ctx).changed(event_id=hold.event_id)
     return hold
+
+
+# ---------------------------------------------------------------- editing an event's parts
+# Never below what is taken (409 capacity_below_taken), never removing what is used (409
+# in_use): inventory.parts.
+
+
+@router.patch("/slots/{slot_id}", response_model=SlotOut, responses=EDIT_REFUSALS)
+async def update_slot(
+    slot_id: ItemId, body: SlotUpdate, principal: ApiPrincipal, ctx: Ctx
+) -> SlotOut:
+    async with ctx.db.transaction() as session:
+        slot = await parts.update_slot(session, principal, slot_id, body)
+        return SlotOut.model_validate(slot, from_attributes=True)
+
+
+@router.delete("/slots/{slot_id}", status_code=204, responses=REMOVAL_REFUSALS)
+async def remove_slot(slot_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> Response:
+    async with ctx.db.transaction() as session:
+        await parts.remove_slot(session, principal, slot_id)
+    return Response(status_code=204)
+
+
+@router.patch("/lanes/{lane_id}", response_model=LaneOut, responses=EDIT_REFUSALS)
+async def update_lane(
+    lane_id: ItemId, body: LaneUpdate, principal: ApiPrincipal, ctx: Ctx
+) -> LaneOut:
+    async with ctx.db.transaction() as session:
+        lane = await parts.update_lane(session, principal, lane_id, body)
+        return LaneOut.model_validate(lane, from_attributes=True)
+
+
+@router.delete("/lanes/{lane_id}", status_code=204, responses=REMOVAL_REFUSALS)
+async def remove_lane(
+    lane_id: ItemId, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> Response:
+    async with ctx.db.transaction() as session:
+        event_id = await parts.remove_lane(session, principal, lane_id)
+    _stock_hub(request, ctx).changed(event_id=event_id)
+    return Response(status_code=204)
+
+
+@router.patch("/windows/{window_id}", response_model=PickupWindowOut, responses=EDIT_REFUSALS)
+async def update_window(
+    window_id: ItemId, body: WindowUpdate, principal: ApiPrincipal, ctx: Ctx
+) -> PickupWindowOut:
+    async with ctx.db.transaction() as session:
+        window = await parts.update_window(session, principal, window_id, body)
+        return PickupWindowOut.model_validate(window, from_attributes=True)
+
+
+@router.delete("/windows/{window_id}", status_code=204, responses=REMOVAL_REFUSALS)
+async def remove_window(window_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> Response:
+    async with ctx.db.transaction() as session:
+        await parts.remove_window(session, principal, window_id)
+    return Response(status_code=204)
+
+
+@router.patch("/products/{product_id}", response_model=ProductOut, responses=EDIT_REFUSALS)
+async def update_product(
+    product_id: ItemId, body: ProductUpdate, principal: ApiPrincipal, ctx: Ctx
+) -> ProductOut:
+    async with ctx.db.transaction() as session:
+        return await parts.update_product(session, principal, product_id, body)
+
+
+@router.delete("/products/{product_id}", status_code=204, responses=REMOVAL_REFUSALS)
+async def remove_product(
+    product_id: ItemId, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> Response:
+    async with ctx.db.transaction() as session:
+        event_id = await parts.remove_product(session, principal, product_id)
+    _stock_hub(request, ctx).changed(event_id=event_id)
+    return Response(status_code=204)
 
 
 # ---------------------------------------------------------------- the public stream

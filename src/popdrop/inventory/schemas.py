@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from popdrop.core.schemas import StrictInput
 from popdrop.inventory.lifecycle import HoldStatus
@@ -101,3 +101,58 @@ class Availability(BaseModel):
     held: int
     sold: int
     available: int
+
+
+# ---------------------------------------------------------------- editing an event's parts
+# Leaving a field out keeps it; null is refused (every one of these fields always has a
+# value). A product's per-person limit and its variants are not editable: holds cache the
+# limit per process, and variants carry stock and holds.
+
+
+def _no_nulls(model: BaseModel) -> None:
+    for name in model.model_fields_set:
+        if getattr(model, name) is None:
+            raise ValueError(f"{name} cannot be null (leave it out to keep it)")
+
+
+class SlotUpdate(StrictInput):
+    label: str | None = Field(default=None, max_length=200)
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    capacity: int | None = Field(default=None, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _checked(self) -> SlotUpdate:
+        _no_nulls(self)
+        for name in ("starts_at", "ends_at"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} needs a time zone offset (e.g. Z)")
+        return self
+
+
+class LaneUpdate(StrictInput):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    pickup_point: str | None = Field(default=None, max_length=500)
+
+    @model_validator(mode="after")
+    def _checked(self) -> LaneUpdate:
+        _no_nulls(self)
+        return self
+
+
+class WindowUpdate(StrictInput):
+    capacity: int = Field(ge=0, le=1_000_000)
+
+
+class ProductUpdate(StrictInput):
+    title: str | None = Field(default=None, min_length=1, max_length=200)
+    highlights: str | None = Field(default=None, max_length=2000)
+    image_url: str | None = Field(default=None, max_length=500)
+    price_minor: int | None = Field(default=None, ge=0, le=10**12)
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
+
+    @model_validator(mode="after")
+    def _checked(self) -> ProductUpdate:
+        _no_nulls(self)
+        return self
