@@ -1,5 +1,8 @@
 """Operator login/logout and the home redirect.
 
+A login without `next` lands on `/`, which sends each role to its home: owners and hosts
+to /vouchers, volunteers and partners to /home (their events, with the scanner).
+
 Login checks the CSRF token, then the throttle (a locked account or address is refused
 before the password is looked at, so the right password does not get through either),
 then the password; every failure counts. Logout ends every session of the account.
@@ -26,14 +29,19 @@ from popdrop.web.templating import render
 
 router = APIRouter(include_in_schema=False)
 Ctx = Annotated[AppContext, Depends(get_ctx)]
-HOME_BY_ROLE = {"owner": "/vouchers", "host": "/vouchers", "volunteer": "/", "partner": "/"}
+HOME_BY_ROLE = {
+    "owner": "/vouchers",
+    "host": "/vouchers",
+    "volunteer": "/home",
+    "partner": "/home",
+}
 
 
 def _safe_next(target: str | None) -> str:
     # Only same-site paths: never redirect a login to another host.
     if target and target.startswith("/") and not target.startswith("//"):
         return target
-    return "/vouchers"
+    return "/"  # the role's home
 
 
 @router.get("/")
