@@ -78,6 +78,7 @@ from popdrop.chat.messages import (
 from popdrop.chat.models import (
     Conversation,
 )
+from popdrop.core import metrics
 from popdrop.core.errors import PopdropError
 
 REDACTED = "[redacted]"
@@ -256,6 +257,7 @@ async def run_turn(
     capabilities: Capabilities | None = None,
 ) -> TurnResult:
     """One inbound message of a conversation, in the caller's transaction (module doc)."""
+    metrics.CHAT_TURNS.labels(channel).inc()
     inbound = clean_inbound(inbound)
     address = normalize_address(channel, address)
     digest = address_hash(deps.signer, channel, address)

@@ -23,6 +23,7 @@ from sqlalchemy import and_, bindparam, func, insert, or_, select, text, union_a
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.core import metrics
 from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
@@ -397,6 +398,7 @@ def _person_key(target: _Target, spec: HoldCreate) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+@metrics.counted(metrics.HOLDS, "placed")
 async def create_hold(
     session: AsyncSession, principal: Principal, spec: HoldCreate, *, now: datetime
 ) -> HoldOut:
@@ -452,6 +454,7 @@ async def create_hold(
     return HoldOut(id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields})
 
 
+@metrics.counted(metrics.HOLDS, "placed")
 async def take_hold(
     db: Database, principal: Principal, spec: HoldCreate, *, now: datetime
 ) -> HoldOut:
