@@ -5,7 +5,7 @@ Rules this module keeps:
   path counts (API, pages, chat, worker), not only the HTTP routes. HTTP-level counters
   (requests, redemptions, scans) stay with their routers.
 - Counters are per process: drops are counted by the process that sends them (the server
-  with the in-process broker, else each `popdrop worker`); scrape every process.
+  with the in-process broker; a `popdrop worker` counts its own but serves no /metrics).
 - A refusal is labelled with its `PopdropError.reason`, a bounded set of words, never with
   ids or user input, so the number of series stays small.
 - Chat turns and holds are counted when the service returns or refuses, inside the
