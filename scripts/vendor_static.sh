@@ -6,6 +6,7 @@ set -euo pipefail
 
 HTMX_VERSION="2.0.4"
 SWAGGER_UI_VERSION="5.35.0"
+JSQR_VERSION="1.4.0"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 vendor="$root/src/popdrop/web/static/vendor"
@@ -35,3 +36,11 @@ for file in swagger-ui-bundle.js swagger-ui.css LICENSE; do
 done
 echo "swagger-ui-dist@$SWAGGER_UI_VERSION" > "$vendor/swagger-ui/VERSION"
 echo "vendored swagger-ui-dist@$SWAGGER_UI_VERSION into ${vendor#"$root"/}/swagger-ui"
+
+# jsQR for the scanner page (/scan/{event}) on browsers without BarcodeDetector.
+fetch jsqr "$JSQR_VERSION"
+mkdir -p "$vendor/jsqr"
+cp "$work/jsqr/package/dist/jsQR.js" "$vendor/jsqr/jsQR.js"
+cp "$work/jsqr/package/LICENSE" "$vendor/jsqr/LICENSE"
+echo "jsqr@$JSQR_VERSION" > "$vendor/jsqr/VERSION"
+echo "vendored jsqr@$JSQR_VERSION into ${vendor#"$root"/}/jsqr"

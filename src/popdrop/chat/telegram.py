@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from datetime import datetime
 from typing import Any, cast
 
 import httpx
-import segno
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -47,6 +45,8 @@ from popdrop.chat.messages import (
     format_time,
 )
 from popdrop.chat.models import ChatMessage, Conversation
+from popdrop.checkin import tickets
+from popdrop.core import qr
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError
@@ -221,9 +221,7 @@ def keyboard(buttons: list[Button]) -> dict[str, Any]:
 
 
 def qr_png(secret: str) -> bytes:
-    buffer = io.BytesIO()
-    segno.make(secret, error="m").save(buffer, kind="png", scale=8, border=4)
-    return buffer.getvalue()
+    return qr.png_bytes(secret)
 
 
 # ---------------------------------------------------------------- rendering
@@ -277,7 +275,8 @@ async def deliver(bot: TelegramBot, chat_id: str, messages: list[OutMessage]) ->
             calls += 1
         elif isinstance(message, QrTicket):
             await flush()
-            caption = "\n".join(part for part in (message.text, message.url) if part)
+            code = f"Ticket code: {tickets.format_short_code(tickets.short_code(message.secret))}"
+            caption = "\n".join(part for part in (message.text, code, message.url) if part)
             await bot.send_photo(chat_id, qr_png(message.secret), caption)
             calls += 1
     await flush()

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import secrets
 import time
 from typing import Annotated, Any, Literal
 
-import segno
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -45,7 +43,8 @@ from popdrop.chat import inbound as chat_inbound
 from popdrop.chat.engine import Inbound
 from popdrop.chat.messages import WEB, to_json
 from popdrop.checkin import service as checkin
-from popdrop.core import links
+from popdrop.checkin import tickets
+from popdrop.core import links, qr
 from popdrop.core.errors import PopdropError
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
@@ -355,6 +354,7 @@ async def ticket_qr(secret: str, ctx: Ctx) -> Response:
         view = await checkin.open_ticket(session, secret)
     if not view.current or view.ticket.status != "valid":
         raise PopdropError("not_found", "this ticket is no longer valid")
-    buffer = io.BytesIO()
-    segno.make(secret, error="m").save(buffer, kind="svg", scale=6, border=2, dark="#111")
-    return Response(buffer.getvalue(), media_type="image/svg+xml", headers=NO_STORE)
+    # The ticket's short code printed under the QR, for a door without a camera.
+    code = tickets.format_short_code(tickets.short_code(secret))
+    image = qr.svg_bytes(secret, scale=6, border=2, caption=code)
+    return Response(image, media_type="image/svg+xml", headers=NO_STORE)

@@ -10,7 +10,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.checkin import service
+from popdrop.checkin import service, tickets
 from popdrop.checkin.models import Ticket
 from popdrop.checkin.schemas import (
     BatchAnswer,
@@ -39,6 +39,7 @@ def issued(ctx: AppContext, ticket: Ticket, secret: str, created: bool) -> Issue
     return IssuedTicket(
         ticket=service.ticket_out(ticket),
         secret=secret,
+        short_code=tickets.format_short_code(tickets.short_code(secret)),
         url=links.ticket_url(ctx.settings.base_url, secret),
         created=created,
     )

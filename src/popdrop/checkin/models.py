@@ -24,8 +24,10 @@ from popdrop.core.lifecycle import status_check
 class EventKey(Base):
     """The Ed25519 keypair that signs an event's ticket secrets, made on first use.
 
-    The private key is stored raw (not wrapped): whoever reads this table can mint
-    tickets for the event, like whoever holds the app's secret key can mint sessions.
+    The private key is stored sealed (`core.sealing`: AES under a key derived from the
+    app's secret key, Fernet): whoever reads only the database cannot mint tickets.
+    Migration 0014 sealed the raw keys stored before it; `popdrop checkin rotate-keys`
+    seals them again under a new secret key.
     """
 
     __tablename__ = "checkin_event_keys"
@@ -33,7 +35,7 @@ class EventKey(Base):
     event_id: Mapped[int] = mapped_column(ForeignKey("events.id"), primary_key=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
-    private_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    private_key: Mapped[bytes] = mapped_column(LargeBinary)  # a Fernet token
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
@@ -43,6 +45,8 @@ class Ticket(Base):
     `subject_id` has no foreign key on purpose: any domain can point a ticket at its rows.
     `generation` counts re-issues; only the secret of the current generation works.
     `checked_in_at` is set once, by one conditional UPDATE (`… WHERE checked_in_at IS NULL`).
+    `short_code` is the typable code of the current secret (`tickets.short_code`), unique
+    per event; NULL only for the rare old ticket whose code collided when 0014 backfilled.
     """
 
     __tablename__ = "tickets"
@@ -60,12 +64,14 @@ class Ticket(Base):
             postgresql_where=text(f"status = '{TicketStatus.VALID}'"),
             sqlite_where=text(f"status = '{TicketStatus.VALID}'"),
         ),
+        Index("uq_tickets_event_short_code", "event_id", "short_code", unique=True),
         status_check(TicketStatus),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
     event_id: Mapped[int] = mapped_column(ForeignKey("events.id"))
+    short_code: Mapped[str | None] = mapped_column(String(9), nullable=True)
     subject_kind: Mapped[str] = mapped_column(String(16))  # rsvp, hold, manual
     subject_id: Mapped[int] = mapped_column(BigInteger)
     holder_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -17,7 +17,13 @@ Gate = Field(default=None, min_length=1, max_length=64)
 # Nonces are client-made (a UUID, or 16+ random bytes in base64url).
 Nonce = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_\-:.]+$")
 # A secret is 119 characters; a little room so a wrong one is `invalid`, not a 422.
-Secret = Field(min_length=1, max_length=512)
+Secret = Field(
+    min_length=1,
+    max_length=512,
+    description="The QR payload, or the ticket's short code (`K7QM-4XT2-9`: any case, dashes "
+    "and spaces optional; needs `event_id`). A short code whose check character is wrong "
+    "is refused with `short_code_invalid`.",
+)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -50,6 +56,10 @@ class TicketOut(BaseModel):
 class IssuedTicket(BaseModel):
     ticket: TicketOut
     secret: str = Field(description="The QR payload; verifiable with the event's public key")
+    short_code: str = Field(
+        description="What to type when no camera reads the QR (printed under it); changes "
+        "with every re-issue, like the secret"
+    )
     url: str = Field(description="The holder's ticket page")
     created: bool = Field(description="False when the subject already had this ticket")
 

@@ -9,6 +9,10 @@ Rules:
   gets the stored answer back; a new nonce on a used ticket gets `already_checked_in`.
 - Tenancy: the org of the principal is part of every query; a secret signed for another
   org's event is simply `invalid` (never a hint that it exists).
+- A scan may carry the ticket's short code instead of the secret: a wrong check character
+  is refused (`short_code_invalid`) before any query; a good one is looked up (unique per
+  event, so the scan needs its event) and the scan goes on with the ticket's secret.
+- Private keys are sealed at rest (`checkin.keys`); they are opened only to sign.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.checkin import tickets
+from popdrop.checkin import keys, tickets
 from popdrop.checkin.lifecycle import TICKET_LIFECYCLE, TicketStatus
 from popdrop.checkin.models import EventKey, Scan, Ticket, Visit
 from popdrop.checkin.schemas import (
@@ -77,12 +81,20 @@ _events = table_of(Event)
 _keys = table_of(EventKey)
 
 
-@dataclass(frozen=True)
+@dataclass
 class EventSigner:
     org_id: int
     public: Ed25519PublicKey
     public_raw: bytes
-    private: Ed25519PrivateKey
+    sealed_private: bytes
+    _private: Ed25519PrivateKey | None = None
+
+    @property
+    def private(self) -> Ed25519PrivateKey:
+        """Opened on first use: verifying (scans, ticket pages) never needs it."""
+        if self._private is None:
+            self._private = keys.open_private(self.sealed_private)
+        return self._private
 
 
 # Keys never change once made, so they are cached per (database, event).
@@ -115,7 +127,7 @@ async def _load_signer(session: Conn, event_id: int) -> EventSigner | None:
             org_id=row.org_id,
             public=tickets.public_key_of(row.public_key),
             public_raw=row.public_key,
-            private=Ed25519PrivateKey.from_private_bytes(row.private_key),
+            sealed_private=bytes(row.private_key),
         )
         _SIGNERS.put(cache_key, signer)
     return signer
@@ -132,7 +144,7 @@ async def event_signer(session: AsyncSession, event: Event, now: datetime) -> Ev
                 event_id=event.id,
                 org_id=event.org_id,
                 public_key=public,
-                private_key=private,
+                private_key=keys.seal_private(private),
                 created_at=now,
             )
             .on_conflict_do_nothing()
@@ -211,8 +223,33 @@ async def issue_ticket(
         if existing is None:
             raise
         return existing, secret_of(signer, existing), False
+    secret = await _assign_short_code(session, signer, ticket)
     await _audit(session, principal, "ticket.issue", ticket, now)
-    return ticket, secret_of(signer, ticket), True
+    return ticket, secret, True
+
+
+async def _assign_short_code(session: AsyncSession, signer: EventSigner, ticket: Ticket) -> str:
+    """Store the short code of the ticket's current secret; the secret.
+
+    Codes are 40 bits, so two tickets of one event almost never share one; when they
+    would, the new secret is signed again one second later (a different code), before
+    anyone saw it. The unique index stays the guard against a concurrent twin."""
+    for _ in range(8):
+        secret = secret_of(signer, ticket)
+        code = tickets.short_code(secret)
+        taken = await session.scalar(
+            select(_tickets.c.id).where(
+                _tickets.c.event_id == ticket.event_id,
+                _tickets.c.short_code == code,
+                _tickets.c.id != ticket.id,
+            )
+        )
+        if taken is None:
+            ticket.short_code = code
+            await session.flush()
+            return secret
+        ticket.issued_epoch += 1
+    raise PopdropError("conflict", "could not give the ticket a unique short code; retry")
 
 
 async def _valid_ticket_of(
@@ -269,8 +306,14 @@ async def change_ticket(
         ticket.issued_epoch = int(now.timestamp())
     ticket.changed_at = now
     await session.flush()
+    if action == "reissue":  # the new secret has a new short code; the old one stops working
+        event = await session.get(Event, ticket.event_id)
+        assert event is not None
+        secret = await _assign_short_code(session, await event_signer(session, event, now), ticket)
+    else:
+        secret = await ticket_secret(session, ticket, now)
     await _audit(session, principal, f"ticket.{action}", ticket, now)
-    return ticket, await ticket_secret(session, ticket, now)
+    return ticket, secret
 
 
 async def _audit(
@@ -681,9 +724,11 @@ async def record_scan(
         raise PopdropError("invalid_request", "scanned_at is in the future")
     if at < now - MAX_SCAN_AGE:
         raise PopdropError("invalid_request", "scanned_at is more than 90 days ago")
+    expected_event = request.event_id or bound_event_id
+    if tickets.looks_like_short_code(request.secret):
+        request = await _resolve_short_code(session, principal, request, expected_event)
     digest = _digest(request.secret)
     claim = await _genuine(session, principal, request.secret)
-    expected_event = request.event_id or bound_event_id
     if claim is not None and expected_event in (None, claim.event_id):
         done = await _take(session, principal, request, claim, at=at, now=now, digest=digest)
         if done is not None:
@@ -724,6 +769,44 @@ async def record_scan(
         session, params, answer.event_id, answer.ticket_id, answer.result, status
     )
     return status, {**body, "scan_id": scan_id}
+
+
+async def _resolve_short_code(
+    session: Conn, principal: Principal, request: ScanRequest, event_id: int | None
+) -> ScanRequest:
+    """The scan with the secret of the ticket its short code names; unchanged (so the
+    scan is stored as `invalid`) when no ticket of the event has that code."""
+    code = tickets.parse_short_code(request.secret)
+    if code is None:
+        raise PopdropError(
+            "short_code_invalid",
+            "this short code has a typo (its check character does not match): read it again",
+            status=422,
+        )
+    if event_id is None:
+        raise PopdropError("invalid_request", "a short code needs the scan's event_id")
+    row = (
+        await session.execute(
+            select(
+                _tickets.c.id, _tickets.c.event_id, _tickets.c.generation, _tickets.c.issued_epoch
+            ).where(
+                _tickets.c.org_id == principal.org_id,
+                _tickets.c.event_id == event_id,
+                _tickets.c.short_code == code,
+            )
+        )
+    ).first()
+    signer = None if row is None else await _load_signer(session, event_id)
+    if row is None or signer is None:
+        return request
+    secret = tickets.sign(
+        signer.private,
+        event_id=row.event_id,
+        ticket_id=row.id,
+        generation=row.generation,
+        issued_epoch=row.issued_epoch,
+    )
+    return request.model_copy(update={"secret": secret})
 
 
 async def _subject_of(session: Conn, principal: Principal, ticket_id: int | None) -> dict[str, Any]:

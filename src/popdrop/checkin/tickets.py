@@ -13,6 +13,13 @@ and an offline scanner learns the current ones with the revocation list.
 Ed25519 signatures are deterministic, so the secret of a ticket can be rebuilt from the
 ticket row at any time: it is never stored.
 
+A ticket also has a short code for people to type when no camera reads the QR: 8
+characters of Crockford's base32 (no I, L, O or U) taken from a hash of the secret's
+signature, and a check character (Luhn mod 32, as voucher codes have), shown grouped as
+`K7QM-4XT2-9`. Being derived from the signature, it changes with every re-issue like the
+secret does; the server stores it with the ticket (unique per event) to find its ticket.
+`parse_short_code` accepts any case, dashes and spaces, and I/L for 1 and O for 0.
+
 Nothing here touches the database; this module is usable on its own (scanner apps).
 """
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -34,6 +42,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from popdrop.vouchers.codes import ALPHABET, check_char
+
 VERSION = 1
 _PAYLOAD = struct.Struct(">BQQII")
 PAYLOAD_BYTES = _PAYLOAD.size  # 25
@@ -43,6 +53,14 @@ SECRET_CHARS = (SECRET_BYTES * 4 + 2) // 3  # 119, base64url without padding
 MAX_ID = 2**62
 
 OfflineReason = Literal["ok", "invalid", "revoked"]
+
+# Crockford's base32 and Luhn mod 32, as voucher codes have them.
+_VALUE = {char: index for index, char in enumerate(ALPHABET)}
+_VALUE.update({"I": 1, "L": 1, "O": 0})  # what people type for 1 and 0
+CODE_DATA_CHARS = 8  # 40 bits
+SHORT_CODE_CHARS = CODE_DATA_CHARS + 1  # with the check character
+_CODE_DOMAIN = b"popdrop ticket short code v1\x00"
+_SEPARATORS = str.maketrans("", "", "- \t")
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,36 @@ def verify_offline(
     if generations is not None and generations.get(claim.ticket_id, 0) != claim.generation:
         return "revoked", claim
     return "ok", claim
+
+
+def short_code(secret: str) -> str:
+    """The short code of a secret (9 characters, no dashes; `format_short_code` groups it)."""
+    raw = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
+    digest = int.from_bytes(hashlib.sha256(_CODE_DOMAIN + raw[PAYLOAD_BYTES:]).digest()[:5])
+    data = "".join(ALPHABET[(digest >> shift) & 31] for shift in range(35, -1, -5))
+    return data + check_char(data)
+
+
+def format_short_code(code: str) -> str:
+    """`K7QM4XT29` -> `K7QM-4XT2-9` (how it is printed)."""
+    return f"{code[:4]}-{code[4:8]}-{code[8:]}"
+
+
+def looks_like_short_code(text: str) -> bool:
+    """True when `text` is shaped like a short code (9 base32 characters once dashes and
+    spaces are gone), right check character or not; a 119-character secret never is."""
+    plain = text.translate(_SEPARATORS).upper()
+    return len(plain) == SHORT_CODE_CHARS and all(c in _VALUE for c in plain)
+
+
+def parse_short_code(text: str) -> str | None:
+    """The canonical short code typed as `text`, or None when its check character is wrong."""
+    if not looks_like_short_code(text):
+        return None
+    plain = text.translate(_SEPARATORS).upper()
+    canonical = "".join(ALPHABET[_VALUE[c]] for c in plain)
+    data, check = canonical[:CODE_DATA_CHARS], canonical[CODE_DATA_CHARS:]
+    return canonical if check_char(data) == check else None
 
 
 def b64encode(raw: bytes) -> str:

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         description="Redis for shared rate limits and web chat pushes between processes.",
     )
     secret_key: str | None = Field(default=None, description="Overrides the generated key.")
+    previous_secret_keys: str = Field(
+        default="",
+        description="Comma-separated secret keys used before this one: data sealed under "
+        "them (check-in keys) still opens; `popdrop checkin rotate-keys` reseals it.",
+    )
     base_url: str = "http://127.0.0.1:8000"
     log_level: str = "INFO"
     log_requests: bool = True
@@ -127,6 +132,10 @@ class Settings(BaseSettings):
         if self.secret_key:
             return self.secret_key.encode()
         return load_or_create_secret_key(self.data_dir)
+
+    @property
+    def resolved_previous_secret_keys(self) -> tuple[bytes, ...]:
+        return tuple(k.strip().encode() for k in self.previous_secret_keys.split(",") if k.strip())
 
 
 def load_or_create_secret_key(data_dir: Path) -> bytes:

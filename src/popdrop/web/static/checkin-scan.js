@@ -1,4 +1,5 @@
-/* popdrop scanner page (/scan/{event_id}): check-in by typed code or camera QR.
+/* popdrop scanner page (/scan/{event_id}): check-in by camera QR or by the ticket's typed
+ * short code (K7QM-4XT2-9, printed under every ticket QR; the server checks it).
  * Loaded as a file so the page runs under `script-src 'self'`. */
 (() => {
   const form = document.getElementById("manual");
@@ -63,26 +64,67 @@
   }
   form.addEventListener("submit", event => { event.preventDefault(); check(input.value); input.value = ""; input.focus(); });
 
-  // Camera: the browser's BarcodeDetector where it exists; typing always works.
+  // Camera: the browser's BarcodeDetector where it exists, else jsQR (vendored, loaded on
+  // first use) on frames drawn into a canvas. Typing the short code always works.
   const hint = document.getElementById("camera-hint");
-  if (!("BarcodeDetector" in window) || !navigator.mediaDevices) {
-    hint.textContent = "This browser cannot read QR codes with the camera: type the code under the QR instead.";
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    hint.textContent = "This browser cannot use the camera here: type the code printed under the QR.";
     return;
   }
   const toggle = document.getElementById("camera-toggle");
   const video = document.getElementById("video");
   const box = document.getElementById("camera");
   toggle.hidden = false;
-  let stream = null, last = "", lastAt = 0;
-  const detector = new BarcodeDetector({formats: ["qr_code"]});
+  let stream = null, last = "", lastAt = 0, reader = null;
+
+  function loadJsQR() {
+    if (window.jsQR) return Promise.resolve(window.jsQR);
+    return new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = toggle.dataset.jsqr;
+      script.onload = () => (window.jsQR ? resolve(window.jsQR) : reject(new Error("jsQR")));
+      script.onerror = reject;
+      document.head.appendChild(script);
+    });
+  }
+  async function makeReader() {
+    if ("BarcodeDetector" in window) {
+      try {
+        const formats = await BarcodeDetector.getSupportedFormats();
+        if (formats.includes("qr_code")) {
+          const detector = new BarcodeDetector({formats: ["qr_code"]});
+          toggle.dataset.reader = "barcode-detector";
+          return async () => {
+            const found = await detector.detect(video);
+            return found.length ? found[0].rawValue : null;
+          };
+        }
+      } catch (err) { /* fall back to jsQR */ }
+    }
+    const decode = await loadJsQR();
+    toggle.dataset.reader = "jsqr";
+    const canvas = document.createElement("canvas");
+    const context = canvas.getContext("2d", {willReadFrequently: true});
+    return async () => {
+      const width = video.videoWidth, height = video.videoHeight;
+      if (!width || !height) return null;
+      const scale = Math.min(1, 800 / Math.max(width, height));
+      canvas.width = Math.round(width * scale);
+      canvas.height = Math.round(height * scale);
+      context.drawImage(video, 0, 0, canvas.width, canvas.height);
+      const frame = context.getImageData(0, 0, canvas.width, canvas.height);
+      const found = decode(frame.data, frame.width, frame.height, {inversionAttempts: "attemptBoth"});
+      return found && found.data ? found.data : null;
+    };
+  }
   async function loop() {
     if (!stream) return;
     try {
-      const found = await detector.detect(video);
+      const text = await reader();
       const now = Date.now();
-      if (found.length && !(found[0].rawValue === last && now - lastAt < 3000)) {
-        last = found[0].rawValue; lastAt = now;
-        await check(last);
+      if (text && !(text === last && now - lastAt < 3000)) {
+        last = text; lastAt = now;
+        await check(text);
       }
     } catch (err) { /* a frame that could not be read */ }
     setTimeout(loop, 200);
@@ -93,9 +135,15 @@
       box.hidden = true; toggle.textContent = "Scan with the camera"; return;
     }
     try {
+      reader = reader || await makeReader();
+    } catch (err) {
+      hint.textContent = "The QR reader did not load: type the code printed under the QR.";
+      return;
+    }
+    try {
       stream = await navigator.mediaDevices.getUserMedia({video: {facingMode: "environment"}});
     } catch (err) {
-      hint.textContent = "The camera is not available (" + err.name + "): type the code instead.";
+      hint.textContent = "The camera is not available (" + err.name + "): type the code printed under the QR.";
       return;
     }
     video.srcObject = stream;
