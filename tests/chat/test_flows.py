@@ -92,6 +92,8 @@ async def test_flows_api_versions_yaml_and_line_errors(
     assert current.headers["popdrop-flow-version"] == "2"
     missing = await app_client.get("/api/v1/chat/flows/9", headers=tenant.headers)
     assert missing.status_code == 404 and missing.json()["reason"] == "not_found"
+    huge = await app_client.get(f"/api/v1/chat/flows/{2**40}", headers=tenant.headers)
+    assert huge.status_code == 422
 
     # An event of another organization is not ours to bind; a bad key is a 422.
     other = await make_tenant(ctx)

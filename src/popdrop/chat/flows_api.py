@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,11 +22,12 @@ from popdrop.chat.models import FlowVersion
 from popdrop.core.schemas import error_responses
 from popdrop.web.auth import ApiPrincipal
 from popdrop.web.idempotent import respond_once
-from popdrop.web.params import Ctx, IdempotencyKey, ItemId
+from popdrop.web.params import Ctx, IdempotencyKey
 
 router = APIRouter(prefix="/api/v1/chat", tags=["chat"])
 
 YAML = "application/yaml; charset=utf-8"
+Version = Annotated[int, Path(ge=1, le=2**31 - 1)]  # an INTEGER column
 VERSION_HEADER = "Popdrop-Flow-Version"
 FlowKey = Annotated[
     str,
@@ -131,7 +132,7 @@ async def current_flow(
     summary="The YAML of one published version",
 )
 async def get_flow_version(
-    version: ItemId, principal: ApiPrincipal, ctx: Ctx, key: FlowKey = flow_store.DEFAULT_FLOW_KEY
+    version: Version, principal: ApiPrincipal, ctx: Ctx, key: FlowKey = flow_store.DEFAULT_FLOW_KEY
 ) -> Response:
     principal.require("chat:read")
     async with ctx.db.reader() as session:
