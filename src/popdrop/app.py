@@ -210,6 +210,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.inventory.pages import router as event_pages
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.rsvp.pages import router as rsvp_pages
+    from popdrop.usecases.guest_list_pages import router as guest_pages
     from popdrop.usecases.privacy_api import router as privacy_api
     from popdrop.usecases.privacy_pages import router as privacy_pages
     from popdrop.usecases.public_rsvp import router as public_rsvp
@@ -236,6 +237,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         checkin_pages,
         privacy_api,
         privacy_pages,
+        guest_pages,
         audience_api,
         audience_pages,
         audience_public_pages,
