@@ -285,8 +285,9 @@ async def run(args: argparse.Namespace, url: str, path: Path) -> int:
             "segment_ratio_to_target": round(TARGET_SEGMENT_S / seg_s, 2),
         }
     )
-    ok = unchanged_ok and seconds <= target_s and seg_s <= TARGET_SEGMENT_S
-    return 0 if ok else 1
+    # Non-zero only for a correctness failure (a re-import that changed rows); the speed
+    # figures above are ratios to read, never a reason to fail.
+    return 0 if unchanged_ok else 1
 
 
 def main() -> int:

