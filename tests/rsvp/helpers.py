@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,9 +20,15 @@ _guests = itertools.count(1)
 
 
 async def make_slot(
-    ctx: AppContext, tenant: Tenant, *, capacity: int, status: str = "published"
+    ctx: AppContext,
+    tenant: Tenant,
+    *,
+    capacity: int,
+    status: str = "published",
+    opens_at: datetime | None = None,
 ) -> tuple[int, int]:
-    """Create an event and one slot; return (event id, slot id)."""
+    """Create an event (taking RSVPs from `opens_at` when given) and one slot; return
+    (event id, slot id)."""
     now = ctx.clock.now()
     async with ctx.db.transaction() as session:
         event = Event(
@@ -35,6 +41,7 @@ async def make_slot(
             timezone="Europe/Paris",
             starts_at=now + timedelta(days=1),
             ends_at=now + timedelta(days=1, hours=4),
+            opens_at=opens_at,
             status=status,
             hold_ttl_seconds=900,
             max_hold_renewals=2,

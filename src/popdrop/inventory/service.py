@@ -383,7 +383,7 @@ async def _require_open(conn: AsyncConnection, event_id: int, now: datetime) -> 
     """Refuse unless the event takes holds at `now` (`events.lifecycle.require_open`:
     `event_closed`, `not_open_yet`); the event's hold TTL in seconds."""
     event = (await conn.execute(_EVENT_STATE, {"e_id": event_id})).one()
-    require_open(event, now, takes="holds")
+    require_open(event, now, takes="reservations")
     return int(event.hold_ttl_seconds)
 
 
