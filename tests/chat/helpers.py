@@ -34,12 +34,10 @@ def facts(now: datetime = NOW, **changes: object) -> e.Facts:
             e.ProductFact(11, "Cap", "", 1500, "EUR", "", 0, ("CAP",)),
         ],
         slots=[
-            e.SlotFact(
-                5, "Sat 10:00", now + timedelta(days=2), now + timedelta(days=2, hours=1), 4
-            ),
+            e.SlotFact(5, "Morning", now + timedelta(days=2), now + timedelta(days=2, hours=1), 4),
             e.SlotFact(
                 6,
-                "Sat 11:00",
+                "",
                 now + timedelta(days=2, hours=1),
                 now + timedelta(days=2, hours=2),
                 0,

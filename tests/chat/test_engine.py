@@ -226,12 +226,15 @@ nodes:
     turn = run(flow, start(flow), text_in("hi"), facts())
     [prompt] = turn.out
     assert isinstance(prompt, Buttons)
-    assert [(b.label, b.payload) for b in prompt.buttons] == [("Sat 10:00 (4 left)", "s:0:5")]
+    # The event is in Europe/Paris: 10:00 UTC on 3 June is 12:00 on the wall clock there.
+    when = "Morning · Wed 03 Jun, 12:00\u201313:00 CEST"
+    assert [(b.label, b.payload) for b in prompt.buttons] == [(f"{when} (4 left)", "s:0:5")]
     assert run(flow, turn.state, e.Inbound.button("s:0:6"), facts()).state.node == "s"  # full
     assert run(flow, turn.state, e.Inbound.button("s:0:5"), facts()).texts() == [
-        "Booked Sat 10:00 (5)"
+        f"Booked {when} (5)"
     ]
-    assert run(flow, turn.state, text_in("sat 10:00"), facts()).state.node == "done"
+    assert run(flow, turn.state, text_in("morning"), facts()).state.node == "done"
+    assert run(flow, turn.state, text_in(when.lower()), facts()).state.node == "done"
     none_left = facts(slots=[])
     assert run(flow, start(flow), text_in("hi"), none_left).texts() == ["All full."]
 

@@ -121,7 +121,7 @@ def test_sms_degrades_countdown_image_and_ticket_and_merges() -> None:
     [sms] = degrade(messages, SMS, now=NOW)
     assert isinstance(sms, Text)
     assert sms.text == (
-        "Hi!\n\nDoors open Wed 03 Jun 15:00 (in 2d 3h)\n\n"
+        "Hi!\n\nDoors open Wed 03 Jun, 15:00 CEST (in 2d 3h)\n\n"
         "Poster: https://x.test/i.png\n\nYour ticket\nhttps://x.test/t/S"
     )
 

@@ -46,6 +46,7 @@ from popdrop.chat.messages import (
     Text,
     format_time,
 )
+from popdrop.core import localtime
 from popdrop.core.clock import ensure_utc
 from popdrop.core.errors import PopdropError
 from popdrop.core.identity import normalize_email, normalize_phone
@@ -637,8 +638,8 @@ class _Turn:
         return sorted(slots, key=lambda s: (s.starts_at, s.id))[: node.max]
 
     def slot_label(self, slot: SlotFact, with_free: bool) -> str:
-        tz = self.facts.event.timezone if self.facts.event else None
-        label = slot.label or format_time(slot.starts_at, tz)
+        tz = self.facts.event.timezone if self.facts.event else "UTC"
+        label = localtime.slot_label(slot.starts_at, slot.ends_at, tz, slot.label)
         return f"{label} ({slot.free} left)" if with_free else label
 
     # ------------------------------------------------------------ running
@@ -930,6 +931,7 @@ class _Turn:
                 wanted = _norm(text)
                 for slot in slots:
                     labels = (
+                        _norm(slot.label) if slot.label else None,
                         _norm(self.slot_label(slot, False)),
                         _norm(self.slot_label(slot, True)),
                     )

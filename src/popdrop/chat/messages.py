@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from popdrop.core.localtime import local
 
 
 class _Out(BaseModel):
@@ -170,15 +171,8 @@ def _token_list(labels: list[str]) -> str:
 
 
 def format_time(at: datetime, tz: str | None) -> str:
-    zone_name = "UTC"
-    if tz:
-        try:
-            at = at.astimezone(ZoneInfo(tz))
-            zone_name = ""
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
-    text = at.strftime("%a %d %b %H:%M")
-    return f"{text} {zone_name}".strip()
+    """A moment as the chat shows it: in the event's zone, with its abbreviation."""
+    return local(at, tz or "UTC", "%a %d %b, %H:%M")
 
 
 def remaining(to: datetime, now: datetime) -> str:

@@ -11,7 +11,7 @@ from popdrop.accounts.models import Organization
 from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import error_responses
-from popdrop.events import service
+from popdrop.events import ical, service
 from popdrop.events.models import Event, Lane, Partner, PickupWindow, StaffAssignment, TimeSlot
 from popdrop.events.schemas import (
     EventCreate,
@@ -178,7 +178,5 @@ async def ical_feed(token: str, ctx: Ctx) -> Response:
                 select(Event).where(Event.org_id == org_id).order_by(Event.starts_at)
             )
         )
-    body = service.ical_feed(
-        events, name=org.name, base_url=ctx.settings.base_url, now=ctx.clock.now()
-    )
-    return Response(body, media_type="text/calendar; charset=utf-8")
+    body = ical.feed(events, name=org.name, base_url=ctx.settings.base_url, now=ctx.clock.now())
+    return Response(body, media_type=ical.MEDIA_TYPE)

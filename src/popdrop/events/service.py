@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -11,7 +10,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
-from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import EVENT_LIFECYCLE, EventStatus
@@ -176,63 +174,3 @@ async def assign_staff(
     except IntegrityError as exc:
         raise PopdropError("conflict", "this person is already on the event's staff") from exc
     return staff
-
-
-# ---------------------------------------------------------------- iCal
-
-
-def _ics_text(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
-
-
-def _ics_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _fold(line: str) -> list[str]:
-    """RFC 5545 3.1: lines longer than 75 octets continue on lines starting with a space."""
-    data = line.encode()
-    parts: list[str] = []
-    while len(data) > 75:
-        cut = 75 if not parts else 74
-        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # never split a UTF-8 character
-            cut -= 1
-        parts.append(data[:cut].decode())
-        data = data[cut:]
-    parts.append(data.decode())
-    return [parts[0]] + [" " + p for p in parts[1:]]
-
-
-def ical_feed(events: list[Event], *, name: str, base_url: str, now: datetime) -> str:
-    lines = [
-        "BEGIN:VCALENDAR",
-        "VERSION:2.0",
-        "PRODID:-//popdrop//events//EN",
-        "CALSCALE:GREGORIAN",
-        f"X-WR-CALNAME:{_ics_text(name)}",
-    ]
-    for event in events:
-        if event.status == EventStatus.DRAFT:
-            continue
-        fields: list[tuple[str, Any]] = [
-            ("UID", f"event-{event.id}@popdrop"),
-            ("DTSTAMP", _ics_time(now)),
-            ("DTSTART", _ics_time(event.starts_at)),
-            ("DTEND", _ics_time(event.ends_at)),
-            ("SUMMARY", _ics_text(event.title)),
-            ("DESCRIPTION", _ics_text(event.description)),
-            (
-                "LOCATION",
-                _ics_text(", ".join(p for p in (event.venue_name, event.venue_address) if p)),
-            ),
-            ("STATUS", "CONFIRMED"),
-            ("URL", links.event_url(base_url, event.id)),
-        ]
-        if event.latitude is not None and event.longitude is not None:
-            fields.append(("GEO", f"{event.latitude};{event.longitude}"))
-        lines.append("BEGIN:VEVENT")
-        for key, value in fields:
-            lines.extend(_fold(f"{key}:{value}"))
-        lines.append("END:VEVENT")
-    lines.append("END:VCALENDAR")
-    return "\r\n".join(lines) + "\r\n"

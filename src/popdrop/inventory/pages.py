@@ -32,7 +32,7 @@ from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal
 from popdrop.core import links
 from popdrop.core.errors import PopdropError, not_found
-from popdrop.core.localtime import local, zone_of
+from popdrop.core.localtime import slot_label, zone_of
 from popdrop.core.tenancy import owned
 from popdrop.events import service
 from popdrop.events.lifecycle import EVENT_LIFECYCLE, OPEN_EVENT_STATUSES, EventStatus
@@ -75,12 +75,13 @@ _NOTICES = {
     "staff": "They are on the staff now; volunteers scan at /scan/ with their login.",
     "product": "The product is added. Set its stock per lane below.",
     "stock": "Stock saved.",
+    "edited": "Saved.",  # an edit of a slot, lane, window or product (inventory.parts_pages)
+    "removed": "Removed.",
 }
 
 
 def slot_name(slot: TimeSlot, timezone: str) -> str:
-    when = local(slot.starts_at, timezone, "%a %d %b, %H:%M")
-    return f"{slot.label} · {when}" if slot.label else when
+    return slot_label(slot.starts_at, slot.ends_at, timezone, slot.label)
 
 
 # ---------------------------------------------------------------- forms
@@ -391,6 +392,7 @@ async def _detail_page(
         "notice": _NOTICES.get(request.query_params.get("done", "")),
         "can_write": "events:write" in principal.scopes,
         "can_stock": "inventory:write" in principal.scopes,
+        "can_guests": "rsvps:read" in principal.scopes,  # the guest list (usecases)
         "live": event.status in OPEN_EVENT_STATUSES,
     }
     return render(request, "events/detail.html", context, status=status if failed else 200)

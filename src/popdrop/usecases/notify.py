@@ -47,7 +47,7 @@ from popdrop.core import links
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
 from popdrop.core.errors import PopdropError
-from popdrop.core.localtime import local
+from popdrop.core.localtime import local, slot_label
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.events.models import Event, TimeSlot
@@ -108,7 +108,7 @@ async def render_waitlist_offer(
         return None
     link = links.waitlist_offer_url(ctx.signer, ctx.base_url, event.id, str(payload["code"]))
     deadline = local(offer.expires_at, event.timezone, DEADLINE_FORMAT)
-    when = local(slot.starts_at, event.timezone, DEADLINE_FORMAT)
+    when = slot_label(slot.starts_at, slot.ends_at, event.timezone, slot.label)
     places = f"{offer.places} place{'s' if offer.places != 1 else ''}"
     if row.channel in (Channel.SMS, Channel.CHAT):
         text = f"{event.title}: {places} freed up for you ({when}). Claim by {deadline}: {link}"

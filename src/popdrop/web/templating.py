@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
 
+from popdrop.core.localtime import slot_label
 from popdrop.web.auth import attach_csrf_cookie, csrf_token
 from popdrop.web.context import get_ctx
 
@@ -33,6 +34,7 @@ def _when(value: datetime | None) -> str:
 
 
 _env.filters["when"] = _when
+_env.globals["slot_label"] = slot_label  # a slot's window on its event's clock
 templates = Jinja2Templates(env=_env)
 
 
