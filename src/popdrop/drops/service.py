@@ -636,6 +636,12 @@ async def run_seed_test(
                 report.append(entry)
                 continue
             entry["delivered"] = bool(result and result.ok)
+            if not entry["delivered"]:  # the provider's own words, for the operator
+                entry["error"] = (
+                    (result.error or "refused by the provider")
+                    if result is not None
+                    else f"no {channel} transport is configured"
+                )
             entry["links"] = []
             for url in urls:
                 ok, detail = await check_url(url)
