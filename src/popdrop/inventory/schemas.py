@@ -4,7 +4,7 @@ distinct (ignoring case), since a guest picks a variant by its name; every integ
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
@@ -128,6 +128,11 @@ class SlotUpdate(StrictInput):
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
                 raise ValueError(f"{name} needs a time zone offset (e.g. Z)")
+            if value is not None:
+                try:
+                    value.astimezone(UTC)  # how it is stored
+                except OverflowError:
+                    raise ValueError(f"{name} is out of range (years 1 to 9999 in UTC)") from None
         return self
 
 
