@@ -108,6 +108,28 @@ async def test_flows_api_versions_yaml_and_line_errors(
     assert [v.version for v in versions] == [2, 1]  # no refused publish left a row
 
 
+def alias_bomb(levels: int = 7) -> str:
+    """Each level repeats the one before ten times: 10**levels values once expanded."""
+    lines, previous = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"], "a0"
+    for level in range(1, levels):
+        lines.append(f"a{level}: &a{level} [{', '.join(['*' + previous] * 10)}]")
+        previous = f"a{level}"
+    return "\n".join([*lines, "start: s", "nodes: {s: {type: end}}", ""])
+
+
+async def test_a_hostile_file_is_refused_quickly(
+    app_client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    bomb = await publish_api(app_client, tenant, alias_bomb())
+    assert bomb.status_code == 422, bomb.text
+    assert "aliases expand to more than" in bomb.json()["message"]
+    for deep in ("[" * 3000, "a: " + "{b: " * 200 + "1" + "}" * 200):
+        nested = await publish_api(app_client, tenant, deep)
+        assert nested.status_code == 422 and "nested too deeply" in nested.json()["message"]
+    nul = await publish_api(app_client, tenant, "start: a\x00")
+    assert nul.status_code == 422
+
+
 async def test_flows_api_scopes(
     app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
 ) -> None:

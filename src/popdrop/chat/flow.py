@@ -48,6 +48,10 @@ FLOWS_DIR = Path(__file__).resolve().parent / "flows"
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "docs" / "chat-flow.schema.json"
 MAX_NODES = 500
 MAX_ERRORS = 20
+# A published file comes from the API: YAML aliases may not expand (pydantic walks every
+# copy) past this many values, nor nest deeper than this.
+MAX_EXPANDED = 100_000
+MAX_DEPTH = 40
 
 Loc = tuple[str | int, ...]
 Scalar = str | int | float | bool | None
@@ -860,12 +864,45 @@ _FlowLoader.add_implicit_resolver(
 )
 
 
+def _check_size(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand past `MAX_EXPANDED` values or that nests
+    deeper than `MAX_DEPTH` (sizes memoised per node: linear in the text, not the copies)."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FlowError(
+                [{"line": node.start_mark.line + 1, "field": "", "message": "nested too deeply"}]
+            )
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if done:
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_EXPANDED:
+                message = f"too large: aliases expand to more than {MAX_EXPANDED} values"
+                raise FlowError(
+                    [{"line": node.start_mark.line + 1, "field": "", "message": message}]
+                )
+        elif id(node) not in size:
+            stack.append((node, depth, True))
+            stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
+
+
 def _parse(text: str) -> tuple[yaml.Node | None, Any]:
     loader = _FlowLoader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            _check_size(root)
         data = loader.construct_document(root) if root is not None else None
         return root, data
+    except RecursionError as exc:
+        deep = {"line": None, "field": "", "message": "bad YAML: nested too deeply"}
+        raise FlowError([deep]) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
