@@ -21,6 +21,7 @@ COMMANDS = [
     ["org", "create"],
     ["user", "create"],
     ["token", "create"],
+    ["token", "list"],
     ["token", "revoke"],
     ["vouchers", "issue"],
     ["vouchers", "revoke"],
