@@ -37,7 +37,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from popdrop import __version__
-from popdrop.core import audit
+from popdrop.core import audit, sealing
 from popdrop.core.clock import Clock, SystemClock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database
@@ -95,9 +95,10 @@ def build_context(settings: Settings, clock: Clock | None = None) -> AppContext:
     """The process's shared services, built from its settings (the composition root).
 
     Deployment constants that the domains read without being handed them are configured
-    here too: the audit ledger's chain count.
+    here too: the audit ledger's chain count, the secret keys that seal data at rest.
     """
     audit.configure(chains=settings.audit_chains)
+    sealing.configure_from(settings)  # the keys that seal check-in keys at rest
     counter: FailureCounter = MemoryCounter()
     if settings.redis_url:
         counter = FallbackCounter(
@@ -208,6 +209,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.inventory.api import public_router as inventory_public
     from popdrop.inventory.api import router as inventory_api
     from popdrop.inventory.pages import router as event_pages
+    from popdrop.inventory.parts_pages import router as part_pages
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.rsvp.pages import router as rsvp_pages
     from popdrop.usecases.guest_list_pages import router as guest_pages
@@ -233,6 +235,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         home_pages,
         voucher_pages,
         event_pages,
+        part_pages,
         checkin_api,
         checkin_pages,
         privacy_api,
