@@ -44,6 +44,7 @@ from popdrop.outbound.factory import make_transports
 from popdrop.outbound.outbox import OUTBOX_TOPIC
 from popdrop.rsvp import tasks as rsvp_tasks
 from popdrop.usecases.notify import Notifier
+from popdrop.vouchers import issue_jobs as voucher_jobs
 
 
 def make_broker(settings: Settings) -> AsyncBroker:
@@ -176,8 +177,9 @@ class Worker:
 
     async def tick(self) -> list[int]:
         """Start due scheduled drops, decide A/B tests, close drained drops, kick every drop
-        with due rows (their ids are returned), lapse expired waiting-list offers, drain the
-        notification outbox, then deliver due chat messages."""
+        with due rows (their ids are returned), lapse expired waiting-list offers, launch
+        due voucher issue jobs, drain the notification outbox, then deliver due chat
+        messages."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             for drop_id in await drops.start_due_drops(session, now=now):
@@ -216,6 +218,9 @@ class Worker:
         # Lapse the waiting-list offers past their deadline (the next person's offer is
         # enqueued in the same transaction), then send what the outbox holds.
         await rsvp_tasks.sweep_expired_offers(self.db, self.notifier.signer, self.clock)
+        # Big voucher batches: start queued issue jobs, resume those whose runner stopped.
+        for job_id in await voucher_jobs.launch_due(self.db, self.notifier.signer, self.clock):
+            log.info("voucher issue job launched", job=job_id)
         notified = await self.notifier.drain()
         if notified:
             log.info("notifications drained", **notified)

@@ -6,21 +6,25 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.concurrency import iterate_in_threadpool
 
 from popdrop.accounts.service import Principal
 from popdrop.core.csvsafe import csv_text
 from popdrop.core.errors import PopdropError
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.core.schemas import error_responses
-from popdrop.vouchers import service
+from popdrop.vouchers import issue_jobs, service
 from popdrop.vouchers.schemas import (
+    JOB_THRESHOLD,
     BatchDetail,
     BatchIssueRequest,
     BatchOut,
     IssuedBatch,
+    IssueJobAccepted,
+    IssueJobOut,
     LinkOut,
     LinkRequest,
     RedeemRequest,
@@ -38,6 +42,7 @@ from popdrop.web.auth import ApiPrincipal
 from popdrop.web.context import AppContext, client_address
 from popdrop.web.idempotent import answer_once, respond_once
 from popdrop.web.params import Before, Ctx, IdempotencyKey, ItemId, Limit
+from popdrop.web.security import NO_STORE
 
 router = APIRouter(prefix="/api/v1", tags=["vouchers"])
 
@@ -66,7 +71,14 @@ async def guarded(ctx: AppContext, request: Request, principal: Principal, call:
     "/voucher-batches",
     status_code=201,
     response_model=IssuedBatch,
-    responses=error_responses(401, 403, 409, 422),
+    responses={
+        202: {
+            "model": IssueJobAccepted,
+            "description": f"Above {JOB_THRESHOLD:,} codes: the batch is issued in the "
+            "background; follow `job.progress_url`, then download `job.download_url` once.",
+        },
+        **error_responses(401, 403, 409, 422),
+    },
     summary="Issue a batch of codes (plaintext returned this once)",
 )
 async def issue_batch(
@@ -78,6 +90,8 @@ async def issue_batch(
     links: Annotated[bool, Query(description="Also return a signed claim link per code")] = False,
 ) -> Response:
     now = ctx.clock.now()
+    if body.quantity > JOB_THRESHOLD:
+        return await _issue_in_background(body, request, principal, ctx, idempotency_key, links)
     shown: dict[str, Any] = {}
 
     async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
@@ -106,6 +120,73 @@ async def issue_batch(
     else:
         payload = {**payload, "replayed": True}
     return JSONResponse(payload, status_code=status)
+
+
+async def _issue_in_background(
+    body: BatchIssueRequest,
+    request: Request,
+    principal: Principal,
+    ctx: AppContext,
+    idempotency_key: str | None,
+    links: bool,
+) -> Response:
+    """202 with the batch and its queued job; the job starts in this process at once (the
+    worker tick would also find it), and a retry with the same key gets the same job."""
+    now = ctx.clock.now()
+
+    async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
+        batch, job = await issue_jobs.create_job(
+            session, principal, body, with_links=links, now=now
+        )
+        out = issue_jobs.job_out(job, now)
+        accepted = IssueJobAccepted(batch=service.batch_out(batch), job=out)
+        return 202, accepted.model_dump(mode="json")
+
+    status, payload = await answer_once(
+        ctx, request, principal, idempotency_key, body, operation, scope="vouchers:write"
+    )
+    job = payload.get("job")
+    if status == 202 and isinstance(job, dict):
+        issue_jobs.launch(ctx.db, ctx.signer, ctx.clock, int(job["id"]))
+        return JSONResponse(payload, status_code=202, headers={"Location": job["progress_url"]})
+    return JSONResponse(payload, status_code=status)
+
+
+@router.get(
+    "/voucher-batches/jobs/{job_id}",
+    response_model=IssueJobOut,
+    responses=error_responses(401, 403, 404),
+    summary="A background issue job: status and progress (codes issued of total)",
+)
+async def get_issue_job(job_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> IssueJobOut:
+    async with ctx.db.reader() as session:
+        job = await issue_jobs.get_job(session, principal, job_id)
+        return issue_jobs.job_out(job, ctx.clock.now())
+
+
+@router.get(
+    "/voucher-batches/jobs/{job_id}/codes.csv",
+    responses={200: {"content": {"text/csv": {}}}, **error_responses(401, 403, 404, 409, 410)},
+    response_class=Response,
+    summary="The plaintext codes of a done job, as CSV: one download, then only hashes remain",
+)
+async def download_job_codes(job_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> Response:
+    return await codes_download(ctx, principal, job_id)
+
+
+async def codes_download(ctx: AppContext, principal: Principal, job_id: int) -> Response:
+    """The one download of a job's codes (API and page): the seed is wiped and the
+    download audited in one transaction, then the CSV is made and streamed."""
+    async with ctx.db.transaction() as session:
+        sheet = await issue_jobs.take_codes(session, principal, job_id, now=ctx.clock.now())
+    return StreamingResponse(
+        iterate_in_threadpool(issue_jobs.sheet_csv(ctx.signer, ctx.settings.base_url, sheet)),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="batch-{sheet.batch.id}-codes.csv"',
+            **NO_STORE,
+        },
+    )
 
 
 @router.get("/voucher-batches", response_model=list[BatchOut], responses=error_responses(401, 403))

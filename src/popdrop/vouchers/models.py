@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime
+from popdrop.core.lifecycle import status_check
+from popdrop.vouchers.lifecycle import IssueJobStatus
 
 
 class VoucherBatch(Base):
@@ -80,3 +82,33 @@ class VoucherContactUse(Base):
     batch_id: Mapped[int] = mapped_column(ForeignKey("voucher_batches.id"), primary_key=True)
     contact_ref: Mapped[str] = mapped_column(String(200), primary_key=True)
     uses: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class VoucherIssueJob(Base):
+    """A big batch issued in the background, a chunk of codes per transaction.
+
+    No plaintext code is stored: code `i` of the job is derived from a MAC of (`seed`, i)
+    under the secret key, so a resumed chunk makes the same codes and the CSV download
+    makes them again. `seed` is wiped at the first download, when the job fails, and when
+    the download window ends; after that the codes exist only as keyed hashes.
+    """
+
+    __tablename__ = "voucher_issue_jobs"
+    __table_args__ = (status_check(IssueJobStatus),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("voucher_batches.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer)
+    issued: Mapped[int] = mapped_column(Integer, default=0)
+    with_links: Mapped[bool] = mapped_column(Boolean, default=False)
+    seed: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
+    # Bumped by each claim: a runner whose lease was taken over stops at its next chunk.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(200))
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    downloaded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -33,10 +33,10 @@ from popdrop.core.csvsafe import csv_text
 from popdrop.core.errors import PopdropError
 from popdrop.core.money import Money
 from popdrop.core.schemas import require_clean_text
-from popdrop.vouchers import codes, service
+from popdrop.vouchers import codes, issue_jobs, job_pages, service
 from popdrop.vouchers.api import guarded, to_csv
 from popdrop.vouchers.models import VoucherBatch
-from popdrop.vouchers.schemas import BatchCreate
+from popdrop.vouchers.schemas import API_MAX_QUANTITY, JOB_THRESHOLD, BatchCreate
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
 from popdrop.web.pagekit import Operator, PageRoute, is_htmx, qr_svg
@@ -44,15 +44,16 @@ from popdrop.web.params import Ctx, ItemId
 from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render
 
-# The web form shows every code on one page and offers them as a `data:` URL download;
-# browsers cap URLs near 2 MB, so bigger batches go through the CLI or the API.
-MAX_FORM_QUANTITY = 50_000
-MAX_FORM_LINKS = 5_000  # a claim link is ~100 characters: the same cap, in links
+# Up to JOB_THRESHOLD codes the answer shows them and carries a `data:` URL download
+# (browsers cap URLs near 2 MB); above it a background job issues them and its page
+# offers the CSV (`job_pages`). The form takes what one API request takes.
+MAX_FORM_QUANTITY = API_MAX_QUANTITY
 SHOWN_CODES = 500
 AUDIT_PAGE_SIZE = 200
 REDEMPTIONS_SHOWN = 100
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
+router.include_router(job_pages.router)
 # ---------------------------------------------------------------- issue form
 
 
@@ -182,11 +183,8 @@ def parse_issue_form(form: Mapping[str, Any]) -> IssueForm:
     quantity = parsed.spec.quantity if parsed.spec else 0
     if quantity > MAX_FORM_QUANTITY:
         errors["quantity"] = (
-            f"at most {MAX_FORM_QUANTITY:,} from this form; "
-            "use `popdrop vouchers issue` or the API for more"
+            f"at most {MAX_FORM_QUANTITY:,} from this form; use `popdrop vouchers issue` for more"
         )
-    if parsed.links and quantity > MAX_FORM_LINKS:
-        errors["links"] = f"claim links for at most {MAX_FORM_LINKS:,} codes at a time"
     return parsed
 
 
@@ -209,9 +207,14 @@ async def _batches_page(
 ) -> Response:
     async with ctx.db.reader() as session:
         batches = await service.list_batches(session, principal)
+        ids = [b.id for b in batches]
+        counts = await service.batch_counts(session, principal, ids)
+        jobs = await issue_jobs.jobs_of(session, principal, ids)
     context = {
         "principal": principal,
         "batches": batches,
+        "counts": counts,
+        "jobs": jobs,
         "notice": notice,
         "revoke_error": error,
         "revoke_code": revoke_code,
@@ -277,6 +280,8 @@ async def issue(request: Request, principal: Operator, ctx: Ctx) -> Response:
     check_csrf(request, ctx, form_data)
     principal.require("vouchers:write")
     form = parse_issue_form(form_data)
+    if form.ok and form.spec is not None and form.spec.quantity > JOB_THRESHOLD:
+        return await _issue_in_background(request, ctx, principal, form)
     if form.ok and form.spec is not None:
         now = ctx.clock.now()
         try:
@@ -296,6 +301,26 @@ async def issue(request: Request, principal: Operator, ctx: Ctx) -> Response:
             return _issued_page(request, ctx, principal, batch, issued, form.links, now)
     context = {"principal": principal, "form": form}
     return render(request, "vouchers/new.html", context, status=422)
+
+
+async def _issue_in_background(
+    request: Request, ctx: AppContext, principal: Principal, form: IssueForm
+) -> Response:
+    assert form.spec is not None
+    try:
+        async with ctx.db.transaction() as session:
+            _batch, job = await issue_jobs.create_job(
+                session, principal, form.spec, with_links=form.links, now=ctx.clock.now()
+            )
+            job_id = job.id
+    except PopdropError as error:
+        if error.reason != "invalid_request":
+            raise
+        form.problems.append(error.message)
+        context = {"principal": principal, "form": form}
+        return render(request, "vouchers/new.html", context, status=422)
+    issue_jobs.launch(ctx.db, ctx.signer, ctx.clock, job_id)
+    return RedirectResponse(f"/vouchers/jobs/{job_id}", status_code=303)
 
 
 def _issued_page(

@@ -13,11 +13,14 @@ Ref = Field(default=None, min_length=1, max_length=200)
 
 # One batch, however it is issued (service, CLI, demo, bench).
 MAX_QUANTITY = 1_000_000
-# One API request: its answer carries every plaintext code (and, with ?links=true, a
-# ~100-character claim link per code), built and sent synchronously. 100,000 codes is
-# about 2 MB (13 MB with links) and the bulk-issue target of 10 s (docs/benchmarks.md);
-# bigger batches go through `popdrop vouchers issue`, which writes them to a CSV file.
+# One API request (or form): up to JOB_THRESHOLD codes its answer carries them; above,
+# a background job issues them and they come as one CSV download. 100,000 codes is the
+# bulk-issue target of 10 s (docs/benchmarks.md); bigger batches go through
+# `popdrop vouchers issue`, which writes them to a CSV file.
 API_MAX_QUANTITY = 100_000
+# A batch above this many codes is issued in the background (`vouchers.issue_jobs`): the
+# request answers 202 with the job, and the codes come as a CSV download when it is done.
+JOB_THRESHOLD = 5_000
 
 
 class Strict(StrictInput):
@@ -80,7 +83,9 @@ class BatchIssueRequest(BatchCreate):
         json_schema_extra={"maximum": API_MAX_QUANTITY},  # enforced below, with a pointer
         description=(
             f"How many codes, at most {API_MAX_QUANTITY:,} per request "
-            "(`popdrop vouchers issue` issues bigger batches)."
+            "(`popdrop vouchers issue` issues bigger batches). "
+            f"Above {JOB_THRESHOLD:,} the answer is 202 with a background job; "
+            "its codes come as one CSV download."
         ),
     )
 
@@ -219,3 +224,27 @@ class LinkRequest(Strict):
 class LinkOut(BaseModel):
     url: str
     expires_at: datetime
+
+
+class IssueJobOut(BaseModel):
+    id: int
+    batch_id: int
+    status: Literal["queued", "running", "done", "failed"]
+    total: int = Field(description="Codes the batch will have.")
+    issued: int = Field(description="Codes issued so far (committed).")
+    with_links: bool = Field(description="The CSV carries a signed claim link per code.")
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    downloaded_at: datetime | None
+    codes_available: bool = Field(
+        description="The CSV of plaintext codes can be downloaded (once, until download_until)."
+    )
+    download_until: datetime | None
+    progress_url: str
+    download_url: str
+
+
+class IssueJobAccepted(BaseModel):
+    batch: BatchOut
+    job: IssueJobOut

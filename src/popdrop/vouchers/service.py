@@ -126,16 +126,11 @@ async def _policy(session: AsyncSession, batch_id: int) -> BatchPolicy:
 # ---------------------------------------------------------------- issue
 
 
-async def issue_batch(
-    session: AsyncSession,
-    signer: Signer,
-    principal: Principal,
-    spec: BatchCreate,
-    *,
-    now: datetime,
-    progress: Progress | None = None,
-) -> tuple[VoucherBatch, list[str]]:
-    """Create a batch and its codes; return the plaintext codes (the only time they exist)."""
+async def new_batch(
+    session: AsyncSession, principal: Principal, spec: BatchCreate, *, now: datetime
+) -> VoucherBatch:
+    """The batch row of `spec`, checked and flushed, without codes (`issue_batch` and the
+    background issue jobs add them)."""
     principal.require("vouchers:write")
     prefix = codes.validate_prefix(spec.prefix)
     valid_until = spec.valid_until
@@ -166,8 +161,37 @@ async def issue_batch(
     )
     session.add(batch)
     await session.flush()
+    return batch
 
-    voucher_until = _voucher_until(spec.valid_until, spec.ttl_seconds, now)
+
+def voucher_row(batch: VoucherBatch, code_hash: bytes, *, now: datetime) -> dict[str, Any]:
+    """The `vouchers` row of one code of `batch` issued at `now` (a code of a revoked
+    batch is born revoked: the offer is over)."""
+    return {
+        "org_id": batch.org_id,
+        "batch_id": batch.id,
+        "code_hash": code_hash,
+        "uses": 0,
+        "max_uses": batch.max_uses,
+        "valid_from": batch.valid_from,
+        "valid_until": _voucher_until(batch.valid_until, batch.ttl_seconds, now),
+        "issued_at": now,
+        "revoked_at": batch.revoked_at,
+    }
+
+
+async def issue_batch(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    spec: BatchCreate,
+    *,
+    now: datetime,
+    progress: Progress | None = None,
+) -> tuple[VoucherBatch, list[str]]:
+    """Create a batch and its codes; return the plaintext codes (the only time they exist)."""
+    batch = await new_batch(session, principal, spec, now=now)
+    prefix = batch.prefix
     plaintext: list[str] = []
     seen: set[bytes] = set()
     digest = hashlib.sha256()
@@ -182,21 +206,23 @@ async def issue_batch(
             seen.add(code_hash)
             digest.update(code_hash)
             plaintext.append(code)
-            rows.append(
-                {
-                    "org_id": principal.org_id,
-                    "batch_id": batch.id,
-                    "code_hash": code_hash,
-                    "uses": 0,
-                    "max_uses": spec.max_uses,
-                    "valid_from": spec.valid_from,
-                    "valid_until": voucher_until,
-                    "issued_at": now,
-                }
-            )
+            rows.append(voucher_row(batch, code_hash, now=now))
         await session.execute(table.insert(), rows)
         if progress:
             progress(len(plaintext), spec.quantity)
+    await audit_issue(session, principal, batch, now=now, code_hashes_sha256=digest.hexdigest())
+    return batch, [codes.format_code(c) for c in plaintext]
+
+
+async def audit_issue(
+    session: AsyncSession,
+    principal: Principal,
+    batch: VoucherBatch,
+    *,
+    now: datetime,
+    **more: str | int,
+) -> None:
+    """The `voucher.issue` ledger entry of a batch (and `more` about how it was issued)."""
     await audit.append(
         session,
         org_id=principal.org_id,
@@ -205,14 +231,13 @@ async def issue_batch(
         subject=f"batch:{batch.id}",
         payload={
             "batch": batch.id,
-            "name": spec.name,
-            "quantity": spec.quantity,
-            "max_uses": spec.max_uses,
-            "code_hashes_sha256": digest.hexdigest(),
+            "name": batch.name,
+            "quantity": batch.quantity,
+            "max_uses": batch.max_uses,
+            **more,
         },
         at=now,
     )
-    return batch, [codes.format_code(c) for c in plaintext]
 
 
 async def issue_derived(
@@ -229,7 +254,6 @@ async def issue_derived(
     one read for the lot. Returns {subject: (voucher id, formatted code)}."""
     if not subjects:
         return {}
-    until = _voucher_until(batch.valid_until, batch.ttl_seconds, now)
     by_hash: dict[bytes, tuple[str, str]] = {}
     for subject in subjects:
         code = codes.derived_code(batch.prefix, links.derived_code_mac(signer, batch.id, subject))
@@ -241,21 +265,7 @@ async def issue_derived(
         dialect_insert(conn.dialect.name, _vouchers).on_conflict_do_nothing(
             index_elements=["code_hash"]
         ),
-        [
-            {
-                "org_id": batch.org_id,
-                "batch_id": batch.id,
-                "code_hash": code_hash,
-                "uses": 0,
-                "max_uses": batch.max_uses,
-                "valid_from": batch.valid_from,
-                "valid_until": until,
-                "issued_at": now,
-                # A code of a revoked batch is born revoked: the offer is over.
-                "revoked_at": batch.revoked_at,
-            }
-            for code_hash in by_hash
-        ],
+        [voucher_row(batch, code_hash, now=now) for code_hash in by_hash],
     )
     found = await conn.execute(
         select(Voucher.id, Voucher.code_hash).where(Voucher.code_hash.in_(list(by_hash)))
@@ -814,6 +824,40 @@ async def list_batches(
         query = query.where(VoucherBatch.id < before_id)
     rows = await session.scalars(query.order_by(VoucherBatch.id.desc()).limit(limit))
     return list(rows)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    issued: int  # codes that exist (a drop's come one per recipient, at send time)
+    redeemed: int  # uses taken and not rolled back
+
+
+async def batch_counts(
+    session: AsyncSession, principal: Principal, batch_ids: Sequence[int]
+) -> dict[int, BatchCounts]:
+    """Codes issued and uses redeemed per batch, for a list of batches: two grouped counts
+    on the (org, batch) indexes. `quantity` is what was asked at issue; this is what is."""
+    principal.require("vouchers:read")
+    if not batch_ids:
+        return {}
+    ids = list(batch_ids)
+    issued_rows = await session.execute(
+        select(Voucher.batch_id, func.count())
+        .where(Voucher.org_id == principal.org_id, Voucher.batch_id.in_(ids))
+        .group_by(Voucher.batch_id)
+    )
+    issued: dict[int, int] = {int(b): int(n) for b, n in issued_rows}
+    redeemed_rows = await session.execute(
+        select(Redemption.batch_id, func.count())
+        .where(
+            Redemption.org_id == principal.org_id,
+            Redemption.batch_id.in_(ids),
+            Redemption.rolled_back_at.is_(None),
+        )
+        .group_by(Redemption.batch_id)
+    )
+    redeemed: dict[int, int] = {int(b): int(n) for b, n in redeemed_rows}
+    return {i: BatchCounts(issued.get(i, 0), redeemed.get(i, 0)) for i in ids}
 
 
 async def batch_stats(session: AsyncSession, principal: Principal, batch_id: int) -> BatchStats:
