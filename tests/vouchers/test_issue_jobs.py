@@ -211,6 +211,23 @@ async def test_an_interrupted_job_resumes_without_losing_or_duplicating_codes(
     assert await known_codes(ctx, batch.id, plaintext) == 450
 
 
+async def test_the_worker_tick_runs_a_queued_job(ctx: AppContext, tenant: Tenant) -> None:
+    from popdrop.worker import Worker
+
+    batch, job = await queued_job(ctx, tenant, "From the tick", 7)
+    worker = Worker(ctx.settings, ctx.db, ctx.signer, ctx.clock)
+    try:
+        await worker.tick()
+        # The tick launches the job as a task of the process (it does not wait for it).
+        assert await issue_jobs.launch(ctx.db, ctx.signer, ctx.clock, job.id) in (
+            IssueJobStatus.DONE,
+            None,  # the tick's task had already finished it
+        )
+    finally:
+        await worker.close()
+    assert await codes_in_batch(ctx, tenant, batch.id) == 7
+
+
 async def test_a_runner_that_lost_its_lease_writes_nothing(
     ctx: AppContext, tenant: Tenant, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
