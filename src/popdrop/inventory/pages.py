@@ -150,31 +150,43 @@ def details_form(event: Event) -> Form:
     )
 
 
-def parse_slot(form: Form, zone: ZoneInfo) -> SlotCreate | None:
-    data = {
+def slot_fields(form: Form, zone: ZoneInfo) -> dict[str, Any]:
+    """The slot form's fields (add and edit); times are wall time in the event's zone."""
+    return {
         "label": form.values.get("label", ""),
         "starts_at": form.moment("starts_at", zone),
         "ends_at": form.moment("ends_at", zone),
         "capacity": form.integer("capacity"),
     }
-    return form.build(SlotCreate, data)
 
 
-def parse_product(form: Form) -> ProductCreate | None:
+def parse_slot(form: Form, zone: ZoneInfo) -> SlotCreate | None:
+    return form.build(SlotCreate, slot_fields(form, zone))
+
+
+def card_fields(form: Form) -> dict[str, Any]:
+    """The product card's own fields (add and edit): title, text, image, price."""
     v = form.values
     currency = (v.get("currency") or "EUR").upper()
-    variants = [n.strip() for n in v.get("variants", "").split(",") if n.strip()]
     data: dict[str, Any] = {
         "title": v.get("title", ""),
         "highlights": v.get("highlights", ""),
         "image_url": v.get("image_url", ""),
         "price_minor": form.amount("price", currency),
         "currency": currency,
-        "limit_per_contact": form.integer("limit_per_contact"),
-        "variants": variants or None,
     }
     if "price" not in form.errors and data["price_minor"] is None:
         form.errors["price"] = "a price such as 15.00 (0 for free)"
+    return data
+
+
+def parse_product(form: Form) -> ProductCreate | None:
+    variants = [n.strip() for n in form.values.get("variants", "").split(",") if n.strip()]
+    data = {
+        **card_fields(form),
+        "limit_per_contact": form.integer("limit_per_contact"),
+        "variants": variants or None,
+    }
     return form.build(ProductCreate, data, {"price_minor": "price"})
 
 

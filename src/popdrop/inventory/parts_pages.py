@@ -33,6 +33,7 @@ from popdrop.events import service
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
 from popdrop.inventory import parts
 from popdrop.inventory.models import Product
+from popdrop.inventory.pages import card_fields, slot_fields
 from popdrop.inventory.schemas import LaneUpdate, ProductUpdate, SlotUpdate, WindowUpdate
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
@@ -52,33 +53,15 @@ def _wall(value: datetime, timezone: str) -> str:
 # ---------------------------------------------------------------- the four kinds
 
 
-async def _slot(session: AsyncSession, org_id: int, event_id: int, part_id: int) -> Any:
-    return await owned(
-        session, TimeSlot, part_id, org_id, what="slot of this event",
-        where=(TimeSlot.event_id == event_id,),
-    )  # fmt: skip
+def _loader(
+    model: Any, what: str, in_event: Callable[[int], Any]
+) -> Callable[[AsyncSession, int, int, int], Awaitable[Any]]:
+    """The part `part_id` of the organization's event `event_id`, or a 404."""
 
+    async def load(session: AsyncSession, org_id: int, event_id: int, part_id: int) -> Any:
+        return await owned(session, model, part_id, org_id, what=what, where=(in_event(event_id),))
 
-async def _lane(session: AsyncSession, org_id: int, event_id: int, part_id: int) -> Any:
-    return await owned(
-        session, Lane, part_id, org_id, what="lane of this event",
-        where=(Lane.event_id == event_id,),
-    )  # fmt: skip
-
-
-async def _window(session: AsyncSession, org_id: int, event_id: int, part_id: int) -> Any:
-    lanes = select(Lane.id).where(Lane.event_id == event_id)
-    return await owned(
-        session, PickupWindow, part_id, org_id, what="pickup window of this event",
-        where=(PickupWindow.lane_id.in_(lanes),),
-    )  # fmt: skip
-
-
-async def _product(session: AsyncSession, org_id: int, event_id: int, part_id: int) -> Any:
-    return await owned(
-        session, Product, part_id, org_id, what="product of this event",
-        where=(Product.event_id == event_id,),
-    )  # fmt: skip
+    return load
 
 
 def _slot_values(slot: TimeSlot, event: Event) -> dict[str, str]:
@@ -91,13 +74,7 @@ def _slot_values(slot: TimeSlot, event: Event) -> dict[str, str]:
 
 
 def _parse_slot(form: Form, event: Event) -> BaseModel | None:
-    zone = zone_of(event.timezone)
-    data = {
-        "label": form.values.get("label", ""),
-        "starts_at": form.moment("starts_at", zone),
-        "ends_at": form.moment("ends_at", zone),
-        "capacity": form.integer("capacity"),
-    }
+    data = slot_fields(form, zone_of(event.timezone))
     for name in ("starts_at", "ends_at", "capacity"):
         if data[name] is None:
             form.errors.setdefault(name, "required")
@@ -128,18 +105,7 @@ def _product_values(product: Product, event: Event) -> dict[str, str]:
 
 
 def _parse_product(form: Form, event: Event) -> BaseModel | None:
-    v = form.values
-    currency = (v.get("currency") or "EUR").upper()
-    data: dict[str, Any] = {
-        "title": v.get("title", ""),
-        "highlights": v.get("highlights", ""),
-        "image_url": v.get("image_url", ""),
-        "price_minor": form.amount("price", currency),
-        "currency": currency,
-    }
-    if "price" not in form.errors and data["price_minor"] is None:
-        form.errors["price"] = "a price such as 15.00 (0 for free)"
-    return form.build(ProductUpdate, data, {"price_minor": "price"})
+    return form.build(ProductUpdate, card_fields(form), {"price_minor": "price"})
 
 
 @dataclass(frozen=True)
@@ -156,21 +122,28 @@ class Kind:
 
 KINDS = {
     "slots": Kind(
-        "slot", parts.EVENTS_WRITE, _slot, _slot_values, _parse_slot,
+        "slot", parts.EVENTS_WRITE,
+        _loader(TimeSlot, "slot of this event", lambda e: TimeSlot.event_id == e),
+        _slot_values, _parse_slot,
         parts.update_slot, parts.remove_slot, "slots",
     ),
     "lanes": Kind(
-        "lane", parts.EVENTS_WRITE, _lane,
+        "lane", parts.EVENTS_WRITE,
+        _loader(Lane, "lane of this event", lambda e: Lane.event_id == e),
         lambda lane, _e: {"name": lane.name, "pickup_point": lane.pickup_point},
         _parse_lane, parts.update_lane, parts.remove_lane, "lanes",
     ),
     "windows": Kind(
-        "pickup window", parts.EVENTS_WRITE, _window,
+        "pickup window", parts.EVENTS_WRITE,
+        _loader(PickupWindow, "pickup window of this event", lambda e: PickupWindow.lane_id.in_(
+            select(Lane.id).where(Lane.event_id == e))),
         lambda window, _e: {"capacity": str(window.capacity)},
         _parse_window, parts.update_window, parts.remove_window, "lanes",
     ),
     "products": Kind(
-        "product", parts.INVENTORY_WRITE, _product, _product_values, _parse_product,
+        "product", parts.INVENTORY_WRITE,
+        _loader(Product, "product of this event", lambda e: Product.event_id == e),
+        _product_values, _parse_product,
         parts.update_product, parts.remove_product, "products",
     ),
 }  # fmt: skip
