@@ -38,7 +38,9 @@ def _text(value: str) -> str:
     return value.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _vevent(event: Event, *, uid: str, url: str, now: datetime) -> icalendar.Event:
+def _vevent(
+    event: Event, *, uid: str, url: str, now: datetime, status: str | None = None
+) -> icalendar.Event:
     item = icalendar.Event()
     item.add("uid", uid)
     item.add("dtstamp", now)
@@ -53,6 +55,8 @@ def _vevent(event: Event, *, uid: str, url: str, now: datetime) -> icalendar.Eve
     if event.latitude is not None and event.longitude is not None:
         item.add("geo", (event.latitude, event.longitude))
     item.add("url", url)
+    if status:
+        item.add("status", status)
     return item
 
 
@@ -89,13 +93,12 @@ def feed(events: Iterable[Event], *, name: str, base_url: str, now: datetime) ->
                 uid=f"event-{event.id}@{host}",
                 url=links.event_url(base_url, event.id),
                 now=now,
+                status="CONFIRMED",
             ),
         )
         for event in events
         if event.status != EventStatus.DRAFT
     ]
-    for _, item in items:
-        item.add("status", "CONFIRMED")
     return _calendar(items, "-//popdrop//events//EN", {"x-wr-calname": _text(name)})
 
 
