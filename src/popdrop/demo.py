@@ -179,7 +179,7 @@ async def _seed_event(
             timezone="Europe/Berlin",
             starts_at=day,
             ends_at=day + timedelta(hours=8),
-            opens_at=now + timedelta(hours=1),
+            opens_at=now,  # open at once: the demo books, holds and chats right away
         ),
         now=now,
     )

@@ -4,7 +4,8 @@
 (function () {
   "use strict";
   var stream = document.currentScript && document.currentScript.dataset.stream;
-  // Countdown: the server already wrote the target time; this only makes it tick.
+  // Countdown: the server already wrote the target time; this only makes it tick. A
+  // countdown to the opening (data-then-*) counts on to the start once it reaches zero.
   var box = document.getElementById("countdown");
   var target = box && box.dataset.target ? Date.parse(box.dataset.target) : NaN;
   if (!isNaN(target)) {
@@ -15,7 +16,16 @@
       var m = Math.floor(left % 3600 / 60), s = left % 60;
       var pad = function (n) { return (n < 10 ? "0" : "") + n; };
       out.textContent = (d ? d + "d " : "") + pad(h) + ":" + pad(m) + ":" + pad(s);
-      if (left === 0) { clearInterval(timer); }
+      if (left > 0) { return; }
+      var then = box.dataset.thenTarget ? Date.parse(box.dataset.thenTarget) : NaN;
+      if (!isNaN(then)) {
+        box.querySelector(".countdown-label").textContent = box.dataset.thenLabel || "";
+        delete box.dataset.thenTarget;
+        target = then;
+        tick();
+        return;
+      }
+      clearInterval(timer);
     };
     var timer = setInterval(tick, 1000);
     tick();
@@ -46,6 +56,19 @@
   // RSVP: JSON to the public API; a full slot offers the waiting list.
   var form = document.getElementById("rsvp-form");
   if (!form) { return; }
+  // Before the opening the form is hidden; it shows itself at opens_at, no reload.
+  var opensAt = form.dataset.opensAt ? Date.parse(form.dataset.opensAt) : NaN;
+  if (form.hidden && !isNaN(opensAt)) {
+    var openWhenDue = function () {
+      if (Date.now() < opensAt) { return; }
+      clearInterval(waiting);
+      form.hidden = false;
+      var note = document.getElementById("rsvp-opens");
+      if (note) { note.parentNode.removeChild(note); }
+    };
+    var waiting = setInterval(openWhenDue, 250);
+    openWhenDue();
+  }
   var result = document.getElementById("rsvp-result");
   var show = function (kind, html) {
     result.innerHTML = '<div class="alert ' + kind + '" role="status">' + html + "</div>";
