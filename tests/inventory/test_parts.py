@@ -4,14 +4,17 @@ used (409 in_use), nothing half-written, and only within the caller's organizati
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from popdrop.chat.models import ChatPin
 from popdrop.core.clock import FrozenClock
-from popdrop.events.models import PickupWindow
+from popdrop.events.models import PickupWindow, TimeSlot
+from popdrop.inventory.models import Hold
+from popdrop.rsvp.models import Rsvp
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant, make_tenant
 from tests.events.helpers import Shop, make_shop, post
@@ -234,3 +237,46 @@ async def test_another_organization_gets_404_for_every_part(
         assert (await app_client.delete(url, headers=other.headers)).status_code == 404
     slots = await app_client.get(f"/api/v1/events/{shop.event_id}/slots", headers=tenant.headers)
     assert slots.json()[0]["capacity"] == 50
+
+
+async def test_capacity_cuts_racing_rsvps_and_holds_never_oversell(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    """Lowering capacity while people book: each cut either lands at or above what is
+    taken at that moment or is refused, and what is taken never exceeds the capacity."""
+    shop = await make_shop(app_client, tenant, clock.now(), units=100)
+    window = await post(app_client, tenant, f"/api/v1/lanes/{shop.lane_id}/windows",
+                        {"slot_id": shop.slot_id, "capacity": 40})  # fmt: skip
+    hold = {"variant_id": shop.variant_id, "lane_id": shop.lane_id, "slot_id": shop.slot_id}
+    bookings = [rsvp(app_client, shop.event_id, shop.slot_id) for _ in range(40)]
+    holds = [app_client.post("/api/v1/holds", json=hold, headers=tenant.headers) for _ in range(40)]
+    cuts = [
+        app_client.patch(f"/api/v1/slots/{shop.slot_id}", json={"capacity": c},
+                         headers=tenant.headers)
+        for c in (30, 20, 15)
+    ] + [
+        app_client.patch(f"/api/v1/windows/{window['id']}", json={"capacity": c},
+                         headers=tenant.headers)
+        for c in (30, 20, 15)
+    ]  # fmt: skip
+    answers = await asyncio.gather(*bookings, *holds, *cuts)
+    assert {a.status_code for a in answers} <= {200, 201, 409}
+    refused = {a.json()["reason"] for a in answers if a.status_code == 409}
+    assert refused <= {"slot_full", "capacity_below_taken"}
+    async with ctx.db.reader() as session:
+        slot = await session.get(TimeSlot, shop.slot_id)
+        held = await session.get(PickupWindow, window["id"])
+        assert slot is not None and held is not None
+        confirmed = await session.scalar(
+            select(func.coalesce(func.sum(Rsvp.places), 0)).where(
+                Rsvp.slot_id == slot.id, Rsvp.status == "confirmed"
+            )
+        )
+        active = await session.scalar(
+            select(func.coalesce(func.sum(Hold.qty), 0)).where(
+                Hold.slot_id == slot.id, Hold.status == "active"
+            )
+        )
+    assert confirmed == slot.taken <= slot.capacity
+    assert active == held.taken <= held.capacity
+    assert slot.taken == sum(1 for a in answers[:40] if a.status_code == 201)
