@@ -350,6 +350,10 @@ async def test_the_form_issues_a_big_batch_with_a_progress_page_and_one_download
     job_path = posted.headers["location"]
     assert re.fullmatch(r"/vouchers/jobs/\d+", job_path)
     job_id = int(job_path.rsplit("/", 1)[1])
+    async with ctx.db.reader() as session:
+        stored = await session.get(VoucherIssueJob, job_id)
+        assert stored is not None
+        batch_id = stored.batch_id
 
     page = await app_client.get(job_path, headers=HTML)
     assert page.status_code == 200
@@ -358,6 +362,8 @@ async def test_the_form_issues_a_big_batch_with_a_progress_page_and_one_download
     assert f"/vouchers/jobs/{job_id}" in listing.text  # the list links the running job
 
     await issue_jobs.launch(ctx.db, ctx.signer, ctx.clock, job_id)
+    listing = await app_client.get("/vouchers", headers=HTML)
+    assert "download the codes" in listing.text
     fragment = await app_client.get(job_path, headers={**HTML, "hx-request": "true"})
     assert 'data-status="done"' in fragment.text
     assert "hx-trigger" not in fragment.text  # a finished job stops polling
@@ -370,6 +376,9 @@ async def test_the_form_issues_a_big_batch_with_a_progress_page_and_one_download
     assert len(rows_of(download.text)) == quantity + 1
     done = await app_client.get(job_path, headers=HTML)
     assert "were downloaded" in done.text and "codes.csv" not in done.text
+    detail = await app_client.get(f"/vouchers/batches/{batch_id}", headers=HTML)
+    assert f"<dt>Codes issued</dt><dd>{quantity:,}</dd>" in detail.text
+    assert "were downloaded" in detail.text  # the job's card, on its batch's page
     again = await app_client.post(
         f"/vouchers/jobs/{job_id}/codes.csv", data={"csrf": csrf.group(1)}, headers=HTML
     )

@@ -210,11 +210,12 @@ async def _batches_page(
         ids = [b.id for b in batches]
         counts = await service.batch_counts(session, principal, ids)
         jobs = await issue_jobs.jobs_of(session, principal, ids)
+    now = ctx.clock.now()
     context = {
         "principal": principal,
         "batches": batches,
         "counts": counts,
-        "jobs": jobs,
+        "jobs": {b: issue_jobs.job_out(job, now) for b, job in jobs.items()},
         "notice": notice,
         "revoke_error": error,
         "revoke_code": revoke_code,
@@ -367,6 +368,7 @@ async def batch_detail(
         redemptions = await service.list_redemptions(
             session, principal, batch_id=batch_id, limit=REDEMPTIONS_SHOWN
         )
+        job = (await issue_jobs.jobs_of(session, principal, [batch_id])).get(batch_id)
     context = {
         "principal": principal,
         "batch": service.batch_out(batch),
@@ -374,6 +376,7 @@ async def batch_detail(
         "capacity": stats.issued * batch.max_uses,
         "redemptions": redemptions,
         "shown_limit": REDEMPTIONS_SHOWN,
+        "job": issue_jobs.job_out(job, ctx.clock.now()) if job else None,
         "notice": _NOTICES.get(request.query_params.get("done", "")),
         "can_write": "vouchers:write" in principal.scopes,
     }
