@@ -6,12 +6,19 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
+import ssl
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from popdrop.outbound.smtp import SmtpPool, classify
 from tests.drops.test_transports import Peer, free_port, outbound
@@ -38,9 +45,9 @@ class OldRelay(PlainRelay):
 
 
 @contextlib.contextmanager
-def running(peer: PlainRelay) -> Iterator[tuple[PlainRelay, Controller]]:
+def running(peer: PlainRelay, **smtp: Any) -> Iterator[tuple[PlainRelay, Controller]]:
     # No TLS context, no auth: what `POPDROP_SMTP_STARTTLS=false` on port 25 talks to.
-    controller = Controller(peer, hostname="127.0.0.1", port=free_port())
+    controller = Controller(peer, hostname="127.0.0.1", port=free_port(), **smtp)
     controller.start()
     try:
         yield peer, controller
@@ -124,3 +131,49 @@ def test_session_replies_are_transient_and_recipient_replies_permanent() -> None
         assert not verdict.permanent and verdict.error == f"{code} nope"
     for code in (550, 551, 553, 554):
         assert classify(SMTPRecipientRefused(code, "user unknown", "a@b.example")).permanent
+
+
+def self_signed(directory: Path) -> ssl.SSLContext:
+    """A server TLS context with a throwaway certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def test_starttls_without_login_greets_again_after_the_upgrade(tmp_path: Path) -> None:
+    """RFC 3207: the session starts over after STARTTLS; without AUTH nothing else would
+    say EHLO on the encrypted channel."""
+    tls = self_signed(tmp_path)
+    with running(PlainRelay(), tls_context=tls, require_starttls=True) as (peer, controller):
+        pool = SmtpPool(
+            controller.hostname, controller.port, size=1, start_tls=True, validate_certs=False
+        )
+        try:
+            result = await pool.send(outbound())
+        finally:
+            await pool.close()
+    assert result.ok, result
+    assert peer.ehlos == 2  # before STARTTLS and after it
+    assert [rcpts for _from, rcpts, _raw in peer.messages] == [["ann@example.com"]]
