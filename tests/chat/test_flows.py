@@ -128,6 +128,8 @@ async def test_a_hostile_file_is_refused_quickly(
         assert nested.status_code == 422 and "nested too deeply" in nested.json()["message"]
     nul = await publish_api(app_client, tenant, "start: a\x00")
     assert nul.status_code == 422
+    control = await publish_api(app_client, tenant, "}J\x9e\U00109c79")  # found by fuzzing
+    assert control.status_code == 422 and control.json()["reason"] == "invalid_flow"
 
 
 async def test_flows_api_scopes(

@@ -893,7 +893,10 @@ def _check_size(root: yaml.Node) -> None:
 
 
 def _parse(text: str) -> tuple[yaml.Node | None, Any]:
-    loader = _FlowLoader(text)
+    try:
+        loader = _FlowLoader(text)
+    except yaml.YAMLError as exc:  # a character YAML does not allow (read up front)
+        raise FlowError([{"line": None, "field": "", "message": f"bad YAML: {exc}"}]) from exc
     try:
         root = loader.get_single_node()
         if root is not None:
