@@ -39,15 +39,20 @@ def created_token(server: Server, *args: str) -> tuple[int, str]:
     return token_id, done.stdout.strip()
 
 
-def wait_for_listeners(url: str, count: int) -> None:
+def listeners(url: str) -> int:
+    """How many processes listen for revocations (on any Redis database of this server)."""
     client = Redis.from_url(url)
     try:
-        deadline = time.monotonic() + 15
-        while dict(client.pubsub_numsub(REVOKED_CHANNEL)).get(REVOKED_CHANNEL.encode(), 0) < count:
-            assert time.monotonic() < deadline, "the servers never subscribed"
-            time.sleep(0.05)
+        return int(dict(client.pubsub_numsub(REVOKED_CHANNEL)).get(REVOKED_CHANNEL.encode(), 0))
     finally:
         client.close()
+
+
+def wait_for_listeners(url: str, count: int) -> None:
+    deadline = time.monotonic() + 15
+    while listeners(url) < count:
+        assert time.monotonic() < deadline, "the servers never subscribed"
+        time.sleep(0.05)
 
 
 def revoke_behind_their_back(database_url: str, token_id: int) -> None:
@@ -75,11 +80,12 @@ def test_a_revoked_token_is_refused_by_another_server_at_once(
     monkeypatch.setenv("POPDROP_TOKEN_CACHE_SECONDS", "60")  # the cache would hide it
     monkeypatch.setenv("COLUMNS", "200")  # `token list` rows on one line each
     slug = f"rv-{secrets.token_hex(4)}"
+    already = listeners(redis)  # pub/sub channels are not per database: others may listen
     with (
         running_server(tmp_path / "a", database_url) as a,
         running_server(tmp_path / "b", database_url) as b,
     ):
-        wait_for_listeners(redis, 2)
+        wait_for_listeners(redis, already + 2)
         assert a.cli("org", "create", slug, "Revocations").returncode == 0
         _, owner = created_token(a, "--org", slug, "--name", "ops", "--role", "owner")
         mine = httpx.get(f"{a.base_url}/api/v1/me", headers=bearer(owner), timeout=10).json()
