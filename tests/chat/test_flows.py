@@ -20,6 +20,14 @@ from popdrop.core.clock import FrozenClock
 from popdrop.web.context import AppContext
 from tests.audience.test_pages import HTML, csrf_of, login
 from tests.chat.test_service import buttons, deps, say, texts
+from tests.chat.test_telegram import (
+    BOT_TOKEN,
+    SECRET,
+    FakeBotApi,
+    bot_api,  # noqa: F401 (a fixture)
+    deliver,
+    message_update,
+)
 from tests.conftest import Tenant, make_tenant
 from tests.events.helpers import make_shop
 
@@ -223,6 +231,26 @@ async def test_a_new_organization_chats_on_the_shipped_flow(
     assert "(50 left)" in texts(slots.messages) or any(
         b.endswith("(50 left)") for b in buttons(slots.messages)
     )
+
+
+async def test_a_new_organization_answers_on_telegram_with_the_shipped_flow(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    bot_api: FakeBotApi,  # noqa: F811 (the fixture imported above)
+) -> None:
+    ctx.settings = ctx.settings.model_copy(
+        update={
+            "telegram_api_url": bot_api.url,
+            "telegram_bot_token": BOT_TOKEN,
+            "telegram_webhook_secret": SECRET,
+        }
+    )
+    await make_shop(app_client, tenant, ctx.clock.now())
+    answered = await deliver(app_client, f"/telegram/{tenant.slug}/webhook", message_update("hi"))
+    assert answered.status_code == 200, answered.text
+    sent = " ".join(str(params.get("text", "")) for _method, params in bot_api.calls)
+    assert "Weekend pop-up pops up at Old Tram Depot" in sent
 
 
 async def test_the_console_names_a_booked_visitor(
