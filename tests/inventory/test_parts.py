@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from popdrop.chat.models import ChatPin
 from popdrop.core.clock import FrozenClock
 from popdrop.events.models import PickupWindow, TimeSlot
+from popdrop.inventory import service as inventory_service
 from popdrop.inventory.models import Hold
 from popdrop.rsvp.models import Rsvp
 from popdrop.web.context import AppContext
@@ -280,3 +281,28 @@ async def test_capacity_cuts_racing_rsvps_and_holds_never_oversell(
     assert confirmed == slot.taken <= slot.capacity
     assert active == held.taken <= held.capacity
     assert slot.taken == sum(1 for a in answers[:40] if a.status_code == 201)
+
+
+async def test_a_hold_on_stock_removed_by_another_process_is_a_404(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    """Another server process still has the removed stock in its hold-target cache: its
+    next hold there is a 404, not a 500."""
+    shop = await make_shop(app_client, tenant, clock.now(), units=0)
+    body = {"variant_id": shop.variant_id, "lane_id": shop.lane_id}
+    tried = await app_client.post("/api/v1/holds", json=body, headers=tenant.headers)
+    assert _refusal(tried) == (409, "sold_out")  # the target is cached now
+    key = (str(ctx.db.engine.url), tenant.org_id, shop.variant_id, shop.lane_id)
+    stale = inventory_service._TARGETS.get(key)
+    assert stale is not None
+    gone = await app_client.delete(f"/api/v1/products/{shop.product_id}", headers=tenant.headers)
+    assert gone.status_code == 204
+    inventory_service._TARGETS.put(key, stale)  # as the other process still has it
+    for extra in ({}, {"contact_ref": "ada@example.com"}):
+        late = await app_client.post("/api/v1/holds", json={**body, **extra},
+                                     headers=tenant.headers)  # fmt: skip
+        assert _refusal(late) == (404, "not_found")
+    keyed = await app_client.post(
+        "/api/v1/holds", json=body, headers={**tenant.headers, "Idempotency-Key": "k1"}
+    )
+    assert _refusal(keyed) == (404, "not_found")

@@ -558,11 +558,13 @@ def _hold_params(values: dict[str, Any]) -> dict[str, Any]:
 
 async def _refusal(conn: AsyncConnection, stock_id: int, qty: int) -> PopdropError:
     # Exact: expired holds were given back in this transaction just before the check.
-    available = (await conn.execute(_AVAILABLE, {"s_id": stock_id})).scalar_one()
+    available = (await conn.execute(_AVAILABLE, {"s_id": stock_id})).scalar_one_or_none()
     return _short(available, qty)
 
 
-def _short(available: int, qty: int) -> PopdropError:
+def _short(available: int | None, qty: int) -> PopdropError:
+    if available is None:  # removed (inventory.parts) after another process cached it
+        return not_found("stock for that variant at that lane")
     if available <= 0:
         return PopdropError("sold_out", "sold out", detail={"available": 0})
     return PopdropError(
