@@ -854,3 +854,31 @@ def chat_flows(
         console.print(table)
 
     _run(go)
+
+
+# ---------------------------------------------------------------- check-in keys
+
+checkin_app = typer.Typer(help="Check-in keys (sealed at rest).", no_args_is_help=True)
+app.add_typer(checkin_app, name="checkin")
+
+
+@checkin_app.command("rotate-keys")
+def checkin_rotate_keys() -> None:
+    """Seal every event's check-in private key under the current POPDROP_SECRET_KEY. After
+    changing the key, run it with the old one in POPDROP_PREVIOUS_SECRET_KEYS; then the old
+    one can go. Writes nothing when a key opens with none of them."""
+    from popdrop.checkin import keys
+    from popdrop.core import sealing
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> keys.Rotation:
+        sealing.configure_from(settings)
+        try:
+            return await keys.rotate_all(db)
+        except sealing.SealError as error:
+            raise PopdropError("key_unreadable", str(error)) from error
+
+    done = _run(go)
+    console.print(
+        f"{done.resealed} resealed, {done.sealed_raw} sealed (were raw), "
+        f"{done.current} already current"
+    )
