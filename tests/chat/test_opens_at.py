@@ -1,5 +1,6 @@
 """A chat booking before the event's `opens_at`: the visitor is told when booking opens
-(no crash, no place taken); at `opens_at` the same booking goes through."""
+(no crash, no place taken); at `opens_at` the same booking goes through; a second booking
+of the same slot is refused with the reason, and takes no place."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _buttons(messages: list[OutMessage]) -> dict[str, str]:
     }
 
 
-async def test_a_chat_booking_before_opens_at_says_when_and_at_opens_at_it_books(
+async def test_a_chat_booking_before_opens_at_says_when_then_books_once(
     ctx: AppContext, tenant: Tenant, clock: FrozenClock
 ) -> None:
     opens_at = clock.now() + timedelta(hours=1)
@@ -78,4 +79,9 @@ async def test_a_chat_booking_before_opens_at_says_when_and_at_opens_at_it_books
     clock.set(opens_at)
     booked = _text(await book())
     assert "You are in for" in booked, booked
+    assert await slot_taken(ctx, slot_id) == 1
+
+    # The same visitor books the same slot again: told so, and no second place is taken.
+    again = _text(await book())
+    assert "We could not book that: you already have an RSVP for this time slot" in again
     assert await slot_taken(ctx, slot_id) == 1

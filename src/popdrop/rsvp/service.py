@@ -214,13 +214,19 @@ async def _take_places(session: AsyncSession, slot_id: int, places: int) -> bool
     return (await conn.execute(_TAKE_PLACES, {"s_id": slot_id, "n": places})).first() is not None
 
 
-async def _take_places_late(session: AsyncSession, slot: TimeSlot, places: int) -> bool:
+async def _take_places_late(
+    session: AsyncSession, slot: TimeSlot, places: int, recorded: list[Rsvp]
+) -> bool:
     """In a transaction that defers hot writes: when the places look free, take them just
-    before the commit (`LateWriteLost` if they went meanwhile). False: take them now."""
+    before the commit (`LateWriteLost` if they went meanwhile) for the RSVP the caller
+    then appends to `recorded`; none appended (it was refused, its SAVEPOINT rolled
+    back): nothing is taken. False: take them now."""
     if slot.capacity - slot.taken < places:
         return False  # full as far as we can see: the ordinary path decides, locked
 
     async def take() -> None:
+        if not recorded:
+            return
         if not await _take_places(session, slot.id, places):
             raise LateWriteLost(f"slot {slot.id} filled up before the commit")
 
@@ -340,7 +346,8 @@ async def create_rsvp(
             "invalid_request", f"places: this slot has {slot.capacity} places in all"
         )
     offers = await expire_offers(session, signer, now=now, event_id=event.id)
-    if await _take_places_late(session, slot, spec.places) or await _take_places(
+    recorded: list[Rsvp] = []
+    if await _take_places_late(session, slot, spec.places, recorded) or await _take_places(
         session, slot.id, spec.places
     ):
         status = RsvpStatus.CONFIRMED
@@ -376,6 +383,7 @@ async def create_rsvp(
     if rsvp is None:
         await _refuse_second_rsvp(session, slot.id, email, phone)
         raise PopdropError("conflict", "this RSVP could not be recorded; try again")
+    recorded.append(rsvp)
     await _audit(
         session,
         org_id=event.org_id,
