@@ -11,6 +11,8 @@ import httpx
 
 from popdrop.accounts.service import ROLES, Principal
 from popdrop.events.models import Event, TimeSlot
+from popdrop.rsvp import service
+from popdrop.rsvp.notices import OfferMade
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant
 
@@ -65,6 +67,21 @@ async def make_slot(
 
 def principal_of(tenant: Tenant) -> Principal:
     return Principal(tenant.org_id, "test:operator", "owner", ROLES["owner"])
+
+
+async def operator_cancel(ctx: AppContext, tenant: Tenant, rsvp_id: int) -> list[OfferMade]:
+    """Cancel an RSVP as the organization's operator; the waiting-list offers it made."""
+    async with ctx.db.transaction() as session:
+        result = await service.cancel_rsvp(
+            session,
+            ctx.signer,
+            principal_of(tenant),
+            rsvp_id=rsvp_id,
+            reason="test",
+            now=ctx.clock.now(),
+        )
+    assert result.rsvp.status == "cancelled"
+    return result.offers
 
 
 async def rsvp(

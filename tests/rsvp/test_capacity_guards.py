@@ -14,11 +14,10 @@ from sqlalchemy import func, select
 
 from popdrop.core.clock import FrozenClock
 from popdrop.events.models import TimeSlot
-from popdrop.rsvp import service
 from popdrop.rsvp.models import Rsvp
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant
-from tests.rsvp.helpers import make_slot, principal_of, rsvp, slot_taken
+from tests.rsvp.helpers import make_slot, operator_cancel, rsvp, slot_taken
 
 CLAIM = "/api/v1/public/waitlist/claim"
 ZONE = ZoneInfo("Europe/Paris")  # make_slot's event
@@ -56,16 +55,7 @@ async def test_a_waiting_list_claim_before_opens_at_is_refused_and_at_opens_at_i
     event_id, slot_id = await make_slot(ctx, tenant, capacity=1)
     holder = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
     waiting = await rsvp(app_client, event_id, slot_id, email="wait@example.com", waitlist=True)
-    async with ctx.db.transaction() as session:
-        cancelled = await service.cancel_rsvp(
-            session,
-            ctx.signer,
-            principal_of(tenant),
-            rsvp_id=holder,
-            reason="test",
-            now=clock.now(),
-        )
-    [offer] = cancelled.offers
+    [offer] = await operator_cancel(ctx, tenant, holder)
     assert offer.rsvp_id == waiting.json()["rsvp"]["id"]
     # The organizer moves the opening later while the offer is out.
     opens_at = clock.now() + timedelta(minutes=30)

@@ -13,29 +13,15 @@ import httpx
 from sqlalchemy import select
 
 from popdrop.core.clock import FrozenClock
-from popdrop.rsvp import service, tasks
+from popdrop.rsvp import tasks
 from popdrop.rsvp.notices import OfferMade
 from popdrop.vouchers import codes
 from popdrop.vouchers.models import Voucher
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant, make_tenant
-from tests.rsvp.helpers import make_slot, principal_of, rsvp, slot_taken
+from tests.rsvp.helpers import make_slot, operator_cancel, rsvp, slot_taken
 
 CLAIM = "/api/v1/public/waitlist/claim"
-
-
-async def _cancel(ctx: AppContext, tenant: Tenant, rsvp_id: int) -> list[OfferMade]:
-    async with ctx.db.transaction() as session:
-        result = await service.cancel_rsvp(
-            session,
-            ctx.signer,
-            principal_of(tenant),
-            rsvp_id=rsvp_id,
-            reason="test",
-            now=ctx.clock.now(),
-        )
-    assert result.rsvp.status == "cancelled"
-    return result.offers
 
 
 async def _sweep(ctx: AppContext) -> list[OfferMade]:
@@ -66,7 +52,7 @@ async def test_cancel_offers_the_place_expiry_passes_it_on_and_a_claim_confirms(
     assert first.json()["rsvp"]["status"] == second.json()["rsvp"]["status"] == "waitlisted"
 
     # A cancel in the full slot: the first waiting contact gets a voucher, place held.
-    [offer] = await _cancel(ctx, tenant, holder)
+    [offer] = await operator_cancel(ctx, tenant, holder)
     assert offer.rsvp_id == first_id
     assert offer.email == "first@example.com"
     assert offer.expires_at == ctx.clock.now() + timedelta(hours=2)
@@ -122,7 +108,7 @@ async def test_a_party_that_does_not_fit_is_skipped_and_keeps_its_place(
     clock.advance(timedelta(seconds=1))
     solo = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()["rsvp"]
 
-    [offer] = await _cancel(ctx, tenant, a)  # one place free: the pair does not fit
+    [offer] = await operator_cancel(ctx, tenant, a)  # one place free: the pair does not fit
     assert offer.rsvp_id == solo["id"]
     assert offer.places == 1
     listing = await _waitlist(app_client, tenant, event_id)
@@ -132,10 +118,10 @@ async def test_a_party_that_does_not_fit_is_skipped_and_keeps_its_place(
     # The solo claims; then b cancels: one place free, still too small for the pair.
     claimed = await app_client.post(CLAIM, json={"event_id": event_id, "code": offer.code})
     assert claimed.status_code == 200
-    assert await _cancel(ctx, tenant, b) == []
+    assert await operator_cancel(ctx, tenant, b) == []
     assert await slot_taken(ctx, slot_id) == 1
     # The solo cancels too: two places free, now the pair gets them.
-    [pair_offer] = await _cancel(ctx, tenant, solo["id"])
+    [pair_offer] = await operator_cancel(ctx, tenant, solo["id"])
     assert (pair_offer.rsvp_id, pair_offer.places) == (pair["id"], 2)
     assert await slot_taken(ctx, slot_id) == 2
 
@@ -147,7 +133,7 @@ async def test_capacity_freed_without_a_cancel_is_offered_lazily(
     event_id, slot_id = await make_slot(ctx, tenant, capacity=1)
     holder = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
     waiting = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()["rsvp"]["id"]
-    [offer] = await _cancel(ctx, tenant, holder)
+    [offer] = await operator_cancel(ctx, tenant, holder)
     assert offer.rsvp_id == waiting
     clock.advance(timedelta(hours=3))
     # No sweep ran: the next RSVP of the event sweeps lazily and gets the place.
@@ -166,7 +152,7 @@ async def test_guest_cancelling_an_open_offer_passes_it_on(
     first = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()
     clock.advance(timedelta(seconds=1))
     second = (await rsvp(app_client, event_id, slot_id, waitlist=True)).json()
-    [offer] = await _cancel(ctx, tenant, holder)
+    [offer] = await operator_cancel(ctx, tenant, holder)
     assert offer.rsvp_id == first["rsvp"]["id"]
     left = await app_client.post(
         "/api/v1/public/rsvps/cancel", json={"token": first["cancel_token"]}
@@ -187,7 +173,7 @@ async def test_claim_refusals_and_tenancy(
     other_event, _ = await make_slot(ctx, intruder, capacity=1)
     holder = (await rsvp(app_client, event_id, slot_id)).json()["rsvp"]["id"]
     await rsvp(app_client, event_id, slot_id, waitlist=True)
-    [offer] = await _cancel(ctx, tenant, holder)
+    [offer] = await operator_cancel(ctx, tenant, holder)
 
     cross = await app_client.post(CLAIM, json={"event_id": other_event, "code": offer.code})
     assert cross.status_code == 404
