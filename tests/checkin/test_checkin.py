@@ -444,7 +444,7 @@ async def test_ticket_page_and_calendar(
     assert all(len(line.encode()) <= 75 for line in text.split("\r\n"))
     assert "SUMMARY:Corner pop-up\r\n" in text
     assert "DESCRIPTION:Sneakers\\, coffee\\; and friends" in text
-    assert f"UID:ticket-{ticket['ticket']['id']}@popdrop" in text
+    assert f"UID:ticket-{ticket['ticket']['id']}@127.0.0.1" in text  # base_url's host
     for bad in ("nope", _flip(ticket["secret"], 100), "x" * 119):
         response = await app_client.get(f"/t/{bad}")
         assert response.status_code == 404

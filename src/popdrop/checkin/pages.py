@@ -13,18 +13,16 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import segno
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from markupsafe import Markup
 from pydantic import ValidationError
 
 from popdrop.accounts.service import Principal
-from popdrop.checkin import service
+from popdrop.checkin import service, tickets
 from popdrop.checkin.schemas import ScanRequest
-from popdrop.core import links
+from popdrop.core import links, qr
 from popdrop.core.errors import PopdropError
-from popdrop.events.models import Event
+from popdrop.events import ical
 from popdrop.web.auth import PagePrincipal, check_csrf
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.security import NO_STORE
@@ -41,11 +39,6 @@ def local_time(value: datetime, timezone: str) -> str:
     except (ZoneInfoNotFoundError, ValueError):
         zone = ZoneInfo("UTC")
     return value.astimezone(zone).strftime("%a %d %b %Y, %H:%M %Z")
-
-
-def qr_svg(secret: str) -> Markup:
-    svg = segno.make(secret, error="m").svg_inline(omitsize=True, dark="#111", light="#fff")
-    return Markup(svg)  # noqa: S704 (segno markup of our own secret)
 
 
 # ---------------------------------------------------------------- public ticket page
@@ -70,7 +63,8 @@ async def ticket_page(request: Request, secret: str, ctx: Ctx) -> Response:
         "ticket": view.ticket,
         "event": event,
         "secret": secret,
-        "qr": qr_svg(secret) if view.current and view.ticket.status == "valid" else None,
+        "short_code": tickets.format_short_code(tickets.short_code(secret)),
+        "qr": qr.svg_inline(secret) if view.current and view.ticket.status == "valid" else None,
         "starts": local_time(event.starts_at, event.timezone),
         "ends": local_time(event.ends_at, event.timezone),
     }
@@ -86,63 +80,19 @@ async def ticket_calendar(request: Request, secret: str, ctx: Ctx) -> Response:
             view = await service.open_ticket(session, secret)
     except PopdropError as error:
         return _trouble(request, error)
-    url = links.ticket_url(ctx.settings.base_url, secret)
-    body = ics_event(view.event, uid=f"ticket-{view.ticket.id}", url=url, now=ctx.clock.now())
+    base_url = ctx.settings.base_url
+    body = ical.ticket_file(
+        view.event,
+        ticket_id=view.ticket.id,
+        ticket_url=links.ticket_url(base_url, secret),
+        base_url=base_url,
+        now=ctx.clock.now(),
+    )
     return Response(
         body,
-        media_type="text/calendar; charset=utf-8",
+        media_type=ical.MEDIA_TYPE,
         headers={"Content-Disposition": 'attachment; filename="event.ics"', **NO_STORE},
     )
-
-
-def ics_escape(text: str) -> str:
-    """RFC 5545 TEXT: backslash, semicolon, comma escaped; newlines as \\n."""
-    text = text.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
-    return text.replace("\r\n", "\\n").replace("\r", "\\n").replace("\n", "\\n")
-
-
-def ics_fold(line: str) -> str:
-    """Fold a content line at 75 octets (continuations start with one space)."""
-    out: list[str] = []
-    current, size = "", 0
-    for char in line:
-        width = len(char.encode())
-        if size + width > 75:
-            out.append(current)
-            current, size = " ", 1
-        current += char
-        size += width
-    out.append(current)
-    return "\r\n".join(out)
-
-
-def _ics_time(value: datetime) -> str:
-    return value.astimezone(ZoneInfo("UTC")).strftime("%Y%m%dT%H%M%SZ")
-
-
-def ics_event(event: Event, *, uid: str, url: str, now: datetime) -> str:
-    location = ", ".join(p for p in (event.venue_name, event.venue_address) if p)
-    lines = [
-        "BEGIN:VCALENDAR",
-        "VERSION:2.0",
-        "PRODID:-//popdrop//tickets//EN",
-        "CALSCALE:GREGORIAN",
-        "METHOD:PUBLISH",
-        "BEGIN:VEVENT",
-        f"UID:{uid}@popdrop",
-        f"DTSTAMP:{_ics_time(now)}",
-        f"DTSTART:{_ics_time(event.starts_at)}",
-        f"DTEND:{_ics_time(event.ends_at)}",
-        f"SUMMARY:{ics_escape(event.title)}",
-    ]
-    if location:
-        lines.append(f"LOCATION:{ics_escape(location)}")
-    if event.latitude is not None and event.longitude is not None:
-        lines.append(f"GEO:{event.latitude:.6f};{event.longitude:.6f}")
-    if event.description:
-        lines.append(f"DESCRIPTION:{ics_escape(event.description)}")
-    lines += [f"URL:{url}", "END:VEVENT", "END:VCALENDAR"]
-    return "".join(ics_fold(line) + "\r\n" for line in lines)
 
 
 # ---------------------------------------------------------------- scanner

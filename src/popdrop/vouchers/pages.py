@@ -13,7 +13,6 @@ Handlers stay thin: read the form, call `vouchers.service`, render. Rules that h
 from __future__ import annotations
 
 import base64
-import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,14 +20,13 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import segno
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import select
 
 from popdrop.accounts.service import Principal
-from popdrop.core import audit
+from popdrop.core import audit, links, qr
 from popdrop.core.csvsafe import csv_text
 from popdrop.core.errors import PopdropError
 from popdrop.core.money import Money
@@ -39,7 +37,7 @@ from popdrop.vouchers.models import VoucherBatch
 from popdrop.vouchers.schemas import API_MAX_QUANTITY, JOB_THRESHOLD, BatchCreate
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext
-from popdrop.web.pagekit import Operator, PageRoute, is_htmx, qr_svg
+from popdrop.web.pagekit import Operator, PageRoute, is_htmx
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.security import NO_STORE
 from popdrop.web.templating import render
@@ -546,7 +544,9 @@ async def claim(request: Request, token: str, ctx: Ctx) -> Response:
             view = await service.open_link(session, ctx.signer, token, ctx.clock.now())
     except PopdropError as error:
         return _claim_trouble(request, error)
-    context = {"view": view, "voucher": view.voucher, "qr": qr_svg(view.code), "token": token}
+    # The QR holds the claim link itself, so a phone camera opens this page.
+    link = links.voucher_link_url(ctx.settings.base_url, token)
+    context = {"view": view, "voucher": view.voucher, "qr": qr.svg_inline(link), "token": token}
     response = render(request, "vouchers/claim.html", context)
     response.headers.update(NO_STORE)
     response.headers["X-Robots-Tag"] = "noindex"
@@ -556,7 +556,6 @@ async def claim(request: Request, token: str, ctx: Ctx) -> Response:
 @router.get("/v/{token}/qr.svg")
 async def claim_qr(token: str, ctx: Ctx) -> Response:
     async with ctx.db.reader() as session:
-        view = await service.open_link(session, ctx.signer, token, ctx.clock.now())
-    buffer = io.BytesIO()
-    segno.make(view.code, error="m").save(buffer, kind="svg", scale=8, border=4)
-    return Response(buffer.getvalue(), media_type="image/svg+xml", headers=NO_STORE)
+        await service.open_link(session, ctx.signer, token, ctx.clock.now())  # still valid?
+    image = qr.svg_bytes(links.voucher_link_url(ctx.settings.base_url, token))
+    return Response(image, media_type="image/svg+xml", headers=NO_STORE)

@@ -5,7 +5,8 @@
   the whole page to /login instead of swapping the login form into a fragment.
 - `Operator` is the signed-in principal of a page, kept on the request so error pages
   still show the operator's navigation.
-- Display filters (`money`, `percent`, `intcomma`, `local`, `price`) and `qr_svg`.
+- Display filters (`money`, `percent`, `intcomma`, `local`, `price`); QR codes come from
+  `core.qr`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import segno
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from markupsafe import Markup
 
 from popdrop.accounts.service import Principal
 from popdrop.core.errors import PopdropError
@@ -89,13 +88,6 @@ def percent(part: int, whole: int) -> int:
 
 def intcomma(number: int) -> str:
     return f"{number:,}"
-
-
-def qr_svg(code: str) -> Markup:
-    # No fixed size (a viewBox instead) so CSS scales it to the phone's width.
-    # segno renders from our own formatted code: the markup is trusted.
-    svg = segno.make(code, error="m").svg_inline(omitsize=True, dark="#111", light="#fff")
-    return Markup(svg)  # noqa: S704
 
 
 # Templates are shared with the rest of the web layer; these filters are the vault's.
