@@ -190,7 +190,6 @@ async def _seed_event(
             owner,
             event.id,
             SlotCreate(
-                label=f"{10 + 2 * i}:00-{12 + 2 * i}:00",
                 starts_at=day + timedelta(hours=2 * i),
                 ends_at=day + timedelta(hours=2 * i + 2),
                 capacity=40,
