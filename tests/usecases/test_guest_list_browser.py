@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS, log_in, run_cli
 from tests.server import Server, running_server
 
 EMAIL = "host@guests.test"
@@ -43,13 +43,12 @@ def _api(server: Server, token: str, url: str, body: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     with running_server(tmp_path_factory.mktemp("guests-browser")) as server:
-        for args in (
+        run_cli(
+            server,
             ("org", "create", "market", "Market Org"),
             ("user", "create", "--org", "market", "--email", EMAIL, "--role", "host",
              "--password", PASSWORD),
-        ):  # fmt: skip
-            done = server.cli(*args)
-            assert done.returncode == 0, f"popdrop {' '.join(args)}: {done.stderr}"
+        )  # fmt: skip
         made = server.cli("token", "create", "--org", "market", "--name", "t", "--role", "host")
         assert made.returncode == 0, made.stderr
         token = made.stdout.strip().splitlines()[-1]
@@ -86,9 +85,7 @@ def test_host_finds_a_guest_and_cannot_cut_below_the_taken_places(
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
             page.goto(f"{base}/login?next=/events/{seeded.event_id}")
-            page.get_by_label("Email").fill(EMAIL)
-            page.get_by_label("Password").fill(PASSWORD)
-            page.get_by_role("button", name="Log in").click()
+            log_in(page, EMAIL, PASSWORD)
             expect(page).to_have_url(re.compile(rf"/events/{seeded.event_id}$"))
 
             page.get_by_role("link", name="Guest list").click()

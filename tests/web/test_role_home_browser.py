@@ -17,7 +17,7 @@ from popdrop.accounts import service as accounts
 from popdrop.accounts.models import User
 from popdrop.core.db import Database
 from popdrop.events.models import Event, StaffAssignment
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS, log_in, run_cli
 from tests.server import Server, running_server
 
 EMAIL = "shift@browser.test"
@@ -59,13 +59,12 @@ async def _seed(url: str) -> int:
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     with running_server(tmp_path_factory.mktemp("home-browser")) as server:
-        for args in (
+        run_cli(
+            server,
             ("org", "create", "gate", "Gate Org"),
             ("user", "create", "--org", "gate", "--email", EMAIL, "--role", "volunteer",
              "--password", PASSWORD),
-        ):  # fmt: skip
-            done = server.cli(*args)
-            assert done.returncode == 0, f"popdrop {' '.join(args)}: {done.stderr}"
+        )  # fmt: skip
         yield Seeded(server, asyncio.run(_seed(server.env["POPDROP_DATABASE_URL"])))
 
 
@@ -80,9 +79,7 @@ def test_volunteer_logs_in_and_reaches_the_scanner_in_one_click(
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
             page.goto(f"{base}/login")
-            page.get_by_label("Email").fill(EMAIL)
-            page.get_by_label("Password").fill(PASSWORD)
-            page.get_by_role("button", name="Log in").click()
+            log_in(page, EMAIL, PASSWORD)
             expect(page).to_have_url(re.compile(r"/home$"))
             expect(page.get_by_role("heading", name="Flea market at the depot")).to_be_visible()
             expect(page.get_by_text("east")).to_be_visible()

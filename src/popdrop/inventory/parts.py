@@ -155,14 +155,20 @@ async def remove_lane(session: AsyncSession, principal: Principal, lane_id: int)
 # ---------------------------------------------------------------- pickup windows
 
 
-async def update_window(
-    session: AsyncSession, principal: Principal, window_id: int, spec: WindowUpdate
+async def _locked_window(
+    session: AsyncSession, principal: Principal, window_id: int
 ) -> PickupWindow:
     principal.require(EVENTS_WRITE)
-    window = await owned(
+    return await owned(
         session, PickupWindow, window_id, principal.org_id, what="pickup window",
         lock=True, fresh=True,
     )  # fmt: skip
+
+
+async def update_window(
+    session: AsyncSession, principal: Principal, window_id: int, spec: WindowUpdate
+) -> PickupWindow:
+    window = await _locked_window(session, principal, window_id)
     if spec.capacity < window.taken:
         raise below_taken("pickup window", window.taken, spec.capacity)
     window.capacity = spec.capacity
@@ -171,11 +177,7 @@ async def update_window(
 
 
 async def remove_window(session: AsyncSession, principal: Principal, window_id: int) -> None:
-    principal.require(EVENTS_WRITE)
-    window = await owned(
-        session, PickupWindow, window_id, principal.org_id, what="pickup window",
-        lock=True, fresh=True,
-    )  # fmt: skip
+    window = await _locked_window(session, principal, window_id)
     if window.taken > 0:
         raise in_use("pickup window", f"{window.taken} units are held for it")
     await _delete(

@@ -31,8 +31,8 @@ from popdrop.core.tenancy import owned
 from popdrop.events.models import Event, Lane, TimeSlot
 from popdrop.inventory.lifecycle import HoldStatus
 from popdrop.inventory.models import Hold, Product, Variant
-from popdrop.rsvp.lifecycle import OfferStatus, RsvpStatus
-from popdrop.rsvp.models import Rsvp, WaitlistOffer
+from popdrop.rsvp import service as rsvp_service
+from popdrop.rsvp.models import Rsvp
 
 SCOPE = "rsvps:read"
 MAX_ROWS = 5000
@@ -86,34 +86,24 @@ def _slot_names(slots: Iterable[TimeSlot], timezone: str) -> dict[int, str]:
 
 
 async def _rsvp_rows(
-    session: AsyncSession, org_id: int, event_id: int, slots: dict[int, str],
+    session: AsyncSession, principal: Principal, event_id: int, slots: dict[int, str],
     tickets: dict[tuple[str, int], Ticket],
 ) -> tuple[list[GuestRow], bool]:  # fmt: skip
     rsvps = list(
         await session.scalars(
             select(Rsvp)
-            .where(Rsvp.org_id == org_id, Rsvp.event_id == event_id)
+            .where(Rsvp.org_id == principal.org_id, Rsvp.event_id == event_id)
             .order_by(Rsvp.created_at, Rsvp.id)
             .limit(MAX_ROWS + 1)
         )
     )
-    offers = {
-        o.rsvp_id: o
-        for o in await session.scalars(
-            select(WaitlistOffer).where(
-                WaitlistOffer.org_id == org_id,
-                WaitlistOffer.event_id == event_id,
-                WaitlistOffer.status == OfferStatus.OPEN,
-            )
-        )
-    }
-    positions: dict[int, int] = {}
+    # Waiting places and open offers as the waiting list itself counts them.
+    waiting = await rsvp_service.waitlist(session, principal, event_id, limit=MAX_ROWS)
+    entries = {entry.rsvp_id: entry for entry in waiting.entries}
     rows: list[GuestRow] = []
     for r in rsvps[:MAX_ROWS]:
-        position = None
-        if r.status == RsvpStatus.WAITLISTED:
-            position = positions[r.slot_id] = positions.get(r.slot_id, 0) + 1
-        offer = offers.get(r.id)
+        entry = entries.get(r.id)
+        offer = entry.offer if entry else None
         rows.append(
             GuestRow(
                 kind="rsvp",
@@ -124,7 +114,7 @@ async def _rsvp_rows(
                 phone=r.phone or "",
                 places=r.places,
                 slot=slots.get(r.slot_id, ""),
-                position=position,
+                position=entry.position if entry else None,
                 offer_expires=offer.expires_at if offer else None,
                 ticket=tickets.pop(("rsvp", r.id), None),
                 created_at=r.created_at,
@@ -198,7 +188,7 @@ async def guest_list(
     )
     # The newest ticket of a subject wins (a cancelled one is replaced by a valid one).
     tickets = {(t.subject_kind, t.subject_id): t for t in ticket_rows}
-    rsvp_rows, rsvps_cut = await _rsvp_rows(session, org_id, event.id, slots, tickets)
+    rsvp_rows, rsvps_cut = await _rsvp_rows(session, principal, event.id, slots, tickets)
     hold_rows, holds_cut = await _hold_rows(session, org_id, event.id, slots, tickets, now)
     others = [
         GuestRow(
