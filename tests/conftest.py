@@ -54,6 +54,27 @@ async def reset_postgres(url: str) -> None:
     await engine.dispose()
 
 
+async def side_postgres(suffix: str) -> str:
+    """`<test database>_<suffix>` on the test server, created if missing, its schema reset:
+    for tests that migrate step by step or touch every row of a table."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    base = postgres_url()
+    assert base is not None
+    name = f"{make_url(base).database}_{suffix}"
+    plain = make_url(base).set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(plain)
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = make_url(base).set(database=name).render_as_string(hide_password=False)
+    await reset_postgres(url)
+    return url
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 async def database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

@@ -13,6 +13,26 @@ from popdrop.web.context import AppContext
 from tests.conftest import Tenant
 
 
+def live_event(org_id: int, now: datetime, **fields: Any) -> Event:
+    """A live event starting now for four hours (any column overridden by `fields`)."""
+    values: dict[str, Any] = {
+        "org_id": org_id,
+        "slug": f"ev-{secrets.token_hex(4)}",
+        "title": "Corner pop-up",
+        "description": "Sneakers, coffee; and friends",
+        "venue_name": "Corner Shop",
+        "venue_address": "1 Main Street, Springfield",
+        "timezone": "Europe/Paris",
+        "starts_at": now,
+        "ends_at": now + timedelta(hours=4),
+        "status": "live",
+        "hold_ttl_seconds": 900,
+        "max_hold_renewals": 2,
+        "created_at": now,
+    }
+    return Event(**{**values, **fields})
+
+
 async def make_event(
     ctx: AppContext,
     org_id: int,
@@ -24,20 +44,12 @@ async def make_event(
     now = ctx.clock.now()
     starts_at = starts_at or now - timedelta(minutes=30)
     async with ctx.db.transaction() as session:
-        event = Event(
-            org_id=org_id,
-            slug=f"ev-{secrets.token_hex(4)}",
+        event = live_event(
+            org_id,
+            now,
             title=title,
-            description="Sneakers, coffee; and friends",
-            venue_name="Corner Shop",
-            venue_address="1 Main Street, Springfield",
-            timezone="Europe/Paris",
             starts_at=starts_at,
             ends_at=ends_at or starts_at + timedelta(hours=4),
-            status="live",
-            hold_ttl_seconds=900,
-            max_hold_renewals=2,
-            created_at=now,
         )
         session.add(event)
         await session.flush()

@@ -22,8 +22,8 @@ from popdrop.accounts import service as accounts
 from popdrop.checkin import tickets
 from popdrop.core import qr
 from popdrop.core.db import Database
-from popdrop.events.models import Event
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, MARKS
+from tests.checkin.helpers import live_event
 from tests.server import Server, running_server
 
 EMAIL = "door@browser.test"
@@ -48,8 +48,9 @@ async def _seed_event(url: str) -> int:
     try:
         async with db.transaction() as session:
             org = await accounts.get_organization_by_slug(session, "door")
-            event = Event(
-                org_id=org.id,
+            event = live_event(
+                org.id,
+                now,
                 slug="night-market",
                 title="Night market",
                 description="",
@@ -58,10 +59,6 @@ async def _seed_event(url: str) -> int:
                 timezone="Europe/Berlin",
                 starts_at=now - timedelta(minutes=15),
                 ends_at=now + timedelta(hours=3),
-                status="live",
-                hold_ttl_seconds=900,
-                max_hold_renewals=2,
-                created_at=now,
             )
             session.add(event)
             await session.flush()

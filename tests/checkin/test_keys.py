@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -26,10 +25,9 @@ from popdrop.checkin.schemas import TicketCreate
 from popdrop.core import sealing
 from popdrop.core.db import Database, create_engine
 from popdrop.core.migrate import upgrade
-from popdrop.events.models import Event
 from popdrop.web.context import AppContext
-from tests.checkin.helpers import issue, make_event
-from tests.conftest import Tenant, postgres_url, reset_postgres
+from tests.checkin.helpers import issue, live_event, make_event
+from tests.conftest import Tenant, postgres_url, side_postgres
 from tests.server import POPDROP, server_env
 
 KEY_A = b"door-test-secret-a-" + b"a" * 32
@@ -103,18 +101,9 @@ async def own_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'door.db'}"
         return
-    base = postgres_url()
-    if base is None:
+    if postgres_url() is None:
         pytest.skip("PostgreSQL run: set POPDROP_TEST_DATABASE_URL (CI does)")
-    name = f"{make_url(base).database}_door"
-    admin = await asyncpg.connect(_plain(base))
-    try:
-        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(base).set(database=name).render_as_string(hide_password=False)
-    await reset_postgres(url)
+    url = await side_postgres("door")
     yield url
 
 
@@ -131,21 +120,7 @@ async def _seed(url: str) -> tuple[int, str]:
             org = await accounts.create_organization(
                 session, slug=f"door-{secrets.token_hex(3)}", name="Door", now=now
             )
-            event = Event(
-                org_id=org.id,
-                slug="door",
-                title="Door",
-                description="",
-                venue_name="",
-                venue_address="",
-                timezone="UTC",
-                starts_at=now,
-                ends_at=now + timedelta(hours=2),
-                status="live",
-                hold_ttl_seconds=900,
-                max_hold_renewals=2,
-                created_at=now,
-            )
+            event = live_event(org.id, now, timezone="UTC")
             session.add(event)
             await session.flush()
             owner = Principal(org.id, "test:seed", "owner", ROLES["owner"])
