@@ -9,9 +9,7 @@ token auth. The answer is the same JSON as `POST /api/v1/checkins`, plus the cou
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +20,7 @@ from popdrop.checkin import service, tickets
 from popdrop.checkin.schemas import ScanRequest
 from popdrop.core import links, qr
 from popdrop.core.errors import PopdropError
+from popdrop.core.localtime import local
 from popdrop.events import ical
 from popdrop.web.auth import PagePrincipal, check_csrf
 from popdrop.web.params import Ctx, ItemId
@@ -31,14 +30,6 @@ from popdrop.web.templating import render
 MAX_SCAN_BODY = 4096
 
 router = APIRouter(include_in_schema=False)
-
-
-def local_time(value: datetime, timezone: str) -> str:
-    try:
-        zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        zone = ZoneInfo("UTC")
-    return value.astimezone(zone).strftime("%a %d %b %Y, %H:%M %Z")
 
 
 # ---------------------------------------------------------------- public ticket page
@@ -65,8 +56,8 @@ async def ticket_page(request: Request, secret: str, ctx: Ctx) -> Response:
         "secret": secret,
         "short_code": tickets.format_short_code(tickets.short_code(secret)),
         "qr": qr.svg_inline(secret) if view.current and view.ticket.status == "valid" else None,
-        "starts": local_time(event.starts_at, event.timezone),
-        "ends": local_time(event.ends_at, event.timezone),
+        "starts": local(event.starts_at, event.timezone),
+        "ends": local(event.ends_at, event.timezone),
     }
     response = render(request, "checkin/ticket.html", context)
     response.headers.update(NO_STORE)

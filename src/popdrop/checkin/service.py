@@ -61,6 +61,7 @@ from popdrop.core import audit
 from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import REASON_STATUS, PopdropError, not_found
+from popdrop.core.localtime import local
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Event
 
@@ -854,6 +855,10 @@ async def _refusal(
                 _tickets.c.checked_in_gate,
                 _tickets.c.holder_ref,
                 _window(at).label("in_window"),
+                select(_events.c.timezone)
+                .where(_events.c.id == _tickets.c.event_id)
+                .scalar_subquery()
+                .label("timezone"),
             ).where(
                 _tickets.c.id == claim.ticket_id,
                 _tickets.c.org_id == principal.org_id,
@@ -876,7 +881,7 @@ async def _refusal(
             holder_ref=row.holder_ref,
             **ids,
         )
-        when = row.checked_in_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = local(row.checked_in_at, row.timezone, "%a %d %b, %H:%M:%S")  # the door's clock
         return result.model_copy(update={"message": f"already checked in {when}{first_gate}"})
     if not row.in_window:
         return answer("outside_window", **ids)
