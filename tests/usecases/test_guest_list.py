@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import timedelta
 
 import httpx
 from sqlalchemy import update
@@ -74,6 +75,11 @@ async def test_guest_list_shows_every_kind_with_its_state(
     assert "grace@example.com" in holds.text and "ada@example.com" not in holds.text
     nobody = await app_client.get(f"/events/{event_id}/guests?q=nobody-here", headers=HTML)
     assert "Nobody matches." in nobody.text
+
+    # Past its expiry (600 s), the hold shows as expired before anything marks it.
+    clock.advance(timedelta(minutes=11))
+    later = await app_client.get(f"/events/{event_id}/guests?kind=hold", headers=HTML)
+    assert "expired" in later.text and "active" not in later.text
 
 
 async def test_guest_csv_has_the_same_rows_with_safe_cells(
