@@ -33,6 +33,7 @@ COMMANDS = [
     ["contacts", "erase"],
     ["contacts", "purge"],
     ["consent", "export"],
+    ["checkin", "rotate-keys"],
 ]
 
 
