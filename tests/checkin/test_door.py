@@ -16,13 +16,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from popdrop.app import build_context, create_app
 from popdrop.chat import telegram
 from popdrop.chat.messages import QrTicket
 from popdrop.checkin import tickets
 from popdrop.core import qr
+from popdrop.core.clock import FrozenClock
+from popdrop.core.config import Settings
 from popdrop.web.context import AppContext
 from tests.checkin.helpers import issue, make_event, scan
-from tests.conftest import Tenant
+from tests.conftest import Tenant, make_tenant
 
 pyzbar = pytest.importorskip("pyzbar.pyzbar", reason="needs pyzbar and Debian's libzbar0")
 
@@ -247,3 +250,34 @@ async def test_chat_ticket_qr_and_telegram_photo(
     assert isinstance(photo, bytes)
     assert zbar(photo) == [("QRCODE", secret)]
     assert printed in caption and url in caption
+
+
+async def test_typed_codes_that_miss_count_as_guesses(
+    settings: Settings, clock: FrozenClock
+) -> None:
+    """Three misses (unknown codes, a typo) and the token's next short code is refused
+    429 until the window ends; QR secrets are never counted nor refused."""
+    context = build_context(settings.model_copy(update={"guess_limit_per_token": 3}), clock=clock)
+    transport = httpx.ASGITransport(app=create_app(ctx=context))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            tenant = await make_tenant(context)
+            event_id = await make_event(context, tenant.org_id)
+            ticket = await issue(client, tenant, event_id)
+            code = tickets.short_code(ticket["secret"])
+            typo = code[:8] + tickets.ALPHABET[(tickets.ALPHABET.index(code[8]) + 1) % 32]
+            for data in ("ZZZZZZZZ", "YYYYYYYY"):
+                miss = await scan(
+                    client, tenant, data + tickets.check_char(data), event_id=event_id
+                )
+                assert miss.status_code == 422 and miss.json()["reason"] == "invalid"
+            wrong = await scan(client, tenant, typo, event_id=event_id)
+            assert wrong.json()["reason"] == "short_code_invalid"
+            limited = await scan(client, tenant, code, event_id=event_id)
+            assert limited.status_code == 429 and limited.json()["reason"] == "rate_limited"
+            assert "retry-after" in limited.headers
+            by_qr = await scan(client, tenant, ticket["secret"])
+            assert by_qr.status_code == 200 and by_qr.json()["result"] == "ok"
+    finally:
+        await context.guard.counter.close()
+        await context.db.dispose()

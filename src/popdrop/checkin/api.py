@@ -23,16 +23,17 @@ from popdrop.checkin.schemas import (
     TicketCreate,
 )
 from popdrop.core import links
+from popdrop.core.errors import PopdropError
 from popdrop.core.schemas import error_responses
 from popdrop.web.auth import ApiPrincipal
-from popdrop.web.context import AppContext
+from popdrop.web.context import AppContext, client_address
 from popdrop.web.idempotent import respond_once
 from popdrop.web.params import Ctx, IdempotencyKey, ItemId
 
 router = APIRouter(prefix="/api/v1", tags=["checkin"])
 
 SCANS = Counter("popdrop_checkin_scans_total", "Check-in scans", ["result"])
-SCAN_REFUSALS = (401, 403, 409, 410, 422)
+SCAN_REFUSALS = (401, 403, 409, 410, 422, 429)
 
 
 def issued(ctx: AppContext, ticket: Ticket, secret: str, created: bool) -> IssuedTicket:
@@ -43,6 +44,35 @@ def issued(ctx: AppContext, ticket: Ticket, secret: str, created: bool) -> Issue
         url=links.ticket_url(ctx.settings.base_url, secret),
         created=created,
     )
+
+
+async def scan_once(
+    ctx: AppContext,
+    request: Request,
+    principal: Principal,
+    scan: ScanRequest,
+    *,
+    bound_event_id: int | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One scan. A typed short code (40 bits) counts as a guess when it names no ticket or
+    has a typo, per token or operator like voucher codes (429 `rate_limited` past the
+    limit), so nobody walks the code space through a scanner login; QR secrets skip this."""
+    now, bound = ctx.clock.now(), bound_event_id
+    if not tickets.looks_like_short_code(scan.secret):
+        return await service.checkin(ctx.db, principal, scan, now=now, bound_event_id=bound)
+    address = client_address(request)
+    await ctx.guard.check(principal.org_id, address, principal=principal.actor)
+    try:
+        status, payload = await service.checkin(
+            ctx.db, principal, scan, now=now, bound_event_id=bound
+        )
+    except PopdropError as error:
+        if error.reason == "short_code_invalid":
+            await ctx.guard.failed(principal.org_id, address, principal=principal.actor)
+        raise
+    if payload.get("result") == "invalid":
+        await ctx.guard.failed(principal.org_id, address, principal=principal.actor)
+    return status, payload
 
 
 # ---------------------------------------------------------------- tickets
@@ -153,8 +183,10 @@ async def checkin_counts(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) ->
     responses=error_responses(*SCAN_REFUSALS),
     summary="Check a ticket in; the same nonce always gets the same answer",
 )
-async def checkin(body: ScanRequest, principal: ApiPrincipal, ctx: Ctx) -> Response:
-    status, payload = await service.checkin(ctx.db, principal, body, now=ctx.clock.now())
+async def checkin(
+    body: ScanRequest, request: Request, principal: ApiPrincipal, ctx: Ctx
+) -> Response:
+    status, payload = await scan_once(ctx, request, principal, body)
     SCANS.labels(payload.get("result", "error")).inc()
     return JSONResponse(payload, status_code=status)
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from popdrop.accounts.service import Principal
 from popdrop.checkin import service, tickets
+from popdrop.checkin.api import scan_once
 from popdrop.checkin.schemas import ScanRequest
 from popdrop.core import links, qr
 from popdrop.core.errors import PopdropError
@@ -148,9 +149,7 @@ async def scanner_check(
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "body"
             raise PopdropError("invalid_request", f"{where}: {first.get('msg')}") from exc
-        status, payload = await service.checkin(
-            ctx.db, principal, scan, now=ctx.clock.now(), bound_event_id=event_id
-        )
+        status, payload = await scan_once(ctx, request, principal, scan, bound_event_id=event_id)
         async with ctx.db.reader() as session:
             counts = await service.counts(session, principal, event_id)
     except PopdropError as error:
