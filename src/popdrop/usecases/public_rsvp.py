@@ -26,6 +26,11 @@ router = APIRouter(prefix="/api/v1", tags=["rsvps"])
     response_model=RsvpCreated,
     responses=error_responses(404, 409, 422, 429),
     summary="RSVP to a slot (no token); full slot: `slot_full`, or join with waitlist=true",
+    description=(
+        "Refused `409 not_open_yet` (with `opens_at`) before the event's opening, and "
+        "`409 already_rsvped` (with `rsvp_id`, `status`) when this email or phone already "
+        "has an active RSVP for the slot."
+    ),
 )
 async def create_rsvp(
     event_id: ItemId, body: RsvpCreate, request: Request, ctx: Ctx
