@@ -29,7 +29,7 @@ from popdrop.chat import tasks as chat_tasks
 from popdrop.chat.conversations import ChatDeps
 from popdrop.chat.tasks import ChatChannels
 from popdrop.chat.telegram import TelegramBot
-from popdrop.core import audit
+from popdrop.core import audit, sealing
 from popdrop.core.clock import Clock
 from popdrop.core.config import Settings
 from popdrop.core.db import Database
@@ -92,6 +92,7 @@ class Worker:
 
     def __init__(self, settings: Settings, db: Database, signer: Signer, clock: Clock) -> None:
         audit.configure(chains=settings.audit_chains)
+        sealing.configure_from(settings)
         self.settings = settings
         self.db = db
         self.clock = clock
