@@ -8,15 +8,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from popdrop.core.db import create_engine
 from popdrop.core.migrate import upgrade
-from tests.conftest import postgres_url, reset_postgres
+from tests.conftest import postgres_url, side_postgres
 
 _orgs = sa.table(
     "organizations", sa.column("id"), sa.column("slug"), sa.column("name"), sa.column("created_at")
@@ -60,19 +58,9 @@ async def own_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'guards.db'}"
         return
-    base = postgres_url()
-    if base is None:
+    if postgres_url() is None:
         pytest.skip("PostgreSQL run: set POPDROP_TEST_DATABASE_URL (CI does)")
-    name = f"{make_url(base).database}_guards"
-    plain = make_url(base).set(drivername="postgresql").render_as_string(hide_password=False)
-    admin = await asyncpg.connect(plain)
-    try:
-        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = make_url(base).set(database=name).render_as_string(hide_password=False)
-    await reset_postgres(url)
+    url = await side_postgres("guards")
     yield url
 
 
