@@ -184,7 +184,9 @@ async def test_partner_with_no_scope_logs_in_and_sees_no_event_page(
     app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
 ) -> None:
     await _login(app_client, ctx, tenant.org_id, "partner")
-    home = await app_client.get("/", headers=HTML)
+    landing = await app_client.get("/", headers=HTML)
+    assert landing.status_code == 303 and landing.headers["location"] == "/home"
+    home = await app_client.get("/home", headers=HTML)
     assert home.status_code == 200 and "partner" in home.text
     assert 'href="/events"' not in home.text and 'href="/vouchers"' not in home.text
     refused = await app_client.get("/events", headers=HTML)
