@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from popdrop.app import build_context, create_app
 from popdrop.chat import telegram
-from popdrop.chat.messages import QrTicket
+from popdrop.chat.messages import SMS, QrTicket, Text, degrade
 from popdrop.checkin import tickets
 from popdrop.core import qr
 from popdrop.core.clock import FrozenClock
@@ -281,3 +281,13 @@ async def test_typed_codes_that_miss_count_as_guesses(
     finally:
         await context.guard.counter.close()
         await context.db.dispose()
+
+
+def test_a_ticket_sent_as_text_carries_its_short_code() -> None:
+    """SMS (no pictures): the ticket becomes text with the code to read out and the link."""
+    secret = _secret()
+    url = f"https://pop.test/t/{secret}"
+    [text] = degrade([QrTicket(text="Your ticket", secret=secret, url=url)], SMS)
+    assert isinstance(text, Text)
+    printed = tickets.format_short_code(tickets.short_code(secret))
+    assert text.text == f"Your ticket\nTicket code: {printed}\n{url}"

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from popdrop.checkin import tickets
 from popdrop.core.localtime import local
 
 
@@ -275,7 +276,9 @@ def _degrade_one(
     if isinstance(message, QrTicket):
         if caps.qr:
             return [message]
-        return [Text(text=f"{message.text}\n{message.url}".strip())]
+        code = tickets.printed_short_code(message.secret)
+        line = f"Ticket code: {code}" if code else ""
+        return [Text(text="\n".join(p for p in (message.text, line, message.url) if p))]
     return [message]
 
 

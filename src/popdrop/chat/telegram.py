@@ -275,8 +275,9 @@ async def deliver(bot: TelegramBot, chat_id: str, messages: list[OutMessage]) ->
             calls += 1
         elif isinstance(message, QrTicket):
             await flush()
-            code = f"Ticket code: {tickets.format_short_code(tickets.short_code(message.secret))}"
-            caption = "\n".join(part for part in (message.text, code, message.url) if part)
+            code = tickets.printed_short_code(message.secret)
+            line = f"Ticket code: {code}" if code else ""
+            caption = "\n".join(part for part in (message.text, line, message.url) if part)
             await bot.send_photo(chat_id, qr_png(message.secret), caption)
             calls += 1
     await flush()

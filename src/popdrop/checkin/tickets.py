@@ -165,6 +165,12 @@ def short_code(secret: str) -> str:
     return data + check_char(data)
 
 
+def printed_short_code(secret: str) -> str | None:
+    """The grouped short code of a secret, as printed under its QR; None when `secret`
+    is not shaped like one (nothing to print)."""
+    return None if parse(secret) is None else format_short_code(short_code(secret))
+
+
 def format_short_code(code: str) -> str:
     """`K7QM4XT29` -> `K7QM-4XT2-9` (how it is printed)."""
     return f"{code[:4]}-{code[4:8]}-{code[8:]}"
