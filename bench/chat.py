@@ -252,6 +252,10 @@ def run(args: argparse.Namespace, url: str) -> int:
     asyncio.run(seed(url))
     asyncio.run(checkpoint(url))
     interval = args.conversations / args.rate
+    # Every simulated visitor comes from this machine's one address: the per-address socket
+    # cap (20 a process, meant for one real client) would refuse all but the first few.
+    os.environ["POPDROP_CHAT_MAX_PER_ADDRESS"] = str(args.conversations)
+    os.environ["POPDROP_CHAT_MAX_TOTAL"] = str(args.conversations * 2)
     with server(url, args.workers) as port:
         shares = [args.conversations // args.clients] * args.clients
         for i in range(args.conversations % args.clients):
