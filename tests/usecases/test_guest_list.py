@@ -8,7 +8,7 @@ import io
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from popdrop.checkin.models import Ticket
 from popdrop.core.clock import FrozenClock
@@ -73,6 +73,19 @@ async def test_guest_list_shows_every_kind_with_its_state(
     assert "waitlisted" in by_phone.text and "grace@example.com" not in by_phone.text
     holds = await app_client.get(f"/events/{event_id}/guests?kind=hold", headers=HTML)
     assert "grace@example.com" in holds.text and "ada@example.com" not in holds.text
+    # Ada's ticket code as printed under her QR, and found by it typed either way.
+    async with ctx.db.reader() as session:
+        code = await session.scalar(
+            select(Ticket.short_code).where(
+                Ticket.event_id == event_id, Ticket.subject_kind == "rsvp"
+            )
+        )
+    assert code is not None
+    printed = f"{code[:4]}-{code[4:8]}-{code[8:]}"
+    assert printed in text
+    for typed in (printed, code.lower()):
+        by_code = await app_client.get(f"/events/{event_id}/guests?q={typed}", headers=HTML)
+        assert "ada@example.com" in by_code.text and "grace@example.com" not in by_code.text
     nobody = await app_client.get(f"/events/{event_id}/guests?q=nobody-here", headers=HTML)
     assert "Nobody matches." in nobody.text
 
@@ -94,6 +107,7 @@ async def test_guest_csv_has_the_same_rows_with_safe_cells(
     assert sorted(r["kind"] for r in rows) == ["hold", "rsvp", "rsvp", "ticket"]
     ada = next(r for r in rows if r["email"] == "ada@example.com")
     assert (ada["status"], ada["gate"], ada["ticket_status"]) == ("confirmed", "north", "valid")
+    assert len(ada["ticket_code"]) == 11 and ada["ticket_code"][4] == "-"  # as printed
     assert ada["checked_in_at"]
     waiting = next(r for r in rows if r["status"] == "waitlisted")
     assert (waiting["phone"], waiting["waiting_position"]) == ("+4915112345678", "1")

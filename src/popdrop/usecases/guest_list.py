@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.checkin.models import Ticket
+from popdrop.checkin.tickets import format_short_code
 from popdrop.core.localtime import local
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Event, Lane, TimeSlot
@@ -65,11 +66,18 @@ class GuestRow:
     def checked_in(self) -> bool:
         return self.ticket is not None and self.ticket.checked_in_at is not None
 
+    @property
+    def ticket_code(self) -> str:
+        """The ticket's short code as it is printed under the QR (`K7QM-4XT2-9`)."""
+        code = self.ticket.short_code if self.ticket is not None else None
+        return format_short_code(code) if code else ""
+
     def words(self) -> str:
         ticket = self.ticket
         parts = [self.contact, self.email, self.phone, self.slot, self.item, self.lane]
         if ticket is not None:
-            parts += [ticket.holder_ref or "", ticket.short_code or ""]
+            # Both forms: typed from the page (with dashes) or from memory (without).
+            parts += [ticket.holder_ref or "", ticket.short_code or "", self.ticket_code]
         return " ".join(parts).casefold()
 
 
@@ -223,7 +231,7 @@ def csv_row(row: GuestRow, timezone: str) -> list[Any]:
     return [
         row.kind, row.id, row.status, row.contact, row.email, row.phone, row.places,
         row.slot, row.item, row.lane, row.position or "", when(row.offer_expires),
-        ticket.status if ticket else "", (ticket.short_code or "") if ticket else "",
+        ticket.status if ticket else "", row.ticket_code,
         when(ticket.checked_in_at) if ticket else "",
         (ticket.checked_in_gate or "") if ticket else "", when(row.created_at),
     ]  # fmt: skip
