@@ -162,6 +162,7 @@ def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "owner@demo.popdrop.test" in done.stdout and "/e/1" in done.stdout
+        assert "/scan/1" in done.stdout and "/events/1/guests" in done.stdout
         assert "/drops/1" in done.stdout and "/mailbox" in done.stdout  # where the VIP drop is
     with running_server(tmp_path) as server:
         token = next(

@@ -205,9 +205,12 @@ def demo(
         f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})",
         f"Claim    {info['sample_link']}",
         f"Event    {info['event_url']}",
-        f"Chat     {info['chat_url']}",
+        f"Chat     {info['chat_url']}  (flows: {settings.base_url}/chat/flows)",
+        f"Door     {settings.base_url}/scan/{info['event_id']}  (scanner) · "
+        f"guests: {settings.base_url}/events/{info['event_id']}/guests",
         f"Audience {info['audience']}",
         f"Drop     {info['drop']}",
+        f"API docs {settings.base_url}/api/docs",
     ):
         console.print(line, soft_wrap=True)
     console.rule()

@@ -150,6 +150,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
         "audience": audience_line,
         "drop": drop_line,
         "event_url": links.event_url(settings.base_url, event.id) if event else "",
+        "event_id": event.id if event else None,
         "chat_url": links.chat_url(settings.base_url, DEMO_ORG),
         "email": DEMO_EMAIL,
         "password": password,
