@@ -57,13 +57,13 @@ async def test_volunteer_lands_on_the_events_they_staff_with_a_scanner(
 
     page = await _land(app_client, volunteer.email)
     assert str(page.url).endswith("/home")
-    assert f'href="/scan/{staffed.event_id}"' in page.text
-    assert "north" in page.text
+    assert f'href="/scan/{staffed.event_id}?gate=north"' in page.text
     assert f'href="/scan/{other.event_id}"' not in page.text
     assert f'href="/scan/{foreign_shop.event_id}"' not in page.text
-    # The scanner is one click away and opens for the volunteer.
-    scanner = await app_client.get(f"/scan/{staffed.event_id}", headers=HTML)
+    # The scanner is one click away, opens for the volunteer, at their gate.
+    scanner = await app_client.get(f"/scan/{staffed.event_id}?gate=north", headers=HTML)
     assert scanner.status_code == 200
+    assert 'name="gate" value="north"' in scanner.text
     # A volunteer does not run events: no workspace links, and /events stays refused.
     assert f'href="/events/{staffed.event_id}"' not in page.text
     assert (await app_client.get("/events", headers=HTML)).status_code == 403

@@ -91,7 +91,8 @@ def test_volunteer_logs_in_and_reaches_the_scanner_in_one_click(
             scanner = page.get_by_role("link", name="Scanner")
             expect(scanner).to_be_visible()
             scanner.click()
-            expect(page).to_have_url(re.compile(rf"/scan/{seeded.event_id}$"))
+            expect(page).to_have_url(re.compile(rf"/scan/{seeded.event_id}\?gate=east$"))
+            expect(page.locator("#gate-input")).to_have_value("east")  # scans count at east
             expect(page.get_by_role("heading", name="Flea market at the depot")).to_be_visible()
             page.screenshot(path=shots / "home-02-scanner.png", full_page=True)
         finally:

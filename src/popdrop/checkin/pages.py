@@ -23,6 +23,7 @@ from popdrop.core import links, qr
 from popdrop.core.errors import PopdropError
 from popdrop.core.localtime import local
 from popdrop.events import ical
+from popdrop.events.models import DEFAULT_GATE
 from popdrop.web.auth import PagePrincipal, check_csrf
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.security import NO_STORE
@@ -109,7 +110,10 @@ async def scanner(
             request, "error.html", {"error": error, "principal": principal}, error.status
         )
         return response
-    context = {"principal": principal, "event": event, "counts": counts}
+    # The home page's Scanner button names the volunteer's gate; typed by hand it is only
+    # a default the volunteer can still change on the page.
+    gate = request.query_params.get("gate", "").strip()[:64] or DEFAULT_GATE
+    context = {"principal": principal, "event": event, "counts": counts, "gate": gate}
     response = render(request, "checkin/scan.html", context)
     response.headers.update(NO_STORE)
     return response

@@ -85,6 +85,9 @@ class Partner(Base):
     contact_email: Mapped[str] = mapped_column(String(254), default="")
 
 
+DEFAULT_GATE = "main"  # a staff member's gate when the host names none
+
+
 class StaffAssignment(Base):
     """A volunteer (user) at a gate of an event."""
 
@@ -95,4 +98,4 @@ class StaffAssignment(Base):
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
     event_id: Mapped[int] = mapped_column(ForeignKey("events.id"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    gate: Mapped[str] = mapped_column(String(64), default="main")
+    gate: Mapped[str] = mapped_column(String(64), default=DEFAULT_GATE)

@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from popdrop.core.schemas import StrictInput
 from popdrop.events.lifecycle import EventStatus
+from popdrop.events.models import DEFAULT_GATE
 
 _ZONES = available_timezones()
 
@@ -185,7 +186,7 @@ class PartnerOut(BaseModel):
 
 class StaffCreate(StrictInput):
     user_id: int = Field(ge=1, le=2**62)
-    gate: str = Field(default="main", min_length=1, max_length=64)
+    gate: str = Field(default=DEFAULT_GATE, min_length=1, max_length=64)
 
 
 class StaffOut(BaseModel):

@@ -10,7 +10,10 @@
   const result = document.getElementById("result");
   const input = document.getElementById("secret");
   const gate = document.getElementById("gate-input");
-  gate.value = localStorage.getItem("popdrop.gate") || gate.value;
+  // The home page's Scanner button names the volunteer's gate (?gate=): it wins over the
+  // gate this browser remembers from an earlier shift; without it, the remembered one.
+  if (new URLSearchParams(location.search).has("gate")) localStorage.setItem("popdrop.gate", gate.value);
+  else gate.value = localStorage.getItem("popdrop.gate") || gate.value;
   gate.addEventListener("change", () => localStorage.setItem("popdrop.gate", gate.value.trim() || "main"));
 
   function nonce() {
