@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from popdrop.core.lifecycle import Lifecycle
+from popdrop.core.lifecycle import UNFINISHED_JOB_STATUSES, JobStatus, Lifecycle, job_lifecycle
 
 
 class ConsentState(StrEnum):
@@ -31,23 +31,7 @@ class ConsentState(StrEnum):
     REVOKED = "revoked"
 
 
-class ImportJobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-IMPORT_JOB_LIFECYCLE: Lifecycle[ImportJobStatus] = Lifecycle(
-    "import job",
-    ImportJobStatus,
-    {
-        ImportJobStatus.QUEUED: frozenset({ImportJobStatus.RUNNING, ImportJobStatus.FAILED}),
-        ImportJobStatus.RUNNING: frozenset({ImportJobStatus.DONE, ImportJobStatus.FAILED}),
-        ImportJobStatus.DONE: frozenset(),
-        ImportJobStatus.FAILED: frozenset(),
-    },
-)
-
-# Jobs not yet finished: what a restart launches again.
-UNFINISHED_IMPORT_STATUSES = (ImportJobStatus.QUEUED, ImportJobStatus.RUNNING)
+# The import job's life is core's job lifecycle (shared with the voucher issue job).
+ImportJobStatus = JobStatus
+IMPORT_JOB_LIFECYCLE: Lifecycle[JobStatus] = job_lifecycle("import job")
+UNFINISHED_IMPORT_STATUSES = UNFINISHED_JOB_STATUSES

@@ -101,3 +101,36 @@ def status_check(statuses: type[StrEnum], column: str = "status") -> CheckConstr
     convention makes it `ck_<table>_<column>`). The values are the enum's, in its order."""
     values = ", ".join(f"'{member.value}'" for member in statuses)
     return CheckConstraint(f"{column} IN ({values})", name=column)
+
+
+class JobStatus(StrEnum):
+    """A background job's life (a contact import, a large voucher issue):
+
+        queued ──▶ running ──▶ done
+           └──────────┴──────▶ failed
+
+    A job taken over or relaunched after its runner stopped stays `running` (not a move);
+    `done` and `failed` are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# Jobs not yet finished: what a restart or the worker tick launches again.
+UNFINISHED_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def job_lifecycle(name: str) -> Lifecycle[JobStatus]:
+    """The one job table, under the name its refusals use ("import job", "issue job")."""
+    return Lifecycle(
+        name,
+        JobStatus,
+        {
+            JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
+            JobStatus.RUNNING: frozenset({JobStatus.DONE, JobStatus.FAILED}),
+            JobStatus.DONE: frozenset(),
+            JobStatus.FAILED: frozenset(),
+        },
+    )

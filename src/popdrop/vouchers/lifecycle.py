@@ -15,28 +15,11 @@ Pure: no I/O; pages and tests import it.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from popdrop.core.lifecycle import UNFINISHED_JOB_STATUSES, JobStatus, Lifecycle, job_lifecycle
 
-from popdrop.core.lifecycle import Lifecycle
-
-
-class IssueJobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-ISSUE_JOB_LIFECYCLE: Lifecycle[IssueJobStatus] = Lifecycle(
-    "issue job",
-    IssueJobStatus,
-    {
-        IssueJobStatus.QUEUED: frozenset({IssueJobStatus.RUNNING, IssueJobStatus.FAILED}),
-        IssueJobStatus.RUNNING: frozenset({IssueJobStatus.DONE, IssueJobStatus.FAILED}),
-        IssueJobStatus.DONE: frozenset(),
-        IssueJobStatus.FAILED: frozenset(),
-    },
-)
+# The issue job's life is core's job lifecycle (shared with the contact import job).
+IssueJobStatus = JobStatus
+ISSUE_JOB_LIFECYCLE: Lifecycle[JobStatus] = job_lifecycle("issue job")
 
 # Jobs not yet finished: what the worker tick (re)starts.
-UNFINISHED_ISSUE_STATUSES = (IssueJobStatus.QUEUED, IssueJobStatus.RUNNING)
+UNFINISHED_ISSUE_STATUSES = UNFINISHED_JOB_STATUSES
