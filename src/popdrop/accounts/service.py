@@ -66,14 +66,17 @@ _HOST = {
     "drops:write",
     "chat:read",
     "chat:write",
+    "orders:read",
+    "orders:write",
+    "orders:pickup",
 }
 ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset({*_HOST, "tokens:write"}),
     "host": frozenset(_HOST),
-    "volunteer": frozenset({"checkin"}),
-    # No scope yet: a partner logs in and sees the home page. `reports:read` was removed
-    # because it guarded nothing; the partner report brings its own scope with its route.
-    "partner": frozenset(),
+    "volunteer": frozenset({"checkin", "orders:pickup"}),
+    # A partner reads the orders of the events it partners (commerce filters by event);
+    # the partner report brings its own scope with its route.
+    "partner": frozenset({"orders:read"}),
 }
 SCOPES: frozenset[str] = frozenset().union(*ROLES.values())
 # Events and RSVPs were guarded by the voucher scopes before they had their own, so a

@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     chat_max_per_address: int = Field(default=20, ge=1)
     chat_max_total: int = Field(default=2000, ge=1)
     chat_idle_seconds: float = Field(default=900.0, gt=0)
+    # Online payments through Stripe (the official client). Unset secret key: checkout
+    # offers pay at pickup only. The API base is configurable (a local fake in tests and in
+    # the demo); webhook secrets are comma-separated so a rotation can verify both.
+    stripe_secret_key: str = ""
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_webhook_secrets: str = ""
+    stripe_webhook_tolerance_seconds: int = Field(default=300, ge=1)
 
     @property
     def resolved_database_url(self) -> str:

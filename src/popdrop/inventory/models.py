@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime
@@ -22,6 +22,13 @@ class Product(Base):
     price_minor: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     limit_per_contact: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # What one unit costs the host, and the floor prices never go under (commerce.pricing):
+    # cost * (1 + floor_bp / 10,000) and cost + floor_minor, whichever is higher.
+    unit_cost_minor: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    margin_floor_bp: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    margin_floor_minor: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # A zero-cost sample: price 0, one per person per campaign (commerce.samples).
+    is_sample: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Variant(Base):

@@ -17,6 +17,7 @@ def target_metadata() -> MetaData:
     import popdrop.audience.models
     import popdrop.chat.models
     import popdrop.checkin.models
+    import popdrop.commerce.models
     import popdrop.core.audit
     import popdrop.core.idempotency
     import popdrop.drops.models

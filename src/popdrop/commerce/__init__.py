@@ -1,0 +1,1 @@
+"""Commerce: orders from holds, prices, payments, refunds, pickup at a lane, samples."""
