@@ -84,7 +84,8 @@ class Order(Base):
 
 class OrderLine(Base):
     __tablename__ = "order_lines"
-    __table_args__ = (Index("ix_order_lines_order", "order_id"),)
+    # A hold belongs to one order at most, even when two checkouts of it race.
+    __table_args__ = (Index("ix_order_lines_order", "order_id"), UniqueConstraint("hold_id"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
