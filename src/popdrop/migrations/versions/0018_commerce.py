@@ -362,6 +362,7 @@ def upgrade() -> None:
             ["variant_id"], ["variants.id"], name=op.f("fk_order_lines_variant_id_variants")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_order_lines")),
+        sa.UniqueConstraint("hold_id", name=op.f("uq_order_lines_hold_id")),
     )
     op.create_index("ix_order_lines_order", "order_lines", ["order_id"], unique=False)
     op.add_column("products", sa.Column("unit_cost_minor", sa.BigInteger(), nullable=True))
