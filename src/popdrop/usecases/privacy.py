@@ -1,7 +1,8 @@
 """GDPR: what we hold about a person (export), forgetting them (erase), and retention.
 
 Erase removes the person's email and phone from every table that can hold them in clear
-(contacts, RSVPs, tickets, holds, voucher contact refs, stored idempotent answers), keeps
+(contacts, RSVPs, tickets, holds, orders, voucher contact refs, stored idempotent
+answers), keeps
 their activity and consent ledger attached to an anonymous contact row (so funnels still
 add up), and keeps keyed hashes on the suppression list so a later import cannot bring
 them back. The audit ledger is append-only and never holds contact points (the vault
@@ -22,6 +23,7 @@ from popdrop.audience.models import Contact, ContactActivity, ContactLabel
 from popdrop.audience.schemas import ConsentChange, EraseResult, PurgeResult
 from popdrop.chat import console
 from popdrop.checkin.models import Ticket
+from popdrop.commerce.models import Order
 from popdrop.core import audit
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.idempotency import IdempotencyRecord
@@ -80,8 +82,22 @@ async def export_contact(
     )
     rsvps: list[dict[str, Any]] = []
     tickets: list[dict[str, Any]] = []
+    orders: list[dict[str, Any]] = []
     points = [p for p in (contact.email, contact.phone) if p]
     if points:
+        for order in await session.scalars(
+            select(Order).where(
+                Order.org_id == principal.org_id,
+                or_(
+                    Order.receipt_email.in_(points),
+                    Order.receipt_phone.in_(points),
+                    Order.contact_ref.in_(points),
+                ),
+            )
+        ):
+            orders.append(
+                _row(order, "id", "event_id", "status", "currency", "total_minor", "created_at")
+            )
         for rsvp in await session.scalars(
             select(Rsvp).where(
                 Rsvp.org_id == principal.org_id,
@@ -104,6 +120,7 @@ async def export_contact(
         "suppressed_channels": suppressed,
         "rsvps": rsvps,
         "tickets": tickets,
+        "orders": orders,
     }
 
 
@@ -156,6 +173,26 @@ async def erase_contact(
             update(Hold)
             .where(Hold.org_id == org_id, Hold.contact_ref.in_(clear))
             .values(contact_ref=stand_in),
+        )
+        scrubbed["orders"] = (
+            await _count(
+                session,
+                update(Order)
+                .where(Order.org_id == org_id, Order.receipt_email.in_(clear))
+                .values(receipt_email=None),
+            )
+            + await _count(
+                session,
+                update(Order)
+                .where(Order.org_id == org_id, Order.receipt_phone.in_(clear))
+                .values(receipt_phone=None),
+            )
+            + await _count(
+                session,
+                update(Order)
+                .where(Order.org_id == org_id, Order.contact_ref.in_(clear))
+                .values(contact_ref=stand_in),
+            )
         )
         scrubbed["redemptions"] = await _count(
             session,
