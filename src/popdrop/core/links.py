@@ -12,6 +12,7 @@ waitlist-offer    timed JSON   the offer's deadline (DB)  event, code / /w/{toke
 ical-feed         timed JSON   forever                    org / /ical/{token}.ics
 provider-webhook  timed JSON   forever                    org / /api/v1/feedback|sms/…
 chat-checkout     timed JSON   forever (hold expires)     hold, org / /checkout/{token}
+order-view        timed JSON   forever                    order, org / /orders/view/{token}
 chat-visitor      text         forever                    org, visitor / widget storage
 consent-confirm   timed JSON   7 days                     org, contact, channel / /c/{token}
 preferences       text (+JSON) forever                    org, contact / /u/{t}, /p/{t}
@@ -56,6 +57,7 @@ class Purpose(StrEnum):
     ICAL_FEED = "ical-feed"
     PROVIDER_WEBHOOK = "provider-webhook"
     CHAT_CHECKOUT = "chat-checkout"
+    ORDER_VIEW = "order-view"
     CHAT_VISITOR = "chat-visitor"
     CONSENT_CONFIRM = "consent-confirm"
     PREFERENCES = "preferences"
@@ -266,6 +268,18 @@ def checkout_url(signer: Signer, base_url: str, hold_id: int, org_id: int) -> st
 def read_checkout(signer: Signer, token: str) -> tuple[int, int]:
     """(hold id, org id) of a checkout token, or `link_invalid`."""
     return _id_and(signer.unsign(Purpose.CHAT_CHECKOUT, token), "h", "o", int)
+
+
+def order_view_url(signer: Signer, base_url: str, order_id: int, org_id: int) -> str:
+    """An order's confirmation page (lines, pickup QR, lane and window), sent with the
+    receipt. It shows the order as it is now, so it never needs to expire."""
+    token = signer.sign(Purpose.ORDER_VIEW, {"r": order_id, "o": org_id})
+    return absolute(base_url, f"/orders/view/{token}")
+
+
+def read_order_view(signer: Signer, token: str) -> tuple[int, int]:
+    """(order id, org id) of a confirmation page token, or `link_invalid`."""
+    return _id_and(signer.unsign(Purpose.ORDER_VIEW, token), "r", "o", int)
 
 
 def visitor_token(signer: Signer, org_id: int, visitor: str) -> str:
