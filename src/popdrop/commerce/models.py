@@ -110,6 +110,7 @@ class Payment(Base):
     __tablename__ = "payments"
     __table_args__ = (
         Index("ix_payments_order", "order_id"),
+        Index("ix_payments_payment_intent", "payment_intent"),
         UniqueConstraint("provider", "provider_ref"),
         status_check(PaymentStatus),
     )
@@ -118,7 +119,9 @@ class Payment(Base):
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
     order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"))
     provider: Mapped[str] = mapped_column(String(16))  # a PaymentMethod
-    provider_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)  # pi_…
+    provider_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)  # cs_…
+    # Stripe's PaymentIntent ("pi_…"): what refunds and payment_intent.* events name.
+    payment_intent: Mapped[str | None] = mapped_column(String(200), nullable=True)
     amount_minor: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     status: Mapped[str] = mapped_column(String(16), default=PaymentStatus.PENDING)

@@ -1,0 +1,30 @@
+"""payments.payment_intent: a Stripe Checkout Session ("cs_…", in provider_ref) and the
+PaymentIntent it collects with ("pi_…", known at start or from the first webhook), which
+refunds and payment_intent.* events name.
+
+Revision ID: 0019_payment_intent
+Revises: 0018_commerce
+Create Date: 2026-12-03 08:40:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0019_payment_intent"
+down_revision = "0018_commerce"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("payments") as batch:
+        batch.add_column(sa.Column("payment_intent", sa.String(length=200), nullable=True))
+        batch.create_index("ix_payments_payment_intent", ["payment_intent"])
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("payments") as batch:
+        batch.drop_index("ix_payments_payment_intent")
+        batch.drop_column("payment_intent")
