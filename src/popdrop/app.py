@@ -200,6 +200,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.chat.web import router as chat_web
     from popdrop.checkin.api import router as checkin_api
     from popdrop.checkin.pages import router as checkin_pages
+    from popdrop.commerce.catalog_api import router as catalog_api
     from popdrop.drops.api import public_router as drops_public
     from popdrop.drops.api import router as drops_api
     from popdrop.drops.pages import router as drops_pages
@@ -238,6 +239,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         part_pages,
         checkin_api,
         checkin_pages,
+        catalog_api,
         privacy_api,
         privacy_pages,
         guest_pages,

@@ -204,6 +204,8 @@ async def update_product(
     principal.require(INVENTORY_WRITE)
     product = await owned(session, Product, product_id, principal.org_id, lock=True)
     await _patch(session, product, spec)
+    if product.is_sample and (product.price_minor != 0 or product.unit_cost_minor is None):
+        raise PopdropError("invalid_request", "a sample is priced 0 and needs its unit cost")
     return await _product_out(session, product)
 
 

@@ -24,6 +24,12 @@ class ProductCreate(StrictInput):
     price_minor: int = Field(ge=0, le=10**12)
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
     limit_per_contact: int | None = Field(default=None, ge=1, le=10_000)
+    # What a unit costs the host and the margin floor (commerce.pricing); a sample
+    # (commerce.samples) is priced 0 and needs its unit cost.
+    unit_cost_minor: int | None = Field(default=None, ge=0, le=10**12)
+    margin_floor_bp: int | None = Field(default=None, ge=0, le=100_000)
+    margin_floor_minor: int | None = Field(default=None, ge=0, le=10**12)
+    is_sample: bool = False
     variants: list[VariantName] = Field(
         default_factory=lambda: ["one size"], min_length=1, max_length=50
     )
@@ -37,6 +43,18 @@ class ProductCreate(StrictInput):
                 raise ValueError(f"variant {name!r} is listed twice")
             seen.add(name.casefold())
         return names
+
+    @model_validator(mode="after")
+    def _sample_is_free(self) -> ProductCreate:
+        _check_sample(self.is_sample, self.price_minor, self.unit_cost_minor)
+        return self
+
+
+def _check_sample(is_sample: bool | None, price_minor: int | None, cost: int | None) -> None:
+    if is_sample and price_minor not in (None, 0):
+        raise ValueError("a sample is priced 0 (price_minor: 0)")
+    if is_sample and cost is None:
+        raise ValueError("a sample needs its unit_cost_minor (what it costs to give away)")
 
 
 class VariantOut(BaseModel):
@@ -54,6 +72,10 @@ class ProductOut(BaseModel):
     price_minor: int
     currency: str
     limit_per_contact: int | None
+    unit_cost_minor: int | None = None
+    margin_floor_bp: int | None = None
+    margin_floor_minor: int | None = None
+    is_sample: bool = False
     variants: list[VariantOut]
 
 
@@ -109,8 +131,8 @@ class Availability(BaseModel):
 # limit per process, and variants carry stock and holds.
 
 
-def _no_nulls(model: BaseModel) -> None:
-    for name in model.model_fields_set:
+def _no_nulls(model: BaseModel, nullable: frozenset[str] = frozenset()) -> None:
+    for name in model.model_fields_set - nullable:
         if getattr(model, name) is None:
             raise ValueError(f"{name} cannot be null (leave it out to keep it)")
 
@@ -156,8 +178,13 @@ class ProductUpdate(StrictInput):
     image_url: str | None = Field(default=None, max_length=500)
     price_minor: int | None = Field(default=None, ge=0, le=10**12)
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
+    # null clears the cost or a floor; is_sample cannot be null.
+    unit_cost_minor: int | None = Field(default=None, ge=0, le=10**12)
+    margin_floor_bp: int | None = Field(default=None, ge=0, le=100_000)
+    margin_floor_minor: int | None = Field(default=None, ge=0, le=10**12)
+    is_sample: bool | None = None
 
     @model_validator(mode="after")
     def _checked(self) -> ProductUpdate:
-        _no_nulls(self)
+        _no_nulls(self, frozenset({"unit_cost_minor", "margin_floor_bp", "margin_floor_minor"}))
         return self

@@ -171,6 +171,10 @@ def product_out(product: Product, variants: list[Variant]) -> ProductOut:
         price_minor=product.price_minor,
         currency=product.currency,
         limit_per_contact=product.limit_per_contact,
+        unit_cost_minor=product.unit_cost_minor,
+        margin_floor_bp=product.margin_floor_bp,
+        margin_floor_minor=product.margin_floor_minor,
+        is_sample=product.is_sample,
         variants=[VariantOut(id=v.id, name=v.name, sku=v.sku) for v in variants],
     )
 

@@ -1,0 +1,181 @@
+"""Zero-cost sample drops: a sample product at price 0 with a unit cost, handed out at a
+lane, one per person per campaign, its cost allocated to whoever pays for it.
+
+Rules:
+- A sample is a product marked `is_sample`, priced 0, with a `unit_cost_minor` (else 422
+  `invalid_request`): the cost is what the reports charge to the allocation.
+- One per person per campaign: the person is a keyed digest of the contact reference
+  (`vouchers.service.contact_digest`, the same digest the vault keeps, so reports can
+  follow a sample to a later purchase without the PII). The unique (product, campaign,
+  person) index decides under concurrency: the grant row is inserted first, in a
+  SAVEPOINT, and a twin gets 409 `already_sampled`.
+- The unit comes out of the lane's stock in the same transaction with one conditional
+  `UPDATE stock SET sold = sold + 1 WHERE … total - held - sold >= 1` (409 `sold_out`
+  when no variant of it is left at that lane): never more samples than units.
+- Who pays: `partner:<id>` (a partner of the event), `campaign:<name>` or
+  `budget:<name>`. Provenance (drop, segment, conversation) is stored as given.
+- The event must be open (`events.lifecycle.require_open`), like any hold.
+- Giving needs `orders:pickup` (volunteers at a lane hand samples out); the cost report
+  needs `orders:read`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal
+from popdrop.commerce.catalog_schemas import AllocationCost, SampleCosts, SampleOut
+from popdrop.commerce.models import SampleGrant
+from popdrop.core.db import table_of
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
+from popdrop.events.lifecycle import require_open
+from popdrop.events.models import Event, Lane, Partner
+from popdrop.inventory.models import Product, Stock, Variant
+from popdrop.vouchers.service import contact_digest
+
+GIVE_SCOPE = "orders:pickup"
+READ_SCOPE = "orders:read"
+RECENT = 50  # grants listed with the cost report
+
+_stock = table_of(Stock)
+
+
+def sample_out(grant: SampleGrant) -> SampleOut:
+    return SampleOut.model_validate(grant, from_attributes=True)
+
+
+async def _check_allocation(
+    session: AsyncSession, principal: Principal, event_id: int, allocated_to: str
+) -> None:
+    kind, _, ref = allocated_to.partition(":")
+    if kind == "partner":
+        await owned(
+            session, Partner, int(ref), principal.org_id, what="partner of this event",
+            where=(Partner.event_id == event_id,),
+        )  # fmt: skip
+
+
+async def _take_one_unit(session: AsyncSession, product_id: int, lane_id: int) -> None:
+    """One unit of any variant of the product at the lane, counted sold; `sold_out` else."""
+    stock_ids = list(
+        await session.scalars(
+            select(Stock.id)
+            .join(Variant, Variant.id == Stock.variant_id)
+            .where(Variant.product_id == product_id, Stock.lane_id == lane_id)
+            .order_by(Stock.id)
+        )
+    )
+    for stock_id in stock_ids:
+        taken = await session.execute(
+            update(_stock)
+            .where(_stock.c.id == stock_id, _stock.c.total - _stock.c.held - _stock.c.sold >= 1)
+            .values(sold=_stock.c.sold + 1)
+            .returning(_stock.c.id)
+        )
+        if taken.first() is not None:
+            return
+    raise PopdropError("sold_out", "no sample is left at this lane", detail={"available": 0})
+
+
+async def give_sample(
+    session: AsyncSession,
+    signer: Signer,
+    principal: Principal,
+    *,
+    product_id: int,
+    campaign: str,
+    contact_ref: str,
+    allocated_to: str,
+    drop_id: int | None,
+    segment: str | None,
+    conversation_id: int | None,
+    lane_id: int,
+    now: datetime,
+) -> SampleGrant:
+    """Hand one sample to a person at a lane (see the module rules)."""
+    principal.require(GIVE_SCOPE)
+    product = await owned(session, Product, product_id, principal.org_id, what="product")
+    if not product.is_sample or product.price_minor != 0 or product.unit_cost_minor is None:
+        raise PopdropError(
+            "invalid_request",
+            "this product is not a sample (a sample is marked is_sample, priced 0, "
+            "with a unit cost)",
+        )
+    event = await session.get(Event, product.event_id)
+    if event is None:
+        raise not_found("event")
+    require_open(event, now, takes="samples")
+    await owned(
+        session, Lane, lane_id, principal.org_id, what="lane of this event",
+        where=(Lane.event_id == event.id,),
+    )  # fmt: skip
+    await _check_allocation(session, principal, event.id, allocated_to)
+    person_key = contact_digest(signer, contact_ref)
+    assert person_key is not None
+    grant = SampleGrant(
+        org_id=principal.org_id,
+        event_id=event.id,
+        product_id=product.id,
+        campaign=campaign,
+        person_key=person_key,
+        unit_cost_minor=product.unit_cost_minor,
+        currency=product.currency,
+        allocated_to=allocated_to,
+        drop_id=drop_id,
+        segment=segment,
+        conversation_id=conversation_id,
+        given_at=now,
+        given_by=principal.actor,
+    )
+    try:
+        # The unique index decides first; a concurrent twin waits on it and lands here.
+        async with session.begin_nested():
+            session.add(grant)
+            await session.flush()
+    except IntegrityError as exc:
+        raise PopdropError(
+            "already_sampled",
+            "this person already had this sample in this campaign",
+            status=409,
+        ) from exc
+    await _take_one_unit(session, product.id, lane_id)
+    return grant
+
+
+async def sample_costs(session: AsyncSession, principal: Principal, event_id: int) -> SampleCosts:
+    """What an event's samples cost, per allocation (and currency), with the latest grants."""
+    principal.require(READ_SCOPE)
+    event = await owned(session, Event, event_id, principal.org_id, what="event")
+    where = (SampleGrant.org_id == principal.org_id, SampleGrant.event_id == event.id)
+    rows = (
+        await session.execute(
+            select(
+                SampleGrant.allocated_to,
+                SampleGrant.currency,
+                func.count(),
+                func.coalesce(func.sum(SampleGrant.unit_cost_minor), 0),
+            )
+            .where(*where)
+            .group_by(SampleGrant.allocated_to, SampleGrant.currency)
+            .order_by(SampleGrant.allocated_to, SampleGrant.currency)
+        )
+    ).all()
+    allocations = [
+        AllocationCost(allocated_to=to, currency=cur, samples=int(n), cost_minor=int(cost))
+        for to, cur, n, cost in rows
+    ]
+    recent = await session.scalars(
+        select(SampleGrant).where(*where).order_by(SampleGrant.id.desc()).limit(RECENT)
+    )
+    return SampleCosts(
+        event_id=event.id,
+        samples=sum(a.samples for a in allocations),
+        allocations=allocations,
+        recent=[sample_out(grant) for grant in recent],
+    )
