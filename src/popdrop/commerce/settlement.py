@@ -1,0 +1,755 @@
+"""Settlement: money in (Stripe webhooks, staff at the lane), money out (refunds), and
+orders that end unsold (cancel, expiry).
+
+Rules:
+- Lock order: the order row, then its hold rows, then stock rows and pickup windows
+  (`commerce.units`), then voucher rows (`vouchers.service`), then rule budgets.
+- Held units become sold in the transaction that records the payment (`settle_paid`). A
+  payment for an order whose holds ended (expired, cancelled) takes the units again when
+  the stock has them (`expired → paid`); otherwise the order moves to `refunded` with
+  `status_reason = "sold_out_after_expiry"` and the whole payment is refunded through
+  the provider. Never an order that is paid and cannot be handed out, never an oversell.
+  (A late payment keeps the price it was made at; codes given back at expiry stay given
+  back.) A second payment for an order already paid is refunded (`duplicate_payment`).
+- Stripe events are deduplicated by id (`provider_events`, unique per provider): a
+  duplicate is acknowledged and changes nothing. Events come in any order: each names an
+  outcome (succeeded, failed, canceled, refund), and a move the payment's or the order's
+  lifecycle does not allow (failed after succeeded, a second succeeded) is ignored with
+  the outcome recorded on the event row, never an error.
+- Calls to the provider never run inside a database transaction. A refund is a `Refund`
+  row written `pending` with the order's change; `send_pending_refunds` calls the
+  provider after the commit with `Idempotency-Key: refund-<id>` (so a retry never
+  refunds twice) and records its answer; the worker tick sends whatever a crash left.
+  A payment is started the same way: the Checkout Session is created first (key
+  `order-<id>-pay-<attempt>`), then recorded.
+- Pay at pickup: staff mark the order paid at the lane (cash or their own terminal); its
+  refunds are recorded as cash given back (`succeeded` at once).
+- An order that ends unsold (cancelled, expired) gives back its held units, its voucher
+  uses (`vouchers.service.rollback`) and its price rules' budget spend. A full refund
+  does the same, and puts sold units back on sale unless they were handed out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from popdrop.accounts.service import Principal, system_principal
+from popdrop.commerce import units
+from popdrop.commerce.lifecycle import (
+    ORDER_LIFECYCLE,
+    PAYMENT_LIFECYCLE,
+    REFUND_LIFECYCLE,
+    SOLD_STATUSES,
+    OrderStatus,
+    PaymentMethod,
+    PaymentStatus,
+    RefundStatus,
+)
+from popdrop.commerce.models import Order, OrderLine, Payment, ProviderEvent, Refund
+from popdrop.commerce.orders import (
+    give_back_budgets,
+    order_out,
+    order_redemptions,
+    vault_principal,
+)
+from popdrop.commerce.payments import PaymentProvider, PaymentRequest, ProviderError
+from popdrop.commerce.schemas import OrderOut, PayStart
+from popdrop.commerce.stripe_events import (
+    REFUND_EVENTS,
+    StripeEvent,
+)
+from popdrop.core import links
+from popdrop.core.db import Database, dialect_insert
+from popdrop.core.errors import PopdropError
+from popdrop.core.logging import log
+from popdrop.core.signing import Signer
+from popdrop.core.tenancy import owned
+from popdrop.inventory.lifecycle import HoldStatus
+from popdrop.vouchers import service as vault
+
+STRIPE = PaymentMethod.STRIPE.value
+SOLD_OUT_AFTER_EXPIRY = "sold_out_after_expiry"
+SOLD_OUT_MESSAGE = (
+    "Your payment arrived after your reservation ended, and the items sold out meanwhile. "
+    "The full amount is refunded to your card."
+)
+EXPIRE_BATCH = 500
+
+SUCCEEDED_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "payment_intent.succeeded",
+    }
+)
+FAILED_EVENTS = frozenset(
+    {"checkout.session.async_payment_failed", "payment_intent.payment_failed"}
+)
+CANCELED_EVENTS = frozenset({"checkout.session.expired", "payment_intent.canceled"})
+
+
+@dataclass
+class Settled:
+    """What applying a provider event (or a payment) did."""
+
+    outcome: str
+    order_id: int | None = None
+    refund_ids: list[int] = field(default_factory=list)
+
+
+def _system(org_id: int) -> Principal:
+    return system_principal(
+        org_id, "system:orders", scopes=frozenset({"vouchers:redeem", "vouchers:write"})
+    )
+
+
+async def _lock_order(session: AsyncSession, org_id: int, order_id: int) -> Order:
+    return await owned(session, Order, order_id, org_id, lock=True, fresh=True)
+
+
+async def _units_of_order(session: AsyncSession, order_id: int) -> list[units.Unit]:
+    hold_ids = list(
+        await session.scalars(
+            select(OrderLine.hold_id).where(
+                OrderLine.order_id == order_id, OrderLine.hold_id.is_not(None)
+            )
+        )
+    )
+    return await units.units_of(session, [h for h in hold_ids if h is not None], lock=True)
+
+
+async def take_units(session: AsyncSession, order: Order, now: datetime) -> bool:
+    """Make the order's units sold: its active holds converted, or, when one of them
+    ended, all of them taken again from the stock (all or none)."""
+    order_units = await _units_of_order(session, order.id)
+    conn = await session.connection()
+    if await units.convert_active(conn, order_units, now):
+        return True
+    await units.release_active(conn, order_units, now, status=HoldStatus.EXPIRED)
+    return await units.retake(session, order_units, now)
+
+
+def _refund_row(
+    order: Order,
+    payment: Payment,
+    amount: int,
+    *,
+    reason: str,
+    note: str,
+    actor: str,
+    now: datetime,
+) -> Refund:
+    at_lane = payment.provider != STRIPE
+    return Refund(
+        org_id=order.org_id,
+        order_id=order.id,
+        payment_id=payment.id,
+        amount_minor=amount,
+        reason=reason[:64],
+        note=(note or ("cash given back at the lane" if at_lane else ""))[:300],
+        # Money taken at the lane goes back at the lane: done when recorded.
+        status=RefundStatus.SUCCEEDED if at_lane else RefundStatus.PENDING,
+        created_at=now,
+        actor=actor,
+    )
+
+
+async def _end_unsold(
+    session: AsyncSession,
+    order: Order,
+    target: OrderStatus,
+    *,
+    reason: str,
+    message: str | None,
+    acting: Principal,
+    now: datetime,
+) -> None:
+    """Cancel or expire a pending order: holds, voucher uses and budgets given back."""
+    order.status = ORDER_LIFECYCLE.check(OrderStatus(order.status), target, action=target.value)
+    order.ended_at = now
+    order.status_reason = reason[:64]
+    order.status_message = message
+    conn = await session.connection()
+    hold_status = HoldStatus.RELEASED if target is OrderStatus.CANCELLED else HoldStatus.EXPIRED
+    await units.release_active(
+        conn, await _units_of_order(session, order.id), now, status=hold_status
+    )
+    await _give_back_codes_and_budgets(session, order, acting, reason=reason, now=now)
+    await session.execute(
+        update(Payment)
+        .where(
+            Payment.order_id == order.id,
+            Payment.status.in_([PaymentStatus.PENDING, PaymentStatus.FAILED]),
+        )
+        .values(status=PaymentStatus.CANCELED, updated_at=now)
+    )
+
+
+async def _give_back_codes_and_budgets(
+    session: AsyncSession, order: Order, acting: Principal, *, reason: str, now: datetime
+) -> None:
+    for redemption_id in await order_redemptions(session, order.org_id, order.id):
+        await vault.rollback(
+            session, acting, redemption_id=redemption_id, reason=f"order {reason}"[:200], now=now
+        )
+    await give_back_budgets(session, json.loads(order.breakdown))
+
+
+# ---------------------------------------------------------------- cancel, expire
+
+
+async def cancel_order(
+    session: AsyncSession,
+    principal: Principal,
+    order_id: int,
+    *,
+    reason: str = "cancelled",
+    now: datetime,
+) -> OrderOut:
+    """Cancel a pending order: its units go back on sale, its codes can be used again."""
+    principal.require("orders:write")
+    order = await _lock_order(session, principal.org_id, order_id)
+    await _end_unsold(
+        session, order, OrderStatus.CANCELLED, reason=reason, message=None,
+        acting=vault_principal(principal), now=now,
+    )  # fmt: skip
+    await session.flush()
+    return await order_out(session, order)
+
+
+async def expire_due(db: Database, now: datetime) -> int:
+    """Expire pending orders whose price hold has ended (the holds lapsed unpaid); the
+    number expired. Safe to run anywhere, any number of times."""
+    async with db.reader() as session:
+        due = list(
+            (
+                await session.execute(
+                    select(Order.id, Order.org_id)
+                    .where(Order.status == OrderStatus.PENDING, Order.price_held_until <= now)
+                    .order_by(Order.id)
+                    .limit(EXPIRE_BATCH)
+                )
+            ).tuples()
+        )
+    expired = 0
+    for order_id, org_id in due:
+
+        async def expire(
+            session: AsyncSession, order_id: int = order_id, org_id: int = org_id
+        ) -> bool:
+            order = await _lock_order(session, org_id, order_id)
+            if order.status != OrderStatus.PENDING or order.price_held_until > now:
+                return False  # paid or changed meanwhile
+            await _end_unsold(
+                session, order, OrderStatus.EXPIRED, reason="hold_expired",
+                message="The reservation ended before the payment arrived.",
+                acting=_system(org_id), now=now,
+            )  # fmt: skip
+            return True
+
+        if await db.in_transaction(expire):
+            expired += 1
+    return expired
+
+
+# ---------------------------------------------------------------- paid
+
+
+async def _record_paid(order: Order, now: datetime) -> None:
+    order.status = ORDER_LIFECYCLE.check(OrderStatus(order.status), OrderStatus.PAID)
+    order.paid_at = now
+    order.ended_at = None
+
+
+async def settle_paid(
+    session: AsyncSession, order: Order, payment: Payment, *, actor: str, now: datetime
+) -> Settled:
+    """A payment succeeded (its row already says so): sell the units, or give the money
+    back when they are gone (see the module rules). The order row is locked."""
+    status = OrderStatus(order.status)
+    if status in SOLD_STATUSES or status is OrderStatus.REFUNDED:
+        # The order was paid by another payment (or refunded since): this money goes back.
+        refund = _refund_row(
+            order, payment, payment.amount_minor, reason="duplicate_payment",
+            note="a second payment for an order already settled", actor=actor, now=now,
+        )  # fmt: skip
+        session.add(refund)
+        await session.flush()
+        return Settled("refunded_duplicate_payment", order.id, [refund.id])
+    if await take_units(session, order, now):
+        await _record_paid(order, now)
+        if status is not OrderStatus.PENDING:
+            order.status_reason = f"paid_after_{status.value}"
+            order.status_message = None
+        return Settled("paid", order.id)
+    # The units are gone: the order cannot be handed out, so the money goes back.
+    if status is OrderStatus.PENDING:
+        await _end_unsold(
+            session, order, OrderStatus.EXPIRED, reason=SOLD_OUT_AFTER_EXPIRY,
+            message=SOLD_OUT_MESSAGE, acting=_system(order.org_id), now=now,
+        )  # fmt: skip
+    order.status = ORDER_LIFECYCLE.check(OrderStatus(order.status), OrderStatus.REFUNDED)
+    order.status_reason = SOLD_OUT_AFTER_EXPIRY
+    order.status_message = SOLD_OUT_MESSAGE
+    order.ended_at = now
+    order.refunded_minor = order.refunded_minor + payment.amount_minor
+    refund = _refund_row(
+        order, payment, payment.amount_minor, reason=SOLD_OUT_AFTER_EXPIRY,
+        note="paid after the reservation ended; sold out", actor=actor, now=now,
+    )  # fmt: skip
+    session.add(refund)
+    await session.flush()
+    return Settled("refunded_sold_out", order.id, [refund.id])
+
+
+async def mark_paid_at_lane(
+    session: AsyncSession, principal: Principal, order_id: int, *, tender: str, now: datetime
+) -> OrderOut:
+    """Staff took the money at the lane (cash or their own card terminal)."""
+    if not ({"orders:pickup", "orders:write"} & principal.scopes):
+        principal.require("orders:pickup")
+    if tender not in ("cash", "card"):
+        raise PopdropError("invalid_request", "tender: cash or card")
+    order = await _lock_order(session, principal.org_id, order_id)
+    ORDER_LIFECYCLE.check(OrderStatus(order.status), OrderStatus.PAID, action="mark paid")
+    if not await take_units(session, order, now):
+        raise PopdropError(
+            "sold_out", "the units of this order are gone: take no money", status=409
+        )
+    session.add(
+        Payment(
+            org_id=order.org_id,
+            order_id=order.id,
+            provider=PaymentMethod.PAY_AT_PICKUP,
+            amount_minor=order.total_minor,
+            currency=order.currency,
+            status=PaymentStatus.SUCCEEDED,
+            tender=tender,
+            created_at=now,
+            updated_at=now,
+            actor=principal.actor,
+        )
+    )
+    await _record_paid(order, now)
+    await session.flush()
+    return await order_out(session, order)
+
+
+# ---------------------------------------------------------------- online payment
+
+
+async def start_online_payment(
+    db: Database,
+    principal: Principal,
+    order_id: int,
+    provider: PaymentProvider,
+    *,
+    signer: Signer,
+    base_url: str,
+    now: datetime,
+) -> PayStart:
+    """Create the provider's hosted payment page for a pending order and record the
+    attempt. The provider call runs outside any transaction (module rules)."""
+    principal.require("orders:write")
+    async with db.reader() as session:
+        order = await owned(session, Order, order_id, principal.org_id)
+        if order.status != OrderStatus.PENDING:
+            raise ORDER_LIFECYCLE.refusal(OrderStatus(order.status), None, action="pay for")
+        if order.price_held_until <= now:
+            raise PopdropError("hold_expired", "this order's reservation has ended; order again")
+        if order.total_minor <= 0:
+            raise PopdropError("conflict", "there is nothing to pay for this order")
+        attempts = len(
+            list(await session.scalars(select(Payment.id).where(Payment.order_id == order.id)))
+        )
+        lines = list(
+            await session.scalars(
+                select(OrderLine).where(OrderLine.order_id == order.id).order_by(OrderLine.id)
+            )
+        )
+    view = links.order_view_url(signer, base_url, order.id, order.org_id)
+    request = PaymentRequest(
+        order_id=order.id,
+        org_id=order.org_id,
+        amount_minor=order.total_minor,
+        currency=order.currency,
+        description=f"Order {order.id}",
+        lines=tuple((line.title, line.qty, line.final_minor) for line in lines),
+        success_url=view,
+        cancel_url=view,
+        customer_email=order.receipt_email,
+    )
+    started = await provider.start(request, idempotency_key=f"order-{order.id}-pay-{attempts + 1}")
+    async with db.transaction() as session:
+        inserted = await session.execute(
+            dialect_insert(db.dialect, Payment)
+            .values(
+                org_id=order.org_id,
+                order_id=order.id,
+                provider=STRIPE,
+                provider_ref=started.provider_ref,
+                payment_intent=started.payment_intent,
+                amount_minor=order.total_minor,
+                currency=order.currency,
+                status=PaymentStatus.PENDING,
+                created_at=now,
+                updated_at=now,
+                actor=principal.actor,
+            )
+            .on_conflict_do_nothing()
+            .returning(Payment.id)
+        )
+        payment_id = inserted.scalar_one_or_none()
+        if payment_id is None:  # the same attempt twice (a double click): one row
+            payment_id = await session.scalar(
+                select(Payment.id).where(
+                    Payment.provider == STRIPE, Payment.provider_ref == started.provider_ref
+                )
+            )
+    assert payment_id is not None
+    return PayStart(order_id=order.id, payment_id=payment_id, redirect_url=started.redirect_url)
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+async def _payment_of(
+    session: AsyncSession, event: StripeEvent, order: Order | None
+) -> Payment | None:
+    if event.object_id.startswith("cs_"):
+        found = await session.scalar(
+            select(Payment).where(
+                Payment.provider == STRIPE, Payment.provider_ref == event.object_id
+            )
+        )
+        if found is not None:
+            return found
+    if event.payment_intent:
+        found = await session.scalar(
+            select(Payment).where(
+                Payment.provider == STRIPE, Payment.payment_intent == event.payment_intent
+            )
+        )
+        if found is not None:
+            return found
+    if order is not None:  # the intent was not known yet: the order's latest open attempt
+        return await session.scalar(
+            select(Payment)
+            .where(
+                Payment.order_id == order.id,
+                Payment.provider == STRIPE,
+                Payment.payment_intent.is_(None),
+            )
+            .order_by(Payment.id.desc())
+            .limit(1)
+        )
+    return None
+
+
+def _kind(event: StripeEvent) -> str:
+    if event.type in SUCCEEDED_EVENTS:
+        if event.type == "checkout.session.completed" and event.status not in (
+            None, "paid", "no_payment_required",
+        ):  # fmt: skip
+            return "awaiting"  # an asynchronous method: the outcome comes later
+        return "succeeded"
+    if event.type in FAILED_EVENTS:
+        return "failed"
+    if event.type in CANCELED_EVENTS:
+        return "canceled"
+    if event.type in REFUND_EVENTS:
+        return "refund"
+    return "ignored"
+
+
+async def apply_stripe_event(
+    session: AsyncSession, event: StripeEvent, *, now: datetime
+) -> Settled:
+    """Apply one verified Stripe event, at most once (see the module rules). Refunds it
+    decides are returned for `send_pending_refunds` to send after the commit."""
+    inserted = await session.execute(
+        dialect_insert(session.get_bind().dialect.name, ProviderEvent)
+        .values(
+            provider=STRIPE,
+            event_id=event.id[:200],
+            type=event.type[:100],
+            org_id=None,
+            object_ref=event.object_id[:200] or None,
+            provider_created_at=event.created,
+            received_at=now,
+            outcome="",
+        )
+        .on_conflict_do_nothing()
+        .returning(ProviderEvent.id)
+    )
+    row_id = inserted.scalar_one_or_none()
+    if row_id is None:
+        return Settled("duplicate")
+    settled = await _apply(session, event, now)
+    org_id = None
+    if settled.order_id is not None:
+        org_id = await session.scalar(select(Order.org_id).where(Order.id == settled.order_id))
+    await session.execute(
+        update(ProviderEvent)
+        .where(ProviderEvent.id == row_id)
+        .values(outcome=settled.outcome[:64], org_id=org_id)
+    )
+    return settled
+
+
+async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Settled:
+    kind = _kind(event)
+    if kind == "ignored":
+        return Settled("ignored_type")
+    if kind == "refund":
+        return await _apply_refund(session, event, now)
+    order: Order | None = None
+    if event.order_id is not None and event.org_id is not None:
+        order = await session.scalar(
+            select(Order)
+            .where(Order.id == event.order_id, Order.org_id == event.org_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    payment = await _payment_of(session, event, order)
+    if order is None and payment is not None:
+        order = await _lock_order(session, payment.org_id, payment.order_id)
+    if order is None:
+        return Settled("unknown_order")
+    if payment is not None and payment.order_id != order.id:
+        return Settled("payment_of_another_order", order.id)
+    if payment is None:
+        if kind != "succeeded":
+            return Settled(f"{kind}_without_payment", order.id)
+        # Money arrived for an attempt we never recorded (a crash after the provider call).
+        payment = Payment(
+            org_id=order.org_id,
+            order_id=order.id,
+            provider=STRIPE,
+            provider_ref=event.object_id if event.object_id.startswith("cs_") else None,
+            payment_intent=event.payment_intent,
+            amount_minor=event.amount_minor
+            if event.amount_minor is not None
+            else order.total_minor,
+            currency=event.currency or order.currency,
+            status=PaymentStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            actor="stripe",
+        )
+        session.add(payment)
+        await session.flush()
+    else:
+        payment = await session.scalar(
+            select(Payment)
+            .where(Payment.id == payment.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        assert payment is not None
+    if payment.payment_intent is None and event.payment_intent:
+        payment.payment_intent = event.payment_intent
+    current = PaymentStatus(payment.status)
+    if kind == "awaiting":
+        return Settled("awaiting_payment", order.id)
+    if kind == "succeeded":
+        if current is PaymentStatus.SUCCEEDED:
+            return Settled("already_succeeded", order.id)
+        payment.status = PAYMENT_LIFECYCLE.check(current, PaymentStatus.SUCCEEDED)
+        payment.updated_at = now
+        return await settle_paid(session, order, payment, actor="stripe", now=now)
+    target = PaymentStatus.FAILED if kind == "failed" else PaymentStatus.CANCELED
+    if current is target and kind == "failed":
+        pass  # a later failure of the same attempt: keep its newest reason
+    elif not PAYMENT_LIFECYCLE.allows(current, target):
+        return Settled(f"ignored_{kind}_after_{current.value}", order.id)
+    payment.status = target
+    payment.updated_at = now
+    if kind == "failed":
+        payment.failure_code = (event.failure_code or event.decline_code or "payment_failed")[:64]
+        message = event.failure_message or ""
+        if event.decline_code and event.decline_code != payment.failure_code:
+            message = f"{message} ({event.decline_code})".strip()
+        payment.failure_message = message[:300] or None
+    return Settled(f"payment_{target.value}", order.id)
+
+
+async def _apply_refund(session: AsyncSession, event: StripeEvent, now: datetime) -> Settled:
+    if not event.object_id.startswith("re_"):
+        return Settled("refund_noted")
+    refund = await session.scalar(
+        select(Refund).where(Refund.provider_ref == event.object_id).with_for_update()
+    )
+    if refund is None:
+        return Settled("unknown_refund")
+    target = {
+        "succeeded": RefundStatus.SUCCEEDED,
+        "failed": RefundStatus.FAILED,
+        "canceled": RefundStatus.FAILED,
+    }.get(event.status or ("failed" if event.type == "refund.failed" else ""))
+    current = RefundStatus(refund.status)
+    if target is None or target is current or not REFUND_LIFECYCLE.allows(current, target):
+        return Settled(f"refund_{current.value}", refund.order_id)
+    refund.status = target
+    if target is RefundStatus.FAILED:
+        refund.failure_code = (event.failure_code or "refund_failed")[:64]
+    return Settled(f"refund_{target.value}", refund.order_id)
+
+
+async def handle_stripe_event(
+    db: Database, event: StripeEvent, provider: PaymentProvider | None, *, now: datetime
+) -> Settled:
+    """Apply an event in its own transaction, then send the refunds it decided."""
+
+    async def work(session: AsyncSession) -> Settled:
+        return await apply_stripe_event(session, event, now=now)
+
+    settled = await db.in_transaction(work)
+    if settled.refund_ids and provider is not None:
+        await send_pending_refunds(db, provider, now=now, refund_ids=settled.refund_ids)
+    return settled
+
+
+# ---------------------------------------------------------------- refunds
+
+
+async def refund_order(
+    session: AsyncSession,
+    principal: Principal,
+    order_id: int,
+    *,
+    amount_minor: int | None,
+    reason: str,
+    note: str = "",
+    now: datetime,
+) -> tuple[OrderOut, list[int]]:
+    """Refund part or all of a paid order; the Refund ids to send to the provider after
+    the commit (`send_pending_refunds`). A full refund ends the order `refunded`."""
+    principal.require("orders:write")
+    order = await _lock_order(session, principal.org_id, order_id)
+    status = OrderStatus(order.status)
+    if status not in SOLD_STATUSES:
+        raise ORDER_LIFECYCLE.refusal(status, None, action="refund")
+    left = order.total_minor - order.refunded_minor
+    amount = left if amount_minor is None else amount_minor
+    if amount > left:
+        raise PopdropError(
+            "invalid_request", f"at most {left} can be refunded", detail={"refundable_minor": left}
+        )
+    refund_ids: list[int] = []
+    if amount > 0:
+        payment = await session.scalar(
+            select(Payment)
+            .where(
+                Payment.order_id == order.id,
+                Payment.status == PaymentStatus.SUCCEEDED,
+                Payment.amount_minor > 0,
+            )
+            .order_by(Payment.id)
+            .limit(1)
+        )
+        if payment is None:
+            raise PopdropError("conflict", "no payment of this order to refund")
+        if payment.provider == STRIPE and not payment.payment_intent:
+            raise PopdropError("conflict", "the payment is not confirmed by the provider yet")
+        refund = _refund_row(
+            order, payment, amount, reason=reason, note=note, actor=principal.actor, now=now
+        )
+        session.add(refund)
+        await session.flush()
+        if refund.status == RefundStatus.PENDING:
+            refund_ids.append(refund.id)
+    order.refunded_minor = order.refunded_minor + amount
+    if order.refunded_minor >= order.total_minor:
+        order.status = ORDER_LIFECYCLE.check(status, OrderStatus.REFUNDED, action="refund")
+        order.ended_at = now
+        order.status_reason = reason[:64]
+        if status is not OrderStatus.PICKED_UP:  # not handed out: back on sale
+            conn = await session.connection()
+            await units.return_sold(conn, await _units_of_order(session, order.id))
+            await session.execute(
+                update(OrderLine)
+                .where(OrderLine.order_id == order.id)
+                .values(refunded_qty=OrderLine.qty)
+            )
+        await _give_back_codes_and_budgets(
+            session, order, vault_principal(principal), reason="refunded", now=now
+        )
+    await session.flush()
+    return await order_out(session, order), refund_ids
+
+
+async def send_pending_refunds(
+    db: Database,
+    provider: PaymentProvider,
+    *,
+    now: datetime,
+    refund_ids: Sequence[int] | None = None,
+    limit: int = 200,
+) -> int:
+    """Ask the provider for refunds recorded but not sent yet; the number sent. A refund
+    the provider could not be reached for stays pending for the next tick."""
+    async with db.reader() as session:
+        query = (
+            select(Refund.id, Refund.amount_minor, Payment.payment_intent)
+            .join(Payment, Payment.id == Refund.payment_id)
+            .where(
+                Refund.status == RefundStatus.PENDING,
+                Refund.provider_ref.is_(None),
+                Payment.provider == STRIPE,
+            )
+            .order_by(Refund.id)
+            .limit(limit)
+        )
+        if refund_ids is not None:
+            query = query.where(Refund.id.in_(list(refund_ids)))
+        due = list((await session.execute(query)).tuples())
+    sent = 0
+    for refund_id, amount, payment_intent in due:
+        if not payment_intent:
+            log.warning("refund waits for its payment intent", refund=refund_id)
+            continue
+        try:
+            result = await provider.refund(
+                payment_intent=payment_intent,
+                amount_minor=amount,
+                reason="requested_by_customer",
+                idempotency_key=f"refund-{refund_id}",
+            )
+        except ProviderError as error:
+            final = (
+                error.http_status is not None
+                and 400 <= error.http_status < 500
+                and error.http_status != 429
+            )
+            log.warning("refund not sent", refund=refund_id, code=error.code, final=final)
+            if final:
+                async with db.transaction() as session:
+                    await session.execute(
+                        update(Refund)
+                        .where(Refund.id == refund_id, Refund.status == RefundStatus.PENDING)
+                        .values(status=RefundStatus.FAILED, failure_code=error.code[:64])
+                    )
+            continue
+        status = {
+            "succeeded": RefundStatus.SUCCEEDED,
+            "failed": RefundStatus.FAILED,
+        }.get(result.status, RefundStatus.PENDING)
+        async with db.transaction() as session:
+            await session.execute(
+                update(Refund)
+                .where(Refund.id == refund_id, Refund.provider_ref.is_(None))
+                .values(
+                    provider_ref=result.provider_ref,
+                    status=status,
+                    failure_code=(result.failure_code or None),
+                )
+            )
+        sent += 1
+    return sent
