@@ -200,6 +200,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.chat.web import router as chat_web
     from popdrop.checkin.api import router as checkin_api
     from popdrop.checkin.pages import router as checkin_pages
+    from popdrop.commerce.api import router as orders_api
+    from popdrop.commerce.api import webhook_router as stripe_webhook
     from popdrop.commerce.catalog_api import router as catalog_api
     from popdrop.drops.api import public_router as drops_public
     from popdrop.drops.api import router as drops_api
@@ -240,6 +242,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         checkin_api,
         checkin_pages,
         catalog_api,
+        orders_api,
+        stripe_webhook,
         privacy_api,
         privacy_pages,
         guest_pages,
