@@ -1197,7 +1197,7 @@ def _page_html(
         parts.append(f"<p class='msg' role='alert'>{esc(message or '')}</p></body></html>")
         return "".join(parts)
     currency = session["currency"]
-    parts.append("<h1>Pay</h1><table>")
+    parts.append("<h1>Checkout</h1><table>")
     for line in lines:
         parts.append(
             f"<tr><td>{esc(str(line['description']))} x {line['quantity']}</td>"
