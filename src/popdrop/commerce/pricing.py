@@ -487,6 +487,7 @@ class _State:
         self.adjustments: list[list[_Adj]] = [[] for _ in cart.items]
         self.applied_codes: list[str] = []
         self.refused: list[Refusal] = []
+        self.refused_at: list[tuple[int, Refusal]] = []  # (entry position, refusal)
         self.rule_spend: dict[int, int] = {}
         self.capped = 0
         self.floor_back: list[int] = [0] * len(cart.items)
@@ -593,48 +594,58 @@ class _State:
             off = f"{self.money(code.value)} off"
         else:
             off = "the cheapest matching item free"
-        base = " the list price" if code.applies_to is AppliesTo.INITIAL else ""
+        base = " the price before discounts" if code.applies_to is AppliesTo.INITIAL else ""
         return (
             f"code {code.label}: {off}{base}"
             if code.kind is CodeKind.PERCENT
             else f"code {code.label}: {off}"
         )
 
-    def refuse(self, code: Code, reason: str, message: str) -> None:
-        self.refused.append(Refusal(code.ref, reason, message))
+    def refuse(self, position: int, code: Code, reason: str, message: str) -> None:
+        self.refused_at.append((position, Refusal(code.ref, reason, message)))
 
     def apply_codes(self) -> None:
         candidates: list[tuple[int, int, Code]] = []
         seen: set[str] = set()
         for position, code in enumerate(self.cart.codes):
             if code.ref in seen:
-                self.refuse(code, "duplicate_code", f"{code.label} is already entered")
+                self.refuse(position, code, "duplicate_code", f"{code.label} is already entered")
                 continue
             seen.add(code.ref)
             candidates.append((code.priority, position, code))
-        ordered = [code for _, _, code in sorted(candidates, key=lambda c: (c[0], c[1]))]
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        ordered = [code for _, _, code in candidates]
+        # An exclusive code that would take something off (alone, so on the bundled prices)
+        # is the one code of the order; without a free slot it cannot be that either.
         alone = next(
             (
                 code
                 for code in ordered
-                if code.stacking is Stacking.EXCLUSIVE and sum(self.code_effect(code)[1]) > 0
+                if self.cart.max_codes > 0
+                and code.stacking is Stacking.EXCLUSIVE
+                and sum(self.code_effect(code)[1]) > 0
             ),
             None,
         )
-        for code in ordered:
+        for _, position, code in candidates:
             if not self.matching(code.product_ids):
                 self.refuse(
+                    position,
                     code,
                     "no_matching_items",
                     f"{code.label} does not apply to anything in the cart",
                 )
             elif alone is not None and code is not alone:
                 self.refuse(
-                    code, "not_combinable", f"{code.label} cannot be combined with {alone.label}"
+                    position,
+                    code,
+                    "not_combinable",
+                    f"{code.label} cannot be combined with {alone.label}",
                 )
             elif len(self.applied_codes) >= self.cart.max_codes:
                 limit = self.cart.max_codes
                 self.refuse(
+                    position,
                     code,
                     "too_many_codes",
                     f"at most {limit} code{'s' if limit != 1 else ''} per order",
@@ -642,7 +653,12 @@ class _State:
             else:
                 units, amounts, touched = self.code_effect(code)
                 if sum(amounts) <= 0:
-                    self.refuse(code, "no_effect", f"{code.label} would take nothing off this cart")
+                    self.refuse(
+                        position,
+                        code,
+                        "no_effect",
+                        f"{code.label} would take nothing off this cart",
+                    )
                     continue
                 why = self.code_why(code)
                 self.commit(
@@ -655,6 +671,8 @@ class _State:
                     for unit in self.units[line]:
                         unit.code_touched = True
                         unit.exclusive_lock |= code.stacking is Stacking.EXCLUSIVE
+        # Refusals read in the order the customer entered the codes.
+        self.refused = [refusal for _, refusal in sorted(self.refused_at, key=lambda r: r[0])]
 
     # Automatic rules: by (priority, id); each unit is used by at most one of them.
     def eligible(self, rule: Rule) -> list[_Unit]:
@@ -734,7 +752,7 @@ class _State:
                 for position, amount in enumerate(amounts):
                     amounts[position] = min(amount, left)
                     left -= amounts[position]
-                why += f" (campaign budget: {self.money(budget)} left)"
+                why += f" (the campaign budget ran out: {self.money(budget)} was left)"
             spent = sum(amounts)
             if spent <= 0:
                 continue
