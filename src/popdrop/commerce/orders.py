@@ -411,14 +411,16 @@ async def checkout_of(
     if len(currencies) != 1:
         raise PopdropError("invalid_request", "an order is in one currency")
     currency = currencies.pop()
-    siblings = dict(
-        (
-            await session.execute(
-                select(Variant.product_id, func.count())
-                .where(Variant.product_id.in_({p.id for _, _, p in holds}))
-                .group_by(Variant.product_id)
-            )
-        ).tuples()
+    siblings: dict[int, int] = dict(
+        list(
+            (
+                await session.execute(
+                    select(Variant.product_id, func.count())
+                    .where(Variant.product_id.in_({p.id for _, _, p in holds}))
+                    .group_by(Variant.product_id)
+                )
+            ).tuples()
+        )
     )
     items = [
         pricing.Item(
@@ -872,14 +874,16 @@ async def sales_summary(session: AsyncSession, principal: Principal, event_id: i
         if allowed is None:
             raise not_found("event")
     await owned(session, Event, event_id, principal.org_id)
-    counts = dict(
-        (
-            await session.execute(
-                select(Order.status, func.count())
-                .where(Order.org_id == principal.org_id, Order.event_id == event_id)
-                .group_by(Order.status)
-            )
-        ).tuples()
+    counts: dict[str, int] = dict(
+        list(
+            (
+                await session.execute(
+                    select(Order.status, func.count())
+                    .where(Order.org_id == principal.org_id, Order.event_id == event_id)
+                    .group_by(Order.status)
+                )
+            ).tuples()
+        )
     )
     sold = [s.value for s in SOLD_STATUSES]
     totals = (

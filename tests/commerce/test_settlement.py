@@ -1,0 +1,269 @@
+"""Orders paid through the Stripe sandbox, its webhooks posted to the app: paid with units
+sold, failures stored with the provider's code, duplicates applied once, events out of
+order, late payments (units taken again, or refunded automatically), refunds, pay at
+pickup."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from popdrop.commerce import settlement
+from popdrop.commerce.stripe_sandbox import SANDBOX_API_KEY, SANDBOX_WEBHOOK_SECRET, StripeSandbox
+from popdrop.core.clock import FrozenClock
+from popdrop.core.config import Settings
+from popdrop.web.context import AppContext
+from tests.commerce.helpers import (
+    WEBHOOK,
+    deliver,
+    get_order,
+    hold,
+    make_shop,
+    placed,
+    start_payment,
+    stock_row,
+)
+from tests.conftest import SECRET, Tenant
+
+
+@pytest.fixture
+async def sandbox(clock: FrozenClock) -> AsyncIterator[StripeSandbox]:
+    box = StripeSandbox(clock=clock, retry_delays=())  # no webhook URL: tests deliver
+    async with box.serving():
+        yield box
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path, sandbox: StripeSandbox) -> Settings:
+    assert sandbox.base_url
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        secret_key=SECRET,
+        log_requests=False,
+        log_level="WARNING",
+        redis_url=None,
+        stripe_secret_key=SANDBOX_API_KEY,
+        stripe_api_base=sandbox.base_url,
+        stripe_webhook_secrets=SANDBOX_WEBHOOK_SECRET,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+async def test_pay_online_sells_the_units_once(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    hold_id = await hold(app_client, tenant, shop, qty=2)
+    order = await placed(app_client, tenant, [hold_id], payment_method="stripe")
+    assert (order["status"], order["total_minor"]) == ("pending", 3000)
+    assert len(order["short_code"]) == 11  # K7QM-4XT2-9
+    session_id, started = await start_payment(app_client, tenant, order["id"])
+    assert started["redirect_url"].startswith(sandbox.base_url or "")
+
+    events = await sandbox.pay(session_id)
+    answers = await deliver(app_client, sandbox, events)
+    assert answers[0]["outcome"] == "paid"
+    paid = await get_order(app_client, tenant, order["id"])
+    assert paid["status"] == "paid" and paid["paid_at"]
+    assert paid["payments"][0]["status"] == "succeeded"
+    assert paid["payments"][0]["payment_intent"].startswith("pi_")
+    assert await stock_row(app_client, tenant, shop) == {
+        "total": 5, "held": 0, "sold": 2, "available": 3,
+    }  # fmt: skip
+
+    # Stripe retries: the same events again change nothing.
+    again = await deliver(app_client, sandbox, events)
+    assert {a["outcome"] for a in again} == {"duplicate"}
+    assert (await stock_row(app_client, tenant, shop))["sold"] == 2
+
+    # A partial refund goes through the provider and keeps the order paid.
+    refunded = await app_client.post(
+        f"/api/v1/orders/{order['id']}/refunds",
+        json={"amount_minor": 1000, "reason": "damaged"},
+        headers={**tenant.headers, "Idempotency-Key": "refund-1"},
+    )
+    assert refunded.status_code == 200, refunded.text
+    body = refunded.json()
+    assert (body["status"], body["refunded_minor"]) == ("paid", 1000)
+    assert body["refunds"][0]["provider_ref"].startswith("re_")
+    assert body["refunds"][0]["status"] == "succeeded"
+    assert [r["amount"] for r in sandbox.refunds.values()] == [1000]
+
+
+async def test_a_declined_card_is_stored_with_its_code_and_can_be_retried(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    await deliver(app_client, sandbox, await sandbox.decline(session_id))
+    failed = await get_order(app_client, tenant, order["id"])
+    assert failed["status"] == "pending"
+    payment = failed["payments"][0]
+    assert payment["status"] == "failed"
+    assert payment["failure_code"] == "card_declined"
+    assert "insufficient" in (payment["failure_message"] or "")
+
+    second, _ = await start_payment(app_client, tenant, order["id"])
+    assert second != session_id
+    await deliver(app_client, sandbox, await sandbox.pay(second))
+    assert (await get_order(app_client, tenant, order["id"]))["status"] == "paid"
+
+
+async def test_events_out_of_order_end_in_the_right_state(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    declined = await sandbox.decline(session_id)
+    succeeded = await sandbox.pay(session_id)
+    # Success first, then the older failure: the failure must not undo the payment.
+    answers = await deliver(app_client, sandbox, [*reversed(succeeded), *declined])
+    assert answers[0]["outcome"] == "paid"
+    assert answers[-1]["outcome"].startswith("ignored_failed")
+    final = await get_order(app_client, tenant, order["id"])
+    assert final["status"] == "paid"
+    assert final["payments"][0]["status"] == "succeeded"
+    assert (await stock_row(app_client, tenant, shop))["sold"] == 1
+
+
+async def test_bad_signatures_and_old_timestamps_are_refused(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    [event, *_] = await sandbox.pay(session_id)
+    forged = await app_client.post(
+        WEBHOOK,
+        content=event.body.replace(b'"paid"', b'"unpaid"'),
+        headers={"Stripe-Signature": sandbox.sign(event.body)},
+    )
+    assert (forged.status_code, forged.json()["reason"]) == (400, "bad_signature")
+    unsigned = await app_client.post(WEBHOOK, content=event.body)
+    assert unsigned.status_code == 400
+    old = int(clock.now().timestamp()) - 301
+    stale = await app_client.post(
+        WEBHOOK, content=event.body, headers={"Stripe-Signature": sandbox.sign(event.body, old)}
+    )
+    assert (stale.status_code, stale.json()["reason"]) == (400, "timestamp_outside_tolerance")
+    assert (await get_order(app_client, tenant, order["id"]))["status"] == "pending"
+    # The genuine delivery still works afterwards (nothing was recorded for the refusals).
+    assert (await deliver(app_client, sandbox, [event]))[0]["outcome"] == "paid"
+
+
+async def test_a_late_payment_takes_the_units_again_when_they_are_there(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=2)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    clock.advance(timedelta(seconds=601))  # past the hold's TTL
+    assert await settlement.expire_due(ctx.db, clock.now()) == 1
+    assert (await get_order(app_client, tenant, order["id"]))["status"] == "expired"
+    assert (await stock_row(app_client, tenant, shop))["held"] == 0
+
+    await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    late = await get_order(app_client, tenant, order["id"])
+    assert (late["status"], late["status_reason"]) == ("paid", "paid_after_expired")
+    assert await stock_row(app_client, tenant, shop) == {
+        "total": 2, "held": 0, "sold": 1, "available": 1,
+    }  # fmt: skip
+
+
+async def test_a_late_payment_after_a_sell_out_is_refunded_through_the_provider(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=1)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    clock.advance(timedelta(seconds=601))
+    # Someone else takes the only unit (their hold gives the expired one back first).
+    await hold(app_client, tenant, shop)
+
+    answers = await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    assert answers[0]["outcome"] == "refunded_sold_out"
+    final = await get_order(app_client, tenant, order["id"])
+    assert final["status"] == "refunded"
+    assert final["status_reason"] == "sold_out_after_expiry"
+    assert "refunded" in final["status_message"]
+    assert final["refunded_minor"] == final["total_minor"] == 1500
+    [refund] = final["refunds"]
+    assert refund["status"] == "succeeded" and refund["provider_ref"].startswith("re_")
+    assert [r["amount"] for r in sandbox.refunds.values()] == [1500]
+    assert await stock_row(app_client, tenant, shop) == {
+        "total": 1,
+        "held": 1,
+        "sold": 0,
+        "available": 0,
+    }  # fmt: skip  (never oversold: the other buyer keeps the unit)
+
+
+async def test_pay_at_pickup_keeps_the_units_until_the_window_and_staff_take_the_money(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=3, window=5)
+    hold_id = await hold(app_client, tenant, shop, with_slot=True)
+    order = await placed(app_client, tenant, [hold_id], payment_method="pay_at_pickup")
+    assert order["status"] == "pending"
+    clock.advance(timedelta(hours=2))  # far past the hold's TTL, before the slot ends
+    assert (await stock_row(app_client, tenant, shop))["held"] == 1
+
+    paid = await app_client.post(
+        f"/api/v1/orders/{order['id']}/mark-paid",
+        json={"tender": "cash"},
+        headers={**tenant.headers, "Idempotency-Key": "lane-1"},
+    )
+    assert paid.status_code == 200, paid.text
+    assert paid.json()["status"] == "paid"
+    assert paid.json()["payments"][0]["tender"] == "cash"
+    replay = await app_client.post(
+        f"/api/v1/orders/{order['id']}/mark-paid",
+        json={"tender": "cash"},
+        headers={**tenant.headers, "Idempotency-Key": "lane-1"},
+    )
+    assert replay.status_code == 200 and len(replay.json()["payments"]) == 1
+    twice = await app_client.post(
+        f"/api/v1/orders/{order['id']}/mark-paid", json={"tender": "cash"}, headers=tenant.headers
+    )
+    assert (twice.status_code, twice.json()["reason"]) == (409, "invalid_transition")
+    assert (await stock_row(app_client, tenant, shop))["sold"] == 1
+
+    # Cash back: a partial refund, then the rest; the unit goes back on sale.
+    part = await app_client.post(
+        f"/api/v1/orders/{order['id']}/refunds", json={"amount_minor": 500}, headers=tenant.headers
+    )
+    assert (part.json()["status"], part.json()["refunded_minor"]) == ("paid", 500)
+    too_much = await app_client.post(
+        f"/api/v1/orders/{order['id']}/refunds", json={"amount_minor": 5000}, headers=tenant.headers
+    )
+    assert too_much.status_code == 422
+    rest = await app_client.post(
+        f"/api/v1/orders/{order['id']}/refunds", json={}, headers=tenant.headers
+    )
+    body = rest.json()
+    assert (body["status"], body["refunded_minor"]) == ("refunded", 1500)
+    assert [r["status"] for r in body["refunds"]] == ["succeeded", "succeeded"]
+    assert await stock_row(app_client, tenant, shop) == {
+        "total": 3, "held": 0, "sold": 0, "available": 3,
+    }  # fmt: skip
