@@ -410,3 +410,18 @@ def test_the_sandbox_runs_in_a_thread_for_an_app_in_another_process() -> None:
             "payment_intent.succeeded",
         ]
     assert sandbox_settings()["stripe_webhook_secrets"] == SANDBOX_WEBHOOK_SECRET
+
+
+async def test_webhooks_can_go_to_an_app_in_process_without_a_server(
+    clock: FrozenClock,
+) -> None:
+    hooks = Receiver(clock, [SANDBOX_WEBHOOK_SECRET])
+    app = Starlette(routes=[Route("/hook", hooks.hook, methods=["POST"])])
+    box = StripeSandbox(
+        webhook_url="http://testserver/hook",
+        clock=clock,
+        webhook_transport=httpx.ASGITransport(app=app),
+    )
+    async with box.serving():
+        await box.pay(await start(box))
+    assert hooks.types() == ["checkout.session.completed", "payment_intent.succeeded"]

@@ -275,8 +275,13 @@ class StripeSandbox:
         clock: Clock | None = None,
         public_url: str | None = None,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        webhook_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`webhook_transport`: send webhooks through it instead of the network, e.g.
+        `httpx.ASGITransport(app)` for an app under test without a server (then any
+        `webhook_url` host works, e.g. http://testserver/api/v1/payments/stripe/webhook)."""
         self.api_key = api_key
+        self.webhook_transport = webhook_transport
         self.webhook_secrets = list(webhook_secrets)
         self.webhook_url = webhook_url
         self.clock: Clock = clock or SystemClock()
@@ -884,7 +889,7 @@ class StripeSandbox:
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._http is None or self._http_loop is not loop:
-            self._http = httpx.AsyncClient(timeout=15.0)
+            self._http = httpx.AsyncClient(timeout=15.0, transport=self.webhook_transport)
             self._http_loop = loop
         return self._http
 
