@@ -220,6 +220,16 @@ async def test_price_rules_are_checked_against_their_kind(
     )  # fmt: skip
     assert moved.status_code == 200, moved.text
     assert (moved.json()["kind"], moved.json()["budget_minor"]) == ("min_value", None)
+    scoped = await app_client.patch(
+        patch, json={"product_ids": [shop.product_id]}, headers=tenant.headers
+    )
+    assert scoped.json()["product_ids"] == [shop.product_id]
+    assert scoped.json()["params"] == {"min_value_minor": 5000, "amount_minor": 500}
+    other = await make_shop(app_client, tenant, clock.now(), slug="another")
+    foreign = await app_client.patch(
+        patch, json={"product_ids": [other.product_id]}, headers=tenant.headers
+    )
+    assert foreign.status_code == 404
     off = await post(app_client, tenant, f"/api/v1/price-rules/{good['id']}/deactivate", {})
     assert off["active"] is False
     listed = await app_client.get(url, headers=tenant.headers)

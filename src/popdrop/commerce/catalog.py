@@ -11,9 +11,11 @@ Rules:
   nothing stays held, even when the caller goes on after catching the refusal. With a
   pickup slot each component takes its units of the lane's window (`PickupWindow.taken`
   counts units, like every hold).
-- A price rule's `params` must be exactly what its kind reads (`RULE_PARAMS`: names and
-  ranges), else 422 `invalid_request` naming the bad field; `valid_until` after
-  `valid_from`. Rules are edited or deactivated, never deleted (orders cite them).
+- A price rule's `params` must be exactly what its kind reads (`pricing.check_rule`, the
+  engine's own check, plus sane upper bounds), else 422 `invalid_request` naming the bad
+  field; `valid_until` after `valid_from`; `product_ids` (products of the rule's event;
+  none = every product) are kept in the params JSON under "product_ids", where the order
+  service reads them. Rules are edited or deactivated, never deleted (orders cite them).
 - An event without a checkout policy row takes the defaults (`DEFAULT_POLICY`).
 - Writes need `inventory:write`; reads `events:read`. Tenancy: every row is found with the
   caller's organization (`owned`).
@@ -22,7 +24,6 @@ Rules:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -53,75 +54,51 @@ from popdrop.inventory.schemas import HoldCreate, HoldOut
 WRITE = "inventory:write"
 READ = "events:read"
 
-# What each rule kind reads from `params`: name -> (lowest, highest), and which of them
-# are required. `percent` is a whole percentage; `*_minor` amounts are minor units.
-_PERCENT = (1, 100)
-_AMOUNT = (1, 10**12)
-_COUNT = (1, 1000)
+# Upper bounds the engine does not need but a host's typo should meet (a rule for
+# 10,000-unit groups is a typo). The kinds' params themselves are `pricing.check_rule`'s.
+_MOST = {"min_qty": 1000, "buy": 1000, "get": 1000, "every": 1000, "free": 1000}
+PRODUCT_IDS = "product_ids"  # kept in the params JSON next to the kind's integers
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    required: frozenset[str]
-    # Exactly one of these is required when not empty (the discount's size).
-    one_of: frozenset[str]
-    ranges: dict[str, tuple[int, int]]
+def check_rule(name: str, kind: pricing.RuleKind, params: dict[str, int]) -> None:
+    """Refuse params that do not fit `kind` (`pricing.check_rule`, the engine's own
+    rule) with 422 `invalid_request` naming the field."""
+    pricing.check_rule(pricing.Rule(id=0, name=name, kind=kind, params=params))
+    for field, most in _MOST.items():
+        if params.get(field, 0) > most:
+            raise PopdropError("invalid_request", f"rule {name!r}: {field} is at most {most}")
 
 
-RULE_PARAMS: dict[pricing.RuleKind, ParamSpec] = {
-    # At least `min_qty` units in the cart: `percent` off, or `amount_minor` off the lot.
-    pricing.RuleKind.MIN_QUANTITY: ParamSpec(
-        frozenset({"min_qty"}),
-        frozenset({"percent", "amount_minor"}),
-        {"min_qty": _COUNT, "percent": _PERCENT, "amount_minor": _AMOUNT},
-    ),
-    # A cart worth at least `min_value_minor`: `percent` off, or `amount_minor` off.
-    pricing.RuleKind.MIN_VALUE: ParamSpec(
-        frozenset({"min_value_minor"}),
-        frozenset({"percent", "amount_minor"}),
-        {"min_value_minor": _AMOUNT, "percent": _PERCENT, "amount_minor": _AMOUNT},
-    ),
-    # For every `buy` units, `get` more at `percent` off (100 = free; 100 when left out).
-    pricing.RuleKind.BUY_X_GET_Y: ParamSpec(
-        frozenset({"buy", "get"}),
-        frozenset(),
-        {"buy": _COUNT, "get": _COUNT, "percent": _PERCENT},
-    ),
-    # For every `every` units, the `free` cheapest are free (`free` < `every`).
-    pricing.RuleKind.CHEAPEST_FREE: ParamSpec(
-        frozenset({"every", "free"}),
-        frozenset(),
-        {"every": (2, 1000), "free": _COUNT},
-    ),
-}
+async def _check_products(
+    session: AsyncSession, principal: Principal, event_id: int, product_ids: list[int] | None
+) -> None:
+    if not product_ids:
+        return
+    found = set(
+        await session.scalars(
+            select(Product.id).where(
+                Product.id.in_(product_ids),
+                Product.org_id == principal.org_id,
+                Product.event_id == event_id,
+            )
+        )
+    )
+    for product_id in product_ids:
+        if product_id not in found:
+            raise not_found(f"product {product_id} of this event")
 
 
-def rule_params_problem(kind: pricing.RuleKind, params: dict[str, int]) -> str | None:
-    """Why `params` do not fit `kind` (a message naming the field), or None."""
-    spec = RULE_PARAMS[kind]
-    unknown = sorted(set(params) - set(spec.ranges))
-    if unknown:
-        return f"{kind} takes no {', '.join(unknown)} (it takes {', '.join(sorted(spec.ranges))})"
-    missing = sorted(spec.required - set(params))
-    if missing:
-        return f"{kind} needs {', '.join(missing)}"
-    if spec.one_of and len(spec.one_of & set(params)) != 1:
-        return f"{kind} needs exactly one of {' or '.join(sorted(spec.one_of))}"
-    for name, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"{name} must be a whole number"
-        low, high = spec.ranges[name]
-        if not low <= value <= high:
-            return f"{name} must be between {low} and {high}"
-    if kind == pricing.RuleKind.CHEAPEST_FREE and params["free"] >= params["every"]:
-        return "free must be less than every"
-    return None
+def _stored_params(params: dict[str, int], product_ids: list[int] | None) -> str:
+    stored: dict[str, object] = dict(params)
+    if product_ids:
+        stored[PRODUCT_IDS] = sorted(set(product_ids))
+    return json.dumps(stored, sort_keys=True)
 
 
-def check_rule(kind: pricing.RuleKind, params: dict[str, int]) -> None:
-    problem = rule_params_problem(kind, params)
-    if problem is not None:
-        raise PopdropError("invalid_request", problem)
+def _split_params(raw: str) -> tuple[dict[str, int], list[int] | None]:
+    data = json.loads(raw or "{}")
+    products = data.pop(PRODUCT_IDS, None)
+    return {str(k): int(v) for k, v in data.items()}, products or None
 
 
 def _check_window(valid_from: datetime | None, valid_until: datetime | None) -> None:
@@ -250,41 +227,6 @@ async def deactivate_bundle(
     return (await _bundles_out(session, principal.org_id, [bundle]))[0]
 
 
-@dataclass(frozen=True)
-class BundleSpec:
-    """A bundle as the pricing step reads it: its price and what is in it."""
-
-    id: int
-    title: str
-    price_minor: int
-    currency: str
-    components: tuple[tuple[int, int], ...]  # (variant id, qty), by variant id
-
-
-async def active_bundles(session: AsyncSession, org_id: int, event_id: int) -> list[BundleSpec]:
-    """The bundles an event sells now (for quoting a cart: which holds make a bundle)."""
-    bundles = list(
-        await session.scalars(
-            select(Bundle)
-            .where(Bundle.org_id == org_id, Bundle.event_id == event_id, Bundle.active.is_(True))
-            .order_by(Bundle.id)
-        )
-    )
-    if not bundles:
-        return []
-    parts: dict[int, list[tuple[int, int]]] = {}
-    for component in await session.scalars(
-        select(BundleComponent)
-        .where(BundleComponent.bundle_id.in_([b.id for b in bundles]))
-        .order_by(BundleComponent.variant_id)
-    ):
-        parts.setdefault(component.bundle_id, []).append((component.variant_id, component.qty))
-    return [
-        BundleSpec(b.id, b.title, b.price_minor, b.currency, tuple(parts.get(b.id, ())))
-        for b in bundles
-    ]
-
-
 async def take_bundle(
     session: AsyncSession,
     principal: Principal,
@@ -350,12 +292,14 @@ async def take_bundle(
 
 
 def rule_out(rule: PriceRule) -> PriceRuleOut:
+    params, product_ids = _split_params(rule.params)
     return PriceRuleOut(
         id=rule.id,
         event_id=rule.event_id,
         name=rule.name,
         kind=pricing.RuleKind(rule.kind),
-        params=json.loads(rule.params),
+        params=params,
+        product_ids=product_ids,
         stacking=pricing.Stacking(rule.stacking),
         applies_to=pricing.AppliesTo(rule.applies_to),
         priority=rule.priority,
@@ -372,14 +316,15 @@ async def create_rule(
 ) -> PriceRuleOut:
     principal.require(WRITE)
     event = await _event(session, principal, event_id)
-    check_rule(spec.kind, spec.params)
+    check_rule(spec.name, spec.kind, spec.params)
     _check_window(spec.valid_from, spec.valid_until)
+    await _check_products(session, principal, event.id, spec.product_ids)
     rule = PriceRule(
         org_id=principal.org_id,
         event_id=event.id,
         name=spec.name,
         kind=str(spec.kind),
-        params=json.dumps(spec.params, sort_keys=True),
+        params=_stored_params(spec.params, spec.product_ids),
         stacking=str(spec.stacking),
         applies_to=str(spec.applies_to),
         priority=spec.priority,
@@ -413,18 +358,19 @@ async def update_rule(
     principal.require(WRITE)
     rule = await owned(session, PriceRule, rule_id, principal.org_id, lock=True, what="price rule")
     changes: dict[str, Any] = spec.model_dump(exclude_unset=True)
-    kind = changes.get("kind", pricing.RuleKind(rule.kind))
-    params = changes.get("params", json.loads(rule.params))
-    check_rule(pricing.RuleKind(kind), params)
+    kind = pricing.RuleKind(changes.pop("kind", rule.kind))
+    old_params, old_products = _split_params(rule.params)
+    params = changes.pop("params", old_params)
+    product_ids = changes.pop("product_ids", old_products)
+    check_rule(changes.get("name", rule.name), kind, params)
     _check_window(
         changes.get("valid_from", rule.valid_from), changes.get("valid_until", rule.valid_until)
     )
+    await _check_products(session, principal, rule.event_id, product_ids)
+    rule.kind = str(kind)
+    rule.params = _stored_params(params, product_ids)
     for name, value in changes.items():
-        if name == "params":
-            value = json.dumps(value, sort_keys=True)
-        elif name in ("kind", "stacking", "applies_to"):
-            value = str(value)
-        setattr(rule, name, value)
+        setattr(rule, name, str(value) if name in ("stacking", "applies_to") else value)
     await session.flush()
     return rule_out(rule)
 
@@ -433,41 +379,6 @@ async def deactivate_rule(
     session: AsyncSession, principal: Principal, rule_id: int
 ) -> PriceRuleOut:
     return await update_rule(session, principal, rule_id, PriceRuleUpdate(active=False))
-
-
-async def active_rules(
-    session: AsyncSession, org_id: int, event_id: int, now: datetime
-) -> list[pricing.Rule]:
-    """The rules that apply to a cart priced at `now`, as the pricing engine takes them
-    (budget left included), in the engine's order (priority, then id)."""
-    rules = await session.scalars(
-        select(PriceRule)
-        .where(
-            PriceRule.org_id == org_id,
-            PriceRule.event_id == event_id,
-            PriceRule.active.is_(True),
-            (PriceRule.valid_from.is_(None)) | (PriceRule.valid_from <= now),
-            (PriceRule.valid_until.is_(None)) | (PriceRule.valid_until > now),
-        )
-        .order_by(PriceRule.priority, PriceRule.id)
-    )
-    return [
-        pricing.Rule(
-            id=rule.id,
-            name=rule.name,
-            kind=pricing.RuleKind(rule.kind),
-            params=json.loads(rule.params),
-            stacking=pricing.Stacking(rule.stacking),
-            applies_to=pricing.AppliesTo(rule.applies_to),
-            priority=rule.priority,
-            budget_left_minor=(
-                None
-                if rule.budget_minor is None
-                else max(rule.budget_minor - rule.budget_spent_minor, 0)
-            ),
-        )
-        for rule in rules
-    ]
 
 
 # ---------------------------------------------------------------- checkout policy

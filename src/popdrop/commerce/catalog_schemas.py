@@ -26,6 +26,7 @@ from popdrop.inventory.schemas import HoldOut
 Id = Field(ge=1, le=2**62)
 Money = Field(ge=0, le=10**12)
 ParamName = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+ProductId = Annotated[StrictInt, Field(ge=1, le=2**62)]
 # "partner:<id>", "campaign:<name>" or "budget:<name>" (who pays for a sample).
 ALLOCATION_PATTERN = (
     r"^(partner:[1-9][0-9]{0,17}|campaign:[^\s:][^:]{0,99}|budget:[^\s:][^:]{0,99})$"
@@ -39,7 +40,7 @@ def _no_nulls(model: BaseModel) -> None:
 
 
 # Fields of a rule update that may be set to null (no budget, no start, no end).
-_NULLABLE = frozenset({"budget_minor", "valid_from", "valid_until"})
+_NULLABLE = frozenset({"budget_minor", "valid_from", "valid_until", "product_ids"})
 
 
 def _aware(value: datetime | None, name: str) -> None:
@@ -121,6 +122,8 @@ class PriceRuleCreate(RuleFields):
     name: str = Field(min_length=1, max_length=200)
     kind: RuleKind
     params: dict[ParamName, StrictInt] = Field(default_factory=dict, max_length=10)
+    # The products the rule counts (of its event); left out: every product.
+    product_ids: list[ProductId] | None = Field(default=None, min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _checked(self) -> PriceRuleCreate:
@@ -130,12 +133,14 @@ class PriceRuleCreate(RuleFields):
 
 
 class PriceRuleUpdate(StrictInput):
-    """Leaving a field out keeps it; `budget_minor`, `valid_from` and `valid_until` may be
-    set to null (none). A new `kind` needs its `params` in the same request."""
+    """Leaving a field out keeps it; `budget_minor`, `valid_from`, `valid_until` and
+    `product_ids` may be set to null (none; every product). A new `kind` needs its
+    `params` in the same request."""
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     kind: RuleKind | None = None
     params: dict[ParamName, StrictInt] | None = Field(default=None, max_length=10)
+    product_ids: list[ProductId] | None = Field(default=None, min_length=1, max_length=200)
     stacking: Stacking | None = None
     applies_to: AppliesTo | None = None
     priority: int | None = Field(default=None, ge=0, le=10_000)
@@ -160,6 +165,7 @@ class PriceRuleOut(BaseModel):
     name: str
     kind: RuleKind
     params: dict[str, int]
+    product_ids: list[int] | None
     stacking: Stacking
     applies_to: AppliesTo
     priority: int
