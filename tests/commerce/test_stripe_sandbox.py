@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ from popdrop.commerce.stripe_sandbox import (
 )
 from popdrop.core.clock import FrozenClock
 from popdrop.core.errors import PopdropError
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 
 REQUEST = PaymentRequest(
     order_id=41,
@@ -425,3 +427,56 @@ async def test_webhooks_can_go_to_an_app_in_process_without_a_server(
     async with box.serving():
         await box.pay(await start(box))
     assert hooks.types() == ["checkout.session.completed", "payment_intent.succeeded"]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium")
+def test_the_hosted_page_works_on_a_phone_without_javascript(shots: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    box = StripeSandbox()
+    with box.serving_in_thread() as url:
+        created = httpx.post(
+            f"{url}/v1/checkout/sessions",
+            data={
+                "mode": "payment",
+                "success_url": f"{url}/_sandbox/events?session={{CHECKOUT_SESSION_ID}}",
+                "cancel_url": "http://shop.test/cart",
+                "line_items[0][quantity]": "2",
+                "line_items[0][price_data][currency]": "eur",
+                "line_items[0][price_data][unit_amount]": "1250",
+                "line_items[0][price_data][product_data][name]": "Riso print",
+            },
+            headers={"Authorization": f"Bearer {SANDBOX_API_KEY}"},
+        )
+        session = created.json()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                context = browser.new_context(
+                    viewport={"width": 390, "height": 844},
+                    is_mobile=True,
+                    java_script_enabled=False,
+                )
+                page = context.new_page()
+                page.goto(session["url"])
+                expect(page.locator("#total")).to_have_text("25.00 EUR")
+                page.screenshot(path=shots / "stripe-sandbox-01-page.png", full_page=True)
+                page.get_by_role("button", name="Decline").click()
+                expect(page.get_by_role("alert")).to_have_text("Your card has insufficient funds.")
+                page.screenshot(path=shots / "stripe-sandbox-02-declined.png", full_page=True)
+                page.get_by_label("Card number").fill("4242 4242 4242 4242")
+                page.get_by_role("button", name="Pay").click()
+                expect(page).to_have_url(f"{url}/_sandbox/events?session={session['id']}")
+                # The page fits the phone: nothing wider than the viewport.
+                page.goto(session["url"])
+                width = page.evaluate("document.documentElement.scrollWidth")
+                assert width <= 390
+            finally:
+                browser.close()
+        events = httpx.get(f"{url}/_sandbox/events").json()["events"]
+    assert [e["type"] for e in events] == [
+        "payment_intent.payment_failed",
+        "checkout.session.completed",
+        "payment_intent.succeeded",
+    ]

@@ -1205,7 +1205,7 @@ def _page_html(
     parts.append("<h1>Checkout</h1><table>")
     for line in lines:
         parts.append(
-            f"<tr><td>{esc(str(line['description']))} x {line['quantity']}</td>"
+            f"<tr><td>{esc(str(line['description']))} &times; {line['quantity']}</td>"
             f"<td class='n'>{_money(line['amount_total'], currency)}</td></tr>"
         )
     parts.append(
