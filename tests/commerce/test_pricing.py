@@ -206,6 +206,37 @@ def test_100_percent_plus_15_percent_is_zero_not_negative() -> None:
     assert amounts(swapped, "a") == [("code", "MORE", 300), ("code", "ALL", 1700)]
 
 
+def test_a_percentage_of_a_free_unit_does_not_move_to_its_neighbour() -> None:
+    # GIFT frees one of two units at 1000; 15 % of the initial 2000 would be 300, but the
+    # free unit's half (150) has nothing left to take: the paying unit gets 150 off → 850.
+    b = price(
+        cart(
+            item("a", 2, 1000),
+            codes=(
+                Code("GIFT", "Gift", CodeKind.FREE_ITEM, 0),
+                percent_code("PCT", 15, applies_to=AppliesTo.INITIAL, priority=1),
+            ),
+            max_codes=2,
+        )
+    )
+    assert b.total_minor == 850
+    assert amounts(b, "a") == [("code", "GIFT", 1000), ("code", "PCT", 150)]
+    # The same across lines: ALL frees line a; 15 % of the initial 1000 + 1000 is 300, of
+    # which only b's 150 is given.
+    across = price(
+        cart(
+            item("a", 1, 1000, product=1),
+            item("b", 1, 1000, product=2),
+            codes=(
+                percent_code("ALL", 100, product_ids=frozenset({1})),
+                percent_code("PCT", 15, applies_to=AppliesTo.INITIAL, priority=1),
+            ),
+            max_codes=2,
+        )
+    )
+    assert finals(across) == {"a": 0, "b": 850}
+
+
 def test_100_percent_code_then_a_15_percent_rule_stays_at_zero() -> None:
     b = price(
         cart(

@@ -414,7 +414,9 @@ def _distribute(amount: int, weights: list[int], caps: list[int], refill: bool) 
     is given in full while there is room); without it, it is simply not given (a percentage
     of a line that is already at 0 is 0, not a bigger share elsewhere)."""
     shares = [0] * len(weights)
-    active = [i for i, cap in enumerate(caps) if cap > 0]
+    # The first round splits over every position, full or not, so a full one's part is
+    # not silently moved to the others; only a refill hands it on.
+    active = list(range(len(weights)))
     remaining = amount
     while remaining > 0 and active:
         split = _split(remaining, [weights[i] for i in active])
@@ -527,7 +529,10 @@ class _State:
         self, units: list[_Unit], applies_to: AppliesTo, amount: int, refill: bool
     ) -> list[int]:
         """Split `amount` over `units` (in their order): first over their lines by base,
-        then over each line's units; never more than a unit's current amount."""
+        then over each line's units; never more than a unit's current amount. With
+        `refill` (fixed amounts) a full unit's excess goes to the others; without it
+        (percentages) it is not given: 15 % of a unit already at 0 is 0, not 30 % of its
+        neighbour."""
         by_line: dict[int, list[int]] = {}
         for position, unit in enumerate(units):
             by_line.setdefault(unit.line, []).append(position)
@@ -542,7 +547,7 @@ class _State:
         result = [0] * len(units)
         for group, line_share in zip(groups, line_shares, strict=True):
             unit_shares = _distribute(
-                line_share, [base[p] for p in group], [units[p].current for p in group], True
+                line_share, [base[p] for p in group], [units[p].current for p in group], refill
             )
             for position, share in zip(group, unit_shares, strict=True):
                 result[position] = share
