@@ -203,6 +203,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.commerce.api import router as orders_api
     from popdrop.commerce.api import webhook_router as stripe_webhook
     from popdrop.commerce.catalog_api import router as catalog_api
+    from popdrop.commerce.pickup_api import public_router as pickup_public
+    from popdrop.commerce.pickup_api import router as pickup_api
     from popdrop.drops.api import public_router as drops_public
     from popdrop.drops.api import router as drops_api
     from popdrop.drops.pages import router as drops_pages
@@ -242,6 +244,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         checkin_api,
         checkin_pages,
         catalog_api,
+        pickup_api,
+        pickup_public,
         orders_api,
         stripe_webhook,
         privacy_api,

@@ -43,7 +43,7 @@ from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -58,7 +58,7 @@ from popdrop.core.errors import not_found
 from popdrop.core.localtime import local, slot_label
 from popdrop.core.money import Money
 from popdrop.core.tenancy import owned
-from popdrop.events.models import Event, Lane, TimeSlot
+from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
 
 SCOPE = "orders:pickup"
 KIND = 0x4F  # "O": an order; ticket secrets start with their version, 1
@@ -462,3 +462,135 @@ async def hand_out(
         if refused is not None:
             return refused
     return await _answer(session, order, "ok")
+
+
+# ---------------------------------------------------------------- the lane's queue
+
+
+class QueueOrder(BaseModel):
+    order_id: int
+    short_code: str | None
+    status: str
+    payment_method: str | None
+    total_minor: int
+    currency: str
+    paid_at: datetime | None
+    lines: list[PickupLine]
+
+
+class QueueWindow(BaseModel):
+    slot_id: int | None  # None: orders without a pickup slot (any time of the event)
+    label: str  # in the event's time zone
+    starts_at: datetime | None
+    ends_at: datetime | None
+    capacity: int | None  # the lane's pickup window, when it has one
+    taken: int | None  # units held or sold for it
+    picked_up: int  # orders handed out already
+    orders: list[QueueOrder]  # to hand out: paid, set aside, or to pay at pickup
+
+
+class LaneQueue(BaseModel):
+    event_id: int
+    lane_id: int
+    lane_name: str
+    pickup_point: str
+    windows: list[QueueWindow]
+
+
+async def lane_queue(
+    session: AsyncSession, principal: Principal, event_id: int, lane_id: int
+) -> LaneQueue:
+    """The orders a lane has to hand out, per pickup window (earliest first): paid, ready,
+    and pending ones to pay at pickup, with their lines; and how many are handed out."""
+    principal.require(SCOPE)
+    event = await owned(session, Event, event_id, principal.org_id, what="event")
+    lane = await owned(
+        session, Lane, lane_id, principal.org_id, what="lane of this event",
+        where=(Lane.event_id == event.id,),
+    )  # fmt: skip
+    waiting = Order.status.in_(_HANDABLE) | (
+        (Order.status == OrderStatus.PENDING)
+        & (Order.payment_method == PaymentMethod.PAY_AT_PICKUP)
+    )
+    orders = list(
+        await session.scalars(
+            select(Order)
+            .where(Order.org_id == principal.org_id, Order.lane_id == lane.id, waiting)
+            .order_by(Order.id)
+        )
+    )
+    counted = await session.execute(
+        select(Order.slot_id, func.count())
+        .where(
+            Order.org_id == principal.org_id,
+            Order.lane_id == lane.id,
+            Order.status == OrderStatus.PICKED_UP,
+        )
+        .group_by(Order.slot_id)
+    )
+    picked: dict[int | None, int] = {slot_id: int(n) for slot_id, n in counted}
+    lines: dict[int, list[PickupLine]] = {}
+    if orders:
+        rows = await session.execute(
+            select(OrderLine.order_id, OrderLine.title, OrderLine.qty - OrderLine.refunded_qty)
+            .where(OrderLine.order_id.in_([o.id for o in orders]))
+            .order_by(OrderLine.id)
+        )
+        for order_id, title, qty in rows:
+            if qty > 0:
+                lines.setdefault(order_id, []).append(PickupLine(title=title, qty=int(qty)))
+    slot_ids = {o.slot_id for o in orders} | set(picked)
+    slots = {
+        slot.id: slot
+        for slot in await session.scalars(
+            select(TimeSlot).where(TimeSlot.id.in_([s for s in slot_ids if s is not None]))
+        )
+    }
+    windows = {
+        window.slot_id: window
+        for window in await session.scalars(
+            select(PickupWindow).where(PickupWindow.lane_id == lane.id)
+        )
+    }
+    by_slot: dict[int | None, list[QueueOrder]] = {slot_id: [] for slot_id in slot_ids}
+    for order in orders:
+        by_slot[order.slot_id].append(
+            QueueOrder(
+                order_id=order.id,
+                short_code=format_code(order.short_code),
+                status=order.status,
+                payment_method=order.payment_method,
+                total_minor=order.total_minor,
+                currency=order.currency,
+                paid_at=order.paid_at,
+                lines=lines.get(order.id, []),
+            )
+        )
+
+    def when(slot_id: int | None) -> tuple[int, datetime | None]:
+        slot = slots.get(slot_id) if slot_id is not None else None
+        return (0, slot.starts_at) if slot is not None else (1, None)
+
+    out = []
+    for slot_id in sorted(by_slot, key=lambda s: (when(s)[0], when(s)[1] or event.starts_at)):
+        slot = slots.get(slot_id) if slot_id is not None else None
+        window = windows.get(slot_id) if slot_id is not None else None
+        out.append(
+            QueueWindow(
+                slot_id=slot_id,
+                label=window_label(event, slot),
+                starts_at=slot.starts_at if slot else None,
+                ends_at=slot.ends_at if slot else None,
+                capacity=window.capacity if window else None,
+                taken=window.taken if window else None,
+                picked_up=int(picked.get(slot_id, 0)),
+                orders=by_slot[slot_id],
+            )
+        )
+    return LaneQueue(
+        event_id=event.id,
+        lane_id=lane.id,
+        lane_name=lane.name,
+        pickup_point=lane.pickup_point,
+        windows=out,
+    )
