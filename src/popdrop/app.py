@@ -203,6 +203,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.commerce.api import router as orders_api
     from popdrop.commerce.api import webhook_router as stripe_webhook
     from popdrop.commerce.catalog_api import router as catalog_api
+    from popdrop.commerce.checkout_pages import router as checkout_pages
+    from popdrop.commerce.pages import router as order_pages
     from popdrop.commerce.pickup_api import public_router as pickup_public
     from popdrop.commerce.pickup_api import router as pickup_api
     from popdrop.drops.api import public_router as drops_public
@@ -248,6 +250,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         pickup_public,
         orders_api,
         stripe_webhook,
+        checkout_pages,
+        order_pages,
         privacy_api,
         privacy_pages,
         guest_pages,

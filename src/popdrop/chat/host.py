@@ -13,6 +13,9 @@ addresses) whose text starts with `/` is a command, not a flow turn:
 - `/stats` — today's RSVPs, check-ins, holds, vouchers issued in chat and chat sessions;
 - `/pin SKU` (`/pin off`) — the product card pinned for the event's customers: every
   new session's first answer starts with it (`chat.facts.pinned_card`);
+- `/orders` — the event's latest orders (number, status, total, pickup code);
+- `/sales` — the event's paid orders, revenue and average checkout value
+  (`commerce.orders.sales_summary`);
 - `/broadcast <text>` — to the event's chat audience: per conversation, the consent of
   the contact on that channel is checked, opted-out conversations are skipped, and a
   conversation gets at most one broadcast per `BROADCAST_SPACING`;
@@ -56,7 +59,9 @@ from popdrop.chat.models import (
     FlowVersion,
 )
 from popdrop.checkin.models import Ticket
+from popdrop.commerce import orders
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.money import Money
 from popdrop.core.schemas import is_clean_text
 from popdrop.core.tenancy import owned
 from popdrop.events import service as events
@@ -81,6 +86,8 @@ HELP_TEXT = (
     "/soldout SKU — mark a product sold out\n"
     "/stats — today's RSVPs, check-ins, holds, vouchers, chats\n"
     "/pin SKU — pin a product card for customers (/pin off to unpin)\n"
+    "/orders — the latest orders of the event\n"
+    "/sales — paid orders, revenue and average checkout value\n"
     "/broadcast <text> — message the event's chat audience (consent-checked)\n"
     "/help — this list"
 )
@@ -120,12 +127,23 @@ class Broadcast:
 
 
 @dataclass(frozen=True)
+class Orders:
+    kind: Literal["orders"] = "orders"
+
+
+@dataclass(frozen=True)
+class Sales:
+    kind: Literal["sales"] = "sales"
+
+
+@dataclass(frozen=True)
 class Help:
     problem: str | None = None
     kind: Literal["help"] = "help"
 
 
-Command = OpenSlot | SoldOut | Stats | Pin | Broadcast | Help
+Command = OpenSlot | SoldOut | Stats | Orders | Sales | Pin | Broadcast | Help
+LATEST_ORDERS = 5  # how many orders `/orders` lists
 _TIME = re.compile(r"^(\d{1,2})(?:[:h.](\d{2}))?$")
 
 
@@ -158,6 +176,10 @@ def parse(text: str) -> Command | None:
         return SoldOut(rest) if rest else _usage("Usage: /soldout SKU")
     if name == "stats":
         return Stats()
+    if name == "orders":
+        return Orders()
+    if name == "sales":
+        return Sales()
     if name == "pin":
         if not rest:
             return _usage("Usage: /pin SKU (or /pin off)")
@@ -614,6 +636,34 @@ async def day_stats(session: AsyncSession, org_id: int, event: Event, now: datet
     return DayStats(day, rsvps, checkins, holds, vouchers, chats)
 
 
+# ---------------------------------------------------------------- orders
+
+
+async def latest_orders(session: AsyncSession, principal: Principal, event: Event) -> str:
+    rows = await orders.list_orders(session, principal, event_id=event.id, limit=LATEST_ORDERS)
+    if not rows:
+        return f"No orders yet for {event.title}."
+    lines = [f"Latest orders, {event.title}:"]
+    for order in rows:
+        total = Money(order.total_minor, order.currency).format()
+        code = f" · {order.short_code}" if order.short_code else ""
+        lines.append(f"#{order.id} {order.status.replace('_', ' ')} · {total}{code}")
+    return "\n".join(lines)
+
+
+async def sales_text(session: AsyncSession, principal: Principal, event: Event) -> str:
+    summary = await orders.sales_summary(session, principal, event.id)
+    if summary.paid_orders == 0 or summary.currency is None:
+        return f"{event.title}: no paid orders yet."
+    currency = summary.currency
+    return (
+        f"{event.title}: {summary.paid_orders} paid orders · "
+        f"revenue {Money(summary.revenue_minor, currency).format()} · "
+        f"average checkout {Money(summary.average_minor, currency).format()} · "
+        f"{summary.units_sold} units"
+    )
+
+
 # ---------------------------------------------------------------- slots
 
 
@@ -683,6 +733,10 @@ async def run_command(
         return "No open event to run: publish an event (and its chat flow) first."
     if isinstance(command, Stats):
         return (await day_stats(session, org_id, event, now)).text(event.title)
+    if isinstance(command, Orders):
+        return await latest_orders(session, principal, event)
+    if isinstance(command, Sales):
+        return await sales_text(session, principal, event)
     if isinstance(command, OpenSlot):
         return await open_slot(session, principal, event, command.at, command.capacity, now)
     if isinstance(command, SoldOut):

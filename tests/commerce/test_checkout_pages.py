@@ -1,0 +1,200 @@
+"""The customer's checkout pages driven like a browser without JavaScript: the public
+event page's Buy button, /checkout/{token} (lines, breakdown, codes, countdown, window,
+pay at pickup) and the confirmation /orders/view/{token} with the pickup QR."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from popdrop.core import links
+from popdrop.core.clock import FrozenClock
+from popdrop.web.context import AppContext
+from tests.conftest import Tenant, issue
+from tests.events.helpers import Shop, make_shop, post
+from tests.events.test_pages import HTML, csrf_of
+
+
+async def hold_link(
+    client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    shop: Shop,
+    qty: int = 1,
+    **extra: Any,
+) -> tuple[int, str]:
+    """A hold through the API and its checkout page's path (what the chat hands out)."""
+    hold = await post(
+        client,
+        tenant,
+        "/api/v1/holds",
+        {"variant_id": shop.variant_id, "lane_id": shop.lane_id, "qty": qty, **extra},
+    )
+    url = links.checkout_url(ctx.signer, ctx.settings.base_url, hold["id"], tenant.org_id)
+    return int(hold["id"]), urlsplit(url).path
+
+
+async def send(
+    client: httpx.AsyncClient, path: str, fields: dict[str, Any], page: httpx.Response | None = None
+) -> httpx.Response:
+    """Submit the checkout form as a browser without script would (CSRF from the page)."""
+    page = page or await client.get(path, headers=HTML)
+    assert page.status_code == 200, page.text
+    codes = re.findall(r'name="codes" value="([^"]+)"', page.text)
+    data: dict[str, Any] = {"csrf": csrf_of(page.text), "codes": codes}
+    data.update({k: str(v) for k, v in fields.items()})
+    return await client.post(path, data=data, headers=HTML)
+
+
+async def test_checkout_shows_lines_breakdown_countdown_and_window(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), window=5)
+    _, path = await hold_link(app_client, ctx, tenant, shop, qty=2, slot_id=shop.slot_id)
+    page = await app_client.get(path, headers=HTML)
+    assert page.status_code == 200, page.text
+    assert page.headers["cache-control"] == "no-store"
+    text = page.text
+    assert "Weekend pop-up" in text and "Tote bag" in text and "\u00d7 2" in text
+    assert 'data-total="3000"' in text and "30.00 EUR" in text
+    # The countdown targets the hold's expiry and shows it on the event's clock meanwhile.
+    expires = clock.now() + timedelta(seconds=600)
+    assert f'data-target="{expires.isoformat()}"' in text
+    local_expiry = expires.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin"))
+    assert f"until {local_expiry:%H:%M}" in text
+    assert "Front desk" in text
+    assert 'value="pickup"' in text  # pay at pickup without JavaScript
+    assert 'value="pay"' not in text  # no online provider configured
+    assert '<script src="/static/event-public.js"' in text
+
+
+async def test_a_code_shows_its_discount_and_a_bad_code_its_reason(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    _, codes = await issue(
+        app_client,
+        tenant,
+        discount_kind="percent",
+        discount_value=10,
+        discount_description="Friends of the shop",
+    )
+    _, path = await hold_link(app_client, ctx, tenant, shop, qty=2)
+
+    bad = await send(app_client, path, {"action": "apply", "code": "NOPE-NOPE-NOPE"})
+    assert bad.status_code == 200, bad.text
+    assert "code-refusal" in bad.text and "NOPE-NOPE-NOPE" in bad.text
+    assert "<code>malformed</code>" in bad.text
+    assert 'data-total="3000"' in bad.text  # nothing off
+    assert 'name="codes"' not in bad.text  # a refused code is not carried on
+
+    good = await send(app_client, path, {"action": "apply", "code": codes[0]})
+    assert good.status_code == 200, good.text
+    assert f'name="codes" value="{codes[0]}"' in good.text
+    assert 'data-total="2700"' in good.text and "You save" in good.text
+    assert "\u22123.00 EUR" in good.text
+    assert "code-refusal" not in good.text
+
+    # Removing the code prices the cart without it again.
+    removed = await send(app_client, path, {"action": "apply", "remove": codes[0]}, page=good)
+    assert 'data-total="3000"' in removed.text and 'name="codes"' not in removed.text
+
+
+async def test_pay_at_pickup_without_javascript_ends_on_the_confirmation_with_a_qr(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), window=5)
+    hold_id, path = await hold_link(app_client, ctx, tenant, shop, slot_id=shop.slot_id)
+
+    typo = await send(app_client, path, {"action": "pickup", "receipt_email": "not-an-email"})
+    assert typo.status_code == 422
+    assert "an email address like you@example.com" in typo.text
+    assert 'value="not-an-email"' in typo.text  # what was typed stays
+
+    placed = await send(app_client, path, {"action": "pickup", "receipt_email": "ana@example.com"})
+    assert placed.status_code == 303, placed.text
+    confirmation = placed.headers["location"]
+    assert "/orders/view/" in confirmation
+    view = await app_client.get(urlsplit(confirmation).path, headers=HTML)
+    assert view.status_code == 200, view.text
+    assert "Reserved · pay at pickup" in view.text
+    assert "<svg" in view.text  # the pickup QR, inline
+    assert re.search(r'id="pickup-code">[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]+<', view.text)
+    assert "Front desk" in view.text and "ana@example.com" in view.text
+    assert "15.00 EUR" in view.text
+
+    orders = await app_client.get(
+        f"/api/v1/orders?event_id={shop.event_id}", headers=tenant.headers
+    )
+    assert orders.status_code == 200, orders.text
+    body = orders.json()
+    rows = body if isinstance(body, list) else body["items"]
+    assert len(rows) == 1
+    assert rows[0]["payment_method"] == "pay_at_pickup" and rows[0]["source"] == "web"
+    assert rows[0]["lines"][0]["hold_id"] == hold_id
+
+    # The checkout link of a hold already in an order goes to that order.
+    again = await app_client.get(path, headers=HTML)
+    assert again.status_code == 303
+
+    def order_of(url: str) -> int:
+        return links.read_order_view(ctx.signer, urlsplit(url).path.rsplit("/", 1)[1])[0]
+
+    assert order_of(again.headers["location"]) == order_of(confirmation) == rows[0]["id"]
+
+
+async def test_an_expired_hold_says_so_and_links_back_to_the_event(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    _, path = await hold_link(app_client, ctx, tenant, shop)
+    page = await app_client.get(path, headers=HTML)
+    clock.advance(timedelta(seconds=601))
+    expired = await app_client.get(path, headers=HTML)
+    assert expired.status_code == 410
+    assert "Your reservation expired" in expired.text
+    assert f'href="/e/{shop.event_id}"' in expired.text
+    # Pressing the button of the page loaded before the expiry: the same message.
+    late = await send(app_client, path, {"action": "pickup"}, page=page)
+    assert late.status_code == 410 and "Your reservation expired" in late.text
+
+
+async def test_bad_links_and_forged_forms_get_a_page_never_a_500(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    _, path = await hold_link(app_client, ctx, tenant, shop)
+    bad = await app_client.get(path[:-3] + "xyz", headers=HTML)
+    assert bad.status_code == 400 and "doesn't look right" in bad.text
+    forged = await app_client.post(path, data={"action": "pickup", "csrf": "x"}, headers=HTML)
+    assert forged.status_code == 403 and "csrf_failed" in forged.text
+    assert (await app_client.get("/orders/view/nope", headers=HTML)).status_code == 400
+
+
+async def test_the_public_buy_button_holds_and_opens_the_checkout(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=1, window=3)
+    public = await app_client.get(f"/e/{shop.event_id}", headers=HTML)
+    assert public.status_code == 200
+    assert f'action="/e/{shop.event_id}/buy"' in public.text
+    fields = {
+        "csrf": csrf_of(public.text),
+        "variant_id": shop.variant_id,
+        "lane_id": shop.lane_id,
+        "slot_id": shop.slot_id,
+    }
+    bought = await app_client.post(f"/e/{shop.event_id}/buy", data=fields, headers=HTML)
+    assert bought.status_code == 303, bought.text
+    checkout = urlsplit(bought.headers["location"]).path
+    assert checkout.startswith("/checkout/")
+    page = await app_client.get(checkout, headers=HTML)
+    assert page.status_code == 200 and "Tote bag" in page.text
+    # The one unit is held now: the next buyer is told it is sold out, on a page.
+    again = await app_client.post(f"/e/{shop.event_id}/buy", data=fields, headers=HTML)
+    assert again.status_code == 409 and "sold out" in again.text.lower()
+    assert f'href="/e/{shop.event_id}"' in again.text
