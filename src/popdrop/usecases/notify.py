@@ -23,8 +23,9 @@ Rules:
   conversation's channel (web inbox/socket, SMS, Telegram) with the chat's own consent
   checks: an opted-out (STOP) conversation is skipped here and again by that tick.
 - Kinds: `waitlist_offer` (the offer, with its claim link and its deadline in the event's
-  time zone). A kind without a renderer fails its row (a deployment mismatch, not a
-  reason to retry forever).
+  time zone); `order_receipt` (`commerce.receipts.render`: lines, total, lane, window,
+  pickup code and confirmation link). A kind without a renderer fails its row (a
+  deployment mismatch, not a reason to retry forever).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.audience import consent, contact_points
 from popdrop.chat import host
 from popdrop.chat.models import Conversation
+from popdrop.commerce import receipts
 from popdrop.core import links
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database
@@ -123,7 +125,26 @@ async def render_waitlist_offer(
     return Message(subject=f"A place is free for you: {event.title}", text=text)
 
 
-RENDERERS: dict[str, Renderer] = {OFFER_NOTICE: render_waitlist_offer}
+async def render_order_receipt(
+    session: AsyncSession, row: Notification, payload: dict[str, Any], ctx: RenderContext
+) -> Message | None:
+    """An order's receipt (`commerce.receipts`); None once the order ended."""
+    receipt = await receipts.render(
+        session,
+        row.org_id,
+        int(payload["order"]),
+        sms=row.channel != Channel.EMAIL,
+        signer=ctx.signer,
+        base_url=ctx.base_url,
+        now=ctx.now,
+    )
+    return None if receipt is None else Message(subject=receipt.subject, text=receipt.text)
+
+
+RENDERERS: dict[str, Renderer] = {
+    OFFER_NOTICE: render_waitlist_offer,
+    receipts.RECEIPT_NOTICE: render_order_receipt,
+}
 
 
 async def refusal(session: AsyncSession, signer: Signer, row: Notification) -> str | None:
