@@ -29,6 +29,7 @@ from popdrop.chat import tasks as chat_tasks
 from popdrop.chat.conversations import ChatDeps
 from popdrop.chat.tasks import ChatChannels
 from popdrop.chat.telegram import TelegramBot
+from popdrop.commerce import tasks as commerce_tasks
 from popdrop.core import audit, sealing
 from popdrop.core.clock import Clock
 from popdrop.core.config import Settings
@@ -222,6 +223,10 @@ class Worker:
         # Big voucher batches: start queued issue jobs, resume those whose runner stopped.
         for job_id in await voucher_jobs.launch_due(self.db, self.notifier.signer, self.clock):
             log.info("voucher issue job launched", job=job_id)
+        # Orders: unpaid ones whose hold ended expire; unsent refunds go to the provider.
+        commerce = await commerce_tasks.tick(self.db, self.settings, self.clock)
+        if commerce:
+            log.info("commerce tick", **commerce)
         notified = await self.notifier.drain()
         if notified:
             log.info("notifications drained", **notified)
