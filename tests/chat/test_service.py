@@ -273,6 +273,14 @@ async def test_sold_out_takes_the_failure_branch_without_partial_writes(
     first, second = await cards("first"), await cards("second")  # both see one left
     mine = await say(ctx, tenant, Inbound.button(first["Reserve"]), address="first")
     assert "Tote bag is yours until" in texts(mine.messages)
+    # The reservation ends in the checkout link (the order's pickup QR comes from there).
+    pay_links = [
+        button.url
+        for message in mine.messages
+        for button in getattr(message, "buttons", [])
+        if button.label == "Pay now or at pickup"
+    ]
+    assert len(pay_links) == 1 and "/checkout/" in (pay_links[0] or "")
     assert any(isinstance(m, QrTicket) for m in mine.messages)
     late = await say(ctx, tenant, Inbound.button(second["Reserve"]), address="second")
     said = texts(late.messages)
