@@ -11,6 +11,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from popdrop.app import create_app
+from popdrop.commerce.stripe_sandbox import (
+    SANDBOX_API_KEY,
+    SANDBOX_WEBHOOK_SECRET,
+    StripeSandbox,
+)
 from popdrop.core import links
 from popdrop.core.clock import FrozenClock
 from popdrop.web.context import AppContext
@@ -198,3 +204,53 @@ async def test_the_public_buy_button_holds_and_opens_the_checkout(
     again = await app_client.post(f"/e/{shop.event_id}/buy", data=fields, headers=HTML)
     assert again.status_code == 409 and "sold out" in again.text.lower()
     assert f'href="/e/{shop.event_id}"' in again.text
+
+
+async def test_pay_now_goes_to_the_provider_and_the_confirmation_waits_for_its_webhook(
+    ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    """Pay now → the sandbox's hosted page; back on the confirmation, "confirming" until
+    the signed webhook lands, then paid with the pickup QR."""
+    sandbox = StripeSandbox(retry_delays=(), clock=clock)
+    async with sandbox.serving():
+        assert sandbox.base_url
+        ctx.settings = ctx.settings.model_copy(
+            update={
+                "stripe_secret_key": SANDBOX_API_KEY,
+                "stripe_api_base": sandbox.base_url,
+                "stripe_webhook_secrets": SANDBOX_WEBHOOK_SECRET,
+            }
+        )
+        app = create_app(ctx=ctx)
+        sandbox.webhook_transport = httpx.ASGITransport(app=app)
+        sandbox.webhook_url = "http://test/api/v1/payments/stripe/webhook"
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            shop = await make_shop(client, tenant, clock.now())
+            _, path = await hold_link(client, ctx, tenant, shop, qty=2)
+            page = await client.get(path, headers=HTML)
+            assert 'value="pay"' in page.text and "Pay now · 30.00 EUR" in page.text
+
+            paying = await send(
+                client, path, {"action": "pay", "receipt_email": "ana@example.com"}, page=page
+            )
+            assert paying.status_code == 303, paying.text
+            hosted = paying.headers["location"]
+            assert hosted.startswith(f"{sandbox.base_url}/pay/cs_")
+            session_id = hosted.rsplit("/", 1)[1]
+
+            view_path = urlsplit(sandbox.sessions[session_id]["success_url"]).path
+            waiting = await client.get(view_path, headers=HTML)
+            assert waiting.status_code == 200
+            assert "Confirming your payment…" in waiting.text
+            assert f'hx-get="{view_path}/state"' in waiting.text
+            assert "<svg" not in waiting.text  # no pickup QR before the money
+            assert (await client.get(f"{view_path}/state")).status_code == 204
+
+            await sandbox.pay(session_id)  # the webhook goes through the app
+            moved = await client.get(f"{view_path}/state")
+            assert moved.headers.get("hx-redirect") == view_path
+            paid = await client.get(view_path, headers=HTML)
+            assert 'data-status="paid"' in paid.text and "<svg" in paid.text
+            assert "Confirming" not in paid.text
+        await sandbox.settle()

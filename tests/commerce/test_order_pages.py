@@ -5,6 +5,7 @@ view, the pickup scanner's scan, and the `/orders` and `/sales` chat commands.""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -240,3 +241,44 @@ async def test_the_orders_and_sales_chat_commands_answer(
     assert "2 paid orders" in sales and "revenue 45.00 EUR" in sales
     assert "average checkout 22.50 EUR" in sales
     assert "/orders" in host.help_text() and "/sales" in host.help_text()
+
+
+async def test_the_pickup_scanner_hands_an_order_out_once_with_reasons(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    paid = await place(app_client, tenant, shop)
+    unpaid = await place(app_client, tenant, shop)
+    response = await app_client.post(
+        f"/api/v1/orders/{paid['id']}/mark-paid", json={"tender": "cash"}, headers=tenant.headers
+    )
+    assert response.status_code == 200, response.text
+    await login(app_client, ctx, tenant, "volunteer")
+    page = await app_client.get(f"/pickup/{shop.event_id}?lane={shop.lane_id}", headers=HTML)
+    assert page.status_code == 200
+    check_url = re.search(r'data-check-url="([^"]+)"', page.text)
+    token = re.search(r'data-csrf="([^"]+)"', page.text)
+    assert check_url and token and '<script src="/static/checkin-scan.js"' in page.text
+    url = check_url.group(1).replace("&amp;", "&")
+
+    async def scan(code: str) -> httpx.Response:
+        return await app_client.post(
+            url,
+            json={"secret": code, "nonce": "n", "gate": "x"},
+            headers={"X-CSRF-Token": token.group(1)},
+        )
+
+    early = await scan(paid["short_code"])
+    assert early.status_code == 409 and early.json()["reason"] == "outside_window"
+    clock.advance(timedelta(days=1, minutes=5))  # the event's door hours
+    ok = await scan(paid["short_code"].lower())
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["result"] == "ok" and ok.json()["counts"]["checked_in"] == 1
+    assert "Tote bag" in ok.json()["holder_ref"]
+    again = await scan(paid["short_code"])
+    assert again.status_code == 409 and again.json()["reason"] == "already_picked_up"
+    not_paid = await scan(unpaid["short_code"])
+    assert not_paid.status_code == 409 and not_paid.json()["reason"] == "not_paid"
+    assert await order_status(app_client, tenant, paid["id"]) == "picked_up"
+    forged = await app_client.post(url, json={"secret": paid["short_code"]})
+    assert forged.status_code == 403

@@ -54,7 +54,7 @@
         document.getElementById("expected").textContent = body.counts.expected;
       }
       if (response.ok && body.result === "ok") {
-        show("ok", "OK", "Checked in", body.holder_ref || (body.ticket_id ? "Ticket #" + body.ticket_id : ""));
+        show("ok", "OK", form.dataset.okLabel || "Checked in", body.holder_ref || (body.ticket_id ? "Ticket #" + body.ticket_id : ""));
       } else {
         show("bad", "STOP", body.reason || "error", body.message || "");
       }
