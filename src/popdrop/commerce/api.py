@@ -65,7 +65,10 @@ def stripe_provider(ctx: AppContext) -> StripeProvider | None:
 
 
 def _no_provider() -> PopdropError:
-    return PopdropError("unavailable", "online payment is not set up; pay at pickup")
+    # 409, not 503: nothing is down, this installation takes no online payment.
+    return PopdropError(
+        "online_payment_off", "online payment is not set up here; pay at pickup", status=409
+    )
 
 
 async def _guarded_codes(ctx: AppContext, request: Request, principal: Principal) -> None:
@@ -237,7 +240,7 @@ async def sales(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> SalesSum
 @router.post(
     "/orders/{order_id}/pay",
     response_model=PayStart,
-    responses=error_responses(401, 403, 404, 409, 410, 422, 502, 503),
+    responses=error_responses(401, 403, 404, 409, 410, 422, 502),
     summary="Start an online payment: the provider's hosted page to send the customer to",
 )
 async def pay(order_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> PayStart:
