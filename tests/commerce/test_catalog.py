@@ -191,6 +191,12 @@ async def test_price_rules_are_checked_against_their_kind(
         {"kind": "cheapest_free", "params": {"every": 3, "free": 3}},
         {"kind": "cheapest_free", "params": {"every": 3, "free": True}},
         {"kind": "percent_off_everything", "params": {}},
+        {"kind": "min_value", "params": {"min_value_minor": 10**30, "percent": 5}},
+        {
+            "kind": "buy_x_get_y",
+            "params": {"buy": 2, "get": 1},
+            "valid_from": "0001-01-01T00:00:00+01:00",
+        },
     ]
     for body in bad_bodies:
         refused = await app_client.post(url, json={"name": "bad", **body}, headers=tenant.headers)

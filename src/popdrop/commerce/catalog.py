@@ -56,7 +56,15 @@ READ = "events:read"
 
 # Upper bounds the engine does not need but a host's typo should meet (a rule for
 # 10,000-unit groups is a typo). The kinds' params themselves are `pricing.check_rule`'s.
-_MOST = {"min_qty": 1000, "buy": 1000, "get": 1000, "every": 1000, "free": 1000}
+_MOST = {
+    "min_qty": 1000,
+    "buy": 1000,
+    "get": 1000,
+    "every": 1000,
+    "free": 1000,
+    "amount_minor": 10**12,
+    "min_value_minor": 10**12,
+}
 PRODUCT_IDS = "product_ids"  # kept in the params JSON next to the kind's integers
 
 

@@ -7,7 +7,7 @@ against its kind by `commerce.catalog.check_rule` (the kinds are `commerce.prici
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import (
@@ -44,8 +44,14 @@ _NULLABLE = frozenset({"budget_minor", "valid_from", "valid_until", "product_ids
 
 
 def _aware(value: datetime | None, name: str) -> None:
-    if value is not None and value.tzinfo is None:
+    if value is None:
+        return
+    if value.tzinfo is None:
         raise ValueError(f"{name} needs a time zone offset (e.g. Z)")
+    try:
+        value.astimezone(UTC)  # how it is stored
+    except OverflowError:
+        raise ValueError(f"{name} is out of range (years 1 to 9999 in UTC)") from None
 
 
 # ---------------------------------------------------------------- bundles
