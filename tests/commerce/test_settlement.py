@@ -11,11 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from popdrop.commerce import settlement
 from popdrop.commerce.stripe_sandbox import SANDBOX_API_KEY, SANDBOX_WEBHOOK_SECRET, StripeSandbox
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
+from popdrop.outbound.outbox import Notification
 from popdrop.web.context import AppContext
 from tests.commerce.helpers import (
     WEBHOOK,
@@ -54,14 +56,33 @@ def settings(database_url: str, tmp_path: Path, sandbox: StripeSandbox) -> Setti
     )
 
 
+async def receipts_of(ctx: AppContext, order_id: int) -> list[str]:
+    async with ctx.db.reader() as session:
+        return list(
+            await session.scalars(
+                select(Notification.channel).where(
+                    Notification.kind == "order_receipt",
+                    Notification.subject == f"order:{order_id}",
+                )
+            )
+        )
+
+
 async def test_pay_online_sells_the_units_once(
-    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
 ) -> None:
     shop = await make_shop(app_client, tenant, clock.now(), units=5)
     hold_id = await hold(app_client, tenant, shop, qty=2)
-    order = await placed(app_client, tenant, [hold_id], payment_method="stripe")
+    order = await placed(
+        app_client, tenant, [hold_id], payment_method="stripe", receipt_email="ann@example.com"
+    )
     assert (order["status"], order["total_minor"]) == ("pending", 3000)
     assert len(order["short_code"]) == 11  # K7QM-4XT2-9
+    assert await receipts_of(ctx, order["id"]) == []  # not paid yet
     session_id, started = await start_payment(app_client, tenant, order["id"])
     assert started["redirect_url"].startswith(sandbox.base_url or "")
 
@@ -72,6 +93,7 @@ async def test_pay_online_sells_the_units_once(
     assert paid["status"] == "paid" and paid["paid_at"]
     assert paid["payments"][0]["status"] == "succeeded"
     assert paid["payments"][0]["payment_intent"].startswith("pi_")
+    assert await receipts_of(ctx, order["id"]) == ["email"]  # queued with the payment
     assert await stock_row(app_client, tenant, shop) == {
         "total": 5, "held": 0, "sold": 2, "available": 3,
     }  # fmt: skip

@@ -20,7 +20,8 @@ Rules:
   sold and a `Payment` of 0 is recorded with provider `pay_at_pickup` and tender `free`
   (nothing to collect). Pay at pickup: the order stays pending and its holds are kept
   until the end of its pickup window (the slot's end, else the event's end) so staff can
-  take the money at the lane.
+  take the money at the lane. Both get their receipt (`commerce.receipts`) queued in the
+  order's transaction; an online payment's receipt is queued when it settles.
 - Codes act through the vault on the caller's behalf: the order scopes (`orders:write`)
   are what the caller needs; the vault sees the same actor.
 - A partner (role `partner`) reads only the orders of events it partners or staffs.
@@ -41,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal, system_principal
-from popdrop.commerce import pricing, units
+from popdrop.commerce import pricing, receipts, units
 from popdrop.commerce.lifecycle import (
     ORDER_LIFECYCLE,
     SOLD_STATUSES,
@@ -732,6 +733,8 @@ async def place_order(
     elif method is PaymentMethod.PAY_AT_PICKUP:
         await units.extend_until(conn, hold_units, held_until)
     await session.flush()
+    if free or method is PaymentMethod.PAY_AT_PICKUP:  # settled or reserved: the receipt
+        await receipts.enqueue_receipt(session, order, now=now)
     return await order_out(session, order)
 
 

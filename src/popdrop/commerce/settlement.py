@@ -40,7 +40,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal, system_principal
-from popdrop.commerce import units
+from popdrop.commerce import receipts, units
 from popdrop.commerce.lifecycle import (
     ORDER_LIFECYCLE,
     PAYMENT_LIFECYCLE,
@@ -287,6 +287,8 @@ async def settle_paid(
         if status is not OrderStatus.PENDING:
             order.status_reason = f"paid_after_{status.value}"
             order.status_message = None
+        await session.flush()
+        await receipts.enqueue_receipt(session, order, now=now)
         return Settled("paid", order.id)
     # The units are gone: the order cannot be handed out, so the money goes back.
     if status is OrderStatus.PENDING:
@@ -338,6 +340,7 @@ async def mark_paid_at_lane(
     )
     await _record_paid(order, now)
     await session.flush()
+    await receipts.enqueue_receipt(session, order, now=now)  # once per order and channel
     return await order_out(session, order)
 
 
