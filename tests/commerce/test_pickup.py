@@ -43,6 +43,7 @@ async def make_order(
     slot: bool = True,
     method: str = "stripe",
     total: int = 3000,
+    sign: bool = True,
 ) -> tuple[int, str, str]:
     """An order row with two lines, as the order service leaves it; (id, secret, code)."""
     now = ctx.clock.now()
@@ -65,7 +66,7 @@ async def make_order(
                     list_minor=qty * 1000, final_minor=qty * 1000,
                 )
             )  # fmt: skip
-        secret = await pickup.order_secret(session, order, now=now)
+        secret = await pickup.order_secret(session, order, now=now) if sign else ""
         return order.id, secret, code
 
 
@@ -307,3 +308,27 @@ async def test_an_order_for_a_full_pickup_window_cannot_be_placed(
     assert paid.status_code == 200, paid.text
     handed = await scan(app_client, tenant, shop.lane_id, code=code)
     assert (handed.status_code, handed.json()["result"]) == (200, "ok"), handed.text
+
+
+async def test_the_first_qr_of_an_event_is_drawn_from_a_reader(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    """The confirmation page and the receipt read the order in a read-only session: the
+    event's key, when it has none yet, is made and kept in a transaction of its own."""
+    shop = await make_shop(app_client, tenant, clock.now())
+    order_id, _, _ = await make_order(ctx, tenant, shop, sign=False)
+    token = links.order_view_url(ctx.signer, "http://test", order_id, tenant.org_id)
+    first = await app_client.get(f"/orders/view/{token.rsplit('/', 1)[1]}/qr.png")
+    assert first.status_code == 200, first.text
+    async with ctx.db.reader() as session:
+        order = await session.get(Order, order_id)
+        assert order is not None
+        secret = await pickup.order_secret(session, order, now=clock.now())
+    key = await app_client.get(
+        f"/api/v1/events/{shop.event_id}/checkin-key", headers=tenant.headers
+    )
+    public = tickets.base64_decode(key.json()["public_key"])
+    assert pickup.verify_offline(public, secret, event_id=shop.event_id)[0] == "ok"
+    in_window(clock)
+    handed = await scan(app_client, tenant, shop.lane_id, secret=secret)
+    assert handed.json()["result"] == "ok", handed.text

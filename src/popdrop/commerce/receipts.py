@@ -4,8 +4,8 @@ by email and by SMS, through the notification outbox.
 Rules:
 - `enqueue_receipt` runs in the transaction that settled the order: the receipt leaves
   if, and only if, that transaction commits (`outbound.outbox.enqueue`), once per order
-  and channel (subject `order:<id>`, kind `order_receipt`). It also makes sure the
-  event's signing key exists, so the pickup QR can be drawn at send time.
+  and channel (subject `order:<id>`, kind `order_receipt`): one INSERT, nothing else on
+  the checkout's path.
 - The row carries only the order id; the text is rendered at send time (`render`, hooked
   into the drainer by `usecases.notify`) from the order as it is then: an order that
   ended meanwhile (cancelled, expired, refunded) sends nothing.
@@ -72,11 +72,7 @@ def receipt_notices(order: Order) -> list[outbox.Notice]:
 
 async def enqueue_receipt(session: AsyncSession, order: Order, *, now: datetime) -> None:
     """Queue the order's receipt in the caller's transaction (sent after it commits)."""
-    notices = receipt_notices(order)
-    if not notices:
-        return
-    await pickup.order_secret(session, order, now=now)  # the event key, made here if new
-    await outbox.enqueue(session, notices, now=now)
+    await outbox.enqueue(session, receipt_notices(order), now=now)
 
 
 @dataclass(frozen=True)
