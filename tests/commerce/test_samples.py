@@ -1,17 +1,20 @@
 """Zero-cost samples: one per person per campaign (also under a storm of concurrent
 grants on PostgreSQL), a unit taken from the lane's stock, its cost allocated, its
-provenance kept."""
+provenance kept, and the people who bought afterwards counted."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 
+from popdrop.commerce.models import Order
 from popdrop.core.clock import FrozenClock
+from popdrop.web.context import AppContext
 from tests.commerce.test_catalog import add_product, available
 from tests.conftest import Tenant
 from tests.events.helpers import Shop, make_shop, post
@@ -31,6 +34,18 @@ async def sample_shop(
     return shop, int(product["id"]), variant
 
 
+async def order_of(ctx: AppContext, tenant: Tenant, shop: Shop, contact: str, status: str) -> None:
+    now = ctx.clock.now()
+    async with ctx.db.transaction() as session:
+        session.add(
+            Order(
+                org_id=tenant.org_id, event_id=shop.event_id, status=status, source="web",
+                lane_id=shop.lane_id, currency="EUR", total_minor=1500, contact_ref=contact,
+                price_held_until=now, created_at=now, created_by="test", paid_at=now,
+            )
+        )  # fmt: skip
+
+
 def give(shop: Shop, product_id: int, contact: str, **extra: Any) -> dict[str, Any]:
     return {
         "product_id": product_id,
@@ -43,7 +58,7 @@ def give(shop: Shop, product_id: int, contact: str, **extra: Any) -> dict[str, A
 
 
 async def test_one_sample_per_person_per_campaign_with_its_cost_allocated(
-    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
 ) -> None:
     shop, product_id, variant = await sample_shop(app_client, tenant, clock, units=3)
     partner = await post(
@@ -86,14 +101,21 @@ async def test_one_sample_per_person_per_campaign_with_its_cost_allocated(
     assert (late.status_code, late.json()["reason"]) == (409, "sold_out")
     assert (await available(app_client, tenant, shop))[variant] == 0
 
+    # Sample -> purchase: bob pays an order later; ann's order was refunded.
+    clock.advance(timedelta(minutes=5))
+    await order_of(ctx, tenant, shop, "bob", "paid")
+    await order_of(ctx, tenant, shop, "ann@example.test", "refunded")
     costs = await app_client.get(f"/api/v1/events/{shop.event_id}/samples", headers=tenant.headers)
     assert costs.status_code == 200, costs.text
     report = costs.json()
     assert report["samples"] == 3
-    assert {(a["allocated_to"], a["samples"], a["cost_minor"]) for a in report["allocations"]} == {
-        ("campaign:launch", 1, 250),
-        (f"partner:{partner['id']}", 1, 250),
-        ("budget:marketing", 1, 250),
+    assert {
+        (a["allocated_to"], a["samples"], a["cost_minor"], a["bought_later"])
+        for a in report["allocations"]
+    } == {
+        ("campaign:launch", 1, 250, 0),
+        (f"partner:{partner['id']}", 1, 250, 0),
+        ("budget:marketing", 1, 250, 1),
     }
     assert len(report["recent"]) == 3
 

@@ -212,4 +212,4 @@ async def give_sample(body: SampleGive, principal: ApiPrincipal, ctx: Ctx) -> Sa
 )
 async def sample_costs(event_id: ItemId, principal: ApiPrincipal, ctx: Ctx) -> SampleCosts:
     async with ctx.db.reader() as session:
-        return await samples.sample_costs(session, principal, event_id)
+        return await samples.sample_costs(session, principal, event_id, signer=ctx.signer)

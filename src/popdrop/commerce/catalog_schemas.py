@@ -244,6 +244,8 @@ class AllocationCost(BaseModel):
     currency: str
     samples: int
     cost_minor: int
+    # Samples whose person placed a paid order at this event after getting it.
+    bought_later: int = 0
 
 
 class SampleCosts(BaseModel):

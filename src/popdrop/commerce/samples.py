@@ -16,7 +16,9 @@ Rules:
   `budget:<name>`. Provenance (drop, segment, conversation) is stored as given.
 - The event must be open (`events.lifecycle.require_open`), like any hold.
 - Giving needs `orders:pickup` (volunteers at a lane hand samples out); the cost report
-  needs `orders:read`.
+  needs `orders:read`. The report counts, per allocation, the samples whose person paid
+  an order of the event afterwards (sample → purchase: the order's contact ref digested
+  the same way).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.commerce.catalog_schemas import AllocationCost, SampleCosts, SampleOut
-from popdrop.commerce.models import SampleGrant
+from popdrop.commerce.lifecycle import SOLD_STATUSES
+from popdrop.commerce.models import Order, SampleGrant
 from popdrop.core.db import table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.signing import Signer
@@ -148,8 +151,50 @@ async def give_sample(
     return grant
 
 
-async def sample_costs(session: AsyncSession, principal: Principal, event_id: int) -> SampleCosts:
-    """What an event's samples cost, per allocation (and currency), with the latest grants."""
+async def _bought_later(
+    session: AsyncSession, signer: Signer, org_id: int, event_id: int
+) -> dict[tuple[str, str], int]:
+    """Per (allocation, currency): samples whose person paid an order of the event after
+    getting it (the order's contact ref, digested like the grant's person key)."""
+    grants = (
+        await session.execute(
+            select(
+                SampleGrant.person_key,
+                SampleGrant.allocated_to,
+                SampleGrant.currency,
+                SampleGrant.given_at,
+            ).where(SampleGrant.org_id == org_id, SampleGrant.event_id == event_id)
+        )
+    ).all()
+    if not grants:
+        return {}
+    latest_paid: dict[str, datetime] = {}  # per person: their latest paid order
+    paid_orders = await session.execute(
+        select(Order.contact_ref, Order.paid_at).where(
+            Order.org_id == org_id,
+            Order.event_id == event_id,
+            Order.status.in_(SOLD_STATUSES),
+            Order.contact_ref.is_not(None),
+            Order.paid_at.is_not(None),
+        )
+    )
+    for contact_ref, paid_at in paid_orders:
+        key = contact_digest(signer, contact_ref)
+        if key is not None and paid_at is not None:
+            latest_paid[key] = max(latest_paid.get(key, paid_at), paid_at)
+    counted: dict[tuple[str, str], int] = {}
+    for person_key, allocated_to, currency, given_at in grants:
+        paid_at = latest_paid.get(person_key)
+        if paid_at is not None and paid_at >= given_at:
+            counted[(allocated_to, currency)] = counted.get((allocated_to, currency), 0) + 1
+    return counted
+
+
+async def sample_costs(
+    session: AsyncSession, principal: Principal, event_id: int, *, signer: Signer | None = None
+) -> SampleCosts:
+    """What an event's samples cost, per allocation (and currency), with the latest grants;
+    with the `signer`, also how many of those people bought at the event afterwards."""
     principal.require(READ_SCOPE)
     event = await owned(session, Event, event_id, principal.org_id, what="event")
     where = (SampleGrant.org_id == principal.org_id, SampleGrant.event_id == event.id)
@@ -166,8 +211,17 @@ async def sample_costs(session: AsyncSession, principal: Principal, event_id: in
             .order_by(SampleGrant.allocated_to, SampleGrant.currency)
         )
     ).all()
+    later = (
+        {} if signer is None else await _bought_later(session, signer, principal.org_id, event.id)
+    )
     allocations = [
-        AllocationCost(allocated_to=to, currency=cur, samples=int(n), cost_minor=int(cost))
+        AllocationCost(
+            allocated_to=to,
+            currency=cur,
+            samples=int(n),
+            cost_minor=int(cost),
+            bought_later=later.get((to, cur), 0),
+        )
         for to, cur, n, cost in rows
     ]
     recent = await session.scalars(
