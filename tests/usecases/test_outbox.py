@@ -117,3 +117,22 @@ async def test_transient_failures_back_off_until_the_attempts_run_out(
     assert delays == [30.0, 60.0]
     assert outbox.backoff_seconds(1, retry_after=90) == 90
     assert outbox.backoff_seconds(20) == outbox.MAX_RETRY_SECONDS
+
+
+async def test_an_address_no_provider_takes_is_skipped_not_a_stalled_drain(
+    ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    """A receipt typed as `x@localhost` is refused for that row alone (`invalid_address`);
+    before, the address check raised out of the drain and every pass failed on it."""
+    from popdrop.usecases.notify import refusal
+
+    bad = Notice(tenant.org_id, "test", "bad-address", Channel.EMAIL, "x@localhost", {})
+    async with ctx.db.transaction() as session:
+        await outbox.enqueue(session, [bad], now=clock.now())
+    row = await _row(ctx, "bad-address")
+    async with ctx.db.reader() as session:
+        assert await refusal(session, ctx.signer, row) == "invalid_address"
+        good = Notification(
+            org_id=tenant.org_id, channel="email", recipient="x@example.com", kind="test"
+        )
+        assert await refusal(session, ctx.signer, good) is None

@@ -151,10 +151,14 @@ async def refusal(session: AsyncSession, signer: Signer, row: Notification) -> s
     """Why this row may not go out now (read at the last moment), or None."""
     if row.channel == Channel.CHAT:
         return await _chat_refusal(session, row)
-    if row.channel == Channel.EMAIL:
-        points = contact_points.contact_points(signer, row.recipient, None)
-    else:
-        points = contact_points.contact_points(signer, None, row.recipient)
+    try:
+        if row.channel == Channel.EMAIL:
+            points = contact_points.contact_points(signer, row.recipient, None)
+        else:
+            points = contact_points.contact_points(signer, None, row.recipient)
+    except PopdropError:
+        # An address no provider would take: fail this row, never the whole drain.
+        return "invalid_address"
     suppressed = await contact_points.suppressed_channels(session, row.org_id, points)
     if str(row.channel) in suppressed or "all" in suppressed:
         return "suppressed"
