@@ -277,3 +277,28 @@ async def test_migration_0014_seals_raw_keys_and_backfills_short_codes(
             private, event_id=1, ticket_id=n, generation=n % 2, issued_epoch=1_700_000_000 + n
         )
         assert codes[n] == tickets.short_code(secret)
+
+
+async def test_a_key_made_in_a_rolled_back_transaction_is_never_used(
+    ctx: AppContext, tenant: Tenant
+) -> None:
+    """The first signer of an event is cached only once its key row commits: a rollback
+    (a refused checkout that drew its order QR) must not leave this process signing with
+    a key the database never kept, which no scanner could verify."""
+    from popdrop.events.models import Event
+
+    event_id = await make_event(ctx, tenant.org_id)
+    with pytest.raises(RuntimeError):
+        async with ctx.db.transaction() as session:
+            event = await session.get(Event, event_id)
+            assert event is not None
+            lost = await service.event_signer(session, event, ctx.clock.now())
+            raise RuntimeError("refused after the key was drawn")
+    async with ctx.db.transaction() as session:
+        event = await session.get(Event, event_id)
+        assert event is not None
+        kept = await service.event_signer(session, event, ctx.clock.now())
+        stored = await session.scalar(
+            sa.select(EventKey.public_key).where(EventKey.event_id == event_id)
+        )
+    assert kept.public_raw == stored != lost.public_raw

@@ -59,7 +59,7 @@ from popdrop.checkin.schemas import (
 )
 from popdrop.core import audit
 from popdrop.core.cache import ProcessCache
-from popdrop.core.db import Database, UTCDateTime, dialect_insert, table_of
+from popdrop.core.db import Database, UTCDateTime, after_commit, dialect_insert, table_of
 from popdrop.core.errors import REASON_STATUS, PopdropError, not_found
 from popdrop.core.localtime import local
 from popdrop.core.tenancy import owned
@@ -111,7 +111,7 @@ def _db_key(conn: Conn) -> str:
     return str(engine.url)
 
 
-async def _load_signer(session: Conn, event_id: int) -> EventSigner | None:
+async def _load_signer(session: Conn, event_id: int, *, cache: bool = True) -> EventSigner | None:
     cache_key = (_db_key(session), event_id)
     signer = _SIGNERS.get(cache_key)
     if signer is None:
@@ -130,7 +130,8 @@ async def _load_signer(session: Conn, event_id: int) -> EventSigner | None:
             public_raw=row.public_key,
             sealed_private=bytes(row.private_key),
         )
-        _SIGNERS.put(cache_key, signer)
+        if cache:
+            _SIGNERS.put(cache_key, signer)
     return signer
 
 
@@ -150,8 +151,15 @@ async def event_signer(session: AsyncSession, event: Event, now: datetime) -> Ev
             )
             .on_conflict_do_nothing()
         )
-        signer = await _load_signer(session, event.id)
+        # Not cached yet: if this transaction rolls back, the key it wrote never existed.
+        signer = await _load_signer(session, event.id, cache=False)
         assert signer is not None
+        made, cache_key = signer, (_db_key(session), event.id)
+
+        async def remember() -> None:
+            _SIGNERS.put(cache_key, made)
+
+        after_commit(session, remember, key=f"event-signer:{event.id}")
     return signer
 
 
