@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, or_, select, update
+from sqlalchemy import Select, bindparam, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -210,6 +210,16 @@ def format_short_code(code: str | None) -> str | None:
     return None if code is None else f"{code[:4]}-{code[4:8]}-{code[8:]}"
 
 
+_sibling_variants = table_of(Variant).alias("siblings")
+_SIBLINGS = (
+    select(func.count(_sibling_variants.c.id))
+    .where(_sibling_variants.c.product_id == Product.id)
+    .correlate(Product)
+    .scalar_subquery()
+)
+_IN_ORDER = select(OrderLine.id).where(OrderLine.hold_id == Hold.id).correlate(Hold).exists()
+
+
 async def _load_holds(
     session: AsyncSession,
     principal: Principal,
@@ -217,12 +227,14 @@ async def _load_holds(
     now: datetime,
     *,
     lock: bool,
-) -> list[tuple[Hold, Variant, Product]]:
+) -> tuple[list[tuple[Hold, Variant, Product]], dict[int, int]]:
+    """The holds (with variant and product) of an order to be, checked; and how many
+    variants each product has (a title names the variant only when there is a choice)."""
     ids = sorted(set(hold_ids))
     if len(ids) != len(hold_ids):
         raise PopdropError("invalid_request", "a reservation is listed twice")
     query = (
-        select(Hold, Variant, Product)
+        select(Hold, Variant, Product, _SIBLINGS, _IN_ORDER)
         .join(Variant, Variant.id == Hold.variant_id)
         .join(Product, Product.id == Variant.product_id)
         .where(Hold.id.in_(ids), Hold.org_id == principal.org_id)
@@ -230,11 +242,11 @@ async def _load_holds(
     )
     if lock:
         query = query.with_for_update(of=Hold)
-    holds = list((await session.execute(query)).tuples())
-    if len(holds) != len(ids):
+    rows = list((await session.execute(query)).tuples())
+    if len(rows) != len(ids):
         raise not_found("reservation")
-    first = holds[0][0]
-    for hold, _, _ in holds:
+    first = rows[0][0]
+    for hold, _, _, _, in_order in rows:
         if hold.event_id != first.event_id:
             raise PopdropError("invalid_request", "an order takes reservations of one event")
         if hold.lane_id != first.lane_id:
@@ -243,22 +255,19 @@ async def _load_holds(
             raise PopdropError(
                 "invalid_request", "an order takes reservations of one pickup window"
             )
+        if in_order or hold.status == HoldStatus.CONVERTED:
+            raise hold_taken()
         if hold.status == HoldStatus.EXPIRED or (
             hold.status == HoldStatus.ACTIVE and hold.expires_at <= now
         ):
             raise PopdropError("hold_expired", "this reservation has expired; reserve again")
-        if hold.status == HoldStatus.CONVERTED:
-            raise hold_taken()
         if hold.status != HoldStatus.ACTIVE:
             raise PopdropError("conflict", f"this reservation is {hold.status}")
-    in_order = await session.scalar(select(OrderLine.id).where(OrderLine.hold_id.in_(ids)).limit(1))
-    if in_order is not None:
-        raise hold_taken()
-    return holds
+    siblings = {product.id: int(count or 1) for _, _, product, count, _ in rows}
+    return [(h, v, p) for h, v, p, _, _ in rows], siblings
 
 
-async def _policy(session: AsyncSession, event_id: int) -> Policy:
-    row = await session.get(CheckoutPolicy, event_id)
+def _policy(row: CheckoutPolicy | None) -> Policy:
     if row is None:
         return Policy()
     return Policy(
@@ -270,6 +279,24 @@ async def _policy(session: AsyncSession, event_id: int) -> Policy:
     )
 
 
+async def _place(
+    session: AsyncSession, event_id: int, lane_id: int, slot_id: int | None
+) -> tuple[Event, Lane, TimeSlot | None, CheckoutPolicy | None]:
+    """The event, lane, slot and checkout policy of the holds, in one round trip."""
+    slot_match = TimeSlot.id == slot_id if slot_id is not None else false()
+    row = (
+        await session.execute(
+            select(Event, Lane, TimeSlot, CheckoutPolicy)
+            .select_from(Event)
+            .join(Lane, Lane.id == lane_id)
+            .outerjoin(TimeSlot, slot_match)
+            .outerjoin(CheckoutPolicy, CheckoutPolicy.event_id == Event.id)
+            .where(Event.id == event_id)
+        )
+    ).one()
+    return row[0], row[1], row[2], row[3]
+
+
 def _item_title(product: Product, variant: Variant, siblings: int) -> str:
     return f"{product.title} ({variant.name})" if variant.name and siblings > 1 else product.title
 
@@ -279,22 +306,26 @@ async def _match_bundles(
 ) -> tuple[list[pricing.Item], tuple[pricing.BundleUse, ...], dict[str, int]]:
     """Bundles whose components the holds cover exactly (one hold per component, of its
     variant and quantity), greedily in bundle id order."""
-    bundles = list(
-        await session.scalars(
-            select(Bundle)
+    rows = (
+        await session.execute(
+            select(Bundle, BundleComponent.variant_id, BundleComponent.qty)
+            .join(BundleComponent, BundleComponent.bundle_id == Bundle.id)
             .where(
-                Bundle.event_id == event_id, Bundle.active.is_(True), Bundle.currency == currency
+                Bundle.event_id == event_id,
+                Bundle.active.is_(True),
+                Bundle.currency == currency,
             )
             .order_by(Bundle.id)
         )
-    )
-    if not bundles:
-        return items, (), {}
+    ).tuples()
+    by_id: dict[int, Bundle] = {}
     components: dict[int, list[tuple[int, int]]] = {}
-    for comp in await session.scalars(
-        select(BundleComponent).where(BundleComponent.bundle_id.in_([b.id for b in bundles]))
-    ):
-        components.setdefault(comp.bundle_id, []).append((comp.variant_id, comp.qty))
+    for bundle_row, variant_id, qty in rows:
+        by_id[bundle_row.id] = bundle_row
+        components.setdefault(bundle_row.id, []).append((variant_id, qty))
+    if not by_id:
+        return items, (), {}
+    bundles = list(by_id.values())
     free = {item.key: item for item in items}
     uses: list[pricing.BundleUse] = []
     assigned: dict[str, str] = {}
@@ -402,27 +433,15 @@ async def checkout_of(
     lock: bool = False,
 ) -> Checkout:
     """The cart of these holds and codes, with everything it is priced from."""
-    holds = await _load_holds(session, principal, hold_ids, now, lock=lock)
+    holds, siblings = await _load_holds(session, principal, hold_ids, now, lock=lock)
     first = holds[0][0]
-    event = await session.get(Event, first.event_id)
-    lane = await session.get(Lane, first.lane_id)
-    slot = await session.get(TimeSlot, first.slot_id) if first.slot_id is not None else None
-    assert event is not None and lane is not None
+    event, lane, slot, policy_row = await _place(
+        session, first.event_id, first.lane_id, first.slot_id
+    )
     currencies = {product.currency for _, _, product in holds}
     if len(currencies) != 1:
         raise PopdropError("invalid_request", "an order is in one currency")
     currency = currencies.pop()
-    siblings: dict[int, int] = dict(
-        list(
-            (
-                await session.execute(
-                    select(Variant.product_id, func.count())
-                    .where(Variant.product_id.in_({p.id for _, _, p in holds}))
-                    .group_by(Variant.product_id)
-                )
-            ).tuples()
-        )
-    )
     items = [
         pricing.Item(
             key=f"h{hold.id}",
@@ -453,7 +472,7 @@ async def checkout_of(
         )
         if _usable_rule(row) and _budget_left(row) != 0
     ]
-    policy = await _policy(session, event.id)
+    policy = _policy(policy_row)
     found, typed_by_ref, refusals = await _codes(
         session, signer, principal, codes, currency=currency, policy=policy,
         contact_ref=contact_ref, now=now,
@@ -709,12 +728,16 @@ async def place_order(
                 status=refusal.status,
                 detail={"code": typed, **refusal.detail},
             ) from None
-    hold_units = await units.units_of(session, [h.id for h, _, _ in checkout.holds], lock=False)
+    hold_units = [  # locked and active: checked above
+        units.Unit(h.id, h.stock_id, h.lane_id, h.slot_id, h.qty, h.status)
+        for h, _, _ in checkout.holds
+    ]
     conn = await session.connection()
+    payments: list[Payment] = []
     if free:
-        converted = await units.convert_active(conn, hold_units, now)
+        converted = await units.convert_active(session, hold_units, now)
         assert converted, "the holds are locked and active"
-        session.add(
+        payments.append(
             Payment(
                 org_id=principal.org_id,
                 order_id=order.id,
@@ -728,6 +751,7 @@ async def place_order(
                 actor=principal.actor,
             )
         )
+        session.add_all(payments)
         order.status = ORDER_LIFECYCLE.check(OrderStatus.PENDING, OrderStatus.PAID)
         order.paid_at = now
     elif method is PaymentMethod.PAY_AT_PICKUP:
@@ -735,7 +759,7 @@ async def place_order(
     await session.flush()
     if free or method is PaymentMethod.PAY_AT_PICKUP:  # settled or reserved: the receipt
         await receipts.enqueue_receipt(session, order, now=now)
-    return await order_out(session, order)
+    return _out(order, lines, payments, [])  # all in hand: no reads back
 
 
 # ---------------------------------------------------------------- reads
@@ -765,47 +789,45 @@ async def orders_out(session: AsyncSession, orders: Sequence[Order]) -> list[Ord
         ):
             refunds.setdefault(refund.order_id, []).append(refund)
     return [
-        OrderOut(
-            id=o.id,
-            event_id=o.event_id,
-            status=OrderStatus(o.status),
-            source=o.source,
-            source_ref=o.source_ref,
-            lane_id=o.lane_id,
-            slot_id=o.slot_id,
-            contact_ref=o.contact_ref,
-            receipt_email=o.receipt_email,
-            receipt_phone=o.receipt_phone,
-            currency=o.currency,
-            subtotal_minor=o.subtotal_minor,
-            discount_minor=o.discount_minor,
-            total_minor=o.total_minor,
-            refunded_minor=o.refunded_minor,
-            codes=list(json.loads(o.codes or "[]")),
-            payment_method=PaymentMethod(o.payment_method) if o.payment_method else None,
-            short_code=format_short_code(o.short_code),
-            price_held_until=o.price_held_until,
-            created_at=o.created_at,
-            paid_at=o.paid_at,
-            ready_at=o.ready_at,
-            picked_up_at=o.picked_up_at,
-            ended_at=o.ended_at,
-            status_reason=o.status_reason,
-            status_message=o.status_message,
-            lines=[
-                OrderLineOut.model_validate(line, from_attributes=True)
-                for line in lines.get(o.id, [])
-            ],
-            payments=[
-                PaymentOut.model_validate(p, from_attributes=True) for p in payments.get(o.id, [])
-            ],
-            refunds=[
-                RefundOut.model_validate(r, from_attributes=True) for r in refunds.get(o.id, [])
-            ],
-            breakdown=breakdown_out(json.loads(o.breakdown)),
-        )
-        for o in orders
+        _out(o, lines.get(o.id, []), payments.get(o.id, []), refunds.get(o.id, [])) for o in orders
     ]
+
+
+def _out(
+    o: Order, lines: Sequence[OrderLine], payments: Sequence[Payment], refunds: Sequence[Refund]
+) -> OrderOut:
+    return OrderOut(
+        id=o.id,
+        event_id=o.event_id,
+        status=OrderStatus(o.status),
+        source=o.source,
+        source_ref=o.source_ref,
+        lane_id=o.lane_id,
+        slot_id=o.slot_id,
+        contact_ref=o.contact_ref,
+        receipt_email=o.receipt_email,
+        receipt_phone=o.receipt_phone,
+        currency=o.currency,
+        subtotal_minor=o.subtotal_minor,
+        discount_minor=o.discount_minor,
+        total_minor=o.total_minor,
+        refunded_minor=o.refunded_minor,
+        codes=list(json.loads(o.codes or "[]")),
+        payment_method=PaymentMethod(o.payment_method) if o.payment_method else None,
+        short_code=format_short_code(o.short_code),
+        price_held_until=o.price_held_until,
+        created_at=o.created_at,
+        paid_at=o.paid_at,
+        ready_at=o.ready_at,
+        picked_up_at=o.picked_up_at,
+        ended_at=o.ended_at,
+        status_reason=o.status_reason,
+        status_message=o.status_message,
+        lines=[OrderLineOut.model_validate(line, from_attributes=True) for line in lines],
+        payments=[PaymentOut.model_validate(p, from_attributes=True) for p in payments],
+        refunds=[RefundOut.model_validate(r, from_attributes=True) for r in refunds],
+        breakdown=breakdown_out(json.loads(o.breakdown)),
+    )
 
 
 def _partner_events(principal: Principal) -> Any:

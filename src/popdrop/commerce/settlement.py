@@ -35,6 +35,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -65,7 +66,7 @@ from popdrop.commerce.stripe_events import (
     StripeEvent,
 )
 from popdrop.core import links
-from popdrop.core.db import Database, dialect_insert
+from popdrop.core.db import Database, defer_hot_writes, dialect_insert
 from popdrop.core.errors import PopdropError
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
@@ -100,6 +101,7 @@ class Settled:
 
     outcome: str
     order_id: int | None = None
+    org_id: int | None = None
     refund_ids: list[int] = field(default_factory=list)
 
 
@@ -114,23 +116,16 @@ async def _lock_order(session: AsyncSession, org_id: int, order_id: int) -> Orde
 
 
 async def _units_of_order(session: AsyncSession, order_id: int) -> list[units.Unit]:
-    hold_ids = list(
-        await session.scalars(
-            select(OrderLine.hold_id).where(
-                OrderLine.order_id == order_id, OrderLine.hold_id.is_not(None)
-            )
-        )
-    )
-    return await units.units_of(session, [h for h in hold_ids if h is not None], lock=True)
+    return await units.units_of_order(session, order_id)
 
 
 async def take_units(session: AsyncSession, order: Order, now: datetime) -> bool:
     """Make the order's units sold: its active holds converted, or, when one of them
     ended, all of them taken again from the stock (all or none)."""
     order_units = await _units_of_order(session, order.id)
-    conn = await session.connection()
-    if await units.convert_active(conn, order_units, now):
+    if await units.convert_active(session, order_units, now):
         return True
+    conn = await session.connection()
     await units.release_active(conn, order_units, now, status=HoldStatus.EXPIRED)
     return await units.retake(session, order_units, now)
 
@@ -281,7 +276,7 @@ async def settle_paid(
         )  # fmt: skip
         session.add(refund)
         await session.flush()
-        return Settled("refunded_duplicate_payment", order.id, [refund.id])
+        return Settled("refunded_duplicate_payment", order.id, order.org_id, [refund.id])
     if await take_units(session, order, now):
         await _record_paid(order, now)
         if status is not OrderStatus.PENDING:
@@ -289,7 +284,7 @@ async def settle_paid(
             order.status_message = None
         await session.flush()
         await receipts.enqueue_receipt(session, order, now=now)
-        return Settled("paid", order.id)
+        return Settled("paid", order.id, order.org_id)
     # The units are gone: the order cannot be handed out, so the money goes back.
     if status is OrderStatus.PENDING:
         await _end_unsold(
@@ -307,7 +302,7 @@ async def settle_paid(
     )  # fmt: skip
     session.add(refund)
     await session.flush()
-    return Settled("refunded_sold_out", order.id, [refund.id])
+    return Settled("refunded_sold_out", order.id, order.org_id, [refund.id])
 
 
 async def mark_paid_at_lane(
@@ -423,10 +418,20 @@ async def start_online_payment(
 
 
 async def _payment_of(
-    session: AsyncSession, event: StripeEvent, order: Order | None
+    session: AsyncSession, event: StripeEvent, order: Order | None, *, lock: bool
 ) -> Payment | None:
+    """The attempt an event is about: by its session, its intent, or (the intent not
+    known yet) the order's latest attempt without one. Locked when asked (the order row
+    is locked first, always)."""
+
+    async def first(query: Any) -> Payment | None:
+        if lock:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        found: Payment | None = await session.scalar(query)
+        return found
+
     if event.object_id.startswith("cs_"):
-        found = await session.scalar(
+        found = await first(
             select(Payment).where(
                 Payment.provider == STRIPE, Payment.provider_ref == event.object_id
             )
@@ -434,15 +439,15 @@ async def _payment_of(
         if found is not None:
             return found
     if event.payment_intent:
-        found = await session.scalar(
+        found = await first(
             select(Payment).where(
                 Payment.provider == STRIPE, Payment.payment_intent == event.payment_intent
             )
         )
         if found is not None:
             return found
-    if order is not None:  # the intent was not known yet: the order's latest open attempt
-        return await session.scalar(
+    if order is not None:
+        return await first(
             select(Payment)
             .where(
                 Payment.order_id == order.id,
@@ -495,13 +500,10 @@ async def apply_stripe_event(
     if row_id is None:
         return Settled("duplicate")
     settled = await _apply(session, event, now)
-    org_id = None
-    if settled.order_id is not None:
-        org_id = await session.scalar(select(Order.org_id).where(Order.id == settled.order_id))
     await session.execute(
         update(ProviderEvent)
         .where(ProviderEvent.id == row_id)
-        .values(outcome=settled.outcome[:64], org_id=org_id)
+        .values(outcome=settled.outcome[:64], org_id=settled.org_id)
     )
     return settled
 
@@ -520,16 +522,18 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
             .with_for_update()
             .execution_options(populate_existing=True)
         )
-    payment = await _payment_of(session, event, order)
-    if order is None and payment is not None:
-        order = await _lock_order(session, payment.org_id, payment.order_id)
+    if order is None:  # no metadata: find the order through the payment, then lock both
+        unlocked = await _payment_of(session, event, None, lock=False)
+        if unlocked is not None:
+            order = await _lock_order(session, unlocked.org_id, unlocked.order_id)
     if order is None:
         return Settled("unknown_order")
+    payment = await _payment_of(session, event, order, lock=True)
     if payment is not None and payment.order_id != order.id:
-        return Settled("payment_of_another_order", order.id)
+        return Settled("payment_of_another_order", order.id, order.org_id)
     if payment is None:
         if kind != "succeeded":
-            return Settled(f"{kind}_without_payment", order.id)
+            return Settled(f"{kind}_without_payment", order.id, order.org_id)
         # Money arrived for an attempt we never recorded (a crash after the provider call).
         payment = Payment(
             org_id=order.org_id,
@@ -548,22 +552,14 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
         )
         session.add(payment)
         await session.flush()
-    else:
-        payment = await session.scalar(
-            select(Payment)
-            .where(Payment.id == payment.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        assert payment is not None
     if payment.payment_intent is None and event.payment_intent:
         payment.payment_intent = event.payment_intent
     current = PaymentStatus(payment.status)
     if kind == "awaiting":
-        return Settled("awaiting_payment", order.id)
+        return Settled("awaiting_payment", order.id, order.org_id)
     if kind == "succeeded":
         if current is PaymentStatus.SUCCEEDED:
-            return Settled("already_succeeded", order.id)
+            return Settled("already_succeeded", order.id, order.org_id)
         payment.status = PAYMENT_LIFECYCLE.check(current, PaymentStatus.SUCCEEDED)
         payment.updated_at = now
         return await settle_paid(session, order, payment, actor="stripe", now=now)
@@ -571,7 +567,7 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
     if current is target and kind == "failed":
         pass  # a later failure of the same attempt: keep its newest reason
     elif not PAYMENT_LIFECYCLE.allows(current, target):
-        return Settled(f"ignored_{kind}_after_{current.value}", order.id)
+        return Settled(f"ignored_{kind}_after_{current.value}", order.id, order.org_id)
     payment.status = target
     payment.updated_at = now
     if kind == "failed":
@@ -580,7 +576,7 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
         if event.decline_code and event.decline_code != payment.failure_code:
             message = f"{message} ({event.decline_code})".strip()
         payment.failure_message = message[:300] or None
-    return Settled(f"payment_{target.value}", order.id)
+    return Settled(f"payment_{target.value}", order.id, order.org_id)
 
 
 async def _apply_refund(session: AsyncSession, event: StripeEvent, now: datetime) -> Settled:
@@ -598,11 +594,11 @@ async def _apply_refund(session: AsyncSession, event: StripeEvent, now: datetime
     }.get(event.status or ("failed" if event.type == "refund.failed" else ""))
     current = RefundStatus(refund.status)
     if target is None or target is current or not REFUND_LIFECYCLE.allows(current, target):
-        return Settled(f"refund_{current.value}", refund.order_id)
+        return Settled(f"refund_{current.value}", refund.order_id, refund.org_id)
     refund.status = target
     if target is RefundStatus.FAILED:
         refund.failure_code = (event.failure_code or "refund_failed")[:64]
-    return Settled(f"refund_{target.value}", refund.order_id)
+    return Settled(f"refund_{target.value}", refund.order_id, refund.org_id)
 
 
 async def handle_stripe_event(
@@ -611,6 +607,8 @@ async def handle_stripe_event(
     """Apply an event in its own transaction, then send the refunds it decided."""
 
     async def work(session: AsyncSession) -> Settled:
+        # The stock rows a sale moves are hot: written just before the commit.
+        defer_hot_writes(session)
         return await apply_stripe_event(session, event, now=now)
 
     settled = await db.in_transaction(work)

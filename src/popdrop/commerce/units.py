@@ -21,11 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from popdrop.core.db import UTCDateTime, table_of
+from popdrop.commerce.models import OrderLine
+from popdrop.core.db import CAPACITY_WRITE_ORDER, UTCDateTime, defer_write, table_of
 from popdrop.events.models import PickupWindow
 from popdrop.inventory.lifecycle import HoldStatus
 from popdrop.inventory.models import Hold, Stock
@@ -33,31 +35,47 @@ from popdrop.inventory.models import Hold, Stock
 _holds = table_of(Hold)
 _stock = table_of(Stock)
 _windows = table_of(PickupWindow)
+_lines = table_of(OrderLine)
 _now = bindparam("now", type_=UTCDateTime())
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One hold of an order: where its units come from."""
+    """One hold of an order: where its units come from, and its status when read."""
 
     hold_id: int
     stock_id: int
     lane_id: int
     slot_id: int | None
     qty: int
+    status: str = HoldStatus.ACTIVE
+
+
+_UNIT_COLUMNS = (
+    _holds.c.id, _holds.c.stock_id, _holds.c.lane_id, _holds.c.slot_id, _holds.c.qty,
+    _holds.c.status,
+)  # fmt: skip
 
 
 async def units_of(session: AsyncSession, hold_ids: Sequence[int], *, lock: bool) -> list[Unit]:
     """The holds of an order in id order (the lock order), locked when asked."""
-    query = (
-        select(_holds.c.id, _holds.c.stock_id, _holds.c.lane_id, _holds.c.slot_id, _holds.c.qty)
-        .where(_holds.c.id.in_(list(hold_ids)))
-        .order_by(_holds.c.id)
-    )
+    query = select(*_UNIT_COLUMNS).where(_holds.c.id.in_(list(hold_ids))).order_by(_holds.c.id)
     if lock:
         query = query.with_for_update()
     rows = (await session.execute(query)).all()
     return [Unit(*row) for row in rows]
+
+
+async def units_of_order(session: AsyncSession, order_id: int) -> list[Unit]:
+    """The holds of an order's lines, locked, in id order (one round trip)."""
+    query = (
+        select(*_UNIT_COLUMNS)
+        .join(_lines, _lines.c.hold_id == _holds.c.id)
+        .where(_lines.c.order_id == order_id)
+        .order_by(_holds.c.id)
+        .with_for_update(of=_holds)
+    )
+    return [Unit(*row) for row in (await session.execute(query)).all()]
 
 
 async def _end_active(conn: AsyncConnection, unit: Unit, status: HoldStatus, now: datetime) -> bool:
@@ -71,24 +89,30 @@ async def _end_active(conn: AsyncConnection, unit: Unit, status: HoldStatus, now
     return moved.first() is not None
 
 
-async def convert_active(conn: AsyncConnection, units: Sequence[Unit], now: datetime) -> bool:
-    """Sell the units of holds that are all still active (expired or not): True when done,
-    False (nothing written) when one of them was already given back or ended."""
-    states = (
-        await conn.execute(
-            select(_holds.c.id, _holds.c.status).where(_holds.c.id.in_([u.hold_id for u in units]))
-        )
-    ).all()
-    if len(states) != len(units) or any(s.status != HoldStatus.ACTIVE for s in states):
+async def convert_active(session: AsyncSession, units: Sequence[Unit], now: datetime) -> bool:
+    """Sell the units of holds that are all still active (expired or not), as read under
+    their lock: True when done, False (nothing written) when one of them had ended.
+
+    The stock rows are the hot rows of a sale: in a transaction that defers hot writes
+    (`core.db.defer_hot_writes`) their UPDATEs run just before the commit, in stock id
+    order; they cannot fail (the units are already counted in `held`)."""
+    if not units or any(u.status != HoldStatus.ACTIVE for u in units):
         return False
+    conn = await session.connection()
     for unit in units:
         if not await _end_active(conn, unit, HoldStatus.CONVERTED, now):
             raise AssertionError("a locked active hold changed under us")
-        await conn.execute(
+        sell = (
             update(_stock)
             .where(_stock.c.id == unit.stock_id)
             .values(held=_stock.c.held - unit.qty, sold=_stock.c.sold + unit.qty)
         )
+
+        async def write(sell: Any = sell) -> None:
+            await conn.execute(sell)
+
+        if not defer_write(session, (CAPACITY_WRITE_ORDER, unit.stock_id), write):
+            await write()
     return True
 
 
