@@ -194,6 +194,7 @@ def demo(
         # Links printed and signed by the demo must point at the port it serves on.
         settings.base_url = f"http://127.0.0.1:{port}"
         os.environ["POPDROP_BASE_URL"] = settings.base_url
+    sandbox_line = _demo_payments(settings, port)
     asyncio.run(upgrade(settings.resolved_database_url))
     info = _run(lambda s, db, signer: seed(s, db, signer))
     console.rule("popdrop demo")
@@ -206,6 +207,9 @@ def demo(
         f"Claim    {info['sample_link']}",
         f"Event    {info['event_url']}",
         f"Chat     {info['chat_url']}  (flows: {settings.base_url}/chat/flows)",
+        f"Checkout {info['checkout_url']}  (a fresh 15-minute hold)",
+        f"Orders   {settings.base_url}/events/{info['event_id']}/orders  · payments: "
+        f"{sandbox_line}",
         f"Door     {settings.base_url}/scan/{info['event_id']}  (scanner) · "
         f"guests: {settings.base_url}/events/{info['event_id']}/guests",
         f"Audience {info['audience']}",
@@ -216,6 +220,29 @@ def demo(
     console.rule()
     if serve_after:
         serve(port=port)
+
+
+def _demo_payments(settings: Settings, port: int) -> str:
+    """Online payments for the demo: the local Stripe sandbox (a fake that speaks Stripe's
+    wire format and signs its webhooks) on the next port, unless a real Stripe key is set.
+    The server reads the POPDROP_STRIPE_* variables set here."""
+    if settings.stripe_secret_key:
+        return f"Stripe at {settings.stripe_api_base}"
+    from popdrop.commerce import stripe_sandbox
+
+    sandbox = stripe_sandbox.StripeSandbox(
+        webhook_url=f"{settings.base_url}/api/v1/payments/stripe/webhook"
+    )
+    serving = sandbox.serving_in_thread(port=port + 1)
+    api_base = serving.__enter__()  # lives as long as the demo process
+    os.environ["POPDROP_STRIPE_API_BASE"] = settings.stripe_api_base = api_base
+    os.environ["POPDROP_STRIPE_SECRET_KEY"] = settings.stripe_secret_key = (
+        stripe_sandbox.SANDBOX_API_KEY
+    )
+    os.environ["POPDROP_STRIPE_WEBHOOK_SECRETS"] = settings.stripe_webhook_secrets = (
+        stripe_sandbox.SANDBOX_WEBHOOK_SECRET
+    )
+    return f"Stripe sandbox at {api_base} (test mode: no real money)"
 
 
 # ---------------------------------------------------------------- org / user / token

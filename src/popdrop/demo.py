@@ -28,6 +28,16 @@ from popdrop.audience.models import (
 )
 from popdrop.audience.schemas import AudienceSettingsIn, SegmentIn, SegmentRules
 from popdrop.chat import flow_store
+from popdrop.commerce import catalog, orders, samples, settlement
+from popdrop.commerce.catalog_schemas import (
+    BundleCreate,
+    CheckoutPolicyIn,
+    ComponentIn,
+    PriceRuleCreate,
+)
+from popdrop.commerce.lifecycle import OrderSource, PaymentMethod
+from popdrop.commerce.pricing import RuleKind
+from popdrop.commerce.schemas import OrderCreate, OrderOut
 from popdrop.core import audit, links
 from popdrop.core.clock import SystemClock
 from popdrop.core.config import Settings
@@ -39,9 +49,15 @@ from popdrop.drops.models import Drop, SendRow
 from popdrop.drops.schemas import DropCreate
 from popdrop.events import service as events
 from popdrop.events.models import Event
-from popdrop.events.schemas import EventCreate, LaneCreate, PickupWindowCreate, SlotCreate
+from popdrop.events.schemas import (
+    EventCreate,
+    LaneCreate,
+    PartnerCreate,
+    PickupWindowCreate,
+    SlotCreate,
+)
 from popdrop.inventory import service as inventory
-from popdrop.inventory.schemas import ProductCreate, StockSet
+from popdrop.inventory.schemas import HoldCreate, ProductCreate, StockSet
 from popdrop.rsvp import service as rsvps
 from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.vouchers import service as vouchers
@@ -123,6 +139,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
                 now=now,
             )
             event_id = await _seed_event(session, signer, principal, settings, now)
+            await _seed_commerce(session, signer, principal, event_id, codes[-1], now)
             # The web chat widget (/chat/demo) runs the shipped flow on this event.
             await flow_store.publish_default_flow(session, org.id, event_id, now=now)
             await _seed_audience(session, signer, principal, event_id, now)
@@ -143,6 +160,9 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
         event = await session.scalar(
             select(Event).where(Event.org_id == org.id).order_by(Event.id).limit(1)
         )
+    checkout = (
+        await fresh_checkout_link(settings, db, signer, org.id, event.id, now) if event else ""
+    )
     async with db.reader() as session:
         audience_line = await _audience_summary(session, principal, now)
         drop_line = await _drop_summary(session, principal, settings.base_url)
@@ -152,6 +172,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
         "event_url": links.event_url(settings.base_url, event.id) if event else "",
         "event_id": event.id if event else None,
         "chat_url": links.chat_url(settings.base_url, DEMO_ORG),
+        "checkout_url": checkout,
         "email": DEMO_EMAIL,
         "password": password,
         "token": plaintext,
@@ -207,17 +228,26 @@ async def _seed_event(
             await events.add_pickup_window(
                 session, owner, lane.id, PickupWindowCreate(slot_id=slot.id, capacity=25)
             )
+    # (title, highlights, price, sizes, units, unit cost, margin floor in basis points)
     catalogue = (
-        ("Drop sneaker", "Numbered pair, pop-up only", 12_900, ["EU 40", "EU 42", "EU 44"], 12),
-        ("Canvas tote", "Printed on site", 1_500, ["one size"], 60),
-        ("Cold brew", "Made by the corner café", 400, ["330 ml"], 120),
-    )
-    for title, highlights, price, sizes, units in catalogue:
+        ("Drop sneaker", "Numbered pair, pop-up only", 12_900, ["EU 40", "EU 42", "EU 44"], 12,
+         7_000, 2_000),
+        ("Canvas tote", "Printed on site", 1_500, ["one size"], 60, 600, 1_000),
+        ("Cold brew", "Made by the corner café", 400, ["330 ml"], 120, 150, 0),
+    )  # fmt: skip
+    for title, highlights, price, sizes, units, cost, floor_bp in catalogue:
         product = await inventory.create_product(
             session,
             owner,
             event.id,
-            ProductCreate(title=title, highlights=highlights, price_minor=price, variants=sizes),
+            ProductCreate(
+                title=title,
+                highlights=highlights,
+                price_minor=price,
+                variants=sizes,
+                unit_cost_minor=cost,
+                margin_floor_bp=floor_bp,
+            ),
         )
         for variant in product.variants:
             for lane in lanes:
@@ -242,6 +272,155 @@ async def _seed_event(
             now=now,
         )
     return event.id
+
+
+# ---------------------------------------------------------------- commerce
+
+
+async def _seed_commerce(
+    session: AsyncSession,
+    signer: Signer,
+    owner: Principal,
+    event_id: int,
+    weekend_code: str,
+    now: datetime,
+) -> None:
+    """Selling at the pop-up: a sneaker + tote bundle, "buy 2 cold brews, get 1 free", two
+    codes per order, a cold-brew taster given out as a sample paid by the café partner,
+    and three orders: the bundle with the 15 % weekend code paid at the lane, three cold
+    brews waiting to be paid at pickup, a tote paid and handed out."""
+    lanes = await events.list_lanes(session, owner, event_id)
+    slots = await events.list_slots(session, owner, event_id)
+    front = lanes[0]
+    variants = {
+        (product.title, variant.name): variant.id
+        for product in await inventory.list_products(session, owner, event_id)
+        for variant in product.variants
+    }
+    bundle = await catalog.create_bundle(
+        session,
+        owner,
+        event_id,
+        BundleCreate(
+            title="Sneaker + tote",
+            price_minor=13_900,
+            components=[
+                ComponentIn(variant_id=variants["Drop sneaker", "EU 42"]),
+                ComponentIn(variant_id=variants["Canvas tote", "one size"]),
+            ],
+        ),
+    )
+    await catalog.create_rule(
+        session,
+        owner,
+        event_id,
+        PriceRuleCreate(
+            name="Cold brew: buy 2, get 1 free",
+            kind=RuleKind.BUY_X_GET_Y,
+            params={"buy": 2, "get": 1},
+            budget_minor=20_000,
+        ),
+    )
+    await catalog.set_policy(session, owner, event_id, CheckoutPolicyIn(max_codes_per_order=2))
+    partner = await events.add_partner(
+        session,
+        owner,
+        event_id,
+        PartnerCreate(name="Corner café", contact_email="cafe@partner.popdrop.test"),
+    )
+    taster = await inventory.create_product(
+        session,
+        owner,
+        event_id,
+        ProductCreate(
+            title="Cold brew taster",
+            highlights="A free 60 ml taster, on the café",
+            price_minor=0,
+            unit_cost_minor=80,
+            is_sample=True,
+            variants=["60 ml"],
+        ),
+    )
+    await inventory.set_stock(
+        session, owner, StockSet(variant_id=taster.variants[0].id, lane_id=front.id, total=40),
+        now=now,
+    )  # fmt: skip
+    for email in ("ada@example.org", "grace@example.org"):
+        await samples.give_sample(
+            session, signer, owner, product_id=taster.id, campaign="opening-weekend",
+            contact_ref=email, allocated_to=f"partner:{partner.id}", drop_id=None,
+            segment="hot", conversation_id=None, lane_id=front.id, now=now,
+        )  # fmt: skip
+
+    async def order(
+        holds: list[int], email: str, codes: list[str], source: OrderSource
+    ) -> OrderOut:
+        return await orders.place_order(
+            session,
+            signer,
+            owner,
+            OrderCreate(
+                hold_ids=holds, codes=codes, source=source, contact_ref=email,
+                receipt_email=email, payment_method=PaymentMethod.PAY_AT_PICKUP,
+            ),
+            now=now,
+        )  # fmt: skip
+
+    bundled = await catalog.take_bundle(
+        session, owner, bundle_id=bundle.id, lane_id=front.id, slot_id=slots[0].id,
+        contact_ref="ada@example.org", now=now,
+    )  # fmt: skip
+    paid = await order([h.id for h in bundled], "ada@example.org", [weekend_code], OrderSource.CHAT)
+    await settlement.mark_paid_at_lane(session, owner, paid.id, tender="card", now=now)
+
+    async def hold(variant: str, qty: int, email: str, slot: int) -> int:
+        taken = await inventory.create_hold(
+            session,
+            owner,
+            HoldCreate(
+                variant_id=variants[variant, _only_size(variants, variant)], lane_id=front.id,
+                qty=qty, slot_id=slots[slot].id, contact_ref=email,
+            ),
+            now=now,
+        )  # fmt: skip
+        return taken.id
+
+    await order([await hold("Cold brew", 3, "grace@example.org", 1)], "grace@example.org", [],
+                OrderSource.WEB)  # fmt: skip
+    tote = await order(
+        [await hold("Canvas tote", 1, "linus@example.org", 0)], "linus@example.org", [],
+        OrderSource.LANE,
+    )  # fmt: skip
+    await settlement.mark_paid_at_lane(session, owner, tote.id, tender="cash", now=now)
+
+
+def _only_size(variants: dict[tuple[str, str], int], title: str) -> str:
+    return next(size for product, size in variants if product == title)
+
+
+async def fresh_checkout_link(
+    settings: Settings, db: Database, signer: Signer, org_id: int, event_id: int, now: datetime
+) -> str:
+    """A checkout link for a new 15-minute hold on one pair of sneakers (EU 44), made at
+    every start of the demo: open it, apply a code, pay with the Stripe sandbox or choose
+    pay at pickup."""
+    owner = accounts.system_principal(org_id, "demo:checkout", role="owner")
+    async with db.transaction() as session:
+        lanes = await events.list_lanes(session, owner, event_id)
+        slots = await events.list_slots(session, owner, event_id)
+        sneaker = next(
+            variant.id
+            for product in await inventory.list_products(session, owner, event_id)
+            for variant in product.variants
+            if product.title == "Drop sneaker" and variant.name == "EU 44"
+        )
+        held = await inventory.create_hold(
+            session,
+            owner,
+            HoldCreate(variant_id=sneaker, lane_id=lanes[0].id, slot_id=slots[1].id),
+            now=now,
+        )
+    return links.checkout_url(signer, settings.base_url, held.id, org_id)
 
 
 # ---------------------------------------------------------------- audience
