@@ -230,6 +230,9 @@ async def test_pay_now_goes_to_the_provider_and_the_confirmation_waits_for_its_w
             _, path = await hold_link(client, ctx, tenant, shop, qty=2)
             page = await client.get(path, headers=HTML)
             assert 'value="pay"' in page.text and "Pay now · 30.00 EUR" in page.text
+            # Browsers apply form-action to the redirect Pay now answers with.
+            policy = page.headers["content-security-policy"]
+            assert f"form-action 'self' {sandbox.base_url}" in policy
 
             paying = await send(
                 client, path, {"action": "pay", "receipt_email": "ana@example.com"}, page=page

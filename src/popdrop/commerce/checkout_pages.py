@@ -25,6 +25,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
@@ -55,9 +56,9 @@ from popdrop.inventory.models import Hold, Product, Variant
 from popdrop.inventory.schemas import HoldCreate
 from popdrop.rsvp.api import public_guarded
 from popdrop.web.auth import check_csrf
-from popdrop.web.context import AppContext, client_address, route_of
+from popdrop.web.context import AppContext, client_address, get_ctx, route_of
 from popdrop.web.params import Ctx, ItemId
-from popdrop.web.security import NO_STORE
+from popdrop.web.security import NO_STORE, PAGE_CSP
 from popdrop.web.templating import render
 
 router = APIRouter(include_in_schema=False)
@@ -88,7 +89,26 @@ def _page(request: Request, name: str, context: dict[str, Any], status: int = 20
     response = render(request, name, context, status=status)
     response.headers.update(NO_STORE)  # the URL is a bearer link
     response.headers["X-Robots-Tag"] = "noindex"
+    ctx = get_ctx(request)
+    if stripe_provider(ctx) is not None:
+        response.headers["Content-Security-Policy"] = pay_csp(ctx.settings.stripe_api_base)
     return response
+
+
+# Stripe's hosted Checkout pages live here (the API base is another host).
+STRIPE_CHECKOUT_ORIGIN = "https://checkout.stripe.com"
+
+
+def pay_csp(api_base: str) -> str:
+    """The page policy, but a form may also land on the provider's hosted page: browsers
+    apply `form-action` to the redirect a form's answer makes (Pay now → 303 → the
+    provider), so 'self' alone would block it. The API base's origin is the sandbox's."""
+    parts = urlsplit(api_base)
+    origins = {STRIPE_CHECKOUT_ORIGIN}
+    if parts.scheme in ("http", "https") and parts.netloc:
+        origins.add(f"{parts.scheme}://{parts.netloc}")
+    allowed = " ".join(sorted(origins))
+    return PAGE_CSP.replace("form-action 'self'", f"form-action 'self' {allowed}")
 
 
 def _trouble(
