@@ -162,6 +162,9 @@ async def test_scopes_and_the_partner_sees_its_events_orders_only(
     app_client.cookies.clear()
 
     await login(app_client, ctx, tenant, "partner")
+    home = await app_client.get("/home", headers=HTML)
+    assert f'href="/events/{shop.event_id}/orders"' in home.text
+    assert f'href="/events/{elsewhere.event_id}/orders"' not in home.text
     listing = await app_client.get(f"/events/{shop.event_id}/orders", headers=HTML)
     assert listing.status_code == 200 and f'data-order="{mine["id"]}"' in listing.text
     assert (
