@@ -164,6 +164,9 @@ def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
         assert "owner@demo.popdrop.test" in done.stdout and "/e/1" in done.stdout
         assert "/scan/1" in done.stdout and "/events/1/guests" in done.stdout
         assert "/drops/1" in done.stdout and "/mailbox" in done.stdout  # where the VIP drop is
+        # A fresh checkout link (a new hold) at every start, and where orders are.
+        assert "/checkout/" in done.stdout and "/events/1/orders" in done.stdout
+        assert "Stripe sandbox at http://127.0.0.1:" in done.stdout
     with running_server(tmp_path) as server:
         token = next(
             line.split("Bearer ", 1)[1].strip()
@@ -176,7 +179,29 @@ def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
         stock = httpx.get(
             f"{server.base_url}/api/v1/events/{events[0]['id']}/availability", headers=headers
         ).json()
-        assert len(stock) == 10 and all(row["available"] > 0 for row in stock)
+        # 10 variant x lane rows and the cold-brew taster (a sample) at the front desk.
+        assert len(stock) == 11 and all(row["available"] > 0 for row in stock)
+        # The demo sold: a bundle with the weekend code (paid), cold brews with the
+        # buy-2-get-1 rule (pay at pickup) and a tote (paid); two tasters given out.
+        orders = httpx.get(
+            f"{server.base_url}/api/v1/orders",
+            params={"event_id": events[0]["id"]},
+            headers=headers,
+        ).json()
+        summary = sorted(
+            (o["status"], o["total_minor"], [line["title"] for line in o["lines"]]) for o in orders
+        )
+        assert summary == [
+            ("paid", 1_500, ["Canvas tote"]),
+            ("paid", 11_815, ["Drop sneaker (EU 42)", "Canvas tote"]),
+            ("pending", 800, ["Cold brew"]),
+        ], summary
+        samples = httpx.get(
+            f"{server.base_url}/api/v1/events/{events[0]['id']}/samples", headers=headers
+        ).json()
+        assert samples["samples"] == 2, samples
+        [paid_by] = samples["allocations"]
+        assert paid_by["allocated_to"].startswith("partner:") and paid_by["cost_minor"] == 160
         rsvps = httpx.get(
             f"{server.base_url}/api/v1/events/{events[0]['id']}/rsvps", headers=headers
         )
