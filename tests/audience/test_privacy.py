@@ -34,8 +34,9 @@ def _unique_person() -> tuple[str, str]:
 async def _person_everywhere(
     client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext, email: str, phone: str
 ) -> dict[str, Any]:
-    """A contact whose email and phone also sit in an RSVP, its ticket, a hold, a voucher
-    redemption with a per-contact limit, and a stored idempotent answer."""
+    """A contact whose email and phone also sit in an RSVP, its ticket, a hold and its
+    order (with its receipt in the outbox), a voucher redemption with a per-contact limit,
+    and a stored idempotent answer."""
     contact = await add_contact(
         client,
         tenant,
@@ -68,6 +69,17 @@ async def _person_everywhere(
         headers=tenant.headers,
     )
     assert hold.status_code == 201, hold.text
+    order = await client.post(  # the hold checked out, its receipt to their email and phone
+        "/api/v1/orders",
+        json={
+            "hold_ids": [hold.json()["id"]],
+            "contact_ref": phone,
+            "receipt_email": email.lower(),
+            "receipt_phone": phone,
+        },
+        headers={**tenant.headers, "Idempotency-Key": f"order-{phone}"},
+    )
+    assert order.status_code == 201, order.text
     _batch, codes = await issue(client, tenant, per_contact_limit=2)
     redeemed = await client.post(
         "/api/v1/vouchers/redeem",
@@ -137,7 +149,7 @@ async def test_export_holds_everything_about_the_person(
     assert data["contact"]["tags"] == ["vip"]
     assert [e["channel"] for e in data["consent_ledger"]] == ["email", "sms"]
     assert data["consent_ledger"][0]["wording"].startswith("Yes, send me")
-    assert len(data["rsvps"]) == 1 and len(data["tickets"]) == 1
+    assert len(data["rsvps"]) == 1 and len(data["tickets"]) == 1 and len(data["orders"]) == 1
     assert [a["kind"] for a in data["activity"]] == ["rsvp", "chat"]
 
 
