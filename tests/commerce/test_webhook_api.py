@@ -126,3 +126,27 @@ async def test_a_refund_confirmed_later_is_settled_by_its_event(
     assert answers[-1]["outcome"] == "refund_succeeded"
     final = await get_order(app_client, tenant, order["id"])
     assert final["refunds"][0]["status"] == "succeeded"
+
+
+async def test_a_partial_refund_the_provider_fails_counts_as_not_refunded(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=3)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    sandbox.refund_status = "pending"
+    part = await app_client.post(
+        f"/api/v1/orders/{order['id']}/refunds", json={"amount_minor": 400}, headers=tenant.headers
+    )
+    assert part.json()["refunded_minor"] == 400
+    [refund] = part.json()["refunds"]
+    sandbox.settle_refund(refund["provider_ref"], "failed", failure_reason="lost_or_stolen_card")
+    await sandbox.settle()
+    await deliver(app_client, sandbox, sandbox.events_of("refund.updated"))
+    final = await get_order(app_client, tenant, order["id"])
+    assert (final["status"], final["refunded_minor"]) == ("paid", 0)
+    assert final["refunds"][0]["status"] == "failed"
+    assert final["refunds"][0]["failure_code"] == "lost_or_stolen_card"

@@ -598,6 +598,7 @@ async def _apply_refund(session: AsyncSession, event: StripeEvent, now: datetime
     refund.status = target
     if target is RefundStatus.FAILED:
         refund.failure_code = (event.failure_code or "refund_failed")[:64]
+        await _refund_failed(session, refund)
     return Settled(f"refund_{target.value}", refund.order_id, refund.org_id)
 
 
@@ -686,6 +687,20 @@ async def refund_order(
     return await order_out(session, order), refund_ids
 
 
+async def _refund_failed(session: AsyncSession, refund: Refund) -> None:
+    """The provider will not send this money back: a partly refunded order counts it as
+    not refunded again (it may be refunded anew); an order already `refunded` (final)
+    keeps its status and says so, for the host to settle by hand."""
+    order = await _lock_order(session, refund.org_id, refund.order_id)
+    if order.status == OrderStatus.REFUNDED:
+        order.status_message = (
+            f"The refund of {refund.amount_minor} failed at the provider "
+            f"({refund.failure_code}); settle it by hand."
+        )[:300]
+    else:
+        order.refunded_minor = max(order.refunded_minor - refund.amount_minor, 0)
+
+
 async def send_pending_refunds(
     db: Database,
     provider: PaymentProvider,
@@ -732,11 +747,15 @@ async def send_pending_refunds(
             log.warning("refund not sent", refund=refund_id, code=error.code, final=final)
             if final:
                 async with db.transaction() as session:
-                    await session.execute(
-                        update(Refund)
+                    failed = await session.scalar(
+                        select(Refund)
                         .where(Refund.id == refund_id, Refund.status == RefundStatus.PENDING)
-                        .values(status=RefundStatus.FAILED, failure_code=error.code[:64])
+                        .with_for_update()
                     )
+                    if failed is not None:
+                        failed.status = RefundStatus.FAILED
+                        failed.failure_code = error.code[:64]
+                        await _refund_failed(session, failed)
             continue
         status = {
             "succeeded": RefundStatus.SUCCEEDED,
