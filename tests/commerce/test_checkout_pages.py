@@ -22,7 +22,7 @@ from popdrop.core.clock import FrozenClock
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant, issue
 from tests.events.helpers import Shop, make_shop, post
-from tests.events.test_pages import HTML, csrf_of
+from tests.events.test_pages import HTML, csrf_of, login
 
 
 async def hold_link(
@@ -250,6 +250,13 @@ async def test_pay_now_goes_to_the_provider_and_the_confirmation_waits_for_its_w
             assert "<svg" not in waiting.text  # no pickup QR before the money
             assert (await client.get(f"{view_path}/state")).status_code == 204
 
+            # A declined card first: the host's order page shows the provider's code.
+            await sandbox.decline(session_id, card="4000000000009995")
+            await login(client, ctx, tenant, "host")
+            order_id = links.read_order_view(ctx.signer, view_path.rsplit("/", 1)[1])[0]
+            host_view = await client.get(f"/orders/{order_id}", headers=HTML)
+            assert 'class="failure-code"' in host_view.text
+            assert "insufficient_funds" in host_view.text or "card_declined" in host_view.text
             await sandbox.pay(session_id)  # the webhook goes through the app
             moved = await client.get(f"{view_path}/state")
             assert moved.headers.get("hx-redirect") == view_path
