@@ -289,3 +289,53 @@ async def test_pay_at_pickup_keeps_the_units_until_the_window_and_staff_take_the
     assert await stock_row(app_client, tenant, shop) == {
         "total": 3, "held": 0, "sold": 0, "available": 3,
     }  # fmt: skip
+
+
+async def test_a_second_payment_for_a_paid_order_is_sent_back(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, sandbox: StripeSandbox
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=3)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    # Two tabs: two Checkout Sessions, and the customer pays in both.
+    first, _ = await start_payment(app_client, tenant, order["id"])
+    second, _ = await start_payment(app_client, tenant, order["id"])
+    assert first != second
+    await deliver(app_client, sandbox, await sandbox.pay(first))
+    answers = await deliver(app_client, sandbox, await sandbox.pay(second))
+    assert answers[0]["outcome"] == "refunded_duplicate_payment"
+    final = await get_order(app_client, tenant, order["id"])
+    assert (final["status"], final["refunded_minor"]) == ("paid", 0)
+    assert [p["status"] for p in final["payments"]] == ["succeeded", "succeeded"]
+    [refund] = final["refunds"]
+    assert (refund["reason"], refund["status"], refund["amount_minor"]) == (
+        "duplicate_payment", "succeeded", 1500,
+    )  # fmt: skip
+    assert refund["payment_id"] == final["payments"][1]["id"]
+    assert (await stock_row(app_client, tenant, shop))["sold"] == 1
+
+
+async def test_a_late_payment_needs_its_pickup_window_too(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5, window=1)
+    order = await placed(
+        app_client,
+        tenant,
+        [await hold(app_client, tenant, shop, with_slot=True)],
+        payment_method="stripe",
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    clock.advance(timedelta(seconds=601))
+    assert await settlement.expire_due(ctx.db, clock.now()) == 1
+    await hold(app_client, tenant, shop, with_slot=True)  # the window's one place, taken
+    answers = await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    assert answers[0]["outcome"] == "refunded_sold_out"  # units left, but no place to hand out
+    assert await stock_row(app_client, tenant, shop) == {
+        "total": 5, "held": 1, "sold": 0, "available": 4,
+    }  # fmt: skip
