@@ -13,11 +13,12 @@ from datetime import datetime
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal, system_principal
 from popdrop.commerce import orders, settlement
 from popdrop.commerce.models import Order
-from popdrop.commerce.schemas import OrderCreate
+from popdrop.commerce.schemas import OrderCreate, OrderOut
 from popdrop.commerce.stripe_events import StripeEvent
 from popdrop.core.clock import FrozenClock
 from popdrop.core.errors import PopdropError
@@ -79,7 +80,7 @@ async def test_five_thousand_buyers_one_thousand_units(
                 outcomes[f"hold:{refusal.reason}"] += 1
                 return
 
-            async def place(session):  # type: ignore[no-untyped-def]
+            async def place(session: AsyncSession) -> OrderOut:
                 return await orders.place_order(
                     session, ctx.signer, principal,
                     OrderCreate(hold_ids=[held.id], payment_method="stripe", contact_ref=f"c{n}"),
@@ -152,7 +153,7 @@ async def test_a_single_use_code_in_one_hundred_checkouts_discounts_one_order(
     ]
 
     async def checkout(hold_id: int) -> int | str:
-        async def place(session):  # type: ignore[no-untyped-def]
+        async def place(session: AsyncSession) -> OrderOut:
             return await orders.place_order(
                 session, ctx.signer, principal,
                 OrderCreate(hold_ids=[hold_id], codes=[code], payment_method="pay_at_pickup"),
