@@ -264,3 +264,21 @@ async def test_pay_now_goes_to_the_provider_and_the_confirmation_waits_for_its_w
             assert 'data-status="paid"' in paid.text and "<svg" in paid.text
             assert "Confirming" not in paid.text
         await sandbox.settle()
+
+
+async def test_a_chat_hold_makes_a_chat_order(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    _, path = await hold_link(app_client, ctx, tenant, shop, contact_ref="chat:41")
+    placed = await send(app_client, path, {"action": "pickup"})
+    assert placed.status_code == 303, placed.text
+    orders = await app_client.get(
+        f"/api/v1/orders?event_id={shop.event_id}", headers=tenant.headers
+    )
+    [order] = orders.json()
+    assert (order["source"], order["source_ref"], order["contact_ref"]) == (
+        "chat",
+        "chat:41",
+        "chat:41",
+    )
