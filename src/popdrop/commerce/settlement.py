@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal, system_principal
@@ -67,7 +67,7 @@ from popdrop.commerce.stripe_events import (
 )
 from popdrop.core import links
 from popdrop.core.db import Database, defer_hot_writes, dialect_insert
-from popdrop.core.errors import PopdropError
+from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
@@ -355,17 +355,26 @@ async def start_online_payment(
     """Create the provider's hosted payment page for a pending order and record the
     attempt. The provider call runs outside any transaction (module rules)."""
     principal.require("orders:write")
+    attempts_so_far = (
+        select(func.count(Payment.id)).where(Payment.order_id == Order.id).scalar_subquery()
+    )
     async with db.reader() as session:
-        order = await owned(session, Order, order_id, principal.org_id)
+        found = (
+            await session.execute(
+                select(Order, attempts_so_far).where(
+                    Order.id == order_id, Order.org_id == principal.org_id
+                )
+            )
+        ).first()
+        if found is None:
+            raise not_found("order")
+        order, attempts = found[0], int(found[1] or 0)
         if order.status != OrderStatus.PENDING:
             raise ORDER_LIFECYCLE.refusal(OrderStatus(order.status), None, action="pay for")
         if order.price_held_until <= now:
             raise PopdropError("hold_expired", "this order's reservation has ended; order again")
         if order.total_minor <= 0:
             raise PopdropError("conflict", "there is nothing to pay for this order")
-        attempts = len(
-            list(await session.scalars(select(Payment.id).where(Payment.order_id == order.id)))
-        )
         lines = list(
             await session.scalars(
                 select(OrderLine).where(OrderLine.order_id == order.id).order_by(OrderLine.id)
