@@ -38,6 +38,7 @@ class Order(Base):
         Index("ix_orders_org_event", "org_id", "event_id", "status"),
         Index("ix_orders_lane_window", "lane_id", "slot_id", "status"),
         Index("ix_orders_contact", "org_id", "contact_ref"),
+        Index("ix_orders_due", "status", "price_held_until"),  # the expiry sweep
         UniqueConstraint("event_id", "short_code"),
         status_check(OrderStatus),
         status_check(PaymentMethod, "payment_method"),
