@@ -1,5 +1,6 @@
-"""The customer's pages: the public event page's Buy button, the checkout page
-`/checkout/{token}` and the order confirmation `/orders/view/{token}`.
+"""The customer's pages: the public event page's Buy buttons (a variant, a bundle), its
+Bundles section, the checkout page `/checkout/{token}` and the order confirmation
+`/orders/view/{token}`.
 
 Rules these pages keep:
 - No account: the checkout token (`core.links.read_checkout`) names one hold and its
@@ -16,6 +17,14 @@ Rules these pages keep:
   says so and links back to the event page. A refusal shows the page again with the
   reason and its status code.
 - Times are shown on the event's clock (`core.localtime`).
+- Bundles: the public page (an `inventory` page, which may not import commerce) loads
+  its Bundles section from `/e/{event_id}/bundles` (htmx; without script a plain link to
+  the same route shows it as a page). Buy → `catalog.take_bundle` for this browser (all
+  components or none) → the checkout of the first hold. The checkout token names one
+  hold, so the page takes along the holds that same take made (`bundle_hold_ids`: same
+  contact, lane, window and creation instant, together exactly an active bundle's
+  components): the order is placed with all of them and priced as the bundle. A
+  component that cannot be held is a page naming it and the reason; nothing is held.
 """
 
 from __future__ import annotations
@@ -35,18 +44,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import FormData
 
 from popdrop.accounts.service import Principal, system_principal
-from popdrop.commerce import orders, pickup, pricing, settlement
+from popdrop.commerce import catalog, orders, pickup, pricing, settlement
 from popdrop.commerce.api import stripe_provider
+from popdrop.commerce.catalog_schemas import BundleOut
 from popdrop.commerce.lifecycle import (
     OrderSource,
     OrderStatus,
     PaymentMethod,
     PaymentStatus,
 )
-from popdrop.commerce.models import Order, OrderLine, Payment
+from popdrop.commerce.models import Bundle, BundleComponent, Order, OrderLine, Payment
 from popdrop.commerce.schemas import OrderCreate
 from popdrop.core import links, qr
-from popdrop.core.errors import PopdropError
+from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.ratelimit import GUESSING_REASONS
 from popdrop.events.lifecycle import OPEN_EVENT_STATUSES
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
@@ -57,6 +67,7 @@ from popdrop.inventory.schemas import HoldCreate
 from popdrop.rsvp.api import public_guarded
 from popdrop.web.auth import check_csrf
 from popdrop.web.context import AppContext, client_address, get_ctx, route_of
+from popdrop.web.pagekit import is_htmx
 from popdrop.web.params import Ctx, ItemId
 from popdrop.web.security import NO_STORE, PAGE_CSP
 from popdrop.web.templating import render
@@ -163,6 +174,48 @@ async def order_of_hold(session: AsyncSession, hold_id: int, org_id: int) -> int
     return int(order_id) if order_id is not None else None
 
 
+async def bundle_hold_ids(session: AsyncSession, hold: Hold) -> list[int]:
+    """The holds a checkout link's hold stands for: itself, or every hold of the bundle
+    take that made it (`catalog.take_bundle` holds each component with the same contact,
+    lane, window and `now`). The group counts only when its variants and quantities are
+    exactly an active bundle's components, so two separate buys are never merged."""
+    if hold.contact_ref is None:
+        return [hold.id]
+    same_slot = Hold.slot_id.is_(None) if hold.slot_id is None else Hold.slot_id == hold.slot_id
+    in_order = select(OrderLine.id).where(OrderLine.hold_id == Hold.id).correlate(Hold).exists()
+    group = (
+        await session.execute(
+            select(Hold.id, Hold.variant_id, Hold.qty).where(
+                Hold.org_id == hold.org_id,
+                Hold.event_id == hold.event_id,
+                Hold.contact_ref == hold.contact_ref,
+                Hold.lane_id == hold.lane_id,
+                same_slot,
+                Hold.created_at == hold.created_at,
+                Hold.status == HoldStatus.ACTIVE,
+                ~in_order,
+            )
+        )
+    ).all()
+    if len(group) < 2 or hold.id not in {row.id for row in group}:
+        return [hold.id]
+    taken = sorted((row.variant_id, row.qty) for row in group)
+    components: dict[int, list[tuple[int, int]]] = {}
+    for bundle_id, variant_id, qty in await session.execute(
+        select(BundleComponent.bundle_id, BundleComponent.variant_id, BundleComponent.qty)
+        .join(Bundle, Bundle.id == BundleComponent.bundle_id)
+        .where(
+            Bundle.event_id == hold.event_id,
+            Bundle.org_id == hold.org_id,
+            Bundle.active.is_(True),
+        )
+    ):
+        components.setdefault(bundle_id, []).append((variant_id, qty))
+    if any(sorted(parts) == taken for parts in components.values()):
+        return sorted(row.id for row in group)
+    return [hold.id]
+
+
 def _view_url(ctx: AppContext, order_id: int, org_id: int) -> str:
     return links.order_view_url(ctx.signer, ctx.settings.base_url, order_id, org_id)
 
@@ -222,6 +275,7 @@ async def _checkout_page(
             reason = "hold_expired" if view.hold.status in ("active", "expired") else "hold_ended"
             error = PopdropError(reason, _TROUBLE[reason], status=410)
             return _trouble(request, error, {"event": view.event, "view": view})
+        hold_ids = await bundle_hold_ids(session, view.hold)
         if form.codes:  # typed codes are guesses too: the vault's guessing guard
             await ctx.guard.check(org_id, client_address(request), route=route_of(request))
         try:
@@ -229,7 +283,7 @@ async def _checkout_page(
                 session,
                 ctx.signer,
                 buyer(org_id),
-                hold_ids=[hold_id],
+                hold_ids=hold_ids,
                 codes=form.codes,
                 contact_ref=view.hold.contact_ref,
                 now=now,
@@ -341,9 +395,10 @@ async def _place(
     async with ctx.db.reader() as session:
         view = await load_hold(session, hold_id, org_id)
         existing = await order_of_hold(session, hold_id, org_id)
+        hold_ids = await bundle_hold_ids(session, view.hold)
     if existing is not None:  # a second tap on the button: the order is there already
         return RedirectResponse(_view_url(ctx, existing, org_id), status_code=303)
-    spec = _order_spec(hold_id, form, view.hold.contact_ref, online=online)
+    spec = _order_spec(hold_ids, form, view.hold.contact_ref, online=online)
     provider = stripe_provider(ctx) if online else None
     if online and provider is None:
         raise PopdropError("invalid_request", "online payment is not available; pay at pickup")
@@ -368,14 +423,14 @@ async def _place(
 
 
 def _order_spec(
-    hold_id: int, form: CheckoutForm, contact_ref: str | None, *, online: bool
+    hold_ids: list[int], form: CheckoutForm, contact_ref: str | None, *, online: bool
 ) -> OrderCreate:
     """The order to place; a receipt field that does not validate is refused as
     `invalid_request` naming the field (shown next to it)."""
     # Chat holds carry the conversation's contact ("contact:7") or the chat ("chat:12").
     from_chat = contact_ref is not None and contact_ref.startswith(("chat:", "contact:"))
     data = {
-        "hold_ids": [hold_id],
+        "hold_ids": hold_ids,
         "codes": form.codes,
         "source": OrderSource.CHAT if from_chat else OrderSource.WEB,
         "source_ref": contact_ref if from_chat else None,
@@ -396,15 +451,37 @@ def _order_spec(
 # ---------------------------------------------------------------- the public Buy button
 
 
+async def _open_event(ctx: AppContext, event_id: int) -> Event | None:
+    async with ctx.db.reader() as session:
+        return await session.scalar(
+            select(Event).where(Event.id == event_id, Event.status.in_(OPEN_EVENT_STATUSES))
+        )
+
+
+def _to_checkout(
+    request: Request, ctx: AppContext, event: Event, hold_id: int, contact_ref: str
+) -> Response:
+    """303 to the hold's checkout; a first buy also keeps the browser's buyer id."""
+    url = links.checkout_url(ctx.signer, ctx.settings.base_url, hold_id, event.org_id)
+    response = RedirectResponse(url, status_code=303)
+    if not request.cookies.get(BUYER_COOKIE):
+        response.set_cookie(
+            BUYER_COOKIE,
+            contact_ref.removeprefix("web:"),
+            max_age=180 * 24 * 3600,
+            httponly=True,
+            samesite="lax",
+            secure=ctx.settings.base_url.startswith("https://"),
+        )
+    return response
+
+
 @router.post("/e/{event_id}/buy")
 async def buy(request: Request, event_id: ItemId, ctx: Ctx) -> Response:
     """The public event page's Buy button: a hold for this browser, then its checkout.
     A refusal (sold out, not open yet) is shown as a page with a link back."""
     data = await request.form()
-    async with ctx.db.reader() as session:
-        event = await session.scalar(
-            select(Event).where(Event.id == event_id, Event.status.in_(OPEN_EVENT_STATUSES))
-        )
+    event = await _open_event(ctx, event_id)
     if event is None:
         return _trouble(request, PopdropError("not_found", "this event is not on sale"))
     context = {"event": event}
@@ -417,7 +494,7 @@ async def buy(request: Request, event_id: ItemId, ctx: Ctx) -> Response:
 
     async def call() -> Any:
         async with ctx.db.reader() as session:
-            await _check_lane(session, event, spec)
+            await _check_lane(session, event, spec.lane_id, spec.slot_id)
         return await inventory.take_hold(ctx.db, principal, spec, now=ctx.clock.now())
 
     try:
@@ -426,18 +503,7 @@ async def buy(request: Request, event_id: ItemId, ctx: Ctx) -> Response:
         if error.reason == "rate_limited":
             raise
         return _trouble(request, error, context)
-    url = links.checkout_url(ctx.signer, ctx.settings.base_url, hold.id, event.org_id)
-    response = RedirectResponse(url, status_code=303)
-    if spec.contact_ref and not request.cookies.get(BUYER_COOKIE):
-        response.set_cookie(
-            BUYER_COOKIE,
-            spec.contact_ref.removeprefix("web:"),
-            max_age=180 * 24 * 3600,
-            httponly=True,
-            samesite="lax",
-            secure=ctx.settings.base_url.startswith("https://"),
-        )
-    return response
+    return _to_checkout(request, ctx, event, hold.id, spec.contact_ref or "")
 
 
 def _int_field(data: FormData, name: str, *, default: int | None = None) -> int | None:
@@ -449,39 +515,216 @@ def _int_field(data: FormData, name: str, *, default: int | None = None) -> int 
     return int(raw)
 
 
+def _buyer_ref(request: Request) -> str:
+    """This browser's contact: its buyer cookie, or a new random id (set on the answer)."""
+    buyer_id = request.cookies.get(BUYER_COOKIE, "")
+    if not (buyer_id.isalnum() and 8 <= len(buyer_id) <= 40):
+        buyer_id = secrets.token_hex(8)
+    return f"web:{buyer_id}"
+
+
 def _buy_spec(data: FormData, request: Request) -> HoldCreate:
     variant_id = _int_field(data, "variant_id")
     lane_id = _int_field(data, "lane_id")
     qty = _int_field(data, "qty", default=1)
     if variant_id is None or lane_id is None or qty is None or not 1 <= qty <= MAX_BUY_QTY:
         raise PopdropError("invalid_request", f"pick an item and 1 to {MAX_BUY_QTY} of it")
-    buyer_id = request.cookies.get(BUYER_COOKIE, "")
-    if not (buyer_id.isalnum() and 8 <= len(buyer_id) <= 40):
-        buyer_id = secrets.token_hex(8)
     return HoldCreate(
         variant_id=variant_id,
         lane_id=lane_id,
         qty=qty,
         slot_id=_int_field(data, "slot_id"),
-        contact_ref=f"web:{buyer_id}",
+        contact_ref=_buyer_ref(request),
     )
 
 
-async def _check_lane(session: AsyncSession, event: Event, spec: HoldCreate) -> None:
+async def _check_lane(
+    session: AsyncSession, event: Event, lane_id: int, slot_id: int | None
+) -> None:
     """The lane and window belong to this event (the hold service checks the variant)."""
     lane = await session.scalar(
-        select(Lane.id).where(Lane.id == spec.lane_id, Lane.event_id == event.id)
+        select(Lane.id).where(Lane.id == lane_id, Lane.event_id == event.id)
     )
     if lane is None:
         raise PopdropError("not_found", "that pickup lane is not part of this event")
-    if spec.slot_id is not None:
+    if slot_id is not None:
         window = await session.scalar(
             select(PickupWindow.id).where(
-                PickupWindow.lane_id == spec.lane_id, PickupWindow.slot_id == spec.slot_id
+                PickupWindow.lane_id == lane_id, PickupWindow.slot_id == slot_id
             )
         )
         if window is None:
             raise PopdropError("not_found", "that pickup window is not offered at this lane")
+
+
+# ---------------------------------------------------------------- bundles on the public page
+
+
+@dataclass
+class BundleLane:
+    """Where a bundle can be bought: a lane, how many whole bundles its stock makes, and
+    its pickup windows still open (`full` when the window has no room for one bundle)."""
+
+    lane: Lane
+    available: int
+    windows: list[tuple[TimeSlot, bool]]
+
+
+@dataclass
+class BundleOffer:
+    bundle: BundleOut
+    lanes: list[BundleLane]
+
+    @property
+    def saving_minor(self) -> int:
+        return max(self.bundle.list_minor - self.bundle.price_minor, 0)
+
+    @property
+    def available(self) -> int:
+        return max((lane.available for lane in self.lanes), default=0)
+
+
+def _reader(org_id: int) -> Principal:
+    return system_principal(org_id, "web:public", scopes=frozenset({"events:read"}))
+
+
+async def bundle_offers(session: AsyncSession, event: Event, now: datetime) -> list[BundleOffer]:
+    """The event's active bundles with, per lane that stocks every component, how many
+    whole bundles are left (the scarcest component decides) and the open windows."""
+    bundles = await catalog.list_bundles(session, _reader(event.org_id), event.id, active_only=True)
+    if not bundles:
+        return []
+    stock = {
+        (row.variant_id, row.lane_id): row.available
+        for row in await inventory.availability(session, event.id, now)
+    }
+    lanes = list(
+        await session.scalars(select(Lane).where(Lane.event_id == event.id).order_by(Lane.id))
+    )
+    windows = (
+        await session.execute(
+            select(PickupWindow, TimeSlot)
+            .join(TimeSlot, TimeSlot.id == PickupWindow.slot_id)
+            .where(PickupWindow.lane_id.in_([lane.id for lane in lanes]), TimeSlot.ends_at > now)
+            .order_by(TimeSlot.starts_at, PickupWindow.id)
+        )
+    ).all()
+    offers = []
+    for bundle in bundles:
+        units = sum(c.qty for c in bundle.components)  # a window counts every unit
+        places = []
+        for lane in lanes:
+            counts = [stock.get((c.variant_id, lane.id)) for c in bundle.components]
+            if not bundle.components or any(n is None for n in counts):
+                continue
+            left = min((n or 0) // c.qty for n, c in zip(counts, bundle.components, strict=True))
+            lane_windows = [
+                (slot, window.capacity - window.taken < units)
+                for window, slot in windows
+                if window.lane_id == lane.id
+            ]
+            places.append(BundleLane(lane, left, lane_windows))
+        offers.append(BundleOffer(bundle, places))
+    return offers
+
+
+@router.get("/e/{event_id}/bundles")
+async def bundles_section(request: Request, event_id: ItemId, ctx: Ctx) -> Response:
+    """The public page's Bundles section: a fragment for htmx (empty when the event has
+    none), a page of its own for a browser without script."""
+    event = await _open_event(ctx, event_id)
+    if event is None:
+        raise not_found("event")
+    now = ctx.clock.now()
+    async with ctx.db.reader() as session:
+        offers = await bundle_offers(session, event, now)
+    context = {
+        "event": event,
+        "offers": offers,
+        "selling": event.opens_at is None or event.opens_at <= now,
+    }
+    name = "commerce/_bundles.html" if is_htmx(request) else "commerce/bundles.html"
+    response = render(request, name, context)
+    response.headers.update(NO_STORE)  # live stock
+    return response
+
+
+@router.post("/e/{event_id}/buy-bundle")
+async def buy_bundle(request: Request, event_id: ItemId, ctx: Ctx) -> Response:
+    """A bundle's Buy button: every component held for this browser at the chosen lane
+    and window (all or none), then the checkout, which takes all of them. A component
+    that cannot be held is named with the reason, on a page; nothing stays held."""
+    data = await request.form()
+    event = await _open_event(ctx, event_id)
+    if event is None:
+        return _trouble(request, PopdropError("not_found", "this event is not on sale"))
+    context: dict[str, Any] = {"event": event}
+    try:
+        check_csrf(request, ctx, data)
+        bundle_id = _int_field(data, "bundle_id")
+        lane_id = _int_field(data, "lane_id")
+        slot_id = _int_field(data, "slot_id")
+        if bundle_id is None or lane_id is None:
+            raise PopdropError("invalid_request", "pick a bundle and a pickup lane")
+    except PopdropError as error:
+        return _trouble(request, error, context)
+    contact_ref = _buyer_ref(request)
+    principal = system_principal(event.org_id, "web:buy", scopes=BUYER_SCOPES)
+    now = ctx.clock.now()
+    shown: BundleOut | None = None
+
+    async def call() -> Any:
+        nonlocal shown
+        async with ctx.db.reader() as session:
+            await _check_lane(session, event, lane_id, slot_id)
+            shown = await _event_bundle(session, event, bundle_id)
+
+        async def work(session: AsyncSession) -> Any:
+            return await catalog.take_bundle(
+                session, principal, bundle_id=bundle_id, lane_id=lane_id, slot_id=slot_id,
+                contact_ref=contact_ref, now=now,
+            )  # fmt: skip
+
+        return await ctx.db.in_transaction(work)
+
+    try:
+        holds = await public_guarded(ctx, request, event.org_id, call)
+    except PopdropError as error:
+        if error.reason == "rate_limited":
+            raise
+        return _trouble(request, _bundle_refusal(error, shown), context)
+    first = min(hold.id for hold in holds)
+    return _to_checkout(request, ctx, event, first, contact_ref)
+
+
+async def _event_bundle(session: AsyncSession, event: Event, bundle_id: int) -> BundleOut:
+    """An active bundle of this event, else 404 `not_found`."""
+    try:
+        bundle = await catalog.get_bundle(session, _reader(event.org_id), bundle_id)
+    except PopdropError as error:
+        raise not_found("bundle of this event") from error
+    if bundle.event_id != event.id or not bundle.active:
+        raise not_found("bundle of this event")
+    return bundle
+
+
+def _bundle_refusal(error: PopdropError, bundle: BundleOut | None) -> PopdropError:
+    """The component's refusal, told with the bundle's and the component's names."""
+    variant_id = error.detail.get("variant_id") if error.detail else None
+    if bundle is None or variant_id is None:
+        return error
+    part = next((c.title for c in bundle.components if c.variant_id == variant_id), "an item")
+    reasons = {
+        "sold_out": "is sold out",
+        "insufficient_stock": "has not enough left",
+        "slot_full": "has no room left in this pickup window",
+    }
+    why = reasons.get(error.reason, error.message)
+    message = (
+        f"“{bundle.title}” can't be reserved: {part} {why}. Nothing was held; "
+        "pick another pickup lane or window, or buy the items one by one."
+    )
+    return PopdropError(error.reason, message, status=error.status, detail=error.detail)
 
 
 # ---------------------------------------------------------------- confirmation

@@ -31,21 +31,50 @@
     tick();
   }
 
-  // Live stock from the SSE stream.
+  // Live stock from the SSE stream. A row at 0 says "Sold out" and hides its Buy form;
+  // when units come back (a hold expired, the host added stock) the form shows again.
+  // Bundle rows (loaded later into #bundles) count whole bundles: the scarcest of their
+  // components ("variant:qty …" in data-components) at that lane decides.
   var counts = document.querySelectorAll(".stock-count");
+  var stock = {};
+  var stockKey = function (variant, lane) { return variant + "@" + lane; };
+  var setRow = function (el, available) {
+    el.dataset.available = available;
+    el.textContent = available > 0 ? available + " left" : "Sold out";
+    el.classList.toggle("sold-out", available === 0);
+    var row = el.closest("li");
+    var buyForm = row && row.querySelector(".buy-form");
+    if (!buyForm) { return; }
+    buyForm.hidden = available === 0;
+    var button = buyForm.querySelector("button[type=submit]");
+    if (button) { button.disabled = available === 0; }
+  };
+  var bundleLeft = function (el) {
+    var left = Infinity;
+    (el.dataset.components || "").split(" ").forEach(function (part) {
+      var bits = part.split(":");
+      var have = stock[stockKey(bits[0], el.dataset.lane)];
+      if (have !== undefined && Number(bits[1]) > 0) {
+        left = Math.min(left, Math.floor(have / Number(bits[1])));
+      }
+    });
+    return left === Infinity ? Number(el.dataset.available) : left;
+  };
+  counts.forEach(function (el) {
+    if (el.dataset.variant) { stock[stockKey(el.dataset.variant, el.dataset.lane)] = Number(el.dataset.available); }
+  });
   if (counts.length && window.EventSource && stream) {
     var hint = document.getElementById("live-hint");
     var source = new EventSource(stream);
     source.addEventListener("availability", function (message) {
       var rows = JSON.parse(message.data);
       rows.forEach(function (row) {
+        stock[stockKey(row.variant_id, row.lane_id)] = row.available;
         var el = document.querySelector(
           '.stock-count[data-variant="' + row.variant_id + '"][data-lane="' + row.lane_id + '"]');
-        if (!el) { return; }
-        el.dataset.available = row.available;
-        el.textContent = row.available > 0 ? row.available + " left" : "Sold out";
-        el.classList.toggle("sold-out", row.available === 0);
+        if (el) { setRow(el, row.available); }
       });
+      document.querySelectorAll(".bundle-count").forEach(function (el) { setRow(el, bundleLeft(el)); });
       if (hint) { hint.textContent = "Stock updates live."; hint.classList.remove("stale"); }
     });
     source.onerror = function () {
