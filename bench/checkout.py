@@ -50,6 +50,8 @@ from datetime import timedelta
 from multiprocessing import get_context
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 import _common as common
 import _flows
 from popdrop.core.db import Database
@@ -626,24 +628,26 @@ async def books(url: str, seeded: Seeded) -> Books:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of under a minute")
-    parser.add_argument("--database-url", help="default: the bench URL, database *_checkout")
+    parser.add_argument(
+        "--database-url", help="default: the bench URL with database popdrop_bench_checkout"
+    )
     parser.add_argument("--payment", choices=[_flows.STRIPE, _flows.LANE], default=_flows.STRIPE)
-    parser.add_argument("--units", type=int, help="units of the hot variant (1000; quick 200)")
-    parser.add_argument("--buyers", type=int, help="buyers (5000; quick 1000)")
+    parser.add_argument("--units", type=int, help="units of the hot variant (1000; quick 100)")
+    parser.add_argument("--buyers", type=int, help="buyers (5000; quick 500)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="server processes")
     parser.add_argument(
         "--pgbench-seconds", type=float, help="pgbench's measured run (10; quick 3)"
     )
     args = parser.parse_args()
-    units = args.units or (200 if args.quick else 1_000)
-    buyers = args.buyers or (1_000 if args.quick else 5_000)
+    units = args.units or (100 if args.quick else 1_000)
+    buyers = args.buyers or (500 if args.quick else 5_000)
     warmup = 64 if args.quick else 300
     seconds = args.pgbench_seconds or (3.0 if args.quick else 10.0)
     # Its own database: benches may run side by side, and each drops its schema.
     url = common.pg_url(args.database_url)
-    if not args.database_url:
-        url = url.replace("/popdrop_bench", "/popdrop_bench_checkout")
+    if make_url(url).database == "popdrop_bench":
+        url = make_url(url).set(database="popdrop_bench_checkout").render_as_string(False)
 
     started = time.monotonic()
     seeded = asyncio.run(seed(url, units, warmup))
