@@ -199,7 +199,7 @@ async def test_a_late_payment_takes_the_units_again_when_they_are_there(
     )
     session_id, _ = await start_payment(app_client, tenant, order["id"])
     clock.advance(timedelta(seconds=601))  # past the hold's TTL
-    assert await settlement.expire_due(ctx.db, clock.now()) == 1
+    assert await settlement.expire_due(ctx.db, clock.now()) >= 1  # ours, maybe others'
     assert (await get_order(app_client, tenant, order["id"]))["status"] == "expired"
     assert (await stock_row(app_client, tenant, shop))["held"] == 0
 
@@ -332,7 +332,7 @@ async def test_a_late_payment_needs_its_pickup_window_too(
     )
     session_id, _ = await start_payment(app_client, tenant, order["id"])
     clock.advance(timedelta(seconds=601))
-    assert await settlement.expire_due(ctx.db, clock.now()) == 1
+    assert await settlement.expire_due(ctx.db, clock.now()) >= 1  # ours, maybe others'
     await hold(app_client, tenant, shop, with_slot=True)  # the window's one place, taken
     answers = await deliver(app_client, sandbox, await sandbox.pay(session_id))
     assert answers[0]["outcome"] == "refunded_sold_out"  # units left, but no place to hand out
