@@ -13,9 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from popdrop.accounts.service import system_principal
+from popdrop.commerce import settlement
+from popdrop.commerce import tasks as commerce_tasks
 from popdrop.commerce.stripe_sandbox import SANDBOX_API_KEY, SANDBOX_WEBHOOK_SECRET, StripeSandbox
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
+from popdrop.web.context import AppContext
 from tests.commerce.helpers import (
     WEBHOOK,
     deliver,
@@ -150,3 +154,29 @@ async def test_a_partial_refund_the_provider_fails_counts_as_not_refunded(
     assert (final["status"], final["refunded_minor"]) == ("paid", 0)
     assert final["refunds"][0]["status"] == "failed"
     assert final["refunds"][0]["failure_code"] == "lost_or_stolen_card"
+
+
+async def test_the_worker_tick_sends_a_refund_a_crash_left_unsent(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=3)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], payment_method="stripe"
+    )
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    owner = system_principal(tenant.org_id, "test:refund", role="owner")
+    async with ctx.db.transaction() as session:  # recorded, then the process "dies"
+        _, refund_ids = await settlement.refund_order(
+            session, owner, order["id"], amount_minor=None, reason="crash", now=clock.now()
+        )
+    assert len(refund_ids) == 1 and sandbox.refunds == {}
+    assert await commerce_tasks.tick(ctx.db, ctx.settings, ctx.clock) == {"refunds_sent": 1}
+    assert await commerce_tasks.tick(ctx.db, ctx.settings, ctx.clock) == {}  # sent once
+    [refund] = (await get_order(app_client, tenant, order["id"]))["refunds"]
+    assert refund["status"] == "succeeded" and refund["provider_ref"].startswith("re_")
+    assert [r["amount"] for r in sandbox.refunds.values()] == [1500]
