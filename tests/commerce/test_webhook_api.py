@@ -175,8 +175,10 @@ async def test_the_worker_tick_sends_a_refund_a_crash_left_unsent(
             session, owner, order["id"], amount_minor=None, reason="crash", now=clock.now()
         )
     assert len(refund_ids) == 1 and sandbox.refunds == {}
-    assert await commerce_tasks.tick(ctx.db, ctx.settings, ctx.clock) == {"refunds_sent": 1}
-    assert await commerce_tasks.tick(ctx.db, ctx.settings, ctx.clock) == {}  # sent once
+    first = await commerce_tasks.tick(ctx.db, ctx.settings, ctx.clock)
+    assert first.get("refunds_sent") == 1
+    again = await commerce_tasks.tick(ctx.db, ctx.settings, ctx.clock)
+    assert "refunds_sent" not in again  # sent once
     [refund] = (await get_order(app_client, tenant, order["id"]))["refunds"]
     assert refund["status"] == "succeeded" and refund["provider_ref"].startswith("re_")
     assert [r["amount"] for r in sandbox.refunds.values()] == [1500]
