@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal, system_principal
 from popdrop.commerce import orders, settlement
-from popdrop.commerce.models import Order
+from popdrop.commerce.models import Order, PriceRule
 from popdrop.commerce.schemas import OrderCreate, OrderOut
 from popdrop.commerce.stripe_events import StripeEvent
 from popdrop.core.clock import FrozenClock
@@ -28,6 +28,7 @@ from popdrop.inventory.schemas import HoldCreate
 from popdrop.web.context import AppContext
 from tests.commerce.helpers import FakeProvider, make_shop
 from tests.conftest import Tenant, issue
+from tests.events.helpers import post
 
 UNITS = 1_000
 BUYERS = 5_000
@@ -178,3 +179,80 @@ async def test_a_single_use_code_in_one_hundred_checkouts_discounts_one_order(
             select(func.count()).select_from(Order).where(Order.event_id == shop.event_id)
         )
     assert count == 1  # the refused checkouts wrote nothing
+
+
+async def test_one_hold_in_ten_racing_checkouts_makes_one_order(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    backend: str,
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("contention is proven on PostgreSQL (SQLite runs writers one at a time)")
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    principal = _buyer(tenant)
+    now = clock.now()
+    held = await inventory.take_hold(
+        ctx.db, principal, HoldCreate(variant_id=shop.variant_id, lane_id=shop.lane_id), now=now
+    )
+
+    async def checkout() -> str:
+        async def place(session: AsyncSession) -> OrderOut:
+            return await orders.place_order(
+                session, ctx.signer, principal, OrderCreate(hold_ids=[held.id]), now=now
+            )
+
+        try:
+            await ctx.db.in_transaction(place)
+        except PopdropError as refusal:
+            return refusal.reason
+        return "placed"
+
+    results = Counter(await asyncio.gather(*(checkout() for _ in range(10))))
+    assert results == {"placed": 1, "hold_taken": 9}
+
+
+async def test_a_rule_budget_is_never_overspent(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    backend: str,
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("contention is proven on PostgreSQL (SQLite runs writers one at a time)")
+    shop = await make_shop(app_client, tenant, clock.now(), units=200)
+    rule = await post(
+        app_client, tenant, f"/api/v1/events/{shop.event_id}/price-rules",
+        {"name": "Two for less", "kind": "min_quantity",
+         "params": {"min_qty": 2, "amount_minor": 300}, "budget_minor": 1000},
+    )  # fmt: skip
+    principal = _buyer(tenant)
+    now = clock.now()
+    holds = [
+        await inventory.take_hold(
+            ctx.db,
+            principal,
+            HoldCreate(variant_id=shop.variant_id, lane_id=shop.lane_id, qty=2),
+            now=now,
+        )
+        for _ in range(40)
+    ]
+
+    async def checkout(hold_id: int) -> int:
+        async def place(session: AsyncSession) -> OrderOut:
+            return await orders.place_order(
+                session, ctx.signer, principal, OrderCreate(hold_ids=[hold_id]), now=now
+            )
+
+        return (await ctx.db.in_transaction(place)).discount_minor
+
+    discounts = await asyncio.gather(*(checkout(h.id) for h in holds))
+    assert sum(discounts) == 1000  # 300 + 300 + 300 + the last 100, never more
+    assert sorted(d for d in discounts if d) == [100, 300, 300, 300]
+    async with ctx.db.reader() as session:
+        spent = await session.scalar(
+            select(PriceRule.budget_spent_minor).where(PriceRule.id == rule["id"])
+        )
+    assert spent == 1000
