@@ -7,17 +7,23 @@ held refuses the bundle with the reason and holds nothing."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
+from playwright.sync_api import ViewportSize
 
 from popdrop.core.clock import FrozenClock
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, run_cli
 from tests.commerce.test_catalog import add_product, available
 from tests.commerce.test_checkout_pages import send
 from tests.conftest import Tenant
 from tests.events.helpers import Shop, make_shop, post
 from tests.events.test_pages import HTML, csrf_of
+from tests.server import Server, running_server
 
 HTMX = {**HTML, "HX-Request": "true"}
 
@@ -180,3 +186,102 @@ async def test_bad_bundle_forms_get_a_page_never_a_500(
     assert (await app_client.get("/e/999999/bundles", headers=HTML)).status_code == 404
     # Nothing of it held anything.
     assert set((await available(app_client, tenant, shop)).values()) == {5}
+
+
+# ---------------------------------------------------------------- in a real browser
+
+PHONE: ViewportSize = {"width": 390, "height": 844}
+
+
+def _api(server: Server, token: str, method: str, url: str, body: Any) -> dict[str, Any]:
+    response = httpx.request(
+        method,
+        f"{server.base_url}{url}",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert response.status_code in (200, 201), (url, response.text)
+    data: dict[str, Any] = response.json()
+    return data
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium")
+def test_sold_out_rows_hide_buy_live_and_a_bundle_sells_from_the_page(
+    tmp_path: Path, shots: Path
+) -> None:
+    """At 390 px: the last tee held elsewhere → its row and the bundle's say "Sold out"
+    and their Buy forms go away, without a reload; released → they come back; then the
+    bundle's Buy opens one checkout at the bundle's price."""
+    from playwright.sync_api import expect, sync_playwright
+
+    data_dir = tmp_path / "server"
+    data_dir.mkdir()
+    with running_server(data_dir) as server:
+        run_cli(server, ("org", "create", "corner", "Corner shop"))
+        created = server.cli(
+            "token", "create", "--org", "corner", "--name", "browser",
+            "--scope", "events:write", "--scope", "events:read",
+            "--scope", "inventory:write", "--scope", "holds:write",
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.strip()
+        now = datetime.now(UTC)
+        event = _api(server, token, "POST", "/api/v1/events", {
+            "slug": "corner-drop", "title": "Corner drop", "timezone": "Europe/Berlin",
+            "starts_at": (now + timedelta(days=1)).isoformat(),
+            "ends_at": (now + timedelta(days=1, hours=4)).isoformat(),
+        })  # fmt: skip
+        eid = event["id"]
+        _api(server, token, "POST", f"/api/v1/events/{eid}/status", {"status": "published"})
+        lane = _api(server, token, "POST", f"/api/v1/events/{eid}/lanes", {"name": "Counter"})
+        variants = {}
+        for title, price, units in (("Tee", 2000, 1), ("Cap", 1000, 3)):
+            product = _api(server, token, "POST", f"/api/v1/events/{eid}/products", {
+                "title": title, "price_minor": price, "variants": ["one size"],
+            })  # fmt: skip
+            variants[title] = product["variants"][0]["id"]
+            _api(server, token, "PUT", "/api/v1/stock", {
+                "variant_id": variants[title], "lane_id": lane["id"], "total": units,
+            })  # fmt: skip
+        _api(server, token, "POST", f"/api/v1/events/{eid}/bundles", {
+            "title": "Tee + cap", "price_minor": 2500,
+            "components": [{"variant_id": variants["Tee"]}, {"variant_id": variants["Cap"]}],
+        })  # fmt: skip
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport=PHONE, is_mobile=True)
+                page.goto(f"{server.base_url}/e/{eid}")
+                tee_row = page.locator("li", has=page.locator(
+                    f'.stock-count[data-variant="{variants["Tee"]}"]'))  # fmt: skip
+                bundle_row = page.locator(".bundle-card li", has=page.locator(".bundle-count"))
+                expect(bundle_row.locator(".bundle-count")).to_have_text("1 left")
+                expect(page.locator(".bundle-save")).to_have_text("save 5.00 EUR")
+                expect(tee_row.locator("button.buy")).to_be_visible()
+
+                held = _api(server, token, "POST", "/api/v1/holds", {
+                    "variant_id": variants["Tee"], "lane_id": lane["id"], "qty": 1,
+                })  # fmt: skip
+                expect(tee_row.locator(".stock-count")).to_have_text("Sold out", timeout=10_000)
+                expect(tee_row.locator("button.buy")).to_be_hidden()
+                expect(bundle_row.locator(".bundle-count")).to_have_text("Sold out")
+                expect(bundle_row.locator("button.buy")).to_be_hidden()
+                page.screenshot(path=shots / "bundle-01-sold-out-phone.png", full_page=True)
+
+                _api(server, token, "POST", f"/api/v1/holds/{held['id']}/release", {})
+                expect(tee_row.locator(".stock-count")).to_have_text("1 left", timeout=10_000)
+                expect(tee_row.locator("button.buy")).to_be_enabled()
+                expect(bundle_row.locator(".bundle-count")).to_have_text("1 left")
+                expect(bundle_row.locator("button.buy")).to_be_visible()
+                page.screenshot(path=shots / "bundle-02-back-phone.png", full_page=True)
+
+                bundle_row.locator("button.buy").click()
+                page.wait_for_url(re.compile(r"/checkout/"))
+                expect(page.locator("[data-total]")).to_have_attribute("data-total", "2500")
+                expect(page.locator("table.breakdown")).to_contain_text("Tee + cap")
+                page.screenshot(path=shots / "bundle-03-checkout-phone.png", full_page=True)
+            finally:
+                browser.close()

@@ -282,3 +282,53 @@ async def test_a_chat_hold_makes_a_chat_order(
         "chat:41",
         "chat:41",
     )
+
+
+async def test_a_sold_out_row_keeps_its_buy_form_hidden_for_the_live_counter(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    """Sold out: "Sold out" and no Buy to press (the form is there, hidden and disabled,
+    so event-public.js can show it again when a unit comes back)."""
+    shop = await make_shop(app_client, tenant, clock.now(), units=1)
+    page = await app_client.get(f"/e/{shop.event_id}", headers=HTML)
+    assert re.search(r'<form method="post" action="/e/\d+/buy" class="buy-form">', page.text)
+    hold_id, _ = await hold_link(app_client, ctx, tenant, shop)
+    sold_out = await app_client.get(f"/e/{shop.event_id}", headers=HTML)
+    assert "Sold out" in sold_out.text
+    assert re.search(r'action="/e/\d+/buy" class="buy-form" hidden>', sold_out.text)
+    assert re.search(r'<button type="submit" class="primary buy" disabled>', sold_out.text)
+    released = await app_client.post(f"/api/v1/holds/{hold_id}/release", headers=tenant.headers)
+    assert released.status_code == 200, released.text
+    back = await app_client.get(f"/e/{shop.event_id}", headers=HTML)
+    assert "1 left" in back.text and 'class="buy-form" hidden' not in back.text
+
+
+async def test_two_buys_by_one_browser_stay_two_checkouts(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    """Only a bundle's holds are taken together: two Buy presses at the same instant
+    (the test clock does not move) each open a checkout of their own item."""
+    shop = await make_shop(app_client, tenant, clock.now())
+    mug = await post(
+        app_client,
+        tenant,
+        f"/api/v1/events/{shop.event_id}/products",
+        {"title": "Mug", "price_minor": 900, "variants": ["one size"]},
+    )
+    mug_variant = mug["variants"][0]["id"]
+    stocked = await app_client.put(
+        "/api/v1/stock",
+        json={"variant_id": mug_variant, "lane_id": shop.lane_id, "total": 3},
+        headers=tenant.headers,
+    )
+    assert stocked.status_code == 200, stocked.text
+    public = await app_client.get(f"/e/{shop.event_id}", headers=HTML)
+    paths = []
+    for variant in (shop.variant_id, mug_variant):
+        fields = {"csrf": csrf_of(public.text), "variant_id": variant, "lane_id": shop.lane_id}
+        bought = await app_client.post(f"/e/{shop.event_id}/buy", data=fields, headers=HTML)
+        assert bought.status_code == 303, bought.text
+        paths.append(urlsplit(bought.headers["location"]).path)
+    tote_page, mug_page = [await app_client.get(path, headers=HTML) for path in paths]
+    assert 'data-total="1500"' in tote_page.text and "Mug" not in tote_page.text
+    assert 'data-total="900"' in mug_page.text and "Tote bag" not in mug_page.text
