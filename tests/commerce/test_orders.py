@@ -11,11 +11,13 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import update
 
 from popdrop.accounts.service import ROLES, Principal
 from popdrop.commerce import orders, settlement
 from popdrop.core.clock import FrozenClock
 from popdrop.core.errors import PopdropError
+from popdrop.inventory.models import Product
 from popdrop.web.context import AppContext
 from tests.commerce.helpers import get_order, hold, make_shop, place, placed, stock_row
 from tests.conftest import Tenant, issue
@@ -312,3 +314,23 @@ async def test_csv_export_and_sales_summary(
     assert summary["revenue_minor"] == 3000 + 1500 - 500
     assert summary["average_minor"] == (3000 + 1500) // 2
     assert summary["units_sold"] == 3
+
+
+async def test_a_price_changed_since_the_quote_is_not_charged_unseen(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=3)
+    hold_id = await hold(app_client, tenant, shop)
+    quoted = await app_client.post(
+        "/api/v1/orders/quote", json={"hold_ids": [hold_id]}, headers=tenant.headers
+    )
+    shown = quoted.json()["breakdown"]["total_minor"]
+    async with ctx.db.transaction() as session:  # the host raises the price meanwhile
+        await session.execute(
+            update(Product).where(Product.id == shop.product_id).values(price_minor=1800)
+        )
+    refused = await place(app_client, tenant, [hold_id], expected_total_minor=shown)
+    assert (refused.status_code, refused.json()["reason"]) == (409, "price_changed")
+    assert refused.json()["total_minor"] == 1800
+    order = await placed(app_client, tenant, [hold_id], expected_total_minor=1800)
+    assert order["total_minor"] == 1800

@@ -10,7 +10,9 @@ Rules:
   (`vouchers.service.validate`: nothing consumed by a quote), the event's checkout
   policy (defaults when it has none: one code, both ways to pay). `commerce.pricing`
   prices it; the breakdown is stored on the order, so the price shown holds until the
-  holds end even if the host changes prices.
+  holds end even if the host changes prices. A checkout that sends the total it showed
+  (`expected_total_minor`) is refused with `price_changed` when the price moved between
+  the quote and the order, so nobody pays a price they did not see.
 - `place_order` is ONE transaction: lock the holds (id order: hold rows before stock, as
   inventory), price, spend the rule budgets (a conditional UPDATE each; a budget spent
   meanwhile → priced again without it), write the order and its lines, redeem every
@@ -649,6 +651,13 @@ async def place_order(
         first_refusal = breakdown.refused_codes[0]
         raise _code_refusal(
             first_refusal, checkout.typed_by_ref.get(first_refusal.ref, first_refusal.ref)
+        )
+    if spec.expected_total_minor is not None and spec.expected_total_minor != breakdown.total_minor:
+        raise PopdropError(
+            "price_changed",
+            "the price changed since it was shown; check the new total",
+            status=409,
+            detail={"total_minor": breakdown.total_minor, "shown_minor": spec.expected_total_minor},
         )
     free = breakdown.total_minor == 0
     held_until = checkout.hold_expires_at

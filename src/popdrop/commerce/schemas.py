@@ -43,6 +43,14 @@ class OrderCreate(StrictInput):
         default=None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$"
     )
     receipt_phone: str | None = Field(default=None, min_length=3, max_length=32)
+    expected_total_minor: int | None = Field(
+        default=None,
+        ge=0,
+        le=10**12,
+        description="The total the customer was shown (the quote's): when the price changed "
+        "meanwhile the order is refused with `price_changed` (409) and the new total, so "
+        "nobody pays a price they did not see.",
+    )
     payment_method: PaymentMethod = Field(
         default=PaymentMethod.PAY_AT_PICKUP,
         description="`stripe`: pay online next (POST /orders/{id}/pay); `pay_at_pickup`: "
