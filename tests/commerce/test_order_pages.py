@@ -202,7 +202,7 @@ async def test_lane_view_lists_orders_to_hand_out_by_window(
     assert "Front desk" in page.text and 'hx-trigger="every 5s"' in page.text
     assert f'href="/pickup/{shop.event_id}?lane={shop.lane_id}"' in page.text
     windows = re.findall(r'<section class="card lane-window">\s*<h2>([^<]+)<', page.text)
-    assert len(windows) == 2 and windows[1].startswith("Any time")
+    assert len(windows) == 2 and windows[1].startswith("During the event · ")
     first_window = page.text.index("lane-window")
     assert page.text.index(f'data-order="{in_window["id"]}" data-status="paid"') > first_window
     assert f'data-order="{any_time["id"]}" data-status="pending"' in page.text

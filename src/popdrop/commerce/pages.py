@@ -35,7 +35,7 @@ from popdrop.commerce.models import Order
 from popdrop.commerce.schemas import OrderOut
 from popdrop.core.csvsafe import csv_text
 from popdrop.core.errors import PopdropError, not_found
-from popdrop.core.localtime import local, slot_label
+from popdrop.core.localtime import local
 from popdrop.core.money import Money
 from popdrop.events.models import Event, Lane, TimeSlot
 from popdrop.web.auth import check_csrf
@@ -90,10 +90,9 @@ async def _places(
 
 
 def _window(order: OrderOut, slots: dict[int, TimeSlot], event: Event) -> str:
+    # The same words as the receipt, the confirmation and the scanner's window check.
     slot = slots.get(order.slot_id) if order.slot_id is not None else None
-    if slot is None:
-        return "any time"
-    return slot_label(slot.starts_at, slot.ends_at, event.timezone, slot.label)
+    return pickup.window_label(event, slot)
 
 
 def _items(order: OrderOut) -> str:
@@ -391,11 +390,7 @@ async def _lane_groups(
     for order in sorted(waiting, key=lambda o: o.created_at):
         slot = slots.get(order.slot_id) if order.slot_id is not None else None
         if order.slot_id not in groups:
-            label = (
-                slot_label(slot.starts_at, slot.ends_at, event.timezone, slot.label)
-                if slot is not None
-                else "Any time during the event"
-            )
+            label = pickup.window_label(event, slot)
             groups[order.slot_id] = WindowGroup(label, slot.starts_at if slot else None, [])
         groups[order.slot_id].orders.append(order)
     ordered = sorted(groups.values(), key=lambda g: (g.starts_at is None, g.starts_at or 0))

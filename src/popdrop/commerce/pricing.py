@@ -593,18 +593,13 @@ class _State:
         return scope, amounts, {unit.line for unit in scope}
 
     def code_why(self, code: Code) -> str:
+        # The code's label is the adjustment's name already: say what it does, not again.
         if code.kind is CodeKind.PERCENT:
-            off = f"{code.value} % off"
-        elif code.kind is CodeKind.FIXED:
-            off = f"{self.money(code.value)} off"
-        else:
-            off = "the cheapest matching item free"
-        base = " the price before discounts" if code.applies_to is AppliesTo.INITIAL else ""
-        return (
-            f"code {code.label}: {off}{base}"
-            if code.kind is CodeKind.PERCENT
-            else f"code {code.label}: {off}"
-        )
+            base = " the price before discounts" if code.applies_to is AppliesTo.INITIAL else ""
+            return f"the code you entered: {code.value}% off{base}"
+        if code.kind is CodeKind.FIXED:
+            return f"the code you entered: {self.money(code.value)} off"
+        return "the code you entered: the cheapest matching item free"
 
     def refuse(self, position: int, code: Code, reason: str, message: str) -> None:
         self.refused_at.append((position, Refusal(code.ref, reason, message)))
