@@ -159,6 +159,7 @@ async def test_a_sold_out_component_refuses_the_bundle_with_the_reason_and_holds
     again = await buy_bundle(app_client, shop, bundle)
     assert again.status_code == 409, again.text
     assert "Mug (one size) is sold out" in again.text
+    assert "<h1>Sold out</h1>" in again.text
     assert "Nothing was held" in again.text and "<code>sold_out</code>" in again.text
     assert f'href="/e/{shop.event_id}"' in again.text
     assert await available(app_client, tenant, shop) == before  # no tote held meanwhile
