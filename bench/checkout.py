@@ -22,9 +22,13 @@
    paid order has its line and its converted hold (units sold == units in paid orders);
    no order paid twice. Any of these off, or any 5xx, fails the bench (exit 1).
 4. The limit: pgbench runs the statements the service sends for one successful buyer's
-   hold + order + payment (captured with `log_statement = all` in a dry run; see
-   PGBENCH_* below) on the "limit" variant's stock row (one hot row, like the app's),
-   with the same client count, `-M prepared -j 2`; one pgbench transaction = one buyer.
+   hold + order + payment (captured with `log_statement = all` in a dry run; see "the
+   pgbench limit" below) on the "limit" variant's stock row (one hot row, like the
+   app's), with the same client count, `-M prepared -j 2`; one pgbench transaction =
+   one buyer. A script that no longer fits the schema is reported (limit 0), not fatal.
+
+Also printed: each step's p50/p99 and the CPU the server processes spent per paid order
+(from /proc, so the machine's other load does not count).
 
 Rate = paid orders / (first hold sent → last payment confirmed). Goal (DESIGN.md):
 rate >= 0.4 x the pgbench limit, 0 oversold. Speed never fails the bench.
