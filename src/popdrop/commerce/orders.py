@@ -10,9 +10,12 @@ Rules:
   (`vouchers.service.validate`: nothing consumed by a quote), the event's checkout
   policy (defaults when it has none: one code, both ways to pay). `commerce.pricing`
   prices it; the breakdown is stored on the order, so the price shown holds until the
-  holds end even if the host changes prices. A checkout that sends the total it showed
-  (`expected_total_minor`) is refused with `price_changed` when the price moved between
-  the quote and the order, so nobody pays a price they did not see.
+  holds end even if the host changes prices. A held unit's list price is the product's
+  price when the hold was taken (`inventory.models.ProductPrice` keeps the earlier
+  prices), or the current one if the host has cut it since: the lower of the two. A
+  checkout that sends the total it showed (`expected_total_minor`) is refused with
+  `price_changed` when the price moved between the quote and the order (a cut, a rule or
+  a code that ended), so nobody pays a price they did not see.
 - `place_order` is ONE transaction: lock the holds (id order: hold rows before stock, as
   inventory), price, spend the rule budgets (a conditional UPDATE each; a budget spent
   meanwhile → priced again without it), write the order and its lines, redeem every
@@ -82,7 +85,7 @@ from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Event, Lane, Partner, StaffAssignment, TimeSlot
 from popdrop.inventory.lifecycle import HoldStatus
-from popdrop.inventory.models import Hold, Product, Variant
+from popdrop.inventory.models import Hold, Product, ProductPrice, Variant
 from popdrop.vouchers import service as vault
 from popdrop.vouchers.codes import ALPHABET, check_char
 from popdrop.vouchers.models import Redemption
@@ -269,6 +272,31 @@ async def _load_holds(
     return [(h, v, p) for h, v, p, _, _ in rows], siblings
 
 
+async def _held_prices(
+    session: AsyncSession, holds: Sequence[tuple[Hold, Variant, Product]]
+) -> dict[int, int]:
+    """Each hold's unit price: the lower of the price in effect when it was taken (the
+    earliest `product_prices` row ending at or after its `created_at`: a tie goes to the
+    earlier price; else the current price) and the current price — a raise never reaches
+    an earlier holder, a cut does."""
+    product_ids = {product.id for _, _, product in holds}
+    history: dict[int, list[tuple[datetime, int]]] = {}
+    for product_id, until, price in await session.execute(
+        select(ProductPrice.product_id, ProductPrice.until, ProductPrice.price_minor)
+        .where(ProductPrice.product_id.in_(product_ids))
+        .order_by(ProductPrice.product_id, ProductPrice.until, ProductPrice.id)
+    ):
+        history.setdefault(product_id, []).append((until, price))
+    prices: dict[int, int] = {}
+    for hold, _, product in holds:
+        held = next(
+            (price for until, price in history.get(product.id, []) if until >= hold.created_at),
+            product.price_minor,
+        )
+        prices[hold.id] = min(held, product.price_minor)
+    return prices
+
+
 def _policy(row: CheckoutPolicy | None) -> Policy:
     if row is None:
         return Policy()
@@ -444,6 +472,7 @@ async def checkout_of(
     if len(currencies) != 1:
         raise PopdropError("invalid_request", "an order is in one currency")
     currency = currencies.pop()
+    unit_prices = await _held_prices(session, holds)
     items = [
         pricing.Item(
             key=f"h{hold.id}",
@@ -451,7 +480,7 @@ async def checkout_of(
             variant_id=variant.id,
             title=_item_title(product, variant, siblings.get(product.id, 1)),
             qty=hold.qty,
-            unit_price_minor=product.price_minor,
+            unit_price_minor=unit_prices[hold.id],
             unit_cost_minor=product.unit_cost_minor,
             floor_bp=product.margin_floor_bp,
             floor_minor=product.margin_floor_minor,

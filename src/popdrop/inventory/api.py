@@ -233,7 +233,7 @@ async def update_product(
     product_id: ItemId, body: ProductUpdate, principal: ApiPrincipal, ctx: Ctx
 ) -> ProductOut:
     async with ctx.db.transaction() as session:
-        return await parts.update_product(session, principal, product_id, body)
+        return await parts.update_product(session, principal, product_id, body, now=ctx.clock.now())
 
 
 @router.delete("/products/{product_id}", status_code=204, responses=REMOVAL_REFUSALS)

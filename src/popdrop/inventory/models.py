@@ -2,7 +2,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from popdrop.core.db import Base, BigId, UTCDateTime
@@ -29,6 +38,23 @@ class Product(Base):
     margin_floor_minor: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # A zero-cost sample: price 0, one per person per campaign (commerce.samples).
     is_sample: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ProductPrice(Base):
+    """A product's earlier price: `price_minor` was its price until `until`, when the host
+    changed it (written in the change's transaction by `inventory.parts.update_product`).
+    A checkout prices each held unit at the price in effect when its hold was taken (the
+    earliest row with `until` after the hold's `created_at`, else the current price), so
+    a host raising a price never changes what an earlier holder pays (`commerce.orders`)."""
+
+    __tablename__ = "product_prices"
+    __table_args__ = (Index("ix_product_prices_product_until", "product_id", "until"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    price_minor: Mapped[int] = mapped_column(BigInteger)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Variant(Base):

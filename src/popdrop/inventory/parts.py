@@ -18,10 +18,14 @@ Rules:
   a conditional UPDATE), so a place taken meanwhile is seen; a refusal raises before the
   caller's transaction commits, so nothing is half-written.
 - Tenancy: every part is found by its id and the caller's organization (`owned`).
+- A product's price change records the price it replaces in `product_prices` (until
+  `now`, same transaction): a checkout prices held units at the price of their hold's
+  time (`commerce.orders`), so a host's new price applies to holds taken after it.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -30,11 +34,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.core.clock import SystemClock
 from popdrop.core.errors import PopdropError
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Lane, PickupWindow, TimeSlot
 from popdrop.inventory import service
-from popdrop.inventory.models import Hold, Product, Stock, Variant
+from popdrop.inventory.models import Hold, Product, ProductPrice, Stock, Variant
 from popdrop.inventory.schemas import (
     LaneUpdate,
     ProductOut,
@@ -199,11 +204,29 @@ async def _product_out(session: AsyncSession, product: Product) -> ProductOut:
 
 
 async def update_product(
-    session: AsyncSession, principal: Principal, product_id: int, spec: ProductUpdate
+    session: AsyncSession,
+    principal: Principal,
+    product_id: int,
+    spec: ProductUpdate,
+    *,
+    now: datetime | None = None,
 ) -> ProductOut:
+    """Edit the card. A new price keeps the old one in `product_prices` (in effect until
+    `now`), so units held before the change keep the price their holder saw."""
     principal.require(INVENTORY_WRITE)
     product = await owned(session, Product, product_id, principal.org_id, lock=True)
+    price_before = product.price_minor
     await _patch(session, product, spec)
+    if product.price_minor != price_before:
+        session.add(
+            ProductPrice(
+                org_id=product.org_id,
+                product_id=product.id,
+                price_minor=price_before,
+                until=now if now is not None else SystemClock().now(),
+            )
+        )
+        await session.flush()
     if product.is_sample and (product.price_minor != 0 or product.unit_cost_minor is None):
         raise PopdropError("invalid_request", "a sample is priced 0 and needs its unit cost")
     return await _product_out(session, product)
@@ -225,6 +248,7 @@ async def remove_product(session: AsyncSession, principal: Principal, product_id
         session, "product", "it is pinned in the chat; unpin it first",
         delete(Stock).where(Stock.variant_id.in_(variant_ids)),
         delete(Variant).where(Variant.product_id == product.id),
+        delete(ProductPrice).where(ProductPrice.product_id == product.id),
         delete(Product).where(Product.id == product.id),
     )  # fmt: skip
     _forget_targets(session, principal.org_id, [(s.variant_id, s.lane_id) for s in stock])
