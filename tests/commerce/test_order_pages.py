@@ -285,3 +285,33 @@ async def test_the_pickup_scanner_hands_an_order_out_once_with_reasons(
     assert await order_status(app_client, tenant, paid["id"]) == "picked_up"
     forged = await app_client.post(url, json={"secret": paid["short_code"]})
     assert forged.status_code == 403
+
+
+async def test_staff_set_a_paid_order_aside_and_the_scanner_still_hands_it_out(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    order = await place(app_client, tenant, shop)
+    await login(app_client, ctx, tenant, "host")
+    url = f"/orders/{order['id']}"
+    # Not paid yet: nothing to set aside (the button is not there, the move is refused).
+    assert "/ready" not in (await app_client.get(url, headers=HTML)).text
+    refused = await submit(app_client, url, f"{url}/ready", {})
+    assert refused.status_code == 409 and "Cannot set aside" in refused.text
+    await submit(app_client, url, f"{url}/mark-paid", {"tender": "card"})
+    assert f'action="{url}/ready"' in (await app_client.get(url, headers=HTML)).text
+    aside = await submit(app_client, url, f"{url}/ready", {})
+    assert aside.status_code == 303 and aside.headers["location"].endswith("?done=ready")
+    assert await order_status(app_client, tenant, order["id"]) == "ready"
+    again = await submit(app_client, url, f"{url}/ready", {})  # a double tap changes nothing
+    assert again.status_code == 303
+    lane = await app_client.get(f"/events/{shop.event_id}/lanes/{shop.lane_id}", headers=HTML)
+    assert f'data-order="{order["id"]}" data-status="ready"' in lane.text
+    clock.advance(timedelta(days=1, minutes=5))  # the event (its pickup window) is on
+    handed = await app_client.post(
+        "/api/v1/pickup/scan",
+        json={"code": order["short_code"], "lane_id": shop.lane_id},
+        headers=tenant.headers,
+    )
+    assert handed.status_code == 200 and handed.json()["result"] == "ok", handed.text
+    assert await order_status(app_client, tenant, order["id"]) == "picked_up"

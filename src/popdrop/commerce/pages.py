@@ -52,6 +52,7 @@ LANE_REFRESH_SECONDS = 5
 EXPORT_PAGE = 500
 _NOTICES = {
     "paid": "Marked paid.",
+    "ready": "Set aside: ready to hand over at its lane.",
     "cancelled": "The order is cancelled; its items are back on sale.",
     "refunded": "The refund is recorded.",
 }
@@ -239,6 +240,7 @@ async def _order_page(
         "can_write": "orders:write" in principal.scopes,
         "can_collect": bool({"orders:write", "orders:pickup"} & principal.scopes),
         "can_mark_paid": current == OrderStatus.PENDING,
+        "can_set_aside": current == OrderStatus.PAID,
         "can_cancel": ORDER_LIFECYCLE.allows(current, OrderStatus.CANCELLED),
         "can_refund": current in SOLD_STATUSES and refundable > 0,
         "refundable": refundable,
@@ -296,6 +298,20 @@ async def order_mark_paid(
         )
 
     return await _act(request, ctx, principal, order_id, "paid", change)
+
+
+@router.post("/orders/{order_id}/ready")
+async def order_set_aside(
+    request: Request, order_id: ItemId, principal: Operator, ctx: Ctx
+) -> Response:
+    check_csrf(request, ctx, await request.form())
+    now = ctx.clock.now()
+
+    async def change(session: AsyncSession) -> object:
+        await pickup.set_aside(session, principal, order_id, now=now)
+        return None
+
+    return await _act(request, ctx, principal, order_id, "ready", change)
 
 
 @router.post("/orders/{order_id}/cancel")

@@ -594,3 +594,27 @@ async def lane_queue(
         pickup_point=lane.pickup_point,
         windows=out,
     )
+
+
+async def set_aside(
+    session: AsyncSession, principal: Principal, order_id: int, *, now: datetime
+) -> None:
+    """Staff packed a paid order and put it aside at its lane (paid → ready), so the lane
+    view shows it ready to hand over. One conditional UPDATE; saying it twice is fine."""
+    if not ({"orders:pickup", "orders:write"} & principal.scopes):
+        principal.require("orders:pickup")
+    moved = await session.execute(
+        update(Order)
+        .where(
+            Order.id == order_id,
+            Order.org_id == principal.org_id,
+            Order.status.in_(ORDER_LIFECYCLE.sources(OrderStatus.READY)),
+        )
+        .values(status=OrderStatus.READY, ready_at=now)
+        .returning(Order.id)
+    )
+    if moved.first() is not None:
+        return
+    order = await owned(session, Order, order_id, principal.org_id, what="order")
+    if order.status != OrderStatus.READY:
+        raise ORDER_LIFECYCLE.refusal(OrderStatus(order.status), None, action="set aside")
