@@ -1,7 +1,8 @@
 """Orders paid through the Stripe sandbox, its webhooks posted to the app: paid with units
 sold, failures stored with the provider's code, duplicates applied once, events out of
 order, late payments (units taken again, or refunded automatically), refunds, pay at
-pickup."""
+pickup; a single-use code never spent twice by a late payment (kept while the payment
+may come, given back when it cannot)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from popdrop.commerce import settlement
 from popdrop.commerce.stripe_sandbox import SANDBOX_API_KEY, SANDBOX_WEBHOOK_SECRET, StripeSandbox
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.outbound.outbox import Notification
+from popdrop.vouchers.models import Redemption
 from popdrop.web.context import AppContext
 from tests.commerce.helpers import (
     WEBHOOK,
@@ -25,11 +27,12 @@ from tests.commerce.helpers import (
     get_order,
     hold,
     make_shop,
+    place,
     placed,
     start_payment,
     stock_row,
 )
-from tests.conftest import SECRET, Tenant
+from tests.conftest import SECRET, Tenant, issue
 
 
 @pytest.fixture
@@ -339,3 +342,173 @@ async def test_a_late_payment_needs_its_pickup_window_too(
     assert await stock_row(app_client, tenant, shop) == {
         "total": 5, "held": 1, "sold": 0, "available": 4,
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------- a code is spent once
+
+
+async def code_status(client: httpx.AsyncClient, tenant: Tenant, code: str) -> str:
+    response = await client.post(
+        "/api/v1/vouchers/validate", json={"code": code}, headers=tenant.headers
+    )
+    body = response.json()
+    return str(body.get("status") or body.get("reason"))
+
+
+async def live_uses(ctx: AppContext, batch_id: int) -> int:
+    """The uses of a batch's codes counted now (redemptions not given back)."""
+    async with ctx.db.reader() as session:
+        return int(
+            await session.scalar(
+                select(func.count(Redemption.id)).where(
+                    Redemption.batch_id == batch_id, Redemption.rolled_back_at.is_(None)
+                )
+            )
+            or 0
+        )
+
+
+async def test_a_code_stays_spent_while_a_late_payment_may_still_come(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    batch, [code] = await issue(app_client, tenant, discount_kind="percent", discount_value=10)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[code],
+        payment_method="stripe",
+    )  # fmt: skip
+    assert order["total_minor"] == 1350
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    clock.advance(timedelta(seconds=601))  # past the hold, well within the session
+    assert await settlement.expire_due(ctx.db, clock.now()) >= 1
+    assert (await get_order(app_client, tenant, order["id"]))["status"] == "expired"
+    assert (await stock_row(app_client, tenant, shop))["held"] == 0  # the units go back
+
+    # The customer may still pay at 10 % off: nobody else gets the single-use code.
+    assert await code_status(app_client, tenant, code) == "exhausted"
+    other_hold = await hold(app_client, tenant, shop)
+    refused = await place(app_client, tenant, [other_hold], codes=[code], payment_method="stripe")
+    assert (refused.status_code, refused.json()["reason"]) == (409, "exhausted")
+
+    await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    late = await get_order(app_client, tenant, order["id"])
+    assert (late["status"], late["status_reason"]) == ("paid", "paid_after_expired")
+    assert late["total_minor"] == 1350 and late["refunds"] == []
+    assert await live_uses(ctx, batch["id"]) == 1  # the code counted once
+    assert await code_status(app_client, tenant, code) == "exhausted"
+    assert (await stock_row(app_client, tenant, shop))["sold"] == 1
+
+
+async def test_the_session_expired_event_gives_the_code_to_the_next_customer(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    batch, [code] = await issue(app_client, tenant, discount_kind="percent", discount_value=10)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[code],
+        payment_method="stripe",
+    )  # fmt: skip
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    clock.advance(timedelta(seconds=601))
+    assert await settlement.expire_due(ctx.db, clock.now()) >= 1
+    assert await code_status(app_client, tenant, code) == "exhausted"
+
+    # Stripe says the page can no longer be paid: the code is free again.
+    [answer] = await deliver(app_client, sandbox, [await sandbox.expire(session_id)])
+    assert answer["outcome"] == "payment_canceled_discount_released"
+    ended = await get_order(app_client, tenant, order["id"])
+    assert ended["status"] == "expired"
+    assert ended["payments"][0]["status"] == "canceled"
+    assert await code_status(app_client, tenant, code) == "valid"
+    assert await live_uses(ctx, batch["id"]) == 0
+    nxt = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[code],
+        payment_method="stripe",
+    )  # fmt: skip
+    assert nxt["total_minor"] == 1350
+    assert await live_uses(ctx, batch["id"]) == 1
+
+
+async def test_the_tick_gives_the_code_back_once_the_session_has_lapsed(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    _, [code] = await issue(app_client, tenant, discount_kind="percent", discount_value=10)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[code],
+        payment_method="stripe",
+    )  # fmt: skip
+    started = clock.now()
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    # The page stops taking money soon after the hold (Stripe's minimum: 30 minutes).
+    session_end = started + settlement.SESSION_MIN
+    assert sandbox.sessions[session_id]["expires_at"] == int(session_end.timestamp())
+    clock.advance(timedelta(seconds=601))
+    assert await settlement.expire_due(ctx.db, clock.now()) >= 1
+
+    # No expired event arrives (a lost webhook): the tick decides from the session's end.
+    clock.advance(session_end - clock.now())  # ended, but a completion may be in flight
+    await settlement.release_lapsed_payments(ctx.db, clock.now())  # the sweep is global
+    assert await code_status(app_client, tenant, code) == "exhausted"
+    clock.advance(settlement.LAPSE_GRACE)
+    assert await settlement.release_lapsed_payments(ctx.db, clock.now()) >= 1
+    assert await settlement.release_lapsed_payments(ctx.db, clock.now()) == 0  # once
+    assert await code_status(app_client, tenant, code) == "valid"
+    lapsed = await get_order(app_client, tenant, order["id"])
+    assert lapsed["status"] == "expired" and lapsed["payments"][0]["status"] == "canceled"
+
+
+async def test_a_payment_after_the_code_was_given_back_is_refunded_not_sold_cheap(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    batch, [code] = await issue(app_client, tenant, discount_kind="percent", discount_value=10)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[code],
+        payment_method="stripe",
+    )  # fmt: skip
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    cancelled = await app_client.post(
+        f"/api/v1/orders/{order['id']}/cancel", json={}, headers=tenant.headers
+    )
+    assert cancelled.status_code == 200, cancelled.text
+    # The code is given back at once and someone else uses it.
+    other = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[code],
+        payment_method="stripe",
+    )  # fmt: skip
+    assert other["discount_minor"] == 150
+
+    # The first customer still pays in the tab left open: not at the code's price.
+    answers = await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    assert answers[0]["outcome"] == "refunded_discount_released"
+    final = await get_order(app_client, tenant, order["id"])
+    assert (final["status"], final["status_reason"]) == ("refunded", "discount_released")
+    assert "discount" in final["status_message"] and "refunded" in final["status_message"]
+    assert final["refunded_minor"] == 1350
+    [refund] = final["refunds"]
+    assert refund["status"] == "succeeded" and refund["provider_ref"].startswith("re_")
+    assert [r["amount"] for r in sandbox.refunds.values()] == [1350]
+    assert await live_uses(ctx, batch["id"]) == 1  # the other customer's use only
+    assert await stock_row(app_client, tenant, shop) == {
+        "total": 5,
+        "held": 1,
+        "sold": 0,
+        "available": 4,
+    }  # fmt: skip  (nothing sold to the refunded order)

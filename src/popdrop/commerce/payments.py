@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import stripe
@@ -41,6 +42,10 @@ class PaymentRequest:
     success_url: str
     cancel_url: str
     customer_email: str | None = None
+    # When the hosted page stops taking money (Stripe: 30 min to 24 h ahead); None leaves
+    # the provider's default (24 h). Settlement knows from it when a payment can no
+    # longer come.
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,8 @@ def checkout_session_params(request: PaymentRequest) -> dict[str, Any]:
     }
     if request.customer_email:
         params["customer_email"] = request.customer_email
+    if request.expires_at is not None:
+        params["expires_at"] = int(request.expires_at.timestamp())
     return params
 
 

@@ -9,8 +9,22 @@ Rules:
   the stock has them (`expired → paid`); otherwise the order moves to `refunded` with
   `status_reason = "sold_out_after_expiry"` and the whole payment is refunded through
   the provider. Never an order that is paid and cannot be handed out, never an oversell.
-  (A late payment keeps the price it was made at; codes given back at expiry stay given
-  back.) A second payment for an order already paid is refunded (`duplicate_payment`).
+  A second payment for an order already paid is refunded (`duplicate_payment`).
+- A code is never spent twice, a rule budget never overspent: a late payment keeps the
+  price it was made at, so the order keeps its discounts (voucher uses, rule budget
+  spend) for as long as a payment may still come. An order that expires with an online
+  payment started (a Stripe payment `pending` or `failed`: "open") gives back its units
+  only; its discounts are given back when the last open payment can no longer come:
+  Stripe says so (`checkout.session.expired`, `payment_intent.canceled`), or the
+  session's own end has passed (`session_expiry`: the session is created with
+  `expires_at` = the hold's end, at least 31 min and at most 24 h ahead) plus
+  `LAPSE_GRACE` — the worker tick sweeps those (`release_lapsed_payments`), except a
+  payment Stripe reported as awaiting an asynchronous outcome. A cancel or a full refund
+  gives them back at once. A payment that succeeds after its order's discounts were given
+  back is not accepted at that price: the order moves to `refunded` with `status_reason =
+  "discount_released"` and the whole payment is refunded (the code may be someone
+  else's by then; taking it again is not attempted). An order without codes or budgeted
+  rules has nothing to give back and is paid late as before.
 - Stripe events are deduplicated by id (`provider_events`, unique per provider): a
   duplicate is acknowledged and changes nothing. Events come in any order: each names an
   outcome (succeeded, failed, canceled, refund), and a move the payment's or the order's
@@ -25,8 +39,9 @@ Rules:
 - Pay at pickup: staff mark the order paid at the lane (cash or their own terminal); its
   refunds are recorded as cash given back (`succeeded` at once).
 - An order that ends unsold (cancelled, expired) gives back its held units, its voucher
-  uses (`vouchers.service.rollback`) and its price rules' budget spend. A full refund
-  does the same, and puts sold units back on sale unless they were handed out.
+  uses (`vouchers.service.rollback`) and its price rules' budget spend (when it expired
+  with an open payment: later, see above). A full refund does the same, and puts sold
+  units back on sale unless they were handed out.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -73,6 +88,7 @@ from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.inventory.lifecycle import HoldStatus
 from popdrop.vouchers import service as vault
+from popdrop.vouchers.models import Redemption
 
 STRIPE = PaymentMethod.STRIPE.value
 SOLD_OUT_AFTER_EXPIRY = "sold_out_after_expiry"
@@ -80,7 +96,19 @@ SOLD_OUT_MESSAGE = (
     "Your payment arrived after your reservation ended, and the items sold out meanwhile. "
     "The full amount is refunded to your card."
 )
+DISCOUNT_RELEASED = "discount_released"
+DISCOUNT_RELEASED_MESSAGE = (
+    "Your payment arrived after your order ended and its discount was released to other "
+    "customers. The full amount is refunded to your card."
+)
 EXPIRE_BATCH = 500
+# A Checkout Session lives 30 min to 24 h (Stripe's bounds); a minute of margin each
+# side for clock skew between us and the provider.
+SESSION_MIN = timedelta(minutes=31)
+SESSION_MAX = timedelta(hours=24) - timedelta(minutes=1)
+# After a session's end, a completion already in flight may still be delivered.
+LAPSE_GRACE = timedelta(minutes=15)
+OPEN_PAYMENT_STATUSES = (PaymentStatus.PENDING, PaymentStatus.FAILED)
 
 SUCCEEDED_EVENTS = frozenset(
     {
@@ -164,8 +192,10 @@ async def _end_unsold(
     message: str | None,
     acting: Principal,
     now: datetime,
+    keep_discounts_while_payment_open: bool = False,
 ) -> None:
-    """Cancel or expire a pending order: holds, voucher uses and budgets given back."""
+    """Cancel or expire a pending order: holds given back, and its voucher uses and
+    budgets — unless asked to keep them while an online payment may still come."""
     order.status = ORDER_LIFECYCLE.check(OrderStatus(order.status), target, action=target.value)
     order.ended_at = now
     order.status_reason = reason[:64]
@@ -175,15 +205,53 @@ async def _end_unsold(
     await units.release_active(
         conn, await _units_of_order(session, order.id), now, status=hold_status
     )
-    await _give_back_codes_and_budgets(session, order, acting, reason=reason, now=now)
+    if keep_discounts_while_payment_open and await _has_open_payment(session, order.id):
+        return  # given back when the payment can no longer come (module rules)
+    await _release_discounts(session, order, acting, reason=reason, now=now)
+
+
+async def _has_open_payment(session: AsyncSession, order_id: int) -> bool:
+    """Whether an online payment of the order may still succeed (module rules)."""
+    found = await session.scalar(
+        select(Payment.id)
+        .where(
+            Payment.order_id == order_id,
+            Payment.provider == STRIPE,
+            Payment.status.in_(OPEN_PAYMENT_STATUSES),
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
+async def _release_discounts(
+    session: AsyncSession, order: Order, acting: Principal, *, reason: str, now: datetime
+) -> None:
+    """No payment may come any more: open attempts canceled, codes and budgets back."""
     await session.execute(
         update(Payment)
-        .where(
-            Payment.order_id == order.id,
-            Payment.status.in_([PaymentStatus.PENDING, PaymentStatus.FAILED]),
-        )
+        .where(Payment.order_id == order.id, Payment.status.in_(OPEN_PAYMENT_STATUSES))
         .values(status=PaymentStatus.CANCELED, updated_at=now)
     )
+    await _give_back_codes_and_budgets(session, order, acting, reason=reason, now=now)
+
+
+async def _has_limited_discounts(session: AsyncSession, order: Order) -> bool:
+    """Whether the order's price used something counted: a code's use, a rule budget."""
+    if any(int(spent) > 0 for spent in json.loads(order.breakdown).get("rule_spend", {}).values()):
+        return True
+    redeemed = await session.scalar(
+        select(Redemption.id)
+        .where(Redemption.org_id == order.org_id, Redemption.order_ref == f"order:{order.id}")
+        .limit(1)
+    )
+    return redeemed is not None
+
+
+def session_expiry(held_until: datetime, started_at: datetime) -> datetime:
+    """When a Checkout Session started at `started_at` stops taking money: the order's
+    hold end, within the provider's bounds (30 min to 24 h ahead)."""
+    return min(max(held_until, started_at + SESSION_MIN), started_at + SESSION_MAX)
 
 
 async def _give_back_codes_and_budgets(
@@ -244,13 +312,98 @@ async def expire_due(db: Database, now: datetime) -> int:
             await _end_unsold(
                 session, order, OrderStatus.EXPIRED, reason="hold_expired",
                 message="The reservation ended before the payment arrived.",
-                acting=_system(org_id), now=now,
+                acting=_system(org_id), now=now, keep_discounts_while_payment_open=True,
             )  # fmt: skip
             return True
 
         if await db.in_transaction(expire):
             expired += 1
     return expired
+
+
+async def release_lapsed_payments(db: Database, now: datetime) -> int:
+    """Give back the codes and budget spend of expired orders whose open payments can no
+    longer come (their session ended `LAPSE_GRACE` ago, and Stripe never said it awaits an
+    asynchronous outcome); the number of orders released. Safe to run anywhere, any
+    number of times: the order row lock decides, and only the last open payment's end
+    releases."""
+    awaiting = (
+        select(ProviderEvent.id)
+        .where(
+            ProviderEvent.provider == STRIPE,
+            ProviderEvent.object_ref == Payment.provider_ref,
+            ProviderEvent.outcome == "awaiting_payment",
+        )
+        .exists()
+    )
+    async with db.reader() as session:
+        candidates = list(
+            (
+                await session.execute(
+                    select(Order.id, Order.org_id, Order.price_held_until, Payment.created_at)
+                    .join(Payment, Payment.order_id == Order.id)
+                    .where(
+                        Order.status == OrderStatus.EXPIRED,
+                        Payment.provider == STRIPE,
+                        Payment.status.in_(OPEN_PAYMENT_STATUSES),
+                        # No session lives less than SESSION_MIN: a cheap first cut.
+                        Payment.created_at <= now - SESSION_MIN - LAPSE_GRACE,
+                        ~(awaiting & (Payment.status == PaymentStatus.PENDING)),
+                    )
+                    .order_by(Order.id)
+                    .limit(EXPIRE_BATCH)
+                )
+            ).tuples()
+        )
+    lapsed: dict[int, int] = {}
+    for order_id, org_id, held_until, started_at in candidates:
+        if session_expiry(held_until, started_at) + LAPSE_GRACE <= now:
+            lapsed[order_id] = org_id
+    released = 0
+    for order_id, org_id in lapsed.items():
+
+        async def release(
+            session: AsyncSession, order_id: int = order_id, org_id: int = org_id
+        ) -> bool:
+            order = await _lock_order(session, org_id, order_id)
+            if order.status != OrderStatus.EXPIRED or not await _has_open_payment(
+                session, order.id
+            ):
+                return False  # paid, or released, meanwhile
+            open_payments = list(
+                await session.scalars(
+                    select(Payment)
+                    .where(
+                        Payment.order_id == order.id,
+                        Payment.status.in_(OPEN_PAYMENT_STATUSES),
+                    )
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
+                )
+            )
+            for payment in open_payments:
+                if session_expiry(order.price_held_until, payment.created_at) + LAPSE_GRACE > now:
+                    return False  # another attempt may still be paid
+                if payment.status == PaymentStatus.PENDING and payment.provider_ref:
+                    waiting = await session.scalar(
+                        select(ProviderEvent.id)
+                        .where(
+                            ProviderEvent.provider == STRIPE,
+                            ProviderEvent.object_ref == payment.provider_ref,
+                            ProviderEvent.outcome == "awaiting_payment",
+                        )
+                        .limit(1)
+                    )
+                    if waiting is not None:
+                        return False  # an asynchronous method: its outcome will come
+            await _release_discounts(
+                session, order, _system(org_id), reason="payment_lapsed", now=now
+            )
+            return True
+
+        if await db.in_transaction(release):
+            released += 1
+    return released
 
 
 # ---------------------------------------------------------------- paid
@@ -263,10 +416,19 @@ async def _record_paid(order: Order, now: datetime) -> None:
 
 
 async def settle_paid(
-    session: AsyncSession, order: Order, payment: Payment, *, actor: str, now: datetime
+    session: AsyncSession,
+    order: Order,
+    payment: Payment,
+    *,
+    discounts_held: bool,
+    actor: str,
+    now: datetime,
 ) -> Settled:
     """A payment succeeded (its row already says so): sell the units, or give the money
-    back when they are gone (see the module rules). The order row is locked."""
+    back when they are gone or the order's discounts were given back (see the module
+    rules). `discounts_held`: the order still counted its codes and budget spend when the
+    payment came (`_discounts_held`, read before this payment's row changed). The order
+    row is locked."""
     status = OrderStatus(order.status)
     if status in SOLD_STATUSES or status is OrderStatus.REFUNDED:
         # The order was paid by another payment (or refunded since): this money goes back.
@@ -277,6 +439,13 @@ async def settle_paid(
         session.add(refund)
         await session.flush()
         return Settled("refunded_duplicate_payment", order.id, order.org_id, [refund.id])
+    if not discounts_held and await _has_limited_discounts(session, order):
+        # The price counted a code's use (or a budget) given back since: it may be someone
+        # else's now, so this price is no longer on offer. The money goes back.
+        return await _refund_all(
+            session, order, payment, reason=DISCOUNT_RELEASED, message=DISCOUNT_RELEASED_MESSAGE,
+            note="paid after the order ended; its discount was given back", actor=actor, now=now,
+        )  # fmt: skip
     if await take_units(session, order, now):
         await _record_paid(order, now)
         if status is not OrderStatus.PENDING:
@@ -291,18 +460,48 @@ async def settle_paid(
             session, order, OrderStatus.EXPIRED, reason=SOLD_OUT_AFTER_EXPIRY,
             message=SOLD_OUT_MESSAGE, acting=_system(order.org_id), now=now,
         )  # fmt: skip
+    elif discounts_held:  # ended with a payment open: its discounts are free now
+        await _release_discounts(
+            session, order, _system(order.org_id), reason=SOLD_OUT_AFTER_EXPIRY, now=now
+        )
+    return await _refund_all(
+        session, order, payment, reason=SOLD_OUT_AFTER_EXPIRY, message=SOLD_OUT_MESSAGE,
+        note="paid after the reservation ended; sold out", actor=actor, now=now,
+    )  # fmt: skip
+
+
+async def _refund_all(
+    session: AsyncSession,
+    order: Order,
+    payment: Payment,
+    *,
+    reason: str,
+    message: str,
+    note: str,
+    actor: str,
+    now: datetime,
+) -> Settled:
+    """An ended order that cannot be sold at this payment: `refunded`, all of it back."""
     order.status = ORDER_LIFECYCLE.check(OrderStatus(order.status), OrderStatus.REFUNDED)
-    order.status_reason = SOLD_OUT_AFTER_EXPIRY
-    order.status_message = SOLD_OUT_MESSAGE
+    order.status_reason = reason
+    order.status_message = message
     order.ended_at = now
     order.refunded_minor = order.refunded_minor + payment.amount_minor
     refund = _refund_row(
-        order, payment, payment.amount_minor, reason=SOLD_OUT_AFTER_EXPIRY,
-        note="paid after the reservation ended; sold out", actor=actor, now=now,
-    )  # fmt: skip
+        order, payment, payment.amount_minor, reason=reason, note=note, actor=actor, now=now
+    )
     session.add(refund)
     await session.flush()
-    return Settled("refunded_sold_out", order.id, order.org_id, [refund.id])
+    outcome = "refunded_sold_out" if reason == SOLD_OUT_AFTER_EXPIRY else f"refunded_{reason}"
+    return Settled(outcome, order.id, order.org_id, [refund.id])
+
+
+async def _discounts_held(session: AsyncSession, order: Order) -> bool:
+    """Whether the order still counts its codes' uses and budget spend: pending, or
+    ended while a payment was open (module rules). Read before a payment's row changes."""
+    if order.status == OrderStatus.PENDING:
+        return True
+    return order.status == OrderStatus.EXPIRED and await _has_open_payment(session, order.id)
 
 
 async def mark_paid_at_lane(
@@ -391,6 +590,9 @@ async def start_online_payment(
         success_url=view,
         cancel_url=view,
         customer_email=order.receipt_email,
+        # The page stops taking money when the hold ends (within the provider's bounds), so
+        # a payment's lapse is known and its codes can be given back (module rules).
+        expires_at=session_expiry(order.price_held_until, now),
     )
     started = await provider.start(request, idempotency_key=f"order-{order.id}-pay-{attempts + 1}")
     async with db.transaction() as session:
@@ -540,6 +742,8 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
     payment = await _payment_of(session, event, order, lock=True)
     if payment is not None and payment.order_id != order.id:
         return Settled("payment_of_another_order", order.id, order.org_id)
+    # Read before this payment's row changes (or is made): see `settle_paid`.
+    discounts_held = kind == "succeeded" and await _discounts_held(session, order)
     if payment is None:
         if kind != "succeeded":
             return Settled(f"{kind}_without_payment", order.id, order.org_id)
@@ -571,7 +775,9 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
             return Settled("already_succeeded", order.id, order.org_id)
         payment.status = PAYMENT_LIFECYCLE.check(current, PaymentStatus.SUCCEEDED)
         payment.updated_at = now
-        return await settle_paid(session, order, payment, actor="stripe", now=now)
+        return await settle_paid(
+            session, order, payment, discounts_held=discounts_held, actor="stripe", now=now
+        )
     target = PaymentStatus.FAILED if kind == "failed" else PaymentStatus.CANCELED
     if current is target and kind == "failed":
         pass  # a later failure of the same attempt: keep its newest reason
@@ -585,6 +791,14 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
         if event.decline_code and event.decline_code != payment.failure_code:
             message = f"{message} ({event.decline_code})".strip()
         payment.failure_message = message[:300] or None
+    elif order.status == OrderStatus.EXPIRED:
+        await session.flush()
+        if not await _has_open_payment(session, order.id):
+            # The last payment that could come will not: the discounts are free again.
+            await _give_back_codes_and_budgets(
+                session, order, _system(order.org_id), reason="payment_expired", now=now
+            )
+            return Settled("payment_canceled_discount_released", order.id, order.org_id)
     return Settled(f"payment_{target.value}", order.id, order.org_id)
 
 
