@@ -5,7 +5,7 @@ the new price."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +16,7 @@ from tests.commerce.helpers import hold, make_shop, placed
 from tests.commerce.test_checkout_pages import hold_link
 from tests.conftest import Tenant
 from tests.events.helpers import Shop
-from tests.events.test_pages import HTML
+from tests.events.test_pages import HTML, login, submit
 
 
 async def set_price(
@@ -104,3 +104,22 @@ async def test_a_product_with_a_price_history_and_no_holds_can_be_removed(
         f"/api/v1/products/{shop.product_id}", headers=tenant.headers
     )
     assert response.status_code == 204, response.text
+
+
+async def test_a_raise_on_the_host_edit_page_keeps_the_held_price(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=5)
+    held = await hold(app_client, tenant, shop)
+    await login(app_client, ctx, tenant, "owner")
+    edit = f"/events/{shop.event_id}/products/{shop.product_id}/edit"
+    saved = await submit(
+        app_client, edit, edit, {"title": "Tote bag", "price": "20.00", "currency": "EUR"}
+    )
+    assert saved.status_code == 303
+    assert (await quoted(app_client, tenant, held))["total_minor"] == 1500
+    # The edit page stamps the change with the system clock (the app's clock in
+    # production): a hold taken after it, on that clock, pays the new price.
+    clock.set(datetime.now(UTC) + timedelta(seconds=1))
+    later = await hold(app_client, tenant, shop)
+    assert (await quoted(app_client, tenant, later))["total_minor"] == 2000
