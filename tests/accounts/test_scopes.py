@@ -1,5 +1,5 @@
 """Scopes: events and RSVPs have their own, tokens made before the split keep working,
-and the partner role (no scope yet) still logs in."""
+and the partner role (orders of its own events only) still logs in."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def test_roles_give_the_event_and_rsvp_scopes_to_owner_and_host_only() -> None:
     for role in ("owner", "host"):
         assert accounts.ROLES[role] >= NEW_SCOPES
     assert not accounts.ROLES["volunteer"] & NEW_SCOPES
-    assert accounts.ROLES["partner"] == frozenset()
+    # A partner reads orders (commerce filters them to the events it partners), no more.
+    assert accounts.ROLES["partner"] == frozenset({"orders:read"})
     assert "reports:read" not in accounts.SCOPES
 
 
@@ -180,7 +181,7 @@ async def _login(client: httpx.AsyncClient, ctx: AppContext, org_id: int, role: 
     assert (await client.post("/login", data=form, headers=HTML)).status_code == 303
 
 
-async def test_partner_with_no_scope_logs_in_and_sees_no_event_page(
+async def test_partner_logs_in_and_sees_no_event_page(
     app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
 ) -> None:
     await _login(app_client, ctx, tenant.org_id, "partner")

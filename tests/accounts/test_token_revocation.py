@@ -141,12 +141,11 @@ def test_token_create_needs_a_role_or_a_scope(tmp_path: Path) -> None:
         assert nothing.returncode == 2 and "at least one scope" in nothing.stderr
         wrong = server.cli("token", "create", "--org", "roles", "--name", "x", "--role=boss")
         assert wrong.returncode == 2 and "owner" in wrong.stderr
-        partner = server.cli(
-            "token", "create", "--org", "roles", "--name", "p", "--role", "partner"
-        )
-        assert partner.returncode == 2 and "at least one scope" in partner.stderr
+        _, partner = created_token(server, "--org", "roles", "--name", "p", "--role", "partner")
+        scopes = httpx.get(f"{server.base_url}/api/v1/me", headers=bearer(partner), timeout=10)
+        assert scopes.json()["scopes"] == ["orders:read"]  # a partner's token reads orders
         _, both = created_token(
             server, "--org", "roles", "--name", "v", "--role", "volunteer", "--scope", "chat:read"
         )
         scopes = httpx.get(f"{server.base_url}/api/v1/me", headers=bearer(both), timeout=10)
-        assert set(scopes.json()["scopes"]) == {"checkin", "chat:read"}
+        assert set(scopes.json()["scopes"]) == {"checkin", "orders:pickup", "chat:read"}
