@@ -33,6 +33,7 @@ from tests.commerce.helpers import (
     stock_row,
 )
 from tests.conftest import SECRET, Tenant, issue
+from tests.events.helpers import post
 
 
 @pytest.fixture
@@ -512,3 +513,65 @@ async def test_a_payment_after_the_code_was_given_back_is_refunded_not_sold_chea
         "sold": 0,
         "available": 4,
     }  # fmt: skip  (nothing sold to the refunded order)
+
+
+async def test_a_rule_budget_stays_spent_while_a_late_payment_may_come(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=10)
+    rule = await post(
+        app_client, tenant, f"/api/v1/events/{shop.event_id}/price-rules",
+        {"name": "Two or more", "kind": "min_quantity",
+         "params": {"min_qty": 2, "percent": 10}, "budget_minor": 300},
+    )  # fmt: skip
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop, qty=2)],
+        payment_method="stripe",
+    )  # fmt: skip
+    assert order["breakdown"]["rule_spend"] == {str(rule["id"]): 300}
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    clock.advance(timedelta(seconds=601))
+    assert await settlement.expire_due(ctx.db, clock.now()) >= 1
+    # The budget is not handed to the next buyer while the first may still pay.
+    nxt = await placed(app_client, tenant, [await hold(app_client, tenant, shop, qty=2)])
+    assert nxt["discount_minor"] == 0
+
+    await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    late = await get_order(app_client, tenant, order["id"])
+    assert (late["status"], late["total_minor"]) == ("paid", 2700)
+    rules = await app_client.get(
+        f"/api/v1/events/{shop.event_id}/price-rules", headers=tenant.headers
+    )
+    assert rules.json()[0]["budget_spent_minor"] == 300  # never more than its budget
+
+
+async def test_a_late_payment_after_a_sell_out_gives_the_kept_code_back(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    clock: FrozenClock,
+    sandbox: StripeSandbox,
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=1)
+    batch, [code] = await issue(app_client, tenant, discount_kind="percent", discount_value=10)
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[code],
+        payment_method="stripe",
+    )  # fmt: skip
+    session_id, _ = await start_payment(app_client, tenant, order["id"])
+    clock.advance(timedelta(seconds=601))
+    assert await settlement.expire_due(ctx.db, clock.now()) >= 1
+    await hold(app_client, tenant, shop)  # someone else takes the only unit
+    assert await code_status(app_client, tenant, code) == "exhausted"  # still kept
+
+    answers = await deliver(app_client, sandbox, await sandbox.pay(session_id))
+    assert answers[0]["outcome"] == "refunded_sold_out"
+    final = await get_order(app_client, tenant, order["id"])
+    assert (final["status"], final["refunded_minor"]) == ("refunded", 1350)
+    # No payment can come any more: the code is free for the next customer.
+    assert await code_status(app_client, tenant, code) == "valid"
+    assert await live_uses(ctx, batch["id"]) == 0
