@@ -34,7 +34,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
-from popdrop.core.clock import SystemClock
 from popdrop.core.errors import PopdropError
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Lane, PickupWindow, TimeSlot
@@ -209,7 +208,7 @@ async def update_product(
     product_id: int,
     spec: ProductUpdate,
     *,
-    now: datetime | None = None,
+    now: datetime,
 ) -> ProductOut:
     """Edit the card. A new price keeps the old one in `product_prices` (in effect until
     `now`), so units held before the change keep the price their holder saw."""
@@ -223,7 +222,7 @@ async def update_product(
                 org_id=product.org_id,
                 product_id=product.id,
                 price_minor=price_before,
-                until=now if now is not None else SystemClock().now(),
+                until=now,
             )
         )
         await session.flush()

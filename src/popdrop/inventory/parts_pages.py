@@ -108,6 +108,19 @@ def _parse_product(form: Form, event: Event) -> BaseModel | None:
     return form.build(ProductUpdate, card_fields(form), {"price_minor": "price"})
 
 
+Update = Callable[[AsyncSession, Principal, int, Any], Awaitable[object]]
+
+
+def _untimed(update: Update) -> Callable[..., Awaitable[object]]:
+    return lambda session, principal, part_id, spec, _now: update(session, principal, part_id, spec)
+
+
+def _timed(update: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+    return lambda session, principal, part_id, spec, now: update(
+        session, principal, part_id, spec, now=now
+    )
+
+
 @dataclass(frozen=True)
 class Kind:
     noun: str
@@ -115,7 +128,8 @@ class Kind:
     load: Callable[[AsyncSession, int, int, int], Awaitable[Any]]
     values: Callable[[Any, Event], dict[str, str]]
     parse: Callable[[Form, Event], BaseModel | None]
-    update: Callable[[AsyncSession, Principal, int, Any], Awaitable[object]]
+    # (session, principal, id, spec, now): the app's clock times a change (a new price).
+    update: Callable[[AsyncSession, Principal, int, Any, datetime], Awaitable[object]]
     remove: Callable[[AsyncSession, Principal, int], Awaitable[object]]
     anchor: str  # the workspace section to go back to
 
@@ -125,26 +139,26 @@ KINDS = {
         "slot", parts.EVENTS_WRITE,
         _loader(TimeSlot, "slot of this event", lambda e: TimeSlot.event_id == e),
         _slot_values, _parse_slot,
-        parts.update_slot, parts.remove_slot, "slots",
+        _untimed(parts.update_slot), parts.remove_slot, "slots",
     ),
     "lanes": Kind(
         "lane", parts.EVENTS_WRITE,
         _loader(Lane, "lane of this event", lambda e: Lane.event_id == e),
         lambda lane, _e: {"name": lane.name, "pickup_point": lane.pickup_point},
-        _parse_lane, parts.update_lane, parts.remove_lane, "lanes",
+        _parse_lane, _untimed(parts.update_lane), parts.remove_lane, "lanes",
     ),
     "windows": Kind(
         "pickup window", parts.EVENTS_WRITE,
         _loader(PickupWindow, "pickup window of this event", lambda e: PickupWindow.lane_id.in_(
             select(Lane.id).where(Lane.event_id == e))),
         lambda window, _e: {"capacity": str(window.capacity)},
-        _parse_window, parts.update_window, parts.remove_window, "lanes",
+        _parse_window, _untimed(parts.update_window), parts.remove_window, "lanes",
     ),
     "products": Kind(
         "product", parts.INVENTORY_WRITE,
         _loader(Product, "product of this event", lambda e: Product.event_id == e),
         _product_values, _parse_product,
-        parts.update_product, parts.remove_product, "products",
+        _timed(parts.update_product), parts.remove_product, "products",
     ),
 }  # fmt: skip
 
@@ -247,7 +261,8 @@ async def part_edit(
         )
     return await _apply(
         request, ctx, principal, event_id, kind_name, part_id, form,
-        lambda session: kind.update(session, principal, part_id, spec), "edited",
+        lambda session: kind.update(session, principal, part_id, spec, ctx.clock.now()),
+        "edited",
     )  # fmt: skip
 
 
