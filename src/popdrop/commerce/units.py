@@ -57,34 +57,70 @@ _UNIT_COLUMNS = (
 )  # fmt: skip
 
 
+# The statements of the checkout's hot path are built once, with bind parameters: building
+# a statement and its SQLAlchemy cache key costs ~0.2-0.4 ms of CPU per call, more than
+# executing it; a module-level statement memoizes its cache key.
+_UNITS_OF = (
+    select(*_UNIT_COLUMNS)
+    .where(_holds.c.id.in_(bindparam("hold_ids", expanding=True)))
+    .order_by(_holds.c.id)
+)
+_UNITS_OF_LOCKED = _UNITS_OF.with_for_update()
+_UNITS_OF_ORDER = (
+    select(*_UNIT_COLUMNS)
+    .join(_lines, _lines.c.hold_id == _holds.c.id)
+    .where(_lines.c.order_id == bindparam("order_id"))
+    .order_by(_holds.c.id)
+    .with_for_update(of=_holds)
+)
+_END_ACTIVE = (
+    update(_holds)
+    .where(_holds.c.id == bindparam("the_hold_id"), _holds.c.status == HoldStatus.ACTIVE)
+    .values(status=bindparam("new_status"), ended_at=bindparam("the_ended_at"))
+    .returning(_holds.c.id)
+)
+_SELL = (
+    update(_stock)
+    .where(_stock.c.id == bindparam("the_stock_id"))
+    .values(held=_stock.c.held - bindparam("qty"), sold=_stock.c.sold + bindparam("qty"))
+)
+_GIVE_BACK = (
+    update(_stock)
+    .where(_stock.c.id == bindparam("the_stock_id"))
+    .values(held=_stock.c.held - bindparam("qty"))
+)
+_RETURN_SOLD = (
+    update(_stock)
+    .where(_stock.c.id == bindparam("the_stock_id"))
+    .values(sold=_stock.c.sold - bindparam("qty"))
+)
+_WINDOW_GIVE_BACK = (
+    update(_windows)
+    .where(
+        _windows.c.lane_id == bindparam("the_lane_id"),
+        _windows.c.slot_id == bindparam("the_slot_id"),
+    )
+    .values(taken=_windows.c.taken - bindparam("qty"))
+)
+
+
 async def units_of(session: AsyncSession, hold_ids: Sequence[int], *, lock: bool) -> list[Unit]:
     """The holds of an order in id order (the lock order), locked when asked."""
-    query = select(*_UNIT_COLUMNS).where(_holds.c.id.in_(list(hold_ids))).order_by(_holds.c.id)
-    if lock:
-        query = query.with_for_update()
-    rows = (await session.execute(query)).all()
+    query = _UNITS_OF_LOCKED if lock else _UNITS_OF
+    rows = (await session.execute(query, {"hold_ids": list(hold_ids)})).all()
     return [Unit(*row) for row in rows]
 
 
 async def units_of_order(session: AsyncSession, order_id: int) -> list[Unit]:
     """The holds of an order's lines, locked, in id order (one round trip)."""
-    query = (
-        select(*_UNIT_COLUMNS)
-        .join(_lines, _lines.c.hold_id == _holds.c.id)
-        .where(_lines.c.order_id == order_id)
-        .order_by(_holds.c.id)
-        .with_for_update(of=_holds)
-    )
-    return [Unit(*row) for row in (await session.execute(query)).all()]
+    rows = (await session.execute(_UNITS_OF_ORDER, {"order_id": order_id})).all()
+    return [Unit(*row) for row in rows]
 
 
 async def _end_active(conn: AsyncConnection, unit: Unit, status: HoldStatus, now: datetime) -> bool:
     """Move an active hold to `status`; False when it was not active any more."""
     moved = await conn.execute(
-        update(_holds)
-        .where(_holds.c.id == unit.hold_id, _holds.c.status == HoldStatus.ACTIVE)
-        .values(status=status, ended_at=now)
-        .returning(_holds.c.id)
+        _END_ACTIVE, {"the_hold_id": unit.hold_id, "new_status": status, "the_ended_at": now}
     )
     return moved.first() is not None
 
@@ -102,14 +138,10 @@ async def convert_active(session: AsyncSession, units: Sequence[Unit], now: date
     for unit in units:
         if not await _end_active(conn, unit, HoldStatus.CONVERTED, now):
             raise AssertionError("a locked active hold changed under us")
-        sell = (
-            update(_stock)
-            .where(_stock.c.id == unit.stock_id)
-            .values(held=_stock.c.held - unit.qty, sold=_stock.c.sold + unit.qty)
-        )
+        sell = {"the_stock_id": unit.stock_id, "qty": unit.qty}
 
-        async def write(sell: Any = sell) -> None:
-            await conn.execute(sell)
+        async def write(sell: dict[str, Any] = sell) -> None:
+            await conn.execute(_SELL, sell)
 
         if not defer_write(session, (CAPACITY_WRITE_ORDER, unit.stock_id), write):
             await write()
@@ -126,9 +158,7 @@ async def release_active(
         if not await _end_active(conn, unit, status, now):
             continue
         released += 1
-        await conn.execute(
-            update(_stock).where(_stock.c.id == unit.stock_id).values(held=_stock.c.held - unit.qty)
-        )
+        await conn.execute(_GIVE_BACK, {"the_stock_id": unit.stock_id, "qty": unit.qty})
         if unit.slot_id is not None:
             await _window_give_back(conn, unit)
     return released
@@ -137,18 +167,15 @@ async def release_active(
 async def return_sold(conn: AsyncConnection, units: Sequence[Unit]) -> None:
     """Put sold units back on sale (a full refund before pickup)."""
     for unit in units:
-        await conn.execute(
-            update(_stock).where(_stock.c.id == unit.stock_id).values(sold=_stock.c.sold - unit.qty)
-        )
+        await conn.execute(_RETURN_SOLD, {"the_stock_id": unit.stock_id, "qty": unit.qty})
         if unit.slot_id is not None:
             await _window_give_back(conn, unit)
 
 
 async def _window_give_back(conn: AsyncConnection, unit: Unit) -> None:
     await conn.execute(
-        update(_windows)
-        .where(_windows.c.lane_id == unit.lane_id, _windows.c.slot_id == unit.slot_id)
-        .values(taken=_windows.c.taken - unit.qty)
+        _WINDOW_GIVE_BACK,
+        {"the_lane_id": unit.lane_id, "the_slot_id": unit.slot_id, "qty": unit.qty},
     )
 
 
