@@ -32,9 +32,7 @@ MIGRATION = (
 )
 
 
-LATER_TABLES = frozenset(
-    {"notifications", "voucher_issue_jobs", "orders", "payments", "refunds"}
-)
+LATER_TABLES = frozenset({"notifications", "voucher_issue_jobs", "orders", "payments", "refunds"})
 
 
 def _migration() -> ModuleType:

@@ -161,7 +161,8 @@ def upgrade() -> None:
             "source IN ('chat', 'web', 'lane', 'api')", name=op.f("ck_orders_source")
         ),
         sa.CheckConstraint(
-            "status IN ('pending', 'paid', 'ready', 'picked_up', 'cancelled', 'expired', 'refunded')",
+            "status IN ('pending', 'paid', 'ready', 'picked_up', 'cancelled', 'expired', "
+            "'refunded')",
             name=op.f("ck_orders_status"),
         ),
         sa.ForeignKeyConstraint(
