@@ -5,18 +5,42 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from popdrop.commerce.payments import PaymentRequest, PaymentStart, RefundResult
-from popdrop.commerce.stripe_sandbox import SandboxEvent, StripeSandbox
-from tests.conftest import Tenant
+from popdrop.commerce.stripe_sandbox import (
+    SANDBOX_API_KEY,
+    SANDBOX_WEBHOOK_SECRET,
+    SandboxEvent,
+    StripeSandbox,
+)
+from popdrop.core.config import Settings
+from tests.conftest import SECRET, Tenant
 from tests.events.helpers import Shop, make_shop
 
 WEBHOOK = "/api/v1/payments/stripe/webhook"
 
 __all__ = ["Shop", "make_shop"]
+
+
+def sandbox_settings(database_url: str, tmp_path: Path, sandbox: StripeSandbox) -> Settings:
+    """Test settings whose Stripe is the sandbox (for a module's `settings` fixture)."""
+    assert sandbox.base_url
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        secret_key=SECRET,
+        log_requests=False,
+        log_level="WARNING",
+        redis_url=None,
+        stripe_secret_key=SANDBOX_API_KEY,
+        stripe_api_base=sandbox.base_url,
+        stripe_webhook_secrets=SANDBOX_WEBHOOK_SECRET,
+        _env_file=None,  # type: ignore[call-arg]
+    )
 
 
 async def hold(

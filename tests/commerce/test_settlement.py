@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from popdrop.commerce import settlement
-from popdrop.commerce.stripe_sandbox import SANDBOX_API_KEY, SANDBOX_WEBHOOK_SECRET, StripeSandbox
+from popdrop.commerce.stripe_sandbox import StripeSandbox
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.outbound.outbox import Notification
@@ -29,10 +29,11 @@ from tests.commerce.helpers import (
     make_shop,
     place,
     placed,
+    sandbox_settings,
     start_payment,
     stock_row,
 )
-from tests.conftest import SECRET, Tenant, issue
+from tests.conftest import Tenant, issue
 from tests.events.helpers import post
 
 
@@ -45,19 +46,7 @@ async def sandbox(clock: FrozenClock) -> AsyncIterator[StripeSandbox]:
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path, sandbox: StripeSandbox) -> Settings:
-    assert sandbox.base_url
-    return Settings(
-        data_dir=tmp_path,
-        database_url=database_url,
-        secret_key=SECRET,
-        log_requests=False,
-        log_level="WARNING",
-        redis_url=None,
-        stripe_secret_key=SANDBOX_API_KEY,
-        stripe_api_base=sandbox.base_url,
-        stripe_webhook_secrets=SANDBOX_WEBHOOK_SECRET,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    return sandbox_settings(database_url, tmp_path, sandbox)
 
 
 async def receipts_of(ctx: AppContext, order_id: int) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 from popdrop.accounts.service import system_principal
 from popdrop.commerce import settlement
 from popdrop.commerce import tasks as commerce_tasks
-from popdrop.commerce.stripe_sandbox import SANDBOX_API_KEY, SANDBOX_WEBHOOK_SECRET, StripeSandbox
+from popdrop.commerce.stripe_sandbox import StripeSandbox
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.web.context import AppContext
@@ -27,10 +27,11 @@ from tests.commerce.helpers import (
     hold,
     make_shop,
     placed,
+    sandbox_settings,
     start_payment,
     stock_row,
 )
-from tests.conftest import SECRET, Tenant
+from tests.conftest import Tenant
 
 
 @pytest.fixture
@@ -42,19 +43,7 @@ async def sandbox(clock: FrozenClock) -> AsyncIterator[StripeSandbox]:
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path, sandbox: StripeSandbox) -> Settings:
-    assert sandbox.base_url
-    return Settings(
-        data_dir=tmp_path,
-        database_url=database_url,
-        secret_key=SECRET,
-        log_requests=False,
-        log_level="WARNING",
-        redis_url=None,
-        stripe_secret_key=SANDBOX_API_KEY,
-        stripe_api_base=sandbox.base_url,
-        stripe_webhook_secrets=SANDBOX_WEBHOOK_SECRET,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    return sandbox_settings(database_url, tmp_path, sandbox)
 
 
 async def post_signed(
