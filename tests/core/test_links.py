@@ -36,6 +36,7 @@ def test_purpose_strings_never_change() -> None:
         "CONSENT_CONFIRM": "consent-confirm",
         "PREFERENCES": "preferences",
         "DROP_CLICK": "drop-click",
+        "ORDER_VIEW": "order-view",
     }
 
 
