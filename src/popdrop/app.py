@@ -189,6 +189,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     _install_health(app)
     _install_docs(app)
 
+    from popdrop.attribution.api import public_router as attribution_public
+    from popdrop.attribution.api import router as attribution_api
     from popdrop.audience.api import router as audience_api
     from popdrop.audience.pages import public_router as audience_public_pages
     from popdrop.audience.pages import router as audience_pages
@@ -217,6 +219,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.inventory.api import router as inventory_api
     from popdrop.inventory.pages import router as event_pages
     from popdrop.inventory.parts_pages import router as part_pages
+    from popdrop.partners.api import public_router as partners_public
+    from popdrop.partners.api import router as partners_api
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.rsvp.pages import router as rsvp_pages
     from popdrop.usecases.guest_list_pages import router as guest_pages
@@ -252,6 +256,10 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         stripe_webhook,
         checkout_pages,
         order_pages,
+        attribution_api,
+        attribution_public,
+        partners_api,
+        partners_public,
         privacy_api,
         privacy_pages,
         guest_pages,

@@ -14,6 +14,7 @@ from popdrop.core.db import Base
 
 def target_metadata() -> MetaData:
     import popdrop.accounts.models
+    import popdrop.attribution.models
     import popdrop.audience.models
     import popdrop.chat.models
     import popdrop.checkin.models
@@ -25,6 +26,7 @@ def target_metadata() -> MetaData:
     import popdrop.inventory.models
     import popdrop.outbound.models
     import popdrop.outbound.outbox
+    import popdrop.partners.models
     import popdrop.rsvp.models
     import popdrop.vouchers.models  # noqa: F401
 

@@ -1,0 +1,8 @@
+"""REST API and public routes of the attribution domain (filled in by the issue-17 change)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
+public_router = APIRouter()

@@ -1,0 +1,2 @@
+"""Partners: local partners, their tills (POS) and the sales they report under the
+pos.sale.v1 contract."""
