@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -174,3 +174,15 @@ async def assign_staff(
     except IntegrityError as exc:
         raise PopdropError("conflict", "this person is already on the event's staff") from exc
     return staff
+
+
+def partners_of(principal: Principal) -> Select[tuple[int]]:
+    """The ids of the partner rows a partner login stands for: those naming its email.
+
+    One rule for every domain that shows a partner its own data (orders, POS sales,
+    codes, links, reports); a subquery, so callers filter with `.in_(partners_of(p))`.
+    """
+    email = principal.actor.split(":", 1)[1] if ":" in principal.actor else principal.actor
+    return select(Partner.id).where(
+        Partner.org_id == principal.org_id, func.lower(Partner.contact_email) == email.lower()
+    )
