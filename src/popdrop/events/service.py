@@ -176,7 +176,7 @@ async def assign_staff(
     return staff
 
 
-def partners_of(principal: Principal) -> Select[tuple[int]]:
+def partners_of(principal: Principal) -> Select[int]:
     """The ids of the partner rows a partner login stands for: those naming its email.
 
     One rule for every domain that shows a partner its own data (orders, POS sales,
