@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test worker processes (pytest-xdist); each gets its own PostgreSQL database and Redis index.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test bench lint venv clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/popdrop demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

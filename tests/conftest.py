@@ -32,6 +32,52 @@ SECRET = "test-secret-key-" + "k" * 40
 _slugs = itertools.count(1)
 
 
+def _own_worker_services() -> None:
+    """Under pytest-xdist (`make test` runs several workers) each worker gets its own
+    PostgreSQL database (`<test database>_<worker>`, created if missing) and its own Redis
+    database index, so one worker's schema reset never pulls the tables from under
+    another. Rewrites the environment, so servers the tests start inherit it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or os.environ.get("POPDROP_TEST_WORKER_SERVICES") == worker:
+        return
+    os.environ["POPDROP_TEST_WORKER_SERVICES"] = worker
+    number = int(worker.removeprefix("gw") or 0)
+    raw = os.environ.get("POPDROP_TEST_DATABASE_URL")
+    if raw:
+        import asyncio
+
+        import asyncpg
+        from sqlalchemy.engine import make_url
+
+        base = make_url(raw)
+        name = f"{base.database}_{worker}"
+        admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        async def create() -> None:
+            connection = await asyncpg.connect(admin)
+            try:
+                if not await connection.fetchval(
+                    "SELECT 1 FROM pg_database WHERE datname = $1", name
+                ):
+                    await connection.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await connection.close()
+
+        asyncio.run(create())
+        os.environ["POPDROP_TEST_DATABASE_URL"] = base.set(database=name).render_as_string(
+            hide_password=False
+        )
+    redis = os.environ.get("POPDROP_TEST_REDIS_URL")
+    if redis:
+        head, _, index = redis.rstrip("/").rpartition("/")
+        if not index.isdigit():
+            head, index = redis.rstrip("/"), "0"
+        os.environ["POPDROP_TEST_REDIS_URL"] = f"{head}/{(int(index) + 1 + number) % 16}"
+
+
+_own_worker_services()
+
+
 def postgres_url() -> str | None:
     raw = os.environ.get("POPDROP_TEST_DATABASE_URL")
     if not raw:
