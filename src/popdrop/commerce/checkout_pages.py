@@ -66,6 +66,7 @@ from popdrop.inventory.models import Hold, Product, Variant
 from popdrop.inventory.schemas import HoldCreate
 from popdrop.rsvp.api import public_guarded
 from popdrop.web.auth import check_csrf
+from popdrop.web.clicks import click_ids_of, remember_click
 from popdrop.web.context import AppContext, client_address, get_ctx, route_of
 from popdrop.web.pagekit import is_htmx
 from popdrop.web.params import Ctx, ItemId
@@ -328,7 +329,9 @@ async def checkout_page(request: Request, token: str, ctx: Ctx) -> Response:
     try:
         hold_id, org_id = _read_token(ctx, token)
         codes = _clean_codes([request.query_params.get("code", "")], 1)
-        return await _checkout_page(request, ctx, token, hold_id, org_id, CheckoutForm(codes))
+        response = await _checkout_page(request, ctx, token, hold_id, org_id, CheckoutForm(codes))
+        remember_click(request, response, secure=ctx.settings.base_url.startswith("https://"))
+        return response
     except PopdropError as error:
         return _trouble(request, error)
 
@@ -398,7 +401,7 @@ async def _place(
         hold_ids = await bundle_hold_ids(session, view.hold)
     if existing is not None:  # a second tap on the button: the order is there already
         return RedirectResponse(_view_url(ctx, existing, org_id), status_code=303)
-    spec = _order_spec(hold_ids, form, view.hold.contact_ref, online=online)
+    spec = _order_spec(hold_ids, form, view.hold.contact_ref, click_ids_of(request), online=online)
     provider = stripe_provider(ctx) if online else None
     if online and provider is None:
         raise PopdropError("invalid_request", "online payment is not available; pay at pickup")
@@ -423,7 +426,12 @@ async def _place(
 
 
 def _order_spec(
-    hold_ids: list[int], form: CheckoutForm, contact_ref: str | None, *, online: bool
+    hold_ids: list[int],
+    form: CheckoutForm,
+    contact_ref: str | None,
+    click_ids: list[str],
+    *,
+    online: bool,
 ) -> OrderCreate:
     """The order to place; a receipt field that does not validate is refused as
     `invalid_request` naming the field (shown next to it)."""
@@ -437,6 +445,7 @@ def _order_spec(
         "contact_ref": contact_ref,
         "receipt_email": form.receipt_email or None,
         "receipt_phone": form.receipt_phone or None,
+        "click_ids": click_ids,
         "payment_method": PaymentMethod.STRIPE if online else PaymentMethod.PAY_AT_PICKUP,
     }
     try:

@@ -65,6 +65,8 @@ class Order(Base):
     refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0)
     breakdown: Mapped[str] = mapped_column(Text, default="{}")
     codes: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of code labels
+    # JSON list of the buyer's first and latest short-link click ids (`web.clicks`).
+    click_ids: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
     payment_method: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Typable pickup code (like a ticket's short code), unique per event.
     short_code: Mapped[str | None] = mapped_column(String(16), nullable=True)

@@ -711,6 +711,7 @@ async def place_order(
         refunded_minor=0,
         breakdown=json.dumps(breakdown.to_json()),
         codes=json.dumps([labels.get(ref, ref) for ref in breakdown.applied_codes]),
+        click_ids=json.dumps(spec.click_ids),
         payment_method=PaymentMethod.PAY_AT_PICKUP if free else method,
         short_code=_short_code(),
         pickup_generation=1,

@@ -22,6 +22,7 @@ from popdrop.core.schemas import StrictInput
 
 HoldId = Annotated[int, Field(ge=1, le=2**62)]
 CodeText = Annotated[str, Field(min_length=1, max_length=64)]
+ClickId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 MAX_HOLDS_PER_ORDER = 50
 MAX_CODES_PER_REQUEST = 5
 Tender = Literal["cash", "card"]
@@ -43,6 +44,12 @@ class OrderCreate(StrictInput):
         default=None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$"
     )
     receipt_phone: str | None = Field(default=None, min_length=3, max_length=32)
+    click_ids: list[ClickId] = Field(
+        default_factory=list,
+        max_length=2,
+        description="The buyer's first and latest short-link click ids (`pd_click` on the "
+        "landing page), first touch then last touch: the sale is attributed through them.",
+    )
     expected_total_minor: int | None = Field(
         default=None,
         ge=0,

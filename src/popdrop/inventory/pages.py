@@ -50,6 +50,7 @@ from popdrop.inventory import service as inventory
 from popdrop.inventory.models import Product, Variant
 from popdrop.inventory.schemas import Availability, ProductCreate, StockSet
 from popdrop.web.auth import check_csrf
+from popdrop.web.clicks import remember_click
 from popdrop.web.context import AppContext
 from popdrop.web.forms import Form, M, form_of
 from popdrop.web.pagekit import Operator, PageRoute
@@ -319,6 +320,7 @@ async def public_event(request: Request, event_id: ItemId, ctx: Ctx) -> Response
     }
     response = render(request, "events/public.html", context)
     response.headers.update(NO_STORE)  # its URL may carry a voucher code (?code=)
+    remember_click(request, response, secure=ctx.settings.base_url.startswith("https://"))
     return response
 
 

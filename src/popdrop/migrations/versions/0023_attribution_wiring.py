@@ -1,4 +1,6 @@
-"""click ids on orders and other attribution wiring
+"""orders.click_ids: the first and the latest short-link click of the browser that placed
+the order (first-party click ids), so an online sale is attributed to the message, link
+and variant that brought it. Existing orders carry none.
 
 Revision ID: 0023_attribution_wiring
 Revises: 0022_partners
@@ -7,6 +9,9 @@ Create Date: 2026-12-03 12:00:00
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+from alembic import op
+
 revision = "0023_attribution_wiring"
 down_revision = "0022_partners"
 branch_labels = None
@@ -14,8 +19,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass  # filled in by the change that owns this revision
+    with op.batch_alter_table("orders") as batch:
+        batch.add_column(sa.Column("click_ids", sa.Text(), nullable=False, server_default="[]"))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("orders") as batch:
+        batch.drop_column("click_ids")
