@@ -158,7 +158,15 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         if revocations is not None:
             revocations.publish_on_commit(context.db)
             watching = asyncio.create_task(revocations.listen())
+        # Short-link clicks are batched in memory and written every ~100 ms, off the
+        # redirect's path; the last batch is written on the way out.
+        from popdrop.attribution.clicks import recorder_for
+
+        clicks_stop = asyncio.Event()
+        clicks = asyncio.create_task(recorder_for(context.db).run(clicks_stop))
         yield
+        clicks_stop.set()
+        await clicks
         for task in (listening, watching):
             if task is not None:
                 task.cancel()
