@@ -61,8 +61,9 @@ def test_roles_give_the_event_and_rsvp_scopes_to_owner_and_host_only() -> None:
     for role in ("owner", "host"):
         assert accounts.ROLES[role] >= NEW_SCOPES
     assert not accounts.ROLES["volunteer"] & NEW_SCOPES
-    # A partner reads orders (commerce filters them to the events it partners), no more.
-    assert accounts.ROLES["partner"] == frozenset({"orders:read"})
+    # A partner reads orders (commerce filters them to the events it partners), its own
+    # POS connections and sales, and its till redeems codes; no more.
+    assert accounts.ROLES["partner"] == frozenset({"orders:read", "pos:read", "pos:redeem"})
     assert "reports:read" not in accounts.SCOPES
 
 

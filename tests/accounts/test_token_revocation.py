@@ -143,7 +143,8 @@ def test_token_create_needs_a_role_or_a_scope(tmp_path: Path) -> None:
         assert wrong.returncode == 2 and "owner" in wrong.stderr
         _, partner = created_token(server, "--org", "roles", "--name", "p", "--role", "partner")
         scopes = httpx.get(f"{server.base_url}/api/v1/me", headers=bearer(partner), timeout=10)
-        assert scopes.json()["scopes"] == ["orders:read"]  # a partner's token reads orders
+        # A partner's token reads orders and its POS sales, and its till redeems codes.
+        assert scopes.json()["scopes"] == ["orders:read", "pos:read", "pos:redeem"]
         _, both = created_token(
             server, "--org", "roles", "--name", "v", "--role", "volunteer", "--scope", "chat:read"
         )

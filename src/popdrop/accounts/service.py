@@ -69,14 +69,18 @@ _HOST = {
     "orders:read",
     "orders:write",
     "orders:pickup",
+    "pos:read",
+    "pos:write",
+    "pos:redeem",
 }
 ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset({*_HOST, "tokens:write"}),
     "host": frozenset(_HOST),
     "volunteer": frozenset({"checkin", "orders:pickup"}),
-    # A partner reads the orders of the events it partners (commerce filters by event);
+    # A partner reads the orders of the events it partners (commerce filters by event),
+    # its own POS connections and sales, and its till redeems vault codes (`pos:redeem`);
     # the partner report brings its own scope with its route.
-    "partner": frozenset({"orders:read"}),
+    "partner": frozenset({"orders:read", "pos:read", "pos:redeem"}),
 }
 SCOPES: frozenset[str] = frozenset().union(*ROLES.values())
 # Events and RSVPs were guarded by the voucher scopes before they had their own, so a
