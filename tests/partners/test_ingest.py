@@ -297,3 +297,14 @@ async def test_the_clock_decides_staleness(
         app_client, till, late, clock.now(), timestamp=int(signed_at.timestamp())
     )
     assert stale.json()["reason"] == "stale_timestamp"
+
+
+async def test_an_unstorable_event_id_is_malformed_even_when_ignored(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock
+) -> None:
+    till = await make_till(app_client, tenant, clock.now())
+    odd = square_event(SQUARE_PAYMENT, status="PENDING", event_id="x" * 201)
+    response = await send_square(app_client, till, odd)
+    assert (response.status_code, response.json()["reason"]) == (422, "malformed")
+    topic = await send_shopify(app_client, till, "orders/create", "a b", SHOPIFY_ORDER)
+    assert (topic.status_code, topic.json()["reason"]) == (422, "malformed")

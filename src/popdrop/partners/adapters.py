@@ -15,6 +15,7 @@ refund); the event id is the `X-Shopify-Event-Id` header (or `X-Shopify-Webhook-
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 
 from popdrop.core.errors import PopdropError
 from popdrop.core.money import Money
+from popdrop.partners.contract import ID_PATTERN as _ID_PATTERN
 from popdrop.partners.contract import PaymentMethodType, PosSaleV1
 
 
@@ -57,6 +59,18 @@ def _dict(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+_EVENT_ID = re.compile(_ID_PATTERN)
+
+
+def _event_id(value: Any) -> str | None:
+    """A provider's event id, or None when missing; one that could not be stored (too
+    long, odd characters) is malformed, even for an event that is then ignored."""
+    text = _text(value)
+    if text is not None and not _EVENT_ID.match(text):
+        raise malformed("the event id is not a plain id of at most 200 characters")
+    return text
+
+
 def _text(value: Any) -> str | None:
     if value is None or value == "":
         return None
@@ -90,7 +104,7 @@ def _square_amount(money: Any, where: str) -> tuple[int, str]:
 
 def square(body: dict[str, Any]) -> Parsed:
     """A Square webhook notification (already verified) → a sale, a refund or Ignored."""
-    event_id = _text(body.get("event_id"))
+    event_id = _event_id(body.get("event_id"))
     topic = body.get("type")
     if event_id is None or not isinstance(topic, str):
         raise malformed("a Square notification has `event_id` and `type`")
@@ -189,6 +203,7 @@ def shopify(
     topic: str | None, event_id: str | None, shop: str | None, body: dict[str, Any]
 ) -> Parsed:
     """A Shopify webhook (already verified): topic and ids from its headers."""
+    event_id = _event_id(event_id)
     if not topic or not event_id:
         raise malformed("X-Shopify-Topic and X-Shopify-Event-Id are needed")
     if topic in SHOPIFY_ORDER_TOPICS:

@@ -26,7 +26,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 CONTRACT: Literal["pos.sale.v1"] = "pos.sale.v1"
 # An id from a provider (event, sale, location…): printable, no spaces, bounded.
-_ID = r"^[A-Za-z0-9._:/#@+=-]{1,200}$"
+ID_PATTERN = r"^[A-Za-z0-9._:/#@+=-]{1,200}$"
+_ID = ID_PATTERN
 _MINOR = Field(ge=0, le=10**12)
 
 
