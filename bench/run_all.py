@@ -4,7 +4,8 @@ Usage: python bench/run_all.py [--quick] [other flags passed to every benchmark]
 Every `bench/*.py` not starting with `_` runs, in name order: audience, chat, checkin,
 checkout (paid orders under contention, against pgbench on the same SQL),
 drop, holds, issue, pos (signed POS sales ingested, against pgbench on the same SQL),
-redeem, streams (API latency under 400 live-stock streams).
+redeem, redirect (short-link redirects against the HTTP ceiling, 0 clicks lost),
+streams (API latency under 400 live-stock streams).
 Exits non-zero when any benchmark failed or printed no JSON line.
 """
 

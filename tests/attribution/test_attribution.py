@@ -266,3 +266,18 @@ def test_sms_segments() -> None:
     assert service.sms_segments("ж" * 70).segments == 1
     assert service.sms_segments("ж" * 71).segments == 2
     assert service.sms_segments("😀" * 35).characters == 70
+
+
+async def test_a_code_of_a_tagged_batch_attributes_to_its_promo_code(
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+) -> None:
+    from tests.conftest import issue
+
+    batch, plaintext = await issue(app_client, tenant, quantity=3)
+    tagged = await promo(app_client, tenant, batch_id=batch["id"], variant="A", drop_id=11)
+    assert tagged["code"] is None  # no code of its own: the batch's codes stand for it
+
+    assert await attribute(ctx, tenant, 9008, codes=[plaintext[1]]) == []  # needs the signer
+    first, last = await attribute(ctx, tenant, 9009, codes=[plaintext[2]], signer=ctx.signer)
+    assert first.promo_code_id == last.promo_code_id == tagged["id"]
+    assert (last.via, last.variant, last.drop_id) == ("code", "A", 11)

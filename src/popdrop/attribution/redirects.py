@@ -80,6 +80,8 @@ def with_params(url: str, pairs: tuple[tuple[str, str], ...]) -> str:
 
 def add_click(url: str, click_id: str) -> str:
     """The target with `pd_click` appended (click ids are URL-safe)."""
+    if "#" not in url:  # the common case, without parsing: the query ends the URL
+        return f"{url}{'&' if '?' in url else '?'}{CLICK_PARAM}={click_id}"
     parts = urlsplit(url)
     pair = f"{CLICK_PARAM}={click_id}"
     query = f"{parts.query}&{pair}" if parts.query else pair
