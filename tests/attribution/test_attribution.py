@@ -3,6 +3,7 @@ idempotency, refunds; promo codes from the vault; partners see only their own.""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -281,3 +282,27 @@ async def test_a_code_of_a_tagged_batch_attributes_to_its_promo_code(
     first, last = await attribute(ctx, tenant, 9009, codes=[plaintext[2]], signer=ctx.signer)
     assert first.promo_code_id == last.promo_code_id == tagged["id"]
     assert (last.via, last.variant, last.drop_id) == ("code", "A", 11)
+
+
+async def test_concurrent_attributions_of_one_sale_write_one_pair(
+    app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
+) -> None:
+    code = await promo(app_client, tenant)
+    link = await make_link(app_client, tenant, {"kind": "url", "url": "https://shop.example/"})
+    clicked = await click(app_client, link["slug"])
+    await flushed(ctx)
+
+    answers = await asyncio.gather(
+        *(
+            attribute(ctx, tenant, 9010, codes=[str(code["code"])], click_ids=[clicked])
+            for _ in range(12)
+        )
+    )
+    assert {tuple((t.touch, t.via) for t in a) for a in answers} == {
+        (("first", "click"), ("last", "code"))
+    }
+    async with ctx.db.reader() as session:
+        rows = await session.scalar(
+            select(func.count()).where(SaleTouch.sale_kind == "order", SaleTouch.sale_id == 9010)
+        )
+    assert rows == 2
