@@ -240,7 +240,10 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.web.account_api import router as accounts_api
     from popdrop.web.pages import router as web_pages
 
+    # The short-link redirect first: it is the hottest public route, and FastAPI matches
+    # routes in order (each router ahead of it costs every redirect).
     for router in (
+        attribution_public,
         accounts_api,
         vouchers_api,
         events_api,
@@ -265,7 +268,6 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         checkout_pages,
         order_pages,
         attribution_api,
-        attribution_public,
         partners_api,
         partners_public,
         privacy_api,
