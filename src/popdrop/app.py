@@ -244,6 +244,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     # routes in order (each router ahead of it costs every redirect).
     for router in (
         attribution_public,
+        partners_public,  # POS webhooks: a burst of a till's sales
         accounts_api,
         vouchers_api,
         events_api,
@@ -269,7 +270,6 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         order_pages,
         attribution_api,
         partners_api,
-        partners_public,
         privacy_api,
         privacy_pages,
         guest_pages,

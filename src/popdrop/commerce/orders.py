@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal, system_principal
+from popdrop.attribution import service as attribution
 from popdrop.commerce import pricing, receipts, units
 from popdrop.commerce.lifecycle import (
     ORDER_LIFECYCLE,
@@ -767,6 +768,13 @@ async def place_order(
                 status=refusal.status,
                 detail={"code": typed, **refusal.detail},
             ) from None
+    typed_codes = [checkout.typed_by_ref[ref] for ref in breakdown.applied_codes]
+    if typed_codes or spec.click_ids:  # what brought the sale, while its codes are at hand
+        await attribution.attribute_sale(
+            session, org_id=principal.org_id, sale_kind="order", sale_id=order.id,
+            event_id=order.event_id, amount_minor=order.total_minor, currency=order.currency,
+            occurred_at=now, codes=typed_codes, click_ids=spec.click_ids, signer=signer,
+        )  # fmt: skip
     hold_units = [  # locked and active: checked above
         units.Unit(h.id, h.stock_id, h.lane_id, h.slot_id, h.qty, h.status)
         for h, _, _ in checkout.holds

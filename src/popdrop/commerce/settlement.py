@@ -56,6 +56,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal, system_principal
+from popdrop.attribution import service as attribution
 from popdrop.commerce import receipts, units
 from popdrop.commerce.lifecycle import (
     ORDER_LIFECYCLE,
@@ -409,6 +410,13 @@ async def release_lapsed_payments(db: Database, now: datetime) -> int:
 # ---------------------------------------------------------------- paid
 
 
+async def _reverse_attribution(session: AsyncSession, order: Order, amount_minor: int) -> None:
+    """Money going back takes the same amount off what the order's touches brought."""
+    await attribution.reverse_sale(
+        session, org_id=order.org_id, sale_kind="order", sale_id=order.id, amount_minor=amount_minor
+    )
+
+
 async def _record_paid(order: Order, now: datetime) -> None:
     order.status = ORDER_LIFECYCLE.check(OrderStatus(order.status), OrderStatus.PAID)
     order.paid_at = now
@@ -487,6 +495,7 @@ async def _refund_all(
     order.status_message = message
     order.ended_at = now
     order.refunded_minor = order.refunded_minor + payment.amount_minor
+    await _reverse_attribution(session, order, payment.amount_minor)
     refund = _refund_row(
         order, payment, payment.amount_minor, reason=reason, note=note, actor=actor, now=now
     )
@@ -891,6 +900,7 @@ async def refund_order(
         if refund.status == RefundStatus.PENDING:
             refund_ids.append(refund.id)
     order.refunded_minor = order.refunded_minor + amount
+    await _reverse_attribution(session, order, amount)
     if order.refunded_minor >= order.total_minor:
         order.status = ORDER_LIFECYCLE.check(status, OrderStatus.REFUNDED, action="refund")
         order.ended_at = now
