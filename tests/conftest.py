@@ -121,10 +121,19 @@ async def side_postgres(suffix: str) -> str:
     return url
 
 
+# The database of each backend, made once per process. Under xdist a worker switches
+# between the backends as its files come (the session fixture is set up again each time);
+# the database must not be reset then: caches that live in the process (event keys, views)
+# are keyed by ids, and ids that restart at 1 would meet stale entries.
+_prepared: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 async def database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
+    if request.param in _prepared:
+        return _prepared[request.param]
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'popdrop.db'}"
     else:
@@ -134,6 +143,7 @@ async def database_url(
         url = pg
         await reset_postgres(url)
     await upgrade(url)
+    _prepared[request.param] = url
     return url
 
 
