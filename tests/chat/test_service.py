@@ -206,7 +206,8 @@ async def test_sms_flow_numbers_options_and_books_by_phone(
     confirm = await say(ctx, tenant, "1", channel="sms", address=phone)
     assert "1) Yes, book it" in texts(confirm.messages)  # the phone is known: no email asked
     booked = await say(ctx, tenant, "1", channel="sms", address=phone)
-    assert "/t/" in texts(booked.messages)
+    # SMS sends the ticket as a short link (tests/chat/test_short_links.py follows it).
+    assert "/s/" in texts(booked.messages) and "/t/" not in texts(booked.messages)
     async with ctx.db.reader() as session:
         rsvp = await session.scalar(select(Rsvp).where(Rsvp.event_id == shop.event_id))
     assert rsvp is not None and rsvp.phone == phone and rsvp.status == "confirmed"

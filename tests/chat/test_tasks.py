@@ -52,7 +52,7 @@ async def book_by_sms(ctx: AppContext, tenant: Tenant) -> None:
     await say(ctx, tenant, "2", channel="sms", address=PHONE)  # RSVP a time slot
     await say(ctx, tenant, "1", channel="sms", address=PHONE)  # the first slot
     booked = await say(ctx, tenant, "1", channel="sms", address=PHONE)  # Yes, book it
-    assert "/t/" in " ".join(getattr(m, "text", "") for m in booked.messages)
+    assert "/s/" in " ".join(getattr(m, "text", "") for m in booked.messages)  # SMS: short
 
 
 async def conversation_with_a_host_reply(

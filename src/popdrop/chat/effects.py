@@ -15,6 +15,9 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.attribution import service as attribution
+from popdrop.attribution.models import Channel, TargetKind
+from popdrop.attribution.schemas import LinkTags, LinkTarget
 from popdrop.audience import consent as audience_consent
 from popdrop.audience import contacts
 from popdrop.audience.models import Contact
@@ -61,6 +64,9 @@ from popdrop.vouchers.schemas import BatchCreate
 
 # Engine activity kinds that are engagement for the audience domain's recency.
 _AUDIENCE_ACTIVITY = {"chat_started": "chat"}
+# Channels whose customer links are sent short: an SMS pays per segment, and a signed
+# link alone fills most of one. Web chat and Telegram keep the full links.
+_SHORT_LINK_CHANNELS = frozenset({"sms"})
 
 
 # ---------------------------------------------------------------- effects
@@ -249,12 +255,14 @@ class Effects:
         )
         secrets: dict[str, str] = {}
         if result.ticket_secret is not None:
-            secrets = {
-                "ticket_secret": result.ticket_secret,
-                "ticket_url": links.ticket_url(self.deps.base_url, result.ticket_secret),
-            }
             if result.ticket_id is not None:
                 self.issued_tickets[("rsvp", rsvp.id)] = (result.ticket_id, result.ticket_secret)
+                secrets = await self._ticket_secrets(result.ticket_id, result.ticket_secret)
+            else:
+                secrets = {
+                    "ticket_secret": result.ticket_secret,
+                    "ticket_url": links.ticket_url(self.deps.base_url, result.ticket_secret),
+                }
         return await self._ok({"rsvp_id": rsvp.id, "rsvp_status": rsvp.status}, secrets)
 
     async def _tz(self) -> str | None:
@@ -425,11 +433,32 @@ class Effects:
         )
         return await self._ticket_result(ticket.id, secret)
 
-    async def _ticket_result(self, ticket_id: int, secret: str) -> EffectResult:
-        return await self._ok(
-            {"ticket_id": ticket_id},
-            {"ticket_secret": secret, "ticket_url": links.ticket_url(self.deps.base_url, secret)},
+    async def _customer_link(self, kind: TargetKind, row_id: int, full_url: str) -> str:
+        """The link sent to the customer: on SMS a short link to the row (it stores no
+        secret: the signed link is rebuilt at redirect), tagged with this conversation so
+        a sale through it is attributed to the chat; elsewhere the full link."""
+        conv = self.conv
+        if conv.channel not in _SHORT_LINK_CHANNELS:
+            return full_url
+        return await attribution.short_url_for(
+            self.session,
+            org_id=conv.org_id,
+            target=LinkTarget(kind=kind, id=row_id),
+            tags=LinkTags(
+                channel=Channel(conv.channel), conversation_id=conv.id, event_id=conv.event_id
+            ),
+            now=self.now,
+            base_url=self.deps.base_url,
         )
+
+    async def _ticket_secrets(self, ticket_id: int, secret: str) -> dict[str, str]:
+        full_url = links.ticket_url(self.deps.base_url, secret)
+        url = await self._customer_link(TargetKind.TICKET, ticket_id, full_url)
+        return {"ticket_secret": secret, "ticket_url": url}
+
+    async def _ticket_result(self, ticket_id: int, secret: str) -> EffectResult:
+        secrets = await self._ticket_secrets(ticket_id, secret)
+        return await self._ok({"ticket_id": ticket_id}, secrets)
 
     async def checkout(self, effect: engine.CheckoutLinkEffect) -> EffectResult:
         hold = await self._our_hold(effect.hold_id)
@@ -437,7 +466,8 @@ class Effects:
             raise not_found("hold")
         if hold.status != "active" or hold.expires_at <= self.now:
             raise PopdropError("hold_expired", "this reservation has expired")
-        url = links.checkout_url(self.deps.signer, self.deps.base_url, hold.id, hold.org_id)
+        full_url = links.checkout_url(self.deps.signer, self.deps.base_url, hold.id, hold.org_id)
+        url = await self._customer_link(TargetKind.CHECKOUT, hold.id, full_url)
         return await self._ok({"checkout_hold_id": hold.id}, {"checkout_url": url})
 
     async def consent(self, effect: engine.GrantConsentEffect, node: str) -> EffectResult:
