@@ -255,20 +255,6 @@ async def test_short_url_for_reuses_one_link_per_target_and_tags(
     assert urls[0].startswith("https://pd.example/s/")
 
 
-def test_sms_segments() -> None:
-    assert service.sms_segments("Drop at 6pm!") == service.SmsSegments("GSM-7", 12, 1)
-    assert service.sms_segments("a" * 160).segments == 1
-    assert service.sms_segments("a" * 161).segments == 2
-    assert service.sms_segments("€" * 80) == service.SmsSegments("GSM-7", 160, 1)
-    assert service.sms_segments("a" * 152 + "€").segments == 1
-    # 153 + an escape pair that cannot be split: three parts, not two.
-    assert service.sms_segments("a" * 152 + "€" + "a" * 152).segments == 3
-    assert service.sms_segments("Café ☕") == service.SmsSegments("UCS-2", 6, 1)
-    assert service.sms_segments("ж" * 70).segments == 1
-    assert service.sms_segments("ж" * 71).segments == 2
-    assert service.sms_segments("😀" * 35).characters == 70
-
-
 async def test_a_code_of_a_tagged_batch_attributes_to_its_promo_code(
     app_client: httpx.AsyncClient, tenant: Tenant, ctx: AppContext
 ) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -28,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from popdrop.attribution import agents
 from popdrop.attribution.clicks import ClickRecorder, PendingClick
 from popdrop.attribution.models import BEARER_KINDS, ShortLink, TargetKind
 from popdrop.checkin import service as checkin
@@ -56,6 +58,7 @@ class LinkView:
     max_clicks: int | None
     fallback_url: str | None
     channel: str | None
+    drop_id: int | None  # the drop a drop's link tags (its SMS links carry a recipient)
     stored_clicks: int
     counted_at_load: int  # the recorder's count for this link when the view was loaded
 
@@ -130,6 +133,7 @@ async def load_view(
         max_clicks=link.max_clicks,
         fallback_url=link.fallback_url,
         channel=link.channel,
+        drop_id=link.drop_id,
         stored_clicks=link.clicks,
         counted_at_load=recorder.counted(link.id),
     )
@@ -218,3 +222,33 @@ def click_of(
         device_class=device_class,
         referrer_host=referrer_host(referer),
     )
+
+
+def record_visit(
+    recorder: ClickRecorder,
+    *,
+    org_id: int,
+    link_id: int,
+    channel: str | None,
+    method: str,
+    headers: Mapping[str, str],
+    now: datetime,
+) -> str | None:
+    """A visit of a link by a browser (redirect routes outside this domain, e.g. a drop's
+    tracked link): a click handed to the batch, its click id returned; a bot is counted
+    as a bot hit and gets no click id."""
+    user_agent = headers.get("user-agent", "")
+    if agents.is_bot(method, user_agent, headers):
+        recorder.bot_hit(link_id)
+        return None
+    click = PendingClick(
+        org_id=org_id,
+        link_id=link_id,
+        click_id=new_click_id(),
+        at=now,
+        channel=channel,
+        device_class=agents.device_class(user_agent),
+        referrer_host=referrer_host(headers.get("referer")),
+    )
+    recorder.record(click)
+    return click.click_id

@@ -253,6 +253,35 @@ def _reuse_key(target: LinkTarget, tags: LinkTags) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+async def short_link_for(
+    session: AsyncSession,
+    *,
+    org_id: int,
+    target: LinkTarget,
+    tags: LinkTags,
+    now: datetime,
+) -> ShortLink:
+    """The short link of `target` with `tags`, made once: the link made before for the
+    same target and tags is reused, so sending again makes no duplicate, and a concurrent
+    twin (the unique reuse key) is read back instead of failing."""
+    key = _reuse_key(target, tags)
+    query = select(ShortLink).where(ShortLink.org_id == org_id, ShortLink.reuse_key == key)
+    link = await session.scalar(query)
+    if link is not None:
+        return link
+    spec = ShortLinkCreate(target=target, tags=tags)
+    try:
+        async with session.begin_nested():
+            return await _new_link(
+                session, org_id, spec, actor="system:short-links", now=now, reuse_key=key
+            )
+    except IntegrityError:
+        link = await session.scalar(query)
+        if link is None:
+            raise
+        return link
+
+
 async def short_url_for(
     session: AsyncSession,
     *,
@@ -262,26 +291,11 @@ async def short_url_for(
     now: datetime,
     base_url: str,
 ) -> str:
-    """The absolute short URL (`{base_url}/s/{slug}`) of `target` with `tags`, for a
-    message (drops, chat SMS): the link made before for the same target and tags is
-    reused, so sending again makes no duplicate. `base_url` is the public base URL or a
-    short host that serves `/s/`."""
-    key = _reuse_key(target, tags)
-    query = select(ShortLink.slug).where(ShortLink.org_id == org_id, ShortLink.reuse_key == key)
-    slug = await session.scalar(query)
-    if slug is None:
-        spec = ShortLinkCreate(target=target, tags=tags)
-        try:
-            async with session.begin_nested():  # a concurrent twin may win the unique key
-                link = await _new_link(
-                    session, org_id, spec, actor="system:short-links", now=now, reuse_key=key
-                )
-                slug = link.slug
-        except IntegrityError:
-            slug = await session.scalar(query)
-            if slug is None:
-                raise
-    return short_url(base_url, slug)
+    """The absolute short URL (`{base_url}/s/{slug}`) of `short_link_for`, for a message
+    (drops, chat SMS). `base_url` is the public base URL or a short host that serves
+    `/s/`."""
+    link = await short_link_for(session, org_id=org_id, target=target, tags=tags, now=now)
+    return short_url(base_url, link.slug)
 
 
 def _visible_links(principal: Principal) -> Select[Any]:
@@ -696,50 +710,6 @@ async def sale_touches(
         mine = set(await session.scalars(partners_of(principal)))
         found = [t for t in found if t.partner_id in mine]
     return found
-
-
-# ---------------------------------------------------------------- SMS segments
-
-
-@dataclass(frozen=True)
-class SmsSegments:
-    encoding: Literal["GSM-7", "UCS-2"]
-    characters: int  # septets for GSM-7 (an extension character counts 2), UTF-16 units
-    segments: int
-
-
-# GSM 03.38 basic set and its extension table (each extension char costs an escape too).
-_GSM_BASIC = frozenset(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-_GSM_EXTENSION = frozenset("^{}\\[~]|€\f")
-
-
-def sms_segments(text: str) -> SmsSegments:
-    """How an SMS of `text` is sent: GSM-7 when every character is in the GSM 03.38 set
-    (extension characters count 2), else UCS-2; one segment holds 160 GSM-7 characters
-    or 70 UCS-2 units, a part of a longer message 153 or 67."""
-    if all(ch in _GSM_BASIC or ch in _GSM_EXTENSION for ch in text):
-        costs = [2 if ch in _GSM_EXTENSION else 1 for ch in text]
-        return SmsSegments("GSM-7", sum(costs), _segments(costs, 160, 153))
-    # UTF-16 code units: a character outside the BMP takes two (a surrogate pair).
-    costs = [2 if ord(ch) > 0xFFFF else 1 for ch in text]
-    return SmsSegments("UCS-2", sum(costs), _segments(costs, 70, 67))
-
-
-def _segments(costs: list[int], single: int, part: int) -> int:
-    """Segments for characters of these costs: one if all fit `single`, else parts of
-    `part` each, never splitting an escape sequence or a surrogate pair."""
-    total = sum(costs)
-    if total <= single:
-        return 1 if total else 0
-    segments, used = 1, 0
-    for cost in costs:
-        if used + cost > part:
-            segments, used = segments + 1, 0
-        used += cost
-    return segments
 
 
 def bearer(kind: str) -> bool:

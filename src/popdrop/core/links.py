@@ -17,6 +17,7 @@ chat-visitor      text         forever                    org, visitor / widget 
 consent-confirm   timed JSON   7 days                     org, contact, channel / /c/{token}
 preferences       text (+JSON) forever                    org, contact / /u/{t}, /p/{t}
 drop-click        text (+JSON) forever                    drop, send row, URL / /r/{token}
+drop-recipient    MAC suffix   forever                    send row / /s/{slug}/{recipient}
 
 ("+JSON": tokens of the older JSON shape, in mail already sent, are still read.)
 
@@ -33,6 +34,8 @@ answer None. Every absolute URL starts from `root(base_url)`.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,6 +65,7 @@ class Purpose(StrEnum):
     CONSENT_CONFIRM = "consent-confirm"
     PREFERENCES = "preferences"
     DROP_CLICK = "drop-click"
+    DROP_RECIPIENT = "drop-recipient"  # MAC key
 
 
 CONSENT_CONFIRM_MAX_AGE = 7 * 24 * 3600  # a double opt-in confirmation link lives a week
@@ -384,3 +388,44 @@ def read_click(signer: Signer, token: str) -> tuple[int, int | None, str]:
         raise _invalid()
     row = payload.get("r")
     return payload["d"], row if isinstance(row, int) else None, payload["u"]
+
+
+# ---------------------------------------------------------------- drop SMS short links
+
+RECIPIENT_MAC_CHARS = 6  # 36 bits: a forged recipient only counts a click for another row
+
+
+def _recipient_mac(signer: Signer, slug: str, send_row_id: int) -> str:
+    digest = signer.mac(Purpose.DROP_RECIPIENT, f"{slug}:{send_row_id}")
+    return base64.urlsafe_b64encode(digest).decode("ascii")[:RECIPIENT_MAC_CHARS]
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        number, rest = divmod(number, 36)
+        out = digits[rest] + out
+        if number == 0:
+            return out
+
+
+def drop_recipient(signer: Signer, slug: str, send_row_id: int) -> str:
+    """The recipient part of a drop SMS short link: the send row id in base 36 and a short
+    MAC bound to the slug, so no per-recipient row is stored and the link stays short."""
+    return _base36(send_row_id) + _recipient_mac(signer, slug, send_row_id)
+
+
+def drop_recipient_url(signer: Signer, base_url: str, slug: str, send_row_id: int) -> str:
+    return absolute(base_url, f"/s/{slug}/{drop_recipient(signer, slug, send_row_id)}")
+
+
+def read_drop_recipient(signer: Signer, slug: str, recipient: str) -> int | None:
+    """The send row id of a genuine recipient part for this slug, else None."""
+    row_part, mac = recipient[:-RECIPIENT_MAC_CHARS], recipient[-RECIPIENT_MAC_CHARS:]
+    if not 1 <= len(row_part) <= 13 or not row_part.isalnum() or not row_part.isascii():
+        return None
+    row_id = int(row_part, 36)
+    if not hmac.compare_digest(mac, _recipient_mac(signer, slug, row_id)):
+        return None
+    return row_id

@@ -15,12 +15,15 @@ import httpx
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
+from popdrop.attribution import redirects
+from popdrop.attribution.clicks import recorder_for
 from popdrop.audience import contact_points
 from popdrop.audience import settings as audience_settings
 from popdrop.core import links
 from popdrop.core.db import after_commit
+from popdrop.core.errors import not_found
 from popdrop.core.schemas import error_responses
-from popdrop.drops import content, outcomes, service
+from popdrop.drops import content, outcomes, service, shortlinks
 from popdrop.drops.lifecycle import DropStatus
 from popdrop.drops.schemas import DropCreate, DropOut, SeedOverride, WarRoom
 from popdrop.outbound import feedback, twilio, webhooks
@@ -32,6 +35,8 @@ from popdrop.web.params import Ctx, ItemId
 router = APIRouter(prefix="/api/v1", tags=["drops"])
 public_router = APIRouter(include_in_schema=False)
 WRITE_ERRORS = error_responses(401, 403, 404, 409, 422)
+# A drop link's target holds the UTM and the click id: no cache, no referrer onwards.
+_REDIRECT_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 
 async def _out(ctx: AppContext, drop_id: int, principal: Any) -> DropOut:
@@ -150,7 +155,10 @@ async def change_state(
 @router.get(
     "/drops/{drop_id}/preview",
     responses=WRITE_ERRORS,
-    summary="Render the drop for one contact (no voucher is issued, no link is tracked)",
+    summary=(
+        "Render the drop for one contact (no voucher is issued, no link is tracked); the "
+        "SMS segment count is of the SMS as sent, its short links in place"
+    ),
 )
 async def preview(
     drop_id: ItemId,
@@ -172,12 +180,16 @@ async def preview(
     )
     links = content.Links(ctx.signer, ctx.settings.base_url, drop, None, contact)
     values = content.context_for(drop, contact, None, (0, "PREVIEW-CODE"), links)
+    sms_links = content.Links(
+        ctx.signer, ctx.settings.base_url, drop, None, contact, slug_of=content.preview_slug
+    )
+    sms_values = content.context_for(drop, contact, None, (0, "PREVIEW-CODE"), sms_links)
     answer: dict[str, Any] = {"variant": chosen.name, "bucket": bucket}
     if "email" in drop.channels.split():
         email = compiled.render_email(bucket, values, links)
         answer["email"] = {"subject": email.subject, "text": email.text, "html": email.html}
     if "sms" in drop.channels.split():
-        sms = compiled.render_sms(bucket, values, links)
+        sms = compiled.render_sms(bucket, sms_values, sms_links)
         answer["sms"] = {"body": sms.body, "segments": sms.segments, "encoding": sms.encoding}
     return answer
 
@@ -245,11 +257,49 @@ async def sms_status(token: str, request: Request, ctx: Ctx) -> Response:
 
 
 @public_router.get("/r/{token}")
-async def click(token: str, ctx: Ctx) -> Response:
-    """A tracked link: record the click, then send the person on (UTM kept)."""
+async def click(token: str, request: Request, ctx: Ctx) -> Response:
+    """A tracked link: record the click (the drop's outcome and an attribution click),
+    then send the person on (UTM kept, `pd_click` added)."""
     drop_id, row_id, url = links.read_click(ctx.signer, token)
     async with ctx.db.transaction() as session:
-        await outcomes.record_click(
-            session, ctx.signer, drop_id=drop_id, send_row_id=row_id, url=url, now=ctx.clock.now()
+        location = await shortlinks.follow_tracked(
+            session,
+            ctx.signer,
+            recorder_for(ctx.db),
+            drop_id=drop_id,
+            send_row_id=row_id,
+            url=url,
+            now=ctx.clock.now(),
+            method=request.method,
+            headers=request.headers,
         )
-    return RedirectResponse(url, status_code=302)
+    return RedirectResponse(location, status_code=302, headers=_REDIRECT_HEADERS)
+
+
+@public_router.api_route("/s/{slug}/{recipient}", methods=["GET", "HEAD"])
+async def sms_click(slug: str, recipient: str, request: Request, ctx: Ctx) -> Response:
+    """A drop SMS link: the drop's short link and the recipient (send row) under a MAC.
+    A recipient part that does not check out is dropped: the shared link `/s/{slug}`
+    (with its guessing guard) answers instead."""
+    row_id = links.read_drop_recipient(ctx.signer, slug, recipient)
+    if row_id is None or not redirects.SLUG_RE.match(slug):
+        return RedirectResponse(f"/s/{slug}", status_code=302, headers=_REDIRECT_HEADERS)
+    recorder = recorder_for(ctx.db)
+    now = ctx.clock.now()
+    async with ctx.db.transaction() as session:
+        view = redirects.cached_view(slug, ctx.db.url) or await redirects.load_view(
+            session, slug, ctx.settings.base_url, recorder, ctx.db.url
+        )
+        if view is None:
+            raise not_found("short link")
+        location = await shortlinks.follow_sms(
+            session,
+            ctx.signer,
+            recorder,
+            view,
+            send_row_id=row_id,
+            now=now,
+            method=request.method,
+            headers=request.headers,
+        )
+    return RedirectResponse(location, status_code=302, headers=_REDIRECT_HEADERS)

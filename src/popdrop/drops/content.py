@@ -4,16 +4,23 @@ Content is per variant, per channel and per recency bucket (`hot`, `warm`, `cold
 `never`, with `default` for the rest). Click-tracking tokens (`core.links.click_token`)
 name the drop, the send row and the destination, so `/r/{token}` records the click and
 redirects without a database lookup for the URL.
+
+An SMS link is shorter: `/s/{slug}/{recipient}` (`Links.shortener`), the drop's short
+link of (variant, destination) and the send row under a MAC. A destination carrying one
+of the recipient's secrets (their voucher code, `voucher_url`) is never put in a short
+link: it stays a `/r/{token}` link, whose token carries it signed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+from urllib.parse import quote
 
 from popdrop.audience.models import Contact
-from popdrop.core.links import click_token, event_url, unsubscribe_url
+from popdrop.core.links import click_token, drop_recipient_url, event_url, unsubscribe_url
 from popdrop.core.signing import Signer
 from popdrop.drops import render
 from popdrop.drops.models import Drop
@@ -38,6 +45,23 @@ def validate(content: ChannelContent) -> None:
             render.check_render_limits(compiled)
 
 
+# The preview counts SMS segments with a short link of the real shape: an 11-character
+# slug and the recipient part of a 5-digit base-36 row id (the MAC is computed).
+PREVIEW_SLUG = "PREVIEWlink"
+PREVIEW_ROW_ID = 36**5 - 1
+
+
+def preview_slug(destination: str) -> str:
+    return PREVIEW_SLUG
+
+
+def carries_secret(destination: str, secrets: tuple[str, ...]) -> bool:
+    """Whether a destination holds one of the recipient's secrets (as is or URL-quoted,
+    any letter case: a template may lower-case a code)."""
+    upper = destination.upper()
+    return any(s.upper() in upper or quote(s, safe="").upper() in upper for s in secrets if s)
+
+
 @dataclass
 class Links:
     """One recipient's tracked links, unsubscribe and preferences URLs."""
@@ -47,9 +71,26 @@ class Links:
     drop: Drop
     send_row_id: int | None
     contact: Contact | None
+    # SMS short links of this variant: destination → its slug, None when it has none yet
+    # (`slug_of` None: `/r/{token}` links only).
+    slug_of: Callable[[str], str | None] | None = None
+    # The recipient's secrets (voucher code and URL), filled in by `context_for`.
+    secrets: tuple[str, ...] = ()
+    # Destinations that had no short link yet (kept as `/r/{token}` in this render).
+    missing: set[str] = field(default_factory=set)
 
     def tracker(self, destination: str) -> str:
         return click_token(self.signer, self.drop.id, self.send_row_id, destination)
+
+    def shortener(self, destination: str) -> str | None:
+        if self.slug_of is None or carries_secret(destination, self.secrets):
+            return None
+        slug = self.slug_of(destination)
+        if slug is None:
+            self.missing.add(destination)
+            return None
+        row_id = self.send_row_id if self.send_row_id is not None else PREVIEW_ROW_ID
+        return drop_recipient_url(self.signer, self.base_url, slug, row_id)
 
     @cached_property
     def unsubscribe_url(self) -> str | None:
@@ -85,6 +126,7 @@ class CompiledVariant:
             tracker=links.tracker,
             base_url=links.base_url,
             campaign=links.drop.slug,
+            shortener=links.shortener,
         )
 
 
@@ -102,13 +144,15 @@ def context_for(
     first_name: str | None = None,
 ) -> dict[str, Any]:
     unsubscribe = links.unsubscribe_url
+    code = voucher[1] if voucher else None
+    voucher_url = event_url(links.base_url, event.id, code=code) if code and event else None
+    # A link carrying these is a bearer credential of this recipient: never a short link.
+    links.secrets = tuple(s for s in (code, voucher_url) if s)
     return render.build_context(
         first_name=contact.first_name if contact else first_name,
         locale=(contact.locale if contact else None) or "en",
-        voucher_code=voucher[1] if voucher else None,
-        voucher_url=(
-            event_url(links.base_url, event.id, code=voucher[1]) if voucher and event else None
-        ),
+        voucher_code=code,
+        voucher_url=voucher_url,
         event=(
             render.EventInfo(
                 event.title, event.starts_at, event.timezone, event_url(links.base_url, event.id)
@@ -119,4 +163,22 @@ def context_for(
         unsubscribe_url=unsubscribe,
         preferences_url=unsubscribe,
         organization=drop.from_name or None,
+    )
+
+
+def preview_sms(
+    signer: Signer, base_url: str, drop: Drop, event: Event | None, body: str
+) -> render.RenderedSms:
+    """An SMS template rendered as it would be sent (sample first name and code, the
+    drop's short links in their real shape), for its segment count on the drop page.
+    Raises `PopdropError` when the template does not render with sample values."""
+    links = Links(signer, base_url, drop, None, None, slug_of=preview_slug)
+    values = context_for(drop, None, event, (0, "PREVIEW-CODE"), links, first_name="Alex")
+    return render.render_sms(
+        render.compile_sms(body, custom_vars=None),
+        values,
+        tracker=links.tracker,
+        base_url=base_url,
+        campaign=drop.slug,
+        shortener=links.shortener,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -37,10 +38,11 @@ from popdrop.audience.models import Segment
 from popdrop.core.db import after_commit
 from popdrop.core.errors import PopdropError
 from popdrop.core.tenancy import owned
-from popdrop.drops import abtest, outcomes, service
+from popdrop.drops import abtest, content, outcomes, service
 from popdrop.drops.lifecycle import DropStatus, operator_actions
 from popdrop.drops.models import Drop, DropVariant
 from popdrop.drops.outcomes import DropCounts
+from popdrop.drops.render import RenderedSms
 from popdrop.drops.schemas import ChannelContent, WarRoom
 from popdrop.events.models import Event
 from popdrop.outbound.models import MailboxMessage
@@ -278,6 +280,8 @@ class VariantView:
     sent: int
     clicked: int
     probability_to_beat: float | None = None
+    # body → "2 segments · GSM-7", counted on the SMS as sent (short links in place)
+    sms_segments: dict[str, str] = field(default_factory=dict)
 
     @property
     def rate(self) -> float | None:
@@ -304,28 +308,43 @@ def _grouped(parts: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     return list(grouped.items())
 
 
+def _segments_label(sms: Callable[[str], RenderedSms], body: str) -> str:
+    try:
+        rendered = sms(body)
+    except PopdropError:
+        return "segments: see the preview"  # it needs a contact's own values
+    plural = "" if rendered.segments == 1 else "s"
+    return f"{rendered.segments} segment{plural} · {rendered.encoding}"
+
+
 def _variant_views(
-    variants: list[DropVariant], counted: dict[str, abtest.VariantOutcome]
+    variants: list[DropVariant],
+    counted: dict[str, abtest.VariantOutcome],
+    sms: Callable[[str], RenderedSms],
 ) -> list[VariantView]:
     views: list[VariantView] = []
     for variant in variants:
-        content = ChannelContent.model_validate_json(variant.content)
+        stored = ChannelContent.model_validate_json(variant.content)
         outcome = counted.get(variant.name, abtest.VariantOutcome(variant.name, 0, 0))
         views.append(
             VariantView(
                 name=variant.name,
                 split_percent=variant.split_percent,
-                email=_grouped([(b, part.subject) for b, part in content.email.items()]),
-                sms=_grouped([(b, part.body) for b, part in content.sms.items()]),
+                email=_grouped([(b, part.subject) for b, part in stored.email.items()]),
+                sms=_grouped([(b, part.body) for b, part in stored.sms.items()]),
                 sent=outcome.sent,
                 clicked=outcome.converted,
+                sms_segments={p.body: _segments_label(sms, p.body) for p in stored.sms.values()},
             )
         )
     return views
 
 
 def _ab_view(
-    drop: Drop, variants: list[DropVariant], counted: dict[str, abtest.VariantOutcome]
+    drop: Drop,
+    variants: list[DropVariant],
+    counted: dict[str, abtest.VariantOutcome],
+    sms: Callable[[str], RenderedSms],
 ) -> AbView:
     result: dict[str, Any] | None = json.loads(drop.ab_result) if drop.ab_result else None
     if result is not None and result.get("outcomes"):  # the figures the decision used
@@ -335,7 +354,7 @@ def _ab_view(
             )
             for o in result["outcomes"]
         }
-    views = _variant_views(variants, counted)
+    views = _variant_views(variants, counted, sms)
     if len(views) > 1:
         control = abtest.VariantOutcome(views[0].name, views[0].sent, views[0].clicked)
         for view in views[1:]:
@@ -405,7 +424,12 @@ async def _drop_page(
         "seeds": json.loads(drop.seed_list or "[]"),
         "seed_tests": [e for e in report if "seed" in e],
         "overrides": [e for e in report if "override" in e],
-        "ab": _ab_view(drop, variants, counted),
+        "ab": _ab_view(
+            drop,
+            variants,
+            counted,
+            partial(content.preview_sms, ctx.signer, ctx.settings.base_url, drop, event),
+        ),
         "zone": zone,
         "chart": build_chart(room, now=now, zone=zone, live=drop.status == "sending"),
         # The buttons come from the action table: a button shows only where its move may go.

@@ -37,8 +37,9 @@ from popdrop.core import metrics
 from popdrop.core.clock import Clock
 from popdrop.core.db import Database, UTCDateTime
 from popdrop.core.errors import PopdropError
+from popdrop.core.logging import log
 from popdrop.core.signing import Signer
-from popdrop.drops import content
+from popdrop.drops import content, shortlinks
 from popdrop.drops.lifecycle import SENT_ROW_STATUSES, DropStatus, SendRowStatus
 from popdrop.drops.models import Drop, DropVariant, SendRow
 from popdrop.drops.service import Claimed, claim_batch, quiet_until
@@ -95,6 +96,9 @@ class _DropContext:
     warm_days: int
     # Where the SMS provider reports each message's fate (Twilio's StatusCallback).
     sms_status_url: str
+    # SMS short links made in this run: variant → destination → slug (`drops.shortlinks`).
+    short_slugs: dict[str, dict[str, str]] = field(default_factory=dict)
+    short_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -338,7 +342,9 @@ class Sender:
         message_id = f"<drop-{drop.id}.contact-{contact.id}.{row.channel}@popdrop>"
         message: OutboundEmail | OutboundSms | SendResult
         try:
-            message = self._prepare(context, row, contact, voucher, message_id, now)
+            message, missing = self._prepare(context, row, contact, voucher, message_id, now)
+            if missing and await self._shorten(context, row, missing, now):
+                message, _missing = self._prepare(context, row, contact, voucher, message_id, now)
         except PopdropError as error:  # a template that fails for this contact's data
             message = SendResult(ok=False, permanent=True, error=f"render: {error.message}")
         assert self._permits is not None and self._consent is not None
@@ -379,6 +385,37 @@ class Sender:
                 retry = SendResult(ok=False, error=refusal, retry_after=_BUSY_RETRY_SECONDS)
                 await self._checkpoint(row, retry, message_id, voucher)
 
+    async def _shorten(
+        self, context: _DropContext, row: Claimed, destinations: set[str], now: datetime
+    ) -> bool:
+        """Make (or find) the short links of these SMS destinations and commit them before
+        any message carries one; False when the database refused (the message then goes
+        out with its `/r/{token}` links, which work and are attributed too)."""
+        slugs = context.short_slugs.setdefault(_variant_name(context, row), {})
+        async with context.short_lock:  # concurrent sends of one drop make each link once
+            todo = sorted(d for d in destinations if d not in slugs)
+            if not todo:
+                return True
+            try:
+                async with self.db.transaction() as session:
+                    made = {
+                        destination: await shortlinks.drop_link(
+                            session,
+                            context.drop,
+                            variant=_variant_name(context, row),
+                            channel="sms",
+                            destination=destination,
+                            now=now,
+                        )
+                        for destination in todo
+                    }
+                    found = {d: link.slug for d, link in made.items()}
+            except Exception as error:  # the links stay /r/ for this message
+                log.warning("drops: short links not made", drop=context.drop.id, error=repr(error))
+                return False
+            slugs.update(found)
+        return True
+
     def _prepare(
         self,
         context: _DropContext,
@@ -387,9 +424,12 @@ class Sender:
         voucher: tuple[int, str] | None,
         message_id: str,
         now: datetime,
-    ) -> OutboundEmail | OutboundSms:
+    ) -> tuple[OutboundEmail | OutboundSms, set[str]]:
+        """The message, and the SMS destinations that have no short link yet (they are
+        `/r/{token}` links in this render)."""
         drop = context.drop
-        variant = context.variants[row.variant or next(iter(context.variants))]
+        variant_name = _variant_name(context, row)
+        variant = context.variants[variant_name]
         bucket = settings.bucket_of(
             contact.last_engaged_at, now, context.hot_days, context.warm_days
         )
@@ -398,7 +438,7 @@ class Sender:
         if row.channel == "email":
             assert contact.email is not None
             rendered = variant.render_email(bucket, values, links)
-            return OutboundEmail(
+            email = OutboundEmail(
                 message_id=message_id,
                 to=contact.email,
                 from_address=drop.from_email,
@@ -409,15 +449,18 @@ class Sender:
                 headers=unsubscribe.unsubscribe_headers_for(links.unsubscribe_url),
                 org_id=drop.org_id,
             )
+            return email, set()
         assert contact.phone is not None
+        links.slug_of = context.short_slugs.get(variant_name, {}).get
         rendered_sms = variant.render_sms(bucket, values, links)
-        return OutboundSms(
+        sms = OutboundSms(
             to=contact.phone,
             from_number=drop.sms_from,
             body=rendered_sms.body,
             status_callback=context.sms_status_url,
             org_id=drop.org_id,
         )
+        return sms, links.missing
 
     async def _skip(self, row: Claimed, reason: str) -> None:
         """The last-moment check refused the row (an opt-out since the batch was read)."""
@@ -620,6 +663,10 @@ class _Ask:
     def release(self) -> None:
         """The provider call returned (or never started): the row lock may go."""
         self.done.set()
+
+
+def _variant_name(context: _DropContext, row: Claimed) -> str:
+    return row.variant or next(iter(context.variants))
 
 
 def _refusal(row: Claimed, contact: Contact | consent.ConsentNow | None) -> str | None:

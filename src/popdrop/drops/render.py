@@ -47,6 +47,7 @@ from popdrop.drops.sandbox import (
 from popdrop.drops.tracking import (
     Link,
     LinkTracker,
+    Shortener,
     Tracker,
     html_to_text,
     rewrite_html_links,
@@ -547,15 +548,18 @@ def render_sms(
     campaign: str,
     medium: Medium = "sms",
     no_track: Collection[str] = (),
+    shortener: Shortener | None = None,
 ) -> RenderedSms:
     """Render one recipient's SMS; segments are counted after the URLs are rewritten,
-    since the tracked URL is what the carrier bills."""
+    since the tracked URL (the short link where `shortener` gives one) is what the
+    carrier bills."""
     links = LinkTracker(
         tracker,
         base_url,
         medium,
         campaign,
         skip=untracked(context, no_track),
+        shortener=shortener,
     )
     body = links.rewrite_text(compiled.body.render(context)).strip()
     info = sms_length(body)

@@ -1,5 +1,6 @@
 """Links in drop content and the plain-text fallback: UTM parameters, tracked `/r/{token}`
-links (the tracker signs each destination; `no_track` keeps chosen ones as they are),
+links (the tracker signs each destination; `no_track` keeps chosen ones as they are), or,
+where a `shortener` gives one (SMS), a per-recipient short link `/s/{slug}/{recipient}`,
 finding and rewriting `href`s in HTML without reparsing it, extracting links for the seed
 test, and HTML → text for the text part. Pure: no database, no I/O.
 """
@@ -18,10 +19,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from popdrop.core.links import click_prefix
 
 Tracker = Callable[[str], str]  # destination URL (UTM added) → signed token for /r/{token}
+# destination URL (UTM added) → its absolute short URL, or None to keep the /r/{token} link
+Shortener = Callable[[str], str | None]
 
 
 @functools.lru_cache(maxsize=4096)  # the same shop links recur in every message of a drop
-@functools.lru_cache(maxsize=4096)  # a drop's links repeat in every message
 def add_utm(url: str, medium: str, campaign: str) -> str:
     """Append utm_source=popdrop, utm_medium and utm_campaign — unless the URL already
     carries any utm_* parameter (the author's tagging wins, all of it). The existing query
@@ -50,7 +52,7 @@ def _trim(url: str) -> str:
 @dataclass(frozen=True)
 class Link:
     url: str  # the destination, UTM parameters included
-    tracked: str  # {base_url}/r/{token}
+    tracked: str  # {base_url}/r/{token}, or the short link {base_url}/s/{slug}/{recipient}
 
 
 def untracked(context: Mapping[str, Any], no_track: Collection[str]) -> set[str]:
@@ -68,8 +70,10 @@ class LinkTracker:
         medium: str,
         campaign: str,
         skip: Collection[str],
+        shortener: Shortener | None = None,
     ) -> None:
         self.tracker = tracker
+        self.shortener = shortener
         self.prefix = click_prefix(base_url)
         self.medium = medium
         self.campaign = campaign
@@ -88,7 +92,9 @@ class LinkTracker:
             return url
         if stripped not in self.links:
             destination = add_utm(stripped, self.medium, self.campaign)
-            self.links[stripped] = Link(destination, self.prefix + self.tracker(destination))
+            short = self.shortener(destination) if self.shortener is not None else None
+            tracked = short or self.prefix + self.tracker(destination)
+            self.links[stripped] = Link(destination, tracked)
         return self.links[stripped].tracked
 
     def rewrite_text(self, text: str) -> str:
