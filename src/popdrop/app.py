@@ -199,6 +199,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
 
     from popdrop.attribution.api import public_router as attribution_public
     from popdrop.attribution.api import router as attribution_api
+    from popdrop.attribution.pages import router as attribution_pages
     from popdrop.audience.api import router as audience_api
     from popdrop.audience.pages import public_router as audience_public_pages
     from popdrop.audience.pages import router as audience_pages
@@ -229,6 +230,7 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.inventory.parts_pages import router as part_pages
     from popdrop.partners.api import public_router as partners_public
     from popdrop.partners.api import router as partners_api
+    from popdrop.partners.pages import router as partners_pages
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.rsvp.pages import router as rsvp_pages
     from popdrop.usecases.guest_list_pages import router as guest_pages
@@ -270,6 +272,8 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         order_pages,
         attribution_api,
         partners_api,
+        attribution_pages,
+        partners_pages,
         privacy_api,
         privacy_pages,
         guest_pages,
