@@ -306,11 +306,26 @@ def token_create(
             help=f"Repeat for each scope (added to --role's): {', '.join(sorted(accounts.SCOPES))}."
         ),
     ] = None,
+    acts_for: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="A partner's token: the partner's login email (the contact email of its "
+            "partner rows). It then sees only that partner's orders, POS sales, codes and "
+            "links. Required with --role partner.",
+        ),
+    ] = None,
 ) -> None:
     """Create an API token from a role's scopes and/or single scopes; it is printed once
     and stored only as a keyed hash."""
     if role is not None and role not in ROLES:
         raise typer.BadParameter(f"one of {', '.join(ROLES)}", param_hint="--role")
+    if role == "partner" and not acts_for:
+        raise typer.BadParameter(
+            "a partner token acts for one partner: give its login email", param_hint="--for"
+        )
+    if acts_for is not None and "@" not in acts_for:
+        raise typer.BadParameter("an email address", param_hint="--for")
     chosen = [*(ROLES[role] if role else ()), *(scope or ())]
 
     async def go(settings: Settings, db: Database, signer: Signer) -> None:
@@ -324,6 +339,7 @@ def token_create(
                 scopes=accounts.parse_scopes(chosen),
                 created_by=f"cli:{getpass.getuser()}",
                 now=_now(),
+                acts_for=acts_for,
             )
         err.print(f"token {token.id} ({token.scopes}) — shown once, store it now:")
         print(plaintext)

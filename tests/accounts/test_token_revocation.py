@@ -141,10 +141,24 @@ def test_token_create_needs_a_role_or_a_scope(tmp_path: Path) -> None:
         assert nothing.returncode == 2 and "at least one scope" in nothing.stderr
         wrong = server.cli("token", "create", "--org", "roles", "--name", "x", "--role=boss")
         assert wrong.returncode == 2 and "owner" in wrong.stderr
-        _, partner = created_token(server, "--org", "roles", "--name", "p", "--role", "partner")
+        anonymous = server.cli("token", "create", "--org", "roles", "--name", "p", "--role=partner")
+        assert anonymous.returncode == 2 and "--for" in anonymous.stderr
+        _, partner = created_token(
+            server,
+            "--org",
+            "roles",
+            "--name",
+            "p",
+            "--role",
+            "partner",
+            "--for",
+            "pat@corner.example",
+        )
         scopes = httpx.get(f"{server.base_url}/api/v1/me", headers=bearer(partner), timeout=10)
-        # A partner's token reads orders and its POS sales, and its till redeems codes.
+        # A partner's token reads orders and its POS sales, and its till redeems codes; it
+        # stands for the partner's login.
         assert scopes.json()["scopes"] == ["orders:read", "pos:read", "pos:redeem"]
+        assert scopes.json()["role"] == "partner"
         _, both = created_token(
             server, "--org", "roles", "--name", "v", "--role", "volunteer", "--scope", "chat:read"
         )

@@ -5,6 +5,8 @@ takes a token; the drop preview's `contact_id` in the query; `/favicon.ico`; and
 
 from __future__ import annotations
 
+import re
+
 import httpx
 from openapi_spec_validator import validate
 
@@ -32,7 +34,7 @@ async def test_the_openapi_document_is_valid_and_declares_the_bearer_scheme(
 
 
 def _placeholders(path: str) -> list[str]:
-    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    return re.findall(r"\{(\w+)\}", path)  # also inside a segment: /qr.{fmt}
 
 
 async def test_the_drop_preview_takes_contact_id_from_the_query(

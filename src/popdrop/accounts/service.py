@@ -104,10 +104,19 @@ class Principal:
     actor: str
     role: str
     scopes: frozenset[str] = field(default_factory=frozenset)
+    acts_for: str | None = None  # a partner token's partner login (email)
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
             raise PopdropError("forbidden", f"this needs the {scope!r} permission")
+
+
+def partner_email(principal: Principal) -> str:
+    """The partner login a `partner` principal stands for: a partner token's `acts_for`,
+    or the logged-in partner user's email."""
+    if principal.acts_for:
+        return principal.acts_for
+    return principal.actor.split(":", 1)[1] if ":" in principal.actor else principal.actor
 
 
 def with_implied(scopes: frozenset[str]) -> frozenset[str]:
@@ -140,7 +149,7 @@ def principal_id(principal: Principal) -> str:
     """Who is calling, in at most 64 characters and stable across a token's renaming:
     `token:<id>` for an API token, else the actor (hashed when longer). Binds an
     `Idempotency-Key` to its caller."""
-    if principal.role == "token" and principal.actor.startswith("token:"):
+    if principal.role in ("token", "partner") and principal.actor.startswith("token:"):
         return ":".join(principal.actor.split(":", 2)[:2])
     if len(principal.actor) <= 64:
         return principal.actor
@@ -309,8 +318,12 @@ async def create_token(
     scopes: frozenset[str],
     created_by: str,
     now: datetime,
+    acts_for: str | None = None,
 ) -> tuple[ApiToken, str]:
-    """Return the row and the plaintext token; the plaintext is never stored or shown again."""
+    """Return the row and the plaintext token; the plaintext is never stored or shown again.
+
+    `acts_for` (a partner login's email) makes it a partner's token: it resolves to the
+    `partner` role, so it sees only that partner's data whatever its scopes."""
     plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(
         org_id=org_id,
@@ -320,6 +333,7 @@ async def create_token(
         scopes=" ".join(sorted(scopes)),
         created_at=now,
         created_by=created_by,
+        acts_for=acts_for.lower() if acts_for else None,
     )
     session.add(token)
     await session.flush()
@@ -379,7 +393,10 @@ async def resolve_token(
     if token is None:
         raise PopdropError("unauthorized", "unknown or revoked API token")
     scopes = with_implied(frozenset(token.scopes.split()))
-    principal = Principal(token.org_id, f"token:{token.id}:{token.name}", "token", scopes)
+    role = "partner" if token.acts_for else "token"
+    principal = Principal(
+        token.org_id, f"token:{token.id}:{token.name}", role, scopes, acts_for=token.acts_for
+    )
     if cache_ttl > 0:
         TOKEN_CACHE.put(key, principal, cache_ttl)
     return principal

@@ -46,7 +46,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
-from popdrop.accounts.service import Principal, system_principal
+from popdrop.accounts.service import Principal, partner_email, system_principal
 from popdrop.attribution import service as attribution
 from popdrop.commerce import pricing, receipts, units
 from popdrop.commerce.lifecycle import (
@@ -879,7 +879,7 @@ def _out(
 
 def _partner_events(principal: Principal) -> Any:
     """The events a partner user works at (partner rows naming their login, or staffing)."""
-    email = principal.actor.split(":", 1)[1] if ":" in principal.actor else principal.actor
+    email = partner_email(principal)
     partnered = select(Partner.event_id).where(
         Partner.org_id == principal.org_id, func.lower(Partner.contact_email) == email.lower()
     )

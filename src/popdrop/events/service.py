@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.models import User
-from popdrop.accounts.service import Principal
+from popdrop.accounts.service import Principal, partner_email
 from popdrop.core.errors import PopdropError
 from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import EVENT_LIFECYCLE, EventStatus
@@ -182,7 +182,7 @@ def partners_of(principal: Principal) -> Select[int]:
     One rule for every domain that shows a partner its own data (orders, POS sales,
     codes, links, reports); a subquery, so callers filter with `.in_(partners_of(p))`.
     """
-    email = principal.actor.split(":", 1)[1] if ":" in principal.actor else principal.actor
+    email = partner_email(principal)
     return select(Partner.id).where(
         Partner.org_id == principal.org_id, func.lower(Partner.contact_email) == email.lower()
     )

@@ -19,12 +19,22 @@ router = APIRouter(prefix="/api/v1", tags=["accounts"])
 class Me(BaseModel):
     org_id: int
     actor: str
+    role: str = Field(description="`token` for an API token, `partner` for a partner's one")
+    acts_for: str | None = Field(default=None, description="A partner token's partner login")
     scopes: list[str]
 
 
 class TokenCreate(StrictInput):
     name: str = Field(min_length=1, max_length=200)
     scopes: list[str] = Field(min_length=1, max_length=20)
+    acts_for: str | None = Field(
+        default=None,
+        min_length=3,
+        max_length=254,
+        pattern=r"^[^@\s]+@[^@\s]+$",
+        description="A partner's token: the partner's login email. The token then sees "
+        "only that partner's orders, POS sales, codes and links, whatever its scopes.",
+    )
 
 
 class TokenOut(BaseModel):
@@ -42,7 +52,13 @@ class TokenCreated(TokenOut):
 
 @router.get("/me", response_model=Me, responses=error_responses(401))
 async def me(principal: ApiPrincipal) -> Me:
-    return Me(org_id=principal.org_id, actor=principal.actor, scopes=sorted(principal.scopes))
+    return Me(
+        org_id=principal.org_id,
+        actor=principal.actor,
+        role=principal.role,
+        acts_for=principal.acts_for,
+        scopes=sorted(principal.scopes),
+    )
 
 
 @router.get("/tokens", response_model=list[TokenOut], responses=error_responses(401, 403))
@@ -83,6 +99,7 @@ async def create_token(body: TokenCreate, principal: ApiPrincipal, ctx: Ctx) -> 
             scopes=scopes,
             created_by=principal.actor,
             now=ctx.clock.now(),
+            acts_for=body.acts_for,
         )
     return TokenCreated(
         id=token.id,
