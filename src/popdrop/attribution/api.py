@@ -116,7 +116,7 @@ async def redirect(slug: str, request: Request) -> Response:
 
 
 def _base(ctx: AppContext) -> str:
-    return ctx.settings.base_url
+    return ctx.settings.short_links_base
 
 
 @router.post(

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         "them (check-in keys) still opens; `popdrop checkin rotate-keys` reseals it.",
     )
     base_url: str = "http://127.0.0.1:8000"
+    # Short links (`/s/{slug}`) are printed on this origin when set (a short domain that
+    # reaches this server, e.g. https://pd.example); otherwise on `base_url`.
+    short_base_url: str | None = None
     log_level: str = "INFO"
     log_requests: bool = True
     max_body_bytes: int = 1_048_576
@@ -126,6 +129,10 @@ class Settings(BaseSettings):
     stripe_api_base: str = "https://api.stripe.com"
     stripe_webhook_secrets: str = ""
     stripe_webhook_tolerance_seconds: int = Field(default=300, ge=1)
+
+    @property
+    def short_links_base(self) -> str:
+        return (self.short_base_url or self.base_url).rstrip("/")
 
     @property
     def resolved_database_url(self) -> str:
