@@ -16,6 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts import service as accounts
 from popdrop.accounts.models import Organization, User
 from popdrop.accounts.service import ROLES, Principal
+from popdrop.attribution import service as attribution
+from popdrop.attribution.models import Channel, PromoCode, ShortLink, TargetKind
+from popdrop.attribution.schemas import LinkTags, LinkTarget, PromoCodeCreate, ShortLinkCreate
 from popdrop.audience import segments
 from popdrop.audience import settings as audience_settings
 from popdrop.audience.models import (
@@ -48,7 +51,7 @@ from popdrop.drops import service as drops
 from popdrop.drops.models import Drop, SendRow
 from popdrop.drops.schemas import DropCreate
 from popdrop.events import service as events
-from popdrop.events.models import Event
+from popdrop.events.models import Event, Partner
 from popdrop.events.schemas import (
     EventCreate,
     LaneCreate,
@@ -58,6 +61,9 @@ from popdrop.events.schemas import (
 )
 from popdrop.inventory import service as inventory
 from popdrop.inventory.schemas import HoldCreate, ProductCreate, StockSet
+from popdrop.partners import service as partners
+from popdrop.partners.contract import PosLine, PosSaleV1, PosSource, PosTotals
+from popdrop.partners.lifecycle import PosProvider
 from popdrop.rsvp import service as rsvps
 from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.vouchers import service as vouchers
@@ -163,13 +169,27 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
     checkout = (
         await fresh_checkout_link(settings, db, signer, org.id, event.id, now) if event else ""
     )
+    short_link = ""
+    if event is not None:
+        async with db.transaction() as session:
+            short_link = await _seed_attribution(session, signer, principal, settings, event, now)
     async with db.reader() as session:
         audience_line = await _audience_summary(session, principal, now)
         drop_line = await _drop_summary(session, principal, settings.base_url)
     return {
         "audience": audience_line,
         "drop": drop_line,
-        "event_url": links.event_url(settings.base_url, event.id) if event else "",
+        # One printed line: the event page, its short link and the attribution pages.
+        "event_url": (
+            f"{links.event_url(settings.base_url, event.id)}  · short {short_link}"
+            f"  · links & codes {settings.base_url}/links"
+            f"  · POS sales {settings.base_url}/partners/sales"
+            if event
+            else ""
+        ),
+        "short_link": short_link,
+        "links_url": f"{settings.base_url}/links",
+        "pos_url": f"{settings.base_url}/partners/sales",
         "event_id": event.id if event else None,
         "chat_url": links.chat_url(settings.base_url, DEMO_ORG),
         "checkout_url": checkout,
@@ -392,6 +412,87 @@ async def _seed_commerce(
         OrderSource.LANE,
     )  # fmt: skip
     await settlement.mark_paid_at_lane(session, owner, tote.id, tender="cash", now=now)
+
+
+DEMO_CAMPAIGN = "opening-weekend"
+
+
+async def _seed_attribution(
+    session: AsyncSession,
+    signer: Signer,
+    owner: Principal,
+    settings: Settings,
+    event: Event,
+    now: datetime,
+) -> str:
+    """Attribution, once per demo organization: a promo code of the café partner, a
+    poster short link to the event page, the café's till connected (Standard Webhooks)
+    and two of its sales ingested through the real service — one with the promo code, so
+    it is attributed to the café. Returns the poster link's short URL."""
+    poster = await session.scalar(
+        select(ShortLink).where(
+            ShortLink.org_id == owner.org_id,
+            ShortLink.event_id == event.id,
+            ShortLink.utm_campaign == DEMO_CAMPAIGN,
+        )
+    )
+    if poster is not None:  # seeded by an earlier run
+        return attribution.short_url(settings.base_url, poster.slug)
+    partner = await session.scalar(
+        select(Partner).where(Partner.event_id == event.id).order_by(Partner.id).limit(1)
+    )
+    poster = await attribution.create_short_link(
+        session,
+        owner,
+        ShortLinkCreate(
+            target=LinkTarget(kind=TargetKind.EVENT, id=event.id),
+            tags=LinkTags(channel=Channel.POSTER, utm_source="poster", utm_campaign=DEMO_CAMPAIGN),
+        ),
+        now=now,
+    )
+    if partner is None:
+        return attribution.short_url(settings.base_url, poster.slug)
+    promo: PromoCode = await attribution.create_promo_code(
+        session,
+        owner,
+        PromoCodeCreate(
+            label="Café counter", event_id=event.id, partner_id=partner.id,
+            channel=Channel.PARTNER, prefix="CAFE",
+        ),
+        now=now,
+        signer=signer,
+    )  # fmt: skip
+    till = await partners.create_connection(
+        session, owner, partner_id=partner.id, provider=PosProvider.STANDARD,
+        account_id="cafe-demo", location_id="counter", notification_url=None, secret=None,
+        base_url=settings.base_url, now=now,
+    )  # fmt: skip
+    sales: list[tuple[str, list[PosLine], list[str]]] = [
+        ("demo-sale-1", [PosLine(sku="COLD-BREW", quantity=2, unit_price_minor=400)], []),
+        (
+            "demo-sale-2",
+            [PosLine(sku="TOTE", quantity=1, unit_price_minor=1500, discount_minor=150)],
+            [promo.code] if promo.code else [],
+        ),
+    ]
+    for number, (external_id, lines, codes) in enumerate(sales):
+        subtotal = sum(line.quantity * line.unit_price_minor for line in lines)
+        discount = sum(line.discount_minor for line in lines)
+        sale = PosSaleV1(
+            source=PosSource(provider="demo-till", account="cafe-demo", location="counter"),
+            external_id=external_id,
+            event_id=f"{external_id}-created",
+            occurred_at=now - timedelta(minutes=30 - 10 * number),
+            currency="EUR",
+            lines=lines,
+            totals=PosTotals(
+                subtotal_minor=subtotal, discount_minor=discount, total_minor=subtotal - discount
+            ),
+            payment_methods=["card"],
+            codes=codes,
+        )
+        await partners.ingest(session, signer, till.connection, sale, topic="pos.sale.v1", now=now)
+    return attribution.short_url(settings.base_url, poster.slug)
 
 
 def _only_size(variants: dict[tuple[str, str], int], title: str) -> str:

@@ -235,3 +235,46 @@ async def test_a_partner_sees_only_its_own_links_and_codes_and_creates_none(
     )
     assert tried.status_code == 403 and "forbidden" in tried.text
     assert await count(ctx, ShortLink, tenant.org_id) == before
+
+
+async def test_the_demo_seeds_a_promo_code_a_poster_link_a_till_and_its_sales(
+    app_client: httpx.AsyncClient, ctx: AppContext
+) -> None:
+    from popdrop import demo
+    from popdrop.accounts import service as accounts
+    from popdrop.attribution.models import SaleTouch
+    from popdrop.partners.models import PosConnection, PosSale
+
+    first = await demo.seed(ctx.settings, ctx.db, ctx.signer)
+    again = await demo.seed(ctx.settings, ctx.db, ctx.signer)  # a re-run adds nothing
+    assert first["short_link"] == again["short_link"]
+    assert re.fullmatch(r"https?://\S+/s/[\w-]{11}", first["short_link"])
+    assert first["short_link"] in first["event_url"] and "/e/" in first["event_url"]
+    assert "/links" in first["event_url"] and "/partners/sales" in first["event_url"]
+    async with ctx.db.reader() as session:
+        org = await accounts.get_organization_by_slug(session, demo.DEMO_ORG)
+        links = list(await session.scalars(select(ShortLink).where(ShortLink.org_id == org.id)))
+        promos = list(await session.scalars(select(PromoCode).where(PromoCode.org_id == org.id)))
+        tills = await count(ctx, PosConnection, org.id)
+        sales = list(await session.scalars(select(PosSale).where(PosSale.org_id == org.id)))
+        touches = list(
+            await session.scalars(
+                select(SaleTouch).where(
+                    SaleTouch.org_id == org.id, SaleTouch.sale_kind == "pos_sale"
+                )
+            )
+        )
+    [poster] = [link for link in links if link.utm_campaign == "opening-weekend"]
+    assert (poster.target_kind, poster.channel) == ("event", "poster")
+    [promo] = promos
+    assert promo.partner_id is not None and promo.event_id == poster.target_id
+    assert tills == 1 and len(sales) == 2
+    # The sale with the café's code is attributed to the café's code, first and last.
+    assert {(t.touch, t.via, t.promo_code_id, t.partner_id) for t in touches} == {
+        ("first", "code", promo.id, promo.partner_id),
+        ("last", "code", promo.id, promo.partner_id),
+    }
+    # The short link opens the demo event's page.
+    slug = first["short_link"].rsplit("/", 1)[1]
+    opened = await visit(app_client, slug)
+    assert opened.status_code == 302 and f"/e/{poster.target_id}" in opened.headers["location"]
