@@ -173,17 +173,18 @@ async def preview(
         variants = {v.name: v for v in await service.variants_of(session, drop.id)}
         chosen = variants.get(variant or "") or next(iter(variants.values()))
         settings = await audience_settings.get_settings(session, principal.org_id)
+        event = await service.event_of(session, drop)
     compiled = content.compile_variant(chosen.content)
     now = ctx.clock.now()
     bucket = audience_settings.bucket_of(
         contact.last_engaged_at, now, settings.hot_days, settings.warm_days
     )
     links = content.Links(ctx.signer, ctx.settings.base_url, drop, None, contact)
-    values = content.context_for(drop, contact, None, (0, "PREVIEW-CODE"), links)
+    values = content.context_for(drop, contact, event, (0, "PREVIEW-CODE"), links)
     sms_links = content.Links(
         ctx.signer, ctx.settings.base_url, drop, None, contact, slug_of=content.preview_slug
     )
-    sms_values = content.context_for(drop, contact, None, (0, "PREVIEW-CODE"), sms_links)
+    sms_values = content.context_for(drop, contact, event, (0, "PREVIEW-CODE"), sms_links)
     answer: dict[str, Any] = {"variant": chosen.name, "bucket": bucket}
     if "email" in drop.channels.split():
         email = compiled.render_email(bucket, values, links)

@@ -201,6 +201,16 @@ async def list_drops(session: AsyncSession, principal: Principal) -> list[Drop]:
     )
 
 
+async def event_of(session: AsyncSession, drop: Drop) -> Event | None:
+    """The drop's event (its `event.url` and times in the templates), if it has one."""
+    if drop.event_id is None:
+        return None
+    found: Event | None = await session.scalar(
+        select(Event).where(Event.id == drop.event_id, Event.org_id == drop.org_id)
+    )
+    return found
+
+
 async def variants_of(session: AsyncSession, drop_id: int) -> list[DropVariant]:
     return list(
         (
