@@ -1,7 +1,7 @@
 """Short links in a real browser at 390 px: a `popdrop serve` process driven by Playwright
 on Debian's chromium. The host opens /links, creates a link to the event page through the
 form, lands on the link's page, its QR image loads (and decodes to the short URL's page),
-and neither page scrolls sideways on a phone.
+and neither these pages nor the POS page scroll sideways on a phone.
 
 Screenshots land in $POPDROP_SCREENSHOTS when set, else in tmp_path.
 """
@@ -93,5 +93,11 @@ def test_host_creates_a_short_link_on_a_phone_and_its_qr_loads(tmp_path: Path, s
                 page.go_back()
                 page.goto(f"{server.base_url}/links")
                 expect(page.locator("table.links tbody tr")).to_have_count(1)
+                # The POS page, from the nav, fits the phone too.
+                page.get_by_role("navigation").get_by_role("link", name="POS").click()
+                expect(page.locator("#new-connection")).to_be_visible()
+                wide = page.evaluate("document.documentElement.scrollWidth")
+                assert wide <= PHONE["width"], f"/partners/sales is {wide}px wide on a phone"
+                page.screenshot(path=str(shots / "pos-page.png"), full_page=True)
             finally:
                 browser.close()
