@@ -158,8 +158,20 @@ async def test_promo_code_is_shown_once_and_listed_with_its_tags(
         {"name": "Corner café", "contact_email": "cafe@corner.example"},
     )
     await login(app_client, ctx, tenant, "owner")
-    refused = await submit(app_client, "/links/promo-codes", {"event_id": shop.event_id})
-    assert refused.status_code == 422 and "a name for the code" in refused.text
+    other = await make_tenant(ctx)
+    foreign = await make_shop(app_client, other, ctx.clock.now())
+    second = await make_shop(app_client, tenant, ctx.clock.now(), slug="second-shop")
+    refusals: list[tuple[dict[str, Any], int, str]] = [
+        ({"event_id": shop.event_id}, 422, "a name for the code"),
+        ({"label": "x", "event_id": foreign.event_id}, 404, "not found"),
+        ({"label": "x", "event_id": second.event_id, "partner_id": partner["id"]}, 422,
+         "this partner is of another event"),
+        ({"label": "x" * 201}, 422, "at most 200 characters"),
+    ]  # fmt: skip
+    for fields, status, message in refusals:
+        refused = await submit(app_client, "/links/promo-codes", fields)
+        assert refused.status_code == status, (fields, refused.text)
+        assert message in refused.text and 'id="new-promo"' in refused.text
     assert await count(ctx, PromoCode, tenant.org_id) == 0
 
     made = await submit(
