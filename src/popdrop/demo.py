@@ -437,7 +437,7 @@ async def _seed_attribution(
         )
     )
     if poster is not None:  # seeded by an earlier run
-        return attribution.short_url(settings.base_url, poster.slug)
+        return attribution.short_url(settings.short_links_base, poster.slug)
     partner = await session.scalar(
         select(Partner).where(Partner.event_id == event.id).order_by(Partner.id).limit(1)
     )
@@ -451,7 +451,7 @@ async def _seed_attribution(
         now=now,
     )
     if partner is None:
-        return attribution.short_url(settings.base_url, poster.slug)
+        return attribution.short_url(settings.short_links_base, poster.slug)
     promo: PromoCode = await attribution.create_promo_code(
         session,
         owner,
@@ -492,7 +492,7 @@ async def _seed_attribution(
             codes=codes,
         )
         await partners.ingest(session, signer, till.connection, sale, topic="pos.sale.v1", now=now)
-    return attribution.short_url(settings.base_url, poster.slug)
+    return attribution.short_url(settings.short_links_base, poster.slug)
 
 
 def _only_size(variants: dict[tuple[str, str], int], title: str) -> str:

@@ -104,3 +104,19 @@ async def test_web_chat_keeps_full_links(
     async with ctx.db.reader() as session:
         stored = await session.scalar(select(func.count()).where(ShortLink.org_id == tenant.org_id))
     assert stored == 0
+
+
+async def test_sms_short_links_use_the_short_host_when_one_is_set(
+    app_client: httpx.AsyncClient,
+    ctx: AppContext,
+    tenant: Tenant,
+    hook: str,  # noqa: F811
+) -> None:
+    ctx.settings = ctx.settings.model_copy(update={"short_base_url": "https://go.example"})
+    shop = await make_shop(app_client, tenant, ctx.clock.now())
+    await publish(ctx, tenant, shop)
+    phone = "+33666666666"
+    await replies(app_client, hook, phone, "Hello")
+    await replies(app_client, hook, phone, "1")
+    reserved = "\n".join(await replies(app_client, hook, phone, "1"))
+    assert len(re.findall(r"https://go\.example/s/[\w-]{11}", reserved)) == 2, reserved

@@ -228,9 +228,6 @@ async def _links_page(
         "events": events,
         "partners": partners,
         "targets": {link.id: _target_label(link, events) for link in rows},
-        "short_urls": {
-            link.id: service.short_url(ctx.settings.base_url, link.slug) for link in rows
-        },
         "event_options": [(e.id, e.title) for e in events.values()],
         "partner_options": [
             (p.id, f"{p.name} · {events[p.event_id].title}" if p.event_id in events else p.name)
@@ -339,7 +336,7 @@ async def link_page(request: Request, link_id: ItemId, principal: Operator, ctx:
     context = {
         "principal": principal,
         "link": link,
-        "short_url": service.short_url(ctx.settings.base_url, link.slug),
+        "short_url": service.short_url(ctx.settings.short_links_base, link.slug),
         "target": _target_label(link, events),
         "event": events.get(link.event_id) if link.event_id else None,
         "partner": partners.get(link.partner_id) if link.partner_id else None,
@@ -360,7 +357,7 @@ async def link_qr(link_id: ItemId, fmt: str, principal: Operator, ctx: Ctx) -> R
         raise PopdropError("not_found", "page not found")
     async with ctx.db.reader() as session:
         link = await service.get_link(session, principal, link_id)
-    url = service.short_url(ctx.settings.base_url, link.slug)
+    url = service.short_url(ctx.settings.short_links_base, link.slug)
     if fmt == "png":
         return Response(qr.png_bytes(url), media_type="image/png", headers=NO_STORE)
     return Response(qr.svg_bytes(url), media_type="image/svg+xml", headers=NO_STORE)

@@ -61,6 +61,9 @@ class ChatDeps:
 
     signer: Signer
     base_url: str = "http://127.0.0.1:8000"
+    # Where short links (`/s/{slug}`) are served, when a short host is configured; SMS
+    # links use it (empty: `base_url`).
+    short_base_url: str = ""
 
 
 def chat_principal(org_id: int) -> Principal:

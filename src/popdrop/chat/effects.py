@@ -448,7 +448,7 @@ class Effects:
                 channel=Channel(conv.channel), conversation_id=conv.id, event_id=conv.event_id
             ),
             now=self.now,
-            base_url=self.deps.base_url,
+            base_url=self.deps.short_base_url or self.deps.base_url,
         )
 
     async def _ticket_secrets(self, ticket_id: int, secret: str) -> dict[str, str]:

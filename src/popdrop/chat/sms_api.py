@@ -22,7 +22,7 @@ async def sms_inbound(token: str, request: Request, ctx: Ctx) -> Response:
     org_id = links.read_webhook(ctx.signer, token)
     message = twilio.parse_inbound(await webhooks.twilio_params(ctx.settings, request))
     # Keywords first (shared audience handling), then the chat flow: popdrop.chat.sms.
-    deps = ChatDeps(ctx.signer, ctx.settings.base_url)
+    deps = ChatDeps(ctx.signer, ctx.settings.base_url, ctx.settings.short_links_base)
     replies = await sms.reply_to(
         ctx.db, deps, org_id=org_id, sender=message.sender, body=message.body, now=ctx.clock.now()
     )
