@@ -278,3 +278,36 @@ async def test_preview_and_drop_page_count_sms_segments_with_short_links(
     # 8 + 100 + 1 characters and a ~45-character short link: one segment; the same text
     # with a /r/ token link (~150 characters) would take two.
     assert label.group(1) == "1 segment · GSM-7"
+
+
+async def test_a_link_too_long_for_a_short_link_still_leads_on(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    await add_contact(app_client, tenant, email="fan@x.io", phone="+33611111111")
+    long_url = "https://shop.example/p?q=" + "x" * 2100
+    spec = drop_spec(
+        channels=["email", "sms"],
+        variants=[
+            {
+                "name": "A",
+                "content": {
+                    "email": {"default": {"subject": "On", "text": long_url}},
+                    "sms": {"default": {"body": "https://shop.example/p?q={{ 'x' * 2100 }}"}},
+                },
+            }
+        ],
+    )
+    await started_drop(ctx, tenant, spec)
+    provider = Recorder()
+    await Sender(
+        ctx.db, ctx.signer, ctx.clock, ctx.settings.base_url, email=provider, sms=provider,
+        org_id=tenant.org_id,
+    ).run_until_idle()  # fmt: skip
+    assert len(provider.sent) == 2
+    for message in provider.sent:
+        text = message.text if isinstance(message, OutboundEmail) else message.body
+        [tracked] = re.findall(r"http://\S+/r/\S+", text)  # no short link for it
+        answer = await app_client.get(path_of(tracked), headers={"User-Agent": IPHONE})
+        assert answer.status_code == 302
+        assert answer.headers["location"].startswith(long_url)
+        assert "pd_click" not in answer.headers["location"]

@@ -48,6 +48,7 @@ def validate(content: ChannelContent) -> None:
 # The preview counts SMS segments with a short link of the real shape: an 11-character
 # slug and the recipient part of a 5-digit base-36 row id (the MAC is computed).
 PREVIEW_SLUG = "PREVIEWlink"
+MAX_SHORT_TARGET = 2000  # a short link's stored target is at most this long
 PREVIEW_ROW_ID = 36**5 - 1
 
 
@@ -83,7 +84,11 @@ class Links:
         return click_token(self.signer, self.drop.id, self.send_row_id, destination)
 
     def shortener(self, destination: str) -> str | None:
-        if self.slug_of is None or carries_secret(destination, self.secrets):
+        if (
+            self.slug_of is None
+            or len(destination) > MAX_SHORT_TARGET
+            or carries_secret(destination, self.secrets)
+        ):
             return None
         slug = self.slug_of(destination)
         if slug is None:

@@ -34,7 +34,8 @@ from popdrop.attribution.clicks import ClickRecorder
 from popdrop.attribution.models import Channel, ShortLink, TargetKind
 from popdrop.attribution.schemas import LinkTags, LinkTarget
 from popdrop.core import links
-from popdrop.core.errors import not_found
+from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.drops import content, outcomes
 from popdrop.drops.models import Drop, DropVariant, SendRow
@@ -125,14 +126,19 @@ async def follow_tracked(
     drop = await session.get(Drop, drop_id)
     if row is None or drop is None or row.drop_id != drop_id:
         return url
-    link = await drop_link(
-        session,
-        drop,
-        variant=await _variant_of(session, drop_id, row),
-        channel=row.channel,
-        destination=public_target(url, await _secrets_of(session, signer, drop, row)),
-        now=now,
-    )
+    try:
+        link = await drop_link(
+            session,
+            drop,
+            variant=await _variant_of(session, drop_id, row),
+            channel=row.channel,
+            destination=public_target(url, await _secrets_of(session, signer, drop, row)),
+            now=now,
+        )
+    except (PopdropError, ValueError) as error:  # a tag gone since the send, a huge URL
+        # The person still gets where the message promised; only attribution is lost.
+        log.warning("drops: click not attributable", drop=drop_id, error=repr(error))
+        return url
     click_id = redirects.record_visit(
         recorder,
         org_id=drop.org_id,
