@@ -205,7 +205,9 @@ def demo(
         f"API      Authorization: Bearer {info['token']}",
         f"Codes    {info['codes_file']}  (e.g. {info['sample_code']})",
         f"Claim    {info['sample_link']}",
-        f"Event    {info['event_url']}",
+        f"Event    {info['event_url']}  (poster short link: {info['short_link']})",
+        f"Links    {info['links_url']}  (short links, QR, clicks, promo codes)",
+        f"POS      {info['pos_url']}  (a partner till's sales, attributed by code)",
         f"Chat     {info['chat_url']}  (flows: {settings.base_url}/chat/flows)",
         f"Checkout {info['checkout_url']}  (a fresh 15-minute hold)",
         f"Orders   {settings.base_url}/events/{info['event_id']}/orders  · payments: "

@@ -179,14 +179,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
     return {
         "audience": audience_line,
         "drop": drop_line,
-        # One printed line: the event page, its short link and the attribution pages.
-        "event_url": (
-            f"{links.event_url(settings.base_url, event.id)}  · short {short_link}"
-            f"  · links & codes {settings.base_url}/links"
-            f"  · POS sales {settings.base_url}/partners/sales"
-            if event
-            else ""
-        ),
+        "event_url": links.event_url(settings.base_url, event.id) if event else "",
         "short_link": short_link,
         "links_url": f"{settings.base_url}/links",
         "pos_url": f"{settings.base_url}/partners/sales",

@@ -145,7 +145,7 @@ class Worker:
 
         db.on_commit_signal(OUTBOX_TOPIC, kick_outbox)
         self._busy = False
-        self.chat_deps = ChatDeps(signer, settings.base_url)
+        self.chat_deps = ChatDeps(signer, settings.base_url, settings.short_links_base)
         bot = None
         if settings.telegram_bot_token:
             bot = TelegramBot(settings.telegram_api_url, settings.telegram_bot_token)

@@ -47,7 +47,6 @@ from popdrop.web.templating import render
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 
 LIST_LIMIT = 200
-CODE_SHOWN = 4  # characters of a promo code the list shows
 LINK_FIELDS = (
     "target_kind", "event_id", "url", "partner_id", "channel", "utm_source", "utm_medium",
     "utm_campaign", "utm_content", "valid_from", "valid_until", "max_clicks", "fallback_url",
@@ -69,12 +68,6 @@ class LinksForms:
     promo: Form = field(default_factory=Form)
     problem: PopdropError | None = None
     new_code: PromoCode | None = None
-
-
-def masked(code: str | None) -> str:
-    if not code:
-        return "—"
-    return code[:CODE_SHOWN] + "•" * max(0, min(len(code) - CODE_SHOWN, 8))
 
 
 # ---------------------------------------------------------------- form parsing
@@ -235,7 +228,6 @@ async def _links_page(
         ],
         "channel_options": [(c.value, c.value) for c in Channel],
         "forms": forms,
-        "masked": masked,
         "can_write": "drops:write" in principal.scopes,
     }
     return render(request, "attribution/links.html", context, status=status)
