@@ -135,7 +135,7 @@ class ShortLink(Base):
     channel: Mapped[str | None] = mapped_column(String(16), nullable=True)
     conversation_id: Mapped[int | None] = mapped_column(BigId, nullable=True)
     promo_code_id: Mapped[int | None] = mapped_column(ForeignKey("promo_codes.id"), nullable=True)
-    # A digest of target + tags for links made by `short_url_for` (reused, not duplicated);
+    # A digest of target + tags for links made by `short_link_for` (reused, not duplicated);
     # None for links made through the API (each is its own).
     reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
