@@ -49,9 +49,14 @@ async def vip_segment(client: httpx.AsyncClient, tenant: Tenant) -> int:
 async def send_all(ctx: AppContext, tenant: Tenant, email: Recorder, sms: Recorder) -> None:
     """The drop's pipeline, its links on the app's own base URL (so the test follows them)."""
     sender = Sender(
-        ctx.db, ctx.signer, ctx.clock, ctx.settings.base_url, email=email, sms=sms,
+        ctx.db,
+        ctx.signer,
+        ctx.clock,
+        ctx.settings.base_url,
+        email=email,
+        sms=sms,
         org_id=tenant.org_id,
-    )  # fmt: skip
+    )
     await sender.run_until_idle()
 
 
@@ -121,8 +126,13 @@ async def test_an_email_click_and_a_till_code_name_the_drop_variant_and_segment(
 
     rows = await rows_of(ctx, drop_id)
     chosen = next((r for r in rows.values() if r.variant == "B"), next(iter(rows.values())))
-    message = next(m for m in email.sent if isinstance(m, OutboundEmail) and m.message_id and
-                   f"contact-{chosen.contact_id}." in m.message_id)  # fmt: skip
+    message = next(
+        m
+        for m in email.sent
+        if isinstance(m, OutboundEmail)
+        and m.message_id
+        and f"contact-{chosen.contact_id}." in m.message_id
+    )
     assert message.subject == SUBJECTS[str(chosen.variant)]
     event_link, voucher_link = re.findall(r"http://\S+/r/\S+", message.text)
 

@@ -300,9 +300,14 @@ async def test_a_link_too_long_for_a_short_link_still_leads_on(
     await started_drop(ctx, tenant, spec)
     provider = Recorder()
     await Sender(
-        ctx.db, ctx.signer, ctx.clock, ctx.settings.base_url, email=provider, sms=provider,
+        ctx.db,
+        ctx.signer,
+        ctx.clock,
+        ctx.settings.base_url,
+        email=provider,
+        sms=provider,
         org_id=tenant.org_id,
-    ).run_until_idle()  # fmt: skip
+    ).run_until_idle()
     assert len(provider.sent) == 2
     for message in provider.sent:
         text = message.text if isinstance(message, OutboundEmail) else message.body
