@@ -316,3 +316,21 @@ async def test_a_link_too_long_for_a_short_link_still_leads_on(
         assert answer.status_code == 302
         assert answer.headers["location"].startswith(long_url)
         assert "pd_click" not in answer.headers["location"]
+
+
+async def test_sms_links_are_printed_on_the_short_host(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now())
+    await add_contact(app_client, tenant, phone="+33611111111")
+    await started_drop(ctx, tenant, sms_spec(shop.event_id))
+    provider = Recorder()
+    drops_sender = sender(ctx, tenant, provider)
+    drops_sender.short_base_url = "https://pd.example"
+    await drops_sender.run_until_idle()
+    [message] = provider.sent
+    assert isinstance(message, OutboundSms)
+    [short] = re.findall(r"https://pd\.example/s/\S+", message.body)
+    # The short host reaches the same server: the path alone answers.
+    answer = await app_client.get(path_of(short), headers={"User-Agent": IPHONE})
+    assert answer.status_code == 302 and f"/e/{shop.event_id}?" in answer.headers["location"]

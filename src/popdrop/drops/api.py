@@ -182,7 +182,13 @@ async def preview(
     links = content.Links(ctx.signer, ctx.settings.base_url, drop, None, contact)
     values = content.context_for(drop, contact, event, (0, "PREVIEW-CODE"), links)
     sms_links = content.Links(
-        ctx.signer, ctx.settings.base_url, drop, None, contact, slug_of=content.preview_slug
+        ctx.signer,
+        ctx.settings.base_url,
+        drop,
+        None,
+        contact,
+        slug_of=content.preview_slug,
+        short_base_url=ctx.settings.short_links_base,
     )
     sms_values = content.context_for(drop, contact, event, (0, "PREVIEW-CODE"), sms_links)
     answer: dict[str, Any] = {"variant": chosen.name, "bucket": bucket}

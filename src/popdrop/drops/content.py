@@ -79,6 +79,8 @@ class Links:
     secrets: tuple[str, ...] = ()
     # Destinations that had no short link yet (kept as `/r/{token}` in this render).
     missing: set[str] = field(default_factory=set)
+    # Where `/s/` links are printed (`POPDROP_SHORT_BASE_URL`); None: on `base_url`.
+    short_base_url: str | None = None
 
     def tracker(self, destination: str) -> str:
         return click_token(self.signer, self.drop.id, self.send_row_id, destination)
@@ -95,7 +97,8 @@ class Links:
             self.missing.add(destination)
             return None
         row_id = self.send_row_id if self.send_row_id is not None else PREVIEW_ROW_ID
-        return drop_recipient_url(self.signer, self.base_url, slug, row_id)
+        base = self.short_base_url or self.base_url
+        return drop_recipient_url(self.signer, base, slug, row_id)
 
     @cached_property
     def unsubscribe_url(self) -> str | None:
@@ -172,12 +175,19 @@ def context_for(
 
 
 def preview_sms(
-    signer: Signer, base_url: str, drop: Drop, event: Event | None, body: str
+    signer: Signer,
+    base_url: str,
+    short_base_url: str | None,
+    drop: Drop,
+    event: Event | None,
+    body: str,
 ) -> render.RenderedSms:
     """An SMS template rendered as it would be sent (sample first name and code, the
     drop's short links in their real shape), for its segment count on the drop page.
     Raises `PopdropError` when the template does not render with sample values."""
-    links = Links(signer, base_url, drop, None, None, slug_of=preview_slug)
+    links = Links(
+        signer, base_url, drop, None, None, slug_of=preview_slug, short_base_url=short_base_url
+    )
     values = context_for(drop, None, event, (0, "PREVIEW-CODE"), links, first_name="Alex")
     return render.render_sms(
         render.compile_sms(body, custom_vars=None),

@@ -118,6 +118,8 @@ class Sender:
     # SMTP pool size and runs twice as many tasks, so rendering overlaps sending.
     in_flight: int | None = None
     org_id: int | None = None  # only this organization's drops (None: every organization)
+    # Where SMS short links are printed (`Settings.short_links_base`); None: `base_url`.
+    short_base_url: str | None = None
     _drops: dict[int, _DropContext] = field(default_factory=dict)
     # Consent reads holding their row locks at once (each holds a connection while its
     # group's provider calls run).
@@ -433,7 +435,9 @@ class Sender:
         bucket = settings.bucket_of(
             contact.last_engaged_at, now, context.hot_days, context.warm_days
         )
-        links = content.Links(self.signer, self.base_url, drop, row.id, contact)
+        links = content.Links(
+            self.signer, self.base_url, drop, row.id, contact, short_base_url=self.short_base_url
+        )
         values = content.context_for(drop, contact, context.event, voucher, links)
         if row.channel == "email":
             assert contact.email is not None
