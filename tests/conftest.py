@@ -147,6 +147,13 @@ async def database_url(
     return url
 
 
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data directory for every test that seeds the demo organization: the demo is
+    seeded once per database and its codes file is read again by any later seed."""
+    return tmp_path_factory.mktemp("demo")
+
+
 @pytest.fixture
 def backend(database_url: str) -> str:
     return "sqlite" if database_url.startswith("sqlite") else "postgresql"

@@ -106,6 +106,7 @@ class Worker:
             settings.base_url,
             email=email,
             sms=sms,
+            short_base_url=settings.short_base_url,
             lease_seconds=settings.send_lease_seconds,
             batch_size=settings.send_batch_size,
             # Twice the pool's tasks, so one message renders while another is on the wire;

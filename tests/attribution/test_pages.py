@@ -6,6 +6,7 @@ only its own links and codes."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -251,15 +252,16 @@ async def test_a_partner_sees_only_its_own_links_and_codes_and_creates_none(
 
 
 async def test_the_demo_seeds_a_promo_code_a_poster_link_a_till_and_its_sales(
-    app_client: httpx.AsyncClient, ctx: AppContext
+    app_client: httpx.AsyncClient, ctx: AppContext, demo_dir: Path
 ) -> None:
     from popdrop import demo
     from popdrop.accounts import service as accounts
     from popdrop.attribution.models import SaleTouch
     from popdrop.partners.models import PosConnection, PosSale
 
-    first = await demo.seed(ctx.settings, ctx.db, ctx.signer)
-    again = await demo.seed(ctx.settings, ctx.db, ctx.signer)  # a re-run adds nothing
+    settings = ctx.settings.model_copy(update={"data_dir": demo_dir})
+    first = await demo.seed(settings, ctx.db, ctx.signer)
+    again = await demo.seed(settings, ctx.db, ctx.signer)  # a re-run adds nothing
     assert first["short_link"] == again["short_link"]
     assert re.fullmatch(r"https?://\S+/s/[\w-]{11}", first["short_link"])
     assert "/e/" in first["event_url"]

@@ -10,6 +10,7 @@ import html
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -476,11 +477,12 @@ async def test_a_volunteer_is_refused_and_a_stranger_sent_to_login(
 
 
 async def test_the_demo_seeds_a_vip_drop_whose_seed_test_passed(
-    app_client: httpx.AsyncClient, ctx: AppContext
+    app_client: httpx.AsyncClient, ctx: AppContext, demo_dir: Path
 ) -> None:
     from popdrop import demo
 
-    info = await demo.seed(ctx.settings, ctx.db, ctx.signer)
+    settings = ctx.settings.model_copy(update={"data_dir": demo_dir})
+    info = await demo.seed(settings, ctx.db, ctx.signer)
     async with ctx.db.reader() as session:
         org = await accounts.get_organization_by_slug(session, demo.DEMO_ORG)
         drop = await session.scalar(select(Drop).where(Drop.org_id == org.id))
