@@ -38,8 +38,8 @@ from popdrop.checkin.models import Ticket
 from popdrop.core import links
 from popdrop.core.cache import ProcessCache
 from popdrop.core.errors import PopdropError
+from popdrop.core.links import CLICK_PARAM  # the landing pages read it back
 from popdrop.core.signing import Signer
-from popdrop.web.clicks import CLICK_PARAM  # the landing pages read it back
 
 VIEW_TTL_SECONDS = 30.0
 SLUG_RE = re.compile(r"^[A-Za-z0-9_-]{10,32}$")

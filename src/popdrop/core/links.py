@@ -361,6 +361,10 @@ def _contact_ref(payload: Any) -> ContactRef:
 # ---------------------------------------------------------------- drop click tracking
 
 
+# The query parameter a short-link redirect hands the landing page its click id in.
+CLICK_PARAM = "pd_click"
+
+
 def click_prefix(base_url: str) -> str:
     """Tracked links are this prefix plus a `click_token`."""
     return absolute(base_url, "/r/")

@@ -13,7 +13,8 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response
 
-CLICK_PARAM = "pd_click"
+from popdrop.core.links import CLICK_PARAM
+
 FIRST_CLICK_COOKIE = "pd_first_click"
 LAST_CLICK_COOKIE = "pd_last_click"
 ATTRIBUTION_WINDOW_DAYS = 30
