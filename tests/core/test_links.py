@@ -37,6 +37,7 @@ def test_purpose_strings_never_change() -> None:
         "PREFERENCES": "preferences",
         "DROP_CLICK": "drop-click",
         "ORDER_VIEW": "order-view",
+        "DROP_RECIPIENT": "drop-recipient",
     }
 
 

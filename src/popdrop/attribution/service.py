@@ -539,7 +539,11 @@ async def attribute_sale(
     signer: Signer | None = None,
 ) -> list[SaleTouch]:
     """Record the first and last touch of a sale (see the module rules); the stored
-    touches (none when no code or click matched). Idempotent per (sale_kind, sale_id)."""
+    touches (none when no code or click matched). Idempotent per (sale_kind, sale_id).
+    A sale with neither codes nor clicks has nothing to match: no query at all (most till
+    sales), so an empty answer then says nothing about touches stored earlier."""
+    if not codes and not click_ids:
+        return []
     stored = await touches_for(session, org_id=org_id, sale_kind=sale_kind, sale_id=sale_id)
     if stored:
         return stored
