@@ -450,7 +450,7 @@ async def _seed_attribution(
         owner,
         PromoCodeCreate(
             label="Café counter", event_id=event.id, partner_id=partner.id,
-            channel=Channel.PARTNER, prefix="CAFE",
+            channel=Channel.PARTNER, prefix="CAFE", discount_kind="percent", discount_value=10,
         ),
         now=now,
         signer=signer,

@@ -13,6 +13,7 @@ import httpx
 from sqlalchemy import func, select
 
 from popdrop.attribution.models import PromoCode, ShortLink
+from popdrop.vouchers.models import VoucherBatch
 from popdrop.web.context import AppContext
 from tests.attribution.helpers import DESKTOP, flushed, make_link, visit
 from tests.conftest import Tenant, make_tenant
@@ -168,6 +169,12 @@ async def test_promo_code_is_shown_once_and_listed_with_its_tags(
         ({"label": "x", "event_id": second.event_id, "partner_id": partner["id"]}, 422,
          "this partner is of another event"),
         ({"label": "x" * 201}, 422, "at most 200 characters"),
+        ({"label": "x", "discount_kind": "fixed", "discount_value": "0"}, 422,
+         "a fixed discount is at least 1"),
+        ({"label": "x", "discount_kind": "fixed", "discount_value": "5.505"}, 422,
+         "an amount such as 5 or 5.50"),
+        ({"label": "x", "discount_kind": "percent", "discount_value": "150"}, 422,
+         "a percent discount is 1 to 100"),
     ]  # fmt: skip
     for fields, status, message in refusals:
         refused = await submit(app_client, "/links/promo-codes", fields)
@@ -293,3 +300,28 @@ async def test_the_demo_seeds_a_promo_code_a_poster_link_a_till_and_its_sales(
     slug = first["short_link"].rsplit("/", 1)[1]
     opened = await visit(app_client, slug)
     assert opened.status_code == 302 and f"/e/{poster.target_id}" in opened.headers["location"]
+
+
+async def test_a_promo_code_made_on_the_page_gives_its_discount(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
+) -> None:
+    """What the form says is what the vault issues: an amount typed in the currency is
+    kept in cents, and a code made without a discount gives 10 % (a code worth nothing
+    would be refused at checkout)."""
+    await login(app_client, ctx, tenant, "owner")
+    made = await submit(
+        app_client,
+        "/links/promo-codes",
+        {"label": "Flyer", "discount_kind": "fixed", "discount_value": "2,50"},
+    )
+    assert made.status_code == 201, made.text
+    plain = await submit(app_client, "/links/promo-codes", {"label": "Poster"})
+    assert plain.status_code == 201, plain.text
+    async with ctx.db.reader() as session:
+        batches = {
+            b.name: (b.discount_kind, b.discount_value)
+            for b in await session.scalars(
+                select(VoucherBatch).where(VoucherBatch.org_id == tenant.org_id)
+            )
+        }
+    assert batches == {"promo: Flyer": ("fixed", 250), "promo: Poster": ("percent", 10)}

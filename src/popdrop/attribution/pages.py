@@ -51,7 +51,7 @@ LINK_FIELDS = (
     "target_kind", "event_id", "url", "partner_id", "channel", "utm_source", "utm_medium",
     "utm_campaign", "utm_content", "valid_from", "valid_until", "max_clicks", "fallback_url",
 )  # fmt: skip
-PROMO_FIELDS = ("label", "event_id", "partner_id", "channel")
+PROMO_FIELDS = ("label", "event_id", "partner_id", "channel", "discount_kind", "discount_value")
 # Which form field a schema location belongs to (the link's target and tags are nested).
 _FIELD_OF = {"target.url": "url", "target.id": "event_id", "target": "target_kind"}
 
@@ -95,6 +95,20 @@ def _number(values: dict[str, str], name: str) -> int | str | None:
     if value is None:
         return None
     return int(value) if value.isdigit() and len(value) < 19 else value  # schema says why not
+
+
+def _discount_value(values: dict[str, str]) -> int | str | None:
+    """Percent as typed; a fixed amount typed in the currency ("5" or "5.50") → cents."""
+    raw = _text(values, "discount_value")
+    if raw is None or values.get("discount_kind") != "fixed":
+        return _number(values, "discount_value")
+    whole, _, cents = raw.replace(",", ".").partition(".")
+    if (
+        not (whole.isdigit() and len(whole) < 12 and (cents.isdigit() or not cents))
+        or len(cents) > 2
+    ):
+        raise _FieldError("discount_value", "an amount such as 5 or 5.50")
+    return int(whole) * 100 + int(cents.ljust(2, "0") or 0)
 
 
 class _FieldError(Exception):
@@ -159,6 +173,8 @@ def promo_spec(values: dict[str, str]) -> PromoCodeCreate:
         "event_id": _number(values, "event_id"),
         "partner_id": _number(values, "partner_id"),
         "channel": _text(values, "channel"),
+        "discount_kind": _text(values, "discount_kind"),
+        "discount_value": _discount_value(values),
     }
     if data["label"] is None:
         raise _FieldError("label", "a name for the code, e.g. Café counter")

@@ -103,8 +103,10 @@ class PromoCodeCreate(StrictInput):
     valid_from: datetime | None = None
     valid_until: datetime | None = None
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
-    discount_kind: Literal["percent", "fixed", "free_item"] = "fixed"
-    discount_value: int = Field(default=0, ge=0, le=10**12)
+    # What the code gives at checkout and at the till. A code must give something: the
+    # checkout refuses a code worth nothing, so 10 % off unless told.
+    discount_kind: Literal["percent", "fixed", "free_item"] = "percent"
+    discount_value: int = Field(default=10, ge=0, le=10**12)
 
     @model_validator(mode="after")
     def _coherent(self) -> PromoCodeCreate:
@@ -114,6 +116,8 @@ class PromoCodeCreate(StrictInput):
             raise ValueError("valid_until must be after valid_from")
         if self.discount_kind == "percent" and not 1 <= self.discount_value <= 100:
             raise ValueError("a percent discount is 1 to 100")
+        if self.discount_kind == "fixed" and self.discount_value < 1:
+            raise ValueError("a fixed discount is at least 1 (in minor units, e.g. cents)")
         return self
 
 
