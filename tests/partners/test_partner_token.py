@@ -5,10 +5,12 @@ scopes sees the organization's (SQLite, and PostgreSQL when set)."""
 from __future__ import annotations
 
 import httpx
+from sqlalchemy import func, select, update
 
 from popdrop.accounts import service as accounts
 from popdrop.accounts.service import ROLES
 from popdrop.core.clock import FrozenClock
+from popdrop.partners.models import PosConnection, PosSale
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant
 from tests.partners.helpers import (
@@ -79,3 +81,23 @@ async def test_a_token_for_a_partner_is_made_over_the_api(
         headers=tenant.headers,
     )
     assert bad.status_code == 422 and bad.json()["reason"]
+
+
+async def test_a_secret_the_server_cannot_open_answers_503_not_500(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    """After a change of the server's secret key without POPDROP_PREVIOUS_SECRET_KEYS a
+    till's sealed secret cannot be opened: the delivery is refused as a server-side 503
+    the till retries, never a 500, and nothing is recorded."""
+    till = await make_till(app_client, tenant, clock.now(), slug="sealed")
+    async with ctx.db.transaction() as session:
+        await session.execute(
+            update(PosConnection)
+            .where(PosConnection.id == till.standard)
+            .values(secrets_sealed=b"sealed under a key this server no longer has")
+        )
+    answer = await send_standard(app_client, till, standard_sale(), clock.now())
+    assert answer.status_code == 503 and answer.json()["reason"] == "secret_unreadable"
+    async with ctx.db.reader() as session:
+        counted = select(func.count()).select_from(PosSale).where(PosSale.org_id == tenant.org_id)
+        assert await session.scalar(counted) == 0

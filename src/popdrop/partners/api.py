@@ -51,7 +51,7 @@ _RAW_BODY: dict[str, Any] = {
         "content": {"application/json": {"schema": {"type": "object"}}},
     }
 }
-DELIVERY_REFUSALS = error_responses(401, 404, 409, 413, 422)
+DELIVERY_REFUSALS = error_responses(401, 404, 409, 413, 422, 503)
 
 
 # ---------------------------------------------------------------- deliveries

@@ -32,6 +32,7 @@ from popdrop.attribution.service import attribute_sale, reverse_sale
 from popdrop.core import sealing
 from popdrop.core.db import dialect_insert, table_of
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Partner
@@ -192,7 +193,17 @@ async def connection_for_delivery(
     connection = await session.get(PosConnection, connection_id)
     if connection is None or connection.provider != provider or connection.disabled_at:
         raise not_found("connection")
-    return connection, open_secrets(connection)
+    try:
+        return connection, open_secrets(connection)
+    except sealing.SealError:
+        # The server's secret key changed without POPDROP_PREVIOUS_SECRET_KEYS: nothing the
+        # till can fix, so a 503 it retries later, and a log line for the host.
+        log.error("pos: a till's webhook secret cannot be opened", connection=connection.id)
+        raise PopdropError(
+            "secret_unreadable",
+            "this till's webhook secret cannot be read by the server now; retry later",
+            status=503,
+        ) from None
 
 
 # ---------------------------------------------------------------- ingest

@@ -8,6 +8,9 @@
     dom_id: "#swagger-ui",
     layout: "BaseLayout",
     deepLinking: true,
+    // One section per resource, opened on demand: the API has ~150 operations, and
+    // Swagger UI stops rendering past ~135 of them when every section starts open.
+    docExpansion: "none",
     showExtensions: true,
     showCommonExtensions: true,
     validatorUrl: null,
