@@ -23,7 +23,8 @@ from schemathesis.checks import not_a_server_error
 from popdrop.accounts.service import ROLES
 from popdrop.app import build_context
 from popdrop.core.config import Settings
-from tests.conftest import make_tenant, postgres_url
+from popdrop.core.migrate import upgrade
+from tests.conftest import make_tenant, postgres_url, side_postgres
 from tests.server import Server, running_server
 
 
@@ -54,15 +55,28 @@ def owner_token(server: Server) -> str:
         return pool.submit(asyncio.run, make()).result()
 
 
+def own_database() -> str:
+    """A database of its own, migrated: the server runs with its own secret key, and rows
+    other tests sealed under the test key (a till's webhook secret) would not open."""
+
+    async def make() -> str:
+        url = await side_postgres("schemathesis")
+        await upgrade(url)
+        return url
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, make()).result()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     database_url = None
     if request.param == "postgres":
-        database_url = postgres_url()
-        if database_url is None:
+        if postgres_url() is None:
             pytest.skip("PostgreSQL run: set POPDROP_TEST_DATABASE_URL (CI does)")
+        database_url = own_database()
     with running_server(tmp_path_factory.mktemp("schemathesis"), database_url) as srv:
         srv.env["TOKEN"] = owner_token(srv)
         yield srv
