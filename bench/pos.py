@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +42,7 @@ from popdrop.events.models import Event, Partner
 from popdrop.partners import service as partners
 from popdrop.partners.lifecycle import PosProvider
 from popdrop.partners.signatures import sign_standard
-from redeem import checkpoint, server
+from redeem import checkpoint, run_pgbench, server
 
 PGBENCH = "/usr/bin/pgbench"
 DUPLICATE_EVERY = 20
@@ -209,26 +206,13 @@ async def stored(url: str, connection_id: int) -> dict[str, int]:
 
 
 def pgbench(url: str, seeded: Seeded, clients: int, seconds: float, script: Path) -> float:
-    parts = common.libpq_url(url)
-    command = [PGBENCH, "-n", "-M", "prepared", "-j", "2", "-c", str(clients)]
-    command += ["-T", str(max(1, round(seconds))), "-f", str(script)]
     variables = {
         "org": seeded.org_id,
         "conn": seeded.limit_connection_id,
         "partner": seeded.partner_id,
         "event": seeded.event_id,
     }
-    for name, value in variables.items():
-        command += ["-D", f"{name}={value}"]
-    command += ["-h", parts.host or "127.0.0.1", "-p", str(parts.port or 5432)]
-    command += ["-U", parts.username or "postgres", parts.database or "postgres"]
-    env = {**os.environ, **({"PGPASSWORD": parts.password} if parts.password else {})}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
-    found = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
-    failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
-    if done.returncode != 0 or found is None or (failed and int(failed.group(1))):
-        raise SystemExit(f"pgbench failed:\n{done.stdout}\n{done.stderr}")
-    return float(found.group(1))
+    return run_pgbench(url, clients, seconds, script, variables)
 
 
 def main() -> int:

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import _common as common
 import _loadgen
@@ -235,11 +236,18 @@ def http_phase(
 
 def pgbench(url: str, seeded: Seeded, clients: int, seconds: float, script: Path) -> float:
     """Transactions per second (without connection time) of the redemption script."""
-    parts = common.libpq_url(url)
     low, high = seeded.limit_ids
+    variables = {**PGBENCH_VARIABLES, "org": seeded.limit_org, "lo": low, "hi": high}
+    return run_pgbench(url, clients, seconds, script, variables)
+
+
+def run_pgbench(
+    url: str, clients: int, seconds: float, script: Path, variables: dict[str, Any]
+) -> float:
+    """Transactions per second (without connection time) of `script` with `variables`."""
+    parts = common.libpq_url(url)
     command = [PGBENCH, "-n", "-M", "prepared", "-j", "2", "-c", str(clients)]
     command += ["-T", str(max(1, round(seconds))), "-f", str(script)]
-    variables = {**PGBENCH_VARIABLES, "org": seeded.limit_org, "lo": low, "hi": high}
     for name, value in variables.items():
         command += ["-D", f"{name}={value}"]
     command += ["-h", parts.host or "127.0.0.1", "-p", str(parts.port or 5432)]
