@@ -41,6 +41,7 @@ from popdrop.drops import service as drops
 from popdrop.drops.lifecycle import DropStatus, SendRowStatus
 from popdrop.drops.models import Drop, SendRow
 from popdrop.drops.pipeline import Sender
+from popdrop.metrics import rollups
 from popdrop.outbound.factory import make_transports
 from popdrop.outbound.outbox import OUTBOX_TOPIC
 from popdrop.rsvp import tasks as rsvp_tasks
@@ -228,6 +229,8 @@ class Worker:
         commerce = await commerce_tasks.tick(self.db, self.settings, self.clock)
         if commerce:
             log.info("commerce tick", **commerce)
+        # The funnel's rollups take what the log gained since the last tick.
+        await rollups.fold_pending(self.db)
         notified = await self.notifier.drain()
         if notified:
             log.info("notifications drained", **notified)

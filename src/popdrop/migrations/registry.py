@@ -24,6 +24,7 @@ def target_metadata() -> MetaData:
     import popdrop.drops.models
     import popdrop.events.models
     import popdrop.inventory.models
+    import popdrop.metrics.models
     import popdrop.outbound.models
     import popdrop.outbound.outbox
     import popdrop.partners.models
