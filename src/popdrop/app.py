@@ -234,9 +234,16 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
     from popdrop.rsvp.api import router as rsvp_api
     from popdrop.rsvp.pages import router as rsvp_pages
     from popdrop.usecases.guest_list_pages import router as guest_pages
+    from popdrop.usecases.metrics_api import router as metrics_api
+    from popdrop.usecases.metrics_pages import router as metrics_pages
+    from popdrop.usecases.partner_report_pages import public_router as partner_report_public
+    from popdrop.usecases.partner_report_pages import router as partner_report_pages
     from popdrop.usecases.privacy_api import router as privacy_api
     from popdrop.usecases.privacy_pages import router as privacy_pages
     from popdrop.usecases.public_rsvp import router as public_rsvp
+    from popdrop.usecases.survey_pages import public_router as survey_public
+    from popdrop.usecases.survey_pages import router as survey_pages
+    from popdrop.usecases.war_room_pages import router as war_room_pages
     from popdrop.vouchers.api import router as vouchers_api
     from popdrop.vouchers.pages import router as voucher_pages
     from popdrop.web.account_api import router as accounts_api
@@ -289,6 +296,13 @@ def create_app(settings: Settings | None = None, *, ctx: AppContext | None = Non
         chat_sms_api,
         telegram_api,
         chat_web,
+        metrics_api,
+        metrics_pages,
+        war_room_pages,
+        partner_report_pages,
+        partner_report_public,
+        survey_pages,
+        survey_public,
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

@@ -63,8 +63,10 @@ def test_roles_give_the_event_and_rsvp_scopes_to_owner_and_host_only() -> None:
     assert not accounts.ROLES["volunteer"] & NEW_SCOPES
     # A partner reads orders (commerce filters them to the events it partners), its own
     # POS connections and sales, and its till redeems codes; no more.
-    assert accounts.ROLES["partner"] == frozenset({"orders:read", "pos:read", "pos:redeem"})
-    assert "reports:read" not in accounts.SCOPES
+    assert accounts.ROLES["partner"] == frozenset(
+        {"orders:read", "pos:read", "pos:redeem", "roi:read"}
+    )
+    assert {"metrics:read", "roi:read"} <= accounts.ROLES["host"]
 
 
 def test_voucher_scopes_imply_event_and_rsvp_scopes_one_way() -> None:

@@ -157,7 +157,7 @@ def test_token_create_needs_a_role_or_a_scope(tmp_path: Path) -> None:
         scopes = httpx.get(f"{server.base_url}/api/v1/me", headers=bearer(partner), timeout=10)
         # A partner's token reads orders and its POS sales, and its till redeems codes; it
         # stands for the partner's login.
-        assert scopes.json()["scopes"] == ["orders:read", "pos:read", "pos:redeem"]
+        assert scopes.json()["scopes"] == ["orders:read", "pos:read", "pos:redeem", "roi:read"]
         assert scopes.json()["role"] == "partner"
         _, both = created_token(
             server, "--org", "roles", "--name", "v", "--role", "volunteer", "--scope", "chat:read"

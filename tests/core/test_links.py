@@ -38,6 +38,8 @@ def test_purpose_strings_never_change() -> None:
         "DROP_CLICK": "drop-click",
         "ORDER_VIEW": "order-view",
         "DROP_RECIPIENT": "drop-recipient",
+        "SURVEY": "survey",
+        "PARTNER_REPORT": "partner-report",
     }
 
 
@@ -145,6 +147,7 @@ def test_click_round_trip_old_and_new_shapes() -> None:
         (links.read_click, links.preferences_token(SIGNER, 4, 8)),
         (links.read_consent_confirm, links.rsvp_cancel_token(SIGNER, 1, 4)),
         (links.read_waitlist_offer, links.rsvp_cancel_token(SIGNER, 1, 4)),
+        (links.read_survey, links.rsvp_cancel_token(SIGNER, 1, 4)),
     ],
     ids=lambda value: getattr(value, "__name__", "token"),
 )
@@ -161,3 +164,17 @@ def test_a_consent_confirmation_expires_after_a_week(monkeypatch: pytest.MonkeyP
     with pytest.raises(PopdropError) as refused:
         links.read_consent_confirm(SIGNER, token)
     assert refused.value.reason == "link_expired"
+
+
+def test_survey_and_partner_report_links_round_trip_and_expire() -> None:
+    assert links.read_survey(SIGNER, _token(links.survey_url(SIGNER, BASE, 12, 4))) == (12, 4)
+    now = datetime.now(UTC)
+    link = links.PartnerReportLink(4, 7, 9, (now + timedelta(days=3)).replace(microsecond=0))
+    token = _token(links.partner_report_url(SIGNER, BASE, link))
+    assert links.read_partner_report(SIGNER, token, now=now) == link
+    with pytest.raises(PopdropError) as expired:
+        links.read_partner_report(SIGNER, token, now=now + timedelta(days=4))
+    assert expired.value.reason == "link_expired"
+    with pytest.raises(PopdropError) as foreign:
+        links.read_partner_report(SIGNER, links.rsvp_cancel_token(SIGNER, 1, 4), now=now)
+    assert foreign.value.reason == "link_invalid"

@@ -72,6 +72,8 @@ _HOST = {
     "pos:read",
     "pos:write",
     "pos:redeem",
+    "metrics:read",
+    "roi:read",
 }
 ROLES: dict[str, frozenset[str]] = {
     "owner": frozenset({*_HOST, "tokens:write"}),
@@ -79,8 +81,8 @@ ROLES: dict[str, frozenset[str]] = {
     "volunteer": frozenset({"checkin", "orders:pickup"}),
     # A partner reads the orders of the events it partners (commerce filters by event),
     # its own POS connections and sales, and its till redeems vault codes (`pos:redeem`);
-    # the partner report brings its own scope with its route.
-    "partner": frozenset({"orders:read", "pos:read", "pos:redeem"}),
+    # and its own ROI report for the events it partners (`roi:read`).
+    "partner": frozenset({"orders:read", "pos:read", "pos:redeem", "roi:read"}),
 }
 SCOPES: frozenset[str] = frozenset().union(*ROLES.values())
 # Events and RSVPs were guarded by the voucher scopes before they had their own, so a

@@ -18,6 +18,8 @@ consent-confirm   timed JSON   7 days                     org, contact, channel 
 preferences       text (+JSON) forever                    org, contact / /u/{t}, /p/{t}
 drop-click        text (+JSON) forever                    drop, send row, URL / /r/{token}
 drop-recipient    MAC suffix   forever                    send row / /s/{slug}/{recipient}
+survey            timed JSON   forever (answered once)    invitation, org / /q/{token}
+partner-report    timed JSON   its own expiry `e`         org, event, partner / /reports/{token}
 
 ("+JSON": tokens of the older JSON shape, in mail already sent, are still read.)
 
@@ -66,6 +68,8 @@ class Purpose(StrEnum):
     PREFERENCES = "preferences"
     DROP_CLICK = "drop-click"
     DROP_RECIPIENT = "drop-recipient"  # MAC key
+    SURVEY = "survey"
+    PARTNER_REPORT = "partner-report"
 
 
 CONSENT_CONFIRM_MAX_AGE = 7 * 24 * 3600  # a double opt-in confirmation link lives a week
@@ -433,3 +437,54 @@ def read_drop_recipient(signer: Signer, slug: str, recipient: str) -> int | None
     if not hmac.compare_digest(mac, _recipient_mac(signer, slug, row_id)):
         return None
     return row_id
+
+
+# ---------------------------------------------------------------- reports and surveys
+
+
+def survey_url(signer: Signer, base_url: str, invitation_id: int, org_id: int) -> str:
+    """A Day+1 survey's answer page for one invitation (answered once; the row says so)."""
+    token = signer.sign(Purpose.SURVEY, {"i": invitation_id, "o": org_id})
+    return absolute(base_url, f"/q/{token}")
+
+
+def read_survey(signer: Signer, token: str) -> tuple[int, int]:
+    """(invitation id, org id) of a survey token, or `link_invalid`."""
+    return _id_and(signer.unsign(Purpose.SURVEY, token), "i", "o", int)
+
+
+@dataclass(frozen=True)
+class PartnerReportLink:
+    org_id: int
+    event_id: int
+    partner_id: int
+    expires_at: datetime
+
+
+def partner_report_url(signer: Signer, base_url: str, link: PartnerReportLink) -> str:
+    """A partner's ROI report for one event, readable without a login until it expires."""
+    token = signer.sign(
+        Purpose.PARTNER_REPORT,
+        {
+            "o": link.org_id,
+            "v": link.event_id,
+            "p": link.partner_id,
+            "e": int(link.expires_at.timestamp()),
+        },
+    )
+    return absolute(base_url, f"/reports/{token}")
+
+
+def read_partner_report(signer: Signer, token: str, *, now: datetime) -> PartnerReportLink:
+    """What a partner report link opens, or `link_invalid` / `link_expired`."""
+    payload = signer.unsign(Purpose.PARTNER_REPORT, token)
+    if not isinstance(payload, dict) or not all(
+        isinstance(payload.get(key), int) for key in ("o", "v", "p", "e")
+    ):
+        raise _invalid()
+    link = PartnerReportLink(
+        payload["o"], payload["v"], payload["p"], datetime.fromtimestamp(payload["e"], UTC)
+    )
+    if link.expires_at <= now:
+        raise PopdropError("link_expired", "this report link has expired")
+    return link
