@@ -7,6 +7,7 @@ set -euo pipefail
 HTMX_VERSION="2.0.4"
 SWAGGER_UI_VERSION="5.35.0"
 JSQR_VERSION="1.4.0"
+UPLOT_VERSION="1.6.32"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 vendor="$root/src/popdrop/web/static/vendor"
@@ -44,3 +45,13 @@ cp "$work/jsqr/package/dist/jsQR.js" "$vendor/jsqr/jsQR.js"
 cp "$work/jsqr/package/LICENSE" "$vendor/jsqr/LICENSE"
 echo "jsqr@$JSQR_VERSION" > "$vendor/jsqr/VERSION"
 echo "vendored jsqr@$JSQR_VERSION into ${vendor#"$root"/}/jsqr"
+
+# uPlot for the war room's live per-minute charts (/war-room/...): one small IIFE, no deps.
+fetch uplot "$UPLOT_VERSION"
+mkdir -p "$vendor/uplot"
+for file in uPlot.iife.min.js uPlot.min.css; do
+    cp "$work/uplot/package/dist/$file" "$vendor/uplot/$file"
+done
+cp "$work/uplot/package/LICENSE" "$vendor/uplot/LICENSE"
+echo "uplot@$UPLOT_VERSION" > "$vendor/uplot/VERSION"
+echo "vendored uplot@$UPLOT_VERSION into ${vendor#"$root"/}/uplot"
