@@ -61,6 +61,8 @@ from popdrop.events.schemas import (
 )
 from popdrop.inventory import service as inventory
 from popdrop.inventory.schemas import HoldCreate, ProductCreate, StockSet
+from popdrop.metrics import log as funnel_log
+from popdrop.metrics.kinds import Kind, nps_class
 from popdrop.partners import service as partners
 from popdrop.partners.contract import PosLine, PosSaleV1, PosSource, PosTotals
 from popdrop.partners.lifecycle import PosProvider
@@ -149,6 +151,7 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
             # The web chat widget (/chat/demo) runs the shipped flow on this event.
             await flow_store.publish_default_flow(session, org.id, event_id, now=now)
             await _seed_audience(session, signer, principal, event_id, now)
+            await _seed_history(session, signer, principal, now)
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             with codes_file.open("w", newline="") as handle:
                 writer = csv.writer(handle, lineterminator="\n")
@@ -906,3 +909,144 @@ async def _drop_summary(session: AsyncSession, owner: Principal, base_url: str) 
         f"{drop.name}: {drop.status}, seed test {drop.seed_status}, {frozen} recipients "
         f"(A/B subject test) → {base}/drops/{drop.id} · messages: {base}/mailbox"
     )
+
+
+# ---------------------------------------------------------------- funnel history
+
+PAST_EVENT_SLUG = "autumn-pop-up"
+
+
+async def _seed_history(
+    session: AsyncSession, signer: Signer, owner: Principal, now: datetime
+) -> int:
+    """Last month's pop-up, so the insights, the war room's history and the partner report
+    have a finished event to show: the event and its partner are real rows, its funnel is
+    a simulated log (a fixed seed, so every demo shows the same figures)."""
+    rng = random.Random(1918)
+    day = (now - timedelta(days=30)).replace(hour=10, minute=0, second=0, microsecond=0)
+    event = await events.create_event(
+        session,
+        owner,
+        EventCreate(
+            slug=PAST_EVENT_SLUG,
+            title="Autumn Pop-up (last month)",
+            description="Last month's pop-up: its figures fill the insights and the reports.",
+            venue_name="Old Tram Depot",
+            timezone="Europe/Berlin",
+            starts_at=day,
+            ends_at=day + timedelta(hours=8),
+            opens_at=day - timedelta(days=7),
+        ),
+        now=now,
+    )
+    await events.set_status(session, owner, event.id, "published")
+    cafe = await events.add_partner(
+        session,
+        owner,
+        event.id,
+        PartnerCreate(name="Corner café", contact_email="cafe@partner.popdrop.test"),
+    )
+    lanes = [
+        await events.add_lane(session, owner, event.id, LaneCreate(name=name, pickup_point=where))
+        for name, where in (("Front desk", "Main entrance"), ("Back door", "Courtyard gate"))
+    ]
+    entries: list[funnel_log.Entry] = []
+
+    def add(kind: Kind, at: datetime, person: str, **fields: Any) -> None:
+        value = fields.pop("value", 0)
+        currency = fields.pop("currency", "")
+        entries.append(
+            funnel_log.Entry(
+                owner.org_id,
+                kind,
+                at,
+                funnel_log.Tags(event_id=event.id, **fields),
+                person=person,
+                value=value,
+                currency=currency,
+            )
+        )
+
+    send = day - timedelta(days=2, hours=-8)  # the announcement went out two days before
+    for n in range(600):
+        person = f"k:demo-{n}"
+        channel = "email" if n % 3 else "sms"
+        variant = "A" if n % 2 else "B"
+        segment = rng.choice(("hot", "hot", "warm", "warm", "warm", "cold"))
+        tags: dict[str, Any] = {"channel": channel, "variant": variant, "segment": segment}
+        at = send + timedelta(seconds=n * 6)
+        add(Kind.MESSAGE_SENT, at, person, **tags)
+        if rng.random() < 0.03:
+            add(Kind.MESSAGE_BOUNCED, at + timedelta(seconds=20), person, label="hard", **tags)
+            continue
+        add(Kind.MESSAGE_DELIVERED, at + timedelta(seconds=5), person, **tags)
+        click_rate = {"hot": 0.45, "warm": 0.25, "cold": 0.08}[segment] * (
+            1.25 if variant == "B" else 1
+        )
+        if rng.random() > click_rate:
+            continue
+        clicked = at + timedelta(minutes=rng.uniform(1, 90))
+        add(Kind.MESSAGE_CLICKED, clicked, person, **tags)
+        chatted = rng.random() < 0.5
+        if chatted:
+            add(Kind.CHAT_STARTED, clicked + timedelta(minutes=1), person, channel="web")
+        if rng.random() > 0.55:
+            continue
+        lane = rng.choice(lanes).id
+        add(
+            Kind.RSVP,
+            clicked + timedelta(minutes=3),
+            person,
+            channel="chat" if chatted else channel,
+            segment=segment,
+            variant=variant,
+            lane_id=lane,
+        )
+        if rng.random() > 0.7:
+            continue
+        visit = day + timedelta(minutes=rng.uniform(0, 470))
+        add(Kind.VISIT, visit, person, lane_id=lane, segment=segment)
+        if rng.random() < 0.3:
+            add(
+                Kind.SAMPLE_GIVEN,
+                visit + timedelta(minutes=2),
+                person,
+                partner_id=cafe.id,
+                value=150,
+                currency="EUR",
+            )
+        if rng.random() < 0.6:
+            amount = rng.choice((1_500, 1_500, 2_900, 12_900, 400, 800))
+            add(
+                Kind.ORDER_PAID,
+                visit + timedelta(minutes=rng.uniform(3, 40)),
+                person,
+                channel=channel,
+                lane_id=lane,
+                segment=segment,
+                variant=variant,
+                value=amount,
+                currency="EUR",
+            )
+        if rng.random() < 0.25:
+            add(
+                Kind.POS_SALE,
+                visit + timedelta(minutes=rng.uniform(5, 60)),
+                person,
+                partner_id=cafe.id,
+                label="square",
+                value=rng.choice((350, 400, 750)),
+                currency="EUR",
+            )
+        if rng.random() < 0.5:
+            score = rng.choice((10, 10, 9, 9, 9, 8, 8, 7, 6, 4))
+            add(
+                Kind.SURVEY_ANSWERED,
+                day + timedelta(days=1, hours=rng.uniform(0, 6)),
+                person,
+                channel=channel,
+                label=nps_class(score),
+                value=score,
+            )
+    await funnel_log.record_many(session, entries)
+    return event.id
