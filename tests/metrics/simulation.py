@@ -96,8 +96,8 @@ def entries(org_id: int, ids: Ids) -> list[log.Entry]:
         add(Kind.RSVP, at(11, minute), i, **message_tags(i))
     for i, minute in ((3, 2), (9, 6)):
         add(Kind.RSVP, at(11, minute), i, event_id=ids.event, channel="chat", label="chat")
-    visits = ((1, 14, 10, ids.lane1), (2, 14, 15, ids.lane1), (4, 14, 35, ids.lane1))
-    visits += ((3, 15, 0, ids.lane2), (9, 15, 5, ids.lane2), (12, 15, 40, ids.lane2))
+    visits = [(1, 14, 10, ids.lane1), (2, 14, 15, ids.lane1), (4, 14, 35, ids.lane1)]
+    visits += [(3, 15, 0, ids.lane2), (9, 15, 5, ids.lane2), (12, 15, 40, ids.lane2)]
     for i, hour, minute, lane in visits:
         add(Kind.VISIT, at(hour, minute), i, event_id=ids.event, lane_id=lane)
     orders = (
