@@ -30,6 +30,13 @@ DROP_MESSAGES = Counter(
 )
 CHAT_TURNS = Counter("popdrop_chat_turns_total", "Inbound chat turns by channel", ["channel"])
 HOLDS = Counter("popdrop_holds_total", "Hold requests: placed, or the refusal's reason", ["result"])
+# Counted when the fold that moved them into the rollups commits (a folded event is counted
+# once per process that folds it, and only one fold ever takes a given event).
+FUNNEL_EVENTS = Counter(
+    "popdrop_funnel_events_total",
+    "Funnel log events folded into the rollups, by kind and channel ('none': no channel)",
+    ["kind", "channel"],
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,6 +46,11 @@ _OUTERMOST: dict[int, ContextVar[bool]] = {}  # per counter: a counted call is r
 def drop_message(channel: str, status: str) -> None:
     """One drop message checkpointed with this send-row status."""
     DROP_MESSAGES.labels(channel, "retry" if status == "pending" else status).inc()
+
+
+def funnel_events(kind: str, channel: str, n: int) -> None:
+    """`n` events of this kind and channel reached the rollups."""
+    FUNNEL_EVENTS.labels(kind, channel or "none").inc(n)
 
 
 def counted(

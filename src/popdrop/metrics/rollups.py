@@ -7,21 +7,24 @@ Rules:
   twice and never lost (a row committed after the batch was taken is in the next one).
 - Folds and rebuilds are serialized by a lock on `funnel_rollups` (SQLite serializes
   every writer anyway); writers of the log never wait for it.
+- The Prometheus counter `popdrop_funnel_events_total{kind,channel}` grows by what a
+  fold moved, once that fold commits (a rolled-back fold counts nothing).
 - `rebuild` recomputes an organization's rollups from its log in one statement; what
   retention has deleted from the log is gone from the rebuilt rollups too.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from popdrop.core.db import Database, dialect_insert, table_of
+from popdrop.core import metrics
+from popdrop.core.db import Database, after_commit, dialect_insert, table_of
 from popdrop.metrics.models import FunnelEvent, FunnelRollup
 
 funnel_events = table_of(FunnelEvent)
@@ -112,7 +115,20 @@ async def fold(session: AsyncSession) -> int:
     await _lock(session)
     rows = (await session.execute(_TAKE)).all()
     await _add(session, _aggregate(rows))
+    _count_after_commit(session, rows)
     return len(rows)
+
+
+def _count_after_commit(session: AsyncSession, rows: Sequence[Any]) -> None:
+    if not rows:
+        return
+    folded = Counter((row.kind, row.channel) for row in rows)
+
+    async def count() -> None:
+        for (kind, channel), n in folded.items():
+            metrics.funnel_events(kind, channel, n)
+
+    after_commit(session, count)
 
 
 async def fold_pending(db: Database) -> int:
