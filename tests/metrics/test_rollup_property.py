@@ -91,7 +91,8 @@ def truncate(at: datetime, grain: int) -> datetime:
 async def recomputed(ctx: AppContext, org_id: int) -> dict[tuple[Any, ...], tuple[int, int]]:
     """The rollups a full pass over the log gives, grouped in Python."""
     async with ctx.db.reader() as session:
-        rows = (await session.execute(select(FunnelEvent).where(FunnelEvent.org_id == org_id))).all()
+        query = select(FunnelEvent).where(FunnelEvent.org_id == org_id)
+        rows = (await session.execute(query)).all()
     totals: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0])
     for (event,) in rows:
         assert event.rolled
@@ -108,9 +109,7 @@ async def stored(ctx: AppContext, org_id: int) -> dict[tuple[Any, ...], tuple[in
         rows = (
             await session.execute(select(FunnelRollup).where(FunnelRollup.org_id == org_id))
         ).all()
-    return {
-        (r.grain, r.bucket, *(getattr(r, d) for d in DIMS)): (r.n, r.value) for (r,) in rows
-    }
+    return {(r.grain, r.bucket, *(getattr(r, d) for d in DIMS)): (r.n, r.value) for (r,) in rows}
 
 
 @settings(
