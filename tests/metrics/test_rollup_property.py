@@ -21,8 +21,8 @@ from popdrop.web.context import AppContext
 from tests.conftest import make_tenant
 
 START = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
-DIMS = ("kind", "channel", "event_id", "drop_id", "variant", "segment", "partner_id")
-DIMS += ("lane_id", "label", "currency")
+DIMS: tuple[str, ...] = ("kind", "channel", "event_id", "drop_id", "variant", "segment")
+DIMS += ("partner_id", "lane_id", "label", "currency")
 
 
 class Rollback(Exception):
