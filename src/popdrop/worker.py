@@ -45,6 +45,7 @@ from popdrop.metrics import rollups
 from popdrop.outbound.factory import make_transports
 from popdrop.outbound.outbox import OUTBOX_TOPIC
 from popdrop.rsvp import tasks as rsvp_tasks
+from popdrop.usecases import surveys
 from popdrop.usecases.notify import Notifier
 from popdrop.vouchers import issue_jobs as voucher_jobs
 
@@ -182,8 +183,8 @@ class Worker:
     async def tick(self) -> list[int]:
         """Start due scheduled drops, decide A/B tests, close drained drops, kick every drop
         with due rows (their ids are returned), lapse expired waiting-list offers, launch
-        due voucher issue jobs, drain the notification outbox, then deliver due chat
-        messages."""
+        due voucher issue jobs, hand due survey invitations to the notification outbox and
+        drain it, then deliver due chat messages."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             for drop_id in await drops.start_due_drops(session, now=now):
@@ -231,6 +232,12 @@ class Worker:
             log.info("commerce tick", **commerce)
         # The funnel's rollups take what the log gained since the last tick.
         await rollups.fold_pending(self.db)
+        # Day+1 survey invitations now due go into the outbox this drain empties.
+        asked = await surveys.send_due(
+            self.db, self.notifier.signer, self.clock, self.settings.base_url
+        )
+        if any(asked.values()):
+            log.info("survey invitations", **asked)
         notified = await self.notifier.drain()
         if notified:
             log.info("notifications drained", **notified)

@@ -46,6 +46,8 @@ LATER_TABLES = frozenset(
         "sale_touches",
         "pos_connections",
         "pos_sales",
+        # issue 18: the Day+1 survey (0025)
+        "survey_invitations",
     }
 )
 

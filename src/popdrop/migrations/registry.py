@@ -25,6 +25,7 @@ def target_metadata() -> MetaData:
     import popdrop.events.models
     import popdrop.inventory.models
     import popdrop.metrics.models
+    import popdrop.metrics.survey_models
     import popdrop.outbound.models
     import popdrop.outbound.outbox
     import popdrop.partners.models
