@@ -930,3 +930,36 @@ def checkin_rotate_keys() -> None:
         f"{done.resealed} resealed, {done.sealed_raw} sealed (were raw), "
         f"{done.current} already current"
     )
+
+
+# ---------------------------------------------------------------- metrics
+
+metrics_app = typer.Typer(help="The funnel metrics (log and rollups).", no_args_is_help=True)
+app.add_typer(metrics_app, name="metrics")
+
+
+@metrics_app.command("rebuild")
+def metrics_rebuild(
+    org: Annotated[
+        str | None, typer.Option("--org", help="Organization slug (default: every one).")
+    ] = None,
+) -> None:
+    """Recompute the rollups from the funnel log (one organization, or every one).
+
+    Pages and the API read the rollups: run this after restoring or repairing the log."""
+    from sqlalchemy import select
+
+    from popdrop.accounts.models import Organization
+    from popdrop.metrics import rollups
+
+    async def go(settings: Settings, db: Database, signer: Signer) -> list[tuple[str, int]]:
+        async with db.reader() as session:
+            if org is not None:
+                found = [await accounts.get_organization_by_slug(session, org)]
+            else:
+                found = list(await session.scalars(select(Organization).order_by(Organization.id)))
+            targets = [(o.slug, o.id) for o in found]
+        return [(slug, await rollups.rebuild(db, org_id)) for slug, org_id in targets]
+
+    for slug, events in _run(go):
+        console.print(f"{slug}: rollups rebuilt from {events} events")
