@@ -49,7 +49,7 @@
       tzDate: function (ts) { return window.uPlot.tzDate(new Date(ts * 1000), zone); },
       scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(4, max)]; } } },
       axes: [{}, { size: 40 }],
-      legend: { live: true },
+      legend: { live: false },
       cursor: { drag: { x: false, y: false } },
       series: series
     };
