@@ -109,7 +109,7 @@ async def test_a_drops_series_tiles_and_red_thresholds_come_from_the_rollups(
     clock = frozen(ctx)
     shop, drop_id = await shop_and_drop(app_client, ctx, tenant)
     start = clock.now()
-    tags = {"drop_id": drop_id, "event_id": shop.event_id}
+    tags: dict[str, Any] = {"drop_id": drop_id, "event_id": shop.event_id}
     minute_two = start + timedelta(minutes=1)
     await write(ctx, tenant, Kind.MESSAGE_SENT, 60, start, **tags)
     await write(ctx, tenant, Kind.MESSAGE_SENT, 60, minute_two, **tags)
@@ -186,7 +186,7 @@ async def test_few_attempts_and_few_messages_make_no_verdict(
 ) -> None:
     clock = frozen(ctx)
     shop, drop_id = await shop_and_drop(app_client, ctx, tenant)
-    tags = {"drop_id": drop_id, "event_id": shop.event_id}
+    tags: dict[str, Any] = {"drop_id": drop_id, "event_id": shop.event_id}
     # 20 of 99 bounced is far above 5 %, but auto-pause wants 100 messages first.
     await write(ctx, tenant, Kind.MESSAGE_SENT, 99, clock.now(), **tags)
     await write(ctx, tenant, Kind.MESSAGE_BOUNCED, 20, clock.now(), label="hard", **tags)
