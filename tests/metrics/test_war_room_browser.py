@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,18 @@ def test_the_war_room_follows_a_drop_live_and_turns_red_when_it_auto_pauses(
         headers = {"Authorization": f"Bearer {made.stdout.strip().split()[-1]}"}
         ids = contact_ids(base, headers)
         assert len(ids) == CONTACTS
+        now = datetime.now(UTC)
+        event = httpx.post(
+            f"{base}/api/v1/events",
+            json={
+                "slug": "night-market", "title": "Night market", "timezone": "Europe/Berlin",
+                "starts_at": (now + timedelta(days=1)).isoformat(),
+                "ends_at": (now + timedelta(days=1, hours=4)).isoformat(),
+            },
+            headers=headers,
+        )  # fmt: skip
+        assert event.status_code == 201, event.text
+        event_id = event.json()["id"]
         created = httpx.post(
             f"{base}/api/v1/drops",
             json={
@@ -99,6 +112,7 @@ def test_the_war_room_follows_a_drop_live_and_turns_red_when_it_auto_pauses(
                 }}}}],
                 "quiet_start_hour": 0,
                 "quiet_end_hour": 0,
+                "event_id": event_id,
             },
             headers=headers,
         )  # fmt: skip
@@ -194,5 +208,28 @@ def test_the_war_room_follows_a_drop_live_and_turns_red_when_it_auto_pauses(
                 page.screenshot(path=str(shot), full_page=True)
                 SHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(shot, SHOT_COPY)
+
+                # The event's war room, from the event page, lists the paused drop too.
+                page.goto(f"{base}/events/{event_id}")
+                page.locator("#war-room-link").click()
+                expect(page).to_have_url(f"{base}/war-room/events/{event_id}")
+                expect(page.locator(f'.wr-drop[data-drop="{drop_id}"]')).to_have_attribute(
+                    "data-status", "paused"
+                )
+                expect(page.locator("#paused-banner")).to_contain_text("Friday night drop")
+                expect(page.locator('[data-tile="bounced"]')).to_have_attribute("data-alert", "yes")
+                # On a desktop the three charts sit side by side, each inside its card.
+                page.set_viewport_size({"width": 1280, "height": 900})
+                page.wait_for_timeout(500)  # the charts follow the resize
+                boxes = page.evaluate(
+                    "Array.from(document.querySelectorAll('.wr-chart')).map(c => {"
+                    " const r = c.getBoundingClientRect();"
+                    " const k = c.querySelector('canvas').getBoundingClientRect();"
+                    " return [r.left, r.right, k.left, k.right]; })"
+                )
+                assert len(boxes) == 3 and len({round(b[0]) for b in boxes}) == 3, boxes
+                assert all(c_left >= left and c_right <= right for left, right, c_left, c_right
+                           in boxes), boxes  # fmt: skip
+                page.screenshot(path=str(shots / "war_room_event_desktop.png"), full_page=True)
             finally:
                 browser.close()
