@@ -10,6 +10,7 @@ import io
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,8 +20,8 @@ import pypdf
 from popdrop.accounts import service as accounts
 from popdrop.accounts.service import ROLES
 from popdrop.attribution import service as attribution
-from popdrop.attribution.models import SaleKind
 from popdrop.core import links
+from popdrop.core.clock import FrozenClock
 from popdrop.metrics import log
 from popdrop.metrics.kinds import Kind
 from popdrop.usecases.partner_report import hidden_parts
@@ -75,7 +76,7 @@ async def _used(ctx: AppContext, tenant: Tenant, event_id: int, code: str, sale_
             touches = await attribution.attribute_sale(
                 session,
                 org_id=tenant.org_id,
-                sale_kind=SaleKind.POS_SALE,
+                sale_kind="pos_sale",
                 sale_id=sale_id,
                 event_id=event_id,
                 amount_minor=1000,
@@ -199,7 +200,7 @@ async def share(
 ) -> str:
     made = await client.post(scene_.api(partner) + "/link", json={"days": 30}, headers=headers)
     assert made.status_code == 201, made.text
-    return urlsplit(made.json()["url"]).path
+    return urlsplit(str(made.json()["url"])).path
 
 
 async def test_json_csv_page_and_pdf_show_the_same_figures(
@@ -270,7 +271,7 @@ async def test_json_csv_page_and_pdf_show_the_same_figures(
 
 
 async def test_a_partner_login_opens_its_own_report_only(
-    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
 ) -> None:
     s = await scene(app_client, ctx, tenant)
     await login(app_client, ctx, tenant, "partner")
@@ -297,7 +298,7 @@ async def test_a_partner_login_opens_its_own_report_only(
     app_client.cookies.clear()  # the link opens without a login, for 7 days
     opened = await app_client.get(url, headers=HTML)
     assert opened.status_code == 200 and "170.00 EUR" in opened.text
-    ctx.clock.advance(timedelta(days=7, seconds=1))
+    clock.advance(timedelta(days=7, seconds=1))
     gone = await app_client.get(url, headers=HTML)
     assert gone.status_code == 410 and "link_expired" in gone.text
     assert (await app_client.get(url + ".pdf")).status_code == 410
@@ -417,3 +418,16 @@ def test_a_single_hidden_part_of_a_shown_total_takes_another_with_it() -> None:
     assert hidden_parts([9, 7, 3], total_shown=True) == [False, True, True]
     assert hidden_parts([3], total_shown=False) == [True]
     assert hidden_parts([0, 5, 6], total_shown=True) == [False, False, False]
+
+
+def test_the_pdf_renderer_loads_no_file(tmp_path: Path) -> None:
+    from popdrop.usecases.partner_report_pages import _pdf_bytes
+
+    image = tmp_path / "dot.svg"
+    image.write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="90" height="20">'
+        '<text y="15">LEAKED</text></svg>'
+    )
+    pdf = _pdf_bytes(f'<p>report</p><img src="{image.as_uri()}" alt="">')
+    text = pdf_text(pdf)
+    assert "report" in text and "LEAKED" not in text

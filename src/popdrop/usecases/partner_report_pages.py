@@ -15,7 +15,8 @@ API (token; `roi:read`, same partner rule):
 
 Rules: every read folds the pending funnel log first, so the report shows every sale
 committed before the request. The PDF is rendered by WeasyPrint in a worker thread (a
-document takes a few hundred milliseconds; the event loop keeps serving meanwhile).
+document takes a few hundred milliseconds; the event loop keeps serving meanwhile), at
+most two at a time, and loads no file or URL.
 Answers are `no-store` and send no referrer: a share link is a bearer credential.
 """
 
@@ -46,6 +47,9 @@ public_router = APIRouter(include_in_schema=False)
 _pages = APIRouter(include_in_schema=False, route_class=PageRoute)
 _api = APIRouter(prefix="/api/v1", tags=["reports"])
 
+# PDFs render in threads of their own, a few at a time: a burst of downloads neither
+# blocks the event loop nor takes the threads other sync work runs in.
+_PDF_THREADS = anyio.CapacityLimiter(2)
 TEMPLATE = "reports/partner.html"
 PDF_BASE = "reports/_pdf.html"
 _HEADERS = {**NO_STORE, "X-Robots-Tag": "noindex"}
@@ -92,7 +96,10 @@ async def _for_link(
 def _pdf_bytes(html: str) -> bytes:
     import weasyprint  # type: ignore[import-untyped]  # heavy (Pango): loaded on first use
 
-    pdf: bytes = weasyprint.HTML(string=html).write_pdf()
+    # No protocol allowed: the styles and the chart are inline, and nothing in a report
+    # may make the server open a file or a URL.
+    fetcher = weasyprint.urls.URLFetcher(allowed_protocols=())
+    pdf: bytes = weasyprint.HTML(string=html, url_fetcher=fetcher).write_pdf()
     return pdf
 
 
@@ -100,7 +107,7 @@ async def _pdf(report: reports.PartnerReport) -> Response:
     html = templates.env.get_template(TEMPLATE).render(
         report=report, base=PDF_BASE, mode="pdf", base_path=""
     )
-    body = await anyio.to_thread.run_sync(_pdf_bytes, html)
+    body = await anyio.to_thread.run_sync(_pdf_bytes, html, limiter=_PDF_THREADS)
     return Response(
         body,
         media_type="application/pdf",
