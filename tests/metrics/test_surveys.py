@@ -445,15 +445,18 @@ async def test_the_host_page_shows_nps_with_its_interval_and_schedules(stack: St
     data = (
         await stack.client.get(f"/api/v1/surveys/events/{event_id}", headers=stack.tenant.headers)
     ).json()
-    # 2 promoters, 1 passive, 1 detractor of 4: NPS 25; interval from the +1/0/-1 scores.
+    # 2 promoters, 1 passive, 1 detractor of 4: NPS 25, with a wide interval (adjusted
+    # Wald: n + 3 with 0.75 promoter and 0.75 detractor added).
     assert (data["promoters"], data["passives"], data["detractors"], data["nps"]) == (
         2,
         1,
         1,
         25.0,
     )
-    assert data["ci_low"] == pytest.approx(-56.3, abs=0.1)
-    assert data["ci_high"] == 100.0  # clipped
+    assert (data["ci_low"], data["ci_high"]) == (-44.2, 72.7)
+    # One promoter is NPS 100, yet the interval says how little one answer proves.
+    assert surveys.nps_interval(1, 0, 1) == (100.0, -48.5, 100.0)
+    assert surveys.nps_interval(50, 20, 100) == (30.0, 14.1, 44.2)
     assert [c["score"] for c in data["comments"]] == [2, 8, 9, 10]  # newest first
     assert surveys.nps_interval(0, 0, 0) is None
 
@@ -463,7 +466,7 @@ async def test_the_host_page_shows_nps_with_its_interval_and_schedules(stack: St
     page = await stack.client.get(f"/insights/events/{event_id}/nps", headers=HTML)
     assert page.status_code == 200, page.text
     assert 'id="nps">+25<' in page.text and 'id="n">4<' in page.text
-    assert 'id="ci">-56 to +100<' in page.text
+    assert 'id="ci">-44 to +73<' in page.text
     assert all(f'data-score="{s}" data-n="{n}"' in page.text for s, n in ((2, 1), (8, 1), (0, 0)))
     assert "comment 2" in page.text and "@example.com" not in page.text
     granted = await stack.client.post(

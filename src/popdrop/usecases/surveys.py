@@ -19,7 +19,7 @@ Rules:
 - Erasing a contact (`forget_contact`) blanks its invitations' contact, person and comment;
   the score stays, anonymous, so the event's NPS still adds up.
 - NPS = % promoters (9-10) - % detractors (0-6), from -100 to 100, with a 95 % interval
-  (normal approximation of the difference of two proportions of one sample).
+  (adjusted Wald: the mean of +1/0/-1 scores, with three pseudo-answers added).
 """
 
 from __future__ import annotations
@@ -585,18 +585,25 @@ async def answer(
 
 
 def nps_interval(promoters: int, detractors: int, n: int) -> tuple[float, float, float] | None:
-    """(NPS, low, high) in points, the interval at 95 % and clipped to ±100; None for n=0.
-    Each answer scores +1, 0 or -1; NPS is their mean, its variance
-    (p_promoters + p_detractors - NPS²) / n."""
+    """(NPS, low, high) in points: the NPS of the answers and its 95 % interval; None for
+    n=0. Each answer scores +1, 0 or -1 and the NPS is their mean. The interval is the
+    adjusted Wald one (Rocks 2016): three pseudo-answers (0.75 promoter, 0.75 detractor,
+    1.5 passive) are added before the normal approximation, so a handful of answers gets
+    a wide interval instead of the plain Wald's zero-width "+100 to +100" for one
+    promoter. Its centre moves towards 0, so with very few answers it is widened to hold
+    the observed NPS (only ever wider); it is clipped to ±100."""
     if n <= 0:
         return None
-    p, d = promoters / n, detractors / n
-    score = p - d
-    half = 1.96 * math.sqrt(max(p + d - score * score, 0.0) / n)
+    score = (promoters - detractors) / n
+    n_adj = n + 3
+    p, d = (promoters + 0.75) / n_adj, (detractors + 0.75) / n_adj
+    centre = p - d
+    half = 1.96 * math.sqrt(max(p + d - centre * centre, 0.0) / n_adj)
+    low, high = min(centre - half, score), max(centre + half, score)
     return (
         round(100 * score, 1),
-        round(max(-100.0, 100 * (score - half)), 1),
-        round(min(100.0, 100 * (score + half)), 1),
+        round(max(-100.0, 100 * low), 1),
+        round(min(100.0, 100 * high), 1),
     )
 
 
