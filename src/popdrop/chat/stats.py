@@ -1,13 +1,24 @@
-"""Flow measurement: where sessions stop (drop-off per node) and the funnel of events."""
+"""Flow measurement: where sessions stop (drop-off per node) and the funnel of events.
+
+The funnel's chat-only steps (sessions started, cards shown) are read from the metrics
+log's rollups, plus the log rows the worker has not folded yet, in one statement: the
+figures are current and the raw log is never scanned. The steps the log does not tell
+apart by origin (RSVP, hold) or does not hold (vouchers, tickets, survey answers in a
+chat) are counted from the chat's own events."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.chat.conversations import chat_events_table, conversations_table
+from popdrop.metrics.kinds import Kind
+from popdrop.metrics.rollups import funnel_events, funnel_rollups
+
+# Funnel steps the chat writes to the metrics log (`turn._log_funnel`).
+LOGGED_STEPS = (Kind.CHAT_STARTED.value, Kind.CARD_VIEWED.value)
 
 # ---------------------------------------------------------------- measurement
 
@@ -56,14 +67,38 @@ async def node_dropoff(
 async def funnel(
     session: AsyncSession, org_id: int, *, event_id: int | None = None
 ) -> dict[str, int]:
-    """Sessions per funnel step (chat_started, card_viewed, rsvp, hold, voucher_issued,
-    checkout_started, ticket_sent, survey): Chat→RSVP is rsvp / chat_started."""
+    """Per funnel step: chat_started (sessions), card_viewed (cards shown), and sessions
+    that reached rsvp, hold, voucher_issued, checkout_started, ticket_sent, survey.
+    Chat→RSVP is rsvp / chat_started."""
+    counts = await _logged(session, org_id, event_id)
     session_key = chat_events_table.c.conversation_id * 1_000_000 + chat_events_table.c.session_no
     query = (
         select(chat_events_table.c.kind, func.count(func.distinct(session_key)))
-        .where(chat_events_table.c.org_id == org_id, chat_events_table.c.kind != "node")
+        .where(
+            chat_events_table.c.org_id == org_id,
+            chat_events_table.c.kind.not_in(("node", *LOGGED_STEPS)),
+        )
         .group_by(chat_events_table.c.kind)
     )
     if event_id is not None:
         query = query.where(chat_events_table.c.event_id == event_id)
-    return {str(kind): int(n) for kind, n in await session.execute(query)}
+    counts.update({str(kind): int(n) for kind, n in await session.execute(query)})
+    return counts
+
+
+async def _logged(session: AsyncSession, org_id: int, event_id: int | None) -> dict[str, int]:
+    """The log's chat steps: hourly rollups plus the rows not folded yet (one statement,
+    so a fold committing meanwhile neither loses nor doubles a row)."""
+    r, e = funnel_rollups.c, funnel_events.c
+    folded = select(r.kind, r.n).where(r.org_id == org_id, r.grain == 60, r.kind.in_(LOGGED_STEPS))
+    fresh = select(e.kind, literal(1).label("n")).where(
+        e.org_id == org_id, e.rolled.is_(False), e.kind.in_(LOGGED_STEPS)
+    )
+    if event_id is not None:
+        folded = folded.where(r.event_id == event_id)
+        fresh = fresh.where(e.event_id == event_id)
+    both = union_all(folded, fresh).subquery()
+    rows = await session.execute(select(both.c.kind, func.sum(both.c.n)).group_by(both.c.kind))
+    counts = dict.fromkeys(LOGGED_STEPS, 0)
+    counts.update({str(kind): int(n) for kind, n in rows})
+    return counts

@@ -13,7 +13,9 @@
    refusal (sold out, slot full…) rolls back only that effect and goes back to the engine
    as a failed `EffectResult`, which takes the node's failure branch. Everything else —
    state, transcript, funnel events — is written in the caller's transaction, so a turn
-   is all or nothing.
+   is all or nothing. The steps the chat alone knows of (a session started, a card shown)
+   also enter the metrics funnel log there; RSVPs, holds and checkouts are logged by their
+   own services, whatever channel they came from.
 4. Outbound messages are degraded to the channel's capabilities; numbered options are
    kept in the state so a reply "2" resolves.
 
@@ -80,9 +82,14 @@ from popdrop.chat.models import (
 )
 from popdrop.core import metrics
 from popdrop.core.errors import PopdropError
+from popdrop.core.signing import Signer
+from popdrop.metrics import log as funnel
+from popdrop.metrics.kinds import Kind
 
 REDACTED = "[redacted]"
 MAX_ROUNDS = 100
+# Chat funnel steps that go to the metrics log from here (the others' services log theirs).
+_LOGGED_KINDS = {"chat_started": Kind.CHAT_STARTED, "card_viewed": Kind.CARD_VIEWED}
 
 
 @dataclass
@@ -177,6 +184,34 @@ async def _persist(
             text = _redact(text, applied.secrets)
         rows.append(message_row(conv, "out", text, now))
     await save_turn(session, conv, rows, applied.events)
+
+
+def funnel_person(signer: Signer, conv: ConversationRow | Conversation) -> str:
+    """Who the funnel log says it was: the contact when the conversation knows it, else a
+    keyed digest of the conversation (`chat:<id>`, the reference the chat's holds and
+    RSVPs carry too), never the address."""
+    if conv.contact_id is not None:
+        return funnel.contact_person(conv.contact_id)
+    return funnel.keyed_person(signer, f"chat:{conv.id}")
+
+
+async def _log_funnel(
+    session: AsyncSession, signer: Signer, conv: ConversationRow, events: list[dict[str, Any]]
+) -> None:
+    """This turn's chat-only funnel steps in the metrics log, one statement."""
+    entries = [
+        funnel.Entry(
+            conv.org_id,
+            _LOGGED_KINDS[row["kind"]],
+            row["at"],
+            funnel.Tags(channel=conv.channel[:12], event_id=conv.event_id),
+            funnel_person(signer, conv),
+            f"chat:{conv.id}:{conv.session_no}",  # the session: steps per session
+        )
+        for row in events
+        if row["kind"] in _LOGGED_KINDS
+    ]
+    await funnel.record_many(session, entries)
 
 
 def message_row(
@@ -341,6 +376,7 @@ async def _turn(
     if messages:
         state.numbered = numbered_choices(messages)
     await _persist(session, conv, flow, state, inbound, messages, applied, now)
+    await _log_funnel(session, deps.signer, conv, applied.events)
     return TurnResult(conv.id, conv.session_no, state.status, state.node, messages, conv.contact_id)
 
 

@@ -3,10 +3,16 @@ complaints) with suppression and auto-pause, SMS delivery reports, the A/B decis
 per-minute war-room figures.
 
 Auto-pause looks at each channel on its own: an email hard bounce and an SMS the carrier
-could not deliver (Twilio `undelivered` / `failed`) are both bounces of their channel."""
+could not deliver (Twilio `undelivered` / `failed`) are both bounces of their channel.
+
+Each of these outcomes enters the funnel log in the transaction that records it on the
+send row, once per row (a repeated report changes nothing and logs nothing), tagged as the
+message's `message_sent` was (drop, event, variant, segment at send time); every click is
+logged."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +39,9 @@ from popdrop.drops.lifecycle import (
 from popdrop.drops.models import Drop, LinkClick, SendRow
 from popdrop.drops.schemas import MinuteStats, WarRoom
 from popdrop.drops.service import get_drop, move_drop, variants_of
+from popdrop.metrics import log as funnel
+from popdrop.metrics.kinds import Kind
+from popdrop.metrics.models import FunnelEvent
 from popdrop.outbound.feedback import FeedbackEvent
 from popdrop.outbound.twilio import StatusCallback
 
@@ -62,6 +71,7 @@ async def record_click(
         if row is not None and row.drop_id == drop_id:
             if row.clicked_at is None:
                 row.clicked_at = now
+            await _log(session, drop, row, Kind.MESSAGE_CLICKED, now)
             await contacts.record_activity(
                 session,
                 signer,
@@ -88,17 +98,28 @@ async def apply_feedback(
         row = await _row_for(session, org_id, event)
         if row is not None:
             touched.add(row.drop_id)
+            logged: tuple[Kind, str] | None = None
             if event.kind == "delivered":
+                if row.delivered_at is None:
+                    logged = (Kind.MESSAGE_DELIVERED, "")
                 if row.status == SendRowStatus.SENT:
                     row.status = SendRowStatus.DELIVERED
                 row.delivered_at = row.delivered_at or now
             elif event.kind == "hard_bounce":
+                if row.bounced_at is None:
+                    logged = (Kind.MESSAGE_BOUNCED, "hard")
                 row.status, row.bounced_at = SendRowStatus.BOUNCED, now
                 row.outcome = event.reason[:200]
             elif event.kind == "complaint":
+                if row.complained_at is None:
+                    logged = (Kind.MESSAGE_COMPLAINED, "")
                 row.complained_at = now
             else:
-                row.outcome = f"soft bounce: {event.reason}"[:200]
+                if row.bounced_at is None and not (row.outcome or "").startswith(_SOFT):
+                    logged = (Kind.MESSAGE_BOUNCED, "soft")
+                row.outcome = f"{_SOFT}{event.reason}"[:200]
+            if logged is not None:
+                await _log(session, None, row, logged[0], now, label=logged[1])
         if event.kind in ("hard_bounce", "complaint"):
             await _stop_emailing(session, signer, org_id, event, now)
         counts[event.kind] = counts.get(event.kind, 0) + 1
@@ -131,13 +152,69 @@ async def apply_sms_status(
     status = SendRowStatus(row.status)
     if callback.delivered and SEND_ROW_LIFECYCLE.allows(status, SendRowStatus.DELIVERED):
         row.status, row.delivered_at = SendRowStatus.DELIVERED, row.delivered_at or now
+        await _log(session, None, row, Kind.MESSAGE_DELIVERED, now)
     elif callback.failed and SEND_ROW_LIFECYCLE.allows(status, SendRowStatus.BOUNCED):
         row.status, row.bounced_at = SendRowStatus.BOUNCED, now
         code = f" {callback.error_code}" if callback.error_code is not None else ""
         row.outcome = f"twilio {callback.status}{code}"
+        await _log(session, None, row, Kind.MESSAGE_BOUNCED, now, label=str(callback.status))
         await session.flush()
         await auto_pause(session, row.drop_id, now=now)
     return str(row.status)
+
+
+_SOFT = "soft bounce: "
+
+
+async def _sent_tags(session: AsyncSession, drop: Drop | None, row: SendRow) -> funnel.Tags:
+    """The tags this message's `message_sent` carried (its variant and the contact's
+    segment when it went out, which later engagement has changed since); the drop's own
+    when the log has no such row (retention deleted it)."""
+    sent = (
+        await session.execute(
+            select(FunnelEvent.variant, FunnelEvent.segment)
+            .where(
+                FunnelEvent.org_id == row.org_id,
+                FunnelEvent.person == funnel.contact_person(row.contact_id),
+                FunnelEvent.subject == f"send:{row.id}",
+                FunnelEvent.kind == Kind.MESSAGE_SENT,
+            )
+            .limit(1)
+        )
+    ).first()
+    if drop is None:
+        drop = await session.get(Drop, row.drop_id)
+    return funnel.Tags(
+        channel=row.channel,
+        event_id=drop.event_id if drop is not None else None,
+        drop_id=row.drop_id,
+        variant=sent.variant if sent is not None else (row.variant or "")[:16],
+        segment=sent.segment if sent is not None else "",
+    )
+
+
+async def _log(
+    session: AsyncSession,
+    drop: Drop | None,
+    row: SendRow,
+    kind: Kind,
+    now: datetime,
+    *,
+    label: str = "",
+) -> None:
+    """One outcome of a drop message in the funnel log, in the caller's transaction."""
+    tags = await _sent_tags(session, drop, row)
+    if label:
+        tags = dataclasses.replace(tags, label=label[:24])
+    await funnel.record(
+        session,
+        row.org_id,
+        kind,
+        at=now,
+        tags=tags,
+        person=funnel.contact_person(row.contact_id),
+        subject=f"send:{row.id}",
+    )
 
 
 async def _row_for(session: AsyncSession, org_id: int, event: FeedbackEvent) -> SendRow | None:

@@ -14,6 +14,10 @@ Throughput comes from batching the database work (one claim, one contact read, o
 voucher insert per batch; one consent read and one checkpoint commit per group of
 concurrent sends) and running provider calls concurrently up to the transport's pool
 size; safety from committing each message's outcome right after its provider call.
+
+The funnel log's `message_sent` (and `message_delivered` when the transport knows the
+message arrived) of a group is written by the group's checkpoint commit, in one statement:
+an event is in the log exactly when its row is recorded sent.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from popdrop.drops.lifecycle import SENT_ROW_STATUSES, DropStatus, SendRowStatus
 from popdrop.drops.models import Drop, DropVariant, SendRow
 from popdrop.drops.service import Claimed, claim_batch, quiet_until
 from popdrop.events.models import Event
+from popdrop.metrics import log as funnel
+from popdrop.metrics.kinds import Kind, Segment
 from popdrop.outbound.transports import (
     EmailTransport,
     OutboundEmail,
@@ -342,6 +348,7 @@ class Sender:
     ) -> None:
         drop = context.drop
         message_id = f"<drop-{drop.id}.contact-{contact.id}.{row.channel}@popdrop>"
+        tags = _funnel_tags(context, row, contact, now)
         message: OutboundEmail | OutboundSms | SendResult
         try:
             message, missing = self._prepare(context, row, contact, voucher, message_id, now)
@@ -352,7 +359,7 @@ class Sender:
         assert self._permits is not None and self._consent is not None
         if isinstance(message, SendResult):
             async with self._permits:
-                await self._checkpoint(row, message, message_id, voucher)
+                await self._checkpoint(row, message, message_id, voucher, tags)
             return
         gate = self._consent
         # Rendered outside the permit (it is CPU only); from the provider call to the
@@ -380,12 +387,12 @@ class Sender:
                         result = await self.sms.send(message)
                 finally:
                     ask.release()  # the call returned: an opt-out may commit now
-                await self._checkpoint(row, result, message_id, voucher)
+                await self._checkpoint(row, result, message_id, voucher, tags)
             elif refusal in _REFUSALS:
                 await self._skip(row, refusal)
             else:  # consent could not be read now: not sent, tried again later
                 retry = SendResult(ok=False, error=refusal, retry_after=_BUSY_RETRY_SECONDS)
-                await self._checkpoint(row, retry, message_id, voucher)
+                await self._checkpoint(row, retry, message_id, voucher, tags)
 
     async def _shorten(
         self, context: _DropContext, row: Claimed, destinations: set[str], now: datetime
@@ -491,9 +498,12 @@ class Sender:
         result: SendResult,
         message_id: str,
         voucher: tuple[int, str] | None,
+        tags: funnel.Tags,
     ) -> None:
-        """Commit this one message's outcome now: a crash after this line never resends it."""
+        """Commit this one message's outcome now: a crash after this line never resends it.
+        A message that went out enters the funnel log in the same commit."""
         now = self.clock.now()
+        events: list[funnel.Entry] = []
         params: dict[str, Any] = {
             "row_id": row.id,
             "worker": self.worker,
@@ -514,6 +524,20 @@ class Sender:
                 "delivered_at": now if result.delivered else None,
                 "provider_id": result.provider_id,
             }
+            kinds = [Kind.MESSAGE_SENT]
+            if result.delivered:
+                kinds.append(Kind.MESSAGE_DELIVERED)
+            events = [
+                funnel.Entry(
+                    row.org_id,
+                    kind,
+                    now,
+                    tags,
+                    funnel.contact_person(row.contact_id),
+                    f"send:{row.id}",
+                )
+                for kind in kinds
+            ]
         elif result.permanent or row.attempts >= MAX_ATTEMPTS:
             params |= {"status": SendRowStatus.FAILED, "outcome": (result.error or "failed")[:200]}
         else:  # transient: back off and let any worker retry it
@@ -524,7 +548,7 @@ class Sender:
                 "outcome": (result.error or "retry")[:200],
             }
         assert self._checkpoints is not None
-        await self._checkpoints.write(params)
+        await self._checkpoints.write(params, events)
         metrics.drop_message(row.channel, params["status"])
 
 
@@ -541,12 +565,15 @@ class _GroupCommit:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._pending: list[
+            tuple[dict[str, Any], Sequence[funnel.Entry], asyncio.Future[None]]
+        ] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def write(self, params: dict[str, Any]) -> None:
+    async def write(self, params: dict[str, Any], events: Sequence[funnel.Entry] = ()) -> None:
+        """Commit this checkpoint, and these funnel events with it."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((params, done))
+        self._pending.append((params, events, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await done
@@ -559,15 +586,21 @@ class _GroupCommit:
                     conn = await session.connection()
                     if conn.dialect.name == "postgresql":
                         await conn.execute(_ASYNC_COMMIT)
-                    await conn.execute(_CHECKPOINT, [params for params, _done in group])
+                    await conn.execute(_CHECKPOINT, [params for params, _e, _done in group])
+                    # A checkpoint whose lease another worker took matches no row but is
+                    # logged: its message did go out (a duplicate with the same Message-ID);
+                    # `subject` names the row.
+                    await funnel.record_many(
+                        session, [e for _p, events, _d in group for e in events]
+                    )
             except BaseException as error:
-                for _params, done in group:
+                for _params, _events, done in group:
                     if not done.done():
                         done.set_exception(error)
                 if not isinstance(error, Exception):
                     raise
             else:
-                for _params, done in group:
+                for _params, _events, done in group:
                     if not done.done():
                         done.set_result(None)
 
@@ -671,6 +704,26 @@ class _Ask:
 
 def _variant_name(context: _DropContext, row: Claimed) -> str:
     return row.variant or next(iter(context.variants))
+
+
+# The audience's recency bucket as a funnel segment: a contact with no recorded activity
+# is as cold as it gets.
+_SEGMENT_OF_BUCKET = {"hot": Segment.HOT, "warm": Segment.WARM, "cold": Segment.COLD}
+
+
+def _funnel_tags(
+    context: _DropContext, row: Claimed, contact: Contact, now: datetime
+) -> funnel.Tags:
+    """What the log says of this message: its drop, event, variant, channel and the
+    contact's recency bucket when it was sent (the bucket its content was rendered for)."""
+    bucket = settings.bucket_of(contact.last_engaged_at, now, context.hot_days, context.warm_days)
+    return funnel.Tags(
+        channel=row.channel,
+        event_id=context.drop.event_id,
+        drop_id=context.drop.id,
+        variant=_variant_name(context, row)[:16],
+        segment=_SEGMENT_OF_BUCKET.get(bucket, Segment.COLD).value,
+    )
 
 
 def _refusal(row: Claimed, contact: Contact | consent.ConsentNow | None) -> str | None:
