@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -89,9 +90,9 @@ async def _used(ctx: AppContext, tenant: Tenant, event_id: int, code: str, sale_
 
 async def scene(client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant) -> Scene:
     """Known truth for "mine": 5 online orders of 20.00 and 7 till sales of 10.00 over
-    three hours (8, 3, 1), 5 refunds of 5.00, 10 samples of 1.50, 3 visits it brought of
-    12 at the event; its codes used on 6 and 2 sales, its link clicked 6 times. "Theirs"
-    has bigger figures that must never show in mine."""
+    three hours (8, 3, 1), 5 refunds of 5.00, 10 samples of 1.50, 12 check-ins at the
+    event; its codes used on 6 and 2 sales, its link clicked 6 times. "Theirs" has bigger
+    figures that must never show in mine."""
     now = ctx.clock.now()
     event = await post(
         client,
@@ -161,7 +162,6 @@ async def scene(client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant) -> S
 
 EXPECTED_COUNTS = {
     "event_visits": "12",
-    "visits": "< 5",
     "sales": "12",
     "online_sales": "5",
     "pos_sales": "7",
@@ -216,7 +216,9 @@ async def test_json_csv_page_and_pdf_show_the_same_figures(
     assert {k: got[k]["display"] for k in EXPECTED_MONEY} == EXPECTED_MONEY
     assert got["revenue"]["value"] == 17_000 and got["net_revenue"]["value"] == 14_500
     assert got["roi"]["value"] == round(130 / 15, 4)
-    assert got["visits"] == {**got["visits"], "value": None, "suppressed": True}
+    assert "visits" not in got  # a check-in knows no partner: only the event's footfall
+    hidden_hour = report["sales_by_hour"][1]
+    assert hidden_hour == {**hidden_hour, "sales": None, "suppressed": True, "display": "< 5"}
     assert [(b["display"]) for b in report["sales_by_hour"]] == ["8", "< 5", "< 5"]
     assert report["sales_by_hour"][0]["hour"].startswith(s.hour.strftime("%Y-%m-%dT%H:00"))
     codes = {c["label"]: c["uses"]["display"] for c in report["codes"]}
@@ -251,8 +253,9 @@ async def test_json_csv_page_and_pdf_show_the_same_figures(
     page = await app_client.get(url, headers=HTML)
     assert page.status_code == 200, page.text
     assert page.headers["cache-control"] == "no-store"
-    for shown in (*EXPECTED_MONEY.values(), "<svg"):
-        assert shown.replace("<svg", "<svg") in page.text, shown
+    for shown in (*EXPECTED_MONEY.values(), '<svg xmlns="http://www.w3.org/2000/svg"'):
+        assert shown in page.text, shown
+    assert 'id="share-form"' not in page.text  # a link's reader cannot mint more links
 
     pdf = await app_client.get(url + ".pdf")
     assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
@@ -266,7 +269,10 @@ async def test_json_csv_page_and_pdf_show_the_same_figures(
         ("ROI", "+866.7 %"),
     ):
         assert f"{label} {shown}" in text, (label, text)
-    assert "Visits you brought\n< 5" in text or "Visits you brought < 5" in text, text
+    # Flyer's 2 uses, and Counter's 6 hidden with them (the codes table).
+    assert re.search(r"Flyer\s+\S+\s+< 5", text) and re.search(r"Counter\s+\S+\s+hidden", text), (
+        text
+    )
     assert "Rival" not in text and "99.99" not in text and "55.55" not in text
 
 
@@ -343,6 +349,18 @@ async def test_another_partners_token_or_link_cannot_open_it(
         assert answer.status_code == 400 and "link_invalid" in answer.text, bad
         assert "Corner café" not in answer.text
 
+    async with ctx.db.transaction() as session:
+        _, plain = await accounts.create_token(
+            session,
+            ctx.signer,
+            org_id=tenant.org_id,
+            name="door",
+            scopes=ROLES["volunteer"],
+            created_by="test",
+            now=ctx.clock.now(),
+        )
+    door = await app_client.get(s.api(), headers={"Authorization": f"Bearer {plain}"})
+    assert (door.status_code, door.json()["reason"]) == (403, "forbidden")  # no roi:read
     other_org = await make_tenant(ctx)
     foreign = await app_client.get(s.api(), headers=other_org.headers)
     assert foreign.status_code == 404

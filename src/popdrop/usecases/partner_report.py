@@ -60,7 +60,6 @@ CODE_SHOWN = 4  # characters of a printed code the report shows
 
 _rollups = table_of(FunnelRollup)
 _KINDS = (
-    Kind.VISIT,
     Kind.ORDER_PAID,
     Kind.POS_SALE,
     Kind.ORDER_REFUNDED,
@@ -402,9 +401,7 @@ def _hours(series: list[tuple[datetime, int]], sales_shown: bool, timezone: str)
 def _money_figures(
     sums: dict[tuple[str, str], _Sums], online_hidden: bool, pos_hidden: bool
 ) -> list[Figure]:
-    currencies = sorted(
-        {c for (kind, c) in sums if c and kind != Kind.VISIT.value}  # visits carry none
-    )
+    currencies = sorted({c for (_, c) in sums if c})
     out: list[Figure] = []
     for c in currencies:
         online, pos = sums[(Kind.ORDER_PAID.value, c)], sums[(Kind.POS_SALE.value, c)]
@@ -458,8 +455,9 @@ async def build(session: AsyncSession, target: Target, *, now: datetime) -> Part
     clicks_total = sum(link.clicks for link in link_rows)
     link_flags = hidden_parts([link.clicks for link in link_rows], not hidden(clicks_total))
     figures = [
-        _count("event_visits", "Visitors at the event (all check-ins)", event_visits),
-        _count("visits", "Visits you brought", n(Kind.VISIT)),
+        # The event's footfall: a check-in knows no code or link, so no visit is the
+        # partner's own.
+        _count("event_visits", "Visitors at the event (check-ins)", event_visits),
         _count("sales", "Sales", sales_n),
         _count("online_sales", "Online orders", online_n, hide=online_hidden),
         _count("pos_sales", "Till (POS) sales", pos_n, hide=pos_hidden),
