@@ -169,6 +169,8 @@ async def test_another_organizations_ids_are_not_found(
         ("funnel?steps=visit,order_paid", "event_id"),
         ("kpis?since=2026-12-06T00:00:00Z&until=2026-12-05T00:00:00Z", "since"),
         ("breakdowns?by=hour&tz=Mars/Olympus", "tz"),
+        ("breakdowns?by=hour&tz=Europe", "tz"),  # a directory of the zone database
+        ("kpis?since=0001-01-01T00:00:00%2B05:00", "since"),
         ("repeat?event_id={e}&days=0", "days"),
     ],
 )

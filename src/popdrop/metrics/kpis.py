@@ -320,7 +320,7 @@ def zone(tz: str) -> ZoneInfo:
     """A time zone by IANA name, or a 422 naming it."""
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory, e.g. "Europe"
         raise PopdropError(
             "invalid_request", f"unknown time zone {tz[:64]!r}", detail={"field": "tz"}
         ) from None

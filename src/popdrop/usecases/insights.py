@@ -49,10 +49,15 @@ class Resolved:
     partner: Partner | None
 
 
-def _utc(moment: datetime | None) -> datetime | None:
+def _utc(moment: datetime | None, field: str) -> datetime | None:
     if moment is None:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:  # year 1 with a positive offset: before the calendar starts
+        raise PopdropError(
+            "invalid_request", f"{field}: outside the calendar", detail={"field": field}
+        ) from None
 
 
 async def resolve(
@@ -72,7 +77,7 @@ async def resolve(
     event = await owned(session, Event, event_id, org) if event_id is not None else None
     drop = await owned(session, Drop, drop_id, org) if drop_id is not None else None
     partner = await owned(session, Partner, partner_id, org) if partner_id is not None else None
-    since, until = _utc(since), _utc(until)
+    since, until = _utc(since, "since"), _utc(until, "until")
     if since is not None and until is not None and since >= until:
         raise PopdropError(
             "invalid_request", "since must be before until", detail={"field": "since"}
