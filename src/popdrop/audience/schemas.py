@@ -285,3 +285,5 @@ class EraseResult(BaseModel):
 class PurgeResult(BaseModel):
     erased: int
     cutoff: datetime
+    # Funnel log events older than the cutoff, deleted (their rollups stay).
+    funnel_events_deleted: int = 0

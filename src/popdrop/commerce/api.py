@@ -277,7 +277,7 @@ async def mark_paid(
 
     async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
         order = await settlement.mark_paid_at_lane(
-            session, principal, order_id, tender=body.tender, now=now
+            session, principal, order_id, tender=body.tender, now=now, signer=ctx.signer
         )
         return 200, order.model_dump(mode="json")
 
@@ -332,6 +332,7 @@ async def refund(
             reason=body.reason,
             note=body.note,
             now=now,
+            signer=ctx.signer,
         )
         sent["ids"] = refund_ids
         return 200, order.model_dump(mode="json")
@@ -371,5 +372,7 @@ async def stripe_webhook(request: Request, ctx: Ctx) -> WebhookAck:
         now=now,
         tolerance_seconds=ctx.settings.stripe_webhook_tolerance_seconds,
     )
-    settled = await settlement.handle_stripe_event(ctx.db, event, stripe_provider(ctx), now=now)
+    settled = await settlement.handle_stripe_event(
+        ctx.db, event, stripe_provider(ctx), now=now, signer=ctx.signer
+    )
     return WebhookAck(received=True, outcome=settled.outcome)

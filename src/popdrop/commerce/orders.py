@@ -48,7 +48,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.models import User
 from popdrop.accounts.service import Principal, partner_email, system_principal
 from popdrop.attribution import service as attribution
-from popdrop.commerce import pricing, receipts, units
+from popdrop.attribution.models import SaleTouch
+from popdrop.commerce import funnel, pricing, receipts, units
 from popdrop.commerce.lifecycle import (
     ORDER_LIFECYCLE,
     SOLD_STATUSES,
@@ -87,6 +88,7 @@ from popdrop.core.tenancy import owned
 from popdrop.events.models import Event, Lane, Partner, StaffAssignment, TimeSlot
 from popdrop.inventory.lifecycle import HoldStatus
 from popdrop.inventory.models import Hold, Product, ProductPrice, Variant
+from popdrop.metrics.kinds import Kind
 from popdrop.vouchers import service as vault
 from popdrop.vouchers.codes import ALPHABET, check_char
 from popdrop.vouchers.models import Redemption
@@ -769,8 +771,9 @@ async def place_order(
                 detail={"code": typed, **refusal.detail},
             ) from None
     typed_codes = [checkout.typed_by_ref[ref] for ref in breakdown.applied_codes]
+    touches: list[SaleTouch] = []
     if typed_codes or spec.click_ids:  # what brought the sale, while its codes are at hand
-        await attribution.attribute_sale(
+        touches = await attribution.attribute_sale(
             session, org_id=principal.org_id, sale_kind="order", sale_id=order.id,
             event_id=order.event_id, amount_minor=order.total_minor, currency=order.currency,
             occurred_at=now, codes=typed_codes, click_ids=spec.click_ids, signer=signer,
@@ -804,6 +807,13 @@ async def place_order(
     elif method is PaymentMethod.PAY_AT_PICKUP:
         await units.extend_until(conn, hold_units, held_until)
     await session.flush()
+    # The funnel, before the commit's late writes of the stock rows (`units`).
+    await funnel.record(
+        session, signer, order, Kind.CHECKOUT_STARTED, now=now, value=order.total_minor,
+        touches=touches,
+    )  # fmt: skip
+    if free:
+        await funnel.record(session, signer, order, Kind.ORDER_PAID, now=now, touches=touches)
     if free or method is PaymentMethod.PAY_AT_PICKUP:  # settled or reserved: the receipt
         await receipts.enqueue_receipt(session, order, now=now)
     return _out(order, lines, payments, [])  # all in hand: no reads back

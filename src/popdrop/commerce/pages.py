@@ -294,7 +294,7 @@ async def order_mark_paid(
 
     async def change(session: AsyncSession) -> object:
         return await settlement.mark_paid_at_lane(
-            session, principal, order_id, tender=tender, now=now
+            session, principal, order_id, tender=tender, now=now, signer=ctx.signer
         )
 
     return await _act(request, ctx, principal, order_id, "paid", change)
@@ -358,8 +358,9 @@ async def order_refund(
 
     async def change(session: AsyncSession) -> object:
         _order, refund_ids = await settlement.refund_order(
-            session, principal, order_id, amount_minor=amount, reason=forms.refund_reason, now=now
-        )
+            session, principal, order_id, amount_minor=amount, reason=forms.refund_reason,
+            now=now, signer=ctx.signer,
+        )  # fmt: skip
         to_send.extend(refund_ids)
         return _order
 
@@ -490,8 +491,9 @@ async def pickup_scan(
             if at_event is None:
                 raise not_found("lane of this event")
             result = await pickup.hand_out(
-                session, principal, secret_or_code=secret, lane_id=int(lane), now=ctx.clock.now()
-            )
+                session, principal, secret_or_code=secret, lane_id=int(lane),
+                now=ctx.clock.now(), signer=ctx.signer,
+            )  # fmt: skip
     except PopdropError as error:
         return JSONResponse(error.to_dict(), status_code=error.status, headers=NO_STORE)
     async with ctx.db.reader() as session:

@@ -50,6 +50,7 @@ from popdrop.accounts.service import Principal
 from popdrop.checkin import service as checkin
 from popdrop.checkin import tickets
 from popdrop.checkin.models import EventKey
+from popdrop.commerce import funnel
 from popdrop.commerce.lifecycle import ORDER_LIFECYCLE, OrderStatus, PaymentMethod
 from popdrop.commerce.models import Order, OrderLine
 from popdrop.core import links
@@ -57,8 +58,10 @@ from popdrop.core.db import READONLY_OPTION
 from popdrop.core.errors import not_found
 from popdrop.core.localtime import local, slot_label
 from popdrop.core.money import Money
+from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
+from popdrop.metrics.kinds import Kind
 
 SCOPE = "orders:pickup"
 KIND = 0x4F  # "O": an order; ticket secrets start with their version, 1
@@ -424,7 +427,13 @@ async def _refusal(
 
 
 async def hand_out(
-    session: AsyncSession, principal: Principal, *, secret_or_code: str, lane_id: int, now: datetime
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    secret_or_code: str,
+    lane_id: int,
+    now: datetime,
+    signer: Signer | None = None,
 ) -> PickupResult:
     """Hand an order out at a lane (see the module rules); the answer for the scanner."""
     principal.require(SCOPE)
@@ -461,6 +470,8 @@ async def hand_out(
         refused = await _refusal(session, order, lane, now)
         if refused is not None:
             return refused
+    else:  # this scan handed it out: the funnel's pickup, once per order
+        await funnel.record(session, signer, order, Kind.ORDER_PICKED_UP, now=now)
     return await _answer(session, order, "ok")
 
 

@@ -69,8 +69,9 @@ async def scan(
         await ctx.guard.check(principal.org_id, address, principal=principal.actor)
     async with ctx.db.transaction() as session:
         result = await pickup.hand_out(
-            session, principal, secret_or_code=text, lane_id=body.lane_id, now=ctx.clock.now()
-        )
+            session, principal, secret_or_code=text, lane_id=body.lane_id,
+            now=ctx.clock.now(), signer=ctx.signer,
+        )  # fmt: skip
     if typed and result.result == "invalid":
         await ctx.guard.failed(principal.org_id, address, principal=principal.actor)
     return JSONResponse(

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal
+from popdrop.commerce import funnel
 from popdrop.commerce.catalog_schemas import AllocationCost, SampleCosts, SampleOut
 from popdrop.commerce.lifecycle import SOLD_STATUSES
 from popdrop.commerce.models import Order, SampleGrant
@@ -40,6 +41,8 @@ from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import require_open
 from popdrop.events.models import Event, Lane, Partner
 from popdrop.inventory.models import Product, Stock, Variant
+from popdrop.metrics import log
+from popdrop.metrics.kinds import Kind, Segment
 from popdrop.vouchers.service import contact_digest
 
 GIVE_SCOPE = "orders:pickup"
@@ -148,7 +151,39 @@ async def give_sample(
             status=409,
         ) from exc
     await _take_one_unit(session, product.id, lane_id)
+    await _record_given(session, signer, grant, contact_ref, lane_id, now)
     return grant
+
+
+async def _record_given(
+    session: AsyncSession,
+    signer: Signer,
+    grant: SampleGrant,
+    contact_ref: str,
+    lane_id: int,
+    now: datetime,
+) -> None:
+    """The funnel's `sample_given`: its unit cost, and the partner paying for it."""
+    kind, _, ref = grant.allocated_to.partition(":")
+    segment = grant.segment if grant.segment in {s.value for s in Segment} else ""
+    await log.record(
+        session,
+        grant.org_id,
+        Kind.SAMPLE_GIVEN,
+        at=now,
+        tags=log.Tags(
+            channel="chat" if grant.conversation_id is not None else "",
+            event_id=grant.event_id,
+            drop_id=grant.drop_id,
+            segment=segment or "",
+            partner_id=int(ref) if kind == "partner" and ref.isdigit() else None,
+            lane_id=lane_id,
+        ),
+        person=funnel.person_of_ref(signer, contact_ref),
+        subject=f"sample:{grant.id}",
+        value=grant.unit_cost_minor,
+        currency=grant.currency,
+    )
 
 
 async def _bought_later(

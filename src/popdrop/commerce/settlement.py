@@ -57,7 +57,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.accounts.service import Principal, system_principal
 from popdrop.attribution import service as attribution
-from popdrop.commerce import receipts, units
+from popdrop.commerce import funnel, receipts, units
 from popdrop.commerce.lifecycle import (
     ORDER_LIFECYCLE,
     PAYMENT_LIFECYCLE,
@@ -88,6 +88,7 @@ from popdrop.core.logging import log
 from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.inventory.lifecycle import HoldStatus
+from popdrop.metrics.kinds import Kind
 from popdrop.vouchers import service as vault
 from popdrop.vouchers.models import Redemption
 
@@ -431,6 +432,7 @@ async def settle_paid(
     discounts_held: bool,
     actor: str,
     now: datetime,
+    signer: Signer | None = None,
 ) -> Settled:
     """A payment succeeded (its row already says so): sell the units, or give the money
     back when they are gone or the order's discounts were given back (see the module
@@ -461,6 +463,10 @@ async def settle_paid(
             order.status_message = None
         await session.flush()
         await receipts.enqueue_receipt(session, order, now=now)
+        await funnel.record(
+            session, signer, order, Kind.ORDER_PAID, now=now, value=payment.amount_minor,
+            currency=payment.currency,
+        )  # fmt: skip
         return Settled("paid", order.id, order.org_id)
     # The units are gone: the order cannot be handed out, so the money goes back.
     if status is OrderStatus.PENDING:
@@ -514,7 +520,13 @@ async def _discounts_held(session: AsyncSession, order: Order) -> bool:
 
 
 async def mark_paid_at_lane(
-    session: AsyncSession, principal: Principal, order_id: int, *, tender: str, now: datetime
+    session: AsyncSession,
+    principal: Principal,
+    order_id: int,
+    *,
+    tender: str,
+    now: datetime,
+    signer: Signer | None = None,
 ) -> OrderOut:
     """Staff took the money at the lane (cash or their own card terminal)."""
     if not ({"orders:pickup", "orders:write"} & principal.scopes):
@@ -544,6 +556,7 @@ async def mark_paid_at_lane(
     await _record_paid(order, now)
     await session.flush()
     await receipts.enqueue_receipt(session, order, now=now)  # once per order and channel
+    await funnel.record(session, signer, order, Kind.ORDER_PAID, now=now, value=order.total_minor)
     return await order_out(session, order)
 
 
@@ -697,7 +710,7 @@ def _kind(event: StripeEvent) -> str:
 
 
 async def apply_stripe_event(
-    session: AsyncSession, event: StripeEvent, *, now: datetime
+    session: AsyncSession, event: StripeEvent, *, now: datetime, signer: Signer | None = None
 ) -> Settled:
     """Apply one verified Stripe event, at most once (see the module rules). Refunds it
     decides are returned for `send_pending_refunds` to send after the commit."""
@@ -719,7 +732,7 @@ async def apply_stripe_event(
     row_id = inserted.scalar_one_or_none()
     if row_id is None:
         return Settled("duplicate")
-    settled = await _apply(session, event, now)
+    settled = await _apply(session, event, now, signer)
     await session.execute(
         update(ProviderEvent)
         .where(ProviderEvent.id == row_id)
@@ -728,7 +741,9 @@ async def apply_stripe_event(
     return settled
 
 
-async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Settled:
+async def _apply(
+    session: AsyncSession, event: StripeEvent, now: datetime, signer: Signer | None
+) -> Settled:
     kind = _kind(event)
     if kind == "ignored":
         return Settled("ignored_type")
@@ -785,8 +800,9 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
         payment.status = PAYMENT_LIFECYCLE.check(current, PaymentStatus.SUCCEEDED)
         payment.updated_at = now
         return await settle_paid(
-            session, order, payment, discounts_held=discounts_held, actor="stripe", now=now
-        )
+            session, order, payment, discounts_held=discounts_held, actor="stripe", now=now,
+            signer=signer,
+        )  # fmt: skip
     target = PaymentStatus.FAILED if kind == "failed" else PaymentStatus.CANCELED
     if current is target and kind == "failed":
         pass  # a later failure of the same attempt: keep its newest reason
@@ -800,6 +816,10 @@ async def _apply(session: AsyncSession, event: StripeEvent, now: datetime) -> Se
         if event.decline_code and event.decline_code != payment.failure_code:
             message = f"{message} ({event.decline_code})".strip()
         payment.failure_message = message[:300] or None
+        await funnel.record(
+            session, signer, order, Kind.PAYMENT_FAILED, now=now, value=payment.amount_minor,
+            currency=payment.currency, label=payment.failure_code,
+        )  # fmt: skip
     elif order.status == OrderStatus.EXPIRED:
         await session.flush()
         if not await _has_open_payment(session, order.id):
@@ -835,14 +855,19 @@ async def _apply_refund(session: AsyncSession, event: StripeEvent, now: datetime
 
 
 async def handle_stripe_event(
-    db: Database, event: StripeEvent, provider: PaymentProvider | None, *, now: datetime
+    db: Database,
+    event: StripeEvent,
+    provider: PaymentProvider | None,
+    *,
+    now: datetime,
+    signer: Signer | None = None,
 ) -> Settled:
     """Apply an event in its own transaction, then send the refunds it decided."""
 
     async def work(session: AsyncSession) -> Settled:
         # The stock rows a sale moves are hot: written just before the commit.
         defer_hot_writes(session)
-        return await apply_stripe_event(session, event, now=now)
+        return await apply_stripe_event(session, event, now=now, signer=signer)
 
     settled = await db.in_transaction(work)
     if settled.refund_ids and provider is not None:
@@ -862,6 +887,7 @@ async def refund_order(
     reason: str,
     note: str = "",
     now: datetime,
+    signer: Signer | None = None,
 ) -> tuple[OrderOut, list[int]]:
     """Refund part or all of a paid order; the Refund ids to send to the provider after
     the commit (`send_pending_refunds`). A full refund ends the order `refunded`."""
@@ -901,6 +927,8 @@ async def refund_order(
             refund_ids.append(refund.id)
     order.refunded_minor = order.refunded_minor + amount
     await _reverse_attribution(session, order, amount)
+    if amount > 0:
+        await funnel.record(session, signer, order, Kind.ORDER_REFUNDED, now=now, value=amount)
     if order.refunded_minor >= order.total_minor:
         order.status = ORDER_LIFECYCLE.check(status, OrderStatus.REFUNDED, action="refund")
         order.ended_at = now

@@ -19,7 +19,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, union_all, update
+from sqlalchemy import (
+    String,
+    and_,
+    bindparam,
+    cast,
+    false,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
@@ -42,6 +56,8 @@ from popdrop.inventory.schemas import (
     StockSet,
     VariantOut,
 )
+from popdrop.metrics import log as funnel
+from popdrop.metrics.kinds import Kind
 
 _stock = table_of(Stock)
 _holds = table_of(Hold)
@@ -99,8 +115,40 @@ _HOLD_COLUMNS = (
     "org_id", "event_id", "stock_id", "variant_id", "lane_id", "slot_id", "qty",
     "contact_ref", "status", "created_at", "expires_at", "renewals", "ended_at",
 )  # fmt: skip
+# The funnel's `hold` event (`metrics.log`) is written with the hold: in the same
+# statement on PostgreSQL, so a hot-SKU burst pays no extra round trip and the stock row
+# is not locked any longer; right after the hold's INSERT on SQLite.
+_funnel = funnel.funnel_events
+_LOG_COLUMNS = (
+    "org_id", "at", "kind", "channel", "event_id", "drop_id", "variant", "segment",
+    "partner_id", "lane_id", "label", "person", "subject", "value", "currency", "rolled",
+)  # fmt: skip
+
+
+def _log_values(subject: Any) -> list[Any]:
+    """The log row's columns, from the hold's bound values and its `subject`."""
+    return [
+        bindparam("n_org_id", type_=_holds.c.org_id.type),
+        bindparam("n_created_at", type_=_holds.c.created_at.type),
+        literal(Kind.HOLD.value, String()),
+        bindparam("f_channel", type_=String()),
+        bindparam("n_event_id", type_=_holds.c.event_id.type),
+        literal(None, _funnel.c.drop_id.type),
+        literal("", String()),
+        literal("", String()),
+        literal(None, _funnel.c.partner_id.type),
+        bindparam("n_lane_id", type_=_holds.c.lane_id.type),
+        literal("", String()),
+        bindparam("f_person", type_=String()),
+        subject,
+        literal(0, _funnel.c.value.type),
+        literal("", String()),
+        false(),
+    ]
+
+
 _taken = _TAKE.cte("taken")
-_TAKE_AND_INSERT = (
+_held = (
     insert(_holds)
     .from_select(
         list(_HOLD_COLUMNS),
@@ -109,6 +157,19 @@ _TAKE_AND_INSERT = (
         ).where(select(_taken.c[0]).exists()),
     )
     .returning(_holds.c.id)
+    .cte("held")
+)
+_logged = (
+    insert(_funnel)
+    .from_select(
+        list(_LOG_COLUMNS),
+        select(*_log_values(literal("hold:", String()) + cast(_held.c.id, String()))),
+    )
+    .cte("logged")
+)
+_TAKE_AND_INSERT = select(_held.c.id).add_cte(_logged)
+_INSERT_LOG = insert(_funnel).from_select(
+    list(_LOG_COLUMNS), select(*_log_values(bindparam("f_subject", type_=String())))
 )
 _ANY_EXPIRED = (
     select(_holds.c.id)
@@ -425,7 +486,8 @@ async def create_hold(
         await conn.execute(_PERSON_LOCK, {"key": _person_key(target, spec)})
     await _reclaim_expired(conn, target.stock_id, now)
     values = _hold_values(principal, target, spec, now, ttl_seconds)
-    hold_id = await _take_and_record(conn, target, spec.qty, values)
+    channel = funnel_channel(principal.actor)
+    hold_id = await _take_and_record(conn, target, spec.qty, values, channel)
     if hold_id is None:
         raise await _refusal(conn, target.stock_id, spec.qty)
     # Whatever follows runs under the stock row lock: keep it short. A refusal below rolls
@@ -479,13 +541,14 @@ async def take_hold(
         async with db.transaction() as session:
             return await create_hold(session, principal, spec, now=now)
     values = _hold_values(principal, target, spec, now, target.ttl_seconds)
+    channel = funnel_channel(principal.actor)
     async with db.single_statements() as conn:
-        hold_id = await _take_and_record(conn, target, spec.qty, values)
+        hold_id = await _take_and_record(conn, target, spec.qty, values, channel)
         if hold_id is None:
             state = (await conn.execute(_STATE, _state_params(target, now))).one()
             if state.open and state.any_expired:
                 await _reclaim_in_own_transaction(db, conn, target.stock_id, now)
-                hold_id = await _take_and_record(conn, target, spec.qty, values)
+                hold_id = await _take_and_record(conn, target, spec.qty, values, channel)
                 if hold_id is None:
                     state = (await conn.execute(_STATE, _state_params(target, now))).one()
         if hold_id is None:
@@ -536,7 +599,7 @@ def _hold_values(
 
 
 async def _take_and_record(
-    conn: AsyncConnection, target: _Target, qty: int, values: dict[str, Any]
+    conn: AsyncConnection, target: _Target, qty: int, values: dict[str, Any], channel: str
 ) -> int | None:
     """Take `qty` units and insert the hold; None when the units are not there (or the
     event is not open)."""
@@ -546,18 +609,46 @@ async def _take_and_record(
         "s_event": target.event_id,
         "now": values["created_at"],
     }
+    params = {**take, **_hold_params(values), **_log_params(values, channel)}
     if conn.dialect.name == "postgresql":
         # One statement: the stock row is locked for the shortest time (until COMMIT).
-        row = await conn.execute(_TAKE_AND_INSERT, {**take, **_hold_params(values)})
+        row = await conn.execute(_TAKE_AND_INSERT, params)
         hold_id = row.scalar_one_or_none()
         return int(hold_id) if hold_id is not None else None
     if (await conn.execute(_TAKE, take)).first() is None:
         return None
-    return int((await conn.execute(_INSERT_HOLD, values)).scalar_one())
+    hold_id = int((await conn.execute(_INSERT_HOLD, values)).scalar_one())
+    await conn.execute(_INSERT_LOG, {**params, "f_subject": f"hold:{hold_id}"})
+    return hold_id
 
 
 def _hold_params(values: dict[str, Any]) -> dict[str, Any]:
     return {f"n_{name}": value for name, value in values.items()}
+
+
+def _log_params(values: dict[str, Any], channel: str) -> dict[str, Any]:
+    """The funnel row's own values: who holds (a contact known by id; a chat or a buyer
+    known only by a reference stays anonymous here, no signer on this path) and through
+    what the hold came (`funnel_channel`)."""
+    ref = values["contact_ref"] or ""
+    contact = ref.removeprefix(CONTACT_PREFIX)
+    person = funnel.contact_person(int(contact)) if ref != contact and contact.isdigit() else None
+    return {"f_channel": channel, "f_person": person}
+
+
+CONTACT_PREFIX = "contact:"
+
+
+def funnel_channel(actor: str) -> str:
+    """The funnel channel of who placed a hold: a chat, the public web page, an API token."""
+    kind = actor.partition(":")[0]
+    if actor == "system:chat":
+        return "chat"
+    if kind == "web":
+        return "web"
+    if kind == "token":
+        return "api"
+    return ""
 
 
 async def _refusal(conn: AsyncConnection, stock_id: int, qty: int) -> PopdropError:

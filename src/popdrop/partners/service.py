@@ -37,6 +37,8 @@ from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Partner
 from popdrop.events.service import partners_of
+from popdrop.metrics import log as funnel
+from popdrop.metrics.kinds import Kind
 from popdrop.partners.adapters import Ignored, Parsed
 from popdrop.partners.contract import PosSaleV1
 from popdrop.partners.lifecycle import (
@@ -365,9 +367,34 @@ async def _record_sale(
             .order_by(PosRefund.id)
         )
     ).all()
+    await funnel.record(
+        session,
+        connection.org_id,
+        Kind.POS_SALE,
+        at=sale.occurred_at,
+        tags=_tags(connection, sale.source.provider),
+        person=(
+            funnel.keyed_person(signer, f"pos-customer:{connection.org_id}:{sale.customer_ref}")
+            if sale.customer_ref
+            else None
+        ),
+        subject=f"pos_sale:{sale_id}",
+        value=sale.totals.total_minor,
+        currency=sale.currency,
+    )
     for refund in waiting:
         await _apply_refund(session, connection, refund, sale_id, now=now)
     return Ingested("sale_recorded" + ("+refunds" if waiting else ""), sale_id)
+
+
+def _tags(connection: PosConnection, provider: str) -> funnel.Tags:
+    """A till's sale in the funnel (at the time the till says it happened): its partner and
+    event; the label names the till's provider."""
+    return funnel.Tags(
+        event_id=connection.event_id,
+        partner_id=connection.partner_id,
+        label=provider[:24],
+    )
 
 
 async def _record_refund(
@@ -428,6 +455,16 @@ async def _apply_refund(
         POS_SALE_LIFECYCLE.check(current, target, action="refund")
     sale.refunded_minor = refunded
     sale.status = target
+    await funnel.record(
+        session,
+        connection.org_id,
+        Kind.POS_REFUND,
+        at=refund.occurred_at,
+        tags=_tags(connection, sale.provider),
+        subject=f"pos_sale:{sale_id}",
+        value=taken,
+        currency=sale.currency,
+    )
     await reverse_sale(
         session,
         org_id=connection.org_id,

@@ -58,6 +58,8 @@ from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import require_open
 from popdrop.events.models import Event, TimeSlot
+from popdrop.metrics import log as funnel
+from popdrop.metrics.kinds import Kind
 from popdrop.outbound import outbox
 from popdrop.rsvp.lifecycle import (
     ACTIVE_RSVP_STATUSES,
@@ -68,7 +70,7 @@ from popdrop.rsvp.lifecycle import (
     RsvpStatus,
 )
 from popdrop.rsvp.models import Rsvp, WaitlistOffer
-from popdrop.rsvp.notices import OfferMade, offer_notices
+from popdrop.rsvp.notices import CHAT_SOURCE, OfferMade, offer_notices
 from popdrop.rsvp.schemas import (
     OfferOut,
     RsvpCreate,
@@ -163,6 +165,39 @@ def normalize_contact(email: str | None, phone: str | None) -> tuple[str | None,
     clean_email = normalize_email(email) if email else None
     clean_phone = normalize_phone(phone) if phone else None
     return clean_email, clean_phone
+
+
+def funnel_channel(source: str | None) -> str:
+    """The funnel channel of an RSVP's source (its actor): a chat conversation, the public
+    page, or an operator / API token."""
+    if not source:
+        return ""
+    if source.startswith(CHAT_SOURCE):
+        return "chat"
+    if source == PUBLIC_ACTOR:
+        return "web"
+    return "api"
+
+
+async def _record_confirmed(
+    session: AsyncSession, signer: Signer, rsvp: Rsvp, now: datetime
+) -> None:
+    """The funnel's `rsvp` event, in the confirming transaction. The RSVP knows no contact
+    row (audience is above this floor), so the person is the keyed digest of its normalized
+    email (else phone), which erasing the contact blanks too."""
+    point = rsvp.email or rsvp.phone
+    channel = funnel_channel(rsvp.source)
+    await funnel.record(
+        session,
+        rsvp.org_id,
+        Kind.RSVP,
+        at=now,
+        tags=funnel.Tags(
+            channel=channel, event_id=rsvp.event_id, label="chat" if channel == "chat" else ""
+        ),
+        person=funnel.keyed_person(signer, point) if point else None,
+        subject=f"rsvp:{rsvp.id}",
+    )
 
 
 def cancel_token(signer: Signer, rsvp: Rsvp) -> str:
@@ -393,6 +428,9 @@ async def create_rsvp(
         payload={"rsvp": rsvp.id, "slot": slot.id, "places": spec.places, "status": status},
         now=now,
     )
+    if status == RsvpStatus.CONFIRMED:
+        # Before the commit's late write of the slot: the hot row's lock is not held longer.
+        await _record_confirmed(session, signer, rsvp, now)
     ticket_id, secret = await _ticket_for(session, rsvp, now=now)
     return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret, ticket_id)
 
@@ -793,6 +831,7 @@ async def claim_offer(
         now=now,
     )
     rsvp = await _load_rsvp(session, offer.rsvp_id, event.org_id)
+    await _record_confirmed(session, signer, rsvp, now)
     ticket_id, secret = await _ticket_for(session, rsvp, now=now)
     return RsvpResult(rsvp, cancel_token(signer, rsvp), offers, secret, ticket_id)
 

@@ -29,6 +29,7 @@ from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.idempotency import IdempotencyRecord
 from popdrop.core.signing import Signer
 from popdrop.inventory.models import Hold
+from popdrop.metrics import log as funnel
 from popdrop.outbound import outbox
 from popdrop.outbound.models import MailboxMessage
 from popdrop.rsvp.models import Rsvp
@@ -36,6 +37,7 @@ from popdrop.rsvp.notices import CHAT_SOURCE
 from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
 
 PURGE_BATCH = 500
+FUNNEL_PURGE_BATCH = 10_000
 
 
 async def find_by_point(
@@ -240,6 +242,15 @@ async def erase_contact(
     scrubbed["labels"] = await _count(
         session, delete(ContactLabel).where(ContactLabel.contact_id == contact.id)
     )
+    # The funnel log keeps the events (counts still add up) but no longer says whose.
+    people = [funnel.contact_person(contact.id)]
+    people += [funnel.keyed_person(signer, point) for point in clear]
+    scrubbed["funnel_events"] = await _count(
+        session,
+        update(funnel.funnel_events)
+        .where(funnel.funnel_events.c.org_id == org_id, funnel.funnel_events.c.person.in_(people))
+        .values(person=None),
+    )
     await session.execute(
         update(Contact)
         .where(Contact.id == contact.id)
@@ -343,4 +354,24 @@ async def purge_inactive(
         for contact_id in ids:
             await erase_contact(session, signer, principal, contact_id, now=now)
             erased += 1
-    return PurgeResult(erased=erased, cutoff=cutoff)
+    deleted = await purge_funnel(session, principal.org_id, cutoff)
+    return PurgeResult(erased=erased, cutoff=cutoff, funnel_events_deleted=deleted)
+
+
+async def purge_funnel(session: AsyncSession, org_id: int, cutoff: datetime) -> int:
+    """Retention of the funnel log: its events before `cutoff` go, in batches. Only events
+    already folded into the rollups (`metrics.rollups`), which keep their counts; an event
+    not folded yet goes at the next purge. A rebuild of the rollups then covers only what
+    the log still holds."""
+    events = funnel.funnel_events
+    deleted = 0
+    while True:
+        batch = (
+            select(events.c.id)
+            .where(events.c.org_id == org_id, events.c.at < cutoff, events.c.rolled)
+            .limit(FUNNEL_PURGE_BATCH)
+        )
+        done = await _count(session, delete(events).where(events.c.id.in_(batch)))
+        deleted += done
+        if done < FUNNEL_PURGE_BATCH:
+            return deleted
