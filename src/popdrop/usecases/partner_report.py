@@ -22,7 +22,6 @@ Rules:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -274,15 +273,21 @@ def share_link(
 # ---------------------------------------------------------------- reads
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Sums:
     n: int = 0
     value: int = 0
 
 
-async def _rollup_sums(
-    session: AsyncSession, target: Target
-) -> tuple[dict[tuple[str, str], _Sums], int]:
+_NONE = _Sums()
+Sums = dict[tuple[str, str], _Sums]  # per (kind, currency)
+
+
+def _of(sums: Sums, kind: Kind, currency: str) -> _Sums:
+    return sums.get((kind.value, currency), _NONE)
+
+
+async def _rollup_sums(session: AsyncSession, target: Target) -> tuple[Sums, int]:
     """Per (kind, currency): the partner's counts and sums; and the event's visits."""
     r = _rollups.c
     base = (r.org_id == target.org_id, r.grain == HOUR, r.event_id == target.event.id)
@@ -291,9 +296,9 @@ async def _rollup_sums(
         .where(*base, r.partner_id == target.partner.id, r.kind.in_([k.value for k in _KINDS]))
         .group_by(r.kind, r.currency)
     )
-    sums: dict[tuple[str, str], _Sums] = defaultdict(_Sums)
-    for kind, currency, n, value in rows:
-        sums[(kind, currency)] = _Sums(int(n or 0), int(value or 0))
+    sums = {
+        (kind, currency): _Sums(int(n or 0), int(value or 0)) for kind, currency, n, value in rows
+    }
     visits = await session.scalar(select(func.sum(r.n)).where(*base, r.kind == Kind.VISIT.value))
     return sums, int(visits or 0)
 
@@ -398,15 +403,13 @@ def _hours(series: list[tuple[datetime, int]], sales_shown: bool, timezone: str)
     ]
 
 
-def _money_figures(
-    sums: dict[tuple[str, str], _Sums], online_hidden: bool, pos_hidden: bool
-) -> list[Figure]:
+def _money_figures(sums: Sums, online_hidden: bool, pos_hidden: bool) -> list[Figure]:
     currencies = sorted({c for (_, c) in sums if c})
     out: list[Figure] = []
     for c in currencies:
-        online, pos = sums[(Kind.ORDER_PAID.value, c)], sums[(Kind.POS_SALE.value, c)]
-        refunds = [sums[(Kind.ORDER_REFUNDED.value, c)], sums[(Kind.POS_REFUND.value, c)]]
-        samples = sums[(Kind.SAMPLE_GIVEN.value, c)]
+        online, pos = _of(sums, Kind.ORDER_PAID, c), _of(sums, Kind.POS_SALE, c)
+        refunds = [_of(sums, Kind.ORDER_REFUNDED, c), _of(sums, Kind.POS_REFUND, c)]
+        samples = _of(sums, Kind.SAMPLE_GIVEN, c)
         sales_n, revenue = online.n + pos.n, online.value + pos.value
         refunds_n, refunded = sum(r.n for r in refunds), sum(r.value for r in refunds)
         revenue_hidden = hidden(sales_n)
