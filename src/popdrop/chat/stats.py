@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, literal, select, union_all
+from sqlalchemy import false, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.chat.conversations import chat_events_table, conversations_table
@@ -91,8 +91,10 @@ async def _logged(session: AsyncSession, org_id: int, event_id: int | None) -> d
     so a fold committing meanwhile neither loses nor doubles a row)."""
     r, e = funnel_rollups.c, funnel_events.c
     folded = select(r.kind, r.n).where(r.org_id == org_id, r.grain == 60, r.kind.in_(LOGGED_STEPS))
+    # `= false`, not `IS FALSE`: only the former lets the planner use the partial index
+    # of unfolded rows instead of reading the organization's whole log.
     fresh = select(e.kind, literal(1).label("n")).where(
-        e.org_id == org_id, e.rolled.is_(False), e.kind.in_(LOGGED_STEPS)
+        e.org_id == org_id, e.rolled == false(), e.kind.in_(LOGGED_STEPS)
     )
     if event_id is not None:
         folded = folded.where(r.event_id == event_id)
