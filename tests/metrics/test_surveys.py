@@ -28,6 +28,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
 from popdrop.app import build_context, create_app
+from popdrop.chat.models import ChatMessage, Conversation
 from popdrop.core.clock import FrozenClock
 from popdrop.core.config import Settings
 from popdrop.metrics.models import FunnelEvent
@@ -492,3 +493,65 @@ async def test_the_host_page_shows_nps_with_its_interval_and_schedules(stack: St
     no_scope = await make_tenant(stack.ctx, frozenset({"events:read"}))
     refused = await stack.client.get(f"/api/v1/surveys/events/{event_id}", headers=no_scope.headers)
     assert refused.status_code == 403
+
+
+async def test_a_visitor_in_an_open_web_chat_is_asked_there(stack: Stack) -> None:
+    """A visitor with an open web chat conversation gets the invitation in it (queued like
+    a host's reply), not by email; once that chat said STOP, email is used instead."""
+    event_id = await _event(stack)
+    tag = _tag()
+    eve_email, fay_email = f"eve-{tag}@example.com", f"fay-{tag}@example.com"
+    eve = await _contact(stack, email=eve_email, consents=_consent("email"))
+    fay = await _contact(stack, email=fay_email, consents=_consent("email"))
+    chats: dict[int, int] = {}
+    async with stack.ctx.db.transaction() as session:
+        for contact_id in (eve, fay):
+            conversation = Conversation(
+                org_id=stack.tenant.org_id,
+                channel="web",
+                address_hash=secrets.token_bytes(32),
+                address=f"visitor-{secrets.token_hex(6)}",
+                contact_id=contact_id,
+                flow_key="shop",
+                flow_version=1,
+                node="menu",
+                status="waiting_input",
+                state="{}",
+                started_at=START,
+                last_message_at=START,
+                expires_at=START + timedelta(days=30),
+            )
+            session.add(conversation)
+            await session.flush()
+            chats[contact_id] = conversation.id
+    for holder in (eve_email, fay_email):
+        await _visit(stack, event_id, holder)
+    await _schedule(stack, event_id)
+    invited = await _invitations(stack, event_id)
+    assert (invited[eve].channel, invited[fay].channel) == ("chat", "chat")
+    # Fay says STOP in her chat before the survey is due: she is asked by email instead.
+    async with stack.ctx.db.transaction() as session:
+        conversation = await session.get(Conversation, chats[fay])
+        assert conversation is not None
+        conversation.opted_out_at = START + timedelta(hours=1)
+
+    stack.clock.set(DUE)
+    await stack.worker.tick()
+    async with stack.ctx.db.reader() as session:
+        bodies = list(
+            await session.scalars(
+                select(ChatMessage.body).where(ChatMessage.conversation_id == chats[eve])
+            )
+        )
+        fay_chat = list(
+            await session.scalars(
+                select(ChatMessage.id).where(ChatMessage.conversation_id == chats[fay])
+            )
+        )
+    assert len(bodies) == 1 and "/q/" in bodies[0] and "Corner pop-up" in bodies[0]
+    assert stack.smtp.to(eve_email) == []
+    assert fay_chat == [] and len(stack.smtp.to(fay_email)) == 1
+    invited = await _invitations(stack, event_id)
+    assert (invited[eve].channel, invited[fay].channel) == ("chat", "email")
+    sent = {e.person: e.channel for e in await _log(stack, event_id) if e.kind == "survey_sent"}
+    assert sent == {f"c:{eve}": "chat", f"c:{fay}": "email"}
