@@ -481,7 +481,7 @@ async def test_the_host_page_shows_nps_with_its_interval_and_schedules(stack: St
     )
     assert scheduled.status_code == 303, scheduled.text
     notice = await stack.client.get(scheduled.headers["location"], headers=HTML)
-    assert "Survey scheduled: 1 new invitation, 4 invited before" in notice.text
+    assert "Survey scheduled: 1 new invitation, 4 invited before." in notice.text
 
     # Another organization's token finds no such event; one without metrics:read is refused.
     other = await make_tenant(stack.ctx, frozenset({"metrics:read", "drops:write"}))

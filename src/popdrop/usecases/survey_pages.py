@@ -173,7 +173,7 @@ async def nps_page(request: Request, event_id: ItemId, principal: Operator, ctx:
         summary = await surveys.summary(session, principal, event_id)
         event = await owned(session, Event, event_id, principal.org_id, what="event")
     peak = max(summary.distribution) or 1
-    notice = {k: request.query_params.get(k, "") for k in ("scheduled", "already", "none")}
+    notice = {k: request.query_params.get(k, "") for k in ("scheduled", "already", "no_channel")}
     context = {
         "principal": principal,
         "event": event,
@@ -196,7 +196,7 @@ async def nps_schedule(
         result = await surveys.schedule_for_event(
             session, ctx.signer, principal, event_id, now=ctx.clock.now()
         )
-    query = f"scheduled={result.scheduled}&already={result.already}&none={result.no_channel}"
+    query = f"scheduled={result.scheduled}&already={result.already}&no_channel={result.no_channel}"
     return RedirectResponse(f"/insights/events/{event_id}/nps?{query}", status_code=303)
 
 
