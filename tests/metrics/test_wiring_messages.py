@@ -369,3 +369,13 @@ async def test_a_chat_logs_its_sessions_and_cards_and_its_funnel_reads_the_log(
         elsewhere = await stats.funnel(session, tenant.org_id, event_id=shop.event_id + 1000)
     assert after == before  # folded rows are counted once, from the rollups now
     assert elsewhere["chat_started"] == 0
+    # A host's day: the minute rollups of that window only.
+    minute = ctx.clock.now().replace(second=0, microsecond=0)
+    async with ctx.db.reader() as session:
+        today = await stats.chats_started(
+            session, tenant.org_id, shop.event_id, minute, minute + timedelta(days=1)
+        )
+        yesterday = await stats.chats_started(
+            session, tenant.org_id, shop.event_id, minute - timedelta(days=1), minute
+        )
+    assert (today, yesterday) == (2, 0)

@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import Principal, system_principal
 from popdrop.audience.consent import CONSENT_COLUMN
 from popdrop.audience.models import Contact
-from popdrop.chat import console, conversations, facts, flow_store, turn
+from popdrop.chat import console, conversations, facts, flow_store, stats, turn
 from popdrop.chat.messages import OUT_MESSAGES, Card, OutMessage, Text
 from popdrop.chat.models import (
     ChatEvent,
@@ -622,17 +622,7 @@ async def day_stats(session: AsyncSession, org_id: int, event: Event, now: datet
             ChatEvent.at < end,
         )
     )
-    chats = await count(
-        select(func.count())
-        .select_from(ChatEvent)
-        .where(
-            ChatEvent.org_id == org_id,
-            ChatEvent.event_id == event.id,
-            ChatEvent.kind == "chat_started",
-            ChatEvent.at >= start,
-            ChatEvent.at < end,
-        )
-    )
+    chats = await stats.chats_started(session, org_id, event.id, start, end)
     return DayStats(day, rsvps, checkins, holds, vouchers, chats)
 
 

@@ -9,6 +9,7 @@ chat) are counted from the chat's own events."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import false, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -86,11 +87,19 @@ async def funnel(
     return counts
 
 
-async def _logged(session: AsyncSession, org_id: int, event_id: int | None) -> dict[str, int]:
-    """The log's chat steps: hourly rollups plus the rows not folded yet (one statement,
-    so a fold committing meanwhile neither loses nor doubles a row)."""
+async def _logged(
+    session: AsyncSession,
+    org_id: int,
+    event_id: int | None,
+    window: tuple[datetime, datetime] | None = None,
+) -> dict[str, int]:
+    """The log's chat steps: rollups plus the rows not folded yet (one statement, so a
+    fold committing meanwhile neither loses nor doubles a row). All time reads the hourly
+    rollups; a window (whole minutes: a local day) reads the minute ones."""
     r, e = funnel_rollups.c, funnel_events.c
-    folded = select(r.kind, r.n).where(r.org_id == org_id, r.grain == 60, r.kind.in_(LOGGED_STEPS))
+    folded = select(r.kind, r.n).where(
+        r.org_id == org_id, r.grain == (60 if window is None else 1), r.kind.in_(LOGGED_STEPS)
+    )
     # `= false`, not `IS FALSE`: only the former lets the planner use the partial index
     # of unfolded rows instead of reading the organization's whole log.
     fresh = select(e.kind, literal(1).label("n")).where(
@@ -99,8 +108,19 @@ async def _logged(session: AsyncSession, org_id: int, event_id: int | None) -> d
     if event_id is not None:
         folded = folded.where(r.event_id == event_id)
         fresh = fresh.where(e.event_id == event_id)
+    if window is not None:
+        start, end = window
+        folded = folded.where(r.bucket >= start, r.bucket < end)
+        fresh = fresh.where(e.at >= start, e.at < end)
     both = union_all(folded, fresh).subquery()
     rows = await session.execute(select(both.c.kind, func.sum(both.c.n)).group_by(both.c.kind))
     counts = dict.fromkeys(LOGGED_STEPS, 0)
     counts.update({str(kind): int(n) for kind, n in rows})
     return counts
+
+
+async def chats_started(
+    session: AsyncSession, org_id: int, event_id: int, start: datetime, end: datetime
+) -> int:
+    """Chat sessions of an event started in [start, end), whole minutes (a host's day)."""
+    return (await _logged(session, org_id, event_id, (start, end)))[Kind.CHAT_STARTED.value]
