@@ -43,8 +43,8 @@ from typing import Any
 from sqlalchemy import event as sa_event
 from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.schema import CreateIndex
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.schema import CreateIndex
 
 import _common as common
 import _funnel_load as load
@@ -61,6 +61,7 @@ from popdrop.events.models import Event
 from popdrop.metrics import kpis, rollups
 from popdrop.metrics import log as funnel_log
 from popdrop.metrics.models import FunnelEvent
+from redeem import checkpoint
 
 war_room: ModuleType | None
 try:  # the war room's series, where that module exists
@@ -472,6 +473,7 @@ async def run(args: argparse.Namespace, url: str) -> int:
         print(f"load average before the queries: {load_average()} "
               "(other work on the machine skews figures)")  # fmt: skip
 
+        await checkpoint(url)
         made = queries(plan)
         await run_queries(db, raw, made, args.samples, seed=18)
         print(f"{'query (ms, ' + str(args.samples) + ' random scopes)':34s} "
@@ -493,6 +495,7 @@ async def run(args: argparse.Namespace, url: str) -> int:
               f"{'all' if mismatches == 0 else f'{mismatches} differ'}")  # fmt: skip
 
         door = await seed_door(db, args.tickets)
+        await checkpoint(url)
         print(f"load average before the hot path: {load_average()}")
         await leg(db, door, args.tasks, 1.0)  # warm-up (with the log)
         logged_before, _ = await visits_logged(url, door.org_id)
@@ -553,19 +556,20 @@ async def run(args: argparse.Namespace, url: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="about a minute (1M events)")
+    parser.add_argument("--quick", action="store_true", help="about a minute (500k events)")
     parser.add_argument("--database-url", help=f"default: {common.DEFAULT_PG_URL}")
-    parser.add_argument("--events", type=int, help="events in the log (10M; quick 1M)")
+    parser.add_argument("--events", type=int, help="events in the log (10M; quick 500k)")
     parser.add_argument("--orgs", type=int, default=50)
-    parser.add_argument("--samples", type=int, help="random scopes per query (40; quick 12)")
+    parser.add_argument("--samples", type=int, help="random scopes per query (30; quick 12)")
     parser.add_argument("--tasks", type=int, default=8, help="concurrent check-in tasks")
-    parser.add_argument("--rounds", type=int, default=4, help="A/B rounds of the hot path")
+    parser.add_argument("--rounds", type=int, help="A/B rounds of the hot path (6; quick 4)")
     parser.add_argument("--leg-seconds", type=float, help="seconds a leg (3; quick 1.5)")
     parser.add_argument("--tickets", type=int, help="tickets for the hot path (40000; quick 15000)")
     args = parser.parse_args()
-    args.events = args.events or (1_000_000 if args.quick else 10_000_000)
-    args.samples = args.samples or (12 if args.quick else 40)
+    args.events = args.events or (500_000 if args.quick else 10_000_000)
+    args.samples = args.samples or (12 if args.quick else 30)
     args.leg_seconds = args.leg_seconds or (1.5 if args.quick else 3.0)
+    args.rounds = args.rounds or (4 if args.quick else 6)
     args.tickets = args.tickets or (15_000 if args.quick else 40_000)
     return asyncio.run(run(args, common.pg_url(args.database_url)))
 
