@@ -25,7 +25,7 @@ from sqlalchemy import func, select, update
 from popdrop.audience.models import Contact
 from popdrop.chat import stats
 from popdrop.chat.engine import Inbound
-from popdrop.chat.messages import Carousel
+from popdrop.chat.messages import Buttons, Carousel
 from popdrop.drops import outcomes
 from popdrop.drops.models import SendRow
 from popdrop.drops.pipeline import Sender
@@ -34,6 +34,8 @@ from popdrop.metrics.kinds import Kind
 from popdrop.metrics.models import FunnelEvent, FunnelRollup
 from popdrop.outbound.smtp import SmtpPool
 from popdrop.outbound.twilio import TwilioSms
+from popdrop.rsvp import service as rsvp_service
+from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.web.context import AppContext
 from tests.attribution.helpers import IPHONE
 from tests.audience.helpers import add_contact
@@ -355,13 +357,37 @@ async def test_a_chat_logs_its_sessions_and_cards_and_its_funnel_reads_the_log(
     assert [(k, ch, e, p, subject) for k, ch, _d, e, _v, _s, _l, p, subject in cards] == [
         ("card_viewed", "web", shop.event_id, persons[0], f"chat:{hello.conversation_id}:1")
     ]
-    # No RSVP, hold or checkout here: those services log their own.
+    # The chat logs no RSVP, hold or checkout itself: their services log their own.
     others = (Kind.RSVP, Kind.HOLD, Kind.CHECKOUT_STARTED, Kind.MESSAGE_SENT)
     assert await logged(ctx, tenant.org_id, *others) == []
 
+    # Visitor 1 books a slot in the chat; someone else RSVPs on the public page.
+    slots = await say(
+        ctx, tenant, Inbound.button(buttons(drop.messages)["RSVP a time slot"]), address="visitor-1"
+    )
+    [pick] = [m for m in slots.messages if isinstance(m, Buttons)]
+    await say(ctx, tenant, Inbound.button(pick.buttons[0].payload or ""), address="visitor-1")
+    confirm = await say(ctx, tenant, "ana@example.com", address="visitor-1")
+    booked = await say(
+        ctx, tenant, Inbound.button(buttons(confirm.messages)["Yes, book it"]), address="visitor-1"
+    )
+    assert "You are in for" in "\n".join(getattr(m, "text", "") for m in booked.messages)
+    async with ctx.db.transaction() as session:
+        await rsvp_service.create_rsvp(
+            session,
+            ctx.signer,
+            event_id=shop.event_id,
+            spec=RsvpCreate(
+                slot_id=shop.slot_id, email="walk@example.com", consent=True, consent_text="ok"
+            ),
+            now=ctx.clock.now(),
+        )
+    assert len(await logged(ctx, tenant.org_id, Kind.RSVP)) == 2
+
     async with ctx.db.reader() as session:
         before = await stats.funnel(session, tenant.org_id, event_id=shop.event_id)
-    assert before["chat_started"] == 2 and before["card_viewed"] == 1
+    # Chat→RSVP counts the RSVP made in the chat only, as the insights' chat_rsvp does.
+    assert before["chat_started"] == 2 and before["card_viewed"] == 1 and before["rsvp"] == 1
     folded = await rolled_up(ctx, tenant.org_id, event_id=shop.event_id)
     assert folded[("chat_started", "")] == 2 and folded[("card_viewed", "")] == 1
     async with ctx.db.reader() as session:

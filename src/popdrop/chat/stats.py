@@ -1,25 +1,40 @@
 """Flow measurement: where sessions stop (drop-off per node) and the funnel of events.
 
-The funnel's chat-only steps (sessions started, cards shown) are read from the metrics
-log's rollups, plus the log rows the worker has not folded yet, in one statement: the
-figures are current and the raw log is never scanned. The steps the log does not tell
-apart by origin (RSVP, hold) or does not hold (vouchers, tickets, survey answers in a
-chat) are counted from the chat's own events."""
+The funnel's steps the metrics log holds are read from its rollups, plus the log rows
+the worker has not folded yet, in one statement: the figures are current and the raw log
+is never scanned. They are the chat's sessions and cards shown (which the chat logs) and
+the RSVPs and holds made in a chat (which their services log with channel `chat`), so
+the console's Chat→RSVP is the insights' `chat_rsvp`. The steps the log does not hold
+(vouchers, tickets, checkout links, survey answers in a chat) are counted from the chat's
+own events.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import false, func, literal, select, union_all
+from sqlalchemy import ColumnElement, and_, false, func, literal, or_, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.chat.conversations import chat_events_table, conversations_table
 from popdrop.metrics.kinds import Kind
 from popdrop.metrics.rollups import funnel_events, funnel_rollups
 
-# Funnel steps the chat writes to the metrics log (`turn._log_funnel`).
-LOGGED_STEPS = (Kind.CHAT_STARTED.value, Kind.CARD_VIEWED.value)
+# Funnel steps read from the metrics log: the chat's own (`turn._log_funnel`), and the
+# RSVPs and holds their services log for a chat (channel `chat`; an RSVP also label `chat`).
+LOGGED_STEPS = (Kind.CHAT_STARTED.value, Kind.CARD_VIEWED.value, Kind.RSVP.value, Kind.HOLD.value)
+
+
+def _in_chat(c: Any) -> ColumnElement[bool]:
+    """The log rows (or rollup rows) of the chat's funnel steps."""
+    return or_(
+        c.kind.in_((Kind.CHAT_STARTED.value, Kind.CARD_VIEWED.value)),
+        and_(c.kind == Kind.RSVP.value, or_(c.channel == "chat", c.label == "chat")),
+        and_(c.kind == Kind.HOLD.value, c.channel == "chat"),
+    )
+
 
 # ---------------------------------------------------------------- measurement
 
@@ -68,9 +83,10 @@ async def node_dropoff(
 async def funnel(
     session: AsyncSession, org_id: int, *, event_id: int | None = None
 ) -> dict[str, int]:
-    """Per funnel step: chat_started (sessions), card_viewed (cards shown), and sessions
-    that reached rsvp, hold, voucher_issued, checkout_started, ticket_sent, survey.
-    Chat→RSVP is rsvp / chat_started."""
+    """Per funnel step: chat_started (sessions), card_viewed (cards shown), rsvp (confirmed
+    RSVPs made in a chat), hold (holds placed in a chat), and sessions that reached
+    voucher_issued, checkout_started, ticket_sent, survey. Chat→RSVP is rsvp /
+    chat_started."""
     counts = await _logged(session, org_id, event_id)
     session_key = chat_events_table.c.conversation_id * 1_000_000 + chat_events_table.c.session_no
     query = (
@@ -98,12 +114,12 @@ async def _logged(
     rollups; a window (whole minutes: a local day) reads the minute ones."""
     r, e = funnel_rollups.c, funnel_events.c
     folded = select(r.kind, r.n).where(
-        r.org_id == org_id, r.grain == (60 if window is None else 1), r.kind.in_(LOGGED_STEPS)
+        r.org_id == org_id, r.grain == (60 if window is None else 1), _in_chat(r)
     )
     # `= false`, not `IS FALSE`: only the former lets the planner use the partial index
     # of unfolded rows instead of reading the organization's whole log.
     fresh = select(e.kind, literal(1).label("n")).where(
-        e.org_id == org_id, e.rolled == false(), e.kind.in_(LOGGED_STEPS)
+        e.org_id == org_id, e.rolled == false(), _in_chat(e)
     )
     if event_id is not None:
         folded = folded.where(r.event_id == event_id)
