@@ -329,3 +329,30 @@ async def test_retention_deletes_old_log_rows_and_keeps_the_rollups(
             )
         )
     assert counted == 3  # the old holds still count in the rollups
+
+
+async def test_a_sale_by_a_partners_code_names_the_partner(
+    app_client: httpx.AsyncClient, ctx: AppContext, tenant: Tenant, clock: FrozenClock
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=3)
+    partner = await post(
+        app_client, tenant, f"/api/v1/events/{shop.event_id}/partners", {"name": "Bakery"}
+    )
+    promo = await post(
+        app_client,
+        tenant,
+        "/api/v1/promo-codes",
+        {"label": "Bakery counter", "event_id": shop.event_id, "partner_id": partner["id"]},
+    )
+    order = await placed(
+        app_client, tenant, [await hold(app_client, tenant, shop)], codes=[promo["code"]]
+    )
+    paid = await app_client.post(
+        f"/api/v1/orders/{order['id']}/mark-paid", json={"tender": "cash"}, headers=tenant.headers
+    )
+    assert paid.status_code == 200, paid.text
+    rows = [r for r in await logged(ctx, tenant.org_id) if r.subject == f"order:{order['id']}"]
+    assert [(r.kind, r.partner_id, r.value) for r in rows] == [
+        ("checkout_started", partner["id"], order["total_minor"]),
+        ("order_paid", partner["id"], order["total_minor"]),
+    ]
