@@ -16,6 +16,8 @@ computed from the raw log in the same run, and what writing the log costs a hot 
    A B B A A B B A: A as is, B without the log (`metrics.log.record` a no-op and the
    fused statement without its log INSERT). overhead = rate without / rate with - 1.
    The log must hold one visit per successful scan of the A legs and none of the B legs.
+   Then `rollups.fold_pending` (run before every war-room snapshot and on each worker
+   tick) is timed with those visits pending and with nothing pending.
 
 Goals (DESIGN.md, issue 18): dashboard p95 < 200 ms over 10M events; the log costs the
 hot path ≤ 10 %. Exits non-zero only on a correctness failure (a rollup answer that is
@@ -528,6 +530,16 @@ async def run(args: argparse.Namespace, url: str) -> int:
               f"{sum(n for n, _ in without_log)} check-ins without it")  # fmt: skip
         if not door.secrets:
             print("note: every ticket was scanned before the time was up; use more --tickets")
+        # The fold runs before every war-room snapshot (`snapshot_of_drop`) and on every
+        # worker tick: its cost with the A legs' visits pending, then with nothing pending.
+        started_fold = time.perf_counter()
+        folded = await rollups.fold_pending(db)
+        fold_ms = (time.perf_counter() - started_fold) * 1000
+        started_fold = time.perf_counter()
+        await rollups.fold_pending(db)
+        idle_fold_ms = (time.perf_counter() - started_fold) * 1000
+        print(f"rollups.fold_pending over a log of {events:,}: {folded} new rows in "
+              f"{fold_ms:.0f} ms; nothing pending {idle_fold_ms:.0f} ms")  # fmt: skip
     finally:
         await db.dispose()
         await raw.dispose()
@@ -546,6 +558,8 @@ async def run(args: argparse.Namespace, url: str) -> int:
             "visits_unlogged": int(lost),
             "queries": len(made) * args.samples,
             "rebuild_s": round(total_rebuild, 1),
+            "fold_ms": round(fold_ms, 1),
+            "idle_fold_ms": round(idle_fold_ms, 1),
             "load_s": round(load_s, 1),
             "rollup_rows": sum(rollup_rows.values()),
             "seconds": round(time.monotonic() - started, 1),
