@@ -9,7 +9,8 @@ correctness. Nothing is taken before the event's `opens_at` (`not_open_yet`): th
 condition is `events.lifecycle.open_clause`. A product's per-person limit counts every
 lane; on PostgreSQL one person's holds of a product queue on an advisory lock keyed by
 (product, person), taken first. Lock order everywhere: the person's advisory lock -> hold
-rows -> stock row -> pickup window.
+rows -> stock row -> pickup window. A hold taken is a `hold` event in the funnel log,
+written with it (same statement on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ _HOLD_COLUMNS = (
 # statement on PostgreSQL, so a hot-SKU burst pays no extra round trip and the stock row
 # is not locked any longer; right after the hold's INSERT on SQLite.
 _funnel = funnel.funnel_events
+CONTACT_PREFIX = "contact:"  # a chat's hold names its contact: `contact:<id>`
 _LOG_COLUMNS = (
     "org_id", "at", "kind", "channel", "event_id", "drop_id", "variant", "segment",
     "partner_id", "lane_id", "label", "person", "subject", "value", "currency", "rolled",
@@ -634,9 +636,6 @@ def _log_params(values: dict[str, Any], channel: str) -> dict[str, Any]:
     contact = ref.removeprefix(CONTACT_PREFIX)
     person = funnel.contact_person(int(contact)) if ref != contact and contact.isdigit() else None
     return {"f_channel": channel, "f_person": person}
-
-
-CONTACT_PREFIX = "contact:"
 
 
 def funnel_channel(actor: str) -> str:
