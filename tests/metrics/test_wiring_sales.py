@@ -90,7 +90,8 @@ async def test_an_rsvp_and_its_first_check_in(
         "lane_id": None, "label": "", "subject": f"rsvp:{body['rsvp']['id']}", "value": 0,
         "currency": "",
     }  # fmt: skip
-    assert row.person == log.keyed_person(ctx.signer, "guest.one@example.com")
+    guest = log.person_of_point(ctx.signer, "guest.one@example.com", None)
+    assert row.person == guest
     no_contact_points([row], "guest.one")
 
     # Doors open two hours before the event (a day from now).
@@ -111,6 +112,7 @@ async def test_an_rsvp_and_its_first_check_in(
         "lane_id": None, "label": "", "subject": f"rsvp:{body['rsvp']['id']}", "value": 0,
         "currency": "", "at": clock.now(),
     }  # fmt: skip
+    assert visit.person == guest  # the RSVP's person: a funnel follows them to the door
 
 
 async def test_holds_on_both_paths_and_a_refusal(
@@ -178,7 +180,7 @@ async def test_an_order_placed_paid_refunded_and_picked_up_once(
         {"kind": "order_refunded", "value": 400, **common},
         {"kind": "order_picked_up", "value": 0, **common},
     ]
-    assert {r.person for r in rows} == {log.keyed_person(ctx.signer, "ann@example.test")}
+    assert {r.person for r in rows} == {log.person_of_point(ctx.signer, "ann@example.test", None)}
     no_contact_points(rows, "ann@example")
 
 
@@ -274,7 +276,7 @@ async def test_a_sample_with_its_cost_and_partner(
         "subject": f"sample:{given.json()['id']}", "value": 250, "currency": "EUR",
     }  # fmt: skip
     assert (row.drop_id, row.segment) == (7, "hot")
-    assert row.person == log.keyed_person(ctx.signer, "ann@example.test")
+    assert row.person == log.person_of_point(ctx.signer, "ann@example.test", None)
 
 
 async def test_erase_blanks_the_person_and_keeps_the_counts(
@@ -288,7 +290,7 @@ async def test_erase_blanks_the_person_and_keeps_the_counts(
     await hold(app_client, tenant, shop, contact_ref=f"contact:{contact['id']}")
     await hold(app_client, tenant, shop, contact_ref="contact:999999")
     before = await logged(ctx, tenant.org_id)
-    mine = {f"c:{contact['id']}", log.keyed_person(ctx.signer, "erase.me@example.com")}
+    mine = {f"c:{contact['id']}", log.person_of_point(ctx.signer, "erase.me@example.com", None)}
     assert sum(r.person in mine for r in before) == 2
 
     erased = await app_client.post(
@@ -299,7 +301,7 @@ async def test_erase_blanks_the_person_and_keeps_the_counts(
     after = await logged(ctx, tenant.org_id)
     assert [(r.id, r.kind) for r in after] == [(r.id, r.kind) for r in before]
     assert [r.person for r in after] == [None if r.person in mine else r.person for r in before]
-    assert log.keyed_person(ctx.signer, "stays@example.com") in {r.person for r in after}
+    assert log.person_of_point(ctx.signer, "stays@example.com", None) in {r.person for r in after}
 
 
 async def test_retention_deletes_old_log_rows_and_keeps_the_rollups(

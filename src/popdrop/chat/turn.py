@@ -36,6 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.audience import keywords
+from popdrop.audience.models import Contact
 from popdrop.chat import engine
 from popdrop.chat.conversations import (
     INSERT_EVENTS,
@@ -186,12 +187,18 @@ async def _persist(
     await save_turn(session, conv, rows, applied.events)
 
 
-def funnel_person(signer: Signer, conv: ConversationRow | Conversation) -> str:
+async def funnel_person(
+    session: AsyncSession, signer: Signer, conv: ConversationRow | Conversation
+) -> str:
     """Who the funnel log says it was: the contact when the conversation knows it, else a
     keyed digest of the conversation (`chat:<id>`, the reference the chat's holds and
     RSVPs carry too), never the address."""
     if conv.contact_id is not None:
-        return funnel.contact_person(conv.contact_id)
+        contact = await session.get(Contact, conv.contact_id)
+        if contact is not None:
+            person = funnel.point_person(contact.email_hash, contact.phone_hash, contact.id)
+            if person is not None:
+                return person
     return funnel.keyed_person(signer, f"chat:{conv.id}")
 
 
@@ -199,17 +206,20 @@ async def _log_funnel(
     session: AsyncSession, signer: Signer, conv: ConversationRow, events: list[dict[str, Any]]
 ) -> None:
     """This turn's chat-only funnel steps in the metrics log, one statement."""
+    logged = [row for row in events if row["kind"] in _LOGGED_KINDS]
+    if not logged:
+        return  # most turns: no read for the person
+    person = await funnel_person(session, signer, conv)
     entries = [
         funnel.Entry(
             conv.org_id,
             _LOGGED_KINDS[row["kind"]],
             row["at"],
             funnel.Tags(channel=conv.channel[:12], event_id=conv.event_id),
-            funnel_person(signer, conv),
+            person,
             f"chat:{conv.id}:{conv.session_no}",  # the session: steps per session
         )
-        for row in events
-        if row["kind"] in _LOGGED_KINDS
+        for row in logged
     ]
     await funnel.record_many(session, entries)
 

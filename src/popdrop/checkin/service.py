@@ -528,10 +528,10 @@ def _scan_values(taken: Any) -> list[Any]:
 
 # The funnel's `visit` event (`metrics.log`) is written with the visit, for the first
 # check-in only: in the same statement on PostgreSQL (no extra round trip on the door's
-# hot path), right after the visit on SQLite. No reads for it: the person stays unset
-# (the holder is a contact point, and keying it needs more than this path has); the
-# subject names what the ticket is for (`rsvp:12`, as the RSVP's own event does), so a
-# funnel can join a visit to its RSVP.
+# hot path), right after the visit on SQLite. The subject names what the ticket is for
+# (`rsvp:12`, as the RSVP's own event does), and the person is that event's person, read
+# by a subquery of the same statement (an index lookup, no round trip): the visit is the
+# RSVP's person's, so a funnel follows them from the RSVP to the door.
 _funnel = funnel.funnel_events
 _LOG_COLUMNS = [
     "org_id", "at", "kind", "channel", "event_id", "drop_id", "variant", "segment",
@@ -539,12 +539,25 @@ _LOG_COLUMNS = [
 ]  # fmt: skip
 
 
+def _person_of(subject: Any) -> Any:
+    return (
+        select(_funnel.c.person)
+        .where(
+            _funnel.c.org_id == _p["org"],
+            _funnel.c.subject == subject,
+            _funnel.c.person.is_not(None),
+        )
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
 def _log_values(event_id: Any, subject: Any) -> list[Any]:
     return [
         _p["org"], _p["at"], literal(Kind.VISIT.value, String()), literal("", String()),
         event_id, literal(None, BigInteger()), literal("", String()), literal("", String()),
         literal(None, BigInteger()), literal(None, BigInteger()), literal("", String()),
-        literal(None, String()), subject, literal(0, BigInteger()), literal("", String()),
+        _person_of(subject), subject, literal(0, BigInteger()), literal("", String()),
         false(),
     ]  # fmt: skip
 

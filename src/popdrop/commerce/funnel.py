@@ -2,11 +2,11 @@
 changes the order (placed, paid, refunded, handed out, a payment failed) or gives a sample.
 
 Rules:
-- The person is never a contact point: an order's contact (`contact:<id>`, what a chat
-  checkout sets) is `c:<id>`; otherwise the keyed digest of its receipt email (lower
-  case) or phone (E.164 when it parses), else of its contact reference, else of the order
-  itself, so erasing the contact can blank what was keyed from its email or phone. A
-  caller without the signer (the demo seed) leaves a keyed person unset.
+- The person is never a contact point, and is the same person every writer names: an
+  order's contact (`contact:<id>`, what a chat checkout sets) is keyed by its stored
+  email (else phone) hash; otherwise its receipt email (else phone) is keyed with the
+  audience's hash (`log.person_of_point`), else its contact reference, else the order
+  itself. A caller without the signer (the demo seed) leaves a keyed person unset.
 - Channel and partner: what brought the sale when attribution knows it (the first touch's
   channel; the partner of the first touch naming one), else the order's source. Orders
   without codes or clicks have no touches: no read for them.
@@ -22,9 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.attribution import service as attribution
 from popdrop.attribution.models import SaleTouch
+from popdrop.audience.models import Contact
 from popdrop.commerce.models import Order
-from popdrop.core.errors import PopdropError
-from popdrop.core.identity import normalize_phone
 from popdrop.core.signing import Signer
 from popdrop.metrics import log
 from popdrop.metrics.kinds import Kind
@@ -41,20 +40,6 @@ def contact_id_of(ref: str | None) -> int | None:
     return int(rest) if rest.isdigit() else None
 
 
-def point_reference(email: str | None, phone: str | None) -> str | None:
-    """The reference a person is keyed by from a contact point: the email in lower case
-    (what `core.identity.normalize_email` stores for an ASCII address), else the phone in
-    E.164 (as typed when it does not parse)."""
-    if email and email.strip():
-        return email.strip().lower()
-    if phone and phone.strip():
-        try:
-            return normalize_phone(phone)
-        except PopdropError:
-            return phone.strip()
-    return None
-
-
 def _ref_reference(ref: str | None) -> str | None:
     """A free-text contact reference as keyed: an email in lower case, anything else as is."""
     if not ref or not ref.strip():
@@ -62,29 +47,42 @@ def _ref_reference(ref: str | None) -> str | None:
     return ref.strip().lower() if "@" in ref else ref.strip()
 
 
-def person_of_ref(signer: Signer | None, ref: str | None) -> str | None:
+async def _contact_person(session: AsyncSession, contact_id: int) -> str:
+    """A contact's person: the keyed hash of its email (else phone), as every other writer
+    keys the same person, else its id."""
+    contact = await session.get(Contact, contact_id)
+    if contact is not None:
+        person = log.point_person(contact.email_hash, contact.phone_hash, contact.id)
+        if person is not None:
+            return person
+    return log.contact_person(contact_id)
+
+
+async def person_of_ref(
+    session: AsyncSession, signer: Signer | None, ref: str | None
+) -> str | None:
     """The funnel person of a contact reference (a sample's)."""
     contact = contact_id_of(ref)
     if contact is not None:
-        return log.contact_person(contact)
+        return await _contact_person(session, contact)
     reference = _ref_reference(ref)
     if signer is None or reference is None:
         return None
+    if "@" in reference:
+        return log.person_of_point(signer, reference, None)
     return log.keyed_person(signer, reference)
 
 
-def order_person(signer: Signer | None, order: Order) -> str | None:
+async def order_person(session: AsyncSession, signer: Signer | None, order: Order) -> str | None:
     contact = contact_id_of(order.contact_ref)
     if contact is not None:
-        return log.contact_person(contact)
+        return await _contact_person(session, contact)
     if signer is None:
         return None
-    reference = (
-        point_reference(order.receipt_email, order.receipt_phone)
-        or _ref_reference(order.contact_ref)
-        or f"order:{order.id}"
-    )
-    return log.keyed_person(signer, reference)
+    person = log.person_of_point(signer, order.receipt_email, order.receipt_phone)
+    if person is not None:
+        return person
+    return log.keyed_person(signer, _ref_reference(order.contact_ref) or f"order:{order.id}")
 
 
 def _has_touches(order: Order) -> bool:
@@ -134,7 +132,7 @@ async def record(
         kind,
         at=now,
         tags=_tags(order, touches, label),
-        person=order_person(signer, order),
+        person=await order_person(session, signer, order),
         subject=f"order:{order.id}",
         value=value,
         currency=order.currency if currency is None else currency,

@@ -166,16 +166,17 @@ async def apply_sms_status(
 _SOFT = "soft bounce: "
 
 
-async def _sent_tags(session: AsyncSession, drop: Drop | None, row: SendRow) -> funnel.Tags:
-    """The tags this message's `message_sent` carried (its variant and the contact's
-    segment when it went out, which later engagement has changed since); the drop's own
-    when the log has no such row (retention deleted it)."""
+async def _sent_tags(
+    session: AsyncSession, drop: Drop | None, row: SendRow
+) -> tuple[funnel.Tags, str | None]:
+    """The tags and person this message's `message_sent` carried (its variant and the
+    contact's segment when it went out, which later engagement has changed since); the
+    drop's own and the contact's when the log has no such row (retention deleted it)."""
     sent = (
         await session.execute(
-            select(FunnelEvent.variant, FunnelEvent.segment)
+            select(FunnelEvent.variant, FunnelEvent.segment, FunnelEvent.person)
             .where(
                 FunnelEvent.org_id == row.org_id,
-                FunnelEvent.person == funnel.contact_person(row.contact_id),
                 FunnelEvent.subject == f"send:{row.id}",
                 FunnelEvent.kind == Kind.MESSAGE_SENT,
             )
@@ -184,13 +185,23 @@ async def _sent_tags(session: AsyncSession, drop: Drop | None, row: SendRow) -> 
     ).first()
     if drop is None:
         drop = await session.get(Drop, row.drop_id)
-    return funnel.Tags(
+    if sent is not None:
+        person = sent.person
+    else:
+        contact = await session.get(Contact, row.contact_id)
+        person = (
+            funnel.point_person(contact.email_hash, contact.phone_hash, contact.id)
+            if contact is not None
+            else None
+        )
+    tags = funnel.Tags(
         channel=row.channel,
         event_id=drop.event_id if drop is not None else None,
         drop_id=row.drop_id,
         variant=sent.variant if sent is not None else (row.variant or "")[:16],
         segment=sent.segment if sent is not None else "",
     )
+    return tags, person
 
 
 async def _log(
@@ -203,7 +214,7 @@ async def _log(
     label: str = "",
 ) -> None:
     """One outcome of a drop message in the funnel log, in the caller's transaction."""
-    tags = await _sent_tags(session, drop, row)
+    tags, person = await _sent_tags(session, drop, row)
     if label:
         tags = dataclasses.replace(tags, label=label[:24])
     await funnel.record(
@@ -212,7 +223,7 @@ async def _log(
         kind,
         at=now,
         tags=tags,
-        person=funnel.contact_person(row.contact_id),
+        person=person,
         subject=f"send:{row.id}",
     )
 

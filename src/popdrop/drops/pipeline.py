@@ -349,6 +349,7 @@ class Sender:
         drop = context.drop
         message_id = f"<drop-{drop.id}.contact-{contact.id}.{row.channel}@popdrop>"
         tags = _funnel_tags(context, row, contact, now)
+        person = funnel.point_person(contact.email_hash, contact.phone_hash, contact.id)
         message: OutboundEmail | OutboundSms | SendResult
         try:
             message, missing = self._prepare(context, row, contact, voucher, message_id, now)
@@ -359,7 +360,7 @@ class Sender:
         assert self._permits is not None and self._consent is not None
         if isinstance(message, SendResult):
             async with self._permits:
-                await self._checkpoint(row, message, message_id, voucher, tags)
+                await self._checkpoint(row, message, message_id, voucher, tags, person)
             return
         gate = self._consent
         # Rendered outside the permit (it is CPU only); from the provider call to the
@@ -387,12 +388,12 @@ class Sender:
                         result = await self.sms.send(message)
                 finally:
                     ask.release()  # the call returned: an opt-out may commit now
-                await self._checkpoint(row, result, message_id, voucher, tags)
+                await self._checkpoint(row, result, message_id, voucher, tags, person)
             elif refusal in _REFUSALS:
                 await self._skip(row, refusal)
             else:  # consent could not be read now: not sent, tried again later
                 retry = SendResult(ok=False, error=refusal, retry_after=_BUSY_RETRY_SECONDS)
-                await self._checkpoint(row, retry, message_id, voucher, tags)
+                await self._checkpoint(row, retry, message_id, voucher, tags, person)
 
     async def _shorten(
         self, context: _DropContext, row: Claimed, destinations: set[str], now: datetime
@@ -499,6 +500,7 @@ class Sender:
         message_id: str,
         voucher: tuple[int, str] | None,
         tags: funnel.Tags,
+        person: str | None,
     ) -> None:
         """Commit this one message's outcome now: a crash after this line never resends it.
         A message that went out enters the funnel log in the same commit."""
@@ -533,7 +535,7 @@ class Sender:
                     kind,
                     now,
                     tags,
-                    funnel.contact_person(row.contact_id),
+                    person,
                     f"send:{row.id}",
                 )
                 for kind in kinds

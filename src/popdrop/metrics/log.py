@@ -2,8 +2,13 @@
 log exactly when what it records committed.
 
 Rules:
-- Callers pass a `person` built here (`contact_person`, `keyed_person`), never an email
-  or a phone number.
+- Callers pass a `person` built here, never an email or a phone number. One person is one
+  key everywhere, so a funnel can follow them from a message to an RSVP, a visit and a
+  sale: the keyed hash of their contact point (email first, else phone; the same HMAC
+  the audience stores as `email_hash` / `phone_hash`), from `point_person` (a contact
+  row's hashes) or `person_of_point` (a raw email or phone). `contact_person` (a contact
+  id) is only for a writer that knows nothing else; `keyed_person` for a reference that
+  is no contact point (a chat with no contact, a till's customer id).
 - The statement is built once; a hot path pays one round trip and no statement building.
 - Nothing here touches the rollups: the fold (`rollups.fold`) adds new rows to them, so
   concurrent writers never queue on a shared counter row.
@@ -20,6 +25,8 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.core.db import table_of
+from popdrop.core.errors import PopdropError
+from popdrop.core.identity import identity_hash, normalize_email, normalize_phone
 from popdrop.core.signing import Signer
 from popdrop.metrics.kinds import Kind
 from popdrop.metrics.models import FunnelEvent
@@ -47,6 +54,32 @@ NO_TAGS = Tags()
 
 def contact_person(contact_id: int) -> str:
     return f"c:{contact_id}"
+
+
+def point_person(
+    email_hash: bytes | None, phone_hash: bytes | None = None, contact_id: int | None = None
+) -> str | None:
+    """The person of a contact point's keyed hash (email first, else phone), else of the
+    contact id, else nobody."""
+    digest = email_hash or phone_hash
+    if digest:
+        return "k:" + digest[:20].hex()
+    return contact_person(contact_id) if contact_id is not None else None
+
+
+def person_of_point(signer: Signer, email: str | None, phone: str | None) -> str | None:
+    """The person of a raw email or phone: normalized as the audience does, then keyed
+    with the audience's hash, so it is the same person as the contact with that point."""
+    for kind, raw, normalize in (
+        ("email", email, normalize_email),
+        ("phone", phone, normalize_phone),
+    ):
+        if raw and raw.strip():
+            try:
+                return point_person(identity_hash(signer, kind, normalize(raw)))
+            except PopdropError:
+                return keyed_person(signer, raw.strip().lower())
+    return None
 
 
 def keyed_person(signer: Signer, reference: str) -> str:

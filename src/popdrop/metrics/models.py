@@ -27,6 +27,8 @@ class FunnelEvent(Base):
         Index("ix_funnel_events_event", "org_id", "event_id", "kind", "at"),
         Index("ix_funnel_events_drop", "org_id", "drop_id", "kind", "at"),
         Index("ix_funnel_events_person", "org_id", "person", "at"),
+        # A row's own subject (`send:40`, `rsvp:12`): outcomes and visits find the person.
+        Index("ix_funnel_events_subject", "org_id", "subject"),
         # The fold's queue: only rows not yet in the rollups.
         Index(
             "ix_funnel_events_unrolled",

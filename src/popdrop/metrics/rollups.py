@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, text, update
+from sqlalchemy import bindparam, delete, false, func, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from popdrop.core import metrics
@@ -45,17 +45,20 @@ _DIMENSIONS = (
     "currency",
 )
 _KEY = ("org_id", "grain", "bucket", *_DIMENSIONS)
+# The queue's next batch, then those rows flipped: two statements, because PostgreSQL
+# plans `UPDATE … WHERE id IN (subquery)` for one unfolded row and runs the subquery again
+# for every row it updates (seconds for a batch); a list of ids is one index probe each.
+_NEXT = (
+    select(funnel_events.c.id)
+    .where(funnel_events.c.rolled == false())
+    .order_by(funnel_events.c.id)
+    .limit(FOLD_BATCH)
+)
 _TAKE = (
     update(funnel_events)
     .where(
-        funnel_events.c.id.in_(
-            select(funnel_events.c.id)
-            .where(funnel_events.c.rolled.is_(False))
-            .order_by(funnel_events.c.id)
-            .limit(literal(FOLD_BATCH))
-            .scalar_subquery()
-        ),
-        funnel_events.c.rolled.is_(False),
+        funnel_events.c.id.in_(bindparam("ids", expanding=True)),
+        funnel_events.c.rolled == false(),
     )
     .values(rolled=True)
     .returning(
@@ -112,8 +115,11 @@ async def _add(session: AsyncSession, totals: list[dict[str, Any]]) -> None:
 
 async def fold(session: AsyncSession) -> int:
     """Fold one batch of new log rows into the rollups; returns how many were folded."""
+    ids = list(await session.scalars(_NEXT))
+    if not ids:
+        return 0  # the usual answer to a reader's fold: one index probe, no lock
     await _lock(session)
-    rows = (await session.execute(_TAKE)).all()
+    rows = (await session.execute(_TAKE, {"ids": ids})).all()
     await _add(session, _aggregate(rows))
     _count_after_commit(session, rows)
     return len(rows)
@@ -159,7 +165,7 @@ async def rebuild(db: Database, org_id: int) -> int:
         await session.execute(delete(funnel_rollups).where(funnel_rollups.c.org_id == org_id))
         await session.execute(
             update(funnel_events)
-            .where(funnel_events.c.org_id == org_id, funnel_events.c.rolled.is_(False))
+            .where(funnel_events.c.org_id == org_id, funnel_events.c.rolled == false())
             .values(rolled=True)
         )
         for grain in GRAINS:

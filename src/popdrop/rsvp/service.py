@@ -183,9 +183,8 @@ async def _record_confirmed(
     session: AsyncSession, signer: Signer, rsvp: Rsvp, now: datetime
 ) -> None:
     """The funnel's `rsvp` event, in the confirming transaction. The RSVP knows no contact
-    row (audience is above this floor), so the person is the keyed digest of its normalized
-    email (else phone), which erasing the contact blanks too."""
-    point = rsvp.email or rsvp.phone
+    row (audience is above this floor), so the person is keyed from its email (else phone)
+    with the audience's hash: the same person as the contact with that point."""
     channel = funnel_channel(rsvp.source)
     await funnel.record(
         session,
@@ -195,7 +194,7 @@ async def _record_confirmed(
         tags=funnel.Tags(
             channel=channel, event_id=rsvp.event_id, label="chat" if channel == "chat" else ""
         ),
-        person=funnel.keyed_person(signer, point) if point else None,
+        person=funnel.person_of_point(signer, rsvp.email, rsvp.phone),
         subject=f"rsvp:{rsvp.id}",
     )
 

@@ -34,6 +34,7 @@ from popdrop.outbound import outbox
 from popdrop.outbound.models import MailboxMessage
 from popdrop.rsvp.models import Rsvp
 from popdrop.rsvp.notices import CHAT_SOURCE
+from popdrop.usecases import surveys
 from popdrop.vouchers.models import Redemption, VoucherBatch, VoucherContactUse
 
 PURGE_BATCH = 500
@@ -244,13 +245,22 @@ async def erase_contact(
     )
     # The funnel log keeps the events (counts still add up) but no longer says whose.
     people = [funnel.contact_person(contact.id)]
-    people += [funnel.keyed_person(signer, point) for point in clear]
+    people += [
+        person
+        for person in (
+            funnel.point_person(contact.email_hash),
+            funnel.point_person(contact.phone_hash),
+        )
+        if person is not None
+    ]
     scrubbed["funnel_events"] = await _count(
         session,
         update(funnel.funnel_events)
         .where(funnel.funnel_events.c.org_id == org_id, funnel.funnel_events.c.person.in_(people))
         .values(person=None),
     )
+    # Day+1 surveys: the score stays (anonymous); the comment and the link to the person go.
+    scrubbed["survey_invitations"] = await surveys.forget_contact(session, org_id, contact.id)
     await session.execute(
         update(Contact)
         .where(Contact.id == contact.id)

@@ -317,7 +317,7 @@ async def schedule_for_event(
                 "org_id": principal.org_id,
                 "event_id": event.id,
                 "contact_id": contact.id,
-                "person": log.contact_person(contact.id),
+                "person": log.point_person(contact.email_hash, contact.phone_hash, contact.id),
                 "channel": route.channel.value,
                 "status": SurveyStatus.SCHEDULED.value,
                 "created_at": now,
@@ -433,7 +433,7 @@ async def _send_batch(session: AsyncSession, now: datetime) -> dict[str, int]:
                 Kind.SURVEY_SENT,
                 now,
                 log.Tags(channel=route.channel.value, event_id=row.event_id),
-                person=log.contact_person(contact.id),
+                person=log.point_person(contact.email_hash, contact.phone_hash, contact.id),
                 subject=f"survey:{row.id}",
             )
         )

@@ -47,6 +47,7 @@ def upgrade() -> None:
     op.create_index("ix_funnel_events_event", "funnel_events", ["org_id", "event_id", "kind", "at"])
     op.create_index("ix_funnel_events_drop", "funnel_events", ["org_id", "drop_id", "kind", "at"])
     op.create_index("ix_funnel_events_person", "funnel_events", ["org_id", "person", "at"])
+    op.create_index("ix_funnel_events_subject", "funnel_events", ["org_id", "subject"])
     op.create_index(
         "ix_funnel_events_unrolled",
         "funnel_events",
