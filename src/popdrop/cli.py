@@ -216,6 +216,8 @@ def demo(
         f"guests: {settings.base_url}/events/{info['event_id']}/guests",
         f"Audience {info['audience']}",
         f"Drop     {info['drop']}",
+        f"Insights {info['insights']}",
+        f"Report   {info['report_url']}  (the café's ROI report, no login; .pdf / .csv)",
         f"API docs {settings.base_url}/api/docs",
     ):
         console.print(line, soft_wrap=True)

@@ -63,6 +63,7 @@ from popdrop.inventory import service as inventory
 from popdrop.inventory.schemas import HoldCreate, ProductCreate, StockSet
 from popdrop.metrics import log as funnel_log
 from popdrop.metrics.kinds import Kind, nps_class
+from popdrop.metrics.survey_models import SurveyInvitation
 from popdrop.partners import service as partners
 from popdrop.partners.contract import PosLine, PosSaleV1, PosSource, PosTotals
 from popdrop.partners.lifecycle import PosProvider
@@ -179,9 +180,14 @@ async def seed(settings: Settings, db: Database, signer: Signer) -> dict[str, An
     async with db.reader() as session:
         audience_line = await _audience_summary(session, principal, now)
         drop_line = await _drop_summary(session, principal, settings.base_url)
+        insights_line, report_url = await _insights_summary(
+            session, signer, principal, settings.base_url, now
+        )
     return {
         "audience": audience_line,
         "drop": drop_line,
+        "insights": insights_line,
+        "report_url": report_url,
         "event_url": links.event_url(settings.base_url, event.id) if event else "",
         "short_link": short_link,
         "links_url": f"{settings.base_url}/links",
@@ -914,6 +920,17 @@ async def _drop_summary(session: AsyncSession, owner: Principal, base_url: str) 
 # ---------------------------------------------------------------- funnel history
 
 PAST_EVENT_SLUG = "autumn-pop-up"
+DEMO_COMMENTS: dict[str, tuple[str | None, ...]] = {
+    "promoter": (
+        None,
+        None,
+        "Loved the coffee corner.",
+        "Pickup took two minutes. Perfect!",
+        "Great sneakers, friendly people.",
+    ),
+    "passive": (None, "Nice, but the queue at the front desk was long.", "Good, a bit crowded."),
+    "detractor": ("My size was gone by noon.", None, "Too loud inside."),
+}
 
 
 async def _seed_history(
@@ -951,6 +968,7 @@ async def _seed_history(
         for name, where in (("Front desk", "Main entrance"), ("Back door", "Courtyard gate"))
     ]
     entries: list[funnel_log.Entry] = []
+    answers: list[dict[str, Any]] = []
 
     def add(kind: Kind, at: datetime, person: str, **fields: Any) -> None:
         value = fields.pop("value", 0)
@@ -1040,13 +1058,61 @@ async def _seed_history(
             )
         if rng.random() < 0.5:
             score = rng.choice((10, 10, 9, 9, 9, 8, 8, 7, 6, 4))
+            answered = day + timedelta(days=1, hours=rng.uniform(0, 6))
             add(
                 Kind.SURVEY_ANSWERED,
-                day + timedelta(days=1, hours=rng.uniform(0, 6)),
+                answered,
                 person,
                 channel=channel,
                 label=nps_class(score),
                 value=score,
             )
+            answers.append(
+                {
+                    "org_id": owner.org_id,
+                    "event_id": event.id,
+                    "person": person,
+                    "channel": channel,
+                    "status": "answered",
+                    "created_at": day + timedelta(hours=9),
+                    "due_at": day + timedelta(days=1, hours=-1),
+                    "sent_at": day + timedelta(days=1, hours=-1),
+                    "answered_at": answered,
+                    "score": score,
+                    "comment": rng.choice(DEMO_COMMENTS[nps_class(score)]),
+                }
+            )
     await funnel_log.record_many(session, entries)
+    await session.execute(insert(table_of(SurveyInvitation)), answers)
     return event.id
+
+
+async def _insights_summary(
+    session: AsyncSession, signer: Signer, owner: Principal, base_url: str, now: datetime
+) -> tuple[str, str]:
+    """The insights and war-room links, and a 30-day share link of the café's report for
+    last month's pop-up (the partner opens it without a login)."""
+    base = links.root(base_url)
+    past = await session.scalar(
+        select(Event).where(Event.org_id == owner.org_id, Event.slug == PAST_EVENT_SLUG)
+    )
+    drop_id = await session.scalar(
+        select(Drop.id).where(Drop.org_id == owner.org_id, Drop.name == DROP_NAME).limit(1)
+    )
+    if past is None:
+        return "", ""
+    cafe = await session.scalar(
+        select(Partner.id).where(Partner.event_id == past.id).order_by(Partner.id).limit(1)
+    )
+    line = (
+        f"{base}/insights/events/{past.id} (last month's pop-up; NPS: "
+        f"{base}/insights/events/{past.id}/nps) · war room: {base}/war-room/drops/{drop_id}"
+    )
+    if cafe is None:
+        return line, ""
+    report = links.partner_report_url(
+        signer,
+        base_url,
+        links.PartnerReportLink(owner.org_id, past.id, cafe, now + timedelta(days=30)),
+    )
+    return line, report

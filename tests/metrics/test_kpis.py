@@ -67,10 +67,13 @@ async def test_every_kpi_of_the_event(ctx: AppContext, seeded: Tenant) -> None:
     nps = found.nps
     assert (nps.promoters, nps.passives, nps.detractors, nps.n) == (4, 2, 2, 8)
     assert nps.score == pytest.approx(25.0)
-    # p_P = 0.5, p_D = 0.25: variance 0.5 + 0.25 - 0.25² = 0.6875.
-    margin = 100 * 1.959964 * math.sqrt(0.6875 / 8)
-    assert nps.ci_low == pytest.approx(25 - margin) and nps.ci_high == pytest.approx(25 + margin)
-    assert round(margin, 1) == 57.5
+    # Adjusted Wald: n + 3 = 11, p_P = 4.75 / 11, p_D = 2.75 / 11, centre 100 * 2 / 11.
+    p_p, p_d = 4.75 / 11, 2.75 / 11
+    margin = 100 * 1.959964 * math.sqrt((p_p + p_d - (p_p - p_d) ** 2) / 11)
+    centre = 100 * 2 / 11
+    assert nps.ci_low == pytest.approx(centre - margin)
+    assert nps.ci_high == pytest.approx(centre + margin)
+    assert (round(nps.ci_low), round(nps.ci_high)) == (-29, 66)
 
 
 async def test_scopes_narrow_by_drop_partner_window_and_org(

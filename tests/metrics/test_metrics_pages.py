@@ -45,7 +45,7 @@ async def test_host_reads_an_events_insights(app_client: httpx.AsyncClient, pop_
     assert tile(html, "average_checkout_EUR") == "26.67 EUR"  # 80.00 / 3
     assert tile(html, "revenue_EUR") == "90.00 EUR"
     assert tile(html, "nps") == "+25"
-    assert "n = 8 · 95 % CI -32 to +82" in html
+    assert "n = 8 · 95 % CI -29 to +66" in html
     assert tile(html, "repeat_rate") == "60.0 %"  # 1, 3 and 2 again within 30 days
     persons = re.findall(r'data-kind="(\w+)" data-persons="(\d+)"', html)
     assert persons == [

@@ -281,6 +281,8 @@ async def test_a_partner_login_opens_its_own_report_only(
 ) -> None:
     s = await scene(app_client, ctx, tenant)
     await login(app_client, ctx, tenant, "partner")
+    home = await app_client.get("/home", headers=HTML)  # where a partner lands
+    assert f'href="{s.path()}"' in home.text and f'href="{s.path(s.theirs)}"' not in home.text
     page = await app_client.get(s.path(), headers=HTML)
     assert page.status_code == 200, page.text
     assert "Corner café" in page.text and "170.00 EUR" in page.text

@@ -27,6 +27,7 @@ class WorkedEvent:
     event: Event
     gates: list[str] = field(default_factory=list)  # where they are on the staff
     partner_names: list[str] = field(default_factory=list)  # as which partner
+    partner_ids: list[int] = field(default_factory=list)  # the same partners' ids
 
 
 async def events_of_user(
@@ -48,13 +49,15 @@ async def events_of_user(
     for event, gate in staffed.tuples():
         found.setdefault(event.id, WorkedEvent(event)).gates.append(gate)
     partnered = await session.execute(
-        select(Event, Partner.name)
+        select(Event, Partner.name, Partner.id)
         .join(Partner, Partner.event_id == Event.id)
         .where(
             Partner.org_id == principal.org_id,
             func.lower(Partner.contact_email) == user.email.lower(),
         )
     )
-    for event, name in partnered.tuples():
-        found.setdefault(event.id, WorkedEvent(event)).partner_names.append(name)
+    for event, name, partner_id in partnered.tuples():
+        worked = found.setdefault(event.id, WorkedEvent(event))
+        worked.partner_names.append(name)
+        worked.partner_ids.append(partner_id)
     return sorted(found.values(), key=lambda w: (w.event.starts_at, w.event.id))

@@ -142,25 +142,31 @@ def money_ratio(currency: str, numerator: int, denominator: int) -> MoneyRatio:
 
 
 def nps_of(promoters: int, passives: int, detractors: int) -> Nps:
-    """NPS with its 95 % interval. Each answer scores +1 (promoter), 0 or -1 (detractor);
-    NPS is 100 * their mean and its variance is p_P + p_D - (p_P - p_D)^2, so the
-    interval is NPS +/- 1.96 * 100 * sqrt(variance / n)."""
+    """NPS with its 95 % interval, the one way popdrop computes it (KPIs, the survey page).
+    Each answer scores +1 (promoter), 0 or -1 (detractor); NPS is 100 * their mean. The
+    interval is the adjusted Wald one (Rocks 2016): three pseudo-answers (0.75 promoter,
+    0.75 detractor, 1.5 passive) are added, then centre +/- 1.96 * sqrt(p_P + p_D -
+    (p_P - p_D)^2) / sqrt(n + 3), so a handful of answers gets a wide interval instead of
+    the plain one's "+100 to +100" for one promoter. It is widened to hold the observed
+    NPS when the shifted centre would leave it out, and clipped to [-100, 100]."""
     n = promoters + passives + detractors
     if n == 0:
         return Nps(
             promoters=0, passives=0, detractors=0, n=0, score=None, ci_low=None, ci_high=None
         )
-    p_p, p_d = promoters / n, detractors / n
-    score = 100 * (p_p - p_d)
-    margin = 100 * Z_95 * math.sqrt(max(0.0, p_p + p_d - (p_p - p_d) ** 2) / n)
+    score = 100 * (promoters - detractors) / n
+    n_adj = n + 3
+    p_p, p_d = (promoters + 0.75) / n_adj, (detractors + 0.75) / n_adj
+    centre = 100 * (p_p - p_d)
+    margin = 100 * Z_95 * math.sqrt(max(0.0, p_p + p_d - (p_p - p_d) ** 2) / n_adj)
     return Nps(
         promoters=promoters,
         passives=passives,
         detractors=detractors,
         n=n,
         score=score,
-        ci_low=max(-100.0, score - margin),
-        ci_high=min(100.0, score + margin),
+        ci_low=max(-100.0, min(centre - margin, score)),
+        ci_high=min(100.0, max(centre + margin, score)),
     )
 
 

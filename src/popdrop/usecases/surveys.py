@@ -24,7 +24,6 @@ Rules:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -52,7 +51,7 @@ from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Event
 from popdrop.inventory.models import Hold
-from popdrop.metrics import log
+from popdrop.metrics import kpis, log
 from popdrop.metrics.kinds import Kind, nps_class
 from popdrop.metrics.survey_models import (
     COMMENT_MAX,
@@ -585,26 +584,12 @@ async def answer(
 
 
 def nps_interval(promoters: int, detractors: int, n: int) -> tuple[float, float, float] | None:
-    """(NPS, low, high) in points: the NPS of the answers and its 95 % interval; None for
-    n=0. Each answer scores +1, 0 or -1 and the NPS is their mean. The interval is the
-    adjusted Wald one (Rocks 2016): three pseudo-answers (0.75 promoter, 0.75 detractor,
-    1.5 passive) are added before the normal approximation, so a handful of answers gets
-    a wide interval instead of the plain Wald's zero-width "+100 to +100" for one
-    promoter. Its centre moves towards 0, so with very few answers it is widened to hold
-    the observed NPS (only ever wider); it is clipped to ±100."""
-    if n <= 0:
+    """(NPS, low, high) in points, rounded to a tenth: `kpis.nps_of` (the adjusted Wald
+    interval); None for n=0."""
+    nps = kpis.nps_of(promoters, n - promoters - detractors, detractors)
+    if nps.score is None or nps.ci_low is None or nps.ci_high is None:
         return None
-    score = (promoters - detractors) / n
-    n_adj = n + 3
-    p, d = (promoters + 0.75) / n_adj, (detractors + 0.75) / n_adj
-    centre = p - d
-    half = 1.96 * math.sqrt(max(p + d - centre * centre, 0.0) / n_adj)
-    low, high = min(centre - half, score), max(centre + half, score)
-    return (
-        round(100 * score, 1),
-        round(max(-100.0, 100 * low), 1),
-        round(min(100.0, 100 * high), 1),
-    )
+    return (round(nps.score, 1), round(nps.ci_low, 1), round(nps.ci_high, 1))
 
 
 async def summary(session: AsyncSession, principal: Principal, event_id: int) -> SurveySummary:
