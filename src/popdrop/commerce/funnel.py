@@ -47,11 +47,11 @@ def _ref_reference(ref: str | None) -> str | None:
     return ref.strip().lower() if "@" in ref else ref.strip()
 
 
-async def _contact_person(session: AsyncSession, contact_id: int) -> str:
+async def _contact_person(session: AsyncSession, org_id: int, contact_id: int) -> str:
     """A contact's person: the keyed hash of its email (else phone), as every other writer
-    keys the same person, else its id."""
+    keys the same person, else its id (a reference naming no contact of this org)."""
     contact = await session.get(Contact, contact_id)
-    if contact is not None:
+    if contact is not None and contact.org_id == org_id:
         person = log.point_person(contact.email_hash, contact.phone_hash, contact.id)
         if person is not None:
             return person
@@ -59,12 +59,12 @@ async def _contact_person(session: AsyncSession, contact_id: int) -> str:
 
 
 async def person_of_ref(
-    session: AsyncSession, signer: Signer | None, ref: str | None
+    session: AsyncSession, signer: Signer | None, org_id: int, ref: str | None
 ) -> str | None:
     """The funnel person of a contact reference (a sample's)."""
     contact = contact_id_of(ref)
     if contact is not None:
-        return await _contact_person(session, contact)
+        return await _contact_person(session, org_id, contact)
     reference = _ref_reference(ref)
     if signer is None or reference is None:
         return None
@@ -76,7 +76,7 @@ async def person_of_ref(
 async def order_person(session: AsyncSession, signer: Signer | None, order: Order) -> str | None:
     contact = contact_id_of(order.contact_ref)
     if contact is not None:
-        return await _contact_person(session, contact)
+        return await _contact_person(session, order.org_id, contact)
     if signer is None:
         return None
     person = log.person_of_point(signer, order.receipt_email, order.receipt_phone)

@@ -179,7 +179,7 @@ async def _record_given(
             partner_id=int(ref) if kind == "partner" and ref.isdigit() else None,
             lane_id=lane_id,
         ),
-        person=await funnel.person_of_ref(session, signer, contact_ref),
+        person=await funnel.person_of_ref(session, signer, grant.org_id, contact_ref),
         subject=f"sample:{grant.id}",
         value=grant.unit_cost_minor,
         currency=grant.currency,
