@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/popdrop demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
