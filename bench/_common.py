@@ -95,6 +95,13 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages: how busy it was around this run."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def emit(result: dict[str, Any]) -> None:
-    """The benchmark's last line: one JSON object."""
+    """The benchmark's last line: one JSON object, with the load average at its end
+    (a ratio only compares figures of one run; the load says how noisy that run was)."""
+    result.setdefault("load_avg", load_average())
     print(json.dumps(result, separators=(", ", ": ")), flush=True)

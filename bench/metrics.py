@@ -552,6 +552,10 @@ async def run(args: argparse.Namespace, url: str) -> int:
             "raw_p95_ms": round(raw_p95, 2),
             "p95_goal_ms": P95_GOAL_MS,
             "hot_path_overhead": round(overhead, 4),
+            # The check-in path with its funnel INSERT against the same path without it.
+            "rate_per_s": round(rate_with, 1),
+            "limit_per_s": round(rate_without, 1),
+            "ratio": round(rate_with / rate_without, 3) if rate_without else 0.0,
             "rate_with_log_per_s": round(rate_with, 1),
             "rate_without_log_per_s": round(rate_without, 1),
             "mismatches": mismatches,
