@@ -628,6 +628,27 @@ _STORED = select(
 ).where(_scans.c.org_id == _p["org"], _scans.c.nonce == _p["nonce"])  # fmt: skip
 
 
+@dataclass(frozen=True)
+class HotSql:
+    """What the PostgreSQL hot path sends for one successful scan (for the benchmark's
+    pgbench limit): the statement text as asyncpg gets it, the bind name of each `$n`,
+    the values the statement fixes itself, and whether BEGIN/COMMIT wrap it."""
+
+    text: str
+    names: tuple[str, ...]
+    constants: dict[str, Any]
+    in_transaction: bool
+
+
+def hot_scan_sql() -> HotSql:
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect
+
+    compiled = _FUSED_TAKE.compile(dialect=dialect())  # type: ignore[no-untyped-call]
+    names = tuple(compiled.positiontup or ())
+    constants = {name: compiled.params[name] for name in names if name not in _p}
+    return HotSql(str(compiled), names, constants, in_transaction=True)
+
+
 def _dialect(conn: Conn) -> str:
     if isinstance(conn, AsyncConnection):
         return conn.dialect.name
