@@ -1,6 +1,10 @@
 """Property-based run over the OpenAPI spec against a real server: whatever the input,
 the API answers with a 4xx carrying a `reason`, never a 500.
 
+The run itself lives here; `test_schemathesis_sqlite.py` and `test_schemathesis_postgres.py`
+each drive it on one backend, as two files, so `make test` (xdist, one file per worker)
+runs the two minutes-long legs side by side instead of one after the other.
+
 The fuzzer is an owner, so it may call `DELETE /api/v1/tokens/{id}`: it deletes any token
 id but its own, or every later request would be a 401 and prove nothing.
 """
@@ -11,6 +15,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +73,11 @@ def own_database() -> str:
         return pool.submit(asyncio.run, make()).result()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+@contextmanager
+def fuzzed_server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real `popdrop serve` on `backend` ("sqlite" or "postgres") with an owner token."""
     database_url = None
-    if request.param == "postgres":
+    if backend == "postgres":
         if postgres_url() is None:
             pytest.skip("PostgreSQL run: set POPDROP_TEST_DATABASE_URL (CI does)")
         database_url = own_database()
@@ -93,7 +97,7 @@ def refusals_carry_a_reason(ctx: Any, response: Any, case: Any) -> bool | None:
 REVOKE_TOKEN = ("DELETE", "/api/v1/tokens/{token_id}")
 
 
-def test_api_never_answers_500(server: Server) -> None:
+def api_never_answers_500(server: Server) -> None:
     schema = schemathesis.openapi.from_url(f"{server.base_url}/api/openapi.json")
     headers = {"Authorization": f"Bearer {server.env['TOKEN']}"}
     operations = [result.ok() for result in schema.get_all_operations()]
