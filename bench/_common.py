@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/popdrop_bench"
 SECRET_KEY = "popdrop-bench-secret-key-not-for-production-0123456789"
 SIGNER = Signer(SECRET_KEY.encode())
+# The `popdrop` that serves: this checkout's, unless POPDROP_BENCH_BIN names another (an
+# older checkout's, to measure before and after in one sitting with the same bench code).
+POPDROP_BIN = os.environ.get("POPDROP_BENCH_BIN") or str(ROOT / ".venv/bin/popdrop")
 
 
 def pg_url(override: str | None) -> str:
