@@ -265,3 +265,12 @@ async def test_chat_page_embeds_the_widget(
     assert widget.status_code == 200 and "WebSocket" in widget.text
     missing = await app_client.get("/chat/no-such-org", headers={"accept": "text/html"})
     assert missing.status_code == 404
+
+
+def test_bench_echo_route_is_off_by_default() -> None:
+    """The diagnostic echo socket (bench/chat.py) exists only with POPDROP_BENCH_ECHO=1."""
+    from popdrop.chat import web as chat_web
+
+    assert not chat_web.BENCH_ECHO
+    paths = {getattr(route, "path", "") for route in chat_web.router.routes}
+    assert "/ws/bench/echo" not in paths

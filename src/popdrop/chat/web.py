@@ -21,6 +21,10 @@
 - `GET /chat/qr/{secret}.svg` — the QR image of a genuine ticket (the widget's
   `qr_ticket` message).
 - The widget itself is `/static/chat-widget.js` (one script tag embeds it).
+- `WS /ws/bench/echo` exists only when the environment sets `POPDROP_BENCH_ECHO=1` (read
+  when this module is imported; never on by default, never in the OpenAPI schema): a
+  diagnostic for bench/chat.py that sends every text frame straight back, so the bench
+  measures the same server's WebSocket per-message ceiling beside its chat turns.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import time
 from typing import Annotated, Any, Literal
@@ -66,6 +71,7 @@ CLOSE_TRY_LATER = 1013
 CLOSE_IDLE = 4408
 
 router = APIRouter(include_in_schema=False)
+BENCH_ECHO = os.environ.get("POPDROP_BENCH_ECHO") == "1"
 
 
 # ---------------------------------------------------------------- frames
@@ -335,6 +341,20 @@ async def _turn(
     if frame.id is not None:
         reply["id"] = frame.id
     return reply
+
+
+async def bench_echo(websocket: WebSocket) -> None:
+    """Diagnostic (POPDROP_BENCH_ECHO=1 only): every text frame straight back."""
+    await websocket.accept()
+    try:
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+    except WebSocketDisconnect:
+        return
+
+
+if BENCH_ECHO:
+    router.add_api_websocket_route("/ws/bench/echo", bench_echo)
 
 
 # ---------------------------------------------------------------- pages
