@@ -47,6 +47,7 @@ from popdrop.web.security import NO_STORE
 router = APIRouter(prefix="/api/v1", tags=["vouchers"])
 
 REDEMPTIONS = Counter("popdrop_voucher_redemptions_total", "Redemption attempts", ["result"])
+REDEMPTIONS_OK = REDEMPTIONS.labels("ok")
 REDEEM_REFUSALS = (400, 401, 403, 404, 409, 410, 422, 429)
 
 
@@ -282,7 +283,19 @@ async def redeem(
         )
         return 200, result.model_dump(mode="json")
 
-    async def call() -> tuple[int, dict[str, Any]]:
+    async def call() -> tuple[int, dict[str, Any] | bytes]:
+        if idempotency_key is None:  # nothing to store: grouped with concurrent redemptions
+            principal.require("vouchers:redeem")
+            result = await service.redeem_now(
+                ctx.db,
+                ctx.signer,
+                principal,
+                code=body.code,
+                contact_ref=body.contact_ref,
+                order_ref=body.order_ref,
+                now=now,
+            )
+            return 200, result.model_dump_json().encode()  # what JSONResponse would send
         return await answer_once(
             ctx, request, principal, idempotency_key, body, operation, scope="vouchers:redeem"
         )
@@ -292,6 +305,9 @@ async def redeem(
     except PopdropError as error:
         REDEMPTIONS.labels(error.reason).inc()
         raise
+    if isinstance(payload, bytes):
+        REDEMPTIONS_OK.inc()
+        return Response(payload, media_type="application/json")
     REDEMPTIONS.labels("ok" if status == 200 else str(payload.get("reason"))).inc()
     return JSONResponse(payload, status_code=status)
 

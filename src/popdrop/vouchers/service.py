@@ -13,20 +13,22 @@ and let a second copy of a redemption rule grow elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, String, bindparam, func, insert, or_, select, true, update
+from sqlalchemy import Integer, String, bindparam, func, insert, or_, select, text, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from popdrop.accounts.service import Principal
 from popdrop.core import audit, links
 from popdrop.core.cache import ProcessCache
-from popdrop.core.db import UTCDateTime, dialect_insert, table_of
+from popdrop.core.db import Database, UTCDateTime, dialect_insert, table_of
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.group_commit import GroupCommit, GroupFailed, for_loop
 from popdrop.core.signing import Signer
 from popdrop.core.tenancy import owned
 from popdrop.vouchers import codes
@@ -512,17 +514,303 @@ async def redeem(
         actor=principal.actor,
         action="voucher.redeem",
         subject=subject,
-        payload={
-            "redemption": taken.redemption_id,
-            "use": taken.uses,
-            # A keyed digest, not the reference itself: the ledger is append-only and a
-            # contact ref may be an email that must be erasable.
-            "contact": contact_digest(signer, contact_ref),
-            "order_ref": order_ref,
-            "cost_minor": taken.cost,
-        },
+        payload=_redeem_payload(taken, contact_digest(signer, contact_ref), order_ref),
         at=now,
     )
+    return _redeem_result(taken, policy, contact_ref, order_ref, now)
+
+
+# ---------------------------------------------------------------- grouped redeem
+#
+# On PostgreSQL, `redeem_now` hands a redemption to this process's group commit
+# (`core.group_commit`): the redemptions that arrive while the previous group is being
+# written go to PostgreSQL together, in one transaction of two statements. The first takes
+# every code's use, records every redemption and bumps the audit chain heads (locked in
+# (org, chain) order, after the voucher rows: the lock order of `redeem`), arrays in and one
+# row out per redemption taken; the second writes the chain entries and the new heads, each
+# entry hashed in Python exactly as `audit.write_entry` does, in arrival order per chain.
+# A request whose code the group did not take (unknown, used up, expired, a batch with a
+# per-contact limit or a budget, the same code twice in one group) took no effect and goes
+# down `redeem` in a transaction of its own, so it gets the answer it would get alone;
+# a group that fails rolls back as a whole and each of its requests does the same.
+
+_GROUP_REDEEM = text(
+    """
+WITH asked AS (
+    SELECT * FROM unnest(
+        CAST(:i AS integer[]), CAST(:code_hash AS bytea[]), CAST(:org_id AS bigint[]),
+        CAST(:contact_ref AS varchar[]), CAST(:order_ref AS varchar[]),
+        CAST(:actor AS varchar[]), CAST(:now AS timestamptz[])
+    ) AS a(i, code_hash, org_id, contact_ref, order_ref, actor, now)
+),
+taken AS (
+    UPDATE vouchers AS v SET uses = v.uses + 1
+    FROM asked AS a, voucher_batches AS b
+    WHERE v.code_hash = a.code_hash AND v.org_id = a.org_id AND b.id = v.batch_id
+      AND v.revoked_at IS NULL AND v.uses < v.max_uses
+      AND (v.valid_from IS NULL OR v.valid_from <= a.now)
+      AND (v.valid_until IS NULL OR v.valid_until > a.now)
+      AND (b.per_contact_limit IS NULL OR a.contact_ref IS NULL)
+      AND (b.budget_minor IS NULL OR b.cost_per_use_minor = 0)
+    RETURNING a.i, a.org_id, a.contact_ref, a.order_ref, a.actor, a.now,
+              v.id, v.batch_id, v.uses, v.max_uses, b.cost_per_use_minor AS cost
+),
+recorded AS (
+    INSERT INTO redemptions (org_id, voucher_id, batch_id, contact_ref, order_ref,
+                             cost_minor, redeemed_at, actor)
+    SELECT org_id, id, batch_id, contact_ref, order_ref, cost, now, actor FROM taken
+    RETURNING id, voucher_id
+),
+counts AS (
+    SELECT org_id, id % :chains AS chain, count(*) AS n FROM taken GROUP BY 1, 2
+),
+locked AS MATERIALIZED (
+    SELECT h.org_id, h.chain FROM audit_heads AS h
+    JOIN counts AS c ON c.org_id = h.org_id AND c.chain = h.chain
+    ORDER BY h.org_id, h.chain
+    FOR UPDATE OF h
+),
+head AS (
+    UPDATE audit_heads AS h SET seq = h.seq + c.n
+    FROM counts AS c, locked AS l
+    WHERE h.org_id = c.org_id AND h.chain = c.chain
+      AND l.org_id = h.org_id AND l.chain = h.chain
+    RETURNING h.org_id, h.chain, h.seq - c.n AS base, h.hash
+)
+SELECT t.i, t.id, t.batch_id, t.uses, t.max_uses, t.cost, r.id, hd.base, hd.hash
+FROM taken AS t
+JOIN recorded AS r ON r.voucher_id = t.id
+LEFT JOIN head AS hd ON hd.org_id = t.org_id AND hd.chain = t.id % :chains
+"""
+)
+_GROUP_AUDIT = text(
+    """
+WITH set_head AS (
+    UPDATE audit_heads AS h SET hash = u.hash
+    FROM unnest(CAST(:h_org AS bigint[]), CAST(:h_chain AS integer[]),
+                CAST(:h_hash AS varchar[])) AS u(org_id, chain, hash)
+    WHERE h.org_id = u.org_id AND h.chain = u.chain
+)
+INSERT INTO audit_entries (org_id, chain, seq, at, actor, action, subject, payload,
+                           payload_digest, prev_hash, hash)
+SELECT * FROM unnest(
+    CAST(:org_id AS bigint[]), CAST(:chain AS integer[]), CAST(:seq AS integer[]),
+    CAST(:at AS timestamptz[]), CAST(:actor AS varchar[]), CAST(:action AS varchar[]),
+    CAST(:subject AS varchar[]), CAST(:payload AS text[]), CAST(:digest AS varchar[]),
+    CAST(:prev AS varchar[]), CAST(:hash AS varchar[])
+)
+"""
+)
+_HEADS_OF_ORG = text(
+    """
+INSERT INTO audit_heads (org_id, chain, seq, hash)
+SELECT :org_id, c, 0, :genesis FROM generate_series(0, :chains - 1) AS c
+ON CONFLICT DO NOTHING
+"""
+)
+
+
+_ENTRY_PARAMS = (
+    "org_id", "chain", "seq", "at", "actor", "action", "subject", "payload", "digest", "prev",
+    "hash",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Ask:
+    org_id: int
+    actor: str
+    code_hash: bytes
+    contact_ref: str | None
+    contact: str | None  # its keyed digest, for the ledger
+    order_ref: str | None
+    now: datetime
+
+
+@dataclass(frozen=True)
+class _Granted:
+    taken: _Taken
+    policy: BatchPolicy
+
+
+_GROUPS: dict[tuple[int, asyncio.AbstractEventLoop], GroupCommit[_Ask, _Granted | None]] = {}
+# (database url, org, chain count) whose every chain head exists: heads are never deleted.
+_HEADS_READY: ProcessCache[tuple[str, int, int], bool] = ProcessCache(maxsize=4_096)
+GROUP_MAX = 256  # redemptions in one group statement
+
+
+def _group(db: Database) -> GroupCommit[_Ask, _Granted | None]:
+    async def flush(asks: Sequence[_Ask]) -> list[_Granted | BaseException | None]:
+        return list(await _flush_group(db, asks))
+
+    return for_loop(_GROUPS, id(db), lambda: GroupCommit(flush, max_batch=GROUP_MAX))
+
+
+async def _ready_heads(db: Database, org_ids: set[int]) -> None:
+    """Every audit chain head of these organizations exists (made once, committed apart:
+    a head at seq 0 with the genesis hash is what a chain's first entry would make)."""
+    chains = audit.chain_count()
+    missing = [o for o in sorted(org_ids) if _HEADS_READY.get((db.url, o, chains)) is None]
+    if not missing:
+        return
+    async with db.transaction() as session:
+        for org_id in missing:
+            await session.execute(
+                _HEADS_OF_ORG, {"org_id": org_id, "genesis": audit.GENESIS, "chains": chains}
+            )
+    for org_id in missing:
+        _HEADS_READY.put((db.url, org_id, chains), True)
+
+
+async def _flush_group(db: Database, asks: Sequence[_Ask]) -> list[_Granted | None]:
+    await _ready_heads(db, {a.org_id for a in asks})
+    chains = audit.chain_count()
+    # Voucher rows are locked in code-hash order (the join follows the arrays), so two
+    # groups holding the same codes rarely cross; a deadlock is retried all the same.
+    order = sorted(range(len(asks)), key=lambda k: asks[k].code_hash)
+    params: dict[str, Any] = {
+        "i": order,
+        "code_hash": [asks[k].code_hash for k in order],
+        "org_id": [asks[k].org_id for k in order],
+        "contact_ref": [asks[k].contact_ref for k in order],
+        "order_ref": [asks[k].order_ref for k in order],
+        "actor": [asks[k].actor for k in order],
+        "now": [asks[k].now for k in order],
+        "chains": chains,
+    }
+
+    async def work(session: AsyncSession) -> list[_Granted | None]:
+        conn = await session.connection()
+        rows = (await conn.execute(_GROUP_REDEEM, params)).all()
+        granted: list[_Granted | None] = [None] * len(asks)
+        by_chain: dict[tuple[int, int], list[Any]] = {}
+        for row in rows:
+            if row[7] is None:  # a head that should exist does not: let each go alone
+                _HEADS_READY.pop((db.url, asks[row[0]].org_id, chains))
+                raise RuntimeError("audit chain head missing")
+            by_chain.setdefault((asks[row[0]].org_id, int(row[1]) % chains), []).append(row)
+        entries: list[tuple[Any, ...]] = []
+        heads: dict[str, list[Any]] = {"h_org": [], "h_chain": [], "h_hash": []}
+        for (org_id, chain), chain_rows in sorted(by_chain.items()):
+            chain_rows.sort(key=lambda r: r[0])  # arrival order on the chain
+            seq, prev = int(chain_rows[0][7]), str(chain_rows[0][8])
+            for i, voucher_id, batch_id, uses, max_uses, cost, redemption_id, _, _ in chain_rows:
+                ask = asks[i]
+                seq += 1
+                taken = _Taken(
+                    int(voucher_id), int(batch_id), int(uses), int(max_uses),
+                    int(redemption_id), int(cost), (seq, prev),
+                )  # fmt: skip
+                granted[i] = _Granted(taken, await _policy(session, taken.batch_id))
+                payload = audit.canonical_json(_redeem_payload(taken, ask.contact, ask.order_ref))
+                entry = audit.AuditEntry(
+                    org_id=org_id,
+                    chain=chain,
+                    seq=seq,
+                    at=ask.now,
+                    actor=ask.actor,
+                    action="voucher.redeem",
+                    subject=f"voucher:{voucher_id}",
+                    payload=payload,
+                    payload_digest=audit.payload_digest(payload),
+                    prev_hash=prev,
+                )
+                own = audit.expected_hash(prev, entry)
+                entries.append(
+                    (org_id, chain, seq, ask.now, ask.actor, entry.action, entry.subject,
+                     payload, entry.payload_digest, prev, own)
+                )  # fmt: skip
+                prev = own
+            heads["h_org"].append(org_id)
+            heads["h_chain"].append(chain)
+            heads["h_hash"].append(prev)
+        if rows:
+            columns = dict(zip(_ENTRY_PARAMS, map(list, zip(*entries, strict=True)), strict=True))
+            await conn.execute(_GROUP_AUDIT, {**columns, **heads})
+        committing.append(True)  # from here on a failure may be a commit that happened
+        return granted
+
+    committing: list[bool] = []
+    try:
+        return await db.in_transaction(work)
+    except Exception as exc:
+        if committing:
+            raise _CommitUnknown from exc
+        raise
+
+
+class _CommitUnknown(Exception):
+    """The group's commit failed without saying whether it happened: its requests must not
+    be run again (a multi-use code would be spent twice); they answer with the error."""
+
+
+async def redeem_now(
+    db: Database,
+    signer: Signer,
+    principal: Principal,
+    *,
+    code: str,
+    contact_ref: str | None,
+    order_ref: str | None,
+    now: datetime,
+) -> RedeemResult:
+    """`redeem` in a transaction of its own: the same checks, answers and ledger entry. On
+    PostgreSQL it is grouped with this process's concurrent redemptions (see above)."""
+    principal.require("vouchers:redeem")
+
+    async def alone(session: AsyncSession) -> RedeemResult:
+        return await redeem(
+            session,
+            signer,
+            principal,
+            code=code,
+            contact_ref=contact_ref,
+            order_ref=order_ref,
+            now=now,
+        )
+
+    if db.dialect != "postgresql":
+        return await db.in_transaction(alone)
+    ask = _Ask(
+        org_id=principal.org_id,
+        actor=principal.actor,
+        code_hash=signer.keyed_hash(codes.normalize(code)),
+        contact_ref=contact_ref,
+        contact=contact_digest(signer, contact_ref),
+        order_ref=order_ref,
+        now=now,
+    )
+    try:
+        granted = await _group(db).submit(ask)
+    except GroupFailed as failed:
+        unknown = failed.__cause__
+        if isinstance(unknown, _CommitUnknown) and unknown.__cause__ is not None:
+            raise unknown.__cause__ from None
+        granted = None  # rolled back: nothing of it happened
+    if granted is None:
+        return await db.in_transaction(alone)
+    return _redeem_result(granted.taken, granted.policy, contact_ref, order_ref, now)
+
+
+def _redeem_payload(taken: _Taken, contact: str | None, order_ref: str | None) -> dict[str, Any]:
+    return {
+        "redemption": taken.redemption_id,
+        "use": taken.uses,
+        # A keyed digest, not the reference itself: the ledger is append-only and a
+        # contact ref may be an email that must be erasable.
+        "contact": contact,
+        "order_ref": order_ref,
+        "cost_minor": taken.cost,
+    }
+
+
+def _redeem_result(
+    taken: _Taken,
+    policy: BatchPolicy,
+    contact_ref: str | None,
+    order_ref: str | None,
+    now: datetime,
+) -> RedeemResult:
     return RedeemResult(
         redemption=RedemptionOut(
             id=taken.redemption_id,
