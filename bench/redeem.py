@@ -9,6 +9,8 @@
 4. The limit: pgbench drives the statements `vouchers.service.redeem` sends for a
    successful redemption (captured with SQLAlchemy echo) with the same client count and
    duration, `-M prepared -j 2`, on the second org's codes, so every transaction succeeds.
+   That is what one redemption costs alone; the server groups concurrent redemptions
+   (`service.redeem_now`, one transaction for a group), which is how it can come near it.
 
 Goal (DESIGN.md): rate >= 50 % of the limit, zero double redemptions.
 """
@@ -305,6 +307,8 @@ def main() -> int:
     )
     print(f"pgbench limit   {limit:9.0f} /s   (same SQL, -M prepared -j 2)")
     print(f"ratio           {ratio:9.2f}     (goal >= 0.50)")
+    load_end = common.load_average()  # os.getloadavg() at the end of the run
+    print(f"load average at the end: {', '.join(f'{x:.2f}' for x in load_end)}")
     print(f"answers         {statuses}; connection errors {load.errors}")
     print(f"double redemptions {doubles}; 200 answers {ok} vs redemption rows {rows}")
     if load.exhausted:
@@ -323,6 +327,7 @@ def main() -> int:
             "workers": args.workers,
             "server_errors": server_errors,
             "seconds": round(load.elapsed, 2),
+            "load_avg": load_end,
         }
     )
     failed = doubles > 0 or server_errors > 0 or load.errors > 0 or ok != rows
