@@ -192,7 +192,7 @@ def server(url: str, workers: int) -> Iterator[int]:
             "POPDROP_LOG_REQUESTS": "0",
             "POPDROP_DATA_DIR": tmp,
         }
-        command = [str(common.ROOT / ".venv/bin/popdrop"), "serve", "--port", str(port)]
+        command = [common.POPDROP_BIN, "serve", "--port", str(port)]
         command += ["--workers", str(workers), "--no-access-log"]
         with open(Path(tmp) / "server.log", "w+") as log:
             proc = subprocess.Popen(command, env=env, cwd=tmp, stdout=log, stderr=log)
