@@ -231,11 +231,18 @@ def pgbench_script(seeded: Seeded) -> tuple[str, dict[str, object]]:
         "offline": "false",
         "actor": "token:1:bench",
     }
-    inline = {"tid": f"(SELECT nextval('{LIMIT_SEQUENCE}'))", "nonce": ":nonce"}
+    inline = {
+        "tid": f"(SELECT nextval('{LIMIT_SEQUENCE}'))",
+        "nonce": ":nonce::text" if hot.arrays else ":nonce",
+        "idx": "0",
+    }
     variables: dict[str, object] = {}
 
     def placeholder(match: re.Match[str]) -> str:
         name = hot.names[int(match.group(1)) - 1]  # the `::TYPE` after it stays
+        return f"ARRAY[{value_of(name)}]" if hot.arrays else value_of(name)
+
+    def value_of(name: str) -> str:
         if name in inline:
             return inline[name]
         if values[name] is None:
@@ -243,7 +250,7 @@ def pgbench_script(seeded: Seeded) -> tuple[str, dict[str, object]]:
         if values[name] == "":  # pgbench takes no empty -D value
             return "''"
         variables[f"p_{name}"] = values[name]
-        return f":p_{name}"
+        return f":p_{name}::text" if hot.arrays else f":p_{name}"
 
     text = re.sub(r"\$(\d+)", placeholder, " ".join(hot.text.split()))
     lines = ["\\set nonce random(1, 1000000000000000)"]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from popdrop.checkin import tickets
+from popdrop.checkin import service, tickets
 from popdrop.checkin.models import Scan, Visit
 from popdrop.core.clock import FrozenClock
 from popdrop.web.context import AppContext
@@ -246,6 +246,60 @@ async def test_concurrent_same_nonce_gets_one_answer(
     )
     assert {r.status_code for r in responses} == {200}
     assert len({r.json()["scan_id"] for r in responses}) == 1
+
+
+async def test_scans_arriving_together_are_each_all_or_nothing(
+    app_client: Client, tenant: Tenant, ctx: AppContext, backend: str
+) -> None:
+    """Many tickets scanned at once (on PostgreSQL they share grouped statements), mixed
+    with a ticket scanned twice and a nonce sent for two tickets in the same burst: each
+    scan gets its own answer, one visit per ticket, one scan row per nonce, and every
+    nonce replays its stored answer."""
+    event_id = await make_event(ctx, tenant.org_id)
+    issued = [await issue(app_client, tenant, event_id, subject_id=100 + i) for i in range(40)]
+    await scan(app_client, tenant, issued[0]["secret"])  # the event's key is cached
+    plain = [(t["secret"], secrets.token_hex(12)) for t in issued[1:31]]
+    twice = [(issued[31]["secret"], secrets.token_hex(12)) for _ in range(3)]
+    shared = [(issued[32]["secret"], "shared-nonce-1"), (issued[33]["secret"], "shared-nonce-1")]
+    sent = plain + twice + shared
+    groups = list(service._GROUPS.values())
+    before = sum(g.items for g in groups), sum(g.batches for g in groups)
+    responses = await asyncio.gather(*(scan(app_client, tenant, s, nonce=n) for s, n in sent))
+    answers = [(r.status_code, r.json()) for r in responses]
+    for (status, body), (_, nonce) in zip(answers[: len(plain)], plain, strict=True):
+        assert status == 200 and body["result"] == "ok" and body["nonce"] == nonce
+        assert body["subject_kind"] == "rsvp" and body["scan_id"] > 0
+    assert sorted(status for status, _ in answers[len(plain) : len(plain) + 3]) == [200, 409, 409]
+    shared_statuses = sorted(status for status, _ in answers[-2:])
+    assert shared_statuses == [200, 422], answers[-2:]
+    # Every nonce replays exactly what it got.
+    for (secret, nonce), (status, body) in zip(sent, answers, strict=True):
+        if status == 422:
+            continue
+        again = await scan(app_client, tenant, secret, nonce=nonce)
+        assert (again.status_code, again.json()) == (status, body)
+    async with ctx.db.reader() as session:
+        visits = await session.scalar(
+            select(func.count()).select_from(Visit).where(Visit.org_id == tenant.org_id)
+        )
+        doubles = await session.scalar(
+            select(func.count()).select_from(
+                select(Visit.ticket_id)
+                .where(Visit.org_id == tenant.org_id)
+                .group_by(Visit.ticket_id)
+                .having(func.count() > 1)
+                .subquery()
+            )
+        )
+        scans = await session.scalar(
+            select(func.count()).select_from(Scan).where(Scan.org_id == tenant.org_id)
+        )
+    assert visits == 1 + len(plain) + 1 + 1 and doubles == 0
+    assert scans == 1 + len(plain) + 3 + 1  # the shared nonce is stored once
+    if backend == "postgresql":
+        groups = list(service._GROUPS.values())
+        items, batches = sum(g.items for g in groups), sum(g.batches for g in groups)
+        assert items - before[0] >= len(plain) and batches - before[1] < items - before[0]
 
 
 async def test_offline_verification_with_public_key_and_revocation_list(

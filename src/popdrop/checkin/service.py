@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -63,6 +64,7 @@ from popdrop.core import audit
 from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, after_commit, dialect_insert, table_of
 from popdrop.core.errors import REASON_STATUS, PopdropError, not_found
+from popdrop.core.group_commit import GroupCommit, GroupFailed, for_loop
 from popdrop.core.localtime import local
 from popdrop.core.tenancy import owned
 from popdrop.events.models import Event
@@ -628,25 +630,177 @@ _STORED = select(
 ).where(_scans.c.org_id == _p["org"], _scans.c.nonce == _p["nonce"])  # fmt: skip
 
 
+# ---- group commit (PostgreSQL): scans that arrive together are taken by one statement.
+# Arrays in, one row out per scan that took its ticket: each scan is all-or-nothing (its
+# ticket, visit, funnel row and scan row, or none of them), and a scan with no row goes
+# down the ordinary path (a replay, a refusal) on its own. The statement commits on its
+# own (no BEGIN/COMMIT round trips); a nonce stored meanwhile by another scan breaks the
+# unique (org, nonce) and rolls the whole statement back, so every scan of that batch goes
+# its own way. Only a genuine claim of the principal's org with a new nonce is grouped.
+_GROUP_TAKE_SQL = """\
+WITH req AS (
+  SELECT * FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
+    $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[],
+    $11::timestamptz[], $12::bytea[], $13::text[], $14::bool[], $15::text[])
+    AS r(idx, org, tid, eid, gen, nonce, gate, at, opens_by, closes_from, received_at,
+      digest, answer, offline, actor)
+),
+taken AS (
+  UPDATE tickets SET checked_in_at = req.at, checked_in_gate = req.gate
+  FROM req
+  WHERE tickets.id = req.tid AND tickets.org_id = req.org AND tickets.event_id = req.eid
+    AND tickets.generation = req.gen AND tickets.status = 'valid'
+    AND tickets.checked_in_at IS NULL
+    AND EXISTS (SELECT 1 FROM events WHERE events.id = tickets.event_id
+      AND events.starts_at <= req.opens_by AND events.ends_at >= req.closes_from)
+    AND NOT EXISTS (SELECT 1 FROM checkin_scans
+      WHERE checkin_scans.org_id = req.org AND checkin_scans.nonce = req.nonce)
+  RETURNING req.idx, req.org, req.nonce, req.gate, req.at, req.received_at, req.digest,
+    req.answer, req.offline, req.actor, tickets.id, tickets.event_id, tickets.subject_kind,
+    tickets.subject_id, tickets.holder_ref,
+    tickets.subject_kind || ':' || tickets.subject_id::text AS subject
+),
+visited AS (
+  INSERT INTO visits (org_id, event_id, ticket_id, subject_kind, subject_id, at, gate)
+  SELECT org, event_id, id, subject_kind, subject_id, at, gate FROM taken
+),
+logged AS (
+  INSERT INTO funnel_events (org_id, at, kind, channel, event_id, drop_id, variant, segment,
+    partner_id, lane_id, label, person, subject, value, currency, rolled)
+  SELECT org, at, 'visit', '', event_id, NULL, '', '', NULL, NULL, '',
+    (SELECT funnel_events.person FROM funnel_events WHERE funnel_events.org_id = taken.org
+      AND funnel_events.subject = taken.subject AND funnel_events.person IS NOT NULL
+      LIMIT 1),
+    subject, 0, '', false
+  FROM taken
+),
+scanned AS (
+  INSERT INTO checkin_scans (org_id, nonce, secret_digest, event_id, ticket_id, result,
+    status_code, answer, gate, offline, scanned_at, received_at, actor)
+  SELECT org, nonce, digest, event_id, id, 'ok', 200, answer, gate, offline, at,
+    received_at, actor
+  FROM taken
+  RETURNING id, org_id, nonce
+)
+SELECT taken.idx, taken.subject_kind, taken.subject_id, taken.holder_ref, scanned.id AS scan_id
+FROM taken JOIN scanned ON scanned.org_id = taken.org AND scanned.nonce = taken.nonce"""
+_GROUP_NAMES = (
+    "idx", "org", "tid", "eid", "gen", "nonce", "gate", "at", "opens_by", "closes_from",
+    "received_at", "digest", "answer", "offline", "actor",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """One scan's share of a grouped take: its values, in `_GROUP_NAMES` order after idx."""
+
+    values: tuple[Any, ...]
+    key: tuple[int, str]  # (org, nonce): one of each per batch
+
+
+_GroupAnswer = tuple[str, int, str | None, int] | None  # subject_kind, id, holder_ref, scan
+
+
+async def _flush_grouped(db: Database, items: Sequence[_Grouped]) -> list[_GroupAnswer]:
+    """Take every scan of the batch in one statement; None for those that took nothing
+    (or were not sent: a second scan with a nonce already in the batch)."""
+    sent: list[int] = []
+    keys: set[tuple[int, str]] = set()
+    for index, item in enumerate(items):
+        if item.key not in keys:
+            keys.add(item.key)
+            sent.append(index)
+    columns: list[list[Any]] = [sent] + [
+        [items[i].values[c] for i in sent] for c in range(len(_GROUP_NAMES) - 1)
+    ]
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        rows = await driver.fetch(_GROUP_TAKE_SQL, *columns)
+    answers: list[_GroupAnswer] = [None] * len(items)
+    for row in rows:
+        answers[row[0]] = (row[1], row[2], row[3], row[4])
+    return answers
+
+
+_GROUPS: dict[tuple[int, asyncio.AbstractEventLoop], GroupCommit[_Grouped, _GroupAnswer]] = {}
+
+
+def _group_of(db: Database) -> GroupCommit[_Grouped, _GroupAnswer]:
+    async def flush(items: Sequence[_Grouped]) -> Sequence[_GroupAnswer]:
+        return await _flush_grouped(db, items)
+
+    return for_loop(_GROUPS, id(db), lambda: GroupCommit(flush, max_batch=128, max_in_flight=2))
+
+
+async def _grouped_checkin(
+    db: Database,
+    principal: Principal,
+    request: ScanRequest,
+    *,
+    now: datetime,
+    bound_event_id: int | None,
+) -> tuple[int, dict[str, Any]] | None:
+    """The common scan (a genuine QR secret of this org, a new nonce, a ticket that can be
+    checked in) through the group commit; None for anything else (the ordinary path)."""
+    principal.require(SCAN_SCOPE)
+    at = request.scanned_at or now
+    if not (now - MAX_SCAN_AGE <= at <= now + MAX_CLOCK_SKEW):
+        return None
+    claim = tickets.parse(request.secret)
+    if claim is None:
+        return None
+    signer = _SIGNERS.get((str(db.engine.url), claim.event_id))
+    if (
+        signer is None  # not cached yet: the ordinary path loads it
+        or signer.org_id != principal.org_id
+        or (request.event_id or bound_event_id) not in (None, claim.event_id)
+        or not tickets.signature_ok(signer.public, claim)
+    ):
+        return None
+    body = _answer(
+        request.nonce,
+        at,
+        "ok",
+        ticket_id=claim.ticket_id,
+        event_id=claim.event_id,
+        checked_in_at=at,
+        gate=request.gate,
+    ).model_dump(mode="json", exclude_none=True)
+    values = (
+        principal.org_id, claim.ticket_id, claim.event_id, claim.generation, request.nonce,
+        request.gate, at, at + OPENS_BEFORE, at - CLOSES_AFTER, now, _digest(request.secret),
+        json.dumps(body), request.offline, principal.actor,
+    )  # fmt: skip
+    item = _Grouped(values, (principal.org_id, request.nonce))
+    try:
+        taken = await _group_of(db).submit(item)
+    except GroupFailed:
+        return None  # rolled back as a whole: this scan goes its own way
+    if taken is None:
+        return None
+    kind, subject_id, holder_ref, scan_id = taken
+    return 200, {**body, **_subject(kind, subject_id, holder_ref), "scan_id": scan_id}
+
+
 @dataclass(frozen=True)
 class HotSql:
     """What the PostgreSQL hot path sends for one successful scan (for the benchmark's
     pgbench limit): the statement text as asyncpg gets it, the bind name of each `$n`,
-    the values the statement fixes itself, and whether BEGIN/COMMIT wrap it."""
+    the values the statement fixes itself, whether BEGIN/COMMIT wrap it, and whether each
+    `$n` is an array (one element per scan of a batch)."""
 
     text: str
     names: tuple[str, ...]
     constants: dict[str, Any]
     in_transaction: bool
+    arrays: bool
 
 
 def hot_scan_sql() -> HotSql:
-    from sqlalchemy.dialects.postgresql.asyncpg import dialect
-
-    compiled = _FUSED_TAKE.compile(dialect=dialect())  # type: ignore[no-untyped-call]
-    names = tuple(compiled.positiontup or ())
-    constants = {name: compiled.params[name] for name in names if name not in _p}
-    return HotSql(str(compiled), names, constants, in_transaction=True)
+    """A lone scan on PostgreSQL: the grouped take with arrays of one, on its own."""
+    return HotSql(_GROUP_TAKE_SQL, _GROUP_NAMES, {}, in_transaction=False, arrays=True)
 
 
 def _dialect(conn: Conn) -> str:
@@ -989,7 +1143,14 @@ async def checkin(
     now: datetime,
     bound_event_id: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """One scan in its own transaction; a nonce that lost a race replays the winner."""
+    """One scan in its own transaction; a nonce that lost a race replays the winner. On
+    PostgreSQL the common case goes through the group commit first."""
+    if db.dialect == "postgresql":
+        done = await _grouped_checkin(
+            db, principal, request, now=now, bound_event_id=bound_event_id
+        )
+        if done is not None:
+            return done
     for _ in range(3):
         try:
             async with _scan_transaction(db) as conn:
