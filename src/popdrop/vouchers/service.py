@@ -5,6 +5,11 @@ uses < max_uses … RETURNING`: the database serialises concurrent redemptions o
 so a code can never be spent more often than `max_uses`. Per-contact limits and budgets
 are further conditional updates in the same transaction; any refusal rolls back all.
 
+`redeem_now` (the API's path without an Idempotency-Key) runs a redemption in a
+transaction of its own; on PostgreSQL concurrent ones share one (group commit, see
+"grouped redeem" below) with the same conditions in the statement, and anything the group
+does not take goes down `redeem` alone, so every caller gets the answer it would get alone.
+
 Over 900 lines on purpose: it is one aggregate, the vault. Issue, redeem, rollback, revoke,
 reads and claim links share the batch policy cache, the code lookup and the status rules
 (`_find`, `_status`, `_refuse`, `_policy`); splitting them would export those internals
