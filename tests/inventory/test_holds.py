@@ -10,7 +10,8 @@ import httpx
 from sqlalchemy import func, select
 
 from popdrop.core.clock import FrozenClock
-from popdrop.inventory.models import Hold
+from popdrop.inventory import service
+from popdrop.inventory.models import Hold, Stock
 from popdrop.web.context import AppContext
 from tests.conftest import Tenant, make_tenant
 from tests.events.helpers import Shop, make_shop
@@ -235,3 +236,75 @@ async def test_expired_holds_are_given_back_when_stock_runs_short(
             ).scalars()
         )
     assert states == {"expired": 2, "active": 2}
+
+
+async def test_a_burst_is_group_committed_and_never_oversold(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    """Concurrent plain holds of one variant go to PostgreSQL in batches (one statement
+    for many requests): each request still gets its own all-or-nothing answer, the units
+    granted never exceed the stock, and the stock counter equals the hold rows."""
+    shop = await make_shop(app_client, tenant, clock.now(), units=40)
+    service.BATCH_SIZES.clear()
+    quantities = [1 + i % 3 for i in range(300)]  # 1, 2, 3 units each
+    sem = asyncio.Semaphore(100)
+
+    async def contend(qty: int) -> httpx.Response:
+        async with sem:
+            return await app_client.post(
+                "/api/v1/holds", json=hold_body(shop, qty=qty), headers=tenant.headers
+            )
+
+    answers = await asyncio.gather(*(contend(q) for q in quantities))
+    granted = [q for q, a in zip(quantities, answers, strict=True) if a.status_code == 201]
+    refused = [a for a in answers if a.status_code != 201]
+    assert {a.status_code for a in refused} == {409}
+    assert {a.json()["reason"] for a in refused} <= {"sold_out", "insufficient_stock"}
+    left = await availability(app_client, tenant, shop)
+    assert sum(granted) + left == 40
+    for answer in refused:  # the figures a refusal names are never more than what is left
+        body = answer.json()
+        if body["reason"] == "insufficient_stock":
+            assert body["requested"] > body["available"]
+    assert all(q > left for q, a in zip(quantities, answers, strict=True) if a.status_code != 201)
+    ids = [a.json()["id"] for a in answers if a.status_code == 201]
+    assert len(set(ids)) == len(ids)
+    async with ctx.db.reader() as session:
+        rows = (
+            await session.execute(
+                select(Hold.id, Hold.qty).where(
+                    Hold.org_id == tenant.org_id, Hold.variant_id == shop.variant_id
+                )
+            )
+        ).all()
+        counter = await session.scalar(
+            select(Stock.held).where(Stock.variant_id == shop.variant_id)
+        )
+    assert sorted(r.id for r in rows) == sorted(ids)
+    assert sum(r.qty for r in rows) == sum(granted) == counter
+    if ctx.db.dialect == "postgresql":
+        assert max(service.BATCH_SIZES) > 1  # the burst was batched
+
+
+async def test_a_burst_on_a_few_units_grants_exactly_those(
+    app_client: httpx.AsyncClient, tenant: Tenant, clock: FrozenClock, ctx: AppContext
+) -> None:
+    shop = await make_shop(app_client, tenant, clock.now(), units=7)
+    sem = asyncio.Semaphore(100)
+
+    async def contend() -> httpx.Response:
+        async with sem:
+            return await app_client.post(
+                "/api/v1/holds", json=hold_body(shop), headers=tenant.headers
+            )
+
+    answers = await asyncio.gather(*(contend() for _ in range(400)))
+    assert Counter(a.status_code for a in answers) == {201: 7, 409: 393}
+    assert {a.json()["reason"] for a in answers if a.status_code == 409} == {"sold_out"}
+    async with ctx.db.reader() as session:
+        counter = await session.scalar(
+            select(Stock.held).where(Stock.variant_id == shop.variant_id)
+        )
+        rows = await session.scalar(select(func.count()).where(Hold.variant_id == shop.variant_id))
+    assert counter == rows == 7
+    assert await availability(app_client, tenant, shop) == 0

@@ -11,12 +11,26 @@ lane; on PostgreSQL one person's holds of a product queue on an advisory lock ke
 (product, person), taken first. Lock order everywhere: the person's advisory lock -> hold
 rows -> stock row -> pickup window. A hold taken is a `hold` event in the funnel log,
 written with it (same statement on PostgreSQL).
+
+Group commit (PostgreSQL, plain holds: no slot, no per-person limit, no
+Idempotency-Key): the holds of one stock row that arrive while a batch of it is in the
+database wait in this process and go as the next batch: ONE statement that locks the
+row, grants the requests in arrival order while their running sum of units fits
+(`total - held - sold`, read under the lock), takes the units once, and inserts a hold
+row and a funnel row per granted request, answering one row per request. The row's lock
+and the commit are paid once per batch instead of once per hold. Each request stays
+all-or-nothing with its own answer; a request the batch could not grant is refused from
+the batch's own figures (`sold_out` / `insufficient_stock`) only when that is exact (the
+event open, no expired hold to give back, more units asked than are left); otherwise it
+takes the one-hold path, which knows every other answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,7 +57,7 @@ from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
 from popdrop.core.tenancy import owned
-from popdrop.events.lifecycle import open_clause, require_open
+from popdrop.events.lifecycle import OPEN_EVENT_STATUSES, open_clause, require_open
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
 from popdrop.inventory.lifecycle import HOLD_LIFECYCLE, HoldStatus
 from popdrop.inventory.models import Hold, Product, Stock, Variant
@@ -544,6 +558,24 @@ async def take_hold(
             return await create_hold(session, principal, spec, now=now)
     values = _hold_values(principal, target, spec, now, target.ttl_seconds)
     channel = funnel_channel(principal.actor)
+    if db.dialect == "postgresql":
+        hold_id = await _batched_take(db, target, values, channel)
+        if hold_id is not None:
+            return HoldOut(
+                id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields}
+            )
+    return await _take_one(db, target, spec, values, channel, now)
+
+
+async def _take_one(
+    db: Database,
+    target: _Target,
+    spec: HoldCreate,
+    values: dict[str, Any],
+    channel: str,
+    now: datetime,
+) -> HoldOut:
+    """One plain hold in its own statement; every refusal with its exact reason."""
     async with db.single_statements() as conn:
         hold_id = await _take_and_record(conn, target, spec.qty, values, channel)
         if hold_id is None:
@@ -559,6 +591,168 @@ async def take_hold(
                 raise PopdropError("conflict", "this event changed meanwhile; try again")
             raise _short(state.available, spec.qty)
     return HoldOut(id=hold_id, **{k: v for k, v in values.items() if k in HoldOut.model_fields})
+
+
+# ---------------------------------------------------------------- group commit (PostgreSQL)
+
+# Arrays in (one element per request, in arrival order), one row per request out: its new
+# hold id or NULL, the units left after the batch (NULL when the row is not there or the
+# event takes no holds), and whether expired holds wait to be given back. `locked` reads
+# the stock row under its lock (FOR UPDATE returns the latest committed version), so the
+# running sums compare with what is really left; `taken` moves `held` once by the units
+# granted. Hold ids come from the sequence up front, to answer each request with its own.
+_BATCH_TAKE = text(
+    """\
+WITH req AS (
+  SELECT r.i, r.qty, r.created_at, r.expires_at, r.contact_ref, r.channel, r.person,
+         sum(r.qty) OVER (ORDER BY r.i) AS upto
+  FROM unnest(CAST(:qtys AS INTEGER[]), CAST(:created AS TIMESTAMPTZ[]),
+              CAST(:expires AS TIMESTAMPTZ[]), CAST(:refs AS VARCHAR[]),
+              CAST(:channels AS VARCHAR[]), CAST(:persons AS VARCHAR[]))
+       WITH ORDINALITY AS r(qty, created_at, expires_at, contact_ref, channel, person, i)
+), locked AS (
+  SELECT stock.total - stock.held - stock.sold AS avail FROM stock
+  WHERE stock.id = :stock_id AND EXISTS (
+    SELECT 1 FROM events WHERE events.id = :event_id
+    AND events.status = ANY(CAST(:open_statuses AS VARCHAR[]))
+    AND (events.opens_at IS NULL OR events.opens_at <= :opened_by))
+  FOR UPDATE OF stock
+), granted AS MATERIALIZED (
+  SELECT req.i, req.qty, req.created_at, req.expires_at, req.contact_ref, req.channel,
+         req.person, nextval('holds_id_seq') AS id
+  FROM req, locked WHERE req.upto <= locked.avail
+), taken AS (
+  UPDATE stock SET held = stock.held + (SELECT sum(granted.qty) FROM granted)
+  WHERE stock.id = :stock_id AND EXISTS (SELECT 1 FROM granted)
+  RETURNING stock.id
+), held AS (
+  INSERT INTO holds (id, org_id, event_id, stock_id, variant_id, lane_id, slot_id, qty,
+                     contact_ref, status, created_at, expires_at, renewals, ended_at)
+  SELECT g.id, :org_id, :event_id, :stock_id, :variant_id, :lane_id, NULL, g.qty,
+         g.contact_ref, :active, g.created_at, g.expires_at, 0, NULL
+  FROM granted g ORDER BY g.i
+), logged AS (
+  INSERT INTO funnel_events (org_id, at, kind, channel, event_id, drop_id, variant, segment,
+                             partner_id, lane_id, label, person, subject, value, currency,
+                             rolled)
+  SELECT :org_id, g.created_at, :kind, g.channel, :event_id, NULL, '', '', NULL, :lane_id,
+         '', g.person, 'hold:' || g.id, 0, '', false
+  FROM granted g ORDER BY g.i
+)
+SELECT req.i, granted.id AS hold_id,
+       (SELECT avail FROM locked) - coalesce((SELECT sum(qty) FROM granted), 0) AS left_after,
+       EXISTS (SELECT 1 FROM holds h WHERE h.stock_id = :stock_id
+               AND h.status = :active AND h.expires_at <= :expired_by) AS any_expired
+FROM req LEFT JOIN granted ON granted.i = req.i ORDER BY req.i"""
+)
+_BATCH_MAX = 512  # requests in one statement
+
+
+@dataclass
+class _Ask:
+    values: dict[str, Any]
+    channel: str
+    person: str | None
+    answer: asyncio.Future[int | None]
+
+
+@dataclass
+class _Batcher:
+    """The holds of one stock row waiting for the next batch, in this process."""
+
+    loop: asyncio.AbstractEventLoop
+    waiting: list[_Ask] = field(default_factory=list)
+    flushing: asyncio.Task[None] | None = None
+
+
+# Per Database (its engine and pool), per stock row.
+_BATCHERS: weakref.WeakKeyDictionary[Database, dict[int, _Batcher]] = weakref.WeakKeyDictionary()
+BATCH_SIZES: list[int] = []  # the last batches' sizes (tests, benchmarks); bounded below
+
+
+async def _batched_take(
+    db: Database, target: _Target, values: dict[str, Any], channel: str
+) -> int | None:
+    """The new hold's id, or None when this batch could not grant it (the caller then
+    takes the one-hold path, which answers exactly)."""
+    loop = asyncio.get_running_loop()
+    batchers = _BATCHERS.setdefault(db, {})
+    batcher = batchers.get(target.stock_id)
+    if batcher is None or batcher.loop is not loop:
+        batcher = batchers[target.stock_id] = _Batcher(loop)
+    ask = _Ask(values, channel, _log_params(values, channel)["f_person"], loop.create_future())
+    batcher.waiting.append(ask)
+    if batcher.flushing is None:
+        batcher.flushing = loop.create_task(_flush(db, target, batcher))
+    return await asyncio.shield(ask.answer)
+
+
+async def _flush(db: Database, target: _Target, batcher: _Batcher) -> None:
+    """Send the waiting holds as batches until none wait; one batch in flight per stock
+    row in this process (the row's lock would queue a second one anyway)."""
+    try:
+        await asyncio.sleep(0)  # let the requests read in the same loop turn join
+        while batcher.waiting:
+            batch, batcher.waiting = (
+                batcher.waiting[:_BATCH_MAX],
+                batcher.waiting[_BATCH_MAX:],
+            )
+            try:
+                answers = await _send_batch(db, target, batch)
+            except BaseException as error:
+                for ask in batch:
+                    if not ask.answer.done():
+                        ask.answer.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+                continue
+            for ask, answer in zip(batch, answers, strict=True):
+                if not ask.answer.done():
+                    ask.answer.set_result(answer)
+    finally:
+        batcher.flushing = None
+        for ask in batcher.waiting:  # only when cancelled: let each try on its own
+            if not ask.answer.done():
+                ask.answer.set_result(None)
+        batcher.waiting = []
+
+
+async def _send_batch(db: Database, target: _Target, batch: list[_Ask]) -> list[int | None]:
+    first = batch[0].values
+    params = {
+        "qtys": [a.values["qty"] for a in batch],
+        "created": [a.values["created_at"] for a in batch],
+        "expires": [a.values["expires_at"] for a in batch],
+        "refs": [a.values["contact_ref"] for a in batch],
+        "channels": [a.channel for a in batch],
+        "persons": [a.person for a in batch],
+        "stock_id": target.stock_id,
+        "event_id": target.event_id,
+        "org_id": first["org_id"],
+        "variant_id": first["variant_id"],
+        "lane_id": first["lane_id"],
+        "open_statuses": [str(status) for status in OPEN_EVENT_STATUSES],
+        # Open for every request of the batch, and any hold expired for any of them: a
+        # request at another instant is refused here only when that is exact for it too.
+        "opened_by": min(a.values["created_at"] for a in batch),
+        "expired_by": max(a.values["created_at"] for a in batch),
+        "active": str(HoldStatus.ACTIVE),
+        "kind": Kind.HOLD.value,
+    }
+    async with db.single_statements() as conn:
+        rows = (await conn.execute(_BATCH_TAKE, params)).all()
+    del BATCH_SIZES[: max(len(BATCH_SIZES) - 1000, 0)]
+    BATCH_SIZES.append(len(batch))
+    answers: list[int | None] = []
+    for ask, row in zip(batch, rows, strict=True):
+        if row.hold_id is not None:
+            answers.append(int(row.hold_id))
+            continue
+        exact = row.left_after is not None and not row.any_expired
+        if exact and ask.values["qty"] > row.left_after:
+            ask.answer.set_exception(_short(row.left_after, ask.values["qty"]))
+        answers.append(None)
+    return answers
 
 
 def _state_params(target: _Target, now: datetime) -> dict[str, Any]:
