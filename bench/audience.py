@@ -9,7 +9,9 @@
 2. Import the file through `audience.importer.import_file` (the product path: validation,
    dedupe, chunked set-based writes) and time it. The limit, measured in the same run:
    the same rows COPYed raw (text columns, no index) into a scratch table with asyncpg's
-   `copy_records_to_table`. Ratios: import rate / COPY rate, and 120 s target / import time.
+   `copy_records_to_table`. Ratios: import rate / COPY rate (target >= 0.1), and 120 s
+   target / import time. The JSON line: `rate_per_s` (import), `limit_per_s` (COPY),
+   `ratio`, `load_avg`, the re-import check and the segment figures.
 3. Import the same file again: every row must come back unchanged (and it is timed).
 4. Give ~10 % of contacts a tag, spread `last_engaged_at` over ~400 days (some never),
    and time `segments.count_segment` for hot/warm/cold + that tag over every contact
@@ -35,6 +37,7 @@ from popdrop.core.migrate import upgrade
 
 TARGET_IMPORT_S = 120.0  # for 1,000,000 rows (issue 4)
 TARGET_SEGMENT_S = 2.0
+TARGET_RATIO = 0.1  # import rows/s over raw COPY rows/s in the same run (issue 19)
 FULL_ROWS = 1_000_000
 OUT = common.ROOT / "bench" / "out"
 FIRST = [
@@ -233,7 +236,7 @@ async def run(args: argparse.Namespace, url: str, path: Path) -> int:
         )
         print(
             f"raw COPY limit  {copy_s:8.1f} s  {copy_rate:9.0f} rows/s   "
-            f"ratio {rate / copy_rate:.3f}"
+            f"ratio {rate / copy_rate:.3f} (target >= {TARGET_RATIO})"
         )
         print(
             f"target          {target_s:8.1f} s  {args.rows / target_s:9.0f} rows/s   "
@@ -266,6 +269,10 @@ async def run(args: argparse.Namespace, url: str, path: Path) -> int:
     common.emit(
         {
             "bench": "audience",
+            "rate_per_s": round(rate, 1),  # import rows/s
+            "limit_per_s": round(copy_rate, 1),  # raw COPY rows/s, same run
+            "ratio": round(rate / copy_rate, 3),
+            "ratio_target": TARGET_RATIO,
             "rows": args.rows,
             "import_seconds": round(seconds, 2),
             "import_rows_per_s": round(rate, 1),
@@ -283,6 +290,7 @@ async def run(args: argparse.Namespace, url: str, path: Path) -> int:
             "segment_limit_seconds": round(count_s, 4),
             "segment_ratio_to_limit": round(count_s / seg_s, 3),
             "segment_ratio_to_target": round(TARGET_SEGMENT_S / seg_s, 2),
+            "load_avg": common.load_average(),  # os.getloadavg() at the end of the run
         }
     )
     # Non-zero only for a correctness failure (a re-import that changed rows); the speed

@@ -155,6 +155,13 @@ class RowParser:
 
     def parse(self, values: list[str], line: int) -> ParsedRow:
         """The row, or `RowRefused`. A row that passes is remembered for duplicates."""
+        row = self.validate(values, line)
+        self.remember(row)
+        return row
+
+    def validate(self, values: list[str], line: int) -> ParsedRow:
+        """The row, or `RowRefused`, on its own: no duplicate check (`remember` does that,
+        in file order), so rows can be validated in any order and in other processes."""
         if len(values) > self._width:
             raise RowRefused("bad_value", None, "the row has more fields than the header")
         cells = [restore_cell(v.strip()) for v in values]  # our own export's quotes undone
@@ -231,10 +238,11 @@ class RowParser:
             proof=proof,
             without_proof=bool(wants) and proof is None,
         )
-        self._remember(row)
         return row
 
-    def _remember(self, row: ParsedRow) -> None:
+    def remember(self, row: ParsedRow) -> None:
+        """Refuse (`RowRefused`) a row whose email or phone an earlier row had; remember
+        the row's otherwise. Called in file order, so a duplicate names its first line."""
         ekey = _dedupe_key(row.email_hash) if row.email_hash else None
         pkey = _dedupe_key(row.phone_hash) if row.phone_hash else None
         if ekey is not None and (first := self._seen_email.get(ekey)) is not None:
@@ -245,6 +253,34 @@ class RowParser:
             self._seen_email[ekey] = row.line
         if pkey is not None:
             self._seen_phone[pkey] = row.line
+
+
+# ---------------------------------------------------------------- worker processes
+
+# A worker process's parser (`start_worker`): it only validates (no duplicate memory), so
+# any number of workers can take batches; the importer remembers rows in file order.
+_worker: dict[str, RowParser] = {}
+
+Batch = list[tuple[int, list[str]]]
+Refusal = tuple[int, str, str | None, str]  # line, reason, field, message
+
+
+def start_worker(signer: Signer, header: list[str], region: str | None, filename: str) -> None:
+    _worker["parser"] = RowParser(signer, header, region=region, filename=filename)
+
+
+def validate_batch(batch: Batch) -> tuple[list[ParsedRow], list[Refusal]]:
+    """In a worker process: the batch's valid rows and its refusals (plain tuples: they
+    cross back to the importer cheaply), each in file order."""
+    validate = _worker["parser"].validate
+    good: list[ParsedRow] = []
+    refused: list[Refusal] = []
+    for line, values in batch:
+        try:
+            good.append(validate(values, line))
+        except RowRefused as refusal:
+            refused.append((line, refusal.reason, refusal.field, refusal.message))
+    return good, refused
 
 
 def read_header(first: list[str] | None) -> list[str]:

@@ -8,9 +8,13 @@ Import rules:
   (header = line 1) and a machine-readable reason (`REFUSALS`); notes (`NOTES`) report
   what was left out of a row that still landed. Reports never quote an email or a phone:
   they are stored, and an erased person must not survive in one.
-- Rows are written a chunk at a time, one transaction per chunk, with set-based Core
-  statements. A crash leaves whole chunks; importing the file again completes it, since an
-  import is idempotent: a row that changes nothing is `unchanged`, with no new event.
+- Rows are written a chunk at a time, one transaction per chunk, set-based: on PostgreSQL
+  the chunk is COPYed into a temporary staging table and merged by one statement per
+  outcome (`import_writer.stage_chunk`); on SQLite, Core statements over the planned rows.
+  A crash leaves whole chunks; importing the file again completes it, since an import is
+  idempotent: a row that changes nothing is `unchanged`, with no new event.
+- A big file is validated in worker processes (one per core), batch by batch; this process
+  checks duplicates in file order, so reports are the same as validating in one place.
 - Dedupe is on the keyed hashes of the normalised email and phone: a second row with the
   same email or phone is a `duplicate`; a row naming an existing contact fills what the
   contact lacks (never overwrites what they or an operator set) and adds its tags and
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -42,7 +47,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from popdrop.accounts.service import Principal
 from popdrop.audience.import_rows import (
     REGION_CODE,
+    Batch,
     Opener,
+    ParsedRow,
+    Refusal,
     RowParser,
     RowRefused,
     check_file,
@@ -50,9 +58,18 @@ from popdrop.audience.import_rows import (
     file_opener,
     is_blank_row,
     read_header,
+    start_worker,
     text_opener,
+    validate_batch,
 )
-from popdrop.audience.import_writer import ParsedChunk, Totals, load_known, plan_chunk, write_plan
+from popdrop.audience.import_writer import (
+    ParsedChunk,
+    Totals,
+    load_known,
+    plan_chunk,
+    stage_chunk,
+    write_plan,
+)
 from popdrop.audience.schemas import (
     ImportReport,
     ImportRowProblem,
@@ -67,8 +84,10 @@ REFUSALS = frozenset(
 )
 NOTES = frozenset({"consent_without_proof", "consent_suppressed"})
 CHUNK_SIZE = 5000
-# From this many rows a file is validated in a worker process (starting one takes ~1 s).
+# From this many rows a file is validated in worker processes (starting one takes ~1 s),
+# one per core up to MAX_WORKERS.
 PARALLEL_MIN_ROWS = 50_000
+MAX_WORKERS = 8
 
 Progress = Callable[[int, int], None]
 
@@ -81,9 +100,6 @@ class TakenOver(Exception):
 
 
 OnCommit = Callable[[AsyncSession, Totals, Totals, list[ImportRowProblem]], Awaitable[None]]
-
-
-Batch = list[tuple[int, list[str]]]
 
 
 def _batches(reader: Any, chunk_size: int, skip: int) -> Iterator[tuple[Batch, bool]]:
@@ -106,6 +122,12 @@ def _batches(reader: Any, chunk_size: int, skip: int) -> Iterator[tuple[Batch, b
         yield batch, seen > skip
 
 
+def _problem(line: int, refusal: RowRefused) -> ImportRowProblem:
+    return ImportRowProblem(
+        line=line, reason=refusal.reason, field=refusal.field, message=refusal.message
+    )
+
+
 def _parse_batch(parser: RowParser, batch: Batch, keep: bool) -> ParsedChunk:
     parsed = ParsedChunk(len(batch) if keep else 0, [], [])
     for line, values in batch:
@@ -113,36 +135,61 @@ def _parse_batch(parser: RowParser, batch: Batch, keep: bool) -> ParsedChunk:
             row = parser.parse(values, line)
         except RowRefused as refusal:
             if keep:
-                parsed.refusals.append(
-                    ImportRowProblem(
-                        line=line,
-                        reason=refusal.reason,
-                        field=refusal.field,
-                        message=refusal.message,
-                    )
-                )
+                parsed.refusals.append(_problem(line, refusal))
         else:
             if keep:
                 parsed.good.append(row)
     return parsed
 
 
-# The worker process's parser (`_start_worker`): it keeps the file's duplicate memory.
-_worker: dict[str, RowParser] = {}
+def _remember_batch(
+    parser: RowParser,
+    rows: int,
+    keep: bool,
+    good: list[ParsedRow],
+    refused: list[Refusal],
+) -> ParsedChunk:
+    """A batch validated by a worker, checked for duplicates here, in file order."""
+    parsed = ParsedChunk(rows if keep else 0, [], [])
+    problems = [ImportRowProblem(line=a, reason=b, field=c, message=d) for a, b, c, d in refused]
+    remember = parser.remember
+    for row in good:
+        try:
+            remember(row)
+        except RowRefused as refusal:
+            problems.append(_problem(row.line, refusal))
+        else:
+            parsed.good.append(row)
+    if keep:
+        problems.sort(key=lambda p: p.line)
+        parsed.refusals = problems
+    else:
+        parsed.good = []
+    return parsed
 
 
-def _start_worker(signer: Signer, header: list[str], region: str | None, filename: str) -> None:
-    _worker["parser"] = RowParser(signer, header, region=region, filename=filename)
+def _workers() -> int:
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
-def _parse_in_worker(batch: Batch, keep: bool) -> ParsedChunk:
-    return _parse_batch(_worker["parser"], batch, keep)
+def _process_context() -> Any:
+    """Worker processes forked from a fork server that has imported this module once (a
+    fresh interpreter per worker, as `spawn` starts, imports everything again: ~1 s of
+    CPU each). Where there is no fork server, `spawn`. Never a plain fork of this process:
+    its threads and event loop must not be copied."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 class _Validator:
-    """Validated chunks, one ahead of the writer. In a thread by default (it keeps a serving
-    event loop responsive); for a big file in a worker process, where it runs in parallel
-    with this process's writing instead of taking turns on one interpreter lock."""
+    """Validated chunks, in file order. In a thread by default (it keeps a serving event
+    loop responsive); for a big file in worker processes, each validating whole batches
+    (the costly part: email and phone rules, keyed hashes) while this process checks
+    duplicates in file order and writes: validation runs in parallel with itself and
+    with the writing instead of taking turns on one interpreter lock."""
 
     def __init__(
         self,
@@ -161,13 +208,18 @@ class _Validator:
         self._batches = _batches(reader, chunk_size, skip)
         self._parser = RowParser(signer, header, region=region, filename=filename)
         self._pool: ProcessPoolExecutor | None = None
+        self._ahead: deque[tuple[asyncio.Future[Any], int, bool]] = deque()
+        self._read_all = False
         if parallel:
+            workers = _workers()
+            self._depth = 2 * workers
             self._pool = ProcessPoolExecutor(
-                1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
+                workers,
+                mp_context=_process_context(),
+                initializer=start_worker,
                 initargs=(signer, header, region, filename),
             )
+            self._pool.submit(int)  # start the workers now: they take ~1 s to import
 
     def _next_batch(self) -> tuple[Batch, bool] | None:
         with csv_errors():
@@ -183,13 +235,27 @@ class _Validator:
     async def next(self) -> ParsedChunk | None:
         if self._pool is None:
             return await asyncio.to_thread(self._next_in_thread)
-        while (batch := await asyncio.to_thread(self._next_batch)) is not None:
-            parsed = await asyncio.wrap_future(self._pool.submit(_parse_in_worker, *batch))
-            if batch[1]:
+        pool = self._pool
+        while True:
+            while not self._read_all and len(self._ahead) < self._depth:
+                batch = await asyncio.to_thread(self._next_batch)
+                if batch is None:
+                    self._read_all = True
+                    break
+                rows, keep = batch
+                future = asyncio.wrap_future(pool.submit(validate_batch, rows))
+                self._ahead.append((future, len(rows), keep))
+            if not self._ahead:
+                return None
+            future, count, keep = self._ahead.popleft()
+            good, refused = await future
+            parsed = _remember_batch(self._parser, count, keep, good, refused)
+            if keep:
                 return parsed
-        return None
 
     async def close(self) -> None:
+        for future, _, _ in self._ahead:
+            future.cancel()
         if self._pool is not None:
             await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
 
@@ -213,8 +279,11 @@ async def _apply(
                 totals = Totals(rows=parsed.rows, refused=len(parsed.refusals))
                 problems = list(parsed.refusals)
                 if parsed.good:
-                    suppressed, known = await load_known(conn, org_id, parsed.good)
-                    plan = plan_chunk(parsed.good, suppressed, known)
+                    if db.dialect == "postgresql":  # COPY into a staging table + merge
+                        plan = await stage_chunk(conn, org_id, parsed.good)
+                    else:
+                        suppressed, known = await load_known(conn, org_id, parsed.good)
+                        plan = plan_chunk(parsed.good, suppressed, known)
                     await write_plan(conn, db.dialect, org_id, plan, now)
                     totals.add(plan.totals)
                     problems.extend(plan.problems)
