@@ -208,7 +208,7 @@ def server(url: str, workers: int) -> Iterator[int]:
                     proc.wait()
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes], log: object, timeout: float = 60) -> None:
+def wait_ready(port: int, proc: subprocess.Popen[bytes], log: object, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
