@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -203,6 +204,22 @@ def capture(url: str, seeded: Seeded, workers: int) -> int:
     return 0
 
 
+def limit_of(
+    url: str, clients: int, seconds: float, script: Path, variables: dict[str, Any]
+) -> float:
+    """`run_pgbench`, tried again a few times when the server is out of connections (the
+    PostgreSQL server may be shared with other work)."""
+    for attempt in range(4):
+        try:
+            return run_pgbench(url, clients, seconds, script, variables)
+        except SystemExit as failure:
+            if "too many clients" not in str(failure) or attempt == 3:
+                raise
+            print("pgbench: the server is out of connections; trying again in 3 s")
+            time.sleep(3)
+    raise AssertionError("unreachable")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of under a minute")
@@ -263,8 +280,8 @@ def main() -> int:
             "stock": seeded.limit_stock_id,
         }
         asyncio.run(checkpoint(url))
-        run_pgbench(url, args.clients, 2.0, script, variables)  # warm-up, not measured
-        limit = run_pgbench(url, args.clients, seconds, script, variables)
+        limit_of(url, args.clients, 2.0, script, variables)  # warm-up, not measured
+        limit = limit_of(url, args.clients, seconds, script, variables)
 
     ratio = rate / limit if limit else 0.0
     oversold = max(held_units - args.units, 0) + max(granted - args.units, 0)
