@@ -339,6 +339,11 @@ def percentile_ms(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+def phase(name: str) -> None:
+    """Where the run is, on stderr (to attach a profiler to the server in a phase)."""
+    print(f"phase {name} at {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace, url: str) -> int:
     asyncio.run(seed(url))
     asyncio.run(checkpoint(url))
@@ -375,12 +380,16 @@ def run(args: argparse.Namespace, url: str) -> int:
         for proc in procs:
             proc.start()
         sync.wait()  # connected
+        phase("echo")
         sync.wait()  # echo done
+        phase("prepare")
         sync.wait()  # prepared
         cpu_before = process_cpu_seconds(marker)
+        phase("booking")
         sync.wait()
         sync.wait()  # booked
         cpu_booking = process_cpu_seconds(marker) - cpu_before
+        phase("capacity")
         sync.wait()  # capacity starts
         time.sleep(args.warmup)
         cpu_before = process_cpu_seconds(marker)
@@ -388,6 +397,7 @@ def run(args: argparse.Namespace, url: str) -> int:
         cpu_browse = process_cpu_seconds(marker) - cpu_before
         capacity = sum(out.get() for _ in procs) / args.duration
         half_rate.value = max(1.0, capacity / 2)
+        phase("half load")
         sync.wait()  # capacity done, the half rate set
         sync.wait()
         results: list[ClientResult] = [out.get() for _ in procs]

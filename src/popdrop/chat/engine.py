@@ -1080,6 +1080,28 @@ class _Turn:
         return None
 
 
+def _pressed_target(flow: f.Flow, state: ChatState, inbound: Inbound | None) -> str | None:
+    """Where a quick-reply button of the node waiting for input leads ("" when it ends the
+    flow), when the answer is exactly such a button; None otherwise. A browse turn (Back,
+    See the drop) then reads the facts of where it goes, not of every way out of the node."""
+    if inbound is None or inbound.kind != "button" or inbound.payload is None:
+        return None
+    if state.status != "waiting_input" or state.pending is not None:
+        return None
+    node = flow.nodes.get(state.node)
+    if not isinstance(node, f.MessageNode | f.ChoiceNode):
+        return None
+    head, _, rest = inbound.payload.partition(":")
+    index_text, _, _value = rest.partition(":")
+    if head != state.node or not index_text.isdecimal() or len(index_text) > 3:
+        return None
+    refs = _button_refs(node)
+    index = int(index_text)
+    if index >= len(refs) or refs[index].kind != "static" or refs[index].spec.url is not None:
+        return None
+    return refs[index].spec.next or node.next or ""
+
+
 def needs(flow: f.Flow, state: ChatState, inbound: Inbound | None) -> f.Needs:
     """The facts `step(flow, state, inbound, …)` may read, so the caller reads only those
     (the same snapshot then serves the continuations after each action)."""
@@ -1091,6 +1113,8 @@ def needs(flow: f.Flow, state: ChatState, inbound: Inbound | None) -> f.Needs:
     if restart:
         ref = inbound.payload if inbound is not None and inbound.kind == "start" else None
         result = flow.entry_needs(flow.entries.get(ref, flow.start) if ref else flow.start)
+    elif (pressed := _pressed_target(flow, state, inbound)) is not None:
+        result = flow.entry_needs(pressed) if pressed else f.NO_NEEDS
     elif state.status == "active" and state.pending is None:
         result = flow.entry_needs(state.node)
     else:

@@ -37,6 +37,7 @@ import secrets
 import time
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -120,8 +121,8 @@ def parse_frame(raw: str) -> StartFrame | TextFrame | ButtonFrame | PingFrame:
     if len(raw) > MAX_FRAME:
         raise FrameError("frame_too_large", f"a frame is at most {MAX_FRAME} characters")
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
+        data = orjson.loads(raw)
+    except ValueError as exc:  # orjson.JSONDecodeError is one
         raise FrameError("bad_json", "a frame is one JSON object") from exc
     if not isinstance(data, dict):
         raise FrameError("bad_json", "a frame is one JSON object")
@@ -310,7 +311,10 @@ async def _converse(websocket: WebSocket, ctx: AppContext, org_id: int, visitor:
                 reply["id"] = frame.id
             await websocket.send_json(reply)
             continue
-        await websocket.send_json(await _turn(ctx, deps, org_id, visitor, frame))
+        # A turn's answer is the hot frame: orjson writes the same compact JSON (UTF-8 kept).
+        await websocket.send_text(
+            orjson.dumps(await _turn(ctx, deps, org_id, visitor, frame)).decode()
+        )
 
 
 async def _turn(
