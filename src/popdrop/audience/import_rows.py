@@ -305,7 +305,7 @@ def read_header(first: list[str] | None) -> list[str]:
 
 
 def is_blank_row(values: list[str]) -> bool:
-    return not any(v.strip() for v in values)
+    return not "".join(values).strip()  # no cell with anything but white space
 
 
 @contextlib.contextmanager
