@@ -724,6 +724,10 @@ async def _flush_grouped(db: Database, items: Sequence[_Grouped]) -> list[_Group
     return answers
 
 
+# Batches per process in flight at once: more overlap the commit wait of one batch with
+# the next; each takes a pool connection.
+GROUP_IN_FLIGHT = 4
+GROUP_MAX_BATCH = 128
 _GROUPS: dict[tuple[int, asyncio.AbstractEventLoop], GroupCommit[_Grouped, _GroupAnswer]] = {}
 
 
@@ -731,7 +735,11 @@ def _group_of(db: Database) -> GroupCommit[_Grouped, _GroupAnswer]:
     async def flush(items: Sequence[_Grouped]) -> Sequence[_GroupAnswer]:
         return await _flush_grouped(db, items)
 
-    return for_loop(_GROUPS, id(db), lambda: GroupCommit(flush, max_batch=128, max_in_flight=2))
+    return for_loop(
+        _GROUPS,
+        id(db),
+        lambda: GroupCommit(flush, max_batch=GROUP_MAX_BATCH, max_in_flight=GROUP_IN_FLIGHT),
+    )
 
 
 async def _grouped_checkin(
