@@ -55,14 +55,17 @@ WARMUP_REQUESTS = 3_000
 LIMIT_UNITS = 10_000_000  # the limit variant's stock (the most StockSet takes): never runs out
 PG_LOG = Path("/var/log/postgresql/postgresql-15-main.log")
 
-# What the server sends on PostgreSQL for one granted hold without Idempotency-Key
-# (`inventory.service.take_hold`; token and hold target are cached in the server, so a
-# warmed-up hold sends nothing else), captured with `python bench/holds.py --capture`
-# (log_statement = all on the bench database around a few warmed-up holds, read back from
-# the server log). The connection is in autocommit: the statement is its own transaction
-# and the stock row is locked until its commit. When the service changes its SQL, capture
-# again and update this script: the ratio is only fair if they match. Differences: the
-# app computes timestamps in Python (here now()); the bound values are pgbench variables.
+# The limit is the one-hold SQL: what the server sends on PostgreSQL for a hold taken on
+# its own (`inventory.service._take_one`; token and hold target are cached in the server,
+# so a warmed-up hold sends nothing else), captured with `python bench/holds.py --capture`
+# before group commit (log_statement = all on the bench database around a few warmed-up
+# holds, read back from the server log). The connection is in autocommit: the statement
+# is its own transaction and the stock row is locked until its commit, so pgbench on one
+# row measures the row's commit-serialised rate. Since group commit, `--capture` shows the
+# batch statement (`_BATCH_TAKE`, many holds a statement) the server sends under a burst;
+# the limit stays the one-hold SQL (issue 19: "pgbench on the hold SQL"). When `_take_one`
+# changes its SQL, capture it again and update this script. Differences: the app computes
+# timestamps in Python (here now()); the bound values are pgbench variables.
 PGBENCH_SCRIPT = """\
 WITH taken AS (UPDATE stock SET held=(stock.held + 1) WHERE stock.id = :stock \
 AND (stock.total - stock.held) - stock.sold >= 1 AND (EXISTS (SELECT events.id FROM events \
