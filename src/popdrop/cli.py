@@ -89,25 +89,44 @@ def _now() -> datetime:
 # ---------------------------------------------------------------- serve / demo / db
 
 
+SERVERS = ("uvicorn", "granian")
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request (JSON).")] = True,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="ASGI server: uvicorn or granian (default: POPDROP_SERVER, else uvicorn). "
+            "Both run the same app the same way: lifespan start/stop, WebSockets, SSE, "
+            "graceful stop on SIGTERM, forwarded headers only from POPDROP_TRUSTED_PROXIES.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Migrate the database, then serve the API and pages (uvicorn). Each server process
-    also runs the worker tick; without POPDROP_BROKER_URL it sends drops itself."""
-    import uvicorn
-
+    """Migrate the database, then serve the API and pages (uvicorn or granian). Each server
+    process also runs the worker tick; without POPDROP_BROKER_URL it sends drops itself."""
     settings = Settings()
+    kind = server or settings.server
+    if kind not in SERVERS:
+        err.print(f"[red]invalid_request[/red]: --server must be one of {', '.join(SERVERS)}")
+        raise typer.Exit(2)
     asyncio.run(upgrade(settings.resolved_database_url))
     settings.resolved_secret_key  # noqa: B018 (create the key before workers race for it)
     os.environ["POPDROP_LOG_REQUESTS"] = "1" if access_log else "0"
     console.print(
-        f"popdrop serving on http://{host}:{port}  (database: {_db_label(settings)})",
+        f"popdrop serving on http://{host}:{port}  ({kind}, database: {_db_label(settings)})",
         soft_wrap=True,
     )
+    if kind == "granian":
+        _serve_granian(host, port, workers)
+        return
+    import uvicorn
+
     uvicorn.run(
         "popdrop.app:create_app",
         factory=True,
@@ -119,7 +138,50 @@ def serve(
         # Forwarded headers are read by the app, from POPDROP_TRUSTED_PROXIES only
         # (uvicorn's own default would believe any local peer).
         proxy_headers=False,
+        # The supervisor kills (SIGKILL: no graceful stop, its click batch lost) a worker
+        # that misses a health ping; its 5 s default fired on a busy 2-core machine.
+        timeout_worker_healthcheck=30,
     )
+
+
+def _serve_granian(host: str, port: int, workers: int) -> None:
+    """The same app under Granian (a Rust HTTP core): ASGI with lifespan, so every worker
+    process runs the app's start-up and, on SIGTERM/SIGINT, its shutdown (the last click
+    batch flushed, background tasks stopped). Granian reads no forwarded headers by itself
+    (its proxy middleware is opt-in), so the app's POPDROP_TRUSTED_PROXIES rule is the only
+    one; the app writes its own access log. A worker that dies is started again, as
+    uvicorn does (Granian stops everything on a crash loop)."""
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    Server(
+        "popdrop.app:create_app",
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        loop=Loops.auto,  # uvloop when installed, as uvicorn picks it
+        websockets=True,
+        log_level=LogLevels.warning,
+        log_access=False,
+        respawn_failed_workers=True,
+    ).serve(target_loader=_granian_app)
+
+
+def _granian_app(_target: str) -> Any:
+    """Build the app in a Granian worker. A forked worker inherits the main process's
+    signal handlers, which only flag the main's own loop: a SIGTERM that came while the
+    worker was still importing would be swallowed and the stop would wait for it forever.
+    Until Granian installs its own handlers (right after this), a signal ends the worker
+    at once: it has served nothing and started no background work yet."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from popdrop.app import create_app
+
+    return create_app()
 
 
 @app.command()

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     short_base_url: str | None = None
     log_level: str = "INFO"
     log_requests: bool = True
+    # The ASGI server `popdrop serve` runs (`--server` overrides it): both keep the same
+    # lifespan, WebSockets, SSE, graceful stop and proxy-trust behaviour.
+    server: str = Field(default="uvicorn", pattern="^(uvicorn|granian)$")
     max_body_bytes: int = 1_048_576
     db_pool_size: int = 20
     db_max_overflow: int = 20
