@@ -93,7 +93,9 @@ async def seed(url: str, count: int) -> Seeded:
 
 
 @contextmanager
-def serving(url: str, workers: int, kind: str, stopped: dict[str, object]) -> Iterator[int]:
+def serving(
+    url: str, workers: int, kind: str, stopped: dict[str, object], settle: float = 0.0
+) -> Iterator[int]:
     """`popdrop serve --server KIND` on a free port, ready (/readyz) before the body runs;
     stopped with SIGTERM afterwards (the time it took and its exit code go to `stopped`)."""
     port = free_port()
@@ -117,6 +119,9 @@ def serving(url: str, workers: int, kind: str, stopped: dict[str, object]) -> It
             proc = subprocess.Popen(command, env=env, cwd=tmp, stdout=log, stderr=log)
             try:
                 wait_ready(port, proc, log)
+                # /readyz is answered by the first worker up; the others may still be
+                # starting (uvicorn spawns fresh interpreters): let them all come up.
+                time.sleep(settle)
                 yield port
             finally:
                 asked = time.monotonic()
@@ -143,7 +148,7 @@ def one_round(
     url: str, seeded: Seeded, kind: str, args: argparse.Namespace, warmup: float, duration: float
 ) -> Round:
     stopped: dict[str, object] = {}
-    with serving(url, args.workers, kind, stopped) as port:
+    with serving(url, args.workers, kind, stopped, args.settle) as port:
         body = json.dumps({"code": "x"}).encode()
         validate = _loadgen.post_json(port, "/api/v1/vouchers/validate", body, seeded.token)
         ceiling = drive(port, [validate] * 1_000_000, args.clients, warmup, duration)
@@ -178,6 +183,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="measured seconds a phase (8; quick 3)")
     parser.add_argument("--rounds", type=int, help="rounds per server, interleaved (3; quick 2)")
     parser.add_argument("--links", type=int, default=200, help="short links to spread over")
+    parser.add_argument(
+        "--settle", type=float, default=10.0, help="seconds after /readyz before driving"
+    )
     args = parser.parse_args()
     url = args.database_url or os.environ.get("POPDROP_BENCH_SERVERS_DATABASE_URL") or DEFAULT_URL
     duration = args.duration or (3.0 if args.quick else 8.0)
