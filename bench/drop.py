@@ -15,8 +15,11 @@
    process (so it never shares this process's GIL). Every row must end `sent` and the
    peer must count N messages.
 4. The limit, same run, same peer: plain aiosmtplib `sendmail` over C persistent
-   connections, the same number of messages, with bytes rendered by the product
-   (so the same sizes). Ratio = delivery rate / raw rate (target >= 0.8).
+   connections, with bytes rendered by the product (so the same sizes), timed in two
+   halves, one right before delivery and one right after, so a load that drifts during
+   the run weighs on both sides alike. Limit = raw messages / raw seconds; ratio =
+   delivery rate / limit (target >= 0.8). The CPU time per message of this process and
+   of the peer, in each phase, says which side bounds the rate.
 5. Peak RSS of this process (`ru_maxrss`; the peer is a child, not counted): < 300 MB.
 """
 
@@ -128,6 +131,13 @@ def _peer_main(port: int, counter: Any, stop: Any) -> None:
         stop.wait()
     finally:
         controller.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -396,7 +406,7 @@ async def raw_smtp(
 # ---------------------------------------------------------------- main
 
 
-async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> int:
+async def run(args: argparse.Namespace, url: str, port: int, counter: Any, peer_pid: int) -> int:
     n = args.recipients
     await common.reset_postgres(url)
     await upgrade(url)
@@ -434,7 +444,22 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
         )
         message_bytes = sum(len(s) for s in samples) / len(samples)
 
+        # The raw rate is a steady state: --quick times fewer messages to stay under a minute.
+        raw_n = args.raw_messages or (min(n, 5_000) if args.quick else n)
+        first_half = raw_n // 2
+        raw_cpu = time.process_time()
+        raw_peer_cpu = cpu_seconds(peer_pid)
+        raw_s = await raw_smtp(port, args.connections, first_half, samples, sample_to, from_email)
+        raw_cpu = time.process_time() - raw_cpu
+        raw_peer_cpu = cpu_seconds(peer_pid) - raw_peer_cpu
+        peer_before = counter.value
+        print(f"  raw limit, first half: {first_half / raw_s:.0f} msg/s", flush=True)
+
+        cpu = time.process_time()
+        peer_cpu = cpu_seconds(peer_pid)
         deliver_s, handled = await deliver(db, port, args.connections, args.batch_size)
+        deliver_cpu = time.process_time() - cpu
+        deliver_peer_cpu = cpu_seconds(peer_pid) - peer_cpu
         delivered_rate = handled / deliver_s
         async with db.reader() as session:
             sent = int(
@@ -443,23 +468,36 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
                 )
                 or 0
             )
-        peer_after_delivery = counter.value
+        peer_after_delivery = counter.value - peer_before
         print(
             f"delivery        {deliver_s:7.1f} s  {delivered_rate:8.0f} msg/s   "
             f"({sent:,} rows sent, peer got {peer_after_delivery:,}, "
             f"{args.connections} connections, batch {args.batch_size}, "
-            f"~{message_bytes:.0f} bytes/message)",
+            f"~{message_bytes:.0f} bytes/message; CPU per message: this process "
+            f"{deliver_cpu / max(handled, 1) * 1e6:.0f} us, peer "
+            f"{deliver_peer_cpu / max(handled, 1) * 1e6:.0f} us)",
             flush=True,
         )
 
-        # The raw rate is a steady state: --quick times fewer messages to stay under a minute.
-        raw_n = args.raw_messages or (min(n, 5_000) if args.quick else n)
-        raw_s = await raw_smtp(port, args.connections, raw_n, samples, sample_to, from_email)
+        cpu = time.process_time()
+        peer_cpu = cpu_seconds(peer_pid)
+        raw_s += await raw_smtp(
+            port, args.connections, raw_n - first_half, samples, sample_to, from_email
+        )
+        raw_cpu += time.process_time() - cpu
+        raw_peer_cpu += cpu_seconds(peer_pid) - peer_cpu
         raw_rate = raw_n / raw_s
         ratio = delivered_rate / raw_rate
         print(
             f"raw aiosmtplib  {raw_s:7.1f} s  {raw_rate:8.0f} msg/s   "
-            f"ratio {ratio:.3f} (target >= {TARGET_RATIO})",
+            f"({raw_n:,} messages, half before and half after delivery; CPU per message: "
+            f"this process {raw_cpu / raw_n * 1e6:.0f} us, "
+            f"peer {raw_peer_cpu / raw_n * 1e6:.0f} us)",
+            flush=True,
+        )
+        print(
+            f"delivery / raw  ratio {ratio:.3f}   (target >= {TARGET_RATIO})   "
+            f"load average {' '.join(str(x) for x in common.load_average())}",
             flush=True,
         )
     finally:
@@ -481,13 +519,21 @@ async def run(args: argparse.Namespace, url: str, port: int, counter: Any) -> in
             "render_cpu_us_per_message": round(render_cpu / rendered * 1e6, 1),
             "render_enqueue_per_s": round(render_rate, 1),
             "render_ratio_to_target": round(render_rate / TARGET_RENDER_PER_S, 3),
+            "rate_per_s": round(delivered_rate, 1),
+            "limit_per_s": round(raw_rate, 1),
+            "ratio": round(ratio, 3),
+            "target_ratio": TARGET_RATIO,
+            "load_avg": common.load_average(),
             "delivery_seconds": round(deliver_s, 2),
+            "delivery_cpu_us_per_message": round(deliver_cpu / max(handled, 1) * 1e6, 1),
+            "delivery_peer_cpu_us_per_message": round(deliver_peer_cpu / max(handled, 1) * 1e6, 1),
+            "raw_cpu_us_per_message": round(raw_cpu / raw_n * 1e6, 1),
+            "raw_peer_cpu_us_per_message": round(raw_peer_cpu / raw_n * 1e6, 1),
             "delivered": sent,
             "peer_received": peer_after_delivery,
             "delivered_per_s": round(delivered_rate, 1),
             "raw_messages": raw_n,
             "raw_smtp_per_s": round(raw_rate, 1),
-            "ratio": round(ratio, 3),
             "peak_rss_mb": round(peak_rss_mb, 1),
             "complete": complete,
         }
@@ -544,7 +590,8 @@ def main() -> int:
                 if time.monotonic() > deadline or not peer.is_alive():
                     raise SystemExit("the SMTP peer did not start") from None
                 time.sleep(0.05)
-        return asyncio.run(run(args, url, port, counter))
+        assert peer.pid is not None
+        return asyncio.run(run(args, url, port, counter, peer.pid))
     finally:
         stop.set()
         peer.join(timeout=10)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, String, bindparam, func, select, text, update
+from sqlalchemy import BigInteger, String, bindparam, func, select, update
 
 from popdrop.audience import consent, settings, unsubscribe
 from popdrop.audience.models import Contact
@@ -85,7 +85,56 @@ _CHECKPOINT = (
 )
 
 
-_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+# The same checkpoint on PostgreSQL for a whole group, with its funnel events, as one
+# statement that commits on its own (one round trip): the rows come in as arrays. A
+# checkpoint whose lease another worker took matches no row but is logged: its message
+# did go out (a duplicate with the same Message-ID); `subject` names the row. The commit
+# does not wait for the WAL flush (`set_config(... true)` is `SET LOCAL`: this statement's
+# own implicit transaction), see `_GroupCommit`.
+_CHECKPOINT_COLUMNS = (
+    "row_id",
+    "worker",
+    "status",
+    "message_id",
+    "voucher_id",
+    "sent_at",
+    "delivered_at",
+    "provider_id",
+    "not_before",
+    "outcome",
+)
+_CHECKPOINT_PG = """
+WITH given AS (
+    SELECT * FROM unnest(
+        $1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+        $6::timestamptz[], $7::timestamptz[], $8::text[], $9::timestamptz[], $10::text[]
+    ) AS g(row_id, worker, status, message_id, voucher_id,
+           sent_at, delivered_at, provider_id, not_before, outcome)
+), marked AS (
+    UPDATE send_rows AS s SET
+        status = g.status,
+        message_id = g.message_id,
+        voucher_id = coalesce(g.voucher_id, s.voucher_id),
+        sent_at = coalesce(g.sent_at, s.sent_at),
+        delivered_at = coalesce(g.delivered_at, s.delivered_at),
+        provider_id = coalesce(g.provider_id, s.provider_id),
+        not_before = coalesce(g.not_before, s.not_before),
+        outcome = coalesce(g.outcome, s.outcome),
+        claimed_by = NULL
+    FROM given AS g
+    WHERE s.id = g.row_id AND s.claimed_by = g.worker
+      AND set_config('synchronous_commit', 'off', true) = 'off'
+    RETURNING s.id
+)
+INSERT INTO funnel_events (org_id, at, kind, channel, event_id, drop_id, variant, segment,
+                           partner_id, lane_id, label, person, subject, value, currency,
+                           rolled)
+SELECT e.*, false FROM unnest(
+    $11::bigint[], $12::timestamptz[], $13::text[], $14::text[], $15::bigint[],
+    $16::bigint[], $17::text[], $18::text[], $19::bigint[], $20::bigint[], $21::text[],
+    $22::text[], $23::text[], $24::bigint[], $25::text[]
+) AS e
+"""
 
 
 def worker_name() -> str:
@@ -105,6 +154,16 @@ class _DropContext:
     # SMS short links made in this run: variant → destination → slug (`drops.shortlinks`).
     short_slugs: dict[str, dict[str, str]] = field(default_factory=dict)
     short_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class _Ready:
+    """A drop's share of a claimed batch, checked and with its vouchers, ready to send."""
+
+    context: _DropContext
+    to_send: list[tuple[Claimed, Contact]]
+    codes: dict[int, tuple[int, str]]
+    now: datetime
 
 
 @dataclass
@@ -135,22 +194,47 @@ class Sender:
     _permits: asyncio.Semaphore | None = None
 
     async def run_until_idle(self, *, max_batches: int | None = None) -> int:
-        """Send every due row; the number of rows handled."""
+        """Send every due row; the number of rows handled.
+
+        Batches overlap: while one batch is on the wire, the next is claimed, its
+        recipients read and its vouchers issued, and its sends start as soon as it is
+        ready (they share the provider-call permits with the batch before, so the
+        in-flight bound holds across both). At most two batches are out at once: the
+        next claim waits for the older one to finish.
+        """
         handled = 0
         batches = 0
-        while max_batches is None or batches < max_batches:
-            done = await self.run_once()
-            if done == 0:
-                break
-            handled += done
-            batches += 1
+        sending: list[asyncio.Task[None]] = []
+        try:
+            while max_batches is None or batches < max_batches:
+                claimed = await self._claim()
+                if not claimed:
+                    break
+                handled += len(claimed)
+                batches += 1
+                ready = await self._prepare_batch(claimed)
+                sending.append(asyncio.create_task(self._send_batch(ready)))
+                while len(sending) > 1:
+                    await sending.pop(0)
+        finally:
+            # Whatever happened, every started send finishes and records its outcome.
+            results = await asyncio.gather(*sending, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return handled
 
     async def run_once(self) -> int:
+        claimed = await self._claim()
+        if claimed:
+            await self._send_batch(await self._prepare_batch(claimed))
+        return len(claimed)
+
+    async def _claim(self) -> list[Claimed]:
         now = self.clock.now()
         async with self.db.transaction() as session:
             conn = await session.connection()
-            claimed = await claim_batch(
+            return await claim_batch(
                 conn,
                 worker=self.worker,
                 now=now,
@@ -158,9 +242,6 @@ class Sender:
                 limit=self.batch_size,
                 org_id=self.org_id,
             )
-        if claimed:
-            await self._process(claimed)
-        return len(claimed)
 
     async def _drop(self, drop_id: int) -> _DropContext:
         """The drop's compiled content, cached; its state re-read on every batch."""
@@ -193,16 +274,24 @@ class Sender:
         self._drops[drop_id] = context
         return context
 
-    async def _process(self, claimed: list[Claimed]) -> None:
+    async def _prepare_batch(self, claimed: list[Claimed]) -> list[_Ready]:
+        """Per drop of the batch: the rows that may go out now, with their contacts and
+        vouchers (the refused and deferred ones are recorded here)."""
         by_drop: dict[int, list[Claimed]] = defaultdict(list)
         for row in claimed:
             by_drop[row.drop_id].append(row)
+        ready: list[_Ready] = []
         for drop_id, rows in by_drop.items():
             context = await self._drop(drop_id)
             if context.drop.status != DropStatus.SENDING:  # paused or cancelled since the claim
                 await self._release(rows)
                 continue
-            await self._send_rows(context, rows)
+            ready.append(await self._prepare_rows(context, rows))
+        return ready
+
+    async def _send_batch(self, ready: list[_Ready]) -> None:
+        for batch in ready:
+            await self._send_rows(batch)
 
     async def _release(self, rows: Sequence[Claimed]) -> None:
         async with self.db.transaction() as session:
@@ -212,7 +301,7 @@ class Sender:
                 .values(status=SendRowStatus.PENDING, claimed_at=None, claimed_by=None)
             )
 
-    async def _send_rows(self, context: _DropContext, rows: list[Claimed]) -> None:
+    async def _prepare_rows(self, context: _DropContext, rows: list[Claimed]) -> _Ready:
         drop = context.drop
         now = self.clock.now()
         contacts, recent = await self._recipients(drop, rows, now)
@@ -256,6 +345,10 @@ class Sender:
                     )
                 )
             codes = await self._vouchers(session, context, to_send, now)
+        return _Ready(context, to_send, codes, now)
+
+    async def _send_rows(self, ready: _Ready) -> None:
+        context, to_send, codes, now = ready.context, ready.to_send, ready.codes, ready.now
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(row: Claimed, contact: Contact) -> None:
@@ -584,17 +677,12 @@ class _GroupCommit:
         while self._pending:
             group, self._pending = self._pending, []
             try:
-                async with self._db.transaction() as session:
-                    conn = await session.connection()
-                    if conn.dialect.name == "postgresql":
-                        await conn.execute(_ASYNC_COMMIT)
-                    await conn.execute(_CHECKPOINT, [params for params, _e, _done in group])
-                    # A checkpoint whose lease another worker took matches no row but is
-                    # logged: its message did go out (a duplicate with the same Message-ID);
-                    # `subject` names the row.
-                    await funnel.record_many(
-                        session, [e for _p, events, _d in group for e in events]
-                    )
+                rows = [params for params, _e, _done in group]
+                events = [e for _p, events, _d in group for e in events]
+                if self._db.dialect == "postgresql":
+                    await self._commit_one_statement(rows, events)
+                else:
+                    await self._commit_transaction(rows, events)
             except BaseException as error:
                 for _params, _events, done in group:
                     if not done.done():
@@ -605,6 +693,53 @@ class _GroupCommit:
                 for _params, _events, done in group:
                     if not done.done():
                         done.set_result(None)
+
+    async def _commit_one_statement(
+        self, rows: list[dict[str, Any]], events: list[funnel.Entry]
+    ) -> None:
+        """PostgreSQL: the group's rows and their funnel events in one statement that
+        commits on its own: one round trip, no transaction block around it."""
+        columns: list[list[Any]] = [[row[name] for row in rows] for name in _CHECKPOINT_COLUMNS]
+        logged: list[list[Any]] = [[] for _ in range(15)]
+        for e in events:
+            tags = e.tags
+            for column, value in zip(
+                logged,
+                (
+                    e.org_id,
+                    e.at,
+                    e.kind.value,
+                    tags.channel,
+                    tags.event_id,
+                    tags.drop_id,
+                    tags.variant,
+                    tags.segment,
+                    tags.partner_id,
+                    tags.lane_id,
+                    tags.label,
+                    e.person,
+                    e.subject,
+                    e.value,
+                    e.currency,
+                ),
+                strict=True,
+            ):
+                column.append(value)
+        async with self._db.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            await driver.execute(_CHECKPOINT_PG, *columns, *logged)
+
+    async def _commit_transaction(
+        self, rows: list[dict[str, Any]], events: list[funnel.Entry]
+    ) -> None:
+        async with self._db.transaction() as session:
+            conn = await session.connection()
+            await conn.execute(_CHECKPOINT, rows)
+            # A checkpoint whose lease another worker took matches no row but is logged:
+            # its message did go out (a duplicate with the same Message-ID); `subject`
+            # names the row.
+            await funnel.record_many(session, events)
 
 
 # Why the last-moment check refuses a row for good (it is skipped, never retried).
