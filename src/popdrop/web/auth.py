@@ -13,6 +13,7 @@ Roles map to scopes in `accounts.service.ROLES`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
@@ -24,7 +25,7 @@ from popdrop.accounts.service import Principal
 from popdrop.core import links
 from popdrop.core.errors import PopdropError
 from popdrop.core.signing import constant_time_equal
-from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.context import AppContext, get_ctx, request_ctx
 
 SESSION_COOKIE = "popdrop_session"
 CSRF_COOKIE = "popdrop_csrf"
@@ -45,7 +46,7 @@ BEARER = HTTPBearer(
 
 
 async def api_principal(
-    ctx: Annotated[AppContext, Depends(get_ctx)],
+    ctx: Annotated[AppContext, Depends(request_ctx)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> Principal:
     if credentials is None:
@@ -58,6 +59,17 @@ async def api_principal(
     cached = accounts.cached_token(ctx.signer, token)
     if cached is not None:  # the burst path: no pool checkout for a known token
         return cached
+    pending = ctx.token_lookups.get(token)
+    if pending is None:
+        pending = asyncio.ensure_future(_resolve(ctx, token))
+        ctx.token_lookups[token] = pending
+        pending.add_done_callback(lambda _: ctx.token_lookups.pop(token, None))
+    # Shielded: one waiter's cancelled request must not cancel the others' look-up.
+    principal: Principal = await asyncio.shield(pending)
+    return principal
+
+
+async def _resolve(ctx: AppContext, token: str) -> Principal:
     async with ctx.db.reader() as session:
         return await accounts.resolve_token(
             session, ctx.signer, token, cache_ttl=ctx.settings.token_cache_seconds
@@ -96,7 +108,7 @@ def end_session(response: Response, ctx: AppContext) -> None:
 
 
 async def page_principal(
-    request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]
+    request: Request, ctx: Annotated[AppContext, Depends(request_ctx)]
 ) -> Principal:
     claims = session_claims(request, ctx)
     if claims is None:

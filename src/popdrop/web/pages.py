@@ -24,11 +24,11 @@ from popdrop.web.auth import (
     session_claims,
     start_session,
 )
-from popdrop.web.context import AppContext, client_address, get_ctx
+from popdrop.web.context import AppContext, client_address, request_ctx
 from popdrop.web.templating import render
 
 router = APIRouter(include_in_schema=False)
-Ctx = Annotated[AppContext, Depends(get_ctx)]
+Ctx = Annotated[AppContext, Depends(request_ctx)]
 HOME_BY_ROLE = {
     "owner": "/vouchers",
     "host": "/vouchers",

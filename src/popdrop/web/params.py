@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Path, Query
 
-from popdrop.web.context import AppContext, get_ctx
+from popdrop.web.context import AppContext, request_ctx
 
-Ctx = Annotated[AppContext, Depends(get_ctx)]
+Ctx = Annotated[AppContext, Depends(request_ctx)]
 # Ids are 64-bit in the database: anything outside answers 422, never an overflow 500.
 ItemId = Annotated[int, Path(ge=1, le=2**62)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
