@@ -1,11 +1,15 @@
 """Run every benchmark in bench/ in turn (same flags), then list their JSON result lines.
 
 Usage: python bench/run_all.py [--quick] [other flags passed to every benchmark]
-Every `bench/*.py` not starting with `_` runs, in name order: audience, chat, checkin,
-checkout (paid orders under contention, against pgbench on the same SQL),
-drop, holds, issue, pos (signed POS sales ingested, against pgbench on the same SQL),
-redeem, redirect (short-link redirects against the HTTP ceiling, 0 clicks lost),
-streams (API latency under 400 live-stock streams).
+Every `bench/*.py` not starting with `_` runs, in name order, each against a limit measured
+in the same run: audience (import / raw COPY), chat (turns / the same server's WebSocket echo),
+checkin (scans / the no-DB HTTP ceiling, and / pgbench on the scan statement), checkout (paid
+orders / pgbench on the same SQL), drop (delivery / raw aiosmtplib to the same peer), holds
+(holds / pgbench on the hold SQL), issue (bulk issue / raw COPY), metrics (check-in with the
+funnel log / without), pos (sales / pgbench), redeem (redemptions / pgbench on the same SQL),
+redirect (redirects / the HTTP ceiling), servers (Granian / uvicorn on the same app), streams
+(API latency with 400 live-stock streams / without).
+Every result line holds `rate_per_s`, `limit_per_s`, `ratio` and `load_avg`.
 Exits non-zero when any benchmark failed or printed no JSON line.
 """
 
