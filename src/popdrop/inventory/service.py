@@ -12,7 +12,7 @@ lane; on PostgreSQL one person's holds of a product queue on an advisory lock ke
 rows -> stock row -> pickup window. A hold taken is a `hold` event in the funnel log,
 written with it (same statement on PostgreSQL).
 
-Group commit (PostgreSQL, plain holds: no slot, no per-person limit, no
+Group commit (`core.group_commit`; PostgreSQL, plain holds: no slot, no per-person limit, no
 Idempotency-Key): the holds of one stock row that arrive while a batch of it is in the
 database wait in this process and go as the next batch: ONE statement that locks the
 row, grants the requests in arrival order while their running sum of units fits
@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import weakref
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import (
@@ -56,6 +57,7 @@ from popdrop.core import metrics
 from popdrop.core.cache import ProcessCache
 from popdrop.core.db import Database, UTCDateTime, table_of
 from popdrop.core.errors import PopdropError, not_found
+from popdrop.core.group_commit import GroupCommit, GroupFailed, for_loop
 from popdrop.core.tenancy import owned
 from popdrop.events.lifecycle import OPEN_EVENT_STATUSES, open_clause, require_open
 from popdrop.events.models import Event, Lane, PickupWindow, TimeSlot
@@ -648,76 +650,40 @@ FROM req LEFT JOIN granted ON granted.i = req.i ORDER BY req.i"""
 _BATCH_MAX = 512  # requests in one statement
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Ask:
+    target: _Target
     values: dict[str, Any]
     channel: str
     person: str | None
-    answer: asyncio.Future[int | None]
 
 
-@dataclass
-class _Batcher:
-    """The holds of one stock row waiting for the next batch, in this process."""
-
-    loop: asyncio.AbstractEventLoop
-    waiting: list[_Ask] = field(default_factory=list)
-    flushing: asyncio.Task[None] | None = None
-
-
-# Per Database (its engine and pool), per stock row.
-_BATCHERS: weakref.WeakKeyDictionary[Database, dict[int, _Batcher]] = weakref.WeakKeyDictionary()
+# One coalescer (`core.group_commit`) per database and stock row, per event loop: one batch
+# in flight per row in this process (the row's lock would queue a second one anyway).
+_GROUPS: dict[tuple[tuple[Database, int], asyncio.AbstractEventLoop], GroupCommit[_Ask, int | None]]
+_GROUPS = {}
 BATCH_SIZES: list[int] = []  # the last batches' sizes (tests, benchmarks); bounded below
 
 
 async def _batched_take(
     db: Database, target: _Target, values: dict[str, Any], channel: str
 ) -> int | None:
-    """The new hold's id, or None when this batch could not grant it (the caller then
+    """The new hold's id, or None when its batch could not grant it (the caller then
     takes the one-hold path, which answers exactly)."""
-    loop = asyncio.get_running_loop()
-    batchers = _BATCHERS.setdefault(db, {})
-    batcher = batchers.get(target.stock_id)
-    if batcher is None or batcher.loop is not loop:
-        batcher = batchers[target.stock_id] = _Batcher(loop)
-    ask = _Ask(values, channel, _log_params(values, channel)["f_person"], loop.create_future())
-    batcher.waiting.append(ask)
-    if batcher.flushing is None:
-        batcher.flushing = loop.create_task(_flush(db, target, batcher))
-    return await asyncio.shield(ask.answer)
-
-
-async def _flush(db: Database, target: _Target, batcher: _Batcher) -> None:
-    """Send the waiting holds as batches until none wait; one batch in flight per stock
-    row in this process (the row's lock would queue a second one anyway)."""
+    group = for_loop(
+        _GROUPS,
+        (db, target.stock_id),
+        lambda: GroupCommit(partial(_send_batch, db), max_batch=_BATCH_MAX),
+    )
+    person = _log_params(values, channel)["f_person"]
     try:
-        await asyncio.sleep(0)  # let the requests read in the same loop turn join
-        while batcher.waiting:
-            batch, batcher.waiting = (
-                batcher.waiting[:_BATCH_MAX],
-                batcher.waiting[_BATCH_MAX:],
-            )
-            try:
-                answers = await _send_batch(db, target, batch)
-            except BaseException as error:
-                for ask in batch:
-                    if not ask.answer.done():
-                        ask.answer.set_exception(error)
-                if not isinstance(error, Exception):
-                    raise
-                continue
-            for ask, answer in zip(batch, answers, strict=True):
-                if not ask.answer.done():
-                    ask.answer.set_result(answer)
-    finally:
-        batcher.flushing = None
-        for ask in batcher.waiting:  # only when cancelled: let each try on its own
-            if not ask.answer.done():
-                ask.answer.set_result(None)
-        batcher.waiting = []
+        return await group.submit(_Ask(target, values, channel, person))
+    except GroupFailed:
+        return None  # the batch rolled back as a whole: this hold goes its own way
 
 
-async def _send_batch(db: Database, target: _Target, batch: list[_Ask]) -> list[int | None]:
+async def _send_batch(db: Database, batch: Sequence[_Ask]) -> list[int | BaseException | None]:
+    target = batch[0].target  # one coalescer per stock row: the same target for all
     first = batch[0].values
     params = {
         "qtys": [a.values["qty"] for a in batch],
@@ -743,15 +709,16 @@ async def _send_batch(db: Database, target: _Target, batch: list[_Ask]) -> list[
         rows = (await conn.execute(_BATCH_TAKE, params)).all()
     del BATCH_SIZES[: max(len(BATCH_SIZES) - 1000, 0)]
     BATCH_SIZES.append(len(batch))
-    answers: list[int | None] = []
+    answers: list[int | BaseException | None] = []
     for ask, row in zip(batch, rows, strict=True):
         if row.hold_id is not None:
             answers.append(int(row.hold_id))
             continue
         exact = row.left_after is not None and not row.any_expired
         if exact and ask.values["qty"] > row.left_after:
-            ask.answer.set_exception(_short(row.left_after, ask.values["qty"]))
-        answers.append(None)
+            answers.append(_short(row.left_after, ask.values["qty"]))
+        else:
+            answers.append(None)
     return answers
 
 
