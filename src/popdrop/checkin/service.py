@@ -771,15 +771,7 @@ async def _grouped_checkin(
         or not tickets.signature_ok(signer.public, claim)
     ):
         return None
-    body = _answer(
-        request.nonce,
-        at,
-        "ok",
-        ticket_id=claim.ticket_id,
-        event_id=claim.event_id,
-        checked_in_at=at,
-        gate=request.gate,
-    ).model_dump(mode="json", exclude_none=True)
+    body = _ok_body(request, claim, at)
     values = (
         principal.org_id, claim.ticket_id, claim.event_id, claim.generation, request.nonce,
         request.gate, at, at + OPENS_BEFORE, at - CLOSES_AFTER, now, _digest(request.secret),
@@ -878,15 +870,7 @@ async def _take(
     The stored answer leaves out the subject (read back from the ticket on a replay), so
     PostgreSQL can write it in the same statement that takes the check-in.
     """
-    body = _answer(
-        request.nonce,
-        at,
-        "ok",
-        ticket_id=claim.ticket_id,
-        event_id=claim.event_id,
-        checked_in_at=at,
-        gate=request.gate,
-    ).model_dump(mode="json", exclude_none=True)
+    body = _ok_body(request, claim, at)
     params = {
         "org": principal.org_id,
         "tid": claim.ticket_id,
@@ -1086,6 +1070,19 @@ async def _subject_of(session: Conn, principal: Principal, ticket_id: int | None
         )
     ).first()
     return {} if row is None else _subject(row.subject_kind, row.subject_id, row.holder_ref)
+
+
+def _ok_body(request: ScanRequest, claim: tickets.TicketClaim, at: datetime) -> dict[str, Any]:
+    """The stored answer of a scan that took its ticket (without the subject: see below)."""
+    return _answer(
+        request.nonce,
+        at,
+        "ok",
+        ticket_id=claim.ticket_id,
+        event_id=claim.event_id,
+        checked_in_at=at,
+        gate=request.gate,
+    ).model_dump(mode="json", exclude_none=True)
 
 
 def _answer(

@@ -270,31 +270,18 @@ async def redeem(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     now = ctx.clock.now()
+    asked: dict[str, Any] = {
+        "code": body.code, "contact_ref": body.contact_ref, "order_ref": body.order_ref, "now": now
+    }  # fmt: skip
 
     async def operation(session: AsyncSession) -> tuple[int, dict[str, Any]]:
-        result = await service.redeem(
-            session,
-            ctx.signer,
-            principal,
-            code=body.code,
-            contact_ref=body.contact_ref,
-            order_ref=body.order_ref,
-            now=now,
-        )
+        result = await service.redeem(session, ctx.signer, principal, **asked)
         return 200, result.model_dump(mode="json")
 
     async def call() -> tuple[int, dict[str, Any] | bytes]:
         if idempotency_key is None:  # nothing to store: grouped with concurrent redemptions
             principal.require("vouchers:redeem")
-            result = await service.redeem_now(
-                ctx.db,
-                ctx.signer,
-                principal,
-                code=body.code,
-                contact_ref=body.contact_ref,
-                order_ref=body.order_ref,
-                now=now,
-            )
+            result = await service.redeem_now(ctx.db, ctx.signer, principal, **asked)
             return 200, result.model_dump_json().encode()  # what JSONResponse would send
         return await answer_once(
             ctx, request, principal, idempotency_key, body, operation, scope="vouchers:redeem"
