@@ -28,6 +28,20 @@ SIGNER = Signer(SECRET_KEY.encode())
 POPDROP_BIN = os.environ.get("POPDROP_BENCH_BIN") or str(ROOT / ".venv/bin/popdrop")
 
 
+def server_env(url: str, data_dir: str, **extra: str) -> dict[str, str]:
+    """The environment of a benchmarked `popdrop serve`: this database, the bench's key, a
+    quiet log, its own data folder, and the bench's own settings (`extra`)."""
+    return {
+        **os.environ,
+        "POPDROP_DATABASE_URL": url,
+        "POPDROP_SECRET_KEY": SECRET_KEY,
+        "POPDROP_LOG_LEVEL": "WARNING",
+        "POPDROP_LOG_REQUESTS": "0",
+        "POPDROP_DATA_DIR": data_dir,
+        **extra,
+    }
+
+
 def pg_url(override: str | None) -> str:
     return override or os.environ.get("POPDROP_BENCH_DATABASE_URL") or DEFAULT_PG_URL
 

@@ -184,14 +184,7 @@ def server(url: str, workers: int) -> Iterator[int]:
     """`popdrop serve` on a free port, ready (/readyz) before the body runs."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="popdrop-bench-") as tmp:
-        env = {
-            **os.environ,
-            "POPDROP_DATABASE_URL": url,
-            "POPDROP_SECRET_KEY": common.SECRET_KEY,
-            "POPDROP_LOG_LEVEL": "WARNING",
-            "POPDROP_LOG_REQUESTS": "0",
-            "POPDROP_DATA_DIR": tmp,
-        }
+        env = common.server_env(url, tmp)
         command = [common.POPDROP_BIN, "serve", "--port", str(port)]
         command += ["--workers", str(workers), "--no-access-log"]
         with open(Path(tmp) / "server.log", "w+") as log:

@@ -100,20 +100,12 @@ def serving(
     stopped with SIGTERM afterwards (the time it took and its exit code go to `stopped`)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="popdrop-bench-") as tmp:
-        env = {
-            **os.environ,
-            **GUARD_OFF,
-            "POPDROP_DATABASE_URL": url,
-            "POPDROP_SECRET_KEY": common.SECRET_KEY,
-            "POPDROP_LOG_LEVEL": "WARNING",
-            "POPDROP_LOG_REQUESTS": "0",
-            "POPDROP_DATA_DIR": tmp,
-            # A small pool (the same for both): the ceiling needs no database and the
-            # redirects only the click batch's writer; PostgreSQL's connections are shared.
-            "POPDROP_DB_POOL_SIZE": "4",
-            "POPDROP_DB_MAX_OVERFLOW": "4",
-        }
-        command = [str(common.ROOT / ".venv/bin/popdrop"), "serve", "--port", str(port)]
+        # A small pool (the same for both): the ceiling needs no database and the
+        # redirects only the click batch's writer; PostgreSQL's connections are shared.
+        env = common.server_env(
+            url, tmp, **GUARD_OFF, POPDROP_DB_POOL_SIZE="4", POPDROP_DB_MAX_OVERFLOW="4"
+        )
+        command = [common.POPDROP_BIN, "serve", "--port", str(port)]
         command += ["--workers", str(workers), "--no-access-log", "--server", kind]
         with open(Path(tmp) / "server.log", "w+") as log:
             proc = subprocess.Popen(command, env=env, cwd=tmp, stdout=log, stderr=log)

@@ -117,17 +117,13 @@ def server(url: str, streams: int) -> Iterator[int]:
     comes from one address here, standing in for that many visitors."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="popdrop-bench-") as tmp:
-        env = {
-            **os.environ,
-            "POPDROP_DATABASE_URL": url,
-            "POPDROP_SECRET_KEY": common.SECRET_KEY,
-            "POPDROP_LOG_LEVEL": "WARNING",
-            "POPDROP_LOG_REQUESTS": "0",
-            "POPDROP_DATA_DIR": tmp,
-            "POPDROP_STREAM_MAX_PER_ADDRESS": str(streams),
-            "POPDROP_STREAM_MAX_TOTAL": str(streams * 4),
-        }
-        command = [str(common.ROOT / ".venv/bin/popdrop"), "serve", "--port", str(port)]
+        env = common.server_env(
+            url,
+            tmp,
+            POPDROP_STREAM_MAX_PER_ADDRESS=str(streams),
+            POPDROP_STREAM_MAX_TOTAL=str(streams * 4),
+        )
+        command = [common.POPDROP_BIN, "serve", "--port", str(port)]
         command += ["--workers", "1", "--no-access-log"]
         with open(Path(tmp) / "server.log", "w+") as log:
             proc = subprocess.Popen(command, env=env, cwd=tmp, stdout=log, stderr=log)
