@@ -6,10 +6,12 @@ Tests isolate by tenancy: each test gets fresh organizations, so one schema serv
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,10 +161,9 @@ def backend(database_url: str) -> str:
     return "sqlite" if database_url.startswith("sqlite") else "postgresql"
 
 
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
+def settings_for(database_url: str, data_dir: Path) -> Settings:
     return Settings(
-        data_dir=tmp_path,
+        data_dir=data_dir,
         database_url=database_url,
         secret_key=SECRET,
         log_requests=False,
@@ -170,6 +171,30 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         redis_url=None,
         _env_file=None,  # type: ignore[call-arg]
     )
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return settings_for(database_url, tmp_path)
+
+
+def database_of_its_own(database_url: str, folder: Path, suffix: str) -> str:
+    """A migrated database on the same backend as `database_url`, for tests that run the
+    whole worker tick or a real server: the tick sweeps every organization's rows (lapsed
+    waiting-list offers, due invitations, scheduled drops) and, on the shared database,
+    acts on what other test files left there, sending their messages to this test's
+    peers. (A plain function run on a thread: module-scoped fixtures call it.)"""
+
+    async def make() -> str:
+        if database_url.startswith("sqlite"):
+            url = f"sqlite+aiosqlite:///{folder / f'{suffix}.db'}"
+        else:
+            url = await side_postgres(suffix)
+        await upgrade(url)
+        return url
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, make()).result()
 
 
 @pytest.fixture(autouse=True)

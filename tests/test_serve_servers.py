@@ -29,9 +29,10 @@ from popdrop.accounts.service import ROLES, Principal
 from popdrop.attribution import service as attribution
 from popdrop.attribution.models import ShortLinkClick
 from popdrop.attribution.schemas import LinkTags, LinkTarget, ShortLinkCreate
+from popdrop.core.config import Settings
 from popdrop.web.context import AppContext
 from tests.chat.test_service import shop_with_flow
-from tests.conftest import SECRET, Tenant
+from tests.conftest import SECRET, Tenant, database_of_its_own, settings_for
 from tests.server import free_port
 
 PHONE = (
@@ -120,19 +121,26 @@ async def first_event(lines: AsyncIterator[str]) -> tuple[str, Any]:
     raise AssertionError("the stream ended without an event")
 
 
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """A database of this test's own: the served process ticks with the real clock over
+    every row of its database."""
+    return settings_for(database_of_its_own(database_url, tmp_path, "served"), tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["granian", "uvicorn"])
 async def test_each_server_keeps_websockets_sse_proxies_and_graceful_stop(
     kind: str,
     app_client: httpx.AsyncClient,
     ctx: AppContext,
     tenant: Tenant,
-    database_url: str,
+    settings: Settings,
     tmp_path: Path,
 ) -> None:
     shop = await shop_with_flow(app_client, ctx, tenant)
     slug = await short_link(ctx, tenant)
     stream_path = f"/e/{shop.event_id}/availability/stream"
-    with serving(kind, tmp_path, database_url) as (base, process):
+    with serving(kind, tmp_path, settings.resolved_database_url) as (base, process):
         # A chat turn over a real WebSocket.
         reply = await chat_turn(base, tenant.slug)
         assert reply["type"] == "messages" and reply["id"] == 1, reply

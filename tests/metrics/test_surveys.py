@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,7 +41,7 @@ from popdrop.web.context import AppContext
 from popdrop.worker import Worker
 from tests.audience.test_pages import HTML, csrf_of, login
 from tests.checkin.helpers import make_event
-from tests.conftest import Tenant, make_tenant
+from tests.conftest import Tenant, database_of_its_own, make_tenant, settings_for
 
 BASE_URL = "https://pop.example"
 LINK = re.compile(r"https://pop\.example(/q/[A-Za-z0-9_.\-]+)")
@@ -85,6 +86,17 @@ class Stack:
     smtp: SmtpPeer
     clock: FrozenClock
     worker: Worker
+
+
+@pytest.fixture(scope="module")
+def own_database_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return database_of_its_own(database_url, tmp_path_factory.mktemp("db"), "surveys")
+
+
+@pytest.fixture
+def settings(own_database_url: str, tmp_path: Path) -> Settings:
+    """This file's own database: its worker ticks sweep every organization's rows."""
+    return settings_for(own_database_url, tmp_path)
 
 
 @pytest.fixture

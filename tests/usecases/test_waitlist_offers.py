@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,7 +51,7 @@ from popdrop.rsvp.schemas import RsvpCreate
 from popdrop.usecases.notify import DEADLINE_FORMAT
 from popdrop.web.context import AppContext
 from popdrop.worker import Worker
-from tests.conftest import Tenant, make_tenant
+from tests.conftest import Tenant, database_of_its_own, make_tenant, settings_for
 from tests.rsvp.helpers import make_slot, rsvp
 
 BASE_URL = "https://pop.example"
@@ -164,6 +165,17 @@ class Stack:
 
     async def tick(self) -> None:
         await self.start_worker().tick()
+
+
+@pytest.fixture(scope="module")
+def own_database_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return database_of_its_own(database_url, tmp_path_factory.mktemp("db"), "waitlist")
+
+
+@pytest.fixture
+def settings(own_database_url: str, tmp_path: Path) -> Settings:
+    """This file's own database: its worker ticks sweep every organization's rows."""
+    return settings_for(own_database_url, tmp_path)
 
 
 @pytest.fixture
