@@ -37,10 +37,8 @@ from pathlib import Path
 
 import _common as common
 import _loadgen
-from popdrop.attribution import service
-from popdrop.attribution.schemas import LinkTags, LinkTarget, ShortLinkCreate
+import redirect
 from popdrop.core.db import Database
-from popdrop.core.migrate import upgrade
 from redeem import free_port, wait_ready
 from redirect import get, stored_clicks
 
@@ -72,24 +70,15 @@ class Round:
 
 
 async def seed(url: str, count: int) -> Seeded:
-    await common.reset_postgres(url)
-    await upgrade(url)
-    db = Database(url, pool_size=2, max_overflow=0)
-    slugs: list[str] = []
+    """The redirect bench's links (`redirect.seed`), and a token for the ceiling's calls."""
+    links = await redirect.seed(url, count)
+    db = Database(url, pool_size=1, max_overflow=0)
     try:
         async with db.transaction() as session:
-            owner = await common.seed_org(session, "bench-servers")
-            token = await common.seed_token(session, owner.org_id, frozenset({"vouchers:redeem"}))
-            for i in range(count):
-                spec = ShortLinkCreate(
-                    target=LinkTarget(kind="url", url=f"https://shop.example/drop/{i}?ref=bench"),  # type: ignore[arg-type]
-                    tags=LinkTags(channel="sms", utm_source="popdrop", utm_campaign="bench"),  # type: ignore[arg-type]
-                )
-                link = await service.create_short_link(session, owner, spec, now=common.now())
-                slugs.append(link.slug)
+            token = await common.seed_token(session, links.org_id, frozenset({"vouchers:redeem"}))
     finally:
         await db.dispose()
-    return Seeded(owner.org_id, token, slugs)
+    return Seeded(links.org_id, token, links.slugs)
 
 
 @contextmanager
